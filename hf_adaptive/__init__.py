@@ -1,3 +1,33 @@
-"""hf_adaptive: workload-adaptive inference for Hugging Face Transformers."""
+"""hf_adaptive: workload-adaptive inference for Hugging Face Transformers.
+
+Public API (imported lazily, so ``import hf_adaptive`` has no side effects and stays cheap):
+
+- ``AdaptiveKVCache``: a ``transformers.Cache`` that stores KV at 16 bits and steps down to 8/4 bits
+  under memory pressure.
+- ``PrecisionController``: a ``LogitsProcessor`` that picks each step's compute precision from the
+  model's confidence.
+- ``load_model`` / ``resolve_model_dir``: offline model resolution (embedded PyPI-shipped models).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "load_model": "hf_adaptive.models",
+    "resolve_model_dir": "hf_adaptive.models",
+    "AdaptiveKVCache": "hf_adaptive.kv.cache",
+    "PrecisionController": "hf_adaptive.precision.controller",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hf_adaptive' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

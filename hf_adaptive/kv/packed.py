@@ -1,0 +1,177 @@
+"""The packed KV layout: the contract between the cache's storage and the attention kernels.
+
+Knows nothing about transformers or about pressure. One full-attention layer's keys/values, in logical
+token order, are
+
+    [history block 0][history block 1] ... [history block N-1][exact tail]
+
+Each history block holds ``block_size`` consecutive tokens at one precision (16 = the model's dtype,
+or 8/4/2-bit codes). The exact tail holds the most recent tokens in the model's dtype. A block's data
+lives in the pool of its precision, at rows ``[slot * block_size, (slot + 1) * block_size)``; the block
+table (``block_bits``, ``block_slot``) maps logical block i to its pool and slot, so blocks can change
+precision (demotion) without moving the others, and freed slots are reused (paged-attention style).
+
+Quantization is asymmetric, ``x ≈ code * scale + zero`` with unsigned codes in ``[0, 2**bits - 1]``:
+- keys per channel (KIVI): one (scale, zero) per (block, channel): shape (B, H, n_slots, D);
+- values per token, in groups of ``value_group`` channels: shape (B, H, n_slots * block_size, D // G).
+Codes are packed along the channel axis, low bits first: for 4 bits ``byte = c[2i] | c[2i+1] << 4``,
+for 2 bits ``byte = c[4i] | c[4i+1] << 2 | c[4i+2] << 4 | c[4i+3] << 6``.
+Scales and zeros are float16 (2 bytes each in the byte accounting).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+QUANT_BITS = (8, 4, 2)
+SCALE_DTYPE = torch.float16
+
+
+@dataclass
+class QuantPool:
+    """Storage for all blocks of one layer held at ``bits`` < 16.
+
+    Shapes (B batch, H kv heads, D head dim, S = n_slots * block_size rows, G value group):
+        k_codes: uint8 (B, H, S, D * bits // 8)
+        k_scale, k_zero: float16 (B, H, n_slots, D)
+        v_codes: uint8 (B, H, S, D * bits // 8)
+        v_scale, v_zero: float16 (B, H, S, D // G)
+    """
+
+    bits: int
+    k_codes: torch.Tensor
+    k_scale: torch.Tensor
+    k_zero: torch.Tensor
+    v_codes: torch.Tensor
+    v_scale: torch.Tensor
+    v_zero: torch.Tensor
+
+    def nbytes(self, used_slots: int, block_size: int) -> int:
+        """Bytes held by ``used_slots`` slots (codes, scales and zeros of keys and values)."""
+        per_row = self.k_codes[..., :1, :].numel() + self.v_codes[..., :1, :].numel()
+        per_row += (self.v_scale[..., :1, :].numel() + self.v_zero[..., :1, :].numel()) * 2
+        per_slot = (self.k_scale[..., :1, :].numel() + self.k_zero[..., :1, :].numel()) * 2
+        return used_slots * (block_size * per_row + per_slot)
+
+
+@dataclass
+class PackedKV:
+    """A read-only view of one layer's cache in the packed layout (see module docstring).
+
+    Attributes:
+        block_size: tokens per history block.
+        value_group: channels per value quantization group.
+        block_bits: int32 (N,) precision of each logical history block (16, 8, 4 or 2).
+        block_slot: int32 (N,) slot of each logical block inside the pool of its precision.
+        full_k, full_v: (B, H, S16, D) model dtype, the pool of 16-bit history blocks.
+        pools: {bits: QuantPool} for each quantized precision present.
+        tail_k, tail_v: (B, H, T, D) model dtype, the exact most recent tokens.
+    """
+
+    block_size: int
+    value_group: int
+    block_bits: torch.Tensor
+    block_slot: torch.Tensor
+    full_k: torch.Tensor
+    full_v: torch.Tensor
+    tail_k: torch.Tensor
+    tail_v: torch.Tensor
+    pools: dict[int, QuantPool] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.block_bits.numel()) * self.block_size + self.tail_k.shape[-2]
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes (..., D) in [0, 2**bits) into uint8 (..., D * bits // 8), low bits first."""
+    if bits == 8:
+        return codes.to(torch.uint8)
+    per_byte = 8 // bits
+    c = codes.to(torch.uint8).unflatten(-1, (-1, per_byte))
+    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)
+    return (c << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 (..., D * bits // 8) -> uint8 codes (..., D)."""
+    if bits == 8:
+        return packed
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+    mask = (1 << bits) - 1
+    return ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)
+
+
+def quantize_keys(x: torch.Tensor, bits: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize keys per channel over the tokens of each block (KIVI).
+
+    Args:
+        x: (B, H, n * block_size, D) keys, whole blocks only.
+        bits: 8, 4 or 2.
+        block_size: tokens per block (one scale/zero per block and channel).
+    Returns:
+        packed codes uint8 (B, H, n * block_size, D * bits // 8), scale and zero float16 (B, H, n, D).
+    """
+    raise_if_bad_bits(bits)
+    B, H, S, D = x.shape
+    if S % block_size:
+        raise ValueError(f"quantize_keys needs whole blocks: {S} tokens is not a multiple of block_size={block_size}.")
+    g = x.float().view(B, H, S // block_size, block_size, D)
+    lo, hi = g.amin(-2, keepdim=True), g.amax(-2, keepdim=True)
+    scale, zero = _scale_zero(lo, hi, bits)
+    codes = _codes(g, scale, zero, bits).view(B, H, S, D)
+    return pack_codes(codes, bits), scale.squeeze(-2).to(SCALE_DTYPE), zero.squeeze(-2).to(SCALE_DTYPE)
+
+
+def quantize_values(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize values per token, in groups of ``group`` channels.
+
+    Args:
+        x: (B, H, S, D) values.
+    Returns:
+        packed codes uint8 (B, H, S, D * bits // 8), scale and zero float16 (B, H, S, D // group).
+    """
+    raise_if_bad_bits(bits)
+    B, H, S, D = x.shape
+    g = x.float().view(B, H, S, D // group, group)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale, zero = _scale_zero(lo, hi, bits)
+    codes = _codes(g, scale, zero, bits).view(B, H, S, D)
+    return pack_codes(codes, bits), scale.squeeze(-1).to(SCALE_DTYPE), zero.squeeze(-1).to(SCALE_DTYPE)
+
+
+def dequantize_keys(packed, scale, zero, bits: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, n * T, D * bits // 8) codes + (B, H, n, D) scale/zero -> (B, H, n * T, D) in ``dtype``."""
+    codes = unpack_codes(packed, bits).float()
+    B, H, S, D = codes.shape
+    c = codes.view(B, H, S // block_size, block_size, D)
+    x = c * scale.float().unsqueeze(-2) + zero.float().unsqueeze(-2)
+    return x.view(B, H, S, D).to(dtype)
+
+
+def dequantize_values(packed, scale, zero, bits: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, S, D * bits // 8) codes + (B, H, S, D // G) scale/zero -> (B, H, S, D) in ``dtype``."""
+    codes = unpack_codes(packed, bits).float()
+    B, H, S, D = codes.shape
+    c = codes.view(B, H, S, D // group, group)
+    x = c * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
+    return x.view(B, H, S, D).to(dtype)
+
+
+def raise_if_bad_bits(bits: int) -> None:
+    if bits not in QUANT_BITS:
+        raise ValueError(f"bits={bits!r} is not a supported quantized precision; use one of {QUANT_BITS}.")
+
+
+def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # fp16 storage of scale/zero: round them first so that codes are computed against the stored values
+    zero = lo.to(SCALE_DTYPE).float()
+    scale = ((hi - zero) / (2**bits - 1)).clamp_min(1e-6).to(SCALE_DTYPE).float()
+    return scale, zero
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return ((x - zero) / scale).round_().clamp_(0, 2**bits - 1)
+
