@@ -14,6 +14,8 @@ import sys
 # Modules under hf_adaptive.commands, each adding one subcommand (imported only when the CLI runs).
 COMMAND_MODULES: tuple[str, ...] = (
     "generate",
+    "launch",
+    "simulate",
 )
 
 

@@ -1,0 +1,68 @@
+"""`hf-adaptive simulate`: replay traces through the parallelism policy with a calibrated cost model.
+
+Compares every calibrated static plan with the adaptive policy (throughput, p50/p99 latency,
+utilisation, switches) and writes ``<trace>.json/.md/.png`` per trace under ``--out``.
+
+Example:
+    hf-adaptive simulate --trace eval/traces/mixed.jsonl \\
+        --calibration eval/calibration/parallel_cpu_gloo_2proc.json --out runs/sim
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from hf_adaptive.parallel.cost_model import Calibration
+from hf_adaptive.parallel.plans import ModelDims
+from hf_adaptive.parallel.requests import load_trace
+from hf_adaptive.parallel.sim_report import compare_plans, write_sim_report
+from hf_adaptive.parallel.simulator import SimConfig
+from hf_adaptive.policy.parallel_policy import Band, ParallelPolicyConfig
+
+DEFAULT_CALIBRATION = "eval/calibration/parallel_cpu_gloo_2proc.json"
+
+
+def simulate_command_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("simulate", help="replay traces: static plans vs the adaptive policy",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trace", nargs="+", required=True, help="JSONL trace file(s)")
+    p.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="per-plan cost JSON")
+    p.add_argument("--out", default="runs/simulate")
+    p.add_argument("--max-batch", type=int, default=8, help="requests per replica per batch")
+    p.add_argument("--device-memory-gb", type=float, help="override the calibration's device memory")
+    p.add_argument("--cooldown-s", type=float, default=5.0)
+    p.add_argument("--min-dwell-s", type=float, default=10.0)
+    p.add_argument("--confirm-s", type=float, default=2.0)
+    p.add_argument("--long-context-tokens", type=int, default=1024, help="hybrid enter threshold (exit 0.75x)")
+    p.add_argument("--dp-concurrency", type=int, default=32, help="DP enter threshold (exit 0.75x)")
+    p.set_defaults(func=simulate_command)
+    return p
+
+
+def simulate_command(args: argparse.Namespace) -> int:
+    calib = Calibration.load(args.calibration)
+    if args.device_memory_gb:
+        calib = Calibration(calib.world_size, args.device_memory_gb * 2**30, calib.switch_cost_ms, calib.plans,
+                            calib.meta)
+    if "dims" not in calib.meta:
+        raise ValueError(f"{args.calibration}: meta.dims (num_layers, num_heads, num_kv_heads, intermediate_size) "
+                         f"is missing; re-run eval/calibrate_parallel.py")
+    dims = ModelDims(**calib.meta["dims"])
+    policy_config = ParallelPolicyConfig(
+        long_context_tokens=Band(args.long_context_tokens, 0.75 * args.long_context_tokens),
+        dp_concurrency=Band(args.dp_concurrency, 0.75 * args.dp_concurrency),
+        cooldown_s=args.cooldown_s, min_dwell_s=args.min_dwell_s, confirm_s=args.confirm_s)
+    meta = {"command": " ".join(["hf-adaptive"] + sys.argv[1:]), "calibration": args.calibration,
+            "max_batch_per_replica": args.max_batch}
+    for trace in tqdm(args.trace, desc="traces"):
+        results = compare_plans(load_trace(trace), calib, dims, policy_config, SimConfig(args.max_batch))
+        payload = write_sim_report(Path(trace).stem, results, calib, Path(args.out), meta)
+        for row in payload["results"]:
+            print(f"{Path(trace).stem:>14} {row['name']:>10}: {row['throughput_tok_s']:9.1f} tok/s  "
+                  f"p50 {row['latency_p50_s']:8.3f}s  p99 {row['latency_p99_s']:8.3f}s  "
+                  f"util {row['utilisation']:.2f}  switches {row['switches']}")
+    return 0

@@ -1,0 +1,379 @@
+"""One full-attention layer of the adaptive cache: block table + per-precision pools + exact tail.
+
+Contract (see :mod:`hf_adaptive.kv.packed` for the layout): tokens live, in logical order, in history
+blocks of ``block_size`` tokens (each at 16/8/4/2 bits, in the pool of its precision) followed by an
+exact tail in the model dtype. ``update`` appends to the tail, returns the full keys/values (history
+dequantized and gathered by the block table, then the exact tail), and only then moves whole cold blocks
+out of the tail (at the step's precision) and demotes old blocks, each block quantized once per demotion.
+The decision (bits, demotions) comes from the shared :class:`LayerContext`, set once per step by the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from hf_adaptive.kv import packed
+from hf_adaptive.kv.config import KVCacheConfig
+from hf_adaptive.kv.pools import BlockPool, PoolShape
+from hf_adaptive.kv.quantizers import KVQuantizer
+from hf_adaptive.policy.kv_policy import KVDecision, choose_demotions
+
+logger = logging.getLogger(__name__)
+COMPACT_BELOW_FRACTION = 0.5  # shrink a pool once less than half its slots are used
+
+
+@dataclass
+class LayerContext:
+    """State shared by all layers of one cache: settings, quantizer, this step's decision, side stream."""
+
+    settings: KVCacheConfig
+    quantizer: KVQuantizer
+    decision: KVDecision = field(default_factory=lambda: KVDecision(0, 16, 0, False))
+    side_streams: dict = field(default_factory=dict)
+
+    def side_stream(self, device: torch.device):
+        """The CUDA stream demotions run on, or None (CPU, or side streams disabled)."""
+        if device.type != "cuda" or not self.settings.side_stream:
+            return None
+        if device not in self.side_streams:
+            self.side_streams[device] = torch.cuda.Stream(device=device)
+        return self.side_streams[device]
+
+
+class AdaptiveFullLayer(DynamicLayer):
+    """Full-attention layer: exact tail (``self.keys``/``self.values``, (B, H, T, D)) + quantized history."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, context: LayerContext):
+        super().__init__()
+        self.context = context
+        self._clear()
+
+    def _clear(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.block_bits: list[int] = []
+        self.block_slot: list[int] = []
+        self.pools: dict[int, BlockPool] = {}
+        self.shape: PoolShape | None = None
+        self.demotions: Counter = Counter()
+        self.lossy_crop_tokens = 0
+        self._pending: tuple | None = None  # (cuda event, {bits: slots to release once it fired})
+        self._gather: tuple | None = None  # cached (index or None, table tensors)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        group = min(self.context.settings.value_group, D)
+        if D % group:
+            raise ValueError(f"value_group={group} must divide the head dim {D}; got value_group="
+                             f"{self.context.settings.value_group}. Fix: use a divisor of {D}, e.g. {D}.")
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.shape = PoolShape(B, H, D, group, self.context.settings.block_size, self.dtype, self.device)
+        self.keys = key_states.new_zeros(B, H, 0, D)
+        self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
+        self.is_initialized = True
+
+    # ------------------------------------------------------------------ per-step path
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append (B, H, q, D) states; return all keys/values (B, H, past + q, D) in logical order."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._sync_pending()
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        history = self._history()
+        if history is None:
+            out = (self.keys, self.values)
+        else:
+            out = (torch.cat([history[0], self.keys], -2), torch.cat([history[1], self.values], -2))
+        decision = self.context.decision
+        self._flush_cold(decision.bits)
+        if decision.demote_blocks:
+            self.demote(decision.bits, decision.demote_blocks)
+        return out
+
+    def _history(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Dequantized history (B, H, n_blocks * T, D) in logical order; O(length), vectorized."""
+        if not self.block_bits:
+            return None
+        index, order = self._gather_index()
+        parts = [self.pools[bits].dequantize(self.pools[bits].prefix(hw), self.dtype) for bits, hw in order]
+        k = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], -2)
+        v = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], -2)
+        if index is None:  # only 16-bit blocks, stored in order: no gather needed
+            return k, v
+        return k.index_select(-2, index), v.index_select(-2, index)
+
+    def _gather_index(self) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
+        """Row index into the concatenated pool prefixes, rebuilt only when the block table changed."""
+        if self._gather is None:
+            order = [(bits, pool.high_water) for bits, pool in sorted(self.pools.items(), reverse=True)
+                     if pool.high_water]
+            n = len(self.block_bits)
+            if order == [(16, n)] and self.block_slot == list(range(n)):
+                index = None
+            else:
+                offsets, start = {}, 0
+                for bits, hw in order:
+                    offsets[bits], start = start, start + hw
+                starts = torch.tensor([offsets[b] + s for b, s in zip(self.block_bits, self.block_slot)])
+                T = self.shape.block_size
+                index = (starts.unsqueeze(1) * T + torch.arange(T)).flatten().to(self.device)
+            self._gather = (index, order)
+        return self._gather
+
+    def _flush_cold(self, bits: int) -> None:
+        """Move whole blocks leaving the exact window (beyond residual_length) into the pools at ``bits``."""
+        settings = self.context.settings
+        T, bs = self.keys.shape[-2], settings.block_size
+        if T < settings.residual_length + bs:
+            return
+        n = (T - settings.residual_length) // bs
+        self._store_blocks(self.keys[:, :, : n * bs], self.values[:, :, : n * bs], bits)
+        # clone: a view would keep the whole pre-flush tensor alive
+        self.keys, self.values = self.keys[:, :, n * bs:].clone(), self.values[:, :, n * bs:].clone()
+
+    def _store_blocks(self, k: torch.Tensor, v: torch.Tensor, bits: int) -> None:
+        n = k.shape[-2] // self.shape.block_size
+        pool = self._pool(bits)
+        slots = pool.alloc(n)
+        pool.write(slots, self._encode(k, v, bits))
+        self.block_bits += [bits] * n
+        self.block_slot += slots
+        self._gather = None
+
+    def _encode(self, k: torch.Tensor, v: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+        if bits == 16:
+            return {"k": k, "v": v}
+        q, s = self.context.quantizer, self.shape
+        kc, ks, kz = q.quantize_keys(k, bits, s.block_size)
+        vc, vs, vz = q.quantize_values(v, bits, s.value_group)
+        return {"k_codes": kc, "k_scale": ks, "k_zero": kz, "v_codes": vc, "v_scale": vs, "v_zero": vz}
+
+    def _pool(self, bits: int) -> BlockPool:
+        if bits not in self.pools:
+            self.pools[bits] = BlockPool(bits, self.shape)
+        return self.pools[bits]
+
+    # ------------------------------------------------------------------ demotion
+    def demote(self, target_bits: int, max_blocks: int) -> int:
+        """Re-store up to ``max_blocks`` oldest blocks held above ``target_bits`` at ``target_bits``.
+
+        16-bit blocks are quantized straight from the exact data; 8-bit ones go through their dequantized
+        values (recorded as "8->4"). On CUDA the quantization runs on a side stream; the next read waits.
+        Returns the number of blocks demoted.
+        """
+        chosen = choose_demotions(self.block_bits, target_bits, max_blocks)
+        if not chosen:
+            return 0
+        self._sync_pending()
+        dst = self._pool(target_bits)
+        plan = []  # (src bits, logical indices, src slots, dst slots), all allocated on the main stream
+        for src_bits in sorted({self.block_bits[i] for i in chosen}, reverse=True):
+            idxs = [i for i in chosen if self.block_bits[i] == src_bits]
+            plan.append((src_bits, idxs, [self.block_slot[i] for i in idxs], dst.alloc(len(idxs))))
+        stream = self.context.side_stream(self.device)
+        self._run_demotions(plan, dst, stream)
+        for src_bits, idxs, _, dst_slots in plan:
+            for i, slot in zip(idxs, dst_slots):
+                self.block_bits[i], self.block_slot[i] = target_bits, slot
+            self.demotions[f"{src_bits}->{target_bits}"] += len(idxs)
+        self._gather = None
+        return len(chosen)
+
+    def _run_demotions(self, plan: list, dst: BlockPool, stream) -> None:
+        releases = {src_bits: src_slots for src_bits, _, src_slots, _ in plan}
+        if stream is None:
+            for src_bits, _, src_slots, dst_slots in plan:
+                self._demote_blocks(self.pools[src_bits], src_slots, dst, dst_slots)
+            for bits, slots in releases.items():
+                self.pools[bits].release(slots)
+            return
+        # side stream: wait for the main stream's writes, keep pools alive, signal completion with an event
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        for pool in {id(p): p for p in [dst, *(self.pools[b] for b in releases)]}.values():
+            pool.record_stream(stream)
+        with torch.cuda.stream(stream):
+            for src_bits, _, src_slots, dst_slots in plan:
+                self._demote_blocks(self.pools[src_bits], src_slots, dst, dst_slots)
+            event = torch.cuda.Event()
+            event.record(stream)
+        self._pending = (event, releases)  # source slots stay reserved until the event fired
+
+    def _demote_blocks(self, src: BlockPool, src_slots: list[int], dst: BlockPool, dst_slots: list[int]) -> None:
+        k, v = src.dequantize(src.read(src_slots), self.dtype)
+        dst.write(dst_slots, self._encode(k, v, dst.bits))
+
+    def _sync_pending(self) -> None:
+        """Make the current stream wait for queued demotions, then free their source slots and compact."""
+        if self._pending is not None:
+            event, releases = self._pending
+            torch.cuda.current_stream(self.device).wait_event(event)
+            for bits, slots in releases.items():
+                self.pools[bits].release(slots)
+            self._pending = None
+        self._maybe_compact()
+
+    def _maybe_compact(self) -> None:
+        for bits, pool in self.pools.items():
+            if pool.capacity >= 8 and pool.used < COMPACT_BELOW_FRACTION * pool.capacity:
+                mapping = pool.compact()
+                self.block_slot = [mapping[s] if b == bits else s for b, s in zip(self.block_bits, self.block_slot)]
+                self._gather = None
+
+    # ------------------------------------------------------------------ transformers Cache API
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return len(self.block_bits) * self.shape.block_size + self.keys.shape[-2]
+
+    def reset(self) -> None:
+        """Drop all tokens and pools (the layer is re-initialized by the next update)."""
+        self._sync_pending()
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens (or, legacy positive value, keep that many).
+
+        Cropping within the exact tail (at most ``residual_length`` tokens right after a flush) is exact.
+        Cropping deeper pops whole history blocks back into the tail first: exact for 16-bit blocks,
+        *lossy* for quantized ones (their dequantized values become the tail); counted in
+        ``lossy_crop_tokens`` and logged as a warning, never silent.
+        """
+        if not self.is_initialized:
+            return
+        length = self.get_seq_length()
+        remove = max(length - tokens_to_remove, 0) if tokens_to_remove > 0 else -tokens_to_remove
+        remove = min(remove, length)
+        if remove == 0:
+            return
+        self._sync_pending()
+        while self.keys.shape[-2] < remove:
+            self._pop_block()
+        keep = self.keys.shape[-2] - remove
+        self.keys, self.values = self.keys[:, :, :keep], self.values[:, :, :keep]
+
+    def _pop_block(self) -> None:
+        bits, slot = self.block_bits.pop(), self.block_slot.pop()
+        pool = self.pools[bits]
+        k, v = pool.dequantize(pool.read([slot]), self.dtype)
+        pool.release([slot])
+        self.keys, self.values = torch.cat([k, self.keys], -2), torch.cat([v, self.values], -2)
+        self._gather = None
+        if bits < 16:
+            self.lossy_crop_tokens += self.shape.block_size
+            logger.warning("crop reached a %d-bit history block: its %d tokens return to the exact tail "
+                           "dequantized (lossy). Keep crops within residual_length=%d to stay exact.",
+                           bits, self.shape.block_size, self.context.settings.residual_length)
+
+    def _apply_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if not self.is_initialized:
+            return
+        self._sync_pending()
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        for pool in self.pools.values():
+            pool.apply_batch(fn)
+        self.shape = PoolShape(self.keys.shape[0], *list(vars(self.shape).values())[1:])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: batch row i becomes old row ``beam_idx[i]`` (tail and every pool)."""
+        self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply_batch(lambda t: t[indices, ...])
+
+    # ------------------------------------------------------------------ kernel view and accounting
+    def packed_view(self) -> packed.PackedKV:
+        """The layer in the packed layout (pool prefixes are views, no dequantized copy)."""
+        if not self.is_initialized:
+            raise ValueError("packed_view() needs at least one update(); this layer holds no tokens yet. "
+                             "Fix: run a forward pass with the cache first.")
+        self._sync_pending()
+        _, order = self._gather_index()
+        hw = dict(order)
+        B, H, _, D = self.keys.shape
+        full = self.pools.get(16)
+        if full is not None and hw.get(16):
+            view = full.prefix(hw[16])
+            full_k, full_v = view["k"], view["v"]
+        else:
+            full_k = full_v = self.keys.new_zeros(B, H, 0, D)
+        pools = {bits: self.pools[bits].as_quant_pool(n) for bits, n in order if bits != 16}
+        table = torch.tensor([self.block_bits, self.block_slot], dtype=torch.int32, device=self.device)
+        return packed.PackedKV(self.shape.block_size, self.shape.value_group, table[0], table[1],
+                               full_k, full_v, self.keys, self.values, pools)
+
+    def live_bytes(self) -> int:
+        """Bytes of what is live: exact tail + used pool slots (codes, scales and zeros included)."""
+        if not self.is_initialized:
+            return 0
+        tail = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return tail + sum(pool.live_bytes() for pool in self.pools.values())
+
+    def reserved_bytes(self) -> int:
+        """Bytes allocated: exact tail + whole pools (free slots included)."""
+        if not self.is_initialized:
+            return 0
+        tail = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return tail + sum(pool.reserved_bytes() for pool in self.pools.values())
+
+    def demotable_above(self, bits: int) -> int:
+        """History blocks still stored above ``bits``."""
+        return sum(1 for b in self.block_bits if b > bits)
+
+    def stats(self) -> dict:
+        """JSON-serializable per-layer telemetry."""
+        tokens = {str(b): 0 for b in (16, 8, 4, 2)}
+        bs = self.shape.block_size if self.shape else 0
+        for b in self.block_bits:
+            tokens[str(b)] += bs
+        tail = self.keys.shape[-2] if self.is_initialized else 0
+        tokens["16"] += tail
+        return {"type": "full_attention", "tokens": self.get_seq_length(), "tokens_by_bits": tokens,
+                "tail_tokens": tail, "blocks": len(self.block_bits), "live_bytes": self.live_bytes(),
+                "reserved_bytes": self.reserved_bytes(), "bf16_bytes": bf16_bytes(self),
+                "demotions": dict(self.demotions), "lossy_crop_tokens": self.lossy_crop_tokens}
+
+
+class AdaptiveSlidingLayer(DynamicSlidingWindowLayer):
+    """Sliding-window layer: a bounded exact window (transformers' own logic), never quantized.
+
+    Its memory is bounded by ``sliding_window`` tokens, so quantizing it would save little and cost accuracy.
+    """
+
+    def live_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    reserved_bytes = live_bytes
+
+    def demotable_above(self, bits: int) -> int:
+        return 0
+
+    def stats(self) -> dict:
+        stored = self.keys.shape[-2] if self.is_initialized else 0
+        return {"type": "sliding_attention", "tokens": self.get_seq_length(), "stored_tokens": stored,
+                "tokens_by_bits": {"16": stored, "8": 0, "4": 0, "2": 0}, "live_bytes": self.live_bytes(),
+                "reserved_bytes": self.live_bytes(), "bf16_bytes": bf16_bytes(self)}
+
+
+def bf16_bytes(layer) -> int:
+    """What the layer's stored tokens would take as bf16 keys + values (the comparison baseline)."""
+    if not layer.is_initialized or layer.keys is None:
+        return 0
+    B, H, _, D = layer.keys.shape
+    stored = layer.get_seq_length() if isinstance(layer, AdaptiveFullLayer) else layer.keys.shape[-2]
+    return stored * B * H * (D + layer.values.shape[-1]) * 2

@@ -1,0 +1,1 @@
+"""Adaptive parallelism mechanism: plans, launch, sharding, the multi-process engine and serving loop."""

@@ -1,0 +1,76 @@
+"""Per-plan latency and memory model, calibrated from measured runs (``eval/calibrate_parallel.py``).
+
+Contract: pure (no torch). For one replica running ``B`` requests padded to ``L`` prompt tokens and
+``G`` new tokens:
+
+    prefill_ms = prefill_ms_base + prefill_ms_per_token * B * L
+    step_ms    = decode_ms_base + decode_ms_per_seq * B + decode_ms_per_ctx_token * B * ctx
+    total_ms   = prefill_ms + sum over the G steps of step_ms (ctx grows from L to L + G)
+    memory     = weights_bytes_per_device + kv_bytes_per_token_per_device * B * (L + G)
+
+The calibration JSON carries these coefficients per plan name (``tp2``, ``pp2``, ``dp2``, ``tp2xpp2``),
+a switch cost, the device memory and a ``meta`` block naming where it was measured.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    """Fitted coefficients of one plan (milliseconds, bytes)."""
+
+    prefill_ms_base: float
+    prefill_ms_per_token: float
+    decode_ms_base: float
+    decode_ms_per_seq: float
+    decode_ms_per_ctx_token: float
+    weights_bytes_per_device: float
+    kv_bytes_per_token_per_device: float
+
+    def batch_ms(self, batch: int, prompt_len: int, new_tokens: int) -> float:
+        """Milliseconds for one replica to serve ``batch`` rows of ``prompt_len`` (padded) + ``new_tokens``."""
+        if batch == 0:
+            return 0.0
+        prefill = self.prefill_ms_base + self.prefill_ms_per_token * batch * prompt_len
+        mean_ctx = prompt_len + new_tokens / 2.0  # the sum over steps of a linearly growing context
+        steps = new_tokens * (self.decode_ms_base + self.decode_ms_per_seq * batch
+                              + self.decode_ms_per_ctx_token * batch * mean_ctx)
+        return prefill + steps
+
+    def memory_bytes(self, batch: int, tokens_per_row: int) -> float:
+        return self.weights_bytes_per_device + self.kv_bytes_per_token_per_device * batch * tokens_per_row
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """All plans of one machine size, plus switch cost and device memory."""
+
+    world_size: int
+    device_memory_bytes: float
+    switch_cost_ms: float
+    plans: dict[str, PlanCost]
+    meta: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        raw = json.loads(Path(path).read_text())
+        names = {f.name for f in fields(PlanCost)}
+        plans = {}
+        for plan, coeffs in raw["plans"].items():
+            missing = names - set(coeffs)
+            if missing:
+                raise ValueError(f"{path}: plan {plan!r} lacks {sorted(missing)}; re-run eval/calibrate_parallel.py")
+            plans[plan] = PlanCost(**{k: float(coeffs[k]) for k in names})
+        return cls(world_size=int(raw["world_size"]), device_memory_bytes=float(raw["device_memory_bytes"]),
+                   switch_cost_ms=float(raw["switch_cost_ms"]), plans=plans, meta=raw.get("meta", {}))
+
+    def cost(self, plan_name: str) -> PlanCost:
+        if plan_name not in self.plans:
+            raise ValueError(f"plan {plan_name!r} is not in the calibration (has {sorted(self.plans)}); "
+                             f"calibrate it or pick one of those")
+        return self.plans[plan_name]

@@ -1,0 +1,240 @@
+"""The serving loop: requests -> policy -> router -> the engine's current layout, with live re-sharding.
+
+Contract: rank 0 runs ``Controller`` (an inbox fed by a trace replayer or the HTTP endpoint, the
+policy, the router, telemetry); every other rank runs ``follow``. Each step rank 0 broadcasts one
+command over a gloo control group: ``("reshard", plan_name, reason)``, ``("run", batches_per_replica)``
+or ``("stop",)``; all ranks then execute it with ``execute``. A switch happens only between batches, so
+in-flight requests always finish on the layout they started on, and queued requests run on the new one:
+none is lost (the test counts them).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hf_adaptive.parallel.engine import Engine
+from hf_adaptive.parallel.plans import ParallelPlan
+from hf_adaptive.parallel.requests import Request, route
+from hf_adaptive.parallel.telemetry import RequestRecord, SwitchRecord, Telemetry
+from hf_adaptive.policy.parallel_policy import ParallelPolicy, WorkloadSignals
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Scheduling knobs.
+
+    Args:
+        max_batch_per_replica: requests per replica per batch.
+        pad_token_id: left-padding id.
+        eos_token_id: stop id (None: always generate ``max_new_tokens``).
+        device_memory_bytes: memory budget per device for the memory signal.
+        idle_poll_s: how long the controller waits for a request when the inbox is empty.
+    """
+
+    max_batch_per_replica: int = 8
+    pad_token_id: int = 0
+    eos_token_id: int | None = None
+    device_memory_bytes: int = 16 * 2**30
+    idle_poll_s: float = 0.02
+
+
+def execute(engine: Engine, command: tuple, control_group: Any, config: ServeConfig) -> Any:
+    """Run one broadcast command on this rank; returns what rank 0 needs (gathered results or costs)."""
+    kind = command[0]
+    if kind == "reshard":
+        cost_s = engine.reshard(ParallelPlan.parse(command[1]))
+        return _gather((cost_s,), engine, control_group)
+    if kind == "run":
+        shard = engine.shard
+        mine: list[Request] = command[1][shard.dp_index]
+        results = _generate(engine, mine, config) if mine else {}
+        leader = shard.stage == 0 and shard.tp_rank == 0
+        return _gather((results if leader else {}, memory_fraction(engine, config)), engine, control_group)
+    return None
+
+
+def _generate(engine: Engine, batch: list[Request], config: ServeConfig) -> dict[str, list[int]]:
+    width = max(len(r.prompt_ids) for r in batch)
+    ids = torch.full((len(batch), width), config.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(batch):
+        ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+        mask[i, width - len(r.prompt_ids):] = 1
+    tokens = engine.generate(ids, mask, max(r.max_new_tokens for r in batch), config.eos_token_id)
+    return {r.id: tokens[i, : r.max_new_tokens].tolist() for i, r in enumerate(batch)}
+
+
+def memory_fraction(engine: Engine, config: ServeConfig) -> float:
+    """Peak device memory since the last call (CUDA), or the shard's weights over the budget (CPU)."""
+    if engine.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(engine.device)
+        torch.cuda.reset_peak_memory_stats(engine.device)
+        return peak / torch.cuda.get_device_properties(engine.device).total_memory
+    return engine.shard.param_bytes() / config.device_memory_bytes
+
+
+def _gather(item: Any, engine: Engine, control_group: Any) -> list[Any] | None:
+    out = [None] * engine.world_size if engine.rank == 0 else None
+    dist.gather_object(item, out, dst=0, group=control_group)
+    return out
+
+
+def _broadcast(command: tuple | None, control_group: Any) -> tuple:
+    box = [command]
+    dist.broadcast_object_list(box, src=0, group=control_group)
+    return box[0]
+
+
+def follow(engine: Engine, control_group: Any, config: ServeConfig) -> None:
+    """Non-zero ranks: execute rank 0's commands until it says stop."""
+    while True:
+        command = _broadcast(None, control_group)
+        if command[0] == "stop":
+            return
+        execute(engine, command, control_group, config)
+
+
+@dataclass
+class Pending:
+    """A request waiting for its tokens; ``done`` is set when they arrive (the HTTP thread waits on it)."""
+
+    request: Request
+    done: threading.Event = field(default_factory=threading.Event)
+    tokens: list[int] | None = None
+    plan: str = ""
+
+
+class Controller:
+    """Rank 0: pulls requests from ``inbox``, asks the policy for a plan, routes batches, records all."""
+
+    def __init__(self, engine: Engine, control_group: Any, config: ServeConfig,
+                 plan_for: Callable[[str], ParallelPlan], policy: ParallelPolicy | None,
+                 static_plan: ParallelPlan | None = None) -> None:
+        if (policy is None) == (static_plan is None):
+            raise ValueError("give exactly one of policy (adaptive) or static_plan (fixed layout)")
+        self.engine, self.group, self.config = engine, control_group, config
+        self.plan_for, self.policy, self.static_plan = plan_for, policy, static_plan
+        self.inbox: queue.Queue[Pending] = queue.Queue()
+        self.telemetry = Telemetry()
+        self._queue: deque[Pending] = deque()
+        self._arrivals: deque[float] = deque(maxlen=64)
+        self._new_lens: list[int] = []  # lengths of requests arrived since the policy last looked
+        self._memory: list[float] = [0.0] * engine.world_size
+        self._t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def submit(self, request: Request) -> Pending:
+        """Queue a request (thread-safe); wait on the returned ``done`` event for its tokens."""
+        pending = Pending(request)
+        self.inbox.put(pending)
+        return pending
+
+    def start(self, plan: ParallelPlan | None = None) -> None:
+        """Build the first layout (the static plan, or the policy's initial strategy)."""
+        first = plan or self.static_plan or self.plan_for(self.policy.current)
+        self._switch(first, "initial layout", count=False)
+        self._t0 = time.perf_counter()
+
+    def run(self, should_stop: Callable[[], bool]) -> None:
+        """Serve until ``should_stop()`` is true and nothing is queued; then stop every rank."""
+        while True:
+            self._drain_inbox()
+            if not self._queue:
+                if should_stop() and self.inbox.empty():
+                    break
+                time.sleep(self.config.idle_poll_s)
+                continue
+            self._maybe_switch()
+            self._run_batch()
+        _broadcast(("stop",), self.group)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                pending = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            pending.request.arrival_s = self.now()
+            self._arrivals.append(pending.request.arrival_s)
+            self._new_lens.append(pending.request.total_tokens)
+            self._queue.append(pending)
+
+    def _signals(self) -> WorkloadSignals:
+        now = self.now()
+        recent = [t for t in self._arrivals if t >= now - 5.0]
+        new_lens, self._new_lens = tuple(self._new_lens), []
+        return WorkloadSignals(now_s=now, seq_lens=new_lens,
+                               memory_fraction=tuple(self._memory), concurrent_requests=len(self._queue),
+                               arrival_rate_per_s=len(recent) / 5.0,
+                               queue_seq_lens=tuple(p.request.total_tokens for p in self._queue))
+
+    def _maybe_switch(self) -> None:
+        if self.policy is None:
+            return
+        n_before = len(self.policy.history)
+        strategy = self.policy.observe(self._signals())
+        plan = self.plan_for(strategy)
+        if plan != self.engine.plan:
+            reason = self.policy.history[-1].reason if len(self.policy.history) > n_before else strategy
+            self._switch(plan, reason)
+
+    def _switch(self, plan: ParallelPlan, reason: str, count: bool = True) -> None:
+        before = self.engine.plan.name if self.engine.plan else "none"
+        start = time.perf_counter()
+        command = _broadcast(("reshard", plan.name, reason), self.group)
+        execute(self.engine, command, self.group, self.config)
+        cost = time.perf_counter() - start
+        self.telemetry.current_plan = plan.name
+        if count:
+            self.telemetry.switches.append(SwitchRecord(self.now(), before, plan.name, reason, cost))
+        logger.info("layout %s -> %s in %.3fs (%s)", before, plan.name, cost, reason)
+
+    def _run_batch(self) -> None:
+        plan = self.engine.plan
+        take = min(len(self._queue), self.config.max_batch_per_replica * plan.dp)
+        batch = [self._queue.popleft() for _ in range(take)]
+        start = self.now()
+        command = _broadcast(("run", route([p.request for p in batch], plan.dp)), self.group)
+        gathered = execute(self.engine, command, self.group, self.config)
+        end = self.now()
+        tokens: dict[str, list[int]] = {}
+        for results, _ in gathered:
+            tokens.update(results)
+        self._memory = [mem for _, mem in gathered]
+        records = []
+        for p in batch:
+            p.tokens, p.plan = tokens[p.request.id], plan.name
+            records.append(RequestRecord(p.request.id, plan.name, p.request.arrival_s, start, end,
+                                         len(p.request.prompt_ids), len(p.tokens), p.tokens))
+            p.done.set()
+        self.telemetry.add_batch(plan.name, start, end, records, self._memory)
+
+
+def replay_trace(controller: Controller, requests: list[Request], time_scale: float = 1.0) -> threading.Thread:
+    """Feed ``requests`` into the controller at their (scaled) arrival times from a background thread."""
+
+    def feed() -> None:
+        t0 = time.perf_counter()
+        for r in requests:
+            delay = r.arrival_s * time_scale - (time.perf_counter() - t0)
+            if delay > 0:
+                time.sleep(delay)
+            controller.submit(r)
+
+    thread = threading.Thread(target=feed, name="trace-replay", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,154 @@
+"""Turn a full host copy of a Hugging Face decoder into one rank's shard of a ``ParallelPlan``.
+
+Contract: ``build_shard(host_model, plan, rank, device, tp_group)`` never modifies ``host_model``; it
+copies what the rank needs and returns a ``Shard`` whose ``model`` is still a transformers model, so
+the engine runs stages by calling the HF modules themselves (no copied modeling code).
+
+- Pipeline stage: the decoder layers ``[first, last)`` of the model, renumbered ``0..k-1`` with the config
+  sliced to match, so a ``DynamicCache(config=...)`` and transformers' mask helpers see a consistent
+  k-layer model. Non-last stages replace the final norm by ``Identity`` (the last stage applies it).
+- Tensor parallelism (gpt-fast style, a pass over a finished model): q/k/v and gate/up are sharded by
+  output rows (column parallel), o and down by input columns (row parallel) with an all-reduce after
+  them. Attention is split by whole KV-head groups, so uneven splits (SmolLM2: 3 KV heads on 2 ranks)
+  work. Embeddings and ``lm_head`` stay replicated.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hf_adaptive.parallel.plans import ParallelPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Shard:
+    """One rank's part of a plan: a (sliced, sharded) HF model plus where it sits in the plan."""
+
+    model: nn.Module
+    plan: ParallelPlan
+    dp_index: int
+    stage: int
+    tp_rank: int
+    layer_range: tuple[int, int]
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.plan.pp - 1
+
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of ``parts`` contiguous chunks of ``range(n)``, sizes differing by at most one."""
+    base, extra = divmod(n, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def build_shard(host_model: nn.Module, plan: ParallelPlan, rank: int, device: torch.device | str,
+                tp_group: Any = None) -> Shard:
+    """Copy ``rank``'s part of ``plan`` out of ``host_model`` onto ``device``.
+
+    Args:
+        host_model: the full ``*ForCausalLM`` on the host; left untouched.
+        plan: the layout; ``rank`` is a global rank in ``[0, plan.world_size)``.
+        device: where the shard's weights go.
+        tp_group: the process group of this rank's TP peers (needed when ``plan.tp > 1``).
+    """
+    dp_index, stage, tp_rank = plan.coords(rank)
+    n_layers = host_model.config.num_hidden_layers
+    first, last = split_evenly(n_layers, plan.pp)[stage]
+    model = _copy_stage(host_model, first, last, is_last=stage == plan.pp - 1)
+    if plan.tp > 1:
+        if tp_group is None:
+            raise ValueError(f"tp_group is required for plan {plan.name} (tp={plan.tp}); pass the rank's TP group")
+        apply_tp(model, tp_rank, plan.tp, tp_group)
+    model.to(device)
+    return Shard(model=model, plan=plan, dp_index=dp_index, stage=stage, tp_rank=tp_rank, layer_range=(first, last))
+
+
+def _copy_stage(host_model: nn.Module, first: int, last: int, is_last: bool) -> nn.Module:
+    # Deep-copy everything but the layers outside the stage: swap them out for the copy, then back.
+    decoder = host_model.model
+    all_layers = decoder.layers
+    decoder.layers = nn.ModuleList(all_layers[first:last])
+    try:
+        model = copy.deepcopy(host_model)
+    finally:
+        decoder.layers = all_layers
+    config = model.config
+    text_config = getattr(config, "text_config", None) or config
+    text_config.num_hidden_layers = last - first
+    if getattr(text_config, "layer_types", None) is not None:
+        text_config.layer_types = list(text_config.layer_types[first:last])
+    for local_idx, layer in enumerate(model.model.layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = local_idx  # the stage's cache holds only its own layers
+    if not is_last:
+        model.model.norm = nn.Identity()
+    return model
+
+
+def apply_tp(model: nn.Module, tp_rank: int, tp_size: int, group: Any) -> None:
+    """Shard every decoder layer's attention and MLP of ``model`` in place over ``group``."""
+    config = model.config
+    text_config = getattr(config, "text_config", None) or config
+    n_heads, n_kv = text_config.num_attention_heads, text_config.num_key_value_heads
+    kv_lo, kv_hi = split_evenly(n_kv, tp_size)[tp_rank]
+    group_size = n_heads // n_kv
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        hd = attn.head_dim
+        q_rows = (kv_lo * group_size * hd, kv_hi * group_size * hd)
+        kv_rows = (kv_lo * hd, kv_hi * hd)
+        _shard_rows(attn.q_proj, *q_rows)
+        _shard_rows(attn.k_proj, *kv_rows)
+        _shard_rows(attn.v_proj, *kv_rows)
+        _shard_cols(attn.o_proj, *q_rows, keep_bias=tp_rank == 0, group=group)
+        ff_lo, ff_hi = split_evenly(mlp.gate_proj.out_features, tp_size)[tp_rank]
+        _shard_rows(mlp.gate_proj, ff_lo, ff_hi)
+        _shard_rows(mlp.up_proj, ff_lo, ff_hi)
+        _shard_cols(mlp.down_proj, ff_lo, ff_hi, keep_bias=tp_rank == 0, group=group)
+
+
+def _shard_rows(linear: nn.Linear, lo: int, hi: int) -> None:
+    linear.weight = nn.Parameter(linear.weight.data[lo:hi].clone(), requires_grad=False)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.data[lo:hi].clone(), requires_grad=False)
+    linear.out_features = hi - lo
+
+
+def _shard_cols(linear: nn.Linear, lo: int, hi: int, keep_bias: bool, group: Any) -> None:
+    linear.weight = nn.Parameter(linear.weight.data[:, lo:hi].clone(), requires_grad=False)
+    if linear.bias is not None and not keep_bias:
+        linear.bias = None  # the bias must be added once, after the sum over ranks
+    linear.in_features = hi - lo
+    linear.register_forward_hook(_make_all_reduce_hook(group))
+
+
+def _make_all_reduce_hook(group: Any):
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        # Row-parallel partial sums: every rank ends with the same full activation.
+        dist.all_reduce(output, op=dist.ReduceOp.SUM, group=group)
+        return output
+
+    return hook

@@ -1,0 +1,84 @@
+"""Run the simulator over every static plan and the adaptive policy; write JSON, Markdown and a PNG.
+
+Contract: the comparison and its report only; the scheduling lives in ``simulator.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hf_adaptive.parallel.cost_model import Calibration
+from hf_adaptive.parallel.plans import ModelDims, ParallelPlan, plan_for_strategy
+from hf_adaptive.parallel.requests import Request
+from hf_adaptive.parallel.simulator import SimConfig, SimResult, simulate
+from hf_adaptive.policy.parallel_policy import ParallelPolicy, ParallelPolicyConfig
+
+
+def compare_plans(requests: list[Request], calib: Calibration, dims: ModelDims,
+                  policy_config: ParallelPolicyConfig, config: SimConfig = SimConfig()) -> list[SimResult]:
+    """One run per calibrated static plan, then the adaptive run (last)."""
+
+    def plan_for(strategy: str) -> ParallelPlan:
+        plan = plan_for_strategy(strategy, calib.world_size, dims)
+        if plan.name not in calib.plans:
+            raise ValueError(f"strategy {strategy!r} maps to plan {plan.name}, which the calibration lacks "
+                             f"(has {sorted(calib.plans)}); calibrate it")
+        return plan
+
+    results = [simulate(requests, calib, plan_for, static_plan=ParallelPlan.parse(name), config=config)
+               for name in sorted(calib.plans)]
+    results.append(simulate(requests, calib, plan_for, policy=ParallelPolicy(policy_config), config=config,
+                            name="adaptive"))
+    return results
+
+
+def write_sim_report(trace_name: str, results: list[SimResult], calib: Calibration, out_dir: Path,
+                     meta: dict[str, Any]) -> dict[str, Any]:
+    """``<trace>.json``, ``<trace>.md`` and ``<trace>.png`` under ``out_dir``; returns the JSON payload."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [r.summary(calib.world_size) for r in results]
+    adaptive = results[-1]
+    payload = {"trace": trace_name, "meta": meta, "calibration_meta": calib.meta, "results": rows,
+               "adaptive_switches": [{"time_s": t, "from": a, "to": b, "reason": why}
+                                     for t, a, b, why in adaptive.switches]}
+    (out_dir / f"{trace_name}.json").write_text(json.dumps(payload, indent=1))
+    lines = [f"# Simulated parallel plans: `{trace_name}`", "",
+             f"Calibration: {calib.meta.get('measured_on', '?')} ({calib.meta.get('device', '?')}), "
+             f"world size {calib.world_size}. Command: `{meta.get('command', '')}`", "",
+             "| run | requests | rejected | tok/s | p50 s | p99 s | utilisation | switches |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in rows:
+        lines.append(f"| {s['name']} | {s['requests']} | {s['rejected']} | {s['throughput_tok_s']:.1f} | "
+                     f"{s['latency_p50_s']:.3f} | {s['latency_p99_s']:.3f} | {s['utilisation']:.2f} | "
+                     f"{s['switches']} |")
+    lines += ["", "Adaptive switches:"] + [f"- {t:.2f}s {a} -> {b}: {why}" for t, a, b, why in adaptive.switches]
+    (out_dir / f"{trace_name}.md").write_text("\n".join(lines) + "\n")
+    _plot(trace_name, rows, adaptive, out_dir / f"{trace_name}.png")
+    return payload
+
+
+def _plot(trace_name: str, rows: list[dict], adaptive: SimResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    names = [r["name"] for r in rows]
+    colors = ["tab:orange" if n == "adaptive" else "tab:blue" for n in names]
+    for ax, key, label in zip(axes[:3], ("throughput_tok_s", "latency_p50_s", "latency_p99_s"),
+                              ("throughput (tok/s)", "p50 latency (s)", "p99 latency (s)")):
+        ax.bar(names, [r[key] for r in rows], color=colors)
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=30)
+    plans = sorted({p for _, p, _ in adaptive.timeline})
+    axes[3].scatter([t for t, _, _ in adaptive.timeline], [plans.index(p) for _, p, _ in adaptive.timeline], s=6)
+    axes[3].set_yticks(range(len(plans)), plans)
+    axes[3].set_title("adaptive plan over time")
+    axes[3].set_xlabel("s")
+    fig.suptitle(trace_name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

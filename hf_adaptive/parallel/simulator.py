@@ -1,0 +1,136 @@
+"""Replay a trace through the parallelism policy against a calibrated cost model, in virtual time.
+
+Contract: pure and deterministic (no torch, no clocks). The adaptive run uses the very same
+``ParallelPolicy`` and ``plan_for_strategy`` as the live controller; static runs pin one plan. The
+scheduler mirrors ``serve.Controller``: FIFO, ``max_batch_per_replica`` per replica, DP batches routed
+by ``requests.route``, switches only between batches and each costs ``switch_cost_ms``.
+
+Utilisation is the share of device-time doing useful work: busy time over the makespan, times the
+share of devices a batch keeps busy (PP without micro-batching keeps 1 of ``pp`` stages busy; DP keeps
+only the replicas that got requests).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from hf_adaptive.parallel.cost_model import Calibration
+from hf_adaptive.parallel.plans import ParallelPlan
+from hf_adaptive.parallel.requests import Request, route
+from hf_adaptive.policy.parallel_policy import ParallelPolicy, WorkloadSignals, percentile
+
+
+def prompt_len(request: Request) -> int:
+    """Prompt tokens of a request (``prompt_tokens``, token ids, or ~4/3 tokens per word of text)."""
+    if request.prompt_ids:
+        return len(request.prompt_ids)
+    if request.prompt_tokens is not None:
+        return int(request.prompt_tokens)
+    return max(1, len((request.prompt or "").split()) * 4 // 3)
+
+
+@dataclass
+class SimResult:
+    """One replay: latencies, throughput, utilisation, switches and the plan timeline."""
+
+    name: str
+    latencies_s: list[float] = field(default_factory=list)
+    new_tokens: int = 0
+    makespan_s: float = 0.0
+    busy_device_s: float = 0.0
+    rejected: int = 0
+    switches: list[tuple[float, str, str, str]] = field(default_factory=list)
+    timeline: list[tuple[float, str, float]] = field(default_factory=list)  # (time, plan, memory fraction)
+
+    def summary(self, world_size: int) -> dict:
+        span = max(self.makespan_s, 1e-9)
+        return {"name": self.name, "requests": len(self.latencies_s), "rejected": self.rejected,
+                "throughput_tok_s": self.new_tokens / span, "latency_p50_s": percentile(self.latencies_s, 50),
+                "latency_p99_s": percentile(self.latencies_s, 99), "makespan_s": self.makespan_s,
+                "utilisation": self.busy_device_s / (span * world_size), "switches": len(self.switches)}
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    max_batch_per_replica: int = 8
+
+
+def _batch_cost(calib: Calibration, plan: ParallelPlan, batch: Sequence[Request]) -> tuple[float, float, int]:
+    """(seconds, peak memory fraction, busy devices) of one batch on ``plan``; the slowest replica decides."""
+    cost = calib.cost(plan.name)
+    slowest_ms, peak_mem, busy = 0.0, 0.0, 0
+    for part in route(batch, plan.dp):
+        if not part:
+            continue
+        width = max(prompt_len(r) for r in part)
+        new = max(r.max_new_tokens for r in part)
+        slowest_ms = max(slowest_ms, cost.batch_ms(len(part), width, new))
+        peak_mem = max(peak_mem, cost.memory_bytes(len(part), width + new) / calib.device_memory_bytes)
+        busy += plan.tp  # one stage of tp devices works at a time without micro-batching
+    return slowest_ms / 1e3, peak_mem, busy
+
+
+def _fits(calib: Calibration, plan: ParallelPlan, request: Request) -> bool:
+    cost = calib.cost(plan.name)
+    return cost.memory_bytes(1, prompt_len(request) + request.max_new_tokens) <= calib.device_memory_bytes
+
+
+def simulate(requests: Sequence[Request], calib: Calibration, plan_for: Callable[[str], ParallelPlan],
+             policy: ParallelPolicy | None = None, static_plan: ParallelPlan | None = None,
+             config: SimConfig = SimConfig(), name: str = "") -> SimResult:
+    """Replay ``requests`` (sorted by arrival) with the adaptive ``policy`` or a fixed ``static_plan``."""
+    if (policy is None) == (static_plan is None):
+        raise ValueError("give exactly one of policy (adaptive) or static_plan (fixed layout)")
+    result = SimResult(name or (static_plan.name if static_plan else "adaptive"))
+    pending = deque(sorted(requests, key=lambda r: r.arrival_s))
+    queue: deque[Request] = deque()
+    plan = static_plan or plan_for(policy.current)
+    now, memory, arrivals = 0.0, 0.0, deque(maxlen=64)
+    while pending or queue:
+        if not queue:
+            now = max(now, pending[0].arrival_s)
+        new_lens = []
+        while pending and pending[0].arrival_s <= now:
+            r = pending.popleft()
+            queue.append(r)
+            arrivals.append(r.arrival_s)
+            new_lens.append(prompt_len(r) + r.max_new_tokens)
+        if policy is not None:
+            rate = sum(1 for t in arrivals if t >= now - 5.0) / 5.0
+            signals = WorkloadSignals(now, tuple(new_lens), (memory,), len(queue), rate,
+                                      tuple(prompt_len(r) + r.max_new_tokens for r in queue))
+            new_plan = plan_for(policy.observe(signals))
+            if new_plan != plan:
+                reason = policy.history[-1].reason if policy.history else ""
+                result.switches.append((now, plan.name, new_plan.name, reason))
+                now += calib.switch_cost_ms / 1e3
+                plan = new_plan
+        now, memory = _serve_batch(queue, plan, calib, config, now, result)
+    result.makespan_s = now - (min(r.arrival_s for r in requests) if requests else 0.0)
+    return result
+
+
+def _serve_batch(queue: deque[Request], plan: ParallelPlan, calib: Calibration, config: SimConfig,
+                 now: float, result: SimResult) -> tuple[float, float]:
+    take = min(len(queue), config.max_batch_per_replica * plan.dp)
+    batch = [queue.popleft() for _ in range(take)]
+    fitting = [r for r in batch if _fits(calib, plan, r)]
+    result.rejected += len(batch) - len(fitting)
+    # Halve the batch until its KV cache fits; what does not fit goes back to the front of the queue.
+    while fitting:
+        seconds, memory, busy = _batch_cost(calib, plan, fitting)
+        if memory <= 1.0 or len(fitting) == 1:
+            break
+        half = len(fitting) // 2
+        queue.extendleft(reversed(fitting[half:]))
+        fitting = fitting[:half]
+    if not fitting:
+        return now, 0.0
+    end = now + seconds
+    result.latencies_s.extend(end - r.arrival_s for r in fitting)
+    result.new_tokens += sum(r.max_new_tokens for r in fitting)
+    result.busy_device_s += seconds * busy
+    result.timeline.append((end, plan.name, memory))
+    return end, memory

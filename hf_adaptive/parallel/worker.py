@@ -1,0 +1,160 @@
+"""The per-process entry point that ``hf-adaptive launch`` starts (via ``accelerate launch -m``).
+
+Contract: reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*), joins the process
+group (NCCL on GPU, gloo on CPU; ``HF_ADAPTIVE_BACKEND`` overrides), loads the full model on the host
+once (the copy every re-shard starts from), then serves a JSONL trace and/or the HTTP endpoint with a
+fixed plan or the adaptive policy. Rank 0 writes ``serve.json/.md/.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hf_adaptive.parallel.engine import Engine
+from hf_adaptive.parallel.plans import ModelDims, ParallelPlan, all_plans, plan_for_strategy, validate_plan
+from hf_adaptive.parallel.requests import load_trace, tokenize_request
+from hf_adaptive.parallel.serve import Controller, ServeConfig, follow, replay_trace
+from hf_adaptive.parallel.telemetry import write_report
+from hf_adaptive.policy.parallel_policy import STRATEGIES, Band, ParallelPolicy, ParallelPolicyConfig
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf_adaptive.parallel.worker", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="checkpoint dir or embedded model name")
+    p.add_argument("--plan", default="auto", help="auto | tp | pp | dp | hybrid | a plan name like tp2xpp2")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--trace", help="JSONL trace to replay")
+    p.add_argument("--time-scale", type=float, default=1.0, help="multiply trace arrival times by this")
+    p.add_argument("--http-port", type=int, help="serve /generate and /metrics on 127.0.0.1:PORT")
+    p.add_argument("--serve-seconds", type=float, default=0.0, help="with --http-port: stop after this long")
+    p.add_argument("--max-batch", type=int, default=8, help="requests per replica per batch")
+    p.add_argument("--max-prompt-tokens", type=int, default=4096)
+    p.add_argument("--cooldown-s", type=float, default=5.0)
+    p.add_argument("--min-dwell-s", type=float, default=10.0)
+    p.add_argument("--confirm-s", type=float, default=2.0)
+    p.add_argument("--long-context-tokens", type=int, default=1024, help="hybrid enter threshold (exit = 0.75x)")
+    p.add_argument("--dp-concurrency", type=int, default=32, help="DP enter threshold (exit = 0.75x)")
+    p.add_argument("--device-memory-gb", type=float, default=16.0, help="CPU memory budget per rank (signal)")
+    p.add_argument("--out", default="runs/serve", help="directory for serve.json/.md/.png")
+    p.add_argument("--name", default="serve", help="report file stem")
+    return p
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    backend = os.environ.get("HF_ADAPTIVE_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=10),
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    return rank, world, device
+
+
+def load_host_model(spec: str, dtype: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_adaptive.models import resolve_model_dir
+
+    path = resolve_model_dir(spec)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # tiny test checkpoints have none; their traces use prompt_tokens
+    return model, tokenizer
+
+
+def policy_config(args: argparse.Namespace) -> ParallelPolicyConfig:
+    return ParallelPolicyConfig(
+        long_context_tokens=Band(args.long_context_tokens, 0.75 * args.long_context_tokens),
+        dp_concurrency=Band(args.dp_concurrency, 0.75 * args.dp_concurrency),
+        cooldown_s=args.cooldown_s, min_dwell_s=args.min_dwell_s, confirm_s=args.confirm_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank, world, device = init_distributed()
+    model, tokenizer = load_host_model(args.model, args.dtype)
+    dims = ModelDims.from_config(model.config)
+    plans = all_plans(world, dims) or [ParallelPlan()]
+    static = None
+    if args.plan != "auto":
+        static = (plan_for_strategy(args.plan, world, dims) if args.plan in STRATEGIES
+                  else ParallelPlan.parse(args.plan))
+        validate_plan(static, dims, world)
+        plans = list(dict.fromkeys(plans + [static]))
+    engine = Engine(model, rank, world, device, plans)
+    control = dist.new_group(backend="gloo")
+    config = ServeConfig(max_batch_per_replica=args.max_batch,
+                         pad_token_id=(tokenizer.pad_token_id or 0) if tokenizer else 0,
+                         eos_token_id=None, device_memory_bytes=int(args.device_memory_gb * 2**30))
+    if rank != 0:
+        follow(engine, control, config)
+    else:
+        serve_rank0(args, engine, control, config, tokenizer, dims, static)
+    dist.barrier(group=control)
+    dist.destroy_process_group()
+    return 0
+
+
+def serve_rank0(args, engine: Engine, control, config: ServeConfig, tokenizer, dims: ModelDims,
+                static: ParallelPlan | None) -> None:
+    world = engine.world_size
+    policy = None if static else ParallelPolicy(policy_config(args))
+    controller = Controller(engine, control, config, lambda s: plan_for_strategy(s, world, dims), policy, static)
+    controller.start()
+    vocab = engine.host_model.config.get_text_config().vocab_size
+    encode = tokenizer.encode if tokenizer else None
+
+    def prepare(request) -> None:
+        if request.prompt is not None and encode is None:
+            raise ValueError("this checkpoint has no tokenizer; send 'prompt_tokens' instead of 'prompt'")
+        tokenize_request(request, encode, vocab, args.max_prompt_tokens)
+
+    stop = threading.Event()
+    feeder = None
+    if args.trace:
+        requests = load_trace(args.trace)
+        for r in requests:
+            prepare(r)
+        feeder = replay_trace(controller, requests, args.time_scale)
+    if args.http_port is not None:
+        from hf_adaptive.parallel.http import make_server
+
+        decode = tokenizer.decode if tokenizer else (lambda ids: "")
+        server = make_server(controller, prepare, decode, args.http_port, stop)
+        logger.info("serving on http://127.0.0.1:%d", server.server_address[1])
+        if args.serve_seconds:
+            threading.Timer(args.serve_seconds, stop.set).start()
+    deadline_free = args.http_port is None
+
+    def should_stop() -> bool:
+        trace_done = feeder is None or not feeder.is_alive()
+        return trace_done and (deadline_free or stop.is_set())
+
+    controller.run(should_stop)
+    meta = {"mode": "adaptive" if policy else f"static {static.name}", "world_size": world,
+            "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+            "model": args.model, "dtype": args.dtype, "trace": args.trace, "time": time.strftime("%FT%TZ", time.gmtime()),
+            "policy_switches": [e.__dict__ | {"summary": e.summary.__dict__} for e in policy.history] if policy else []}
+    write_report(controller.telemetry, Path(args.out), meta, name=args.name)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

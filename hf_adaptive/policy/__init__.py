@@ -1,0 +1,1 @@
+"""Pure decisions (numbers in, numbers out): no torch import, table-tested."""

@@ -1,0 +1,1 @@
+"""Token-level precision switching: confidence, weight tiers, controller, graph decode, verified mode."""

@@ -1,0 +1,85 @@
+"""Lossy tier-switching decode on a ``GraphDecodeEngine``: every step replays the chosen tier's graph.
+
+Contract: ``decode(engine, input_ids, options)`` returns the new tokens (B, max_new_tokens). The tier of
+each step comes from, in this order: a ``PrecisionController`` (decides from the raw logits of the step
+before), a recorded ``schedule`` (tier names, replayed cyclically: for benchmarks on random weights), or
+the fixed ``tier`` (default: the top tier). It decodes exactly ``max_new_tokens`` (no EOS stop: a stop
+check would add a host sync per step). With ``agreement_every=N``, every N-th low-tier step also runs the
+top tier on the same input first and records whether both pick the same token (telemetry's confidence
+accuracy); the low tier runs second so its KV is what the lossy run keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hf_adaptive.precision.confidence import confidence_score
+from hf_adaptive.precision.controller import PrecisionController
+from hf_adaptive.precision.graph_decode import GraphDecodeEngine
+
+
+@dataclass
+class DecodeOptions:
+    """How ``decode`` picks tiers and tokens."""
+
+    max_new_tokens: int = 32
+    controller: PrecisionController | None = None
+    schedule: tuple[str, ...] | None = None
+    tier: str | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    generator: torch.Generator | None = None
+    agreement_every: int = 0
+
+
+def pick_tokens(logits: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
+    """(B, V) logits -> (B,) tokens, greedy or sampled, on device (no host sync)."""
+    if not opts.do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / opts.temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=opts.generator).squeeze(-1)
+
+
+def _next_tier(engine: GraphDecodeEngine, logits: torch.Tensor, step: int, opts: DecodeOptions) -> str:
+    if opts.controller is not None:
+        return opts.controller.observe(logits)
+    if opts.schedule:
+        return opts.schedule[step % len(opts.schedule)]
+    return opts.tier or engine.tiers.top
+
+
+def _check_agreement(engine: GraphDecodeEngine, tier: str, tok: torch.Tensor, opts: DecodeOptions) -> None:
+    """Top tier first, then ``tier``; both at the same position; records argmax agreement (syncs)."""
+    start = engine.position
+    top = engine.forward(engine.tiers.top, tok[:, None], start)[:, -1].argmax(-1)
+    low_logits = engine.forward(tier, tok[:, None], start)[:, -1]
+    low = low_logits.argmax(-1)
+    scores = confidence_score(low_logits).tolist()
+    for s, agreed in zip(scores, (low == top).tolist()):
+        opts.controller.telemetry.record_agreement(s, bool(agreed))
+    return low_logits
+
+
+@torch.no_grad()
+def decode(engine: GraphDecodeEngine, input_ids: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
+    """Prefill then ``opts.max_new_tokens`` decode steps; returns (B, max_new_tokens) token ids."""
+    if opts.controller is not None:
+        opts.controller.reset()
+    logits = engine.prefill(input_ids)  # (B, V), top tier
+    tier = _next_tier(engine, logits, 0, opts)
+    out = []
+    for step in range(opts.max_new_tokens):
+        tok = pick_tokens(logits, opts)
+        out.append(tok)
+        if step == opts.max_new_tokens - 1:
+            break
+        sample = (opts.agreement_every and opts.controller is not None and tier != engine.tiers.top
+                  and step % opts.agreement_every == 0)
+        if sample:
+            logits = _check_agreement(engine, tier, tok, opts)
+        else:
+            logits = engine.forward(tier, tok[:, None])[:, -1]
+        tier = _next_tier(engine, logits, step + 1, opts)
+    return torch.stack(out, dim=1)

@@ -1,0 +1,156 @@
+"""A decode engine with one captured CUDA graph per precision tier over one shared static KV cache.
+
+Contract: ``GraphDecodeEngine(tiers, GraphDecodeConfig(...))`` owns a transformers ``StaticCache`` that
+every tier reads and writes, static input buffers, and (on CUDA) one ``torch.cuda.CUDAGraph`` per
+(tier, query length): a 1-token decode step per tier plus, if ``verify_len`` > 0, a top-tier forward of
+``verify_len`` tokens for verified mode. ``forward(tier, tokens, start)`` replays the graph of that tier
+(on CPU, or with ``use_cuda_graphs=False``, it runs the same function eagerly), so the per-token cost
+is one graph launch whatever the tier, and the tier's kernel speed shows.
+
+Why it works with stock transformers: the attention mask is passed as a ready 4D additive mask
+(B, 1, Q, L) built inside the graph from one static position tensor, so no mask code syncs; each
+static layer's ``cumulative_length`` is set from the same tensor, so a rollback (verified mode) is just
+a smaller start position. Limits: full-attention models (no sliding layers), equal-length prompts (no
+padding), ``batch_size`` fixed at construction, ``start + Q <= max_len``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import StaticCache
+
+from hf_adaptive.precision.tiers import PrecisionTiers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GraphDecodeConfig:
+    """Shapes fixed at capture time."""
+
+    batch_size: int = 1
+    max_len: int = 512
+    verify_len: int = 0           # > 0: also capture a top-tier forward over this many tokens
+    use_cuda_graphs: bool | None = None  # None: on when the model is on CUDA
+    warmup_iters: int = 2
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_len < 2 or self.verify_len < 0:
+            raise ValueError(f"GraphDecodeConfig: need batch_size >= 1, max_len >= 2, verify_len >= 0; got "
+                             f"{self.batch_size}, {self.max_len}, {self.verify_len}")
+
+
+class GraphDecodeEngine:
+    """Prefill eagerly in the top tier, then decode by replaying per-tier graphs."""
+
+    def __init__(self, tiers: PrecisionTiers, config: GraphDecodeConfig | None = None) -> None:
+        self.tiers, self.config = tiers, config or GraphDecodeConfig()
+        self.model = tiers.model
+        mcfg = self.model.config.get_text_config(decoder=True)
+        if "sliding_attention" in (getattr(mcfg, "layer_types", None) or ()):
+            raise ValueError("GraphDecodeEngine: models with sliding-window layers are not supported "
+                             f"(layer_types={mcfg.layer_types}); use generate() with PrecisionController")
+        param = next(self.model.parameters())
+        self.device = param.device
+        self.use_graphs = self.device.type == "cuda" if self.config.use_cuda_graphs is None \
+            else self.config.use_cuda_graphs
+        b, q_max = self.config.batch_size, max(1, self.config.verify_len)
+        self.cache = StaticCache(config=self.model.config, max_cache_len=self.config.max_len)
+        self.ids = torch.zeros(b, q_max, dtype=torch.long, device=self.device)  # (B, Qmax) static
+        self.pos = torch.zeros((), dtype=torch.long, device=self.device)       # first query position
+        self.key_index = torch.arange(self.config.max_len, device=self.device)  # (L,)
+        self.mask_dtype = self.model.dtype
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
+            else "past_key_values"
+        self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.position = 0  # host copy of the next free position
+
+    def _forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """Model forward of ``ids`` (B, Q) at positions pos..pos+Q-1 -> logits (B, Q', V). Capturable."""
+        b, q = ids.shape
+        for layer in self.cache.layers:
+            if getattr(layer, "is_initialized", False):
+                layer.cumulative_length.copy_(self.pos)
+        positions = self.pos + self.key_index[:q]                       # (Q,)
+        blocked = self.key_index[None, :] > positions[:, None]          # (Q, L)
+        mask = torch.zeros(q, self.config.max_len, dtype=self.mask_dtype, device=self.device)
+        mask = mask.masked_fill(blocked, torch.finfo(self.mask_dtype).min)[None, None].expand(b, 1, q, -1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions[None].expand(b, q),
+                         use_cache=True, logits_to_keep=logits_to_keep, **{self.cache_kwarg: self.cache})
+        return out.logits
+
+    def _check_room(self, start: int, q: int) -> None:
+        if start + q > self.config.max_len:
+            raise ValueError(f"GraphDecodeEngine: position {start}+{q} tokens exceeds max_len="
+                             f"{self.config.max_len}; build the engine with a larger GraphDecodeConfig.max_len")
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt (B, T) in the top tier from position 0; returns last logits (B, V).
+
+        Captures the decode graphs on first use (the static cache is allocated by this first forward).
+        """
+        if input_ids.shape[0] != self.config.batch_size:
+            raise ValueError(f"GraphDecodeEngine.prefill: batch {input_ids.shape[0]} != GraphDecodeConfig."
+                             f"batch_size={self.config.batch_size}; build an engine per batch size")
+        self._check_room(0, input_ids.shape[1] + max(1, self.config.verify_len))
+        self.pos.fill_(0)
+        with self.tiers.use(self.tiers.top):
+            logits = self._forward(input_ids.to(self.device), logits_to_keep=1)[:, -1]
+        self.position = input_ids.shape[1]
+        if self.use_graphs and not self.graphs:
+            self._capture_all()
+        return logits
+
+    def _shapes(self) -> list[tuple[str, int]]:
+        shapes = [(t, 1) for t in self.tiers.ladder]
+        if self.config.verify_len > 1:
+            shapes.append((self.tiers.top, self.config.verify_len))
+        return shapes
+
+    def _capture_all(self) -> None:
+        saved = self.pos.clone()
+        for tier, q in self._shapes():
+            with self.tiers.use(tier):
+                self.graphs[(tier, q)] = self._capture(q)
+        self.pos.copy_(saved)
+        logger.info("GraphDecodeEngine: captured %d graphs %s", len(self.graphs), list(self.graphs))
+
+    def _capture(self, q: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # warm up on a side stream (lazy kernels, cuBLAS workspaces) as CUDA graph capture requires;
+        # the warm-up writes KV at not-yet-valid positions, which later steps overwrite
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.config.warmup_iters):
+                self._forward(self.ids[:, :q])
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._forward(self.ids[:, :q])
+        return graph, out
+
+    @torch.no_grad()
+    def forward(self, tier: str, tokens: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """Run ``tokens`` (B, Q) at positions start.. in ``tier``; returns logits (B, Q, V).
+
+        ``start`` defaults to the next free position; the next free position becomes start + Q. The
+        returned tensor is graph-owned: read it before the next ``forward`` of the same (tier, Q).
+        """
+        start = self.position if start is None else start
+        q = tokens.shape[1]
+        self._check_room(start, q)
+        self.pos.fill_(start)
+        self.position = start + q
+        key = (tier, q)
+        if key in self.graphs:
+            self.ids[:, :q].copy_(tokens)
+            graph, out = self.graphs[key]
+            graph.replay()
+            return out
+        with self.tiers.use(tier):
+            return self._forward(tokens.to(self.device))

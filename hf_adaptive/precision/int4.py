@@ -1,0 +1,104 @@
+"""Group-wise asymmetric int4 weights for PyTorch's tinygemm kernels (CUDA) and their CPU twins.
+
+Contract: ``pack_int4(weight, group_size)`` quantizes a (N, K) weight once and returns an ``Int4Weight``;
+``int4_linear(x, w)`` computes ``x @ dequant(w).T`` for x of shape (M, K) with the fast kernel of the
+weight's device:
+
+- CUDA: ``aten._convert_weight_to_int4pack`` takes (N, K/2) uint8 (two nibbles per byte, the even
+  column in the high nibble) and ``aten._weight_int4pack_mm`` needs bf16 activations;
+- CPU: ``aten._convert_weight_to_int4pack_for_cpu`` takes (N, K) int32 values in [0, 15] and
+  ``aten._weight_int4pack_mm_for_cpu`` accepts fp32/bf16/fp16 activations.
+
+Both dequantize as ``(q - 8) * scale + zero`` per group of ``group_size`` input columns; scales and
+zeros travel together as (K / group_size, N, 2). Kernel limits: group size in {32, 64, 128, 256},
+K divisible by the group size and by 16 * inner_k_tiles (inner_k_tiles in {2, 4, 8}), N divisible by 8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GROUP_SIZES = (32, 64, 128, 256)
+INNER_K_TILES = (8, 4, 2)
+
+
+@dataclass
+class Int4Weight:
+    """A packed int4 weight: ``packed`` (kernel layout), ``scales_zeros`` (K/g, N, 2), shapes and g."""
+
+    packed: torch.Tensor
+    scales_zeros: torch.Tensor
+    out_features: int
+    in_features: int
+    group_size: int
+
+    def nbytes(self) -> int:
+        return self.packed.numel() * self.packed.element_size() + \
+            self.scales_zeros.numel() * self.scales_zeros.element_size()
+
+
+def choose_group_size(in_features: int, out_features: int, preferred: int = 128) -> int | None:
+    """Largest supported group size <= ``preferred`` that the kernel accepts for this shape, else None."""
+    if out_features % 8:
+        return None
+    for g in sorted((g for g in GROUP_SIZES if g <= preferred), reverse=True):
+        if in_features % g == 0 and _inner_k_tiles(in_features) is not None:
+            return g
+    return None
+
+
+def _inner_k_tiles(in_features: int) -> int | None:
+    return next((t for t in INNER_K_TILES if in_features % (16 * t) == 0), None)
+
+
+def quantize_groupwise(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int32 codes (N, K) in [0, 15], scale and zero (N, K/g) fp32 (zero is mid-point)."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group_size, group_size)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    codes = ((w - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
+    zero = lo + 8 * scale  # tinygemm dequantizes (q - 8) * scale + zero
+    return codes.reshape(n, k), scale, zero
+
+
+def pack_int4(weight: torch.Tensor, group_size: int, act_dtype: torch.dtype) -> Int4Weight:
+    """Quantize and pack a (N, K) weight for ``int4_linear`` on the weight's device.
+
+    Args:
+        weight: (N, K) float weight (N = out_features).
+        group_size: from ``choose_group_size``.
+        act_dtype: dtype of activations at run time (forced to bf16 on CUDA, tinygemm's only dtype).
+    """
+    n, k = weight.shape
+    tiles = _inner_k_tiles(k)
+    if choose_group_size(k, n, group_size) != group_size or tiles is None:
+        raise ValueError(f"pack_int4: weight (N={n}, K={k}) does not fit group_size={group_size}; "
+                         f"use choose_group_size(K, N) (allowed {GROUP_SIZES}, K % (16*{INNER_K_TILES}) == 0)")
+    codes, scale, zero = quantize_groupwise(weight, group_size)
+    if weight.is_cuda:
+        act_dtype = torch.bfloat16
+        nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), tiles)
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), tiles)
+    scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(act_dtype)
+    return Int4Weight(packed, scales_zeros, n, k, group_size)
+
+
+def int4_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """(M, K) activations times the packed weight -> (M, N) in the scales' dtype."""
+    x = x.to(w.scales_zeros.dtype)
+    if x.is_cuda:
+        return torch.ops.aten._weight_int4pack_mm(x, w.packed, w.group_size, w.scales_zeros)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, w.group_size, w.scales_zeros)
+
+
+def dequantize_int4_reference(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """What the kernels compute with, as a plain (N, K) fp32 matrix (for tests and self-checks)."""
+    codes, scale, zero = quantize_groupwise(weight, group_size)
+    n, k = weight.shape
+    g = codes.reshape(n, k // group_size, group_size).float()
+    return ((g - 8) * scale[..., None] + zero[..., None]).reshape(n, k)

@@ -1,0 +1,106 @@
+"""What the precision switcher did: tier usage, switches, confidences, overhead, confidence accuracy.
+
+Contract: mechanisms call ``record_step`` once per decode step and ``record_agreement`` whenever they
+know whether a low-tier token equals the top tier's choice (every drafted token in verified mode,
+sampled steps in lossy mode). ``report()`` is JSON-serializable; ``plot(path)`` writes a PNG. Plain
+Python numbers only (no torch), so recording never touches the device.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+N_BUCKETS = 10
+
+
+def _bucket(score: float) -> int:
+    return min(N_BUCKETS - 1, max(0, int(score * N_BUCKETS)))
+
+
+@dataclass
+class PrecisionTelemetry:
+    """Accumulates per-step records; one object per generation run (or ``reset()`` between runs)."""
+
+    tiers: list[str] = field(default_factory=list)        # tier that ran each step's forward
+    scores: list[float] = field(default_factory=list)     # every per-sequence confidence seen
+    overhead_ns: list[int] = field(default_factory=list)  # controller time per step
+    switches: int = 0
+    agree: list[int] = field(default_factory=lambda: [0] * N_BUCKETS)
+    checked: list[int] = field(default_factory=lambda: [0] * N_BUCKETS)
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def record_step(self, tier: str, scores: list[float], overhead_ns: int = 0) -> None:
+        """One decode step: the tier its forward ran in and the confidences it produced."""
+        if self.tiers and self.tiers[-1] != tier:
+            self.switches += 1
+        self.tiers.append(tier)
+        self.scores.extend(scores)
+        self.overhead_ns.append(int(overhead_ns))
+
+    def record_agreement(self, score: float, agreed: bool) -> None:
+        """A low-tier token was compared with the top tier's; ``score`` is the low tier's confidence."""
+        b = _bucket(score)
+        self.checked[b] += 1
+        self.agree[b] += int(agreed)
+
+    def report(self) -> dict:
+        """JSON-serializable summary (fractions in [0, 1], times in µs)."""
+        n = len(self.tiers)
+        counts = Counter(self.tiers)
+        hist = [0] * N_BUCKETS
+        for s in self.scores:
+            hist[_bucket(s)] += 1
+        over = sorted(self.overhead_ns)
+        return {
+            "steps": n,
+            "tier_steps": dict(counts),
+            "tier_fraction": {t: c / n for t, c in counts.items()} if n else {},
+            "switches": self.switches,
+            "confidence_histogram": {"bucket_edges": [i / N_BUCKETS for i in range(N_BUCKETS + 1)],
+                                     "counts": hist},
+            "controller_overhead_us": {
+                "mean": sum(over) / len(over) / 1e3 if over else 0.0,
+                "p50": over[len(over) // 2] / 1e3 if over else 0.0,
+                "max": over[-1] / 1e3 if over else 0.0,
+            },
+            "confidence_accuracy": [
+                {"bucket": [i / N_BUCKETS, (i + 1) / N_BUCKETS], "checked": c,
+                 "agree_fraction": (a / c) if c else None}
+                for i, (a, c) in enumerate(zip(self.agree, self.checked))
+            ],
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.report(), indent=2))
+
+    def plot(self, path: str | Path, title: str = "precision switching") -> None:
+        """Three panels: tier usage, confidence histogram, agreement with the top tier per bucket."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rep = self.report()
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        tiers = sorted(rep["tier_fraction"])
+        axes[0].bar(tiers, [rep["tier_fraction"][t] for t in tiers], color="tab:blue")
+        axes[0].set_title(f"tier usage ({rep['steps']} steps, {rep['switches']} switches)")
+        centers = [(i + 0.5) / N_BUCKETS for i in range(N_BUCKETS)]
+        axes[1].bar(centers, rep["confidence_histogram"]["counts"], width=0.09, color="tab:orange")
+        axes[1].set_title("confidence histogram")
+        axes[1].set_xlabel("confidence")
+        acc = [b["agree_fraction"] if b["agree_fraction"] is not None else 0.0
+               for b in rep["confidence_accuracy"]]
+        axes[2].bar(centers, acc, width=0.09, color="tab:green")
+        axes[2].set_ylim(0, 1.05)
+        axes[2].set_title("low-tier token == top-tier token")
+        axes[2].set_xlabel("confidence")
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)

@@ -1,0 +1,195 @@
+"""Precision tiers of a model's decoder linears, prepared once, switched per forward.
+
+Contract: ``prepare_tiers(model, tiers=("int4", "native"))`` replaces every ``nn.Linear`` inside the
+decoder layers (not embeddings / lm_head) with a ``TieredLinear`` holding the weight in each requested
+format, and returns a ``PrecisionTiers`` handle. ``handle.set(name)`` picks the format the next forward
+uses. Tiers, cheapest first:
+
+- ``"int4"``: group-wise int4 through tinygemm (see ``int4.py``); fastest at batch 1 on an H100.
+- ``"fp8"``: e4m3 weights, per-row scales, ``torch._scaled_mm`` (sm89+ only).
+- ``"native"``: the 16-bit weight (the model's own if it is bf16/fp16, else a bf16 copy).
+- ``"fp32"``: the fp32 weight; only for models kept in fp32.
+
+The selector is a plain Python attribute, read when a forward runs: eager code follows it each step,
+while a captured CUDA graph bakes the tier it was captured under (so ``graph_decode`` captures one graph
+per tier). Memory: every tier keeps its own copy, e.g. int4 + native costs ~1.28x native weight bytes
+(int4 with g=128 is ~0.28x of bf16); ``handle.memory_bytes()`` reports what each tier holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from hf_adaptive.precision.fp8 import Fp8Weight, fp8_linear, pack_fp8
+from hf_adaptive.precision.int4 import Int4Weight, choose_group_size, int4_linear, pack_int4
+
+logger = logging.getLogger(__name__)
+
+TIER_RANK = {"int4": 0, "fp8": 1, "native": 2, "fp32": 3}
+
+
+@dataclass
+class TierSelector:
+    """The tier every ``TieredLinear`` of one model runs; shared, so one assignment switches them all."""
+
+    active: str = "native"
+
+
+class TieredLinear(nn.Module):
+    """A linear layer that holds its weight in several formats and dispatches on a shared selector."""
+
+    def __init__(self, linear: nn.Linear, selector: TierSelector) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.selector = selector
+        self.bias = linear.bias
+        self.weight = linear.weight  # the original parameter (keeps state_dict / tying intact)
+        self.formats: dict[str, object] = {}
+
+    def add_format(self, tier: str, group_size: int) -> bool:
+        """Prepare ``tier``; returns False (and keeps the 16-bit weight for it) if the shape cannot."""
+        w = self.weight.detach()
+        if tier == "fp32":
+            self.formats[tier] = w if w.dtype == torch.float32 else w.float()
+        elif tier == "native":
+            self.formats[tier] = w if w.dtype in (torch.bfloat16, torch.float16) else w.to(torch.bfloat16)
+        elif tier == "fp8":
+            self.formats[tier] = pack_fp8(w)
+        elif tier == "int4":
+            g = choose_group_size(self.in_features, self.out_features, group_size)
+            if g is None:
+                return False
+            act = self.weight.dtype if not w.is_cuda else torch.bfloat16
+            self.formats[tier] = pack_int4(w, g, act)
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N) in x's dtype, computed in the active tier's format."""
+        fmt = self.formats.get(self.selector.active)
+        if fmt is None:  # tier not preparable for this shape: fall back to the next slower one present
+            fmt = self.formats[self._fallback()]
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if isinstance(fmt, Int4Weight):
+            y = int4_linear(x2, fmt)
+        elif isinstance(fmt, Fp8Weight):
+            y = fp8_linear(x2, fmt)
+        else:
+            y = torch.nn.functional.linear(x2.to(fmt.dtype), fmt)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def _fallback(self) -> str:
+        rank = TIER_RANK[self.selector.active]
+        return min((t for t in self.formats if TIER_RANK[t] > rank), key=TIER_RANK.get)
+
+    def format_nbytes(self) -> dict[str, int]:
+        """Bytes each tier's weight copy holds (a copy shared with the original counts as the original)."""
+        out = {}
+        for tier, fmt in self.formats.items():
+            out[tier] = fmt.nbytes() if hasattr(fmt, "nbytes") and not isinstance(fmt, torch.Tensor) \
+                else fmt.numel() * fmt.element_size()
+        return out
+
+
+@dataclass
+class PrecisionTiers:
+    """Handle returned by ``prepare_tiers``: the tier ladder of one model and its switch."""
+
+    model: nn.Module
+    ladder: tuple[str, ...]  # cheapest first; ladder[-1] is the top (reference) tier
+    selector: TierSelector
+    modules: list[TieredLinear] = field(default_factory=list)
+    unsupported: dict[str, int] = field(default_factory=dict)  # tier -> linears that fall back
+
+    @property
+    def top(self) -> str:
+        return self.ladder[-1]
+
+    @property
+    def fast(self) -> str:
+        return self.ladder[0]
+
+    @property
+    def active(self) -> str:
+        return self.selector.active
+
+    def set(self, tier: str) -> None:
+        """Make ``tier`` the format of the next forward (a Python assignment; no device work)."""
+        if tier not in self.ladder:
+            raise ValueError(f"PrecisionTiers.set: tier must be one of {self.ladder}, got {tier!r}; "
+                             "prepare it with prepare_tiers(model, tiers=(...)) first")
+        self.selector.active = tier
+
+    @contextmanager
+    def use(self, tier: str) -> Iterator[None]:
+        """Run a block under ``tier`` and restore the previous one."""
+        previous = self.selector.active
+        self.set(tier)
+        try:
+            yield
+        finally:
+            self.selector.active = previous
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Weight bytes each tier holds across all tiered linears."""
+        total: dict[str, int] = {t: 0 for t in self.ladder}
+        for m in self.modules:
+            for tier, n in m.format_nbytes().items():
+                total[tier] += n
+        return total
+
+
+def _decoder_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) for every nn.Linear under a ModuleList named ``layers``."""
+    found = []
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "layers" and isinstance(module, nn.ModuleList):
+            for parent in module.modules():
+                for attr, child in parent.named_children():
+                    if isinstance(child, nn.Linear):
+                        found.append((parent, attr, child))
+            break
+    return found
+
+
+def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
+                  group_size: int = 128) -> PrecisionTiers:
+    """Prepare the requested weight formats once and return the switch handle.
+
+    Args:
+        model: a causal LM whose decoder blocks live in a ``layers`` ModuleList (Llama, Qwen2, Gemma3...).
+        tiers: names from ``TIER_RANK``; at least one. The highest-ranked one is the reference tier.
+        group_size: preferred int4 group size; smaller supported sizes are used where K needs it
+            (SmolLM2's hidden 576 gets 64).
+    Returns:
+        ``PrecisionTiers`` with ``set(tier)``; the top tier is active.
+    """
+    bad = [t for t in tiers if t not in TIER_RANK]
+    if not tiers or bad:
+        raise ValueError(f"prepare_tiers: tiers must be a non-empty subset of {tuple(TIER_RANK)}, got "
+                         f"{tiers!r}; e.g. tiers=('int4', 'native')")
+    ladder = tuple(sorted(set(tiers), key=TIER_RANK.get))
+    targets = _decoder_linears(model)
+    if not targets:
+        raise ValueError("prepare_tiers: found no nn.Linear under a `layers` ModuleList in model; "
+                         "is it already prepared, or not a decoder-only transformers model?")
+    selector = TierSelector(active=ladder[-1])
+    handle = PrecisionTiers(model, ladder, selector)
+    with torch.no_grad():
+        for parent, attr, linear in targets:
+            tiered = TieredLinear(linear, selector)
+            for tier in ladder:
+                if not tiered.add_format(tier, group_size):
+                    handle.unsupported[tier] = handle.unsupported.get(tier, 0) + 1
+            setattr(parent, attr, tiered)
+            handle.modules.append(tiered)
+    if handle.unsupported:
+        logger.warning("prepare_tiers: linears that fall back to a slower tier (shape not supported): %s",
+                       handle.unsupported)
+    return handle

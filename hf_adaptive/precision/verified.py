@@ -1,0 +1,104 @@
+"""Verified (lossless) mode: the fast tier drafts, the top tier verifies, output = top-tier greedy.
+
+Contract: ``generate_verified(engine, input_ids, VerifiedOptions(...))`` returns (1, max_new_tokens)
+tokens identical to greedy decoding in the top tier (up to the floating-point difference between a
+multi-token and a one-token forward, as in every speculative decoder). Each round:
+
+1. ``k = draft_length(score)`` from the top tier's confidence in the last token (policy band: full
+   ``max_draft`` when confident, half in the mid band, 0 below ``low``: then the top tier decodes alone);
+2. the fast tier drafts ``k`` tokens greedily, one graph replay each, writing its KV at p..p+k-1;
+3. the top tier runs [last, d_0..d_{k-1}] (padded to ``max_draft + 1``: one captured graph) at p..,
+   overwriting that KV with top-tier KV; the longest prefix where d_i equals the top tier's argmax is
+   accepted, plus the top tier's own next token. Positions after the accepted ones hold stale KV that
+   the mask hides and the next round overwrites, so "cropping" the static cache is a position reset.
+
+One host read per round (accepted count, confidences). Batch size 1 only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig, draft_length
+from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
+from hf_adaptive.precision.graph_decode import GraphDecodeEngine
+from hf_adaptive.precision.telemetry import PrecisionTelemetry
+
+
+@dataclass
+class VerifiedOptions:
+    """Draft / verify settings; ``engine`` must be built with ``verify_len = max_draft + 1``."""
+
+    max_new_tokens: int = 32
+    max_draft: int = 4
+    policy: PrecisionPolicyConfig = field(default_factory=PrecisionPolicyConfig)
+    weights: ConfidenceWeights = field(default_factory=ConfidenceWeights)
+    telemetry: PrecisionTelemetry = field(default_factory=PrecisionTelemetry)
+    draft_tier: str | None = None  # None: the engine's cheapest tier
+
+
+def _check(engine: GraphDecodeEngine, input_ids: torch.Tensor, opts: VerifiedOptions) -> None:
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"generate_verified: batch size must be 1, got {input_ids.shape[0]}; "
+                         "use decode() with a PrecisionController for batches")
+    if engine.config.verify_len != opts.max_draft + 1:
+        raise ValueError(f"generate_verified: engine verify_len={engine.config.verify_len} must be "
+                         f"max_draft + 1 = {opts.max_draft + 1}; build GraphDecodeConfig(verify_len=...)")
+
+
+def _draft(engine: GraphDecodeEngine, tier: str, last: torch.Tensor, k: int) -> tuple[list, list]:
+    """k greedy fast-tier tokens after ``last`` (1,), all on device; returns (tokens, their logits)."""
+    tokens, logits = [], []
+    tok = last
+    for _ in range(k):
+        step_logits = engine.forward(tier, tok[:, None])[:, -1]  # (1, V)
+        tok = step_logits.argmax(-1)
+        tokens.append(tok)
+        logits.append(step_logits.clone())  # graph-owned output: keep a copy for the confidence
+    return tokens, logits
+
+
+def _verify_round(engine: GraphDecodeEngine, last: torch.Tensor, k: int, opts: VerifiedOptions):
+    """One draft + verify round; returns (emitted tokens (n,), new last (1,), next score)."""
+    start = engine.position
+    drafts, draft_logits = _draft(engine, opts.draft_tier or engine.tiers.fast, last, k)
+    width = opts.max_draft + 1
+    seq = torch.cat([last] + drafts + [last] * (width - 1 - k))[None]  # (1, width), padded
+    top_logits = engine.forward(engine.tiers.top, seq, start)[0]      # (width, V)
+    greedy = top_logits.argmax(-1)                                     # (width,)
+    if k:
+        d = torch.cat(drafts)
+        accepted = (d == greedy[:k]).int().cumprod(0).sum()
+        draft_scores = confidence_score(torch.cat(draft_logits), opts.weights)
+    else:
+        accepted = torch.zeros((), dtype=torch.long, device=greedy.device)
+        draft_scores = torch.zeros(0, device=greedy.device)
+    next_score = confidence_score(top_logits, opts.weights)[accepted]
+    # the one host read of the round
+    host = torch.cat([accepted.float()[None], next_score[None], draft_scores]).tolist()
+    n_acc = int(host[0])
+    for i, s in enumerate(host[2:2 + min(n_acc + 1, k)]):
+        opts.telemetry.record_agreement(s, i < n_acc)
+    emitted = torch.cat([d[:n_acc], greedy[n_acc:n_acc + 1]]) if k else greedy[:1]
+    engine.position = start + n_acc + 1
+    return emitted, greedy[n_acc:n_acc + 1], host[1]
+
+
+@torch.no_grad()
+def generate_verified(engine: GraphDecodeEngine, input_ids: torch.Tensor, opts: VerifiedOptions) -> torch.Tensor:
+    """Lossless draft-and-verify decode; returns (1, max_new_tokens) token ids."""
+    _check(engine, input_ids, opts)
+    logits = engine.prefill(input_ids)  # (1, V) top tier
+    last = logits.argmax(-1)            # (1,)
+    out, n_out = [last], 1
+    score = confidence_score(logits, opts.weights).item()  # once per generation
+    while n_out < opts.max_new_tokens:
+        k = min(draft_length(score, opts.max_draft, opts.policy), opts.max_new_tokens - n_out - 1)
+        k = max(k, 0)
+        emitted, last, score = _verify_round(engine, last, k, opts)
+        opts.telemetry.record_step(engine.tiers.fast if k else engine.tiers.top, [score])
+        out.append(emitted)
+        n_out += emitted.shape[0]
+    return torch.cat(out)[None, :opts.max_new_tokens]

@@ -1,0 +1,67 @@
+"""Generate the parallelism scenario traces under eval/traces/ (deterministic, seeded).
+
+    .venv/bin/python scripts/make_parallel_traces.py --out eval/traces
+
+- chat_bursts: bursts of 48 short chats (prompt 30-200 tokens, 32-64 new) every 8 s;
+- long_documents: one 1500-3500-token document every 1.5 s (128 new);
+- offline_batch: 256 short prompts (50-200 tokens, 32 new) all at t=0;
+- mixed: the phases one after another (chat, long documents, batch, chat), so the best plan changes;
+- mixed_small: a shorter mixed trace for the real multi-GPU engine benchmark.
+Prompts are sized with ``prompt_tokens`` (synthetic ids), so traces need no text and fit any tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+from hf_adaptive.parallel.requests import Request, write_trace
+
+
+def chat_bursts(rng: random.Random, start_s: float, bursts: int, prefix: str) -> list[Request]:
+    out = []
+    for b in range(bursts):
+        t0 = start_s + 8.0 * b
+        for i in range(48):
+            out.append(Request(f"{prefix}{b}-{i}", t0 + rng.uniform(0, 0.5), rng.randint(32, 64),
+                               prompt_tokens=rng.randint(30, 200)))
+    return out
+
+
+def long_documents(rng: random.Random, start_s: float, count: int, prefix: str) -> list[Request]:
+    return [Request(f"{prefix}{i}", start_s + 1.5 * i, 128, prompt_tokens=rng.randint(1500, 3500))
+            for i in range(count)]
+
+
+def offline_batch(rng: random.Random, start_s: float, count: int, prefix: str) -> list[Request]:
+    return [Request(f"{prefix}{i}", start_s, 32, prompt_tokens=rng.randint(50, 200)) for i in range(count)]
+
+
+def build_all(seed: int = 0) -> dict[str, list[Request]]:
+    rng = random.Random(seed)
+    mixed = (chat_bursts(rng, 0.0, 3, "m-chat-a") + long_documents(rng, 25.0, 16, "m-doc")
+             + offline_batch(rng, 50.0, 192, "m-batch") + chat_bursts(rng, 75.0, 2, "m-chat-b"))
+    return {"chat_bursts": chat_bursts(rng, 0.0, 5, "chat"),
+            "long_documents": long_documents(rng, 0.0, 24, "doc"),
+            "offline_batch": offline_batch(rng, 0.0, 256, "batch"),
+            "mixed": mixed,
+            # small enough for every plan of the real engine to replay within minutes (eval/parallel_serve_bench.py)
+            "mixed_small": (chat_bursts(rng, 0.0, 1, "s-chat-a") + long_documents(rng, 6.0, 6, "s-doc")
+                            + offline_batch(rng, 16.0, 96, "s-batch") + chat_bursts(rng, 24.0, 1, "s-chat-b"))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="eval/traces")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, requests in build_all(args.seed).items():
+        write_trace(out / f"{name}.jsonl", sorted(requests, key=lambda r: r.arrival_s))
+        print(f"{name}: {len(requests)} requests")
+
+
+if __name__ == "__main__":
+    main()

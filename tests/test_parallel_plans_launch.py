@@ -1,0 +1,126 @@
+"""Plans for N devices, their validation against model shapes, and the launcher's pure (cmd, env) builder."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_adaptive.parallel.launch import LaunchConfig, build_launch
+from hf_adaptive.parallel.plans import (
+    ModelDims,
+    ParallelPlan,
+    all_plans,
+    factorizations,
+    fitting_tp_sizes,
+    plan_for_strategy,
+    validate_plan,
+)
+
+SMOLLM2 = ModelDims(num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536)
+QWEN_1_5B = ModelDims(num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960)
+TINY = ModelDims(num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+
+
+def test_plan_layout_roundtrip():
+    """Guards the rank layout the engine and groups rely on: coords and rank_of must be inverses."""
+    plan = ParallelPlan(tp=2, pp=2, dp=2)
+    assert plan.world_size == 8 and plan.name == "tp2xpp2xdp2"
+    assert [plan.coords(r) for r in (0, 1, 2, 5, 7)] == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 1), (1, 1, 1)]
+    assert all(plan.rank_of(*plan.coords(r)) == r for r in range(8))
+    for name in ("tp4", "pp2", "dp2", "tp2xpp2", "single"):
+        assert ParallelPlan.parse(name).name == name
+    with pytest.raises(ValueError, match="plan must look like"):
+        ParallelPlan.parse("zp3")
+
+
+@pytest.mark.parametrize("strategy, n, dims, expected", [
+    ("tp", 2, SMOLLM2, "tp2"),          # 3 KV heads split 2+1 (uneven, by whole KV heads)
+    ("tp", 4, SMOLLM2, "tp2xpp2"),      # TP4 impossible with 3 KV heads: falls back to the hybrid
+    ("hybrid", 4, SMOLLM2, "tp2xpp2"),
+    ("hybrid", 2, SMOLLM2, "pp2"),      # no TPxPP factorization of 2: pipeline
+    ("hybrid", 8, QWEN_1_5B, "tp2xpp4"),  # largest TP that fits 2 KV heads
+    ("pp", 4, SMOLLM2, "pp4"),
+    ("dp", 4, SMOLLM2, "dp4"),
+    ("tp", 1, SMOLLM2, "single"),
+])
+def test_plan_for_strategy(strategy, n, dims, expected):
+    """Guards the strategy -> plan mapping, including fallbacks when the model cannot take the split."""
+    assert plan_for_strategy(strategy, n, dims).name == expected
+
+
+def test_validation_errors_say_what_fits():
+    """Guards error quality: an invalid plan names the constraint and the sizes that would fit."""
+    with pytest.raises(ValueError, match=r"tp=4 exceeds num_key_value_heads=3.*fit this model: \[1, 2, 3\]"):
+        validate_plan(ParallelPlan(tp=4), SMOLLM2, 4)
+    with pytest.raises(ValueError, match=r"num_attention_heads=9 is not divisible by tp=2.*\[1, 3\]"):
+        validate_plan(ParallelPlan(tp=2), SMOLLM2, 2, even_tp=True)
+    with pytest.raises(ValueError, match="pp=4 stages but the model has only num_hidden_layers=2"):
+        validate_plan(ParallelPlan(pp=4), TINY, 4)
+    with pytest.raises(ValueError, match="product is 4"):
+        validate_plan(ParallelPlan(tp=2), TINY, 4)
+    assert fitting_tp_sizes(QWEN_1_5B, even_tp=True) == [1, 2]
+    assert factorizations(8) == [(2, 4), (4, 2)] and factorizations(7) == []
+    assert [p.name for p in all_plans(4, SMOLLM2)] == ["pp4", "dp4", "tp2xpp2"]
+
+
+def test_dims_from_hf_config():
+    """Guards reading shapes from a real transformers config (GQA: KV heads differ from heads)."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, intermediate_size=64,
+                      hidden_size=32)
+    assert ModelDims.from_config(cfg) == ModelDims(3, 8, 2, 64)
+
+
+def test_build_launch_single_node_gpu():
+    """Guards the launch contract: accelerate's torchrun path, the worker module, and the NCCL safety env."""
+    cmd, env = build_launch(LaunchConfig(model="/m", gpus=4, plan="auto", worker_args=("--trace", "t.jsonl"),
+                                         python="py"), {"PATH": "/bin", "NCCL_NVLS_ENABLE": "1"})
+    assert cmd[:4] == ["py", "-m", "accelerate.commands.launch", "--multi_gpu"]
+    assert cmd[cmd.index("--num_processes") + 1] == "4" and "--machine_rank" not in cmd
+    assert cmd[cmd.index("-m", 3) + 1] == "hf_adaptive.parallel.worker"
+    assert cmd[-6:] == ["--model", "/m", "--plan", "auto", "--trace", "t.jsonl"]
+    assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
+    assert env["HF_ADAPTIVE_BACKEND"] == "nccl" and env["PATH"] == "/bin"
+
+
+def test_build_launch_multi_node_and_cpu():
+    """Guards multi-node rendezvous flags (total processes = gpus x machines) and the CPU/gloo switch."""
+    base = {"HOME": "/h"}
+    cmd, env = build_launch(LaunchConfig(model="m", gpus=8, num_machines=2, machine_rank=1,
+                                         main_process_ip="10.0.0.1", main_process_port=1234, plan="tp2xpp4",
+                                         python="py"), base)
+    assert cmd[cmd.index("--num_processes") + 1] == "16" and cmd[cmd.index("--num_machines") + 1] == "2"
+    assert cmd[cmd.index("--machine_rank") + 1] == "1" and cmd[cmd.index("--main_process_ip") + 1] == "10.0.0.1"
+    assert cmd[cmd.index("--main_process_port") + 1] == "1234"
+    assert base == {"HOME": "/h"}  # pure: the caller's mapping is not modified
+    cmd, env = build_launch(LaunchConfig(model="m", gpus=2, cpu=True, python="py"), base)
+    assert env["HF_ADAPTIVE_BACKEND"] == "gloo" and env["CUDA_VISIBLE_DEVICES"] == "" and "--multi_gpu" in cmd
+    cmd, _ = build_launch(LaunchConfig(model="m", gpus=1, python="py"), base)
+    assert "--multi_gpu" not in cmd
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"gpus": 0}, "gpus must be >= 1"),
+    ({"gpus": 2, "plan": "fsdp"}, "plan must be one of"),
+    ({"gpus": 2, "num_machines": 2}, "main_process_ip is required"),
+    ({"gpus": 2, "num_machines": 2, "machine_rank": 2, "main_process_ip": "x"}, "machine_rank must be in"),
+])
+def test_launch_config_errors(kwargs, match):
+    """Guards launch errors that name the parameter and its allowed values instead of failing in torchrun."""
+    with pytest.raises(ValueError, match=match):
+        LaunchConfig(model="m", **kwargs)
+
+
+def test_launch_command_dry_run(capsys):
+    """Guards the CLI wiring: `hf-adaptive launch --dry-run` prints the built command and runs nothing."""
+    import argparse
+
+    from hf_adaptive.commands.launch import launch_command_parser
+
+    parser = argparse.ArgumentParser()
+    launch_command_parser(parser.add_subparsers())
+    args = parser.parse_args(["launch", "--model", "m", "--gpus", "2", "--cpu", "--trace", "t.jsonl",
+                              "--dry-run", "--", "--cooldown-s", "1"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "HF_ADAPTIVE_BACKEND=gloo" in out and "--trace t.jsonl" in out and out.rstrip().endswith("--cooldown-s 1")

@@ -1,0 +1,106 @@
+"""The trace simulator: same policy as the live engine, a calibrated cost model, static vs adaptive."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hf_adaptive.parallel.cost_model import Calibration, PlanCost
+from hf_adaptive.parallel.plans import ModelDims, ParallelPlan, plan_for_strategy
+from hf_adaptive.parallel.requests import Request, load_trace, route
+from hf_adaptive.parallel.sim_report import compare_plans
+from hf_adaptive.parallel.simulator import SimConfig, simulate
+from hf_adaptive.policy.parallel_policy import ParallelPolicy, ParallelPolicyConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DIMS = ModelDims(num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536)
+GB = 2**30
+
+
+def _cost(prefill_tok, step, per_seq, weights_gb, kv_kb):
+    return PlanCost(prefill_ms_base=1.0, prefill_ms_per_token=prefill_tok, decode_ms_base=step,
+                    decode_ms_per_seq=per_seq, decode_ms_per_ctx_token=1e-5,
+                    weights_bytes_per_device=weights_gb * GB, kv_bytes_per_token_per_device=kv_kb * 1024)
+
+
+def _calibration(memory_gb=80.0) -> Calibration:
+    # Shaped like the issue's premise: TP lowest latency, DP highest batch throughput, PP splits memory.
+    plans = {"tp2": _cost(0.01, 5.0, 0.3, 0.6, 300), "pp2": _cost(0.02, 9.0, 0.3, 0.6, 300),
+             "dp2": _cost(0.02, 8.0, 0.3, 1.2, 600)}
+    return Calibration(world_size=2, device_memory_bytes=memory_gb * GB, switch_cost_ms=50.0, plans=plans,
+                       meta={"dims": DIMS.__dict__, "measured_on": "test"})
+
+
+def _plan_for(strategy):
+    return plan_for_strategy(strategy, 2, DIMS)
+
+
+def test_cost_model_arithmetic():
+    """Guards the cost formula the calibration is fitted to (prefill + G steps over a growing context)."""
+    c = PlanCost(2.0, 0.5, 3.0, 1.0, 0.1, 100.0, 10.0)
+    assert c.batch_ms(2, 10, 4) == pytest.approx(2 + 0.5 * 20 + 4 * (3 + 2 + 0.1 * 2 * 12))
+    assert c.batch_ms(0, 10, 4) == 0.0 and c.memory_bytes(2, 50) == 100 + 10 * 100
+
+
+def test_router_balances_tokens():
+    """Guards DP routing: replicas get a balanced token load and no request is dropped or duplicated."""
+    reqs = [Request(str(i), 0.0, 10, prompt_ids=[0] * n) for i, n in enumerate([100, 10, 10, 80, 20])]
+    parts = route(reqs, 2)
+    assert sorted(r.id for p in parts for r in p) == sorted(r.id for r in reqs)
+    loads = [sum(r.total_tokens for r in p) for p in parts]
+    assert max(loads) - min(loads) <= 40
+
+
+def test_adaptive_follows_the_mixed_trace_phases():
+    """Guards the simulator wiring of the policy: on the committed mixed trace the adaptive run must use DP
+    for the offline batch and PP (hybrid on 2 GPUs) for long documents, serve every request, and stay
+    deterministic."""
+    requests = load_trace(REPO / "eval/traces/mixed.jsonl")
+    calib = _calibration()
+    cfg = ParallelPolicyConfig()
+    a = simulate(requests, calib, _plan_for, policy=ParallelPolicy(cfg))
+    b = simulate(requests, calib, _plan_for, policy=ParallelPolicy(cfg))
+    assert a.summary(2) == b.summary(2)
+    assert len(a.latencies_s) == len(requests) and a.rejected == 0
+    targets = [to for _, _, to, _ in a.switches]
+    assert "dp2" in targets and "pp2" in targets
+    assert 2 <= len(a.switches) <= 12  # adapts, but no thrashing over ~90 s of trace
+    static = simulate(requests, calib, _plan_for, static_plan=ParallelPlan(tp=2))
+    assert static.switches == [] and len(static.latencies_s) == len(requests)
+
+
+def test_memory_limit_rejects_or_splits():
+    """Guards the memory model: a request whose KV cache cannot fit is rejected, not silently served,
+    and a batch that does not fit as a whole is split rather than dropped."""
+    calib = _calibration(memory_gb=1.5)  # dp2 holds 1.2 GB of weights: ~0.3 GB left for KV
+    docs = [Request(f"d{i}", 0.0, 128, prompt_tokens=3000) for i in range(4)]
+    tp = simulate(docs, calib, _plan_for, static_plan=ParallelPlan(tp=2))
+    dp = simulate(docs, calib, _plan_for, static_plan=ParallelPlan(dp=2))
+    assert tp.rejected == 0 and len(tp.latencies_s) == 4
+    assert len(tp.timeline) > 1  # 4 x 3128 tokens x 300 KB > 0.9 GB free: split into several batches
+    assert dp.rejected == 4
+
+
+def test_compare_plans_and_cli_report(tmp_path):
+    """Guards the simulate command end to end with the shipped CPU calibration: every calibrated static
+    plan plus the adaptive run, written as JSON, Markdown and PNG."""
+    import argparse
+
+    from hf_adaptive.commands.simulate import simulate_command_parser
+
+    calib_path = REPO / "eval/calibration/parallel_cpu_gloo_2proc.json"
+    calib = Calibration.load(calib_path)
+    results = compare_plans(load_trace(REPO / "eval/traces/chat_bursts.jsonl"), calib, DIMS,
+                            ParallelPolicyConfig(), SimConfig())
+    assert [r.name for r in results] == sorted(calib.plans) + ["adaptive"]
+    parser = argparse.ArgumentParser()
+    simulate_command_parser(parser.add_subparsers())
+    args = parser.parse_args(["simulate", "--trace", str(REPO / "eval/traces/long_documents.jsonl"),
+                              "--calibration", str(calib_path), "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    payload = json.loads((tmp_path / "long_documents.json").read_text())
+    assert [r["name"] for r in payload["results"]][-1] == "adaptive"
+    assert "NOT a GPU" in payload["calibration_meta"]["measured_on"]
+    assert (tmp_path / "long_documents.png").stat().st_size > 0 and (tmp_path / "long_documents.md").exists()
