@@ -22,6 +22,16 @@ _EXPORTS: dict[str, str] = {
     "resolve_model_dir": "hf_adaptive.models",
     "AdaptiveKVCache": "hf_adaptive.kv.cache",
     "PrecisionController": "hf_adaptive.precision.controller",
+    "prepare_tiers": "hf_adaptive.precision.tiers",
+    "register_attention": "hf_adaptive.attention.interface",
+    "triton_decode_attention": "hf_adaptive.attention.triton_decode",
+    "reference_decode_attention": "hf_adaptive.attention.reference",
+    "ParallelPolicy": "hf_adaptive.policy.parallel_policy",
+    "ParallelPolicyConfig": "hf_adaptive.policy.parallel_policy",
+    "WorkloadSignals": "hf_adaptive.policy.parallel_policy",
+    "ParallelPlan": "hf_adaptive.parallel.plans",
+    "LaunchConfig": "hf_adaptive.parallel.launch",
+    "build_launch": "hf_adaptive.parallel.launch",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,8 +14,10 @@ import sys
 # Modules under hf_adaptive.commands, each adding one subcommand (imported only when the CLI runs).
 COMMAND_MODULES: tuple[str, ...] = (
     "generate",
+    "eval",
     "launch",
     "simulate",
+    "precision",
 )
 
 

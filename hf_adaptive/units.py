@@ -35,7 +35,7 @@ def parse_bytes(value: int | str, name: str = "memory_budget") -> int:
         unit = match.group(2).lower() if match else None
         if match is None or unit not in _UNITS:
             raise ValueError(f"{name}={value!r} is not a byte quantity; use a number followed by one of "
-                             f"B, KB, MB, GB, TB, KiB, MiB, GiB, TiB (e.g. '2GiB', '512 MB').")
+                             f"B, KB, MB, GB, TB, KiB, MiB, GiB, TiB. Fix: e.g. {name}='2GiB' or '512 MB'.")
         number_bytes = int(float(match.group(1)) * _UNITS[unit])
     if number_bytes <= 0:
         raise ValueError(f"{name}={value!r} must be a positive number of bytes; e.g. {name}='2GiB'.")

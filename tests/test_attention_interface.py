@@ -9,6 +9,8 @@ view would turn the output into NaN.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers import Cache, DynamicCache
@@ -46,7 +48,7 @@ def _packing_cache(bits=16):
     return Cache(layer_class_to_replicate=layer)
 
 
-def _generate(model, ids, mask, cache, n=12):
+def _generate(model, ids, mask, cache, n=8):
     kw = {"cache" if "cache" in _generate_params(model) else "past_key_values": cache}
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, **kw)
     return out[:, ids.shape[1]:]
@@ -68,6 +70,15 @@ def _prompt(batch=2, length=40, pad=7):
     return ids, mask
 
 
+@functools.lru_cache(maxsize=None)
+def _sdpa_tokens(arch):
+    """Greedy tokens of the tiny model with sdpa and transformers' DynamicCache: the expected output."""
+    ids, mask = _prompt()
+    ref = make_tiny_model(arch)
+    ref.set_attn_implementation("sdpa")
+    return _generate(ref, ids, mask, DynamicCache(config=ref.config))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _registered():
     register_attention()
@@ -78,9 +89,7 @@ def test_plain_cache_generation_matches_sdpa(arch):
     """Guards against the registered function or its mask registration changing results for ordinary
     (unpacked) caches, e.g. a mask of the wrong kind or a dropped sliding window: tokens must equal sdpa's."""
     ids, mask = _prompt()
-    ref = make_tiny_model(arch)
-    ref.set_attn_implementation("sdpa")
-    want = _generate(ref, ids, mask, DynamicCache(config=ref.config))
+    want = _sdpa_tokens(arch)
     model = make_tiny_model(arch)
     model.set_attn_implementation("hf_adaptive")
     got = _generate(model, ids, mask, DynamicCache(config=model.config))
@@ -93,9 +102,7 @@ def test_packed_cache_generation_matches_sdpa(arch):
     sliding window on gemma3's local layer, prefill through the gathered view): a lossless packed cache
     must generate exactly sdpa's tokens, and the NaN placeholders prove the packed view was used."""
     ids, mask = _prompt()
-    ref = make_tiny_model(arch)
-    ref.set_attn_implementation("sdpa")
-    want = _generate(ref, ids, mask, DynamicCache(config=ref.config))
+    want = _sdpa_tokens(arch)
     model = make_tiny_model(arch)
     model.set_attn_implementation("hf_adaptive")
     got = _generate(model, ids, mask, _packing_cache(16))
@@ -146,3 +153,28 @@ def test_key_mask_from_hf_rejects_wrong_length():
     assert key_mask_from_hf(mask, 2, 10).shape == (2, 10)
     with pytest.raises(ValueError, match="get_mask_sizes"):
         key_mask_from_hf(mask, 2, 12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [16, 4])
+def test_model_decode_through_triton_kernel_on_gpu(bits):
+    """Guards against the CUDA dispatch (Triton kernel inside a real model, bf16, left-padding mask turned
+    into a key mask) diverging from sdpa: decode-step logits must agree within bf16 / 4-bit error."""
+    from hf_adaptive.attention import triton_decode
+
+    assert triton_decode.HAS_TRITON, "the GPU image must have triton"
+    ids, mask = (t.cuda() for t in _prompt(length=64, pad=5))
+    models = []
+    for impl in ("sdpa", "hf_adaptive"):
+        m = make_tiny_model("llama", dtype=torch.bfloat16).cuda()
+        m.set_attn_implementation(impl)
+        models.append(m)
+    with torch.no_grad():
+        caches = (DynamicCache(config=models[0].config), _packing_cache(bits))
+        outs = [m(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True, past_key_values=c)
+                for m, c in zip(models, caches)]
+        steps = [m(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=o.past_key_values).logits.float()
+                 for m, o in zip(models, outs)]
+    err = (steps[1] - steps[0]).abs().max().item()
+    tol = (0.02 if bits == 16 else 0.05) * steps[0].abs().max().item()
+    assert torch.isfinite(steps[1]).all() and err <= tol, (err, tol)

@@ -38,11 +38,12 @@ class Case:
     window: int | None = None
     pad: tuple[int, ...] = field(default_factory=tuple)  # left padding per sequence -> key mask
     seed: int = 0
+    split_unpack: bool = False  # DecodeKernelConfig.split_unpack
 
 
 def run_case(case: Case, device: str) -> dict:
     """Kernel vs reference on one case; returns the errors and the shapes (printed on failure)."""
-    from hf_adaptive.attention.triton_decode import triton_decode_attention
+    from hf_adaptive.attention.triton_decode import DecodeKernelConfig, triton_decode_attention
 
     dtype = getattr(torch, case.dtype)
     g = torch.Generator().manual_seed(case.seed)
@@ -60,7 +61,7 @@ def run_case(case: Case, device: str) -> dict:
             key_mask[b, :p] = False
     kw = dict(scaling=case.head_dim**-0.5, softcap=case.softcap, sliding_window=case.window, key_mask=key_mask)
     out = torch.full_like(q, float("nan"))  # poison: any row the kernel fails to write stays NaN
-    got = triton_decode_attention(q, packed, out=out, **kw)
+    got = triton_decode_attention(q, packed, out=out, config=DecodeKernelConfig(split_unpack=case.split_unpack), **kw)
     want = reference_decode_attention(q, packed, **kw)
     err = (got.float() - want.float()).abs().max().item()
     scale = want.float().abs().max().item()
@@ -86,7 +87,10 @@ GPU_CASES = [
     Case(block_size=32, block_bits=(4, 8, 16, 4, 2), tail=31), Case(block_size=128, head_dim=128, tail=100),
     Case(softcap=5.0), Case(window=100, block_bits=(8, 4, 4, 16, 8), tail=9),
     Case(batch=3, pad=(0, 5, 70)), Case(value_group=64, head_dim=128), Case(value_group=16),
+    Case(value_group=64, batch=8, kv_heads=8, block_bits=(4,) * 63, tail=64),  # the benchmark shape, 4k tokens
     Case(block_bits=(4,) * 512, tail=17, batch=2),  # 32k tokens: many splits
+] + [  # the interleaving unpacker on every code width and head dim
+    Case(head_dim=d, block_bits=(2, 4, 8, 16, 4), tail=9, split_unpack=True, seed=d) for d in (64, 128, 256)
 ]
 
 
@@ -124,11 +128,13 @@ def test_kernel_is_cuda_graph_capturable():
 
 INTERPRETER_CASES = [
     Case(head_dim=16, group=4, block_size=16, block_bits=(16, 8, 4, 2, 8), tail=7, value_group=8, dtype="float32"),
-    Case(head_dim=32, group=1, batch=2, block_size=16, block_bits=(4, 4, 16), tail=0, value_group=16,
-         dtype="float16", pad=(0, 9)),
+    Case(head_dim=32, group=1, batch=2, block_size=16, block_bits=(4, 4, 16), tail=0, value_group=32,
+         dtype="float16", pad=(0, 9)),  # value_group == D: one value group per token
     Case(head_dim=64, group=8, block_size=32, block_bits=(8, 2), tail=31, dtype="bfloat16", softcap=3.0),
     Case(head_dim=16, group=2, block_size=16, block_bits=(4, 8, 8, 16, 4), tail=5, value_group=8, window=40,
          dtype="float32"),
+    Case(head_dim=32, group=4, block_size=16, block_bits=(2, 4, 16, 8), tail=3, value_group=16, dtype="float16",
+         split_unpack=True),
 ]
 
 
@@ -136,7 +142,8 @@ INTERPRETER_CASES = [
 def test_kernel_under_triton_interpreter():
     """Guards the kernel's logic (addressing, unpacking, masking, split merge) on machines without a GPU:
     the same kernel source, run by Triton's CPU interpreter, must match the reference."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -147,3 +154,65 @@ def test_kernel_under_triton_interpreter():
 
 if __name__ == "__main__":  # the interpreter run of test_kernel_under_triton_interpreter
     print(json.dumps([run_case(c, "cpu") for c in INTERPRETER_CASES]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@pytest.mark.parametrize("head_dim,split_unpack", [(128, False), (64, True)])
+def test_kernel_compiles_for_hopper(head_dim, split_unpack):
+    """Guards against compile-only failures the interpreter cannot see (branch type mismatches, constexpr
+    misuse, layout errors): the kernel with every feature on must compile to an sm_90 cubin without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hf_adaptive.attention import triton_decode
+
+    fn = triton_decode.kernels.decode_split_kernel
+    const = dict(GROUP=4, GP=16, D=head_dim, G=32, BS=64, CHUNK=64, HAS8=True, HAS4=True, HAS2=True,
+                 HAS_MASK=True, WINDOW=128, SOFTCAP=True, WHILE_LOOP=False, SPLIT_UNPACK=split_unpack)
+    sig = {name: _arg_type(name, const) for name in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 8})
+    assert "cubin" in kernel.asm and len(kernel.asm["cubin"]) > 0
+
+
+def _arg_type(name: str, const: dict) -> str:
+    """Triton signature type of a ``decode_split_kernel`` argument, from its name."""
+    if name in const:
+        return "constexpr"
+    if name in ("q_ptr", "fk_ptr", "fv_ptr", "tk_ptr", "tv_ptr"):
+        return "*bf16"
+    if name in ("bits_ptr", "slot_ptr"):
+        return "*i32"
+    if name in ("acc_ptr", "m_ptr", "l_ptr"):
+        return "*fp32"
+    if name == "mask_ptr":
+        return "*i8"
+    if len(name) == 3 and name[0] in "kv" and name[1] in "842":  # k8c, v4s, ...: codes or scale/zero
+        return "*u8" if name[2] == "c" else "*fp16"
+    return "fp32" if name in ("qk_scale", "softcap") else "i32"
+
+
+def test_kernel_input_checks_name_the_problem():
+    """Guards against the fused kernel silently reading garbage: prefill-shaped queries, unsupported head
+    dims, block sizes and dtype mismatches must be refused with the offending value in the message
+    (checked on CPU, before any launch)."""
+    from hf_adaptive.attention.triton_decode import DecodeKernelConfig, _check_inputs
+
+    k = torch.randn(1, 2, 3 * 16 + 5, 64, dtype=torch.bfloat16)
+    packed = pack_dense_kv(k, k.clone(), [8, 4, 16], block_size=16, value_group=32)
+    q = torch.randn(1, 8, 1, 64, dtype=torch.bfloat16)
+    _check_inputs(q, packed, None, None)
+    with pytest.raises(ValueError, match="q_len must be 1, got 3"):
+        _check_inputs(torch.randn(1, 8, 3, 64, dtype=torch.bfloat16), packed, None, None)
+    with pytest.raises(ValueError, match="query .* does not match"):
+        _check_inputs(torch.randn(1, 8, 1, 48, dtype=torch.bfloat16), packed, None, None)
+    with pytest.raises(ValueError, match="packed.tail_k is torch.bfloat16"):
+        _check_inputs(q.half(), packed, None, None)
+    with pytest.raises(ValueError, match="out must be"):
+        _check_inputs(q, packed, None, torch.empty(1, 8, 1, 64))
+    odd = pack_dense_kv(k, k.clone(), [8, 4], block_size=24, value_group=32)
+    with pytest.raises(ValueError, match="block_size=24"):
+        _check_inputs(q, odd, None, None)
+    with pytest.raises(ValueError, match="chunk=48"):
+        DecodeKernelConfig(chunk=48)

@@ -15,6 +15,7 @@ from hf_adaptive.policy.parallel_policy import (
     WorkloadSummary,
     default_rule,
     percentile,
+    token_weighted_percentile,
 )
 
 CFG = ParallelPolicyConfig()
@@ -23,7 +24,8 @@ CFG = ParallelPolicyConfig()
 def summary(p90=100.0, mem=0.1, conc=4, max_len=None):
     """``conc`` requests in flight: one of ``max_len`` tokens (default p90), the rest of 100 tokens."""
     lens = (int(max_len or p90),) + (100,) * (conc - 1)
-    return WorkloadSummary(seq_len_p50=p90, seq_len_p90=p90, seq_len_max=max(lens), memory_fraction_max=mem,
+    return WorkloadSummary(seq_len_p50=p90, seq_len_p90=p90, seq_len_max=max(lens), token_weighted_p50=p90,
+                           memory_fraction_max=mem,
                            concurrent_requests=conc, arrival_rate_per_s=1.0, queue_seq_lens=lens)
 
 
@@ -64,8 +66,12 @@ def test_hysteresis_bands(s, current, expected):
 
 
 def test_percentile_and_window():
-    """Guards the windowed p90 against counting expired requests (stale long docs would pin hybrid)."""
+    """Guards the window against counting expired requests (stale long docs would pin hybrid), and the
+    token weighting against a burst of short chats hiding the long documents that hold most tokens."""
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([], 90) == 0.0
+    lens = [150] * 96 + [2600] * 6  # 14400 chat tokens, 15600 document tokens
+    assert percentile(lens, 90) == 150 and token_weighted_percentile(lens, 50) == 2600
+    assert token_weighted_percentile([], 50) == 0.0
     w = SignalWindow(window_s=10)
     w.add(WorkloadSignals(now_s=0, seq_lens=(5000,)))
     w.add(WorkloadSignals(now_s=5, seq_lens=(100, 100)))
@@ -113,8 +119,8 @@ def test_sustained_change_switches_and_logs_reason():
         policy.observe(WorkloadSignals(now_s=float(t), seq_lens=(4000,) if t >= 10 else (50,)))
     assert [(e.from_strategy, e.to_strategy) for e in policy.history] == [("tp", "hybrid")]
     event = policy.history[0]
-    assert 11 <= event.time_s <= 13 and "seq len" in event.reason
-    assert event.summary.seq_len_p90 > 1024
+    assert 11 <= event.time_s <= 13 and "token-weighted median" in event.reason
+    assert event.summary.token_weighted_p50 > 1024
 
 
 def test_memory_pressure_bypasses_dwell_but_not_cooldown():
@@ -151,3 +157,22 @@ def test_policy_module_is_pure():
     code = "import sys, hf_adaptive.policy.parallel_policy, hf_adaptive.parallel.plans; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_cost_aware_rule():
+    """Guards the cost-aware rule: it takes the fastest predicted strategy only past its margin, leaves
+    memory pressure to the memory bands, and falls back to the default rule when nothing is predicted."""
+    from hf_adaptive.policy.parallel_policy import cost_aware_rule
+
+    costs = {"tp": 10.0, "pp": 12.0, "dp": 8.0, "hybrid": None}
+    rule = cost_aware_rule(lambda s, summ: costs[s], margin_fraction=0.15)
+    queued = summary(conc=4)
+    assert rule(queued, "tp", CFG)[0] == "dp"            # 8 < 10 * 0.85
+    costs["dp"] = 9.0
+    assert rule(queued, "tp", CFG)[0] == "tp"            # 9 is within 15% of 10: stay
+    assert rule(queued, "hybrid", CFG)[0] == "dp"        # current unpredictable: take the best
+    assert rule(summary(conc=4, mem=0.95), "tp", CFG)[0] == "pp"  # memory first
+    none = cost_aware_rule(lambda s, summ: None)
+    assert none(summary(p90=3000), "tp", CFG)[0] == "hybrid"
+    with pytest.raises(ValueError, match="margin_fraction"):
+        cost_aware_rule(lambda s, summ: 1.0, margin_fraction=1.5)

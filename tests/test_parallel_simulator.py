@@ -104,3 +104,20 @@ def test_compare_plans_and_cli_report(tmp_path):
     assert [r["name"] for r in payload["results"]][-1] == "adaptive"
     assert "NOT a GPU" in payload["calibration_meta"]["measured_on"]
     assert (tmp_path / "long_documents.png").stat().st_size > 0 and (tmp_path / "long_documents.md").exists()
+
+
+def test_cost_aware_policy_tracks_the_best_static_plan():
+    """Guards the calibration -> decision loop: with the cost-aware rule the adaptive run must not be
+    clearly slower than the best static plan on single-phase traces (the threshold rule can be)."""
+    import dataclasses
+
+    from hf_adaptive.parallel.cost_model import queue_drain_predictor
+    from hf_adaptive.policy.parallel_policy import cost_aware_rule
+
+    calib = _calibration()
+    rule = cost_aware_rule(queue_drain_predictor(calib, _plan_for, SimConfig().max_batch_per_replica))
+    cfg = dataclasses.replace(ParallelPolicyConfig(), rule=rule)
+    for trace in ("offline_batch", "long_documents", "chat_bursts"):
+        results = compare_plans(load_trace(REPO / f"eval/traces/{trace}.jsonl"), calib, DIMS, cfg)
+        best = max(r.summary(2)["throughput_tok_s"] for r in results[:-1])
+        assert results[-1].summary(2)["throughput_tok_s"] >= 0.9 * best, trace

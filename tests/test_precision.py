@@ -23,6 +23,15 @@ from hf_adaptive.precision.verified import VerifiedOptions, generate_verified
 CFG = PrecisionPolicyConfig(fast_tier="int4", mid_tier="native", top_tier="fp32")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls gain nothing from threads, and a loaded 2-core CI box makes OpenMP spin for ms each."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _confident_model(arch: str = "llama"):
     """Tiny model with a sharpened lm_head so confidences spread over all three bands."""
     model = make_tiny_model(arch)
@@ -199,15 +208,16 @@ def test_engine_lossy_controller_records_agreement():
         GraphDecodeEngine(prepare_tiers(make_tiny_model("gemma3"), ("int4", "fp32")))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_verified_mode_token_identical_tiny(arch, tmp_path):
+@pytest.mark.parametrize("arch,adaptive", [("llama", True), ("qwen2", True), ("llama", False)])
+def test_verified_mode_token_identical_tiny(arch, adaptive, tmp_path):
     """Guards against accepting a draft token the top tier would not pick, or stale KV after rejection."""
     model = _confident_model(arch)
     ids = _prompt(1, seed=3)
     ref = _greedy(model, ids, 40)
     tiers = prepare_tiers(model, ("int4", "fp32"))
     engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=1, max_len=128, verify_len=5))
-    opts = VerifiedOptions(max_new_tokens=40, max_draft=4, policy=PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32", low=0.3))
+    policy = PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32", low=0.3)
+    opts = VerifiedOptions(max_new_tokens=40, max_draft=4, policy=policy, adaptive_draft=adaptive)
     out = generate_verified(engine, ids, opts)
     assert torch.equal(out, ref)
     rep = opts.telemetry.report()
@@ -254,3 +264,17 @@ def test_telemetry_report_is_json():
     assert rep["switches"] == 2 and rep["tier_fraction"] == {"fp32": 0.5, "int4": 0.5}
     assert rep["confidence_accuracy"][9] == {"bucket": [0.9, 1.0], "checked": 2, "agree_fraction": 0.5}
     assert rep["controller_overhead_us"]["mean"] == 1.0
+
+
+def test_controller_decision_lag_applies_one_step_later():
+    """Guards against the lag-1 path deciding from the wrong step (or never switching)."""
+    model = _confident_model()
+    tiers = prepare_tiers(model, ("int4", "native", "fp32"))
+    ctl = PrecisionController(tiers)
+    engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=2, max_len=64))
+    decode(engine, _prompt(2), DecodeOptions(max_new_tokens=24, controller=ctl, decision_lag=1))
+    ran, flat = ctl.telemetry.tiers, ctl.telemetry.scores
+    per_step = [flat[i:i + 2] for i in range(0, len(flat), 2)]  # record 0 has no scores yet
+    policy = PrecisionPolicy(default_policy_config(tiers))
+    expected = ["fp32", "fp32"] + [policy.decide(s) for s in per_step[:len(ran) - 2]]
+    assert ran == expected and len(set(ran)) >= 2

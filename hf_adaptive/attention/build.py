@@ -70,14 +70,15 @@ def pack_dense_kv(
 def _pool_rows(keys, values, idx, perm, n_slots, block_size, gen):
     """(B, H, n_slots * block_size, D) pool contents: block idx[j] at slot perm[j], random spare slots."""
     B, H, _, D = keys.shape
-    noise = torch.randn(2, B, H, n_slots * block_size, D, generator=gen).to(keys.dtype).to(keys.device)
-    k_pool, v_pool = noise[0], noise[1]
-    for j, i in enumerate(idx):
-        dst = slice(int(perm[j]) * block_size, (int(perm[j]) + 1) * block_size)
-        src = slice(i * block_size, (i + 1) * block_size)
-        k_pool[:, :, dst] = keys[:, :, src]
-        v_pool[:, :, dst] = values[:, :, src]
-    return k_pool, v_pool
+    rows = torch.arange(block_size)
+    src = (torch.tensor(idx, dtype=torch.long)[:, None] * block_size + rows).flatten().to(keys.device)
+    dst = (perm.long()[:, None] * block_size + rows).flatten().to(keys.device)
+    pools = []
+    for x in (keys, values):
+        pool = torch.randn(B, H, n_slots * block_size, D, generator=gen).to(x.dtype).to(x.device) \
+            if n_slots > len(idx) else x.new_empty(B, H, n_slots * block_size, D)
+        pools.append(pool.index_copy_(2, dst, x.index_select(2, src)))
+    return pools
 
 
 def _quant_pool(k_rows, v_rows, bits, block_size, value_group) -> QuantPool:

@@ -11,17 +11,19 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from hf_adaptive.parallel.cost_model import Calibration
-from hf_adaptive.parallel.plans import ModelDims
+from hf_adaptive.parallel.cost_model import Calibration, queue_drain_predictor
+from hf_adaptive.parallel.plans import ModelDims, plan_for_strategy
 from hf_adaptive.parallel.requests import load_trace
 from hf_adaptive.parallel.sim_report import compare_plans, write_sim_report
 from hf_adaptive.parallel.simulator import SimConfig
-from hf_adaptive.policy.parallel_policy import Band, ParallelPolicyConfig
+from hf_adaptive.policy.parallel_policy import Band, ParallelPolicyConfig, cost_aware_rule
 
 DEFAULT_CALIBRATION = "eval/calibration/parallel_cpu_gloo_2proc.json"
 
@@ -34,6 +36,10 @@ def simulate_command_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/simulate")
     p.add_argument("--max-batch", type=int, default=8, help="requests per replica per batch")
     p.add_argument("--device-memory-gb", type=float, help="override the calibration's device memory")
+    p.add_argument("--arrival-scale", type=float, default=1.0,
+                   help="multiply arrival times (e.g. 100 to replay GPU-rate traces on a CPU calibration)")
+    p.add_argument("--rule", choices=["default", "cost"], default="default",
+                   help="default: the issue-5 thresholds; cost: fastest predicted plan from the calibration")
     p.add_argument("--cooldown-s", type=float, default=5.0)
     p.add_argument("--min-dwell-s", type=float, default=10.0)
     p.add_argument("--confirm-s", type=float, default=2.0)
@@ -56,10 +62,17 @@ def simulate_command(args: argparse.Namespace) -> int:
         long_context_tokens=Band(args.long_context_tokens, 0.75 * args.long_context_tokens),
         dp_concurrency=Band(args.dp_concurrency, 0.75 * args.dp_concurrency),
         cooldown_s=args.cooldown_s, min_dwell_s=args.min_dwell_s, confirm_s=args.confirm_s)
+    if args.rule == "cost":
+        plan_for = functools.partial(plan_for_strategy, n_devices=calib.world_size, dims=dims)
+        predictor = queue_drain_predictor(calib, plan_for, args.max_batch)
+        policy_config = dataclasses.replace(policy_config, rule=cost_aware_rule(predictor))
     meta = {"command": " ".join(["hf-adaptive"] + sys.argv[1:]), "calibration": args.calibration,
-            "max_batch_per_replica": args.max_batch}
+            "max_batch_per_replica": args.max_batch, "arrival_scale": args.arrival_scale, "rule": args.rule}
     for trace in tqdm(args.trace, desc="traces"):
-        results = compare_plans(load_trace(trace), calib, dims, policy_config, SimConfig(args.max_batch))
+        requests = load_trace(trace)
+        for r in requests:
+            r.arrival_s *= args.arrival_scale
+        results = compare_plans(requests, calib, dims, policy_config, SimConfig(args.max_batch))
         payload = write_sim_report(Path(trace).stem, results, calib, Path(args.out), meta)
         for row in payload["results"]:
             print(f"{Path(trace).stem:>14} {row['name']:>10}: {row['throughput_tok_s']:9.1f} tok/s  "

@@ -76,9 +76,8 @@ def clean_verse_text(raw: str) -> str:
     text = re.sub(r"<[^>]*/>", " ", text)
     text = _TAG_RE.sub("", text)
     text = _STRONGS_RE.sub("", text).replace("¶", " ")
-    text = _GLUED_PUNCT_RE.sub(r"\1 ", text)
-    text = _WS_RE.sub(" ", text).strip()
-    return _SPACE_BEFORE_PUNCT_RE.sub(r"\1", text)
+    text = _SPACE_BEFORE_PUNCT_RE.sub(r"\1", _WS_RE.sub(" ", text))
+    return _GLUED_PUNCT_RE.sub(r"\1 ", text).strip()
 
 
 def parse_diatheke(output: str) -> dict[str, str]:

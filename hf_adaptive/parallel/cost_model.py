@@ -15,9 +15,13 @@ a switch cost, the device memory and a ``meta`` block naming where it was measur
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from hf_adaptive.policy.parallel_policy import WorkloadSummary
 
 
 @dataclass(frozen=True)
@@ -74,3 +78,26 @@ class Calibration:
             raise ValueError(f"plan {plan_name!r} is not in the calibration (has {sorted(self.plans)}); "
                              f"calibrate it or pick one of those")
         return self.plans[plan_name]
+
+
+def queue_drain_predictor(calib: Calibration, plan_for: Callable[[str], Any], max_batch_per_replica: int
+                          ) -> Callable[[str, WorkloadSummary], float | None]:
+    """``predict_s(strategy, summary)`` for ``cost_aware_rule``: seconds to serve the live queue FIFO in
+    batches of ``max_batch_per_replica`` per replica, or None when a batch's KV cache cannot fit."""
+
+    def predict_s(strategy: str, summary: WorkloadSummary) -> float | None:
+        plan = plan_for(strategy)
+        if plan.name not in calib.plans:
+            return None
+        cost, lens, news = calib.plans[plan.name], summary.queue_seq_lens, summary.queue_new_tokens
+        news = news if len(news) == len(lens) else (0,) * len(lens)
+        step, total_ms = max_batch_per_replica * plan.dp, 0.0
+        for i in range(0, len(lens), step):
+            rows = math.ceil(len(lens[i:i + step]) / plan.dp)  # replicas run side by side
+            width, new = max(lens[i:i + step]), max(news[i:i + step])
+            if cost.memory_bytes(rows, width) > calib.device_memory_bytes:
+                return None
+            total_ms += cost.batch_ms(rows, width - new, new)
+        return total_ms / 1e3
+
+    return predict_s

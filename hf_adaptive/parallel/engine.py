@@ -134,22 +134,40 @@ class Engine:
                 break
         return torch.stack(out, dim=1).cpu()
 
-    def _step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+    @torch.inference_mode()
+    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """One full forward (no cache) through the pipeline: ``(B, T, V)`` logits on last-stage ranks, else None."""
+        ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        cache = DynamicCache(config=self.shard.model.config)
+        hidden = self._stage_forward(ids, mask, positions, cache)
+        return None if hidden is None else self.shard.model.lm_head(hidden)
+
+    def _stage_forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                       cache: Any) -> torch.Tensor | None:
+        """This stage's layers: ``(B, t, H)`` final hidden states on the last stage, None elsewhere."""
         shard, groups = self.shard, self.groups[self.shard.plan.name]
         model = shard.model
-        hidden_size = model.config.get_text_config().hidden_size
         if shard.is_first:
             hidden = model.model.embed_tokens(ids)  # (B, t, H)
         else:
+            hidden_size = model.config.get_text_config().hidden_size
             hidden = torch.empty(*ids.shape, hidden_size, dtype=model.dtype, device=self.device)
             dist.recv(hidden, src=groups.pipe_ranks[shard.stage - 1], group=groups.pipe)
         hidden = model.model(inputs_embeds=hidden, attention_mask=mask, position_ids=positions,
                              use_cache=True, **{self._cache_kw: cache}).last_hidden_state
-        if not shard.is_last:
-            dist.send(hidden.contiguous(), dst=groups.pipe_ranks[shard.stage + 1], group=groups.pipe)
+        if shard.is_last:
+            return hidden
+        dist.send(hidden.contiguous(), dst=groups.pipe_ranks[shard.stage + 1], group=groups.pipe)
+        return None
+
+    def _step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        hidden = self._stage_forward(ids, mask, positions, cache)
+        if hidden is None:
             token = torch.empty(ids.shape[0], dtype=torch.long, device=self.device)
         else:
-            token = model.lm_head(hidden[:, -1]).argmax(dim=-1)  # (B,)
-        if shard.plan.pp > 1:
+            token = self.shard.model.lm_head(hidden[:, -1]).argmax(dim=-1)  # (B,)
+        if self.shard.plan.pp > 1:
+            groups = self.groups[self.shard.plan.name]
             dist.broadcast(token, src=groups.pipe_ranks[-1], group=groups.pipe)
         return token

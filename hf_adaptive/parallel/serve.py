@@ -180,7 +180,8 @@ class Controller:
         return WorkloadSignals(now_s=now, seq_lens=new_lens,
                                memory_fraction=tuple(self._memory), concurrent_requests=len(self._queue),
                                arrival_rate_per_s=len(recent) / 5.0,
-                               queue_seq_lens=tuple(p.request.total_tokens for p in self._queue))
+                               queue_seq_lens=tuple(p.request.total_tokens for p in self._queue),
+                               queue_new_tokens=tuple(p.request.max_new_tokens for p in self._queue))
 
     def _maybe_switch(self) -> None:
         if self.policy is None:

@@ -100,7 +100,8 @@ def simulate(requests: Sequence[Request], calib: Calibration, plan_for: Callable
         if policy is not None:
             rate = sum(1 for t in arrivals if t >= now - 5.0) / 5.0
             signals = WorkloadSignals(now, tuple(new_lens), (memory,), len(queue), rate,
-                                      tuple(prompt_len(r) + r.max_new_tokens for r in queue))
+                                      tuple(prompt_len(r) + r.max_new_tokens for r in queue),
+                                      tuple(r.max_new_tokens for r in queue))
             new_plan = plan_for(policy.observe(signals))
             if new_plan != plan:
                 reason = policy.history[-1].reason if policy.history else ""

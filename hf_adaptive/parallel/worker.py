@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import platform
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -127,14 +128,14 @@ def serve_rank0(args, engine: Engine, control, config: ServeConfig, tokenizer, d
         tokenize_request(request, encode, vocab, args.max_prompt_tokens)
 
     stop = threading.Event()
-    feeder = None
+    feeder, server = None, None
     if args.trace:
         requests = load_trace(args.trace)
         for r in requests:
             prepare(r)
         feeder = replay_trace(controller, requests, args.time_scale)
     if args.http_port is not None:
-        from hf_adaptive.parallel.http import make_server
+        from hf_adaptive.parallel.endpoint import make_server
 
         decode = tokenizer.decode if tokenizer else (lambda ids: "")
         server = make_server(controller, prepare, decode, args.http_port, stop)
@@ -148,12 +149,21 @@ def serve_rank0(args, engine: Engine, control, config: ServeConfig, tokenizer, d
         return trace_done and (deadline_free or stop.is_set())
 
     controller.run(should_stop)
-    meta = {"mode": "adaptive" if policy else f"static {static.name}", "world_size": world,
-            "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else platform.processor() or "cpu",
+    if server is not None:
+        server.shutdown()
+    write_report(controller.telemetry, Path(args.out), run_meta(args, engine, policy, static), name=args.name)
+
+
+def run_meta(args, engine: Engine, policy: ParallelPolicy | None, static: ParallelPlan | None) -> dict:
+    """What a report needs to be reproduced: card, versions, command line, and the policy's switch log."""
+    on_gpu = engine.device.type == "cuda"
+    return {"mode": "adaptive" if policy else f"static {static.name}", "world_size": engine.world_size,
+            "device": torch.cuda.get_device_name(engine.device) if on_gpu else platform.processor() or "cpu",
             "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-            "model": args.model, "dtype": args.dtype, "trace": args.trace, "time": time.strftime("%FT%TZ", time.gmtime()),
+            "model": args.model, "dtype": args.dtype, "trace": args.trace, "time_scale": args.time_scale,
+            "command": " ".join([sys.executable, "-m", "hf_adaptive.parallel.worker"] + sys.argv[1:]),
+            "time": time.strftime("%FT%TZ", time.gmtime()),
             "policy_switches": [e.__dict__ | {"summary": e.summary.__dict__} for e in policy.history] if policy else []}
-    write_report(controller.telemetry, Path(args.out), meta, name=args.name)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Contract: pure decisions over plain numbers. Knows nothing about torch, devices 
 comes in with the signals (``now_s``), so a replayed trace and a live server make the same decisions.
 
 The default rule (thresholds in ``ParallelPolicyConfig``):
-    long context (windowed p90 sequence length > 1024 tokens) or memory > 0.8 -> hybrid TP+PP,
+    long context (over the window, half of all tokens in requests > 1024 tokens long) or memory > 0.8
+        -> hybrid TP+PP,
         and pipeline (PP) when memory > 0.9;
     > 32 concurrent (running or queued) requests shorter than 256 tokens -> data parallel (DP);
     otherwise -> tensor parallel (TP).
@@ -37,6 +38,7 @@ class WorkloadSignals:
         memory_fraction: used / total accelerator memory, one value per device, each in [0, 1].
         concurrent_requests: requests running plus queued.
         queue_seq_lens: total tokens of each request running or queued now (live, not windowed).
+        queue_new_tokens: tokens still to generate of those requests, same order (for cost-aware rules).
         arrival_rate_per_s: requests per second over the recent past.
     """
 
@@ -46,6 +48,7 @@ class WorkloadSignals:
     concurrent_requests: int = 0
     arrival_rate_per_s: float = 0.0
     queue_seq_lens: tuple[int, ...] = ()
+    queue_new_tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,29 @@ class WorkloadSummary:
     seq_len_p50: float
     seq_len_p90: float
     seq_len_max: int
+    token_weighted_p50: float  # half of all tokens sit in requests at least this long
     memory_fraction_max: float
     concurrent_requests: int
     arrival_rate_per_s: float
     queue_seq_lens: tuple[int, ...] = ()
+    queue_new_tokens: tuple[int, ...] = ()
+
+
+def token_weighted_percentile(lengths: Sequence[int], q: float) -> float:
+    """The length L such that ``q`` % of all tokens belong to requests no longer than L; 0.0 for none.
+
+    Request-weighted percentiles let a burst of short chats hide a stream of long documents that holds
+    most of the tokens (and so most of the compute and KV memory); weighting by tokens does not.
+    """
+    total = sum(lengths)
+    if total <= 0:
+        return 0.0
+    seen = 0
+    for n in sorted(lengths):
+        seen += n
+        if seen >= total * q / 100.0:
+            return float(n)
+    return float(max(lengths))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -93,10 +115,10 @@ class SignalWindow:
         # Live signals (memory, concurrency) are not windowed: memory pressure must act on the latest value.
         return WorkloadSummary(
             seq_len_p50=percentile(lens, 50), seq_len_p90=percentile(lens, 90),
-            seq_len_max=max(lens, default=0),
+            seq_len_max=max(lens, default=0), token_weighted_p50=token_weighted_percentile(lens, 50),
             memory_fraction_max=max(latest.memory_fraction, default=0.0),
             concurrent_requests=latest.concurrent_requests, arrival_rate_per_s=latest.arrival_rate_per_s,
-            queue_seq_lens=latest.queue_seq_lens,
+            queue_seq_lens=latest.queue_seq_lens, queue_new_tokens=latest.queue_new_tokens,
         )
 
 
@@ -107,13 +129,17 @@ class Band:
     enter: float
     exit: float
 
+    def limit(self, active: bool) -> float:
+        """The threshold in force: ``exit`` while the strategy is active, else ``enter``."""
+        return self.exit if active else self.enter
+
     def over(self, value: float, active: bool) -> bool:
         """Whether ``value`` is past an upper threshold (``exit`` applies while the strategy is active)."""
-        return value > (self.exit if active else self.enter)
+        return value > self.limit(active)
 
     def under(self, value: float, active: bool) -> bool:
         """Whether ``value`` is below a lower threshold (``exit`` applies while the strategy is active)."""
-        return value < (self.exit if active else self.enter)
+        return value < self.limit(active)
 
 
 Rule = Callable[[WorkloadSummary, str, "ParallelPolicyConfig"], tuple[str, str]]
@@ -123,18 +149,48 @@ def default_rule(summary: WorkloadSummary, current: str, config: ParallelPolicyC
     """The issue-5 rule with hysteresis. Returns ``(strategy, reason)``."""
     model_split = current in ("hybrid", "pp")
     if config.pipeline_memory.over(summary.memory_fraction_max, current == "pp"):
-        return "pp", f"memory {summary.memory_fraction_max:.2f} > pipeline band {config.pipeline_memory}"
-    long_ctx = config.long_context_tokens.over(summary.seq_len_p90, model_split)
+        limit = config.pipeline_memory.limit(current == "pp")
+        return "pp", f"memory {summary.memory_fraction_max:.2f} > {limit} (pipeline)"
+    long_ctx = config.long_context_tokens.over(summary.token_weighted_p50, model_split)
     high_mem = config.hybrid_memory.over(summary.memory_fraction_max, model_split)
     if long_ctx or high_mem:
-        why = (f"p90 seq len {summary.seq_len_p90:.0f} tokens" if long_ctx
-               else f"memory {summary.memory_fraction_max:.2f}")
-        return "hybrid", f"{why} past the hybrid band"
+        why = (f"token-weighted median length {summary.token_weighted_p50:.0f} > "
+               f"{config.long_context_tokens.limit(model_split):.0f} tokens"
+               if long_ctx else f"memory {summary.memory_fraction_max:.2f} > {config.hybrid_memory.limit(model_split)}")
+        return "hybrid", why
     is_dp = current == "dp"
     n_short = sum(1 for n in summary.queue_seq_lens if config.dp_short_tokens.under(n, is_dp))
     if config.dp_concurrency.over(n_short, is_dp):
-        return "dp", f"{n_short} concurrent short requests (< {config.dp_short_tokens} tokens)"
+        return "dp", f"{n_short} concurrent requests < {config.dp_short_tokens.limit(is_dp):.0f} tokens"
     return "tp", "default: moderate context and concurrency"
+
+
+def cost_aware_rule(predict_s: Callable[[str, WorkloadSummary], float | None],
+                    margin_fraction: float = 0.15) -> Rule:
+    """A rule that picks the strategy predicted to drain the live queue fastest.
+
+    ``predict_s(strategy, summary)`` returns predicted seconds (None: the strategy cannot serve it), e.g.
+    from a calibrated cost model. Memory pressure still decides first (the default rule's memory bands),
+    and a challenger must beat the current strategy by ``margin_fraction`` (hysteresis on cost).
+    """
+    if not 0 <= margin_fraction < 1:
+        raise ValueError(f"margin_fraction must be in [0, 1), got {margin_fraction!r}; e.g. 0.15")
+
+    def rule(summary: WorkloadSummary, current: str, config: ParallelPolicyConfig) -> tuple[str, str]:
+        split = current in ("hybrid", "pp")
+        if (config.pipeline_memory.over(summary.memory_fraction_max, current == "pp")
+                or config.hybrid_memory.over(summary.memory_fraction_max, split) or not summary.queue_seq_lens):
+            return default_rule(summary, current, config)
+        costs = {s: c for s in STRATEGIES if (c := predict_s(s, summary)) is not None}
+        if not costs:
+            return default_rule(summary, current, config)
+        best = min(costs, key=costs.get)
+        now = costs.get(current)
+        if now is not None and costs[best] >= now * (1 - margin_fraction):
+            return current, f"predicted {now:.2f}s on {current}; best {best} {costs[best]:.2f}s is within margin"
+        return best, f"predicted {costs[best]:.2f}s on {best} vs {now if now is None else round(now, 2)}s on {current}"
+
+    return rule
 
 
 @dataclass(frozen=True)
@@ -142,7 +198,7 @@ class ParallelPolicyConfig:
     """Thresholds and timing of the parallelism policy.
 
     Args:
-        long_context_tokens: p90 sequence length band (tokens) for hybrid TP+PP.
+        long_context_tokens: band on the token-weighted median request length (tokens) for hybrid TP+PP.
         hybrid_memory: memory fraction band for hybrid TP+PP.
         pipeline_memory: memory fraction band for pure PP (overrides dwell and confirmation).
         dp_concurrency: band on the number of concurrent short requests for DP.
@@ -162,7 +218,7 @@ class ParallelPolicyConfig:
     cooldown_s: float = 5.0
     min_dwell_s: float = 10.0
     confirm_s: float = 2.0
-    window_s: float = 30.0
+    window_s: float = 10.0
     rule: Rule = default_rule
 
     def __post_init__(self) -> None:

@@ -68,6 +68,7 @@ class PrecisionController(LogitsProcessor):
         self.weights = weights or ConfidenceWeights()
         self.telemetry = telemetry if telemetry is not None else PrecisionTelemetry()
         self._raw: torch.Tensor | None = None
+        self._pending = None  # observe_lagged: (host scores, copy-done event) of the previous step
         self._hooks = []
         self._install_hooks(read_raw_logits)
 
@@ -95,6 +96,7 @@ class PrecisionController(LogitsProcessor):
     def reset(self) -> None:
         """Start a new generation: initial tier active, telemetry kept (call ``telemetry.reset()``)."""
         self.policy.reset()
+        self._pending = None
         self.tiers.set(self.policy.current)
 
     def observe(self, logits: torch.Tensor) -> str:
@@ -107,6 +109,36 @@ class PrecisionController(LogitsProcessor):
         self.tiers.set(decision)
         self.telemetry.record_step(ran, scores, time.perf_counter_ns() - start)
         return decision
+
+    def observe_lagged(self, logits: torch.Tensor) -> str:
+        """Like ``observe``, but decides from the PREVIOUS step's scores, so the host never waits.
+
+        This step's (B,) scores are copied to pinned host memory asynchronously; the decision uses the
+        last step's copy, long finished, so the GPU keeps running ahead (the decision then applies one
+        forward later than with ``observe``). For the graph engine, where one sync per step is visible.
+        """
+        start = time.perf_counter_ns()
+        ran = self.tiers.active
+        pending, self._pending = self._pending, self._queue_scores(confidence_score(logits, self.weights))
+        scores: list[float] = []
+        if pending is not None:
+            host, event = pending
+            if event is not None:
+                event.synchronize()  # recorded a step ago: already complete, returns at once
+            scores = host.tolist()
+            self.tiers.set(self.policy.decide(scores))
+        self.telemetry.record_step(ran, scores, time.perf_counter_ns() - start)
+        return self.tiers.active
+
+    @staticmethod
+    def _queue_scores(scores: torch.Tensor):
+        if not scores.is_cuda:
+            return scores, None
+        host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
+        host.copy_(scores, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         raw, self._raw = self._raw, None

@@ -3,7 +3,8 @@
 Contract: ``decode(engine, input_ids, options)`` returns the new tokens (B, max_new_tokens). The tier of
 each step comes from, in this order: a ``PrecisionController`` (decides from the raw logits of the step
 before), a recorded ``schedule`` (tier names, replayed cyclically: for benchmarks on random weights), or
-the fixed ``tier`` (default: the top tier). It decodes exactly ``max_new_tokens`` (no EOS stop: a stop
+the fixed ``tier`` (default: the top tier). ``decision_lag=1`` lets the controller decide from the step
+before the last one, so the host never waits for the GPU (the issue's default is lag 0). It decodes exactly ``max_new_tokens`` (no EOS stop: a stop
 check would add a host sync per step). With ``agreement_every=N``, every N-th low-tier step also runs the
 top tier on the same input first and records whether both pick the same token (telemetry's confidence
 accuracy); the low tier runs second so its KV is what the lossy run keeps.
@@ -32,6 +33,7 @@ class DecodeOptions:
     temperature: float = 1.0
     generator: torch.Generator | None = None
     agreement_every: int = 0
+    decision_lag: int = 0  # 1: controller decides from the previous step (no host wait; see observe_lagged)
 
 
 def pick_tokens(logits: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
@@ -44,14 +46,17 @@ def pick_tokens(logits: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
 
 def _next_tier(engine: GraphDecodeEngine, logits: torch.Tensor, step: int, opts: DecodeOptions) -> str:
     if opts.controller is not None:
-        return opts.controller.observe(logits)
+        observe = opts.controller.observe_lagged if opts.decision_lag else opts.controller.observe
+        return observe(logits)
     if opts.schedule:
         return opts.schedule[step % len(opts.schedule)]
     return opts.tier or engine.tiers.top
 
 
-def _check_agreement(engine: GraphDecodeEngine, tier: str, tok: torch.Tensor, opts: DecodeOptions) -> None:
-    """Top tier first, then ``tier``; both at the same position; records argmax agreement (syncs)."""
+def _check_agreement(engine: GraphDecodeEngine, tier: str, tok: torch.Tensor,
+                     opts: DecodeOptions) -> torch.Tensor:
+    """Top tier first, then ``tier``, both at the same position; records argmax agreement and returns
+    the low tier's (B, V) logits. Host reads here are deliberate: only on sampled steps."""
     start = engine.position
     top = engine.forward(engine.tiers.top, tok[:, None], start)[:, -1].argmax(-1)
     low_logits = engine.forward(tier, tok[:, None], start)[:, -1]

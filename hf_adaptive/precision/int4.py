@@ -5,7 +5,8 @@ Contract: ``pack_int4(weight, group_size)`` quantizes a (N, K) weight once and r
 weight's device:
 
 - CUDA: ``aten._convert_weight_to_int4pack`` takes (N, K/2) uint8 (two nibbles per byte, the even
-  column in the high nibble) and ``aten._weight_int4pack_mm`` needs bf16 activations;
+  column in the high nibble; a one-time probe confirms the order) and ``aten._weight_int4pack_mm``
+  needs bf16 activations;
 - CPU: ``aten._convert_weight_to_int4pack_for_cpu`` takes (N, K) int32 values in [0, 15] and
   ``aten._weight_int4pack_mm_for_cpu`` accepts fp32/bf16/fp16 activations.
 
@@ -16,6 +17,7 @@ K divisible by the group size and by 16 * inner_k_tiles (inner_k_tiles in {2, 4,
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -80,17 +82,40 @@ def pack_int4(weight: torch.Tensor, group_size: int, act_dtype: torch.dtype) -> 
     codes, scale, zero = quantize_groupwise(weight, group_size)
     if weight.is_cuda:
         act_dtype = torch.bfloat16
-        nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-        packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), tiles)
+        packed = _pack_cuda(codes, tiles, _cuda_even_nibble_high(weight.device.index or 0))
     else:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), tiles)
     scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(act_dtype)
     return Int4Weight(packed, scales_zeros, n, k, group_size)
 
 
+def _pack_cuda(codes: torch.Tensor, tiles: int, even_high: bool) -> torch.Tensor:
+    even, odd = codes[:, ::2], codes[:, 1::2]
+    nibbles = (even << 4 | odd) if even_high else (odd << 4 | even)
+    return torch.ops.aten._convert_weight_to_int4pack(nibbles.to(torch.uint8).contiguous(), tiles)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_even_nibble_high(device_index: int) -> bool:
+    """Which nibble holds the even column for this torch build's CUDA packer, found once by a probe
+    against the dequantized reference (torch 2.5+ documents high; the probe guards against changes)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=gen).to(f"cuda:{device_index}")
+    x = torch.randn(4, 256, generator=gen).to(w.device, torch.bfloat16)
+    ref = x.float() @ dequantize_int4_reference(w, 128).T
+    codes, scale, zero = quantize_groupwise(w, 128)
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    for even_high in (True, False):
+        y = torch.ops.aten._weight_int4pack_mm(x, _pack_cuda(codes, 8, even_high), 128, sz).float()
+        if ((y - ref).abs().max() / ref.abs().max()).item() < 0.02:  # once per process and device
+            return even_high
+    raise RuntimeError(f"int4: neither nibble order matches the reference on torch {torch.__version__}; "
+                       "drop 'int4' from prepare_tiers(tiers=...) and report it")
+
+
 def int4_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     """(M, K) activations times the packed weight -> (M, N) in the scales' dtype."""
-    x = x.to(w.scales_zeros.dtype)
+    x = x.to(w.scales_zeros.dtype).contiguous()
     if x.is_cuda:
         return torch.ops.aten._weight_int4pack_mm(x, w.packed, w.group_size, w.scales_zeros)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, w.group_size, w.scales_zeros)

@@ -12,8 +12,11 @@ uses. Tiers, cheapest first:
 
 The selector is a plain Python attribute, read when a forward runs: eager code follows it each step,
 while a captured CUDA graph bakes the tier it was captured under (so ``graph_decode`` captures one graph
-per tier). Memory: every tier keeps its own copy, e.g. int4 + native costs ~1.28x native weight bytes
-(int4 with g=128 is ~0.28x of bf16); ``handle.memory_bytes()`` reports what each tier holds.
+per tier). Memory: every tier keeps its own copy of the decoder linears (embeddings / lm_head are not
+tiered). int4 costs 0.5 byte per weight plus a bf16 (scale, zero) pair per group: ~0.27x of bf16 at
+g=128, ~0.28x at g=64. Measured with ``handle.memory_bytes()``: SmolLM2-135M fp32, tiers int4 + fp32:
+int4 64.7 MB next to 424.7 MB fp32 (+15 %); Llama-3.2-1B shape bf16, int4 + native: ~0.52 GB next to
+1.95 GB (+27 %, reported by eval/bench_precision.py as ``tier_weight_bytes``).
 """
 
 from __future__ import annotations
@@ -158,6 +161,25 @@ def _decoder_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]
     return found
 
 
+def _self_check_int4(handle: PrecisionTiers) -> None:
+    """Compare one packed int4 layer with its dequantized reference, so a kernel layout change in a new
+    torch release fails loudly at prepare time instead of producing garbage tokens."""
+    from hf_adaptive.precision.int4 import dequantize_int4_reference
+
+    module = next((m for m in handle.modules if isinstance(m.formats.get("int4"), Int4Weight)), None)
+    if module is None:
+        return
+    fmt = module.formats["int4"]
+    gen = torch.Generator().manual_seed(0)  # leave the caller's global RNG untouched
+    x = torch.randn(4, module.in_features, generator=gen).to(module.weight.device, fmt.scales_zeros.dtype)
+    ref = x.float() @ dequantize_int4_reference(module.weight.detach(), fmt.group_size).T
+    err = (int4_linear(x, fmt).float() - ref).abs().max() / ref.abs().max().clamp(min=1e-6)
+    if err > 0.05:  # host read, once per prepare_tiers
+        raise RuntimeError(f"prepare_tiers: int4 kernel self-check failed (relative error {float(err):.3f} on "
+                           f"{module.weight.device}, torch {torch.__version__}); the int4 pack layout of this "
+                           "torch build differs: drop 'int4' from tiers= and report it")
+
+
 def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
                   group_size: int = 128) -> PrecisionTiers:
     """Prepare the requested weight formats once and return the switch handle.
@@ -169,6 +191,9 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
             (SmolLM2's hidden 576 gets 64).
     Returns:
         ``PrecisionTiers`` with ``set(tier)``; the top tier is active.
+
+    Call it after the model is on its final device: the extra formats are plain tensors that
+    ``model.to(...)`` does not move.
     """
     bad = [t for t in tiers if t not in TIER_RANK]
     if not tiers or bad:
@@ -189,6 +214,7 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
                     handle.unsupported[tier] = handle.unsupported.get(tier, 0) + 1
             setattr(parent, attr, tiered)
             handle.modules.append(tiered)
+    _self_check_int4(handle)
     if handle.unsupported:
         logger.warning("prepare_tiers: linears that fall back to a slower tier (shape not supported): %s",
                        handle.unsupported)

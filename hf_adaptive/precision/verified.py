@@ -37,6 +37,8 @@ class VerifiedOptions:
     weights: ConfidenceWeights = field(default_factory=ConfidenceWeights)
     telemetry: PrecisionTelemetry = field(default_factory=PrecisionTelemetry)
     draft_tier: str | None = None  # None: the engine's cheapest tier
+    adaptive_draft: bool = True    # False: draft max_draft every round (QSpec-style), ignoring confidence
+    history: list[tuple[int, int]] = field(default_factory=list)  # per round: (drafted k, accepted)
 
 
 def _check(engine: GraphDecodeEngine, input_ids: torch.Tensor, opts: VerifiedOptions) -> None:
@@ -65,8 +67,9 @@ def _verify_round(engine: GraphDecodeEngine, last: torch.Tensor, k: int, opts: V
     start = engine.position
     drafts, draft_logits = _draft(engine, opts.draft_tier or engine.tiers.fast, last, k)
     width = opts.max_draft + 1
-    seq = torch.cat([last] + drafts + [last] * (width - 1 - k))[None]  # (1, width), padded
-    top_logits = engine.forward(engine.tiers.top, seq, start)[0]      # (width, V)
+    # (1, width) padded to the one captured verify width; with no draft the 1-token top graph does
+    seq = torch.cat([last] + drafts + [last] * (width - 1 - k))[None] if k else last[None]
+    top_logits = engine.forward(engine.tiers.top, seq, start)[0]      # (width or 1, V)
     greedy = top_logits.argmax(-1)                                     # (width,)
     if k:
         d = torch.cat(drafts)
@@ -79,6 +82,7 @@ def _verify_round(engine: GraphDecodeEngine, last: torch.Tensor, k: int, opts: V
     # the one host read of the round
     host = torch.cat([accepted.float()[None], next_score[None], draft_scores]).tolist()
     n_acc = int(host[0])
+    opts.history.append((k, n_acc))
     for i, s in enumerate(host[2:2 + min(n_acc + 1, k)]):
         opts.telemetry.record_agreement(s, i < n_acc)
     emitted = torch.cat([d[:n_acc], greedy[n_acc:n_acc + 1]]) if k else greedy[:1]
@@ -95,7 +99,8 @@ def generate_verified(engine: GraphDecodeEngine, input_ids: torch.Tensor, opts: 
     out, n_out = [last], 1
     score = confidence_score(logits, opts.weights).item()  # once per generation
     while n_out < opts.max_new_tokens:
-        k = min(draft_length(score, opts.max_draft, opts.policy), opts.max_new_tokens - n_out - 1)
+        wanted = draft_length(score, opts.max_draft, opts.policy) if opts.adaptive_draft else opts.max_draft
+        k = min(wanted, opts.max_new_tokens - n_out - 1)
         k = max(k, 0)
         emitted, last, score = _verify_round(engine, last, k, opts)
         opts.telemetry.record_step(engine.tiers.fast if k else engine.tiers.top, [score])

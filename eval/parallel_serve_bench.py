@@ -1,0 +1,121 @@
+"""Real multi-process serving of a trace: the adaptive engine vs each static plan.
+
+    python eval/parallel_serve_bench.py --model PATH --gpus 2 --trace eval/traces/mixed_small.jsonl \
+        --out runs/serve_2gpu            # add --cpu for gloo processes on CPU
+
+Each mode is one ``hf-adaptive launch`` (accelerate launch -> ``hf_adaptive.parallel.worker``): the
+adaptive policy (live re-sharding from the host copy), then every valid static plan for ``--gpus``.
+Collects each run's ``<mode>.json`` and writes ``serve_bench.json``, ``serve_bench.md`` and
+``serve_bench.png`` (throughput, p50/p99 latency, switches, switch cost) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from hf_adaptive.parallel.launch import LaunchConfig, build_launch, run_launch
+from hf_adaptive.parallel.plans import ModelDims, all_plans
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--trace", default="eval/traces/mixed_small.jsonl")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--time-scale", type=float, default=0.5, help="compress trace arrival times")
+    p.add_argument("--modes", nargs="*", help="subset of: adaptive and plan names (default: all)")
+    p.add_argument("--port", type=int, default=29631)
+    p.add_argument("--out", required=True)
+    p.add_argument("worker_args", nargs=argparse.REMAINDER, help="-- then extra worker arguments (policy knobs)")
+    return p.parse_args()
+
+
+def modes_for(args: argparse.Namespace) -> list[str]:
+    from transformers import AutoConfig
+
+    from hf_adaptive.models import resolve_model_dir
+
+    dims = ModelDims.from_config(AutoConfig.from_pretrained(resolve_model_dir(args.model)))
+    modes = ["adaptive"] + [p.name for p in all_plans(args.gpus, dims)]
+    return [m for m in modes if not args.modes or m in args.modes]
+
+
+def run_mode(mode: str, args: argparse.Namespace, port: int) -> dict:
+    worker = ["--out", args.out, "--name", mode, "--trace", args.trace, "--dtype", args.dtype,
+              "--time-scale", str(args.time_scale)] + [a for a in args.worker_args if a != "--"]
+    config = LaunchConfig(model=args.model, gpus=args.gpus, plan="auto" if mode == "adaptive" else mode,
+                          cpu=args.cpu, main_process_port=port, worker_args=tuple(worker))
+    cmd, env = build_launch(config, os.environ)
+    start = time.perf_counter()
+    rc = run_launch(cmd, env)
+    if rc != 0:
+        raise SystemExit(f"mode {mode} failed with exit status {rc}: {' '.join(cmd)}")
+    payload = json.loads((Path(args.out) / f"{mode}.json").read_text())
+    payload["overall"]["launch_wall_s"] = time.perf_counter() - start
+    return payload
+
+
+def main() -> int:
+    args = parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for i, mode in enumerate(tqdm(modes_for(args), desc="modes")):
+        runs[mode] = run_mode(mode, args, args.port + i)
+    rows = {m: r["overall"] | {"switches_detail": r["switches"]} for m, r in runs.items()}
+    meta = next(iter(runs.values()))["meta"] | {"command": " ".join([sys.executable] + sys.argv),
+                                               "time_scale": args.time_scale}
+    meta.pop("mode", None)
+    meta.pop("policy_switches", None)
+    (out / "serve_bench.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
+    write_markdown(out / "serve_bench.md", meta, rows)
+    plot(out / "serve_bench.png", rows, meta)
+    return 0
+
+
+def write_markdown(path: Path, meta: dict, rows: dict) -> None:
+    lines = [f"# Adaptive vs static parallel plans ({meta['device']} x {meta['world_size']})", "",
+             f"torch {meta['torch']}, transformers {meta['transformers']}, model `{meta['model']}` {meta['dtype']}, "
+             f"trace `{meta['trace']}` (time scale {meta['time_scale']})", "", f"Command: `{meta['command']}`", "",
+             "| mode | requests | tok/s (busy) | tok/s (wall) | p50 s | p99 s | switches | switch cost s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mode, r in rows.items():
+        lines.append(f"| {mode} | {r['requests']} | {r['throughput_tok_s']:.1f} | {r.get('wall_throughput_tok_s', 0):.1f} | "
+                     f"{r['latency_p50_s']:.3f} | {r['latency_p99_s']:.3f} | {r['switches']} | "
+                     f"{r['switch_cost_s_total']:.3f} |")
+    for s in rows.get("adaptive", {}).get("switches_detail", []):
+        lines.append(f"- adaptive {s['time_s']:.2f}s {s['from_plan']} -> {s['to_plan']} ({s['cost_s']:.3f}s): {s['reason']}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, rows: dict, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    colors = ["tab:orange" if n == "adaptive" else "tab:blue" for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, key, label in zip(axes, ("wall_throughput_tok_s", "latency_p50_s", "latency_p99_s"),
+                              ("throughput (tok/s, wall)", "p50 latency (s)", "p99 latency (s)")):
+        ax.bar(names, [rows[n].get(key, 0.0) for n in names], color=colors)
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"{meta['device']} x {meta['world_size']}: {Path(meta['trace']).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

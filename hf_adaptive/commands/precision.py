@@ -1,0 +1,98 @@
+"""`hf-adaptive precision "prompt"`: generate with token-level precision switching and report it.
+
+``--mode lossy`` (default) runs ``model.generate`` with a ``PrecisionController`` (greedy or sampled);
+``--mode verified`` runs the lossless draft (int4) / verify (top tier) decoder on the graph engine (CUDA
+graphs on a GPU, eager on CPU). Prints the text and the telemetry (tier usage, switches, confidence
+accuracy); ``--json`` / ``--plot`` write the full report and a PNG. Works offline on the embedded model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+DEFAULT_PROMPT = "Write a haiku about autumn leaves."
+
+
+def precision_command_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("precision", help="generate with confidence-driven precision switching",
+                                   description=__doc__.splitlines()[0])
+    parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the user message")
+    parser.add_argument("--model", default=None, help="embedded model name or checkpoint dir (default SmolLM2)")
+    parser.add_argument("--mode", default="lossy", choices=("lossy", "verified"))
+    parser.add_argument("--tiers", default=None,
+                        help="comma list from int4,fp8,native,fp32 (default int4,native on CUDA, int4,fp32 on CPU)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-draft", type=int, default=4, help="verified mode: most tokens drafted per round")
+    parser.add_argument("--sample", action="store_true", help="lossy mode: sample (temperature 0.7)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--json", dest="json_path", default=None, help="write the telemetry report here")
+    parser.add_argument("--plot", default=None, help="write the telemetry PNG here")
+    parser.set_defaults(func=precision_command)
+    return parser
+
+
+def precision_command(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from hf_adaptive.models import load_model
+    from hf_adaptive.precision.tiers import prepare_tiers
+
+    if args.max_new_tokens < 1:
+        raise SystemExit(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}.")
+    model, tokenizer = load_model(args.model, device=args.device)
+    default = "int4,native" if model.device.type == "cuda" else "int4,fp32"
+    tiers = prepare_tiers(model, tiers=tuple((args.tiers or default).split(",")))
+    ids = _prompt_ids(tokenizer, args.prompt).to(model.device)
+    start = time.perf_counter()
+    tokens, telemetry = (_run_verified if args.mode == "verified" else _run_lossy)(tiers, ids, args)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    print(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    report = telemetry.report()
+    print(f"\n{len(tokens)} tokens in {seconds:.2f} s; tiers {report['tier_fraction']}, "
+          f"{report['switches']} switches, tier weight bytes {tiers.memory_bytes()}")
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.plot:
+        telemetry.plot(args.plot, title=f"precision switching ({args.mode})")
+    return 0
+
+
+def _prompt_ids(tokenizer, prompt: str):
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def _run_lossy(tiers, ids, args):
+    import torch
+
+    from hf_adaptive.precision.controller import PrecisionController
+
+    ctl = PrecisionController(tiers)
+    sampling = {"do_sample": True, "temperature": 0.7} if args.sample else {"do_sample": False}
+    with torch.inference_mode():
+        out = tiers.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                   logits_processor=[ctl], **sampling)
+    ctl.close()
+    return out[0, ids.shape[1]:], ctl.telemetry
+
+
+def _run_verified(tiers, ids, args):
+    from hf_adaptive.precision.controller import default_policy_config
+    from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
+    from hf_adaptive.precision.verified import VerifiedOptions, generate_verified
+
+    cfg = GraphDecodeConfig(max_len=ids.shape[1] + args.max_new_tokens + args.max_draft + 8,
+                            verify_len=args.max_draft + 1)
+    opts = VerifiedOptions(max_new_tokens=args.max_new_tokens, max_draft=args.max_draft,
+                           policy=default_policy_config(tiers))
+    out = generate_verified(GraphDecodeEngine(tiers, cfg), ids, opts)
+    return out[0], opts.telemetry

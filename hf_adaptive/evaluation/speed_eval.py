@@ -1,0 +1,104 @@
+"""Speed evaluation: every setting x batch size on a real-text prompt; JSON + Markdown + PNG.
+
+Contract: ``run_speed_eval(config)`` loads the model (real weights, or random weights of the same
+architecture with ``random_weights``), builds a prompt of ``prompt_tokens`` real English tokens
+(``eval/data/english_ppl.txt``), measures each setting with :func:`measure_speed` and writes
+``speed.json`` / ``speed.md`` / ``speed.png`` under ``config.out_dir``. Speedup is against the baseline
+at the same batch size, same process, same card.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hf_adaptive.evaluation.data import DEFAULT_PPL_TEXT
+from hf_adaptive.evaluation.report import environment_info, markdown_table, plot_bars, write_report
+from hf_adaptive.evaluation.settings import build_setting, order_specs
+from hf_adaptive.evaluation.speed import SpeedConfig, device_description, measure_speed, real_text_prompt
+
+logger = logging.getLogger(__name__)
+
+TABLE_COLUMNS = ("setting", "batch_size", "decode_tokens_per_s", "speedup", "ttft_ms", "p50_token_ms",
+                 "p99_token_ms", "peak_memory_bytes", "kv_bytes")
+
+
+@dataclass(frozen=True)
+class SpeedEvalConfig:
+    """Model, workload and settings of a speed run (recorded in ``speed.json``)."""
+
+    out_dir: Path
+    model: str | None = None
+    random_weights: bool = False
+    device: str | None = None
+    dtype: str = "auto"
+    settings: tuple[str, ...] = ("baseline", "kv8", "kv4")
+    batch_sizes: tuple[int, ...] = (1,)
+    prompt_tokens: int = 256
+    new_tokens: int = 128
+    warmup: int = 1
+    repeats: int = 3
+    text: Path = DEFAULT_PPL_TEXT
+
+
+def load_for_speed(config: SpeedEvalConfig) -> tuple[Any, Any]:
+    """(model, tokenizer): the real checkpoint, or its architecture with seeded random weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_adaptive.models import load_model
+
+    model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
+    if config.random_weights:
+        torch.manual_seed(0)
+        random_model = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
+        model = random_model.to(model.device).eval()
+    return model, tokenizer
+
+
+def _row(result: dict[str, Any], batch_size: int, base_tps: float) -> dict[str, Any]:
+    kv = [r["stats"].get("kv_bytes") for r in result["runs"] if "kv_bytes" in r.get("stats", {})]
+    return {"setting": result["setting"], "batch_size": batch_size,
+            **{k: result[k] for k in ("decode_tokens_per_s", "ttft_ms", "p50_token_ms", "p99_token_ms",
+                                      "peak_memory_bytes")},
+            "speedup": result["decode_tokens_per_s"] / base_tps if base_tps else 0.0,
+            "kv_bytes": kv[-1] if kv else None}
+
+
+def run_speed_eval(config: SpeedEvalConfig, progress: bool = True) -> dict[str, Any]:
+    """Measure, write the report, return ``{"rows", "paths"}``."""
+    from tqdm.auto import tqdm
+
+    model, tokenizer = load_for_speed(config)
+    text = Path(config.text).read_text(encoding="utf-8")
+    specs = order_specs(["baseline", *config.settings])
+    rows, raw = [], []
+    jobs = [(b, s) for s in specs for b in config.batch_sizes]  # settings outer: in-place ones run last
+    base_tps: dict[int, float] = {}
+    for batch_size, spec in tqdm(jobs, desc="speed", disable=not progress):
+        workload = SpeedConfig(batch_size, config.prompt_tokens, config.new_tokens, config.warmup,
+                               config.repeats)
+        ids = real_text_prompt(tokenizer, text, config.prompt_tokens, batch_size).to(model.device)
+        result = measure_speed(model, ids, build_setting(spec, model), workload)
+        base_tps.setdefault(batch_size, result["decode_tokens_per_s"])
+        rows.append(_row(result, batch_size, base_tps[batch_size]))
+        raw.append(result)
+        logger.info("%s b=%d: %.1f tok/s", spec, batch_size, result["decode_tokens_per_s"])
+    card = device_description(model.device)
+    env = {**environment_info(str(model.device), card), "model": config.model or "smollm2-135m-instruct",
+           "weights": "random" if config.random_weights else "real", "dtype": str(model.dtype)}
+    payload = {"config": {**asdict(config), "out_dir": str(config.out_dir), "text": str(config.text)},
+               "summary": rows, "results": raw}
+    notes = ("Medians over repeats after warm-up. decode tokens/s = batch x (steps-1) / decode time; "
+             "TTFT includes prefill; per-token latency from a LogitsProcessor stamping each step "
+             "(CUDA-synchronized on GPU). Peak memory: CUDA max allocated, or process peak RSS on CPU.\n")
+    paths = write_report(config.out_dir, "speed", payload, env, markdown_table(rows, TABLE_COLUMNS),
+                         f"Decode speed: {env['model']} ({env['weights']} weights) on {card}", notes)
+    paths["png"] = plot_bars(Path(config.out_dir) / "speed.png",
+                             [f"{r['setting']} b{r['batch_size']}" for r in rows],
+                             [r["decode_tokens_per_s"] for r in rows],
+                             f"{env['model']} ({env['weights']}), {card}, prompt {config.prompt_tokens}, "
+                             f"new {config.new_tokens}", "decode tokens/s")
+    return {"rows": rows, "paths": paths}

@@ -1,0 +1,83 @@
+"""Quality measurements of a KV cache against ``DynamicCache`` (used by tests and eval/kv_quality.py).
+
+Contract: pure measurement, no policy. Teacher forcing feeds a fixed token sequence through the model in
+chunks, so from the second chunk on the model reads its history back from the cache under test (quantized
+blocks included) exactly as it would during generation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from hf_adaptive.kv.cache import generate_cache_kwargs
+
+
+def forward_cache_kwargs(model, cache) -> dict:
+    """``{"cache": cache}`` when the model's forward takes ``cache`` (transformers >= 5.23), else
+    ``{"past_key_values": cache}``."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+@dataclass
+class TeacherForced:
+    """Per-token results of one teacher-forced pass over ids (1, L): predictions for positions 1..L-1."""
+
+    nll: torch.Tensor  # (L - 1,) float64 negative log-likelihood of each next token
+    top1: torch.Tensor  # (L - 1,) long argmax prediction at each position
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll.mean().item())
+
+
+@torch.no_grad()
+def teacher_forced(model, ids: torch.Tensor, cache, chunk_size: int) -> TeacherForced:
+    """Feed ``ids`` (1, L) through ``model`` in chunks of ``chunk_size`` tokens using ``cache``."""
+    logits = []
+    for start in range(0, ids.shape[1], chunk_size):
+        chunk = ids[:, start:start + chunk_size]
+        out = model(input_ids=chunk, use_cache=True, **forward_cache_kwargs(model, cache))
+        logits.append(out.logits[0].float())
+    logp = torch.cat(logits)[:-1].log_softmax(-1)
+    target = ids[0, 1:]
+    return TeacherForced(-logp.gather(-1, target[:, None])[:, 0].double(), logp.argmax(-1))
+
+
+@dataclass
+class Agreement:
+    """How a cache under test compares with DynamicCache on the same text."""
+
+    top1_agreement: float  # teacher-forced: fraction of positions with the same argmax
+    ppl_reference: float
+    ppl_test: float
+    greedy_match_prefix: int  # free-running greedy: tokens identical before the first divergence
+    greedy_tokens: int
+
+    @property
+    def ppl_delta_fraction(self) -> float:
+        return self.ppl_test / self.ppl_reference - 1.0
+
+
+@torch.no_grad()
+def compare_with_dynamic(model, ids: torch.Tensor, make_cache: Callable[[], object], chunk_size: int,
+                         prompt_tokens: int, new_tokens: int) -> Agreement:
+    """Teacher-forced agreement/perplexity on ``ids`` and free-running greedy agreement from its first
+    ``prompt_tokens`` tokens, for the cache made by ``make_cache`` vs ``DynamicCache``."""
+    ref = teacher_forced(model, ids, DynamicCache(config=model.config), chunk_size)
+    test = teacher_forced(model, ids, make_cache(), chunk_size)
+    prompt = ids[:, :prompt_tokens]
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    g_ref = model.generate(prompt, **gen, **generate_cache_kwargs(DynamicCache(config=model.config)))
+    g_test = model.generate(prompt, **gen, **generate_cache_kwargs(make_cache()))
+    a, b = g_ref[0, prompt_tokens:], g_test[0, prompt_tokens:]
+    n = min(len(a), len(b))
+    mismatch = (a[:n] != b[:n]).nonzero()
+    prefix = int(mismatch[0, 0]) if len(mismatch) else n
+    return Agreement((ref.top1 == test.top1).double().mean().item(), ref.perplexity, test.perplexity, prefix, n)

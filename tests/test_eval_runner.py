@@ -1,0 +1,79 @@
+"""Settings registry, speed measurement and the translation runner (tiny model; SmolLM2 where text is needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_adaptive.evaluation.settings import build_setting, order_specs, parse_spec
+from hf_adaptive.evaluation.speed import SpeedConfig, measure_speed, percentile, summarize_run
+from tests.conftest import make_tiny_model
+
+
+def test_parse_spec_aliases_and_params():
+    """Guards against aliases losing user parameters or params being parsed into the wrong keys."""
+    assert parse_spec("kv4") == ("kv", {"bits": "4"})
+    assert parse_spec("kv4:residual_length=16") == ("kv", {"bits": "4", "residual_length": "16"})
+    assert parse_spec("precision:high=0.8,low=0.5") == ("precision", {"high": "0.8", "low": "0.5"})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_spec("kv:bits")
+
+
+def test_order_specs_baseline_first_precision_last():
+    """Guards against an in-place precision setting running before settings that need the exact model."""
+    assert order_specs(["kv4", "precision:high=0.8", "baseline", "kv8", "kv4"]) == [
+        "baseline", "kv4", "kv8", "precision:high=0.8"]
+
+
+def test_build_setting_errors_name_the_fix():
+    """Guards against typos in --settings silently running the wrong configuration."""
+    model = make_tiny_model("llama")
+    with pytest.raises(ValueError, match="unknown setting 'kv5'.*allowed"):
+        build_setting("kv5", model)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        build_setting("kv:bits=4,bitz=2", model)
+    with pytest.raises(ValueError, match="needs bits"):
+        build_setting("kv", model)
+
+
+def test_summarize_run_and_percentile():
+    """Guards against TTFT/latency mix-ups: TTFT is start->first stamp, tokens/s counts batch x intervals."""
+    run = summarize_run(10.0, [10.5, 10.6, 10.7, 11.0], batch_size=2)
+    assert run["ttft_ms"] == pytest.approx(500.0)
+    assert run["decode_tokens_per_s"] == pytest.approx(2 * 3 / 0.5)
+    assert run["p50_token_ms"] == pytest.approx(100.0)
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.99) == pytest.approx(3.97)
+    with pytest.raises(ValueError, match="stamps"):
+        summarize_run(0.0, [1.0], 1)
+
+
+def test_measure_speed_counts_every_step_and_records_kv():
+    """Guards against timing the wrong number of steps (EOS stopping early) and losing the KV cache stats."""
+    model = make_tiny_model("llama")
+    ids = torch.randint(1, 128, (2, 24))
+    config = SpeedConfig(batch_size=2, prompt_tokens=24, new_tokens=12, warmup=1, repeats=2)
+    base = measure_speed(model, ids, build_setting("baseline", model), config)
+    kv = measure_speed(model, ids, build_setting("kv:bits=4,residual_length=8,block_size=8", model), config)
+    assert len(base["runs"]) == 2 and base["decode_tokens_per_s"] > 0
+    assert base["ttft_ms"] > 0 and base["p99_token_ms"] >= base["p50_token_ms"] > 0
+    assert kv["runs"][0]["stats"]["bits"] == 4 and kv["runs"][0]["stats"]["kv_bytes"] > 0
+    assert kv["peak_memory_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_translate_is_batch_invariant_and_kv_settings_run(smollm2):
+    """Guards against wrong padding side / pad handling: a verse must translate the same alone and batched
+    with a longer one; and the KV settings must produce output for every verse, in source order."""
+    from hf_adaptive.evaluation.translate import TranslationConfig, translate
+
+    model, tok = smollm2
+    short, long = "Jesús lloró.", "Y Judas engendró de Thamar á Phares y á Zara: y Phares engendró á Esrom:"
+    config = TranslationConfig(batch_size=2, new_tokens_factor=0.5, min_new_tokens_cap=8)
+    base = build_setting("baseline", model)
+    alone = translate(model, tok, [short], base, config, progress=False)
+    both = translate(model, tok, [long, short], base, config, progress=False)
+    assert both["tokens"][1][:6] == alone["tokens"][0][:6]
+    kv = translate(model, tok, [long, short], build_setting("kv:bits=8,residual_length=8,block_size=8", model),
+                   config, progress=False)
+    assert len(kv["hypotheses"]) == 2 and all(kv["tokens"])
+    assert kv["batches"][0]["stats"]["bits"] == 8
