@@ -176,3 +176,12 @@ def test_cost_aware_rule():
     assert none(summary(p90=3000), "tp", CFG)[0] == "hybrid"
     with pytest.raises(ValueError, match="margin_fraction"):
         cost_aware_rule(lambda s, summ: 1.0, margin_fraction=1.5)
+
+
+def test_first_observation_places_freely():
+    """Guards against a stuck start: the initial layout is not a workload decision, so the first
+    observation may switch at once (a batch that fits inside min_dwell_s would otherwise never adapt)."""
+    policy = ParallelPolicy(ParallelPolicyConfig(min_dwell_s=100, confirm_s=50, cooldown_s=50))
+    lens = (100,) * 40
+    assert policy.observe(WorkloadSignals(now_s=0.0, seq_lens=lens, queue_seq_lens=lens, concurrent_requests=40)) == "dp"
+    assert policy.observe(WorkloadSignals(now_s=1.0, seq_lens=(3000,), queue_seq_lens=(3000,))) == "dp"

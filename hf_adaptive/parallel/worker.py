@@ -9,6 +9,7 @@ fixed plan or the adaptive policy. Rank 0 writes ``serve.json/.md/.png`` under `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import platform
@@ -21,12 +22,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hf_adaptive.parallel.cost_model import Calibration, queue_drain_predictor
 from hf_adaptive.parallel.engine import Engine
 from hf_adaptive.parallel.plans import ModelDims, ParallelPlan, all_plans, plan_for_strategy, validate_plan
 from hf_adaptive.parallel.requests import load_trace, tokenize_request
 from hf_adaptive.parallel.serve import Controller, ServeConfig, follow, replay_trace
 from hf_adaptive.parallel.telemetry import write_report
-from hf_adaptive.policy.parallel_policy import STRATEGIES, Band, ParallelPolicy, ParallelPolicyConfig
+from hf_adaptive.policy.parallel_policy import (
+    STRATEGIES,
+    Band,
+    ParallelPolicy,
+    ParallelPolicyConfig,
+    cost_aware_rule,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-s", type=float, default=2.0)
     p.add_argument("--long-context-tokens", type=int, default=1024, help="hybrid enter threshold (exit = 0.75x)")
     p.add_argument("--dp-concurrency", type=int, default=32, help="DP enter threshold (exit = 0.75x)")
+    p.add_argument("--rule", choices=["default", "cost"], default="default",
+                   help="default: issue-5 thresholds; cost: fastest predicted plan (needs --calibration)")
+    p.add_argument("--calibration", help="eval/calibrate_parallel.py JSON for --rule cost (same world size)")
     p.add_argument("--device-memory-gb", type=float, default=16.0, help="CPU memory budget per rank (signal)")
     p.add_argument("--out", default="runs/serve", help="directory for serve.json/.md/.png")
     p.add_argument("--name", default="serve", help="report file stem")
@@ -79,11 +90,21 @@ def load_host_model(spec: str, dtype: str):
     return model, tokenizer
 
 
-def policy_config(args: argparse.Namespace) -> ParallelPolicyConfig:
-    return ParallelPolicyConfig(
+def policy_config(args: argparse.Namespace, world: int, dims: ModelDims) -> ParallelPolicyConfig:
+    config = ParallelPolicyConfig(
         long_context_tokens=Band(args.long_context_tokens, 0.75 * args.long_context_tokens),
         dp_concurrency=Band(args.dp_concurrency, 0.75 * args.dp_concurrency),
         cooldown_s=args.cooldown_s, min_dwell_s=args.min_dwell_s, confirm_s=args.confirm_s)
+    if args.rule == "default":
+        return config
+    if not args.calibration:
+        raise ValueError("--rule cost needs --calibration FILE (from eval/calibrate_parallel.py)")
+    calib = Calibration.load(args.calibration)
+    if calib.world_size != world:
+        raise ValueError(f"--calibration was measured on world_size={calib.world_size}, this run has {world}; "
+                         f"calibrate with --nproc_per_node {world}")
+    predictor = queue_drain_predictor(calib, lambda s: plan_for_strategy(s, world, dims), args.max_batch)
+    return dataclasses.replace(config, rule=cost_aware_rule(predictor))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 def serve_rank0(args, engine: Engine, control, config: ServeConfig, tokenizer, dims: ModelDims,
                 static: ParallelPlan | None) -> None:
     world = engine.world_size
-    policy = None if static else ParallelPolicy(policy_config(args))
+    policy = None if static else ParallelPolicy(policy_config(args, world, dims))
     controller = Controller(engine, control, config, lambda s: plan_for_strategy(s, world, dims), policy, static)
     controller.start()
     vocab = engine.host_model.config.get_text_config().vocab_size
@@ -161,6 +182,7 @@ def run_meta(args, engine: Engine, policy: ParallelPolicy | None, static: Parall
             "device": torch.cuda.get_device_name(engine.device) if on_gpu else platform.processor() or "cpu",
             "torch": torch.__version__, "transformers": __import__("transformers").__version__,
             "model": args.model, "dtype": args.dtype, "trace": args.trace, "time_scale": args.time_scale,
+            "rule": args.rule, "calibration": args.calibration,
             "command": " ".join([sys.executable, "-m", "hf_adaptive.parallel.worker"] + sys.argv[1:]),
             "time": time.strftime("%FT%TZ", time.gmtime()),
             "policy_switches": [e.__dict__ | {"summary": e.summary.__dict__} for e in policy.history] if policy else []}

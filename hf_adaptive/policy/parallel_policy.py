@@ -272,7 +272,8 @@ class ParallelPolicy:
     def observe(self, signals: WorkloadSignals) -> str:
         """Feed one observation; return the strategy to use from now on."""
         now = signals.now_s
-        if self._entered_s is None:
+        first = self._entered_s is None
+        if first:
             self._entered_s = now
         self._window.add(signals)
         summary = self._window.summary()
@@ -283,7 +284,8 @@ class ParallelPolicy:
             return self.current
         if self._candidate is None or self._candidate[0] != proposed:
             self._candidate = (proposed, now)
-        if self._may_switch(proposed, now):
+        # The first observation places the initial layout freely: it was not chosen for any workload yet.
+        if first or self._may_switch(proposed, now):
             self._switch(proposed, reason, summary, now)
         return self.current
 
