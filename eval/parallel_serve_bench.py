@@ -4,7 +4,8 @@
         --out runs/serve_2gpu            # add --cpu for gloo processes on CPU
 
 Each mode is one ``hf-adaptive launch`` (accelerate launch -> ``hf_adaptive.parallel.worker``): the
-adaptive policy (live re-sharding from the host copy), then every valid static plan for ``--gpus``.
+adaptive policy (live re-sharding from the host copy), with ``--calibration`` also the cost-aware rule
+(``adaptive_cost``), then every valid static plan for ``--gpus``.
 Collects each run's ``<mode>.json`` and writes ``serve_bench.json``, ``serve_bench.md`` and
 ``serve_bench.png`` (throughput, p50/p99 latency, switches, switch cost) under ``--out``.
 """
@@ -32,7 +33,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--trace", default="eval/traces/mixed_small.jsonl")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--time-scale", type=float, default=0.5, help="compress trace arrival times")
-    p.add_argument("--modes", nargs="*", help="subset of: adaptive and plan names (default: all)")
+    p.add_argument("--modes", nargs="*", help="subset of: adaptive, adaptive_cost and plan names (default: all)")
+    p.add_argument("--calibration", help="adds the mode adaptive_cost (cost-aware rule on this calibration)")
     p.add_argument("--port", type=int, default=29631)
     p.add_argument("--out", required=True)
     p.add_argument("worker_args", nargs=argparse.REMAINDER, help="-- then extra worker arguments (policy knobs)")
@@ -45,14 +47,16 @@ def modes_for(args: argparse.Namespace) -> list[str]:
     from hf_adaptive.models import resolve_model_dir
 
     dims = ModelDims.from_config(AutoConfig.from_pretrained(resolve_model_dir(args.model)))
-    modes = ["adaptive"] + [p.name for p in all_plans(args.gpus, dims)]
+    modes = ["adaptive"] + (["adaptive_cost"] if args.calibration else []) + [p.name for p in all_plans(args.gpus, dims)]
     return [m for m in modes if not args.modes or m in args.modes]
 
 
 def run_mode(mode: str, args: argparse.Namespace, port: int) -> dict:
     worker = ["--out", args.out, "--name", mode, "--trace", args.trace, "--dtype", args.dtype,
               "--time-scale", str(args.time_scale)] + [a for a in args.worker_args if a != "--"]
-    config = LaunchConfig(model=args.model, gpus=args.gpus, plan="auto" if mode == "adaptive" else mode,
+    if mode == "adaptive_cost":
+        worker += ["--rule", "cost", "--calibration", args.calibration]
+    config = LaunchConfig(model=args.model, gpus=args.gpus, plan="auto" if mode.startswith("adaptive") else mode,
                           cpu=args.cpu, main_process_port=port, worker_args=tuple(worker))
     cmd, env = build_launch(config, os.environ)
     start = time.perf_counter()
@@ -92,8 +96,9 @@ def write_markdown(path: Path, meta: dict, rows: dict) -> None:
         lines.append(f"| {mode} | {r['requests']} | {r['throughput_tok_s']:.1f} | {r.get('wall_throughput_tok_s', 0):.1f} | "
                      f"{r['latency_p50_s']:.3f} | {r['latency_p99_s']:.3f} | {r['switches']} | "
                      f"{r['switch_cost_s_total']:.3f} |")
-    for s in rows.get("adaptive", {}).get("switches_detail", []):
-        lines.append(f"- adaptive {s['time_s']:.2f}s {s['from_plan']} -> {s['to_plan']} ({s['cost_s']:.3f}s): {s['reason']}")
+    for mode in (m for m in rows if m.startswith("adaptive")):
+        lines += [f"- {mode} {s['time_s']:.2f}s {s['from_plan']} -> {s['to_plan']} ({s['cost_s']:.3f}s): {s['reason']}"
+                  for s in rows[mode]["switches_detail"]]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -104,7 +109,7 @@ def plot(path: Path, rows: dict, meta: dict) -> None:
     import matplotlib.pyplot as plt
 
     names = list(rows)
-    colors = ["tab:orange" if n == "adaptive" else "tab:blue" for n in names]
+    colors = ["tab:orange" if n.startswith("adaptive") else "tab:blue" for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, key, label in zip(axes, ("wall_throughput_tok_s", "latency_p50_s", "latency_p99_s"),
                               ("throughput (tok/s, wall)", "p50 latency (s)", "p99 latency (s)")):

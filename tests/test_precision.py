@@ -194,6 +194,28 @@ def test_engine_top_tier_matches_generate(arch):
     assert torch.equal(decode(engine, ids, DecodeOptions(max_new_tokens=16)), ref)  # engine reuse
 
 
+def test_engine_warm_up_leaves_prompt_kv_and_tokens_intact():
+    """Guards against the CUDA-graph warm-up (which really executes) writing dummy-token KV over the
+    prompt: it ran at position 0 and corrupted the first verify_len prompt entries (graph != eager on H100)."""
+    model = make_tiny_model("llama")
+    ids = _prompt(2)
+    engine = GraphDecodeEngine(prepare_tiers(model, ("int4", "fp32")),
+                               GraphDecodeConfig(batch_size=2, max_len=64, verify_len=5))
+    ref = decode(engine, ids, DecodeOptions(max_new_tokens=12))
+    logits = engine.prefill(ids)
+    t = ids.shape[1]
+    before = [layer.keys[:, :, :t].clone() for layer in engine.cache.layers]
+    for tier, q in engine._shapes():  # what _capture_all runs before each capture, minus the capture
+        with engine.tiers.use(tier):
+            engine._warm_up(q)
+    for layer, keys in zip(engine.cache.layers, before):
+        assert torch.equal(layer.keys[:, :, :t], keys)
+    toks = [logits.argmax(-1)]
+    for _ in range(11):  # decode after a warm-up, continuing from the warm-up's scratch slots
+        toks.append(engine.forward(engine.tiers.top, toks[-1][:, None])[:, -1].argmax(-1))
+    assert torch.equal(torch.stack(toks, 1), ref)
+
+
 def test_engine_lossy_controller_records_agreement():
     """Guards against lossy decode ignoring the controller or agreement sampling corrupting state."""
     model = _confident_model()

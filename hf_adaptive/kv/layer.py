@@ -353,6 +353,12 @@ class AdaptiveSlidingLayer(DynamicSlidingWindowLayer):
     Its memory is bounded by ``sliding_window`` tokens, so quantizing it would save little and cost accuracy.
     """
 
+    def reset(self) -> None:
+        """Drop the window (transformers 5.17 only zeroes it, so the next turn would append to stale zeros)."""
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.cumulative_length = 0
+
     def live_bytes(self) -> int:
         if not self.is_initialized:
             return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -113,22 +114,33 @@ class GraphDecodeEngine:
         return shapes
 
     def _capture_all(self) -> None:
-        saved = self.pos.clone()
         for tier, q in self._shapes():
             with self.tiers.use(tier):
                 self.graphs[(tier, q)] = self._capture(q)
-        self.pos.copy_(saved)
         logger.info("GraphDecodeEngine: captured %d graphs %s", len(self.graphs), list(self.graphs))
 
-    def _capture(self, q: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # warm up on a side stream (lazy kernels, cuBLAS workspaces) as CUDA graph capture requires;
-        # the warm-up writes KV at not-yet-valid positions, which later steps overwrite
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+    @torch.no_grad()
+    def _warm_up(self, q: int) -> None:
+        """Run ``warmup_iters`` forwards of Q=q dummy tokens at the first FREE position (``self.position``).
+
+        The warm-up really executes, so it writes KV at pos..pos+q-1: those slots must be scratch
+        (masked for every query before them, overwritten by the real step that first reads them). Warming
+        up at position 0 (issue-7 bug) overwrote the prompt's first q KV entries with token-0 KV.
+        On CUDA it runs on a side stream (lazy kernels, cuBLAS workspaces), as graph capture requires.
+        """
+        self.pos.fill_(self.position)
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream() if cuda else None
+        if cuda:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if cuda else nullcontext():
             for _ in range(self.config.warmup_iters):
                 self._forward(self.ids[:, :q])
-        torch.cuda.current_stream().wait_stream(stream)
+        if cuda:
+            torch.cuda.current_stream().wait_stream(stream)
+
+    def _capture(self, q: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self._warm_up(q)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = self._forward(self.ids[:, :q])
