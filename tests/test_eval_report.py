@@ -47,3 +47,11 @@ def test_pareto_front():
 def test_markdown_table_empty():
     """Guards against a crash when a run produced no rows."""
     assert "no rows" in markdown_table([])
+
+
+def test_short_label():
+    """Guards against long setting specs squeezing the plot area (labels must stay short)."""
+    from hf_adaptive.evaluation.report import short_label
+
+    assert short_label("kv:bits=4,residual_length=16,block_size=16") == "kv4 r16 b16"
+    assert short_label("precision:high=0.9,low=0.6") == "prec h0.9 l0.6"

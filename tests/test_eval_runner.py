@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_adaptive.evaluation.settings import build_setting, order_specs, parse_spec
-from hf_adaptive.evaluation.speed import SpeedConfig, measure_speed, percentile, summarize_run
+from hf_adaptive.evaluation.settings import build_setting, order_specs, parse_spec, spec_groups
+from hf_adaptive.evaluation.speed import SpeedConfig, measure_interleaved, measure_speed, percentile, summarize_run
 from tests.conftest import make_tiny_model
 
 
@@ -48,16 +48,26 @@ def test_summarize_run_and_percentile():
 
 
 def test_measure_speed_counts_every_step_and_records_kv():
-    """Guards against timing the wrong number of steps (EOS stopping early) and losing the KV cache stats."""
+    """Guards against timing the wrong number of steps (EOS stopping early), losing the KV cache stats, and
+    interleaved repeats being attributed to the wrong setting."""
     model = make_tiny_model("llama")
     ids = torch.randint(1, 128, (2, 24))
     config = SpeedConfig(batch_size=2, prompt_tokens=24, new_tokens=12, warmup=1, repeats=2)
-    base = measure_speed(model, ids, build_setting("baseline", model), config)
-    kv = measure_speed(model, ids, build_setting("kv:bits=4,residual_length=8,block_size=8", model), config)
-    assert len(base["runs"]) == 2 and base["decode_tokens_per_s"] > 0
+    settings = [build_setting("baseline", model), build_setting("kv:bits=4,residual_length=8,block_size=8", model)]
+    base, kv = measure_interleaved(model, ids, settings, config)
+    assert base["setting"] == "baseline" and kv["setting"].startswith("kv:bits=4")
+    assert len(base["runs"]) == 2 and base["decode_tokens_per_s"] > 0 and base["runs"][0]["stats"] == {}
     assert base["ttft_ms"] > 0 and base["p99_token_ms"] >= base["p50_token_ms"] > 0
     assert kv["runs"][0]["stats"]["bits"] == 4 and kv["runs"][0]["stats"]["kv_bytes"] > 0
     assert kv["peak_memory_bytes"] > 0
+    single = measure_speed(model, ids, settings[0], SpeedConfig(2, 24, 12, 0, 1))
+    assert len(single["runs"]) == 1
+
+
+def test_spec_groups_keep_in_place_settings_apart():
+    """Guards against building the precision setting (which swaps the model's linears) before the baseline runs."""
+    assert spec_groups(["precision", "kv4", "baseline"]) == [["baseline", "kv4"], ["precision"]]
+    assert spec_groups(["baseline"]) == [["baseline"]]
 
 
 @pytest.mark.slow
@@ -77,3 +87,18 @@ def test_translate_is_batch_invariant_and_kv_settings_run(smollm2):
                    config, progress=False)
     assert len(kv["hypotheses"]) == 2 and all(kv["tokens"])
     assert kv["batches"][0]["stats"]["bits"] == 8
+
+
+def test_precision_setting_records_telemetry_and_leaves_top_tier():
+    """Guards against the precision setting losing its controller's telemetry or leaving the model in a
+    cheap tier (and hooks installed) for whatever runs after it."""
+    model = make_tiny_model("llama")
+    ids = torch.randint(1, 128, (1, 16))
+    setting = build_setting("precision:high=0.9,low=0.6", model)
+    assert setting.in_place and setting.params["top"] == "fp32"
+    result = measure_speed(model, ids, setting, SpeedConfig(1, 16, 6, 0, 1))
+    telemetry = result["runs"][0]["stats"]["telemetry"]
+    assert telemetry["steps"] == 6 and sum(telemetry["tier_steps"].values()) == 6
+    tiers = model._hf_adaptive_eval_tiers[1]
+    assert tiers.active == tiers.top
+    assert not model.get_output_embeddings()._forward_hooks

@@ -84,16 +84,22 @@ def test_exact_tail_window_bounds():
 
 def test_packed_view_matches_update_output():
     """Guards against the kernel's view (pools + block table) disagreeing with the eager reference path."""
-    cache = AdaptiveKVCache(_config(1), residual_length=16, block_size=16,
-                            pressure=ScriptedPressure([0.0] * 4 + [0.75] * 3 + [0.9] * 3 + [0.97] * 2 + [0.0]))
-    _feed(cache, [40] + [16] * 12)
+    cache = _mixed_cache()
     layer = cache.layers[0]
-    assert {16, 8, 4} <= set(layer.block_bits) or len(set(layer.block_bits)) >= 2
+    assert {16, 8, 4} <= set(layer.block_bits) and layer.demotions["16->4"] > 0
     view = layer.packed_view()
     k_new, v_new = _kv(1, 99)
     k_out, v_out = cache.update(k_new, v_new, 0)
     k_ref, v_ref = _reconstruct(view)
     assert torch.equal(k_out[..., :-1, :], k_ref) and torch.equal(v_out[..., :-1, :], v_ref)
+
+
+def _mixed_cache() -> AdaptiveKVCache:
+    """History with 16-, 8- and 4-bit blocks, some demoted (slots out of order)."""
+    cache = AdaptiveKVCache(_config(1), residual_length=16, block_size=16, policy=KVPolicyConfig(cooldown_steps=0),
+                            pressure=ScriptedPressure([0.0] * 4 + [0.75] * 3 + [0.9] * 3 + [0.97] + [0.0]))
+    _feed(cache, [40] + [16] * 12)
+    return cache
 
 
 def _reconstruct(view: packed.PackedKV) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,3 +214,14 @@ def test_reorder_and_batch_ops_reach_quantized_pools():
     cache.batch_select_indices(torch.tensor([0]))
     cache.batch_repeat_interleave(2)
     assert torch.equal(cache.layers[0]._history()[0], k_before[[2, 2]])
+
+
+def test_packed_view_read_by_attention_reference():
+    """Guards against the cache and the kernel side (hf_adaptive.attention.reference) reading the contract
+    differently: their dense reconstruction of our packed view must equal our eager output."""
+    reference = pytest.importorskip("hf_adaptive.attention.reference")
+    cache = _mixed_cache()
+    view = cache.packed_view(0)
+    k_ref, v_ref = reference.gather_packed_kv(view, torch.bfloat16)
+    k_out, v_out = cache.update(*_kv(1, 99), 0)
+    assert torch.equal(k_out[..., :-1, :], k_ref) and torch.equal(v_out[..., :-1, :], v_ref)

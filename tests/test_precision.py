@@ -18,7 +18,7 @@ from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEng
 from hf_adaptive.precision.int4 import choose_group_size, dequantize_int4_reference, int4_linear, pack_int4
 from hf_adaptive.precision.telemetry import PrecisionTelemetry
 from hf_adaptive.precision.tiers import TieredLinear, prepare_tiers
-from hf_adaptive.precision.verified import VerifiedOptions, generate_verified
+from hf_adaptive.precision.verified import VerifiedOptions, generate_verified, mismatch_report
 
 CFG = PrecisionPolicyConfig(fast_tier="int4", mid_tier="native", top_tier="fp32")
 
@@ -300,3 +300,18 @@ def test_controller_decision_lag_applies_one_step_later():
     policy = PrecisionPolicy(default_policy_config(tiers))
     expected = ["fp32", "fp32"] + [policy.decide(s) for s in per_step[:len(ran) - 2]]
     assert ran == expected and len(set(ran)) >= 2
+
+
+def test_mismatch_report_separates_near_ties_from_bugs():
+    """Guards against the GPU verified-mode check waving through a real divergence as "bf16 rounding":
+    only a greedy top-2 gap within two rounding steps of the logit dtype counts as a near-tie."""
+    ref = torch.tensor([[5, 7, 9]])
+    out = torch.tensor([[5, 8, 1]])
+    logits = torch.zeros(1, 3, 16)
+    logits[0, 1, 7], logits[0, 1, 8] = 100.0, 99.5  # bf16 step at 100 is 0.5: a near-tie in bf16
+    rep = mismatch_report(out, ref, logits, torch.bfloat16)
+    assert rep["first_mismatch"] == 1 and rep["greedy_gap_at_mismatch"] == 0.5 and rep["near_tie"]
+    assert not mismatch_report(out, ref, logits, torch.float32)["near_tie"]  # fp32 step ~1e-5
+    logits[0, 1, 8] = 97.0
+    assert not mismatch_report(out, ref, logits, torch.bfloat16)["near_tie"]
+    assert mismatch_report(ref, ref, logits, torch.bfloat16) == {"token_identical": True, "first_mismatch": None}

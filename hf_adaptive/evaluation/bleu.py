@@ -76,6 +76,9 @@ def _write(config: BleuEvalConfig, env: dict[str, Any], rows: list[dict[str, Any
              "drift = (setting - baseline) / baseline; self_bleu = BLEU against the baseline's own output; "
              "speedup = generated tokens/s over the baseline's, same process and card; "
              "kv_ratio = KV bytes / bf16 bytes.\n")
+    if env["device"] == "cpu":
+        notes += ("\nCPU timings: settings run one after another, so on a shared host load changes between "
+                  "them skew the speedup; trust the quality columns, re-measure speed on a quiet machine.\n")
     paths = write_report(config.out_dir, "bleu", payload, env, markdown_table(rows, TABLE_COLUMNS),
                          f"BLEU drift: {model_name} on {env['card']}", notes)
     paths["png"] = plot_pareto(Path(config.out_dir) / "bleu_pareto.png", [r["setting"] for r in rows],

@@ -90,6 +90,17 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+_LABEL_ABBREVIATIONS = (("kv:bits=", "kv"), (",residual_length=", " r"), (",block_size=", " b"),
+                        ("kv:memory_budget=", "kv@"), ("precision:", "prec "), ("high=", "h"), (",low=", " l"))
+
+
+def short_label(spec: str) -> str:
+    """A plot label for a setting spec: ``kv:bits=4,residual_length=16`` -> ``kv4 r16``."""
+    for long, short in _LABEL_ABBREVIATIONS:
+        spec = spec.replace(long, short)
+    return spec
+
+
 def plot_pareto(path: str | Path, labels: Sequence[str], speedups: Sequence[float], scores: Sequence[float],
                 title: str, y_label: str = "BLEU") -> Path:
     """Scatter of score vs speedup, labelled, with the Pareto front drawn; saved as a PNG."""
@@ -101,7 +112,7 @@ def plot_pareto(path: str | Path, labels: Sequence[str], speedups: Sequence[floa
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter(speedups, scores, zorder=3)
     for label, x, y in zip(labels, speedups, scores):
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(short_label(label), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     front = pareto_front(list(zip(speedups, scores)))
     ax.plot([speedups[i] for i in front], [scores[i] for i in front], "--", color="tab:red",
             label="Pareto front", zorder=2)
@@ -128,7 +139,7 @@ def plot_bars(path: str | Path, labels: Sequence[str], values: Sequence[float], 
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(labels) + 2), 4))
     bars = ax.bar(range(len(values)), values)
     ax.bar_label(bars, fmt="%.3g", fontsize=8)
-    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_xticks(range(len(labels)), [short_label(x) for x in labels], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(y_label)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)

@@ -32,6 +32,7 @@ class Setting:
     params: dict[str, Any] = field(default_factory=dict)
     make_kwargs: Callable[[], dict[str, Any]] = dict
     read_stats: Callable[[dict[str, Any]], dict[str, Any]] = lambda kwargs: {}
+    in_place: bool = False  # modifies the model (e.g. swaps its linears): run after the others
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Extra ``generate`` kwargs for one call (fresh state: a new cache, a reset controller)."""
@@ -83,6 +84,17 @@ def order_specs(specs: list[str]) -> list[str]:
         family = parse_spec(spec)[0]
         return 0 if family == "baseline" else 2 if family in _RUN_LAST else 1
     return sorted(dict.fromkeys(specs), key=rank)
+
+
+def spec_groups(specs: list[str]) -> list[list[str]]:
+    """``order_specs`` split into [settings that leave the model alone, in-place settings] (empty dropped).
+
+    Build and run a group before building the next: building ``precision`` already changes the model.
+    """
+    ordered = order_specs(specs)
+    groups = [[s for s in ordered if parse_spec(s)[0] not in _RUN_LAST],
+              [s for s in ordered if parse_spec(s)[0] in _RUN_LAST]]
+    return [g for g in groups if g]
 
 
 def build_setting(spec: str, model: Any) -> Setting:
@@ -187,7 +199,7 @@ def _precision(model: Any, spec: str, params: dict[str, str]) -> Setting:
         return {"telemetry": _telemetry_summary(controller.telemetry)}
 
     return Setting(spec, "precision", {"fast": fast, "top": top, **policy_kw}, make_kwargs=make,
-                   read_stats=stats)
+                   read_stats=stats, in_place=True)
 
 
 def _telemetry_summary(telemetry: Any) -> dict[str, Any]:

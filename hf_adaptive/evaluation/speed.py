@@ -7,7 +7,7 @@ step (synchronizing the GPU first on CUDA, so each stamp marks finished work). R
 
 Definitions: TTFT = start of ``generate`` -> logits of the first new token (prefill); per-token
 latency = time between consecutive steps; decode tokens/s = batch x (steps - 1) / (last - first stamp).
-Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's peak RSS (a lifetime
+Peak memory: ``torch.cuda.max_memory_allocated`` per run on CUDA; on CPU the process's peak RSS (a lifetime
 maximum, so it only grows across settings).
 """
 
@@ -101,33 +101,52 @@ def _one_run(model: Any, input_ids: torch.Tensor, setting: Setting, config: Spee
     mask = torch.ones_like(input_ids)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(model.device)
     start = time.perf_counter()
     with torch.inference_mode():
         model.generate(input_ids=input_ids, attention_mask=mask, logits_processor=processors,
                        **kwargs, **extra)
     run = summarize_run(start, timer.stamps, input_ids.shape[0])
+    run["peak_memory_bytes"] = peak_memory_bytes(model.device)
     extra["logits_processor"] = [p for p in processors if p is not timer]
     run["stats"] = setting.collect(extra)
     return run
 
 
-def measure_speed(model: Any, input_ids: torch.Tensor, setting: Setting,
-                  config: SpeedConfig) -> dict[str, Any]:
-    """Median speed of ``setting`` on ``input_ids`` (B, T) over ``config.repeats`` measured runs.
-
-    Returns:
-        ``{"setting", "params", "ttft_ms", "decode_tokens_per_s", "p50_token_ms", "p99_token_ms",
-        "peak_memory_bytes", "runs": [...], "config"}`` (the scalar fields are medians).
-    """
-    for _ in range(config.warmup):
-        _one_run(model, input_ids, setting, config)
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.device)
-    runs = [_one_run(model, input_ids, setting, config) for _ in range(config.repeats)]
+def _aggregate(setting: Setting, runs: list[dict[str, Any]], config: SpeedConfig) -> dict[str, Any]:
     keys = ("ttft_ms", "decode_tokens_per_s", "p50_token_ms", "p99_token_ms", "total_s")
     result = {k: statistics.median(r[k] for r in runs) for k in keys}
     return {"setting": setting.name, "kind": setting.kind, "params": setting.params, **result,
-            "peak_memory_bytes": peak_memory_bytes(model.device), "runs": runs, "config": asdict(config)}
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs), "runs": runs,
+            "config": asdict(config)}
+
+
+def measure_interleaved(model: Any, input_ids: torch.Tensor, settings: list[Setting],
+                        config: SpeedConfig) -> list[dict[str, Any]]:
+    """Median speed of each setting on ``input_ids`` (B, T), repeats interleaved round-robin.
+
+    Interleaving (warm-up all, then repeat: each setting once) spreads load or clock drift over all
+    settings instead of charging it to whichever ran last.
+
+    Returns:
+        per setting ``{"setting", "kind", "params", "ttft_ms", "decode_tokens_per_s", "p50_token_ms",
+        "p99_token_ms", "total_s", "peak_memory_bytes", "runs", "config"}`` (scalars are medians; peak
+        memory is the max over runs).
+    """
+    for _ in range(config.warmup):
+        for setting in settings:
+            _one_run(model, input_ids, setting, config)
+    runs: list[list[dict[str, Any]]] = [[] for _ in settings]
+    for _ in range(config.repeats):
+        for i, setting in enumerate(settings):
+            runs[i].append(_one_run(model, input_ids, setting, config))
+    return [_aggregate(setting, r, config) for setting, r in zip(settings, runs)]
+
+
+def measure_speed(model: Any, input_ids: torch.Tensor, setting: Setting,
+                  config: SpeedConfig) -> dict[str, Any]:
+    """Median speed of one ``setting`` (see :func:`measure_interleaved`)."""
+    return measure_interleaved(model, input_ids, [setting], config)[0]
 
 
 def device_description(device: torch.device) -> str:

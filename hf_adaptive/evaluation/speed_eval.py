@@ -16,8 +16,8 @@ from typing import Any
 
 from hf_adaptive.evaluation.data import DEFAULT_PPL_TEXT
 from hf_adaptive.evaluation.report import environment_info, markdown_table, plot_bars, write_report
-from hf_adaptive.evaluation.settings import build_setting, order_specs
-from hf_adaptive.evaluation.speed import SpeedConfig, device_description, measure_speed, real_text_prompt
+from hf_adaptive.evaluation.settings import build_setting, spec_groups
+from hf_adaptive.evaluation.speed import SpeedConfig, device_description, measure_interleaved, real_text_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -73,25 +73,25 @@ def run_speed_eval(config: SpeedEvalConfig, progress: bool = True) -> dict[str, 
 
     model, tokenizer = load_for_speed(config)
     text = Path(config.text).read_text(encoding="utf-8")
-    specs = order_specs(["baseline", *config.settings])
     rows, raw = [], []
-    jobs = [(b, s) for s in specs for b in config.batch_sizes]  # settings outer: in-place ones run last
     base_tps: dict[int, float] = {}
-    for batch_size, spec in tqdm(jobs, desc="speed", disable=not progress):
+    jobs = [(g, b) for g in spec_groups(["baseline", *config.settings]) for b in config.batch_sizes]
+    for group, batch_size in tqdm(jobs, desc="speed (group x batch)", disable=not progress):
         workload = SpeedConfig(batch_size, config.prompt_tokens, config.new_tokens, config.warmup,
                                config.repeats)
         ids = real_text_prompt(tokenizer, text, config.prompt_tokens, batch_size).to(model.device)
-        result = measure_speed(model, ids, build_setting(spec, model), workload)
-        base_tps.setdefault(batch_size, result["decode_tokens_per_s"])
-        rows.append(_row(result, batch_size, base_tps[batch_size]))
-        raw.append(result)
-        logger.info("%s b=%d: %.1f tok/s", spec, batch_size, result["decode_tokens_per_s"])
+        settings = [build_setting(spec, model) for spec in group]
+        for result in measure_interleaved(model, ids, settings, workload):
+            base_tps.setdefault(batch_size, result["decode_tokens_per_s"])  # baseline comes first
+            rows.append(_row(result, batch_size, base_tps[batch_size]))
+            raw.append(result)
+            logger.info("%s b=%d: %.1f tok/s", result["setting"], batch_size, result["decode_tokens_per_s"])
     card = device_description(model.device)
     env = {**environment_info(str(model.device), card), "model": config.model or "smollm2-135m-instruct",
            "weights": "random" if config.random_weights else "real", "dtype": str(model.dtype)}
     payload = {"config": {**asdict(config), "out_dir": str(config.out_dir), "text": str(config.text)},
                "summary": rows, "results": raw}
-    notes = ("Medians over repeats after warm-up. decode tokens/s = batch x (steps-1) / decode time; "
+    notes = ("Medians over repeats after warm-up; repeats interleaved round-robin across settings. decode tokens/s = batch x (steps-1) / decode time; "
              "TTFT includes prefill; per-token latency from a LogitsProcessor stamping each step "
              "(CUDA-synchronized on GPU). Peak memory: CUDA max allocated, or process peak RSS on CPU.\n")
     paths = write_report(config.out_dir, "speed", payload, env, markdown_table(rows, TABLE_COLUMNS),

@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from hf_adaptive.kv import packed
 from hf_adaptive.kv.config import KVCacheConfig
-from hf_adaptive.kv.pools import BlockPool, PoolShape
+from hf_adaptive.kv.pools import BlockPool, PoolShape, to_device
 from hf_adaptive.kv.quantizers import KVQuantizer
 from hf_adaptive.policy.kv_policy import KVDecision, choose_demotions
 
@@ -68,7 +68,7 @@ class AdaptiveFullLayer(DynamicLayer):
         self.demotions: Counter = Counter()
         self.lossy_crop_tokens = 0
         self._pending: tuple | None = None  # (cuda event, {bits: slots to release once it fired})
-        self._gather: tuple | None = None  # cached (index or None, table tensors)
+        self._gather: tuple | None = None  # cached (gather index or None, pool order, (2, N) int32 block table)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
@@ -127,9 +127,10 @@ class AdaptiveFullLayer(DynamicLayer):
                     offsets[bits], start = start, start + hw
                 starts = torch.tensor([offsets[b] + s for b, s in zip(self.block_bits, self.block_slot)])
                 T = self.shape.block_size
-                index = (starts.unsqueeze(1) * T + torch.arange(T)).flatten().to(self.device)
-            self._gather = (index, order)
-        return self._gather
+                index = to_device((starts.unsqueeze(1) * T + torch.arange(T)).flatten(), self.device)
+            table = to_device(torch.tensor([self.block_bits, self.block_slot], dtype=torch.int32), self.device)
+            self._gather = (index, order, table)
+        return self._gather[:2]
 
     def _flush_cold(self, bits: int) -> None:
         """Move whole blocks leaving the exact window (beyond residual_length) into the pools at ``bits``."""
@@ -311,7 +312,7 @@ class AdaptiveFullLayer(DynamicLayer):
         else:
             full_k = full_v = self.keys.new_zeros(B, H, 0, D)
         pools = {bits: self.pools[bits].as_quant_pool(n) for bits, n in order if bits != 16}
-        table = torch.tensor([self.block_bits, self.block_slot], dtype=torch.int32, device=self.device)
+        table = self._gather[2]  # cached with the gather index: rebuilt only when the block table changes
         return packed.PackedKV(self.shape.block_size, self.shape.value_group, table[0], table[1],
                                full_k, full_v, self.keys, self.values, pools)
 

@@ -19,6 +19,13 @@ from hf_adaptive.kv import packed
 GROWTH_FACTOR = 1.5
 
 
+def to_device(cpu_tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host index tensor -> ``device`` without a host sync (pinned + non-blocking on CUDA)."""
+    if device.type != "cuda":
+        return cpu_tensor.to(device)
+    return cpu_tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class PoolShape:
     """Geometry shared by all pools of a layer: batch, kv heads, head dim, value group, tokens per block."""
@@ -93,7 +100,7 @@ class BlockPool:
         """Row indices (along dim 2) of ``slots`` in tensor ``name``, block after block."""
         rows = self.specs[name][0]
         base = torch.tensor(slots, dtype=torch.long).mul_(rows).unsqueeze(1)
-        return (base + torch.arange(rows)).flatten().to(self.shape.device)
+        return to_device((base + torch.arange(rows)).flatten(), self.shape.device)
 
     def write(self, slots: list[int], data: dict[str, torch.Tensor]) -> None:
         """Store whole blocks: ``data[name]`` is (B, H, len(slots) * rows_per_slot, last) in slot order."""

@@ -65,19 +65,43 @@ class Agreement:
         return self.ppl_test / self.ppl_reference - 1.0
 
 
+@dataclass
+class Reference:
+    """DynamicCache results on one text, computed once and compared against many caches."""
+
+    forced: TeacherForced
+    greedy: torch.Tensor  # (new_tokens,) greedy continuation of the prompt
+    chunk_size: int
+    prompt_tokens: int
+
+
 @torch.no_grad()
+def reference_run(model, ids: torch.Tensor, chunk_size: int, prompt_tokens: int, new_tokens: int) -> Reference:
+    """Teacher-forced pass and greedy continuation with ``DynamicCache``."""
+    forced = teacher_forced(model, ids, DynamicCache(config=model.config), chunk_size)
+    return Reference(forced, _greedy(model, ids[:, :prompt_tokens], DynamicCache(config=model.config), new_tokens),
+                     chunk_size, prompt_tokens)
+
+
+def _greedy(model, prompt: torch.Tensor, cache, new_tokens: int) -> torch.Tensor:
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return model.generate(prompt, **gen, **generate_cache_kwargs(cache))[0, prompt.shape[1]:]
+
+
+@torch.no_grad()
+def compare(model, ids: torch.Tensor, make_cache: Callable[[], object], ref: Reference) -> tuple[Agreement, object]:
+    """Agreement of the cache made by ``make_cache`` with ``ref``; also returns the teacher-forced cache."""
+    cache = make_cache()
+    test = teacher_forced(model, ids, cache, ref.chunk_size)
+    b = _greedy(model, ids[:, :ref.prompt_tokens], make_cache(), len(ref.greedy))
+    n = min(len(ref.greedy), len(b))
+    mismatch = (ref.greedy[:n] != b[:n]).nonzero()
+    prefix = int(mismatch[0, 0]) if len(mismatch) else n
+    top1 = (ref.forced.top1 == test.top1).double().mean().item()
+    return Agreement(top1, ref.forced.perplexity, test.perplexity, prefix, n), cache
+
+
 def compare_with_dynamic(model, ids: torch.Tensor, make_cache: Callable[[], object], chunk_size: int,
                          prompt_tokens: int, new_tokens: int) -> Agreement:
-    """Teacher-forced agreement/perplexity on ``ids`` and free-running greedy agreement from its first
-    ``prompt_tokens`` tokens, for the cache made by ``make_cache`` vs ``DynamicCache``."""
-    ref = teacher_forced(model, ids, DynamicCache(config=model.config), chunk_size)
-    test = teacher_forced(model, ids, make_cache(), chunk_size)
-    prompt = ids[:, :prompt_tokens]
-    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    g_ref = model.generate(prompt, **gen, **generate_cache_kwargs(DynamicCache(config=model.config)))
-    g_test = model.generate(prompt, **gen, **generate_cache_kwargs(make_cache()))
-    a, b = g_ref[0, prompt_tokens:], g_test[0, prompt_tokens:]
-    n = min(len(a), len(b))
-    mismatch = (a[:n] != b[:n]).nonzero()
-    prefix = int(mismatch[0, 0]) if len(mismatch) else n
-    return Agreement((ref.top1 == test.top1).double().mean().item(), ref.perplexity, test.perplexity, prefix, n)
+    """:func:`reference_run` then :func:`compare` for one cache factory."""
+    return compare(model, ids, make_cache, reference_run(model, ids, chunk_size, prompt_tokens, new_tokens))[0]

@@ -17,6 +17,7 @@ One host read per round (accepted count, confidences). Batch size 1 only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -107,3 +108,39 @@ def generate_verified(engine: GraphDecodeEngine, input_ids: torch.Tensor, opts: 
         out.append(emitted)
         n_out += emitted.shape[0]
     return torch.cat(out)[None, :opts.max_new_tokens]
+
+
+@torch.no_grad()
+def greedy_with_logits(engine: GraphDecodeEngine, input_ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference verified mode promises: top-tier greedy, one token per forward.
+
+    Returns tokens (B, n) and the float32 logits (B, n, V) that chose them (for ``mismatch_report``).
+    """
+    logits, toks, seen = engine.prefill(input_ids), [], []
+    for i in range(n):
+        seen.append(logits.float().clone())
+        toks.append(logits.argmax(-1))
+        if i < n - 1:
+            logits = engine.forward(engine.tiers.top, toks[-1][:, None])[:, -1]
+    return torch.stack(toks, 1), torch.stack(seen, 1)
+
+
+def mismatch_report(out: torch.Tensor, ref: torch.Tensor, ref_logits: torch.Tensor,
+                    logit_dtype: torch.dtype) -> dict:
+    """First position where ``out`` (1, n) differs from greedy ``ref`` (1, n), and whether it is a near-tie.
+
+    The verify forward (Q = max_draft + 1) and the 1-token decode run different GEMM shapes, so their
+    logits may differ by rounding. At the first mismatch i, ``gap`` = greedy's logit of its own token
+    minus its logit of verified's token (from ``ref_logits`` (1, n, V)); ``step`` = the rounding step of
+    ``logit_dtype`` at the top logit's magnitude. ``near_tie`` (gap <= 2 steps) means rounding can explain
+    the mismatch; a larger gap means a logic bug. In fp32 the step is ~1e-6: any mismatch is a bug.
+    """
+    same = (out == ref)[0]
+    if bool(same.all()):
+        return {"token_identical": True, "first_mismatch": None}
+    i = int((~same).nonzero()[0])
+    row = ref_logits[0, i]
+    gap = float(row[ref[0, i]] - row[out[0, i]])
+    step = 2.0 ** math.floor(math.log2(float(row.abs().max()))) * torch.finfo(logit_dtype).eps
+    return {"token_identical": False, "first_mismatch": i, "greedy_gap_at_mismatch": gap,
+            "rounding_step": step, "near_tie": gap <= 2 * step}
