@@ -77,7 +77,7 @@ def test_prompt_lookup_decoding_identical(tiny_model):
 def test_assisted_decoding_with_assistant_model_identical():
     """Guards against wrong rollback when an assistant model's candidates are partly rejected."""
     model, assistant = make_tiny_model("llama", seed=0), make_tiny_model("llama", seed=1)
-    ref, out, _ = _pair(model, inputs={"input_ids": _prompt(length=20)}, max_new_tokens=40, do_sample=False,
+    ref, out, _ = _pair(model, inputs={"input_ids": _prompt(length=20)}, max_new_tokens=24, do_sample=False,
                         assistant_model=assistant)
     assert torch.equal(ref, out)
 
