@@ -219,7 +219,8 @@ def write_outputs(out_dir: Path, result: dict) -> None:
                     f"{v['rounding_step']:.4g}: near-tie {v['near_tie']}")
                 lines.append(f"{mode}: token-identical to native greedy: {v['token_identical']} (first mismatch: "
                              f"{v['first_mismatch']}{tie}; rounds with a draft {v['rounds_with_draft']}/{v['rounds']}, "
-                             f"drafted/round {v['drafted_per_round']:.2f}, accepted/round {v['accepted_per_round']:.2f})")
+                             f"drafted/round {v['drafted_per_round']:.2f}, "
+                             f"accepted/round {v['accepted_per_round']:.2f})")
         lines.append("")
     (out_dir / "results.md").write_text("\n".join(lines))
     plot_speed(out_dir / "speed.png", result)

@@ -156,14 +156,17 @@ def _reset_unwritten(engine: GraphDecodeEngine, start: int, value: float) -> Non
 
 def part_d(n: int) -> dict:
     """Does 1-token greedy depend on the content of masked (unwritten) KV slots, and on cuDNN attention?
-    Per SDPA setting: greedy after zeroing the unwritten slots (twice), after filling them with 30/-30,
-    and twice back to back; every run compared with the first zeroed run."""
+    Per attention setting (the engine's default, which excludes cuDNN SDPA; unrestricted; cuDNN off):
+    greedy after zeroing the unwritten slots (twice), after filling them with 30/-30, and twice back to
+    back; every run compared with the first zeroed run."""
     res = {}
     ids = torch.randint(1, 128256, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
-    for cudnn in (True, False):
+    for name, cudnn, restrict in (("engine_default(deterministic_attention=True)", True, True),
+                                  ("unrestricted_cudnn_sdp_on", True, False),
+                                  ("unrestricted_cudnn_sdp_off_globally", False, False)):
         torch.backends.cuda.enable_cudnn_sdp(cudnn)
         tiers = prepare_tiers(llama_1b_shape(), ("int4", "native"))
-        engine = GraphDecodeEngine(tiers, GraphDecodeConfig(1, 64 + n + 13, 5))
+        engine = GraphDecodeEngine(tiers, GraphDecodeConfig(1, 64 + n + 13, 5, deterministic_attention=restrict))
         greedy_with_logits(engine, ids, 1)  # capture
         runs = []
         for fill in (0.0, 0.0, 30.0, None, None):
@@ -171,7 +174,7 @@ def part_d(n: int) -> dict:
                 _reset_unwritten(engine, 64, fill)
             runs.append(greedy_with_logits(engine, ids, n)[0])
         names = ("zeroed_again", "poisoned_30", "back_to_back_1", "back_to_back_2")
-        res[f"cudnn_sdp={cudnn}"] = {k: first_mismatch(t, runs[0]) for k, t in zip(names, runs[1:])}
+        res[name] = {k: first_mismatch(t, runs[0]) for k, t in zip(names, runs[1:])}
         del engine, tiers
         torch.cuda.empty_cache()
     torch.backends.cuda.enable_cudnn_sdp(True)
@@ -183,7 +186,8 @@ def write(out_dir: Path, result: dict) -> None:
     (out_dir / "diag.json").write_text(json.dumps(result, indent=2))
     lines = [f"# precision graph diagnosis ({result['env']['card']})", "", f"`{result['env']['command']}`", "",
              f"torch {result['env']['torch']}, transformers {result['env']['transformers']}", "",
-             "## A: graph vs eager (batch 2, verify_len 5)", "", "| case | prompt KV max change | first token graph != eager |",
+             "## A: graph vs eager (batch 2, verify_len 5)", "",
+             "| case | prompt KV max change | first token graph != eager |",
              "|---|---|---|"]
     lines += [f"| {k} | {v['prompt_kv_max_abs_change']:.4g} | {v['first_token_graph_ne_eager']} |"
               for k, v in result["part_a"].items()]

@@ -315,3 +315,20 @@ def test_mismatch_report_separates_near_ties_from_bugs():
     logits[0, 1, 8] = 97.0
     assert not mismatch_report(out, ref, logits, torch.bfloat16)["near_tie"]
     assert mismatch_report(ref, ref, logits, torch.bfloat16) == {"token_identical": True, "first_mismatch": None}
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_engine_forwards_exclude_cudnn_sdpa(deterministic):
+    """Guards against the engine's forwards (prefill, capture, eager decode) running cuDNN SDPA, which gave
+    run-to-run different bf16 logits on an H100 and broke verified mode's identity with top-tier greedy."""
+    model = make_tiny_model("llama")
+    engine = GraphDecodeEngine(prepare_tiers(model, ("int4", "fp32")),
+                               GraphDecodeConfig(batch_size=1, max_len=32, deterministic_attention=deterministic))
+    seen = []
+    hook = model.model.layers[0].self_attn.register_forward_hook(
+        lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    try:
+        decode(engine, _prompt(1), DecodeOptions(max_new_tokens=3))
+    finally:
+        hook.remove()
+    assert seen == [not deterministic] * 3 and torch.backends.cuda.cudnn_sdp_enabled()

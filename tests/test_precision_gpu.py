@@ -108,3 +108,20 @@ def test_verified_graph_mode_bf16_diverges_only_at_near_ties(seed):
     out, ref, ref_logits = _verified_vs_greedy(torch.bfloat16, "native", seed)
     report = mismatch_report(out, ref, ref_logits, torch.bfloat16)
     assert report["token_identical"] or report["near_tie"], (report, out, ref)
+
+
+def test_top_tier_greedy_reproducible_with_long_cache():
+    """Guards against nondeterministic attention in the engine: on an H100 cuDNN SDPA (max_len 333, GQA 32/8,
+    head_dim 64) gave different bf16 logits for identical inputs run to run, so top-tier greedy (the reference
+    verified mode promises) was not reproducible. Logits must be bitwise equal across runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=2048, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=8192, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    engine = GraphDecodeEngine(prepare_tiers(model, ("int4", "native")), GraphDecodeConfig(1, 333, 5))
+    ids = torch.randint(1, 128256, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    runs = [greedy_with_logits(engine, ids, 96)[1] for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:]), [float((runs[0] - r).abs().max()) for r in runs[1:]]

@@ -10,7 +10,6 @@ The decision (bits, demotions) comes from the shared :class:`LayerContext`, set 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable

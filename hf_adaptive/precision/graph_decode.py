@@ -10,8 +10,9 @@ is one graph launch whatever the tier, and the tier's kernel speed shows.
 Why it works with stock transformers: the attention mask is passed as a ready 4D additive mask
 (B, 1, Q, L) built inside the graph from one static position tensor, so no mask code syncs; each
 static layer's ``cumulative_length`` is set from the same tensor, so a rollback (verified mode) is just
-a smaller start position. Limits: full-attention models (no sliding layers), equal-length prompts (no
-padding), ``batch_size`` fixed at construction, ``start + Q <= max_len``.
+a smaller start position. Every forward runs with cuDNN SDPA excluded (``deterministic_attention``):
+on an H100 it made bf16 greedy differ run to run. Limits: full-attention models (no sliding layers),
+equal-length prompts (no padding), ``batch_size`` fixed at construction, ``start + Q <= max_len``.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import StaticCache
 
 from hf_adaptive.precision.tiers import PrecisionTiers
 
 logger = logging.getLogger(__name__)
+
+_DETERMINISTIC_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,10 @@ class GraphDecodeConfig:
     verify_len: int = 0           # > 0: also capture a top-tier forward over this many tokens
     use_cuda_graphs: bool | None = None  # None: on when the model is on CUDA
     warmup_iters: int = 2
+    # True: attention never runs the cuDNN SDPA backend, which on an H100 (torch 2.11) gave different bf16
+    # logits for the same inputs run to run (eval/diag_precision_graph.py part D), so top-tier greedy was
+    # not reproducible and verified mode could not match it; flash / mem-efficient / math are deterministic
+    deterministic_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_len < 2 or self.verify_len < 0:
@@ -80,8 +88,10 @@ class GraphDecodeEngine:
         blocked = self.key_index[None, :] > positions[:, None]          # (Q, L)
         mask = torch.zeros(q, self.config.max_len, dtype=self.mask_dtype, device=self.device)
         mask = mask.masked_fill(blocked, torch.finfo(self.mask_dtype).min)[None, None].expand(b, 1, q, -1)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions[None].expand(b, q),
-                         use_cache=True, logits_to_keep=logits_to_keep, **{self.cache_kwarg: self.cache})
+        backends = sdpa_kernel(_DETERMINISTIC_SDPA) if self.config.deterministic_attention else nullcontext()
+        with backends:  # host-side flags, read when kernels are chosen: capture bakes the choice in
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions[None].expand(b, q),
+                             use_cache=True, logits_to_keep=logits_to_keep, **{self.cache_kwarg: self.cache})
         return out.logits
 
     def _check_room(self, start: int, q: int) -> None:
