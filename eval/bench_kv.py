@@ -178,7 +178,8 @@ def main(argv=None) -> None:
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     rows = bench(model, args)
     env = {**environment_info(args.device, card), "model": description, "dtype": args.dtype,
-           "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup}
+           "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup,
+           "load_average_1m_at_end": os.getloadavg()[0]}
     done = [r for r in rows if "skipped" not in r]
     columns = ["cache", "context", "batch", "decode_tok_s", "decode_ms_per_step", "prefill_ms", "kv_mib",
                "ratio_vs_bf16", "skipped"]
