@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "PrecisionController": "hf_adaptive.precision.controller",
     "prepare_tiers": "hf_adaptive.precision.tiers",
     "register_attention": "hf_adaptive.attention.interface",
+    "enable_fused_attention": "hf_adaptive.attention.enable",
     "triton_decode_attention": "hf_adaptive.attention.triton_decode",
     "reference_decode_attention": "hf_adaptive.attention.reference",
     "ParallelPolicy": "hf_adaptive.policy.parallel_policy",

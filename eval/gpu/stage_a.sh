@@ -9,9 +9,10 @@ python3 -c "import torch,transformers,triton;print(torch.__version__,transformer
 last=$(( $(nvidia-smi -L | wc -l) - 1 ))
 ( CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kv_gpu.py \
     tests/test_attention_triton.py tests/test_attention_with_cache.py tests/test_attention_interface.py \
-    > "$OUT/gpu_tests.log" 2>&1 ) &
+    tests/test_eval_gpu.py > "$OUT/gpu_tests.log" 2>&1 ) &
 ( CUDA_VISIBLE_DEVICES=$(( last > 0 ? 1 : 0 )) timeout 420 python3 eval/bench_kv.py --random-shape llama-1b \
-    --contexts 1024,4096,16384 --batch-sizes 1 --new-tokens 32 --repeats 3 --out /tmp/r/bench_kv_h100 \
+    --contexts 1024,4096,8192 --batch-sizes 1,8 --new-tokens 64 --repeats 3 --warmup 1 \
+    --device cuda --dtype bfloat16 --out /tmp/r/bench_kv_h100 \
     > /tmp/bench_kv.log 2>&1 ) &
 ( CUDA_VISIBLE_DEVICES=$last timeout 420 python3 eval/bench_decode_attention.py --out /tmp/r/decode_attention_h100 \
     > /tmp/bench_attn.log 2>&1 ) &

@@ -28,6 +28,8 @@ from hf_adaptive.units import format_bytes
 
 logger = logging.getLogger(__name__)
 SLIDING_TYPES = ("sliding_attention", "chunked_attention")
+PACKED_ATTENTION_MODES = (True, False, "auto")
+FUSED_ATTENTION_NAME = "hf_adaptive"  # == hf_adaptive.attention.interface.ATTENTION_NAME
 _OVERRIDES = ("memory_budget", "backend", "fixed_bits", "residual_length", "block_size", "value_group",
               "gpu_memory_fraction", "on_budget_exceeded", "policy", "side_stream")
 
@@ -48,6 +50,12 @@ class AdaptiveKVCache(Cache):
         backend: ``"torch"`` or ``"hqq"``.
         fixed_bits: store every token leaving the exact window at this precision, ignoring pressure.
         pressure: any :class:`PressureSource` (overrides the one derived from the settings).
+        packed_attention: decode steps (q_len == 1) of full-attention layers hand the attention function the
+            packed layout instead of a dequantized copy (O(1) work in the cache per step; the fused Triton
+            kernel on CUDA, the torch reference elsewhere). ``True`` needs ``attn_implementation="hf_adaptive"``;
+            ``False`` always dequantizes; ``"auto"`` (default) is on exactly when the model config's
+            ``_attn_implementation`` is ``"hf_adaptive"`` (read every step). Prefill always dequantizes.
+            One call turns it on: ``hf_adaptive.enable_fused_attention(model)``.
         **overrides: any other :class:`KVCacheConfig` field (residual_length, block_size, ...).
 
     Example::
@@ -55,16 +63,23 @@ class AdaptiveKVCache(Cache):
         cache = AdaptiveKVCache(model.config, memory_budget="1GiB")
         out = model.generate(**inputs, past_key_values=cache, max_new_tokens=256)
         cache.stats()["ratio"]  # bytes stored / bf16 bytes
+
+        hf_adaptive.enable_fused_attention(model)  # decode reads the packed cache directly (fused kernel)
     """
 
     def __init__(self, config: PretrainedConfig, kv_config: KVCacheConfig | None = None, *,
-                 pressure: PressureSource | None = None, **overrides):
+                 pressure: PressureSource | None = None, packed_attention: bool | str = "auto", **overrides):
         if not isinstance(config, PretrainedConfig):
             raise ValueError(f"config must be a transformers PretrainedConfig (e.g. model.config); got "
                             f"{type(config).__name__}. Fix: AdaptiveKVCache(model.config, ...).")
         if kv_config is not None and not isinstance(kv_config, KVCacheConfig):
             raise ValueError(f"kv_config must be a KVCacheConfig or None; got {type(kv_config).__name__}. "
                             "Fix: KVCacheConfig(memory_budget='2GiB') or keyword arguments.")
+        if not (isinstance(packed_attention, bool) or packed_attention == "auto"):
+            raise ValueError(f"packed_attention must be one of {PACKED_ATTENTION_MODES}; got {packed_attention!r}. "
+                             "Fix: packed_attention='auto' (on when attn_implementation='hf_adaptive').")
+        self.packed_attention = packed_attention
+        self.model_config = config
         unknown = sorted(set(overrides) - set(_OVERRIDES))
         if unknown:
             raise ValueError(f"unknown argument(s) {unknown}; allowed: {list(_OVERRIDES)} and pressure.")
@@ -155,6 +170,7 @@ class AdaptiveKVCache(Cache):
         reading = self.pressure.read(self.live_bytes() + incoming)
         decision = self.policy.decide(reading.fraction, self.step)
         self.context.decision, self.last_reading = decision, reading
+        self.context.packed_decode = self.packed_decode_enabled()
         self.history.append({"step": self.step, "tokens_in": q, "pressure": reading.to_dict(),
                              "stage": decision.stage, "bits": decision.bits,
                              "demote_blocks": decision.demote_blocks, "switched": decision.switched})
@@ -179,6 +195,13 @@ class AdaptiveKVCache(Cache):
             self._warned_over_budget = True
             logger.warning(message)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def packed_decode_enabled(self) -> bool:
+        """Whether decode steps return packed-view handles now (see ``packed_attention``)."""
+        if self.packed_attention != "auto":
+            return bool(self.packed_attention)
+        impls = {getattr(c, "_attn_implementation", None) for c in (self.text_config, self.model_config)}
+        return FUSED_ATTENTION_NAME in impls
 
     # ------------------------------------------------------------------ API and telemetry
     def reset(self) -> None:

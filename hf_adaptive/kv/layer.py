@@ -5,6 +5,8 @@ blocks of ``block_size`` tokens (each at 16/8/4/2 bits, in the pool of its preci
 exact tail in the model dtype. ``update`` appends to the tail, returns the full keys/values (history
 dequantized and gathered by the block table, then the exact tail), and only then moves whole cold blocks
 out of the tail (at the step's precision) and demotes old blocks, each block quantized once per demotion.
+In packed-attention mode (``LayerContext.packed_decode``, decode steps only) ``update`` instead flushes and
+demotes first, then returns handles marked with the packed view (``attach_packed_view``): no dequantization.
 The decision (bits, demotions) comes from the shared :class:`LayerContext`, set once per step by the cache.
 """
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from hf_adaptive.attention.interface import attach_packed_view
 from hf_adaptive.kv import packed
 from hf_adaptive.kv.config import KVCacheConfig
 from hf_adaptive.kv.pools import BlockPool, PoolShape, to_device
@@ -36,6 +39,7 @@ class LayerContext:
     quantizer: KVQuantizer
     decision: KVDecision = field(default_factory=lambda: KVDecision(0, 16, 0, False))
     side_streams: dict = field(default_factory=dict)
+    packed_decode: bool = False  # this step's decode returns a packed-view handle (set by the cache per step)
 
     def side_stream(self, device: torch.device):
         """The CUDA stream demotions run on, or None (CPU, or side streams disabled)."""
@@ -83,12 +87,19 @@ class AdaptiveFullLayer(DynamicLayer):
 
     # ------------------------------------------------------------------ per-step path
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append (B, H, q, D) states; return all keys/values (B, H, past + q, D) in logical order."""
+        """Append (B, H, q, D) states; return all keys/values (B, H, past + q, D) in logical order.
+
+        In packed-attention mode, for q == 1, returns instead (key handle, value handle): views of the exact
+        tail, the key marked with this layer's :class:`~hf_adaptive.kv.packed.PackedKV` (all past + 1 tokens)
+        for ``attn_implementation="hf_adaptive"`` to read directly.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._sync_pending()
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.context.packed_decode and key_states.shape[-2] == 1:
+            return self._update_packed()
         history = self._history()
         if history is None:
             out = (self.keys, self.values)
@@ -99,6 +110,16 @@ class AdaptiveFullLayer(DynamicLayer):
         if decision.demote_blocks:
             self.demote(decision.bits, decision.demote_blocks)
         return out
+
+    def _update_packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode step in packed mode: flush/demote first, then hand out the view (it syncs the side stream)."""
+        decision = self.context.decision
+        self._flush_cold(decision.bits)
+        if decision.demote_blocks:
+            self.demote(decision.bits, decision.demote_blocks)
+        view = self.packed_view()
+        # fresh view objects (no copy) so the mark never sticks to the stored tail tensor itself
+        return attach_packed_view(self.keys.view(self.keys.shape), view), self.values.view(self.values.shape)
 
     def _history(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Dequantized history (B, H, n_blocks * T, D) in logical order; O(length), vectorized."""

@@ -69,20 +69,30 @@ class BudgetPressure:
 
 
 class GPUMemoryPressure:
-    """Device memory in use (``torch.cuda.mem_get_info``) vs ``target_fraction`` of the card's total.
+    """Device memory in use vs ``target_fraction`` of what this process may use; the tighter of two limits.
 
-    ``mem_get_info`` is a driver query (no stream sync, a few microseconds); ``every_n_reads`` > 1 reuses
-    the last reading in between to keep the per-token path cheap.
+    - the card: ``torch.cuda.mem_get_info`` (all processes) vs ``target_fraction`` of the card's total;
+    - this process's allocator cap (``torch.cuda.set_per_process_memory_fraction``, which ``mem_get_info`` does
+      not know about): bytes allocated by this process's caching allocator vs ``target_fraction`` of the cap.
+    Both are host-side queries (no stream sync); ``every_n_reads`` > 1 reuses the last reading in between.
+
+    Args:
+        target_fraction: stay below this fraction of each limit, in (0, 1].
+        device: the CUDA device (default: current).
+        every_n_reads: query every n-th read only.
+        process_fraction: the per-process cap as a fraction of the card; None reads it from torch
+            (``torch.cuda.get_per_process_memory_fraction``, 1.0 where that API is missing).
     """
 
     def __init__(self, target_fraction: float = 0.9, device: int | str | torch.device | None = None,
-                 every_n_reads: int = 1):
+                 every_n_reads: int = 1, process_fraction: float | None = None):
         if not torch.cuda.is_available():
             raise ValueError("GPUMemoryPressure needs CUDA, which is not available here; got "
                              f"gpu_memory_fraction={target_fraction!r}. Fix: use memory_budget='2GiB' instead.")
         self.target_fraction = float(target_fraction)
         self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
         self.every_n_reads = max(int(every_n_reads), 1)
+        self.process_fraction = process_fraction
         self._reads = 0
         self._last: PressureReading | None = None
 
@@ -90,10 +100,32 @@ class GPUMemoryPressure:
         self._reads += 1
         if self._last is None or self._reads % self.every_n_reads == 0:
             free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
-            limit = int(total_bytes * self.target_fraction)
-            used = total_bytes - free_bytes
-            self._last = PressureReading(used / limit, "gpu", used, limit)
+            allocated = torch.cuda.memory_allocated(self.device)
+            self._last = gpu_reading(free_bytes, total_bytes, allocated, self.target_fraction,
+                                     self._process_fraction())
         return self._last
+
+    def _process_fraction(self) -> float:
+        if self.process_fraction is not None:
+            return float(self.process_fraction)
+        getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        return float(getter(self.device)) if getter is not None else 1.0
+
+
+def gpu_reading(free_bytes: int, total_bytes: int, allocated_bytes: int, target_fraction: float,
+                process_fraction: float = 1.0) -> PressureReading:
+    """Pure pressure arithmetic of :class:`GPUMemoryPressure` (unit-testable with injected numbers).
+
+    Returns the reading of the tighter limit: card-wide ``(total - free) / (target * total)`` or this
+    process's ``allocated / (target * process_fraction * total)``.
+    """
+    card_limit = int(total_bytes * target_fraction)
+    card = PressureReading((total_bytes - free_bytes) / card_limit, "gpu", total_bytes - free_bytes, card_limit)
+    if process_fraction >= 1.0:
+        return card
+    process_limit = int(total_bytes * process_fraction * target_fraction)
+    process = PressureReading(allocated_bytes / process_limit, "gpu_process_cap", allocated_bytes, process_limit)
+    return process if process.fraction >= card.fraction else card
 
 
 class ScriptedPressure:

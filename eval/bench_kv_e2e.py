@@ -1,0 +1,246 @@
+"""End-to-end decode ms/token and KV GiB: DynamicCache, compiled StaticCache, QuantizedCache and AdaptiveKVCache
+(eager dequantize path vs the fused packed-KV attention kernel).
+
+One command (GPU, default flags finish in < 6 minutes on one H100):
+    python eval/bench_kv_e2e.py --out eval/results/bench_kv_e2e_h100
+CPU smoke size:
+    python eval/bench_kv_e2e.py --device cpu --dtype float32 --shape tiny --contexts 128,256 --batch-sizes 1,2 \
+        --new-tokens 4 --out /tmp/bench_kv_e2e_cpu
+
+Per (context, batch): ONE model prefill (sdpa, DynamicCache, logits of the last position only) gives every layer's
+keys/values; each cache is then filled with exactly those states through its own ``update()`` (what a prefill
+forward would store) and decodes greedily: ``--warmup`` steps (excluded; they also compile StaticCache's decode),
+then ``--repeats`` timed runs of ``--new-tokens`` steps; ms/token is the median over runs. KV bytes are the live
+cache tensors after decoding. Caches:
+- dynamic: DynamicCache, sdpa.
+- static_compiled: StaticCache + transformers' own compiled decode (``model.get_compiled_call``), per shape.
+- quanto4: transformers QuantizedCache, quanto 4-bit (skipped when optimum-quanto is not importable).
+- adaptive16/8/4: AdaptiveKVCache fixed bits, eager path (history dequantized every step), sdpa.
+- fused8/fused4: AdaptiveKVCache fixed bits, ``attn_implementation="hf_adaptive"`` (Triton kernel on CUDA).
+A config past ``--time-budget-s`` (whole grid) or ``--compile-budget-s`` (time in static_compiled, which compiles
+per shape), or out of memory, is recorded as skipped with the reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
+
+import hf_adaptive  # noqa: E402
+from eval.bench_kv import kv_bytes  # noqa: E402
+from hf_adaptive.evaluation.report import environment_info, markdown_table, write_report  # noqa: E402
+from hf_adaptive.kv.cache import AdaptiveKVCache  # noqa: E402
+from hf_adaptive.kv.quality import forward_cache_kwargs  # noqa: E402
+
+CACHES = ("dynamic", "quanto4", "adaptive16", "adaptive8", "adaptive4", "fused8", "fused4", "static_compiled")
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=64, intermediate_size=8192, vocab_size=128256),
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 intermediate_size=256, vocab_size=512),
+}
+
+
+def build_model(args) -> LlamaForCausalLM:
+    """Random-init Llama of ``--shape`` on ``--device`` in ``--dtype``."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=131072)
+    with torch.device(args.device):
+        model = LlamaForCausalLM(config).to(getattr(torch, args.dtype)).eval()
+    model.generation_config.pad_token_id = 0
+    hf_adaptive.register_attention()
+    return model
+
+
+def make_cache(name: str, model, max_len: int, args):
+    """A fresh cache of kind ``name``; raises ImportError when its backend is missing."""
+    if name == "dynamic":
+        return DynamicCache(config=model.config)
+    if name == "static_compiled":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    if name == "quanto4":
+        from transformers import QuantizedCache
+
+        import optimum.quanto  # noqa: F401  (ImportError -> skipped)
+
+        return QuantizedCache(backend="quanto", config=model.config, nbits=4, q_group_size=64,
+                              residual_length=args.residual_length)
+    bits = int(name.removeprefix("adaptive").removeprefix("fused"))
+    return AdaptiveKVCache(model.config, fixed_bits=None if bits == 16 else bits, residual_length=args.residual_length,
+                           block_size=args.block_size, packed_attention=name.startswith("fused"))
+
+
+@torch.no_grad()
+def prefill(model, context: int, batch: int, args) -> tuple[list, torch.Tensor]:
+    """Per-layer (keys, values) of a random prompt and the first greedy token (B, 1)."""
+    model.set_attn_implementation("sdpa")
+    g = torch.Generator().manual_seed(context + batch)
+    ids = torch.randint(10, model.config.vocab_size, (batch, context), generator=g).to(args.device)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **forward_cache_kwargs(model, cache))
+    states = [(layer.keys, layer.values) for layer in cache.layers]
+    return states, out.logits[:, -1:].argmax(-1)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def decode_one(model, name: str, states: list, token: torch.Tensor, args) -> dict:
+    """Fill cache ``name`` with the prefill states, decode; returns ms/token per timed run and KV bytes."""
+    steps = args.warmup + args.repeats * args.new_tokens
+    cache = make_cache(name, model, states[0][0].shape[-2] + steps + 1, args)
+    for i, (k, v) in enumerate(states):
+        cache.update(k, v, i)
+    if name.startswith("fused"):
+        hf_adaptive.enable_fused_attention(model)
+    else:
+        model.set_attn_implementation("sdpa")
+    step = model.get_compiled_call(None) if name == "static_compiled" else model
+    kwargs = forward_cache_kwargs(model, cache)
+
+    def run(n: int, token: torch.Tensor) -> torch.Tensor:
+        for _ in range(n):
+            token = step(input_ids=token, use_cache=True, **kwargs).logits[:, -1:].argmax(-1)
+        return token
+
+    token = run(args.warmup, token)
+    ms = []
+    for _ in range(args.repeats):
+        sync(args.device)
+        t0 = time.perf_counter()
+        token = run(args.new_tokens, token)
+        sync(args.device)
+        ms.append(1000 * (time.perf_counter() - t0) / args.new_tokens)
+    return {"ms": ms, "kv_bytes": kv_bytes(cache)}
+
+
+def bench(model, args) -> list[dict]:
+    """The grid (context x batch x cache) with a global time budget; returns one row per config."""
+    rows, start, compile_spent = [], time.perf_counter(), 0.0
+    pairs = [(n, b) for n in args.contexts for b in args.batch_sizes]
+    bar = tqdm(total=len(pairs) * len(args.caches), desc="bench_kv_e2e")
+    for context, batch in pairs:
+        states = token = None
+        for name in args.caches:
+            row = {"cache": name, "context": context, "batch": batch}
+            bar.set_postfix_str(f"{name} n={context} b={batch}")
+            try:
+                if time.perf_counter() - start > args.time_budget_s:
+                    raise TimeoutError(f"--time-budget-s={args.time_budget_s} spent")
+                if name == "static_compiled" and compile_spent > args.compile_budget_s:
+                    raise TimeoutError(f"--compile-budget-s={args.compile_budget_s} spent on static_compiled")
+                if states is None:
+                    states, token = prefill(model, context, batch, args)
+                t0 = time.perf_counter()
+                r = decode_one(model, name, states, token, args)
+                compile_spent += time.perf_counter() - t0 if name == "static_compiled" else 0.0
+                row.update(ms_per_token=statistics.median(r["ms"]), ms_runs=r["ms"], kv_gib=r["kv_bytes"] / 2**30)
+            except Exception as err:  # noqa: BLE001  (OOM, missing backend, compile failure: recorded, run goes on)
+                row["skipped"] = f"{type(err).__name__}: {str(err)[:160]}"
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            bar.update()
+        del states
+    bar.close()
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """ms/token and KV GiB vs context, one line per cache, one column per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "skipped" not in r]
+    batches = sorted({r["batch"] for r in done})
+    if not batches:
+        return
+    fig, axes = plt.subplots(2, len(batches), figsize=(6 * len(batches), 8), squeeze=False)
+    for col, batch in enumerate(batches):
+        for cache in dict.fromkeys(r["cache"] for r in done):
+            pts = sorted((r["context"], r["ms_per_token"], r["kv_gib"]) for r in done
+                         if r["cache"] == cache and r["batch"] == batch)
+            if pts:
+                x = [p[0] for p in pts]
+                axes[0][col].plot(x, [p[1] for p in pts], marker="o", label=cache)
+                axes[1][col].plot(x, [p[2] for p in pts], marker="o", label=cache)
+        for row, ylabel in enumerate(("ms / decoded token", "KV GiB")):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context tokens")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"batch {batch}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b", help="random-init Llama shape")
+    p.add_argument("--contexts", default="1024,4096,16384,32768", help="comma-separated prompt lengths")
+    p.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--new-tokens", type=int, default=32, help="decode steps per timed run")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs (median)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps first (compiles static_compiled)")
+    p.add_argument("--caches", default=",".join(CACHES), help=f"subset of {CACHES}")
+    p.add_argument("--residual-length", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--time-budget-s", type=float, default=270.0, help="stop starting configs after this")
+    p.add_argument("--compile-budget-s", type=float, default=90.0,
+                   help="stop starting static_compiled configs (compile per shape) after this much time in them")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    p.add_argument("--out", default="eval/results/bench_kv_e2e")
+    args = p.parse_args(argv)
+    args.contexts = [int(x) for x in args.contexts.split(",")]
+    args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    args.caches = [c for c in args.caches.split(",") if c]
+    bad = [c for c in args.caches if c not in CACHES]
+    if bad:
+        p.error(f"--caches: unknown {bad}; choose from {CACHES}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    model = build_model(args)
+    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    t0 = time.perf_counter()
+    rows = bench(model, args)
+    env = {**environment_info(args.device, card), "model": f"random-init {args.shape}", "dtype": args.dtype,
+           "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup,
+           "wall_s": round(time.perf_counter() - t0, 1)}
+    columns = ["cache", "context", "batch", "ms_per_token", "kv_gib", "skipped"]
+    notes = ("ms_per_token: median over timed runs of decode wall time / new tokens (warm-up excluded). kv_gib: live "
+             "KV tensors after decoding (scales/zeros included; StaticCache counts its whole preallocated buffer). "
+             "adaptive*: history dequantized every step; fused*: packed view read by the attention kernel.")
+    paths = write_report(args.out, "bench_kv_e2e", {"rows": rows, "args": vars(args)}, env,
+                         markdown_table(rows, columns), f"End-to-end decode: random-init {args.shape} on {card}", notes)
+    plot(rows, Path(args.out) / "bench_kv_e2e.png", f"{args.shape} {args.dtype} on {card}")
+    print(markdown_table(rows, columns))
+    print("wrote", {k: str(v) for k, v in paths.items()}, "and bench_kv_e2e.png")
+
+
+if __name__ == "__main__":
+    main()
