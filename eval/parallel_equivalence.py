@@ -61,8 +61,11 @@ def reference(model, ids, mask, new_tokens: int, device, teacher: torch.Tensor |
     """Single-device greedy tokens ``(B, G)`` and logits ``(B, T+G, V)`` teacher-forced on ``teacher``
     (``(B, T+G)`` ids; default: this reference's own continuation). Returns (tokens, (full, mask, logits))."""
     ref = copy.deepcopy(model).to(device)
+    # Plain argmax for exactly new_tokens steps, as the engine decodes: no EOS stop and no EOS suppression
+    # (min_new_tokens would mask EOS and pick the runner-up where the engine, rightly, picks EOS).
+    ref.generation_config.eos_token_id = None
     out = ref.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
-                       do_sample=False, min_new_tokens=new_tokens, pad_token_id=0).cpu()
+                       do_sample=False, pad_token_id=0).cpu()
     full = out if teacher is None else teacher
     full_mask = torch.cat([mask, torch.ones_like(full[:, ids.shape[1]:])], dim=1)
     positions = (full_mask.long().cumsum(-1) - 1).clamp_min(0)  # as generate does for left padding

@@ -32,6 +32,15 @@ def _qwen2():
     return Qwen2ForCausalLM(cfg)
 
 
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                        sliding_window=None)
+    return MistralForCausalLM(cfg)
+
+
 def _gemma3():
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -42,7 +51,7 @@ def _gemma3():
     return Gemma3ForCausalLM(cfg)
 
 
-TINY_BUILDERS = {"llama": _llama, "qwen2": _qwen2, "gemma3": _gemma3}
+TINY_BUILDERS = {"llama": _llama, "qwen2": _qwen2, "mistral": _mistral, "gemma3": _gemma3}
 
 
 def make_tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):

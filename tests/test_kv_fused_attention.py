@@ -24,13 +24,13 @@ def _inputs(device="cpu"):
     return ids.to(device), mask.to(device)
 
 
-def _generate(model, fused: bool, bits: int, device="cpu", **gen):
+def _generate(model, fused: bool, bits: int, device="cpu", block: int = 8, **gen):
     if fused:
         hf_adaptive.enable_fused_attention(model)
     else:
         model.set_attn_implementation("sdpa")
-    cache = AdaptiveKVCache(model.config, fixed_bits=bits, residual_length=8, block_size=8, value_group=8,
-                            packed_attention="auto")
+    cache = AdaptiveKVCache(model.config, fixed_bits=bits, residual_length=block, block_size=block,
+                            value_group=block, packed_attention="auto")
     ids, mask = _inputs(device)
     out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW_TOKENS,
                          do_sample=False, output_scores=True, return_dict_in_generate=True, **gen)
@@ -132,9 +132,10 @@ def test_fused_decode_on_gpu_uses_triton(arch, bits, monkeypatch):
     """Guards against the Triton kernel diverging from the dequantize path inside a real generate (bf16,
     left padding, sliding layers): decode logits agree within bf16 tolerance and the kernel really runs."""
     model = make_tiny_model(arch, dtype=torch.bfloat16).cuda()
-    ref, _ = _generate(model, fused=False, bits=bits, device="cuda")
+    # the Triton kernel takes power-of-two blocks >= 16 (block_size=8 raised a ValueError on an H100)
+    ref, _ = _generate(model, fused=False, bits=bits, device="cuda", block=16)
     calls = _count_calls(monkeypatch, triton_decode, "triton_decode_attention")
-    got, _ = _generate(model, fused=True, bits=bits, device="cuda")
+    got, _ = _generate(model, fused=True, bits=bits, device="cuda", block=16)
     assert calls
     steps = 0
     for x, y, a, b in zip(ref.scores, got.scores, ref.sequences.T[40:], got.sequences.T[40:]):
