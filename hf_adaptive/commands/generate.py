@@ -59,7 +59,9 @@ def generate_command(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     new_tokens = out[0, inputs["input_ids"].shape[1]:]
     print(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
-    report = build_report(cache, n_new=int(new_tokens.numel()), seconds=seconds)
+    report = build_report(cache, n_new=int(new_tokens.numel()), seconds=seconds,
+                          element_bytes=model.dtype.itemsize if hasattr(model.dtype, "itemsize") else 2)
+    report["model_dtype"] = str(model.dtype).removeprefix("torch.")
     print(format_report(report))
     if args.json_path:
         with open(args.json_path, "w") as f:
@@ -86,25 +88,30 @@ def bits_timeline(history: list[dict]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def build_report(cache, n_new: int, seconds: float) -> dict:
-    """The numbers the CLI prints: precision timeline, bytes vs bf16, tokens/s (prefill included)."""
+def build_report(cache, n_new: int, seconds: float, element_bytes: int = 2) -> dict:
+    """The numbers the CLI prints: precision timeline, bytes vs bf16 and vs the model's own dtype, tokens/s
+    (prefill included). ``element_bytes`` is the model dtype's size (4 on CPU, where models run in fp32)."""
     stats = cache.stats()
+    native = stats["bf16_equivalent_bytes"] * element_bytes // 2
     return {"new_tokens": n_new, "seconds": seconds, "tokens_per_s": n_new / seconds if seconds > 0 else 0.0,
             "kv_bytes": stats["kv_bytes"], "bf16_equivalent_bytes": stats["bf16_equivalent_bytes"],
+            "native_equivalent_bytes": native,
             "ratio": stats["ratio"], "switches": stats["switches"], "demotions": stats["demotions"],
             "memory_budget": stats["memory_budget"], "timeline": bits_timeline(cache.history)}
 
 
 def format_report(report: dict) -> str:
     timeline = ", ".join(f"steps {a}-{b}: {bits}-bit" for a, b, bits in report["timeline"])
-    saved = report["bf16_equivalent_bytes"] - report["kv_bytes"]
     budget = report["memory_budget"]
+    dtype = report.get("model_dtype", "model dtype")
+    native = report.get("native_equivalent_bytes", report["bf16_equivalent_bytes"])
+    saved = native - report["kv_bytes"]
     lines = [
         "",
         "--- hf-adaptive report ---",
         f"KV precision of new cold tokens: {timeline or 'n/a'}",
-        f"KV bytes: {report['kv_bytes']:,} vs {report['bf16_equivalent_bytes']:,} at bf16 "
-        f"({report['ratio']:.2f}x, {saved:,} bytes saved)" + (f"; budget {budget:,}" if budget else ""),
+        f"KV bytes: {report['kv_bytes']:,} vs {native:,} uncompressed in {dtype} ({report['kv_bytes'] / max(native, 1):.2f}x, "
+        f"{saved:,} bytes saved); {report['ratio']:.2f}x the bf16 equivalent" + (f"; budget {budget:,}" if budget else ""),
         f"switches: {report['switches']}, demoted blocks: {report['demotions'] or 'none'}",
         f"{report['new_tokens']} tokens in {report['seconds']:.2f} s = {report['tokens_per_s']:.1f} tokens/s "
         "(prefill included)",
