@@ -125,7 +125,12 @@ def _attend_chunk(c, q, m_i, l_i, acc, bits_ptr, slot_ptr, fk, fv, sf_r, tk, tv,
     return _online_softmax_step(q, k, v, valid, m_i, l_i, acc, qk_scale, softcap, SOFTCAP)
 
 
-@triton.jit
+# Lengths change every decode step; left specializable, each new (==1, %16) pattern of them would JIT-compile
+# a new variant in the middle of generation.
+_PER_STEP_ARGS = ["n_hist_chunks", "n_tail", "n_total", "first_chunk", "chunks_per_split", "n_splits"]
+
+
+@triton.jit(do_not_specialize=_PER_STEP_ARGS)
 def decode_split_kernel(
     q_ptr, sq_b, sq_h,
     bits_ptr, slot_ptr,
@@ -197,7 +202,7 @@ def decode_split_kernel(
     tl.store(acc_ptr + row[:, None] * D + offs_d[None, :], acc, mask=ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def merge_splits_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, so_b, so_h, n_heads, n_splits,
                          SP: tl.constexpr, D: tl.constexpr):
     """Log-sum-exp merge of the split partials of one (batch, q head) row into the output."""
