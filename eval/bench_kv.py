@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import DynamicCache, QuantizedCache  # noqa: E402
 
-from hf_adaptive.evaluation.report import environment_info, markdown_table, plot_bars, write_report  # noqa: E402
+from hf_adaptive.evaluation.report import environment_info, markdown_table, write_report  # noqa: E402
 from hf_adaptive.kv.cache import AdaptiveKVCache  # noqa: E402
 from hf_adaptive.kv.quality import forward_cache_kwargs  # noqa: E402
 
@@ -172,6 +172,37 @@ def parse_args(argv=None):
     return args
 
 
+def plot_lines(path: Path, rows: list[dict], title: str) -> None:
+    """ms per decode step and KV MiB against context, one line per cache, one column per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(2, len(batches), figsize=(6 * len(batches), 8), squeeze=False)
+    for col, batch in enumerate(batches):
+        for cache in dict.fromkeys(r["cache"] for r in rows):
+            pts = sorted((r["context"], r["decode_ms_per_step"], r["kv_mib"]) for r in rows
+                         if r["cache"] == cache and r["batch"] == batch)
+            if pts:
+                ctx, ms, mib = zip(*pts)
+                axes[0][col].plot(ctx, ms, marker="o", label=cache)
+                axes[1][col].plot(ctx, mib, marker="o", label=cache)
+        axes[0][col].set_title(f"batch {batch}: ms per decode step")
+        axes[1][col].set_title(f"batch {batch}: KV MiB (scales/zeros included)")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context (tokens)")
+            ax.grid(alpha=0.3)
+        axes[1][col].set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     model, description = load(args)
@@ -189,9 +220,7 @@ def main(argv=None) -> None:
     paths = write_report(args.out, "bench_kv", {"rows": rows, "args": vars(args)}, env,
                          markdown_table(rows, columns), f"KV cache bench: {description} on {card}", notes)
     if done:
-        labels = [f"{r['cache']} n={r['context']} b={r['batch']}" for r in done]
-        plot_bars(Path(args.out) / "bench_kv.png", labels, [r["decode_tok_s"] for r in done],
-                  f"decode tokens/s, {description}, {card}", "tokens/s")
+        plot_lines(Path(args.out) / "bench_kv.png", done, f"{description}, {card}")
     print(markdown_table(rows, columns))
     print("wrote", {k: str(v) for k, v in paths.items()})
 
