@@ -122,6 +122,9 @@ def test_packed_handle_does_not_mark_stored_tail():
     assert interface.packed_view_of(layer.keys) is None
     table = layer._gather[2]
     assert layer.packed_view().block_bits.data_ptr() == table[0].data_ptr()  # cached, not rebuilt
+    from hf_adaptive.kv import layer as layer_module  # packed decode never builds the dequantize gather index
+
+    assert layer._gather[0] is layer_module._UNBUILT
     assert cache.get_mask_sizes(1, 0)[0] == cache.get_seq_length() + 1
 
 

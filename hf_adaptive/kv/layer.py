@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 COMPACT_BELOW_FRACTION = 0.5  # shrink a pool once less than half its slots are used
 
 
+_UNBUILT = object()  # marks a gather index not built yet (None means "no gather needed")
+
+
 @dataclass
 class LayerContext:
     """State shared by all layers of one cache: settings, quantizer, this step's decision, side stream."""
@@ -133,24 +136,31 @@ class AdaptiveFullLayer(DynamicLayer):
             return k, v
         return k.index_select(-2, index), v.index_select(-2, index)
 
-    def _gather_index(self) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
-        """Row index into the concatenated pool prefixes, rebuilt only when the block table changed."""
+    def _gather_index(self, need_index: bool = True) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
+        """Row index into the concatenated pool prefixes and the pool order, rebuilt only when the block table
+        changed. The device block table is cached alongside; packed mode (``need_index=False``) never builds
+        the dequantize index it does not read."""
         if self._gather is None:
             order = [(bits, pool.high_water) for bits, pool in sorted(self.pools.items(), reverse=True)
                      if pool.high_water]
-            n = len(self.block_bits)
-            if order == [(16, n)] and self.block_slot == list(range(n)):
-                index = None
-            else:
-                offsets, start = {}, 0
-                for bits, hw in order:
-                    offsets[bits], start = start, start + hw
-                starts = torch.tensor([offsets[b] + s for b, s in zip(self.block_bits, self.block_slot)])
-                T = self.shape.block_size
-                index = to_device((starts.unsqueeze(1) * T + torch.arange(T)).flatten(), self.device)
             table = to_device(torch.tensor([self.block_bits, self.block_slot], dtype=torch.int32), self.device)
+            self._gather = (_UNBUILT, order, table)
+        index, order, table = self._gather
+        if need_index and index is _UNBUILT:
+            index = self._build_index(order)
             self._gather = (index, order, table)
-        return self._gather[:2]
+        return index, order
+
+    def _build_index(self, order: list[tuple[int, int]]) -> torch.Tensor | None:
+        n = len(self.block_bits)
+        if order == [(16, n)] and self.block_slot == list(range(n)):
+            return None  # only 16-bit blocks, stored in order
+        offsets, start = {}, 0
+        for bits, hw in order:
+            offsets[bits], start = start, start + hw
+        starts = torch.tensor([offsets[b] + s for b, s in zip(self.block_bits, self.block_slot)])
+        T = self.shape.block_size
+        return to_device((starts.unsqueeze(1) * T + torch.arange(T)).flatten(), self.device)
 
     def _flush_cold(self, bits: int) -> None:
         """Move whole blocks leaving the exact window (beyond residual_length) into the pools at ``bits``."""
@@ -322,7 +332,7 @@ class AdaptiveFullLayer(DynamicLayer):
             raise ValueError("packed_view() needs at least one update(); this layer holds no tokens yet. "
                              "Fix: run a forward pass with the cache first.")
         self._sync_pending()
-        _, order = self._gather_index()
+        _, order = self._gather_index(need_index=False)
         hw = dict(order)
         B, H, _, D = self.keys.shape
         full = self.pools.get(16)
