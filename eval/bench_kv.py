@@ -88,8 +88,8 @@ def tensor_bytes(obj, seen: set | None = None) -> int:
 
 
 def kv_bytes(cache) -> int:
-    if isinstance(cache, AdaptiveKVCache):
-        return cache.live_bytes()
+    if isinstance(cache, AdaptiveKVCache):  # the static variant preallocates: count what it reserved
+        return cache.stats()["reserved_bytes"] if hasattr(cache, "max_cache_len") else cache.live_bytes()
     return sum(tensor_bytes(layer) for layer in cache.layers)
 
 

@@ -17,6 +17,9 @@ cache tensors after decoding. Caches:
 - quanto4: transformers QuantizedCache, quanto 4-bit (skipped when optimum-quanto is not importable).
 - adaptive16/8/4: AdaptiveKVCache fixed bits, eager path (history dequantized every step), sdpa.
 - fused8/fused4: AdaptiveKVCache fixed bits, ``attn_implementation="hf_adaptive"`` (Triton kernel on CUDA).
+- compiled16/8/4: AdaptiveStaticKVCache (fixed bits) under ``model.get_compiled_call`` like static_compiled: the
+  compile-friendly variant, fused kernel through a custom op, host step in eager hooks around the graph.
+- hqq4: transformers QuantizedCache, hqq 4-bit (skipped when hqq is not importable).
 A config past ``--time-budget-s`` (whole grid) or ``--compile-budget-s`` (time in static_compiled, which compiles
 per shape), or out of memory, is recorded as skipped with the reason, never silently dropped.
 """
@@ -42,8 +45,10 @@ from eval.bench_kv import kv_bytes  # noqa: E402
 from hf_adaptive.evaluation.report import environment_info, markdown_table, write_report  # noqa: E402
 from hf_adaptive.kv.cache import AdaptiveKVCache  # noqa: E402
 from hf_adaptive.kv.quality import forward_cache_kwargs  # noqa: E402
+from hf_adaptive.kv.static import AdaptiveStaticKVCache  # noqa: E402
 
-CACHES = ("dynamic", "quanto4", "adaptive16", "adaptive8", "adaptive4", "fused8", "fused4", "static_compiled")
+CACHES = ("dynamic", "quanto4", "hqq4", "adaptive16", "adaptive8", "adaptive4", "fused8", "fused4", "static_compiled",
+          "compiled16", "compiled8", "compiled4")
 SHAPES = {
     "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                          head_dim=64, intermediate_size=8192, vocab_size=128256),
@@ -69,13 +74,17 @@ def make_cache(name: str, model, max_len: int, args):
         return DynamicCache(config=model.config)
     if name == "static_compiled":
         return StaticCache(config=model.config, max_cache_len=max_len)
-    if name == "quanto4":
+    if name in ("quanto4", "hqq4"):
         from transformers import QuantizedCache
 
-        import optimum.quanto  # noqa: F401  (ImportError -> skipped)
-
-        return QuantizedCache(backend="quanto", config=model.config, nbits=4, q_group_size=64,
+        backend = name.removesuffix("4")
+        __import__("optimum.quanto" if backend == "quanto" else "hqq")  # ImportError -> recorded as skipped
+        return QuantizedCache(backend=backend, config=model.config, nbits=4, q_group_size=64,
                               residual_length=args.residual_length)
+    if name.startswith("compiled"):
+        bits = int(name.removeprefix("compiled"))
+        return AdaptiveStaticKVCache(model.config, max_cache_len=max_len, fixed_bits=None if bits == 16 else bits,
+                                     residual_length=args.residual_length, block_size=args.block_size)
     bits = int(name.removeprefix("adaptive").removeprefix("fused"))
     return AdaptiveKVCache(model.config, fixed_bits=None if bits == 16 else bits, residual_length=args.residual_length,
                            block_size=args.block_size, packed_attention=name.startswith("fused"))
@@ -105,11 +114,11 @@ def decode_one(model, name: str, states: list, token: torch.Tensor, args) -> dic
     cache = make_cache(name, model, states[0][0].shape[-2] + steps + 1, args)
     for i, (k, v) in enumerate(states):
         cache.update(k, v, i)
-    if name.startswith("fused"):
-        hf_adaptive.enable_fused_attention(model)
+    if name.startswith(("fused", "compiled")):
+        hf_adaptive.enable_fused_attention(model)  # also the step hooks the compiled adaptive cache needs
     else:
         model.set_attn_implementation("sdpa")
-    step = model.get_compiled_call(None) if name == "static_compiled" else model
+    step = model.get_compiled_call(None) if name == "static_compiled" or name.startswith("compiled") else model
     kwargs = forward_cache_kwargs(model, cache)
 
     def run(n: int, token: torch.Tensor) -> torch.Tensor:
@@ -125,7 +134,11 @@ def decode_one(model, name: str, states: list, token: torch.Tensor, args) -> dic
         token = run(args.new_tokens, token)
         sync(args.device)
         ms.append(1000 * (time.perf_counter() - t0) / args.new_tokens)
-    return {"ms": ms, "kv_bytes": kv_bytes(cache)}
+    return {"ms": ms, "kv_bytes": kv_bytes(cache), "recompiles": getattr(cache, "recompiles", None)}
+
+
+def _compiled(name: str) -> bool:
+    return name == "static_compiled" or name.startswith("compiled")
 
 
 def bench(model, args) -> list[dict]:
@@ -141,14 +154,15 @@ def bench(model, args) -> list[dict]:
             try:
                 if time.perf_counter() - start > args.time_budget_s:
                     raise TimeoutError(f"--time-budget-s={args.time_budget_s} spent")
-                if name == "static_compiled" and compile_spent > args.compile_budget_s:
+                if _compiled(name) and compile_spent > args.compile_budget_s:
                     raise TimeoutError(f"--compile-budget-s={args.compile_budget_s} spent on static_compiled")
                 if states is None:
                     states, token = prefill(model, context, batch, args)
                 t0 = time.perf_counter()
                 r = decode_one(model, name, states, token, args)
-                compile_spent += time.perf_counter() - t0 if name == "static_compiled" else 0.0
-                row.update(ms_per_token=statistics.median(r["ms"]), ms_runs=r["ms"], kv_gib=r["kv_bytes"] / 2**30)
+                compile_spent += time.perf_counter() - t0 if _compiled(name) else 0.0
+                row.update(ms_per_token=statistics.median(r["ms"]), ms_runs=r["ms"], kv_gib=r["kv_bytes"] / 2**30,
+                           recompiles=r.get("recompiles"))
             except Exception as err:  # noqa: BLE001  (OOM, missing backend, compile failure: recorded, run goes on)
                 row["skipped"] = f"{type(err).__name__}: {str(err)[:160]}"
                 if args.device.startswith("cuda"):
@@ -224,6 +238,10 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if args.device.startswith("cuda"):
+        # cuDNN SDPA builds an execution plan per new key length: every eager decode step at a new length paid
+        # it, so whichever cache ran first at a shape looked several times slower (58-93 ms vs 13 ms, H100)
+        torch.backends.cuda.enable_cudnn_sdp(False)
     model = build_model(args)
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     t0 = time.perf_counter()
@@ -231,10 +249,12 @@ def main(argv=None) -> None:
     env = {**environment_info(args.device, card), "model": f"random-init {args.shape}", "dtype": args.dtype,
            "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup,
            "wall_s": round(time.perf_counter() - t0, 1)}
-    columns = ["cache", "context", "batch", "ms_per_token", "kv_gib", "skipped"]
+    columns = ["cache", "context", "batch", "ms_per_token", "kv_gib", "recompiles", "skipped"]
     notes = ("ms_per_token: median over timed runs of decode wall time / new tokens (warm-up excluded). kv_gib: live "
              "KV tensors after decoding (scales/zeros included; StaticCache counts its whole preallocated buffer). "
-             "adaptive*: history dequantized every step; fused*: packed view read by the attention kernel.")
+             "adaptive*: history dequantized every step; fused*: packed view read by the attention kernel; "
+             "compiled*: AdaptiveStaticKVCache under transformers' compiled step (CUDA graphs), fused kernel. "
+             "cuDNN SDPA is off for every cache (it re-plans per key length).")
     paths = write_report(args.out, "bench_kv_e2e", {"rows": rows, "args": vars(args)}, env,
                          markdown_table(rows, columns), f"End-to-end decode: random-init {args.shape} on {card}", notes)
     plot(rows, Path(args.out) / "bench_kv_e2e.png", f"{args.shape} {args.dtype} on {card}")

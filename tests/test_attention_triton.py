@@ -39,6 +39,7 @@ class Case:
     pad: tuple[int, ...] = field(default_factory=tuple)  # left padding per sequence -> key mask
     seed: int = 0
     split_unpack: bool = False  # DecodeKernelConfig.split_unpack
+    static: bool = False  # read through a static view: capacity-sized tensors with garbage past the device lengths
 
 
 def run_case(case: Case, device: str) -> dict:
@@ -61,13 +62,36 @@ def run_case(case: Case, device: str) -> dict:
             key_mask[b, :p] = False
     kw = dict(scaling=case.head_dim**-0.5, softcap=case.softcap, sliding_window=case.window, key_mask=key_mask)
     out = torch.full_like(q, float("nan"))  # poison: any row the kernel fails to write stays NaN
-    got = triton_decode_attention(q, packed, out=out, config=DecodeKernelConfig(split_unpack=case.split_unpack), **kw)
+    view = _as_static(packed, key_mask, kw) if case.static else packed
+    got = triton_decode_attention(q, view, out=out, config=DecodeKernelConfig(split_unpack=case.split_unpack), **kw)
+    kw["key_mask"] = key_mask
     want = reference_decode_attention(q, packed, **kw)
     err = (got.float() - want.float()).abs().max().item()
     scale = want.float().abs().max().item()
     return {"case": asdict(case), "max_abs_err": err, "ref_max": scale, "rel_err": err / max(scale, 1e-6),
             "finite": bool(torch.isfinite(got).all()), "q": tuple(q.shape), "n_tokens": n,
             "pools": {b: tuple(p.k_codes.shape) for b, p in packed.pools.items()}, "full_k": tuple(packed.full_k.shape)}
+
+
+def _as_static(packed, key_mask, kw: dict):
+    """The same layer as a static view: 3 spare block-table entries and 21 spare tail rows of garbage that the
+    device lengths must keep the kernel from reading; the key mask widened to the view's max_tokens."""
+    from dataclasses import replace
+
+    n_blocks, n_tail = packed.block_bits.numel(), packed.tail_k.shape[-2]
+    dev = packed.tail_k.device
+    spare = torch.full((3,), 16, dtype=torch.int32, device=dev)
+    junk = torch.full_like(packed.tail_k[:, :, :1], 1e4).expand(-1, -1, 21, -1)
+    lengths = torch.tensor([n_blocks, n_tail], dtype=torch.int32, device=dev)
+    max_tokens = packed.num_tokens + 40
+    if key_mask is not None:
+        wide = torch.zeros(key_mask.shape[0], max_tokens, dtype=torch.bool, device=dev)
+        wide[:, : key_mask.shape[1]] = key_mask
+        kw["key_mask"] = wide
+    return replace(packed, block_bits=torch.cat([packed.block_bits, spare]),
+                   block_slot=torch.cat([packed.block_slot, torch.zeros_like(spare)]),
+                   tail_k=torch.cat([packed.tail_k, junk], -2), tail_v=torch.cat([packed.tail_v, junk], -2),
+                   lengths=lengths, max_tokens=max_tokens)
 
 
 def _assert_ok(res: dict) -> None:
@@ -91,6 +115,9 @@ GPU_CASES = [
     Case(block_bits=(4,) * 512, tail=17, batch=2),  # 32k tokens: many splits
 ] + [  # the interleaving unpacker on every code width and head dim
     Case(head_dim=d, block_bits=(2, 4, 8, 16, 4), tail=9, split_unpack=True, seed=d) for d in (64, 128, 256)
+] + [  # static views (device lengths): the compiled cache's read path
+    Case(static=True, block_bits=(4,) * 63, tail=65, value_group=64, batch=8, kv_heads=8),
+    Case(static=True, block_bits=(16, 8, 4), tail=0), Case(static=True, batch=3, pad=(0, 5, 70)),
 ]
 
 
@@ -135,6 +162,8 @@ INTERPRETER_CASES = [
          dtype="float32"),
     Case(head_dim=32, group=4, block_size=16, block_bits=(2, 4, 16, 8), tail=3, value_group=16, dtype="float16",
          split_unpack=True),
+    Case(head_dim=16, group=2, batch=2, block_size=16, block_bits=(4, 16, 8), tail=9, value_group=8,
+         dtype="float32", pad=(0, 6), static=True),
 ]
 
 
@@ -157,8 +186,9 @@ if __name__ == "__main__":  # the interpreter run of test_kernel_under_triton_in
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-@pytest.mark.parametrize("head_dim,split_unpack", [(128, False), (64, True)])
-def test_kernel_compiles_for_hopper(head_dim, split_unpack):
+@pytest.mark.parametrize("head_dim,split_unpack,device_lens", [(128, False, False), (64, True, False),
+                                                              (64, False, True)])
+def test_kernel_compiles_for_hopper(head_dim, split_unpack, device_lens):
     """Guards against compile-only failures the interpreter cannot see (branch type mismatches, constexpr
     misuse, layout errors): the kernel with every feature on must compile to an sm_90 cubin without a GPU."""
     import triton
@@ -169,7 +199,8 @@ def test_kernel_compiles_for_hopper(head_dim, split_unpack):
 
     fn = triton_decode.kernels.decode_split_kernel
     const = dict(GROUP=4, GP=16, D=head_dim, G=32, BS=64, CHUNK=64, HAS8=True, HAS4=True, HAS2=True,
-                 HAS_MASK=True, WINDOW=128, SOFTCAP=True, WHILE_LOOP=False, SPLIT_UNPACK=split_unpack)
+                 HAS_MASK=True, WINDOW=0 if device_lens else 128, SOFTCAP=True, WHILE_LOOP=False,
+                 SPLIT_UNPACK=split_unpack, DEVICE_LENS=device_lens)
     sig = {name: _arg_type(name, const) for name in fn.arg_names}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 8})
@@ -182,7 +213,7 @@ def _arg_type(name: str, const: dict) -> str:
         return "constexpr"
     if name in ("q_ptr", "fk_ptr", "fv_ptr", "tk_ptr", "tv_ptr"):
         return "*bf16"
-    if name in ("bits_ptr", "slot_ptr"):
+    if name in ("bits_ptr", "slot_ptr", "lens_ptr"):
         return "*i32"
     if name in ("acc_ptr", "m_ptr", "l_ptr"):
         return "*fp32"

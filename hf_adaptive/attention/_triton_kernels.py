@@ -140,14 +140,24 @@ def decode_split_kernel(
     k4c, k4s, k4z, v4c, v4s, v4z, s4c_b, s4c_h, s4k_b, s4k_h, s4v_b, s4v_h,
     k2c, k2s, k2z, v2c, v2s, v2z, s2c_b, s2c_h, s2k_b, s2k_h, s2v_b, s2v_h,
     mask_ptr, sm_b,
-    acc_ptr, m_ptr, l_ptr,
+    acc_ptr, m_ptr, l_ptr, lens_ptr,
     n_hist_chunks, n_tail, n_total, first_chunk, chunks_per_split, n_splits, qk_scale, softcap,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BS: tl.constexpr,
     CHUNK: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, HAS2: tl.constexpr,
     HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, WHILE_LOOP: tl.constexpr,
-    SPLIT_UNPACK: tl.constexpr,
+    SPLIT_UNPACK: tl.constexpr, DEVICE_LENS: tl.constexpr,
 ):
-    """Partial attention of one (split, kv head, batch): the group's query heads over its chunks."""
+    """Partial attention of one (split, kv head, batch): the group's query heads over its chunks.
+
+    DEVICE_LENS: the lengths live on the device (``lens_ptr`` = [history blocks, tail tokens], a static
+    cache under CUDA graphs); the host's length arguments are capacities and the chunks are shared out among
+    the ``n_splits`` programs here, from the live lengths.
+    """
+    if DEVICE_LENS:
+        n_hist_chunks = tl.load(lens_ptr) * (BS // CHUNK)
+        n_tail = tl.load(lens_ptr + 1)
+        n_total = n_hist_chunks * CHUNK + n_tail
+        chunks_per_split = tl.cdiv(n_hist_chunks + tl.cdiv(n_tail, CHUNK), n_splits)
     split = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)

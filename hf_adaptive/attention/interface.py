@@ -23,6 +23,7 @@ import torch
 
 from hf_adaptive.attention import triton_decode
 from hf_adaptive.attention.reference import dense_attention, gather_packed_kv, reference_decode_attention
+from hf_adaptive.attention.static_op import static_decode_attention
 from hf_adaptive.kv.packed import PackedKV
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,20 @@ def adaptive_attention_forward(
     """
     packed = packed_view_of(key)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if packed is None and attention_mask is not None and attention_mask.dim() == 4 \
+            and attention_mask.shape[-1] > key.shape[-2]:
+        # a static adaptive layer's prefill returns its exact keys [0, N); its masks span max_cache_len
+        attention_mask = attention_mask[..., : key.shape[-2]]
+    if packed is not None and packed.lengths is not None:
+        if query.shape[2] != 1 or dropout:
+            raise ValueError(f"a static packed view serves decode steps only (q_len 1, no dropout); got q_len "
+                             f"{query.shape[2]}, dropout {dropout}. Its layer returns exact keys for prefill.")
+        key_mask = key_mask_from_hf(attention_mask, query.shape[0], packed.num_tokens)
+        if key_mask is False:
+            raise ValueError("per-head attention masks are not supported over a static packed view; pass a "
+                             "(B, 1, 1, N) mask (transformers' default).")
+        out = static_decode_attention(query, packed, scaling=scaling, softcap=softcap, key_mask=key_mask)
+        return out.transpose(1, 2).contiguous(), None
     if packed is not None and query.shape[2] == 1 and not dropout:
         out = decode_attention(query, packed, scaling=scaling, softcap=softcap, sliding_window=sliding_window,
                                attention_mask=attention_mask)

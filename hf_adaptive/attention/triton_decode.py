@@ -124,13 +124,14 @@ def triton_decode_attention(
         *_pool_args(packed, 8, query.device), *_pool_args(packed, 4, query.device),
         *_pool_args(packed, 2, query.device),
         mask, mask.stride(0) if key_mask is not None else 0,
-        acc, m, lse,
+        acc, m, lse, packed.lengths if packed.lengths is not None else _dummy(query.device, torch.int32),
         plan.n_hist_chunks, plan.n_tail, packed.num_tokens, plan.first_chunk, plan.per_split, plan.splits,
         float(scaling), float(softcap or 0.0),
         GROUP=plan.group, GP=max(16, triton.next_power_of_2(plan.group)), D=D, G=packed.value_group,
         BS=packed.block_size, CHUNK=plan.chunk, HAS8=8 in packed.pools, HAS4=4 in packed.pools,
         HAS2=2 in packed.pools, HAS_MASK=key_mask is not None, WINDOW=plan.window, SOFTCAP=softcap is not None,
-        WHILE_LOOP=_INTERPRETING, SPLIT_UNPACK=bool(config.split_unpack), num_warps=plan.num_warps,
+        WHILE_LOOP=_INTERPRETING, SPLIT_UNPACK=bool(config.split_unpack), DEVICE_LENS=packed.lengths is not None,
+        num_warps=plan.num_warps,
     )
     out = torch.empty(B, Hq, 1, D, device=query.device, dtype=query.dtype) if out is None else out
     kernels.merge_splits_kernel[(B * Hq,)](acc, m, lse, out, out.stride(0), out.stride(1), Hq, plan.splits,
@@ -163,6 +164,9 @@ def _plan_launch(query: torch.Tensor, packed: PackedKV, sliding_window: int | No
     n_tail = packed.tail_k.shape[-2]
     n_chunks = n_hist_chunks + -(-n_tail // chunk)
     window = int(sliding_window or 0)
+    if window and packed.lengths is not None:
+        raise ValueError("a static packed view (device lengths) does not support sliding_window; static caches "
+                         "hold full-attention layers only.")
     first_chunk = max(0, packed.num_tokens - window) // chunk if window else 0
     splits = _choose_splits(n_chunks - first_chunk, B * H, query.device, config)
     per_split = max(1, -(-(n_chunks - first_chunk) // splits))
@@ -241,6 +245,10 @@ def _check_inputs(query: torch.Tensor, packed: PackedKV, key_mask: torch.Tensor 
                          f"{tuple(query.shape)}); use sdpa over gather_packed_kv(...) for prefill.")
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim D={D} is not supported by the fused kernel; supported: {SUPPORTED_HEAD_DIMS}.")
+    if packed.lengths is not None and (packed.lengths.dtype != torch.int32 or packed.lengths.numel() != 2
+                                       or packed.lengths.device != query.device):
+        raise ValueError(f"packed.lengths must be int32 (2,) [history blocks, tail tokens] on {query.device}; got "
+                         f"{packed.lengths.dtype} {tuple(packed.lengths.shape)} on {packed.lengths.device}.")
     bs = packed.block_size
     if bs < 16 or bs & (bs - 1):
         raise ValueError(f"block_size={bs} must be a power of two >= 16 for the fused kernel.")

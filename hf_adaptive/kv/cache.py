@@ -166,8 +166,11 @@ class AdaptiveKVCache(Cache):
         if self.step == 0 and not self.layers[0].is_initialized:
             self._check_budget(key_states.shape[0], key_states.element_size())
         B, H, q, D = key_states.shape
-        incoming = q * B * H * D * 2 * key_states.element_size() * len(self.layers)
-        reading = self.pressure.read(self.live_bytes() + incoming)
+        self._decide(q, q * B * H * D * 2 * key_states.element_size() * len(self.layers))
+
+    def _decide(self, q: int, incoming_bytes: int) -> None:
+        """Read pressure once (live + incoming bytes), take the policy's decision for every layer, record it."""
+        reading = self.pressure.read(self.live_bytes() + incoming_bytes)
         decision = self.policy.decide(reading.fraction, self.step)
         self.context.decision, self.last_reading = decision, reading
         self.context.packed_decode = self.packed_decode_enabled()

@@ -68,6 +68,11 @@ class PackedKV:
         full_k, full_v: (B, H, S16, D) model dtype, the pool of 16-bit history blocks.
         pools: {bits: QuantPool} for each quantized precision present.
         tail_k, tail_v: (B, H, T, D) model dtype, the exact most recent tokens.
+        lengths: None for a view whose shapes are its extents (the dynamic cache). For a static view (the
+            compile-friendly cache, read under CUDA graphs): an int32 (2,) device tensor [history blocks,
+            tail tokens]; ``block_bits``/``block_slot``, the tail and the pools are then capacity-sized and
+            only these leading extents are live.
+        max_tokens: static views only: the cache's max length (the key length of transformers' masks).
     """
 
     block_size: int
@@ -79,10 +84,24 @@ class PackedKV:
     tail_k: torch.Tensor
     tail_v: torch.Tensor
     pools: dict[int, QuantPool] = field(default_factory=dict)
+    lengths: torch.Tensor | None = None
+    max_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
+        """Tokens in the layer; for a static view, ``max_tokens`` (the key length of its masks)."""
+        if self.lengths is not None:
+            return self.max_tokens
         return int(self.block_bits.numel()) * self.block_size + self.tail_k.shape[-2]
+
+
+def resolve_static(view: PackedKV) -> PackedKV:
+    """A static view cut to its live extents (reads ``lengths`` on the host: one sync; reference path only)."""
+    if view.lengths is None:
+        return view
+    n_blocks, n_tail = (int(x) for x in view.lengths.tolist())
+    return PackedKV(view.block_size, view.value_group, view.block_bits[:n_blocks], view.block_slot[:n_blocks],
+                    view.full_k, view.full_v, view.tail_k[:, :, :n_tail], view.tail_v[:, :, :n_tail], view.pools)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -73,7 +73,9 @@ class GPUMemoryPressure:
 
     - the card: ``torch.cuda.mem_get_info`` (all processes) vs ``target_fraction`` of the card's total;
     - this process's allocator cap (``torch.cuda.set_per_process_memory_fraction``, which ``mem_get_info`` does
-      not know about): bytes allocated by this process's caching allocator vs ``target_fraction`` of the cap.
+      not know about): bytes RESERVED by this process's caching allocator (the cap limits reserved memory, so
+      fragmentation counts: with 4.5 GiB allocated, 6 GiB reserved hit a 6 GiB cap on an H100) vs
+      ``target_fraction`` of the cap.
     Both are host-side queries (no stream sync); ``every_n_reads`` > 1 reuses the last reading in between.
 
     Args:
@@ -100,8 +102,8 @@ class GPUMemoryPressure:
         self._reads += 1
         if self._last is None or self._reads % self.every_n_reads == 0:
             free_bytes, total_bytes = torch.cuda.mem_get_info(self.device)
-            allocated = torch.cuda.memory_allocated(self.device)
-            self._last = gpu_reading(free_bytes, total_bytes, allocated, self.target_fraction,
+            reserved = torch.cuda.memory_reserved(self.device)
+            self._last = gpu_reading(free_bytes, total_bytes, reserved, self.target_fraction,
                                      self._process_fraction())
         return self._last
 
@@ -117,7 +119,8 @@ def gpu_reading(free_bytes: int, total_bytes: int, allocated_bytes: int, target_
     """Pure pressure arithmetic of :class:`GPUMemoryPressure` (unit-testable with injected numbers).
 
     Returns the reading of the tighter limit: card-wide ``(total - free) / (target * total)`` or this
-    process's ``allocated / (target * process_fraction * total)``.
+    process's ``allocated / (target * process_fraction * total)``, where ``allocated_bytes`` is what counts
+    against the cap (the caller passes the allocator's reserved bytes).
     """
     card_limit = int(total_bytes * target_fraction)
     card = PressureReading((total_bytes - free_bytes) / card_limit, "gpu", total_bytes - free_bytes, card_limit)

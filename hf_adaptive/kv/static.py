@@ -1,0 +1,395 @@
+"""``AdaptiveStaticKVCache``: the adaptive KV cache with static shapes, for transformers' compiled decode.
+
+Contract: same storage and policy as :class:`~hf_adaptive.kv.cache.AdaptiveKVCache` (block table, per-precision
+pools, exact tail, pressure ladder, demotion), with every tensor the decode step reads preallocated and its
+live extents on the device, so ``model.generate`` can ``torch.compile`` the step and replay it as a CUDA graph:
+
+- the exact tail is a (B, H, residual_length + block_size, D) buffer; a decode step writes one row at a
+  device-held position; the attention reads the packed view through one custom op (fused Triton kernel on
+  CUDA) whose lengths are read on the device (``PackedKV.lengths``);
+- the host work of a step (pressure reading, policy decision, moving a full block out of the tail, demotions,
+  the device lengths) runs eagerly in forward hooks *around* the compiled step, which
+  :func:`hf_adaptive.enable_fused_attention` installs; the compiled region holds only tensor ops;
+- pools are allocated at their capacity when a precision is first used (all ``max_cache_len`` tokens; for
+  precisions above the lowest, capped by ``memory_budget``), so the step's graph is captured again only when
+  a new precision appears or a pool is released: rare, with hysteresis. ``recompiles`` counts them.
+Full-attention models only (no sliding-window layers); prefill runs eagerly and attends exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from transformers import PretrainedConfig
+
+from hf_adaptive.attention.interface import attach_packed_view
+from hf_adaptive.kv import packed
+from hf_adaptive.kv.cache import AdaptiveKVCache
+from hf_adaptive.kv.layer import AdaptiveFullLayer, LayerContext
+from hf_adaptive.kv.pools import BlockPool, to_device
+
+logger = logging.getLogger(__name__)
+
+
+def _mark_static(t: torch.Tensor) -> None:
+    # fixed addresses: CUDA-graph replays read them in place instead of copying them in every step
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(t)
+
+
+class StaticLengths:
+    """Device-side extents shared by every layer: ``lens`` int32 [history blocks, tail tokens incl. this step],
+    ``seen`` int64 scalar (tokens stored before this step: what ``get_seq_length`` reports inside the graph)."""
+
+    def __init__(self, device: torch.device):
+        self.lens = torch.zeros(2, dtype=torch.int32, device=device)
+        self.seen = torch.zeros((), dtype=torch.int64, device=device)
+        _mark_static(self.lens)
+        _mark_static(self.seen)
+
+    def set(self, n_blocks: int, n_tail: int, seen: int) -> None:
+        """Scalar fills: kernel arguments, no host-to-device copy and no sync."""
+        self.lens[0].fill_(n_blocks)
+        self.lens[1].fill_(n_tail)
+        self.seen.fill_(seen)
+
+
+class StaticAdaptiveLayer(AdaptiveFullLayer):
+    """Full-attention layer with a preallocated tail, capacity-sized pools and a device block table."""
+
+    is_compileable = True
+
+    def __init__(self, context: LayerContext, cache: AdaptiveStaticKVCache):
+        self._cache = cache
+        super().__init__(context)
+
+    def _clear(self) -> None:
+        super()._clear()
+        self.n_tail = 0  # tokens in the tail, committed (written)
+        self.prepared = 0  # tokens the hooks made room for in this forward (written by update, committed after)
+        self.view: packed.PackedKV | None = None
+        self._view_key: tuple | None = None
+
+    @property
+    def capacity_blocks(self) -> int:
+        return math.ceil(self._cache.max_cache_len / self.context.settings.block_size)
+
+    @property
+    def tail_capacity(self) -> int:
+        s = self.context.settings
+        return s.residual_length + s.block_size
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        B, H, _, D = key_states.shape
+        self.tail_k = key_states.new_zeros(B, H, self.tail_capacity, D)
+        self.tail_v = value_states.new_zeros(B, H, self.tail_capacity, value_states.shape[-1])
+        self.table = torch.zeros(2, self.capacity_blocks, dtype=torch.int32, device=self.device)
+        for t in (self.tail_k, self.tail_v, self.table):
+            _mark_static(t)
+        self._set_tail_views()
+        self._cache.lengths_for(self.device)
+
+    def _set_tail_views(self) -> None:
+        # the parent's accounting, stats and eager paths read the live tail as self.keys / self.values
+        self.keys, self.values = self.tail_k[:, :, : self.n_tail], self.tail_v[:, :, : self.n_tail]
+
+    # ------------------------------------------------------------------ per-step path
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Decode (hooks prepared the step): write the new row, return the tail marked with the static view.
+        Otherwise (prefill, or no hooks, eager only): store everything now and return exact dense keys/values."""
+        if torch.compiler.is_compiling():
+            return self._update_compiled(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        if self.prepared and self.prepared == q:
+            self.tail_k[:, :, self.n_tail: self.n_tail + q].copy_(key_states)
+            self.tail_v[:, :, self.n_tail: self.n_tail + q].copy_(value_states)
+            if q == 1 and self.context.packed_decode:
+                return self._handles()
+            return self._dense(self.n_tail + q)
+        return self._update_unprepared(key_states, value_states)
+
+    def _update_compiled(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        if not self.context.packed_decode:
+            raise ValueError("AdaptiveStaticKVCache: a compiled decode step must read the cache through "
+                             "attn_implementation='hf_adaptive'. Fix: hf_adaptive.enable_fused_attention(model).")
+        if not self.is_initialized or key_states.shape[-2] != 1:
+            raise ValueError("AdaptiveStaticKVCache: a compiled forward must be a decode step (q_len 1) after an "
+                             "eager prefill, with the step hooks installed. Fix: call "
+                             "hf_adaptive.enable_fused_attention(model) before generate.")
+        pos = (self._cache.lengths.lens[1:2] - 1).long()  # this step's row, set by the hooks
+        self.tail_k.index_copy_(2, pos, key_states)
+        self.tail_v.index_copy_(2, pos, value_states)
+        return self.tail_k, self.tail_v
+
+    def _handles(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tail_k, self.tail_v
+
+    def _dense(self, n_tail: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact tail (first ``n_tail`` rows) after the dequantized history: (B, H, N, D)."""
+        k, v = self.tail_k[:, :, :n_tail], self.tail_v[:, :, :n_tail]
+        history = self._history()
+        if history is None:
+            return k, v
+        return torch.cat([history[0], k], -2), torch.cat([history[1], v], -2)
+
+    def _update_unprepared(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Append any number of tokens: exact output first, then whole cold blocks go to the pools."""
+        self._sync_pending()
+        k = torch.cat([self.tail_k[:, :, : self.n_tail], key_states], -2)
+        v = torch.cat([self.tail_v[:, :, : self.n_tail], value_states], -2)
+        history = self._history()
+        out = (k, v) if history is None else (torch.cat([history[0], k], -2), torch.cat([history[1], v], -2))
+        s = self.context.settings
+        n = max(0, k.shape[-2] - s.residual_length) // s.block_size
+        if k.shape[-2] > self.tail_capacity - 1 and n:  # keep one free row for the next decode step
+            self._store_blocks(k[:, :, : n * s.block_size], v[:, :, : n * s.block_size], self.context.decision.bits)
+            k, v = k[:, :, n * s.block_size:], v[:, :, n * s.block_size:]
+        self.tail_k[:, :, : k.shape[-2]].copy_(k)
+        self.tail_v[:, :, : v.shape[-2]].copy_(v)
+        self.n_tail, self.prepared = k.shape[-2], 0
+        self._after_change()
+        return out
+
+    # ------------------------------------------------------------------ host step (eager, around the graph)
+    def prepare(self, q: int) -> bool:
+        """Make room for ``q`` new tail rows (flush whole blocks, demote per the decision); False if it cannot.
+
+        Demotions run on the side stream and are published to the device block table only at the next step,
+        after the stream waited for them: until then the step reads the blocks' old (intact) slots.
+        """
+        self._sync_pending()
+        self._after_change()
+        s, decision = self.context.settings, self.context.decision
+        if self.n_tail + q > self.tail_capacity:
+            n = (self.n_tail - s.residual_length) // s.block_size
+            if n <= 0 or self.n_tail - n * s.block_size + q > self.tail_capacity:
+                return False
+            rows = n * s.block_size
+            self._store_blocks(self.tail_k[:, :, :rows], self.tail_v[:, :, :rows], decision.bits)
+            keep = self.n_tail - rows
+            self.tail_k[:, :, :keep].copy_(self.tail_k[:, :, rows: self.n_tail].clone())
+            self.tail_v[:, :, :keep].copy_(self.tail_v[:, :, rows: self.n_tail].clone())
+            self.n_tail = keep
+            self._after_change()
+        if decision.demote_blocks:
+            self.demote(decision.bits, decision.demote_blocks)
+            if self._pending is None:  # no side stream: done already, publish now
+                self._after_change()
+        self.prepared = q
+        self._set_tail_views()
+        return True
+
+    def commit(self) -> None:
+        """The prepared rows were written by the step that just ran."""
+        self.n_tail += self.prepared
+        self.prepared = 0
+        self._set_tail_views()
+
+    def _after_change(self) -> None:
+        self._set_tail_views()
+        if self._gather is None:  # the block table changed: refresh its device copy
+            n = len(self.block_bits)
+            if n:
+                host = torch.tensor([self.block_bits, self.block_slot], dtype=torch.int32)
+                self.table[:, :n].copy_(to_device(host, self.device))
+            self._gather_index(need_index=False)
+        self._refresh_view()
+
+    # ------------------------------------------------------------------ storage
+    def _pool(self, bits: int) -> BlockPool:
+        if bits not in self.pools:
+            pool = BlockPool(bits, self.shape)
+            pool._grow(self._pool_capacity(pool))
+            self.pools[bits] = pool
+        return self.pools[bits]
+
+    def _pool_capacity(self, pool: BlockPool) -> int:
+        budget = self.context.settings.memory_budget
+        lowest = pool.bits <= self._cache.lowest_bits
+        if budget is None or lowest:
+            return self.capacity_blocks
+        per_layer = budget / max(len(self._cache.layers), 1)
+        return max(1, min(self.capacity_blocks, math.ceil(per_layer / pool.slot_bytes())))
+
+    def _maybe_compact(self) -> None:
+        """Static storage never shrinks in place; a pool emptied by demotion is released as a whole."""
+        for bits in [b for b, p in self.pools.items() if p.used == 0 and b not in self.block_bits]:
+            del self.pools[bits]
+            self._gather = None
+
+    def _refresh_view(self) -> None:
+        key = tuple((b, id(p.tensors[next(iter(p.tensors))])) for b, p in sorted(self.pools.items()))
+        if key == self._view_key and self.view is not None:
+            return
+        for pool in self.pools.values():
+            for t in pool.tensors.values():
+                _mark_static(t)
+        if self._view_key is not None:
+            self._cache.recompiles += 1
+        B, H, _, D = self.tail_k.shape
+        full = self.pools.get(16)
+        full_k = full.tensors["k"] if full is not None else self.tail_k.new_zeros(B, H, 0, D)
+        full_v = full.tensors["v"] if full is not None else self.tail_v.new_zeros(B, H, 0, D)
+        pools = {b: p.as_quant_pool(p.capacity) for b, p in self.pools.items() if b != 16}
+        self.view = packed.PackedKV(self.shape.block_size, self.shape.value_group, self.table[0], self.table[1],
+                                    full_k, full_v, self.tail_k, self.tail_v, pools,
+                                    lengths=self._cache.lengths.lens, max_tokens=self._cache.max_cache_len)
+        attach_packed_view(self.tail_k, self.view)
+        self._view_key = key
+
+    def packed_view(self) -> packed.PackedKV:
+        """The layer's static view (capacity-sized tensors, live extents in ``view.lengths``)."""
+        if self.view is None:
+            raise ValueError("packed_view() needs at least one update(); this layer holds no tokens yet.")
+        return self.view
+
+    # ------------------------------------------------------------------ transformers Cache API
+    def get_seq_length(self):
+        if torch.compiler.is_compiling():
+            return self._cache.lengths.seen
+        if not self.is_initialized:
+            return 0
+        return len(self.block_bits) * self.shape.block_size + self.n_tail
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        """Masks span the whole static length (key positions are logical positions)."""
+        return self._cache.max_cache_len, 0
+
+    def get_max_length(self) -> int:
+        return self._cache.max_cache_len
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last tokens (negative ``tokens_to_remove``) or keep that many (positive, legacy).
+
+        Exact within the tail; deeper, whole blocks come back into the tail dequantized (lossy when quantized,
+        counted in ``lossy_crop_tokens``)."""
+        if not self.is_initialized:
+            return
+        length = self.get_seq_length()
+        keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
+        keep = max(0, min(keep, length))
+        bs = self.shape.block_size
+        self._sync_pending()
+        while len(self.block_bits) * bs > keep:
+            self._pop_block_static()
+        self.n_tail = keep - len(self.block_bits) * bs
+        self._after_change()
+
+    def _pop_block_static(self) -> None:
+        bits, slot = self.block_bits.pop(), self.block_slot.pop()
+        pool = self.pools[bits]
+        k, v = pool.dequantize(pool.read([slot]), self.dtype)
+        pool.release([slot])
+        self._gather = None
+        room = self.tail_capacity - k.shape[-2]
+        self.n_tail = min(self.n_tail, room)  # rows past the room are being cropped anyway
+        self.tail_k[:, :, k.shape[-2]: k.shape[-2] + self.n_tail].copy_(self.tail_k[:, :, : self.n_tail].clone())
+        self.tail_v[:, :, k.shape[-2]: k.shape[-2] + self.n_tail].copy_(self.tail_v[:, :, : self.n_tail].clone())
+        self.tail_k[:, :, : k.shape[-2]].copy_(k)
+        self.tail_v[:, :, : v.shape[-2]].copy_(v)
+        self.n_tail += k.shape[-2]
+        if bits < 16:
+            self.lossy_crop_tokens += self.shape.block_size
+
+    def _apply_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self._sync_pending()
+        for name in ("tail_k", "tail_v"):
+            new = fn(getattr(self, name))
+            if new.shape == getattr(self, name).shape:
+                getattr(self, name).copy_(new)
+            else:
+                _mark_static(new)
+                setattr(self, name, new)
+        for pool in self.pools.values():
+            pool.apply_batch(fn)
+        self.shape = type(self.shape)(self.tail_k.shape[0], *list(vars(self.shape).values())[1:])
+        self._view_key = None
+        self._after_change()
+
+
+class AdaptiveStaticKVCache(AdaptiveKVCache):
+    """:class:`AdaptiveKVCache` with static shapes for compiled / CUDA-graph decoding.
+
+    Args:
+        config: the model's config (full-attention layers only).
+        max_cache_len: most tokens per sequence (prompt + new tokens); fixes every shape.
+        kv_config, pressure, **overrides: as :class:`AdaptiveKVCache` (``memory_budget``, ``fixed_bits``, ...).
+
+    Example::
+
+        hf_adaptive.enable_fused_attention(model)  # attention + the step hooks (once per model)
+        cache = AdaptiveStaticKVCache(model.config, max_cache_len=4096 + 256, fixed_bits=4)
+        out = model.generate(**inputs, max_new_tokens=256, **generate_cache_kwargs(cache))  # compiled on CUDA
+    """
+
+    def __init__(self, config: PretrainedConfig, max_cache_len: int, kv_config=None, *, pressure=None,
+                 **overrides):
+        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 2:
+            raise ValueError(f"max_cache_len must be an int >= 2 (prompt + new tokens); got {max_cache_len!r}. "
+                             "Fix: e.g. max_cache_len=input_len + max_new_tokens.")
+        self.max_cache_len = max_cache_len
+        self.recompiles = 0
+        self.lengths: StaticLengths | None = None
+        super().__init__(config, kv_config, pressure=pressure, packed_attention="auto", **overrides)
+
+    def _build_layers(self) -> list:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        layer_types, _ = get_layer_types_and_kwargs(self.text_config)
+        bad = sorted({t for t in layer_types if t != "full_attention"})
+        if bad:
+            raise ValueError(f"AdaptiveStaticKVCache holds full-attention layers only; this model has {bad}. "
+                             "Fix: use AdaptiveKVCache (eager decode) for sliding-window / hybrid models.")
+        return [StaticAdaptiveLayer(self.context, self) for _ in layer_types]
+
+    def lengths_for(self, device: torch.device) -> StaticLengths:
+        if self.lengths is None:
+            self.lengths = StaticLengths(device)
+        return self.lengths
+
+    # ------------------------------------------------------------------ step hooks (eager)
+    def begin_step(self, q: int) -> None:
+        """Before a forward of ``q`` tokens: pressure + decision, room in every tail, device lengths."""
+        layer0 = self.layers[0]
+        if not layer0.is_initialized:
+            return  # the first (prefill) forward initializes the layers in update()
+        self._hooked_step = True
+        self._begin_step_for(q, layer0)
+        ready = all(layer.prepare(q) for layer in self.layers)
+        if not ready:  # too many tokens for the tail (chunked prefill): update() stores them eagerly
+            for layer in self.layers:
+                layer.prepared = 0
+            return
+        n_blocks, n_tail = len(layer0.block_bits), layer0.n_tail
+        self.lengths.set(n_blocks, n_tail + q, n_blocks * layer0.shape.block_size + n_tail)
+
+    def _begin_step_for(self, q: int, layer0: StaticAdaptiveLayer) -> None:
+        B, H, _, D = layer0.tail_k.shape
+        self._decide(q, q * B * H * D * 2 * layer0.tail_k.element_size() * len(self.layers))
+
+    def end_step(self) -> None:
+        """After the forward: the prepared rows are written; record the step."""
+        if not getattr(self, "_hooked_step", False):
+            return
+        self._hooked_step = False
+        for layer in self.layers:
+            layer.commit()
+        self._end_step()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if torch.compiler.is_compiling() or getattr(self, "_hooked_step", False):
+            return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)  # no hooks: eager bookkeeping
+        return out
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out.update(max_cache_len=self.max_cache_len, recompiles=self.recompiles)
+        return out

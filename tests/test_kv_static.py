@@ -1,0 +1,122 @@
+"""AdaptiveStaticKVCache: the compile-friendly adaptive cache (static shapes, device lengths, eager step hooks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CompileConfig, DynamicCache
+
+import hf_adaptive
+from hf_adaptive.kv.cache import generate_cache_kwargs
+from hf_adaptive.kv.pressure import ScriptedPressure
+from hf_adaptive.kv.quality import forward_cache_kwargs
+from hf_adaptive.kv.static import AdaptiveStaticKVCache
+
+from conftest import make_tiny_model
+
+SMALL = dict(residual_length=16, block_size=16, value_group=16)
+
+
+def _generate(model, ids, cache, new_tokens, compiled=False, backend="aot_eager"):
+    if compiled:
+        cc = CompileConfig(backend=backend, mode=None, fullgraph=False)
+        cc._compile_all_devices = True  # compile on CPU too (transformers compiles on accelerators only)
+        extra = {"compile_config": cc}
+    else:
+        extra = {"disable_compile": True}
+    return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **generate_cache_kwargs(cache), **extra)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = make_tiny_model("llama")
+    ids = torch.randint(0, 128, (2, 37), generator=torch.Generator().manual_seed(3))
+    ref = _generate(model, ids, DynamicCache(config=model.config), 40)
+    hf_adaptive.enable_fused_attention(model)
+    return model, ids, ref
+
+
+def test_static_16bit_is_lossless_eager(tiny):
+    """Guards the tail/block bookkeeping: at 16 bits the static cache must decode exactly like DynamicCache
+    (a wrong row index, a stale tail row or an off-by-one device length changes the tokens)."""
+    model, ids, ref = tiny
+    cache = AdaptiveStaticKVCache(model.config, max_cache_len=37 + 48, **SMALL)
+    out = _generate(model, ids, cache, 40)
+    assert torch.equal(out, ref)
+    stats = cache.stats()
+    assert stats["layers"][0]["tokens"] == 37 + 40 - 1  # the last token is sampled, never fed back
+    assert stats["layers"][0]["blocks"] >= 3  # blocks really moved out of the tail during decode
+
+
+def test_compiled_decode_matches_eager_and_compiles_once(tiny):
+    """Guards the compile path: the step must trace with the hooks outside the graph, give the eager tokens
+    (4-bit, so history really is read from the quantized pools) and not recompile per step."""
+    model, ids, _ = tiny
+    eager = _generate(model, ids, AdaptiveStaticKVCache(model.config, max_cache_len=90, fixed_bits=4, **SMALL), 40)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    cache = AdaptiveStaticKVCache(model.config, max_cache_len=90, fixed_bits=4, **SMALL)
+    out = _generate(model, ids, cache, 40, compiled=True, backend=counting)
+    assert torch.equal(out, eager)
+    assert len(cache.history) == 40  # the host step ran eagerly on every forward (prefill + 39 decode steps)
+    assert 1 <= len(graphs) <= 2, f"{len(graphs)} graphs compiled for 39 decode steps"
+    assert cache.stats()["layers"][0]["tokens_by_bits"]["4"] > 0
+
+
+def test_pressure_switch_under_compile_recompiles_rarely(tiny):
+    """Guards adaptivity on the compiled path: a pressure step to 4 bits mid-generation must take effect
+    (4-bit blocks appear) at the cost of a counted re-trace, not one per step."""
+    model, ids, _ = tiny
+    torch._dynamo.reset()
+    pressure = ScriptedPressure([0.0] * 12 + [0.9] * 200)
+    cache = AdaptiveStaticKVCache(model.config, max_cache_len=90, pressure=pressure, **SMALL)
+    _generate(model, ids, cache, 40, compiled=True)
+    bits = cache.stats()["layers"][0]["tokens_by_bits"]
+    assert bits["16"] > 0 and bits["4"] > 0
+    assert 1 <= cache.recompiles <= 3
+
+
+def test_crop_within_tail_is_exact(tiny):
+    """Guards crop (assisted decoding): dropping the last tokens and re-feeding them must restore the logits."""
+    model, ids, _ = tiny
+    cache = AdaptiveStaticKVCache(model.config, max_cache_len=64, **SMALL)
+    with torch.no_grad():
+        model(input_ids=ids[:, :30], use_cache=True, **forward_cache_kwargs(model, cache))
+        first = model(input_ids=ids[:, 30:33], use_cache=True, **forward_cache_kwargs(model, cache)).logits
+        cache.crop(30)
+        assert cache.get_seq_length() == 30
+        again = model(input_ids=ids[:, 30:33], use_cache=True, **forward_cache_kwargs(model, cache)).logits
+    torch.testing.assert_close(first, again)
+
+
+def test_errors_name_the_fix(tiny):
+    """Guards the error contract: bad max_cache_len and hybrid (sliding) models fail with the fix named."""
+    model, _, _ = tiny
+    with pytest.raises(ValueError, match="max_cache_len"):
+        AdaptiveStaticKVCache(model.config, max_cache_len=0)
+    gemma = make_tiny_model("gemma3")
+    with pytest.raises(ValueError, match="AdaptiveKVCache"):
+        AdaptiveStaticKVCache(gemma.config, max_cache_len=64)
+
+
+@pytest.mark.gpu
+def test_compiled_static_cache_on_gpu_matches_eager():
+    """Guards the CUDA path: inductor + CUDA graphs + the Triton kernel with device lengths must give the
+    tokens of the same cache decoded eagerly (the torch reference dequantizes; bf16 near-ties aside, equal)."""
+    model = make_tiny_model("llama", dtype=torch.float32).cuda()
+    hf_adaptive.enable_fused_attention(model)
+    ids = torch.randint(0, 128, (2, 100), generator=torch.Generator().manual_seed(5)).cuda()
+    kw = dict(max_cache_len=200, fixed_bits=4, residual_length=32, block_size=32, value_group=32)
+    eager = _generate(model, ids, AdaptiveStaticKVCache(model.config, **kw), 64)
+    torch._dynamo.reset()
+    cache = AdaptiveStaticKVCache(model.config, **kw)
+    cc = CompileConfig(fullgraph=False)  # transformers' default: inductor, reduce-overhead (CUDA graphs)
+    out = model.generate(ids, max_new_tokens=64, do_sample=False, compile_config=cc, **generate_cache_kwargs(cache))
+    agree = (out == eager).float().mean().item()
+    assert agree > 0.97, agree
+    assert cache.recompiles == 0
