@@ -120,3 +120,17 @@ def test_compiled_static_cache_on_gpu_matches_eager():
     agree = (out == eager).float().mean().item()
     assert agree > 0.97, agree
     assert cache.recompiles == 0
+
+
+def test_demotion_under_pressure_publishes_next_step(tiny):
+    """Guards the static demotion path: under pressure past the demotion threshold, stored 16-bit blocks must be
+    re-stored at 4 bits (counted), pools emptied by demotion released, and decoding stay close to DynamicCache."""
+    model, ids, ref = tiny
+    pressure = ScriptedPressure([0.0] * 20 + [0.99] * 200)
+    cache = AdaptiveStaticKVCache(model.config, max_cache_len=90, pressure=pressure, **SMALL)
+    out = _generate(model, ids, cache, 40)
+    stats = cache.stats()
+    assert stats["demotions"].get("16->4", 0) > 0
+    assert stats["layers"][0]["tokens_by_bits"]["16"] <= SMALL["residual_length"] + SMALL["block_size"]
+    assert 16 not in cache.layers[0].pools  # emptied by demotion, released as a whole
+    assert (out[:, ids.shape[1]:] == ref[:, ids.shape[1]:]).float().mean() > 0.5

@@ -1,0 +1,105 @@
+"""Cost of a precision switch on the compiled path: per-step decode time of AdaptiveStaticKVCache while pressure
+steps 16 → 8 → 4 bits, each new precision re-tracing the compiled step.
+
+One command (GPU, ~1-2 minutes on one H100):
+    python eval/bench_static_switch.py --out eval/results/static_switch_h100
+CPU smoke:
+    python eval/bench_static_switch.py --device cpu --dtype float32 --shape tiny --context 256 --steps 60 --out /tmp/sw
+
+A random-init Llama of ``--shape`` is prefilled with ``--context`` tokens (eager), then decoded greedily through
+``model.get_compiled_call`` (transformers' compiled step: inductor, CUDA graphs) for ``--steps`` steps with a
+scripted pressure that enters the 8-bit rung at ``--switch-at`` and the 4-bit rung 4 block-lengths later.
+Reports every step's wall time, the steps where the cache re-traced, and the switch cost = time of those steps
+minus the median step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import hf_adaptive  # noqa: E402
+from eval.bench_kv_e2e import SHAPES, build_model, prefill, sync  # noqa: E402
+from hf_adaptive.evaluation.report import environment_info, markdown_table, write_report  # noqa: E402
+from hf_adaptive.kv.pressure import ScriptedPressure  # noqa: E402
+from hf_adaptive.kv.quality import forward_cache_kwargs  # noqa: E402
+from hf_adaptive.kv.static import AdaptiveStaticKVCache  # noqa: E402
+
+
+@torch.no_grad()
+def run(model, args) -> list[dict]:
+    """Per-step rows: step, ms, bits of the step, recompiles so far."""
+    states, token = prefill(model, args.context, args.batch, args)
+    eight, four = args.switch_at, args.switch_at + 4 * args.block_size
+    fractions = [0.0] * (eight + 1) + [0.75] * (four - eight) + [0.9] * (args.steps + 2)
+    cache = AdaptiveStaticKVCache(model.config, max_cache_len=args.context + args.steps + 2,
+                                  pressure=ScriptedPressure(fractions), residual_length=args.block_size,
+                                  block_size=args.block_size)
+    for i, (k, v) in enumerate(states):
+        cache.update(k, v, i)
+    hf_adaptive.enable_fused_attention(model)
+    step = model.get_compiled_call(None)
+    kwargs = forward_cache_kwargs(model, cache)
+    rows = []
+    for i in tqdm(range(args.steps), desc="decode"):
+        before = cache.recompiles
+        sync(args.device)
+        t0 = time.perf_counter()
+        token = step(input_ids=token, use_cache=True, **kwargs).logits[:, -1:].argmax(-1)
+        sync(args.device)
+        rows.append({"step": i, "ms": 1000 * (time.perf_counter() - t0), "bits": cache.history[-1]["bits"],
+                     "retraced": cache.recompiles > before, "recompiles": cache.recompiles})
+    return rows
+
+
+def summarize(rows: list[dict], warmup: int) -> dict:
+    steady = [r["ms"] for r in rows[warmup:] if not r["retraced"]]
+    median = statistics.median(steady)
+    switches = [{"step": r["step"], "bits": r["bits"], "ms": r["ms"], "cost_ms": r["ms"] - median}
+                for r in rows[warmup:] if r["retraced"]]
+    return {"median_step_ms": median, "switches": switches, "recompiles": rows[-1]["recompiles"]}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--switch-at", type=int, default=120, help="decode step entering the 8-bit rung")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=20, help="first steps excluded from the median (compile, capture)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.enable_cudnn_sdp(False)  # it re-plans per key length (see bench_kv_e2e.py)
+    model = build_model(args)
+    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    rows = run(model, args)
+    summary = summarize(rows, args.warmup)
+    env = {**environment_info(args.device, card), "model": f"random-init {args.shape}", "dtype": args.dtype,
+           "context": args.context, "batch": args.batch, **summary}
+    table = markdown_table(summary["switches"], ["step", "bits", "ms", "cost_ms"])
+    notes = (f"Median decode step {summary['median_step_ms']:.3f} ms (steps after {args.warmup}, re-traced steps "
+             "excluded). Each row: a step where the cache re-traced (a new precision's pool appeared or a pool was "
+             "released); cost_ms = its time minus the median. Per-step times are in the JSON.")
+    write_report(args.out, "static_switch", {"rows": rows, "summary": summary, "args": vars(args)}, env, table,
+                 f"Precision switch cost on the compiled path ({card})", notes)
+    print(table)
+    print(notes)
+
+
+if __name__ == "__main__":
+    main()
