@@ -27,6 +27,7 @@ per shape), or out of memory, is recorded as skipped with the reason, never sile
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -137,6 +138,12 @@ def decode_one(model, name: str, states: list, token: torch.Tensor, args) -> dic
     return {"ms": ms, "kv_bytes": kv_bytes(cache), "recompiles": getattr(cache, "recompiles", None)}
 
 
+def _save_partial(rows: list[dict], out: str) -> None:
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "partial_rows.json").write_text(json.dumps(rows, indent=1, default=str))
+
+
 def _compiled(name: str) -> bool:
     return name == "static_compiled" or name.startswith("compiled")
 
@@ -168,6 +175,7 @@ def bench(model, args) -> list[dict]:
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
             rows.append(row)
+            _save_partial(rows, args.out)  # a run killed by an outer time limit keeps what it measured
             bar.update()
         del states
     bar.close()
