@@ -1,28 +1,31 @@
 """GPU benchmark of token-level precision switching: lossy and verified modes vs the native tier alone.
 
-Every side runs the same decode path: ``GraphDecodeEngine`` with one CUDA graph per tier over one static
-KV cache. Modes (decode tokens/s, prefill excluded; median of ``--repeats``):
+Every lossy / fixed-tier side runs the same decode path: ``FusedStepDecoder``, one CUDA graph per tier
+over one static KV cache, the greedy token picked inside the graph (no per-step host work but one
+replay). Tiers: every decoder linear plus lm_head, q/k/v and gate/up fused into one matmul per tier
+(native and int4 alike). Modes (decode tokens/s, prefill excluded; median of ``--repeats``):
 
-- ``native``: native (bf16) tier every step - the baseline;
-- ``int4``: int4 tinygemm every step (upper bound of the lossy speedup);
-- ``lossy_high{H}``: tiers replayed from the confidences recorded from the real SmolLM2
-  (eval/data/precision_schedule_smollm2.json): int4 where the score > H, native otherwise; H = 0.9 is
-  the issue's default band, 0.75 a relaxed one (``--high``);
-- ``controller_native``: a live ``PrecisionController`` whose policy always answers native: its time
-  minus ``native`` is the controller overhead per step (confidence kernels + one host read);
-  ``controller_native_lag1``: the same deciding from the step before (async copy, no host wait);
-- ``verified`` (batch 1): real draft (int4) / verify (native) decode on these weights with the
-  confidence-adaptive draft length, checked for token identity with ``native``;
-  ``verified_always_draft``: the same with a draft every round (on random weights confidence is ~0,
-  so only this one exercises accept / reject);
-- ``verified_replay`` / ``verified_always_replay``: draft / verify rounds with the draft lengths and
-  acceptance counts recorded from the real model (adaptive / always-draft): the speed a real model
-  with that acceptance gets on this card, on these weights' shapes.
+- ``native`` / ``int4``: one tier every step (int4 is the upper bound of the lossy speedup);
+- ``lossy_{tag}_high{H}``: tiers replayed from the confidences recorded from a real model (``--schedule``,
+  tag ``chat``: SmolLM2 on four chat prompts; ``translate``: SmolLM2 translating the Spanish dev set):
+  int4 where the score > H, native otherwise, WITH the in-graph decision computed and read (lag 1),
+  i.e. the real cost of the lossy mode on this card with that model's tier mix;
+- ``controller_native`` / ``controller_native_lag1``: the in-graph decision (confidence, band, tier
+  index, pinned async copy) with a policy that always answers native, read at lag 0 (one event wait
+  per step) / lag 1 (no wait): minus ``native`` = the controller overhead;
+- ``eager_controller_native``: the previous path for comparison: one-token graphs, eager confidence
+  ops and a ``.tolist()`` per step (``decode`` + ``PrecisionController``);
+- ``prev_prep_native`` / ``prev_prep_int4`` (batch 1): tiers prepared as before this change (decoder
+  linears only, no fusion), same fused decode path: the effect of lm_head tiering + fusion;
+- ``verified`` / ``verified_always_draft`` (batch 1): real int4-draft / native-verify decode on these
+  weights, checked for token identity with native greedy; ``*_replay``: recorded draft lengths and
+  acceptance replayed on these shapes; plus a cost model from the measured step times;
+- ``compiled_*`` (``--compile``, batch 1, run last): the same fused steps under ``torch.compile``.
 
-Weights: ``--model DIR`` (a local checkpoint, e.g. SmolLM2) or random-init Llama-3.2-1B shape.
-Writes results.json, results.md and speed.png under ``--out``.
+Weights: ``--model DIR`` (a local checkpoint) or random-init Llama-3.2-1B shape. Writes results.json,
+results.md and speed.png under ``--out`` (rewritten after each section, so a cut-off run keeps its data).
 
-    python eval/bench_precision.py --out eval/results/precision_h100
+    python eval/bench_precision.py --out eval/results/precision_h100 --compile
 """
 
 from __future__ import annotations
@@ -41,9 +44,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_precision_report import verified_cost_model, write_outputs  # noqa: E402
 from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig  # noqa: E402
 from hf_adaptive.precision.controller import PrecisionController  # noqa: E402
 from hf_adaptive.precision.decode import DecodeOptions, decode  # noqa: E402
+from hf_adaptive.precision.fused_decode import FusedOptions, FusedStepDecoder, decision_for  # noqa: E402
 from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine  # noqa: E402
 from hf_adaptive.precision.tiers import prepare_tiers  # noqa: E402
 from hf_adaptive.precision.verified import (  # noqa: E402
@@ -51,6 +56,8 @@ from hf_adaptive.precision.verified import (  # noqa: E402
 
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                 intermediate_size=8192, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True)
+ALWAYS_NATIVE = PrecisionPolicyConfig(fast_tier="native", mid_tier="native", top_tier="native")
+LOSSY = PrecisionPolicyConfig(fast_tier="int4", mid_tier="native", top_tier="native")
 
 
 def build_model(path: str | None, device: str):
@@ -65,11 +72,18 @@ def build_model(path: str | None, device: str):
     return model.eval(), "random-init Llama-3.2-1B shape"
 
 
+def schedule_tag(path: str) -> str:
+    """Short name of a recorded schedule file: precision_schedule_smollm2_translate.json -> translate."""
+    stem = Path(path).stem.replace("precision_schedule_smollm2", "").strip("_")
+    return stem or "chat"
+
+
 def load_schedule(path: str) -> tuple[list[float], dict[str, list[tuple[int, int]]]]:
-    """Per-step confidences and, per verified variant, the rounds (k, accepted) of a recorded file."""
+    """Per-step confidences and, per verified variant present, the rounds (k, accepted) of a recorded file."""
     rec = json.loads(Path(path).read_text())["records"]
     scores = [s for r in rec for s in r["lossy"]["scores"]]
-    rounds = {key: [tuple(x) for r in rec for x in r[key]["rounds"]] for key in ("verified", "verified_always")}
+    rounds = {key: [tuple(x) for r in rec for x in r[key]["rounds"]]
+              for key in ("verified", "verified_always") if key in rec[0]}
     return scores, rounds
 
 
@@ -97,6 +111,21 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 
 @torch.no_grad()
+def forward_ms(engine: GraphDecodeEngine, tier: str, q: int, iters: int = 50) -> float:
+    """Mean ms of one graph replay of ``tier`` over ``q`` tokens at a fixed position (cost-model input)."""
+    start = engine.position
+    toks = torch.ones(engine.config.batch_size, q, dtype=torch.long, device=engine.device)
+    engine.forward(tier, toks, start)
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        engine.forward(tier, toks, start)
+    _sync()
+    engine.position = start
+    return (time.perf_counter() - t0) / iters * 1e3
+
+
+@torch.no_grad()
 def replay_verified(engine: GraphDecodeEngine, ids: torch.Tensor, rounds, n: int, max_draft: int) -> int:
     """Draft/verify rounds with recorded (k, accepted): the real kernels and syncs, recorded outcomes."""
     logits = engine.prefill(ids)
@@ -107,7 +136,7 @@ def replay_verified(engine: GraphDecodeEngine, ids: torch.Tensor, rounds, n: int
         tok = last
         for _ in range(k):
             tok = engine.forward(engine.tiers.fast, tok[:, None])[:, -1].argmax(-1)
-        seq = torch.cat([last] * (max_draft + 1))[None]
+        seq = torch.cat([last] * (max_draft + 1))[None] if k else last[None]
         top = engine.forward(engine.tiers.top, seq, start)[0].argmax(-1)
         top[0].item()  # the per-round host read of the real loop
         engine.position = start + acc + 1
@@ -115,152 +144,167 @@ def replay_verified(engine: GraphDecodeEngine, ids: torch.Tensor, rounds, n: int
     return produced
 
 
-def verified_stats(out: torch.Tensor, ref: torch.Tensor, ref_logits: torch.Tensor,
-                   history: list[tuple[int, int]]) -> dict:
-    """Token identity with 1-token native greedy (1, n) (near-tie check at a mismatch, see
-    ``mismatch_report``) and drafted / accepted tokens per round of the last run."""
-    stats = mismatch_report(out, ref, ref_logits, torch.bfloat16)
-    stats.update(accepted_per_round=statistics.mean(a for _, a in history) if history else 0,
-                 drafted_per_round=statistics.mean(k for k, _ in history) if history else 0,
-                 rounds_with_draft=sum(k > 0 for k, _ in history), rounds=len(history))
-    return stats
-
-
 @dataclass
 class BatchRun:
     """One batch size's engine, prompt and results; ``run`` times a mode and stores its speed."""
 
+    tiers: object
     engine: GraphDecodeEngine
     ids: torch.Tensor  # (B, prompt_len)
     args: argparse.Namespace
     t_prefill: float = 0.0
     res: dict = field(default_factory=dict)
+    decoders: dict = field(default_factory=dict)
 
-    def run(self, mode: str, fn) -> torch.Tensor:
+    def run(self, mode: str, fn) -> object:
         t, out = timed(fn, self.args.repeats)
         tokens = self.ids.shape[0] * (self.args.new_tokens - 1)
-        self.res[mode] = {"seconds": t, "decode_tokens_per_s": tokens / max(t - self.t_prefill, 1e-9)}
+        decode_s = t - self.t_prefill  # <= 0 only in noisy CPU smoke runs: reported as NaN, not as a speed
+        decode_s = decode_s if decode_s > 0 else float("nan")
+        self.res[mode] = {"seconds": t, "decode_tokens_per_s": tokens / decode_s,
+                          "ms_per_step": decode_s / (self.args.new_tokens - 1) * 1e3}
         return out
 
-    def decode(self, **kw) -> torch.Tensor:
-        return decode(self.engine, self.ids, DecodeOptions(max_new_tokens=self.args.new_tokens, **kw))
+    def fused(self, policy: PrecisionPolicyConfig | None = None, compiled: bool = False, **kw) -> torch.Tensor:
+        """Fused-step decode; with ``policy``, a live controller reads the in-graph decisions."""
+        ctl = PrecisionController(self.tiers, policy, read_raw_logits=False) if policy else None
+        key = (policy, compiled)
+        if key not in self.decoders:  # one decoder (and its captured graphs) per policy / compile
+            self.decoders[key] = FusedStepDecoder(self.engine, decision_for(ctl) if ctl else None,
+                                                  capacity=self.args.new_tokens, compile_step=compiled)
+        try:
+            return self.decoders[key].generate(
+                self.ids, FusedOptions(max_new_tokens=self.args.new_tokens, controller=ctl, **kw))
+        finally:
+            if ctl is not None:
+                ctl.close()
 
 
-def bench_verified(br: BatchRun, native: torch.Tensor, rounds: dict) -> None:
-    """Batch-1 verified modes: adaptive / always-draft on these weights, and the recorded replays."""
-    n, policy = br.args.new_tokens, PrecisionPolicyConfig(fast_tier="int4", mid_tier="native", top_tier="native")
+def bench_fused(br: BatchRun, schedules: dict, prefix: str = "", compiled: bool = False) -> torch.Tensor:
+    """Fixed tiers, lossy replays and controller overhead on the fused path; returns native tokens."""
+    native = br.run(f"{prefix}native", lambda: br.fused(tier="native", compiled=compiled))
+    br.run(f"{prefix}int4", lambda: br.fused(tier="int4", compiled=compiled))
+    for tag, (scores, _) in schedules.items():
+        for high in br.args.high:
+            sched = tier_schedule(scores, high)
+            br.run(f"{prefix}lossy_{tag}_high{high}",
+                   lambda: br.fused(LOSSY, compiled=compiled, schedule=sched, decision_lag=1))
+    for lag in (0, 1):
+        br.run(f"{prefix}controller_native" + ("_lag1" if lag else ""),
+               lambda: br.fused(ALWAYS_NATIVE, compiled=compiled, decision_lag=lag))
+    return native
+
+
+def bench_verified(br: BatchRun, native: torch.Tensor, schedules: dict) -> None:
+    """Batch-1 verified modes on these weights, the recorded replays, and the cost model inputs."""
+    n = br.args.new_tokens
     ref, ref_logits = greedy_with_logits(br.engine, br.ids, n)
     br.res["native"]["reproducible"] = bool(torch.equal(ref, native))
     for mode, adaptive in (("verified", True), ("verified_always_draft", False)):
-        opts = VerifiedOptions(max_new_tokens=n, max_draft=br.args.max_draft, policy=policy, adaptive_draft=adaptive)
+        opts = VerifiedOptions(max_new_tokens=n, max_draft=br.args.max_draft, policy=LOSSY, adaptive_draft=adaptive)
 
         def run(opts=opts):
             opts.history.clear()  # keep the last run's rounds only
             return generate_verified(br.engine, br.ids, opts)
 
         out = br.run(mode, run)
-        br.res[mode].update(verified_stats(out, ref, ref_logits, opts.history))
+        h = opts.history
+        br.res[mode].update(mismatch_report(out, ref, ref_logits, torch.bfloat16),
+                            rounds=len(h), rounds_with_draft=sum(k > 0 for k, _ in h),
+                            drafted_per_round=statistics.mean(k for k, _ in h) if h else 0,
+                            accepted_per_round=statistics.mean(a for _, a in h) if h else 0)
     del ref_logits
+    rounds = {f"{key}_{tag}": recorded for tag, (_, by_key) in schedules.items() for key, recorded in by_key.items()}
     for key, recorded in rounds.items():
         br.run(f"{key}_replay", lambda: replay_verified(br.engine, br.ids, recorded, n, br.args.max_draft))
+    br.engine.prefill(br.ids)
+    br.res["step_ms"] = {"native_1": forward_ms(br.engine, "native", 1), "int4_1": forward_ms(br.engine, "int4", 1),
+                         f"native_{br.args.max_draft + 1}": forward_ms(br.engine, "native", br.args.max_draft + 1)}
+    br.res["verified_cost_model"] = verified_cost_model(br.res["step_ms"], rounds, br.args.max_draft)
 
 
-def bench_batch(tiers, batch: int, args, schedule, rounds) -> dict:
-    """All modes at one batch size; returns {mode: {...}}."""
-    n, plen = args.new_tokens, args.prompt_len
-    ids = torch.randint(1, tiers.model.config.vocab_size, (batch, plen),
+def make_run(tiers, batch: int, args) -> BatchRun:
+    ids = torch.randint(1, tiers.model.config.vocab_size, (batch, args.prompt_len),
                         generator=torch.Generator().manual_seed(0)).to(args.device)
     verify = args.max_draft + 1 if batch == 1 else 0
-    engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=batch, max_len=plen + n + verify + 8,
-                                                        verify_len=verify))
-    br = BatchRun(engine, ids, args)
-    br.t_prefill, _ = timed(lambda: decode(engine, ids, DecodeOptions(max_new_tokens=1)), args.repeats)
-    native = br.run("native", lambda: br.decode(tier="native"))
-    br.run("int4", lambda: br.decode(tier="int4"))
-    for high in args.high:  # lossy: tiers replayed from the real model's confidences, per threshold
-        br.run(f"lossy_high{high}", lambda: br.decode(schedule=tier_schedule(schedule, high)))
-    always_native = PrecisionPolicyConfig(fast_tier="native", mid_tier="native", top_tier="native")
-    ctl = PrecisionController(tiers, always_native, read_raw_logits=False)
-    br.run("controller_native", lambda: br.decode(controller=ctl))
-    br.run("controller_native_lag1", lambda: br.decode(controller=ctl, decision_lag=1))
+    engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=batch, verify_len=verify,
+                                                        max_len=args.prompt_len + args.new_tokens + verify + 8))
+    br = BatchRun(tiers, engine, ids, args)
+    br.t_prefill, _ = timed(lambda: engine.prefill(ids), args.repeats)
+    return br
+
+
+def bench_batch(tiers, batch: int, args, schedules: dict) -> BatchRun:
+    """All non-compiled modes at one batch size."""
+    br = make_run(tiers, batch, args)
+    native = bench_fused(br, schedules)
+    ctl = PrecisionController(tiers, ALWAYS_NATIVE, read_raw_logits=False)
+    br.run("eager_controller_native", lambda: decode(br.engine, br.ids, DecodeOptions(
+        max_new_tokens=args.new_tokens, controller=ctl)))
     ctl.close()
     if batch == 1:
-        bench_verified(br, native, rounds)
-    res = br.res
-    for mode in list(res):
-        res[mode]["speedup_vs_native"] = res[mode]["decode_tokens_per_s"] / res["native"]["decode_tokens_per_s"]
-    for key, mode in (("controller_overhead_fraction", "controller_native"),
-                      ("controller_lag1_overhead_fraction", "controller_native_lag1")):
-        res[key] = res[mode]["seconds"] / res["native"]["seconds"] - 1
+        bench_verified(br, native, schedules)
+    return br
+
+
+def finish(res: dict) -> dict:
+    """Speedups vs native and controller-overhead fractions (per prefix present)."""
+    for mode in [m for m, r in res.items() if isinstance(r, dict) and "seconds" in r]:
+        base = "compiled_native" if mode.startswith("compiled_") else "native"
+        if base in res:
+            res[mode]["speedup_vs_native"] = res[mode]["decode_tokens_per_s"] / res[base]["decode_tokens_per_s"]
+    for prefix in ("", "compiled_"):
+        for suffix in ("", "_lag1"):
+            if f"{prefix}controller_native{suffix}" in res:
+                ms = res[f"{prefix}controller_native{suffix}"]["ms_per_step"]
+                res[f"{prefix}controller{suffix}_overhead_fraction"] = ms / res[f"{prefix}native"]["ms_per_step"] - 1
+    if "eager_controller_native" in res:
+        res["eager_controller_overhead_fraction"] = (res["eager_controller_native"]["seconds"]
+                                                     / res["native"]["seconds"] - 1)
     return res
 
 
-def write_outputs(out_dir: Path, result: dict) -> None:
-    """results.json, results.md (one table per batch size) and speed.png."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# Precision switching benchmark ({result['card']})", "",
-             f"torch {result['torch']}, transformers {result['transformers']}, weights: {result['weights']}",
-             f"command: `{result['command']}`", "",
-             f"tier weight bytes: {result['tier_weight_bytes']}",
-             f"int4 fraction of the replayed schedule per threshold: {result['schedule_fast_fraction']}", ""]
-    for batch, res in result["batches"].items():
-        lines += [f"## batch {batch}", "", "| mode | decode tok/s | × native |", "|---|---|---|"]
-        for mode, r in res.items():
-            if isinstance(r, dict):
-                lines.append(f"| {mode} | {r['decode_tokens_per_s']:.1f} | {r['speedup_vs_native']:.2f} |")
-        lines += ["", f"controller overhead: {100 * res['controller_overhead_fraction']:.2f} % (decision for "
-                  f"the next step), {100 * res['controller_lag1_overhead_fraction']:.2f} % (decision lag 1)"]
-        for mode in ("verified", "verified_always_draft"):
-            if mode in res:
-                v = res[mode]
-                tie = "" if v["token_identical"] else (
-                    f", greedy top-2 gap there {v['greedy_gap_at_mismatch']:.4g} vs bf16 rounding step "
-                    f"{v['rounding_step']:.4g}: near-tie {v['near_tie']}")
-                lines.append(f"{mode}: token-identical to native greedy: {v['token_identical']} (first mismatch: "
-                             f"{v['first_mismatch']}{tie}; rounds with a draft {v['rounds_with_draft']}/{v['rounds']}, "
-                             f"drafted/round {v['drafted_per_round']:.2f}, "
-                             f"accepted/round {v['accepted_per_round']:.2f})")
-        lines.append("")
-    (out_dir / "results.md").write_text("\n".join(lines))
-    plot_speed(out_dir / "speed.png", result)
+def bench_previous_prep(args) -> dict:
+    """Batch-1 native / int4 with tiers prepared as before (decoder linears only, unfused)."""
+    model, _ = build_model(args.model, args.device)
+    tiers = prepare_tiers(model, tiers=("int4", "native"), lm_head=False, fuse=False)
+    br = make_run(tiers, 1, args)
+    br.run("native", lambda: br.fused(tier="native"))
+    br.run("int4", lambda: br.fused(tier="int4"))
+    out = {f"prev_prep_{m}": r for m, r in br.res.items()}
+    out["prev_prep_tier_weight_bytes"] = tiers.memory_bytes()
+    del br, tiers, model
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # benchmark script, not library code: give the copy's memory back
+    return out
 
 
-def plot_speed(path: Path, result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    batches = list(result["batches"])
-    fig, axes = plt.subplots(1, len(batches), figsize=(7 * len(batches), 4.6), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
-        res = {m: r for m, r in result["batches"][batch].items() if isinstance(r, dict)}
-        ax.bar(list(res), [r["speedup_vs_native"] for r in res.values()], color="tab:blue")
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_title(f"batch {batch}: decode speed vs native")
-        ax.set_xticks(range(len(res)), list(res), rotation=35, ha="right", fontsize=8)
-    fig.suptitle(f"{result['card']} - {result['weights']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default=None, help="local checkpoint dir; default random-init Llama-3.2-1B")
-    ap.add_argument("--schedule", default=str(Path(__file__).parent / "data/precision_schedule_smollm2.json"))
+    data = Path(__file__).parent / "data"
+    ap.add_argument("--schedule", nargs="+", default=[str(p) for p in (
+        data / "precision_schedule_smollm2.json", data / "precision_schedule_smollm2_translate.json") if p.exists()],
+        help="recorded schedules to replay (default: the chat and translation recordings present)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-draft", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--high", type=float, nargs="+", default=[0.9, 0.75],
+    ap.add_argument("--high", type=float, nargs="+", default=[0.9, 0.75, 0.5],
                     help="fast-tier thresholds for the lossy replay (0.9 = issue default)")
+    ap.add_argument("--compile", action="store_true", help="also batch-1 fused steps under torch.compile (last)")
+    ap.add_argument("--no-prev-prep", action="store_true", help="skip the previous-preparation ablation")
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only smoke-tests the script")
     ap.add_argument("--smoke-shape", action="store_true", help="tiny random shape (for --device cpu)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # smoke test on shared CPUs: OpenMP spinning made tiny steps take 100+ ms
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_precision.py needs a CUDA GPU (the speedup only shows under CUDA graphs)")
     if args.smoke_shape:
@@ -268,18 +312,37 @@ def main() -> None:
                         num_attention_heads=4, num_key_value_heads=2)
     model, weights = build_model(args.model, args.device)
     tiers = prepare_tiers(model, tiers=("int4", "native"))
-    schedule, rounds = load_schedule(args.schedule)
+    schedules = {schedule_tag(p): load_schedule(p) for p in args.schedule}
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke test, not a benchmark)"
-    result = {"card": card, "torch": torch.__version__,
-              "transformers": transformers.__version__, "weights": weights, "command": " ".join(sys.argv),
+    result = {"card": card, "torch": torch.__version__, "transformers": transformers.__version__,
+              "weights": weights, "command": " ".join(sys.argv),
+              "schedules": {schedule_tag(p): p for p in args.schedule},
               "tier_weight_bytes": tiers.memory_bytes(), "int4_unsupported_linears": tiers.unsupported,
-              "schedule_fast_fraction": {str(h): tier_schedule(schedule, h).count("int4") / len(schedule)
-                                         for h in args.high}, "batches": {}}
+              "schedule_fast_fraction": {tag: {str(h): tier_schedule(sc, h).count("int4") / len(sc) for h in args.high}
+                                         for tag, (sc, _) in schedules.items()}, "batches": {}}
+    out_dir, start = Path(args.out), time.perf_counter()
+    runs = {}
     for batch in tqdm(args.batch_sizes, desc="batch sizes"):
-        result["batches"][str(batch)] = bench_batch(tiers, batch, args, schedule, rounds)
+        runs[batch] = bench_batch(tiers, batch, args, schedules)
+        result["batches"][str(batch)] = finish(runs[batch].res)
+        write_outputs(out_dir, result)
+    if 1 in runs and not args.no_prev_prep:
+        runs[1].res.update(bench_previous_prep(args))
+        finish(runs[1].res)
+        write_outputs(out_dir, result)
+    if 1 in runs and args.compile:
+        try:
+            for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch releases
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, 64)  # one compile per (decoder, tier): > default 8
+            bench_fused(runs[1], schedules, prefix="compiled_", compiled=True)
+        except Exception as exc:  # a compile failure must not lose the measured sections above
+            result["compile_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        finish(runs[1].res)
+    result["wall_seconds"] = time.perf_counter() - start
     result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
-    write_outputs(Path(args.out), result)
-    print((Path(args.out) / "results.md").read_text())
+    write_outputs(out_dir, result)
+    print((out_dir / "results.md").read_text())
 
 
 if __name__ == "__main__":

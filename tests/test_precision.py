@@ -116,7 +116,7 @@ def test_prepare_tiers_replaces_decoder_linears_and_dispatches():
     tiers = prepare_tiers(model, tiers=("native", "int4", "fp32"))
     assert tiers.ladder == ("int4", "native", "fp32") and tiers.active == "fp32"
     n_linear = sum(isinstance(m, TieredLinear) for m in model.modules())
-    assert n_linear == 2 * 7 and not isinstance(model.lm_head, TieredLinear)
+    assert n_linear == 2 * 7 + 1 and isinstance(model.lm_head, TieredLinear)
     assert torch.equal(model(ids).logits, ref)
     with tiers.use("int4"):
         low = model(ids).logits

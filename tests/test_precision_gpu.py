@@ -125,3 +125,31 @@ def test_top_tier_greedy_reproducible_with_long_cache():
     ids = torch.randint(1, 128256, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
     runs = [greedy_with_logits(engine, ids, 96)[1] for _ in range(3)]
     assert all(torch.equal(runs[0], r) for r in runs[1:]), [float((runs[0] - r).abs().max()) for r in runs[1:]]
+
+
+@pytest.mark.parametrize("lag", [0, 1])
+def test_fused_graph_decode_equals_eager_controller_path(lag):
+    """Guards against the captured in-graph decision (confidence, combine, band, pinned-memory status ring)
+    or the in-graph argmax differing from the eager controller on the graph engine under CUDA graphs: same
+    tokens, same tier schedule, same recorded confidences, at decision lag 0 and 1."""
+    from hf_adaptive.precision.controller import PrecisionController
+    from hf_adaptive.precision.fused_decode import FusedOptions, FusedStepDecoder, decision_for
+
+    tiers = prepare_tiers(_llama(), ("int4", "native"))
+    ids = torch.randint(1, 512, (2, 12), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    policy = PrecisionPolicyConfig(fast_tier="int4", mid_tier="native", top_tier="native")
+    runs = []
+    for fused in (False, True):
+        ctl = PrecisionController(tiers, policy)
+        engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=2, max_len=96))
+        if fused:
+            dec = FusedStepDecoder(engine, decision_for(ctl), capacity=64)
+            out = dec.generate(ids, FusedOptions(max_new_tokens=48, controller=ctl, decision_lag=lag))
+            assert dec.graphs, "fused path did not capture graphs on CUDA"
+        else:
+            out = decode(engine, ids, DecodeOptions(max_new_tokens=48, controller=ctl, decision_lag=lag))
+        ctl.close()
+        runs.append((out, ctl.telemetry.tiers, ctl.telemetry.scores))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1] and runs[0][2] == runs[1][2]
+    assert len(set(runs[1][1])) == 2, runs[1][1]

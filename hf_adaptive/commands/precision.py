@@ -1,6 +1,8 @@
 """`hf-adaptive precision "prompt"`: generate with token-level precision switching and report it.
 
 ``--mode lossy`` (default) runs ``model.generate`` with a ``PrecisionController`` (greedy or sampled);
+``--mode graph`` runs greedy lossy decoding on the graph engine with the controller's decision inside
+each captured step (``FusedStepDecoder``; decodes exactly ``--max-new-tokens``, no EOS stop);
 ``--mode verified`` runs the lossless draft (int4) / verify (top tier) decoder on the graph engine (CUDA
 graphs on a GPU, eager on CPU). Prints the text and the telemetry (tier usage, switches, confidence
 accuracy); ``--json`` / ``--plot`` write the full report and a PNG. Works offline on the embedded model.
@@ -21,7 +23,7 @@ def precision_command_parser(subparsers) -> argparse.ArgumentParser:
                                    description=__doc__.splitlines()[0])
     parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the user message")
     parser.add_argument("--model", default=None, help="embedded model name or checkpoint dir (default SmolLM2)")
-    parser.add_argument("--mode", default="lossy", choices=("lossy", "verified"))
+    parser.add_argument("--mode", default="lossy", choices=("lossy", "graph", "verified"))
     parser.add_argument("--tiers", default=None,
                         help="comma list from int4,fp8,native,fp32 (default int4,native on CUDA, int4,fp32 on CPU)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -48,7 +50,8 @@ def precision_command(args: argparse.Namespace) -> int:
     tiers = prepare_tiers(model, tiers=tuple((args.tiers or default).split(",")))
     ids = _prompt_ids(tokenizer, args.prompt).to(model.device)
     start = time.perf_counter()
-    tokens, telemetry = (_run_verified if args.mode == "verified" else _run_lossy)(tiers, ids, args)
+    run = {"lossy": _run_lossy, "graph": _run_graph, "verified": _run_verified}[args.mode]
+    tokens, telemetry = run(tiers, ids, args)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -83,6 +86,21 @@ def _run_lossy(tiers, ids, args):
                                    logits_processor=[ctl], **sampling)
     ctl.close()
     return out[0, ids.shape[1]:], ctl.telemetry
+
+
+def _run_graph(tiers, ids, args):
+    from hf_adaptive.precision.controller import PrecisionController
+    from hf_adaptive.precision.fused_decode import FusedOptions, FusedStepDecoder, decision_for
+    from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
+
+    if args.sample:
+        raise SystemExit("--mode graph decodes greedily; drop --sample or use --mode lossy")
+    ctl = PrecisionController(tiers, read_raw_logits=False)
+    engine = GraphDecodeEngine(tiers, GraphDecodeConfig(max_len=ids.shape[1] + args.max_new_tokens + 8))
+    decoder = FusedStepDecoder(engine, decision_for(ctl), capacity=args.max_new_tokens)
+    out = decoder.generate(ids, FusedOptions(max_new_tokens=args.max_new_tokens, controller=ctl, decision_lag=1))
+    ctl.close()
+    return out[0], ctl.telemetry
 
 
 def _run_verified(tiers, ids, args):

@@ -98,9 +98,12 @@ class PrecisionPolicy:
 
     def decide(self, scores: list[float]) -> str:
         """Tier for the next forward, given this step's per-sequence confidences."""
+        return self.apply(tier_for_score(combine_scores(scores, self.config.combine, self.config.quantile),
+                                         self.config))
+
+    def apply(self, wanted: str) -> str:
+        """Tier for the next forward, given the band's tier already chosen (e.g. on the device)."""
         self.steps_in_tier += 1
-        wanted = tier_for_score(combine_scores(scores, self.config.combine, self.config.quantile),
-                                self.config)
         if wanted != self.current and self.steps_in_tier >= self.config.min_dwell_steps:
             self.current, self.steps_in_tier = wanted, 0
         return self.current
@@ -119,3 +122,28 @@ def draft_length(score: float, max_draft: int, config: PrecisionPolicyConfig) ->
     if score >= config.low:
         return max(1, max_draft // 2) if max_draft else 0
     return 0
+
+
+def expected_tokens_per_round(draft_len: int, accept_rate: float) -> float:
+    """Tokens one draft/verify round emits when each draft token is accepted with ``accept_rate``
+    independently: accepted prefix plus the verifier's own token, ``(1 - a^(k+1)) / (1 - a)``."""
+    if draft_len < 0 or not 0.0 <= accept_rate <= 1.0:
+        raise ValueError(f"expected_tokens_per_round: need draft_len >= 0 and accept_rate in [0, 1], got "
+                         f"{draft_len}, {accept_rate}")
+    if accept_rate == 1.0:
+        return float(draft_len + 1)
+    return (1.0 - accept_rate ** (draft_len + 1)) / (1.0 - accept_rate)
+
+
+def verified_speedup(native_step_ms: float, draft_step_ms: float, verify_ms: float,
+                     tokens_per_round: float, draft_len: int) -> float:
+    """Cost model of verified mode vs native decode, one token per native step.
+
+    A round costs ``draft_len`` draft steps plus one verify forward of ``draft_len + 1`` tokens and emits
+    ``tokens_per_round`` tokens, which native decode makes in as many native steps. Host time between
+    steps is ignored (the graph path keeps the GPU busy), so this is an upper bound of the measured one.
+    """
+    if min(native_step_ms, draft_step_ms, verify_ms) <= 0 or draft_len < 0:
+        raise ValueError("verified_speedup: step times must be > 0 ms and draft_len >= 0; got "
+                         f"{native_step_ms}, {draft_step_ms}, {verify_ms}, {draft_len}")
+    return tokens_per_round * native_step_ms / (draft_len * draft_step_ms + verify_ms)

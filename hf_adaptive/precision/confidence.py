@@ -34,39 +34,56 @@ class ConfidenceWeights:
                 raise ValueError(f"ConfidenceWeights.{name} must be > 0, got {getattr(self, name)}")
 
 
-def confidence_metrics(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+def confidence_metrics(logits: torch.Tensor, variance: bool = True) -> dict[str, torch.Tensor]:
     """Max softmax probability, entropy (nats), top-2 logit margin and logit variance.
+
+    Few full-vocabulary passes (max, masked max, exp, two sums) because this runs inside every
+    captured decode step: with z = x - max, s = sum(exp z): p_max = 1/s and
+    entropy = log s - sum(exp(z) * z) / s.
 
     Args:
         logits: (B, V) raw logits of the last position.
+        variance: False skips the variance pass (the default score does not use it).
     Returns:
-        dict of (B,) fp32 tensors: ``p_max``, ``entropy``, ``margin``, ``variance``.
+        dict of (B,) fp32 tensors: ``p_max``, ``entropy``, ``margin`` and (if asked) ``variance``.
     """
     if logits.dim() != 2:
         raise ValueError(f"confidence_metrics: logits must be (B, V), got shape {tuple(logits.shape)}; "
                          "pass logits[:, -1, :] for a (B, T, V) model output")
-    x = logits.float()
-    log_p = torch.log_softmax(x, dim=-1)
-    p = log_p.exp()
-    # xlogy-style: p*log p is 0 where p underflows to 0 (masked -inf logits), never NaN
-    entropy = -(p * log_p.clamp(min=torch.finfo(torch.float32).min)).sum(-1)
-    top2 = torch.topk(x, k=min(2, x.shape[-1]), dim=-1).values
-    margin = top2[:, 0] - top2[:, -1]
-    finite = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
-    return {"p_max": p.amax(-1), "entropy": entropy, "margin": margin,
-            "variance": finite.var(dim=-1, unbiased=False)}
+    top, idx = logits.max(dim=-1)  # (B,), (B,) in the logits' dtype: exact
+    # runner-up: the max once the top position is masked (a tie gives margin 0, as top-k would);
+    # cheaper than a top-k selection over a 128k vocabulary
+    second = logits.scatter(1, idx[:, None], float("-inf")).amax(-1) if logits.shape[-1] > 1 else top
+    top = top.float()
+    z = logits - top[:, None]  # (B, V) fp32 by promotion, <= 0; -inf where masked
+    e = z.exp()
+    s = e.sum(-1)
+    # xlogy: e * log(e) with 0 * log 0 = 0, so masked (-inf) logits add nothing to the entropy
+    p_max = s.reciprocal()
+    entropy = torch.addcmul(s.log(), torch.xlogy(e, e).sum(-1), p_max, value=-1)
+    out = {"p_max": p_max, "entropy": entropy, "margin": top - second}
+    if variance:
+        x = logits.float()
+        finite = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+        out["variance"] = finite.var(dim=-1, unbiased=False)
+    return out
 
 
 def score_from_metrics(metrics: dict[str, torch.Tensor], weights: ConfidenceWeights) -> torch.Tensor:
-    """Weighted confidence score in [0, 1], shape (B,)."""
-    score = (weights.p_max * metrics["p_max"]
-             + weights.entropy * (1.0 - metrics["entropy"] / weights.entropy_scale_nats)
-             + weights.margin * metrics["margin"] / weights.margin_scale)
+    """Weighted confidence score in [0, 1], shape (B,).
+
+    ``w_p*p_max + w_e*(1 - entropy/S_e) + w_m*margin/S_m`` written as scaled adds (one kernel each):
+    in a captured decode step every op on these (B,) tensors is a launch of its own.
+    """
+    score = metrics["p_max"] * weights.p_max
+    score = score.add_(metrics["entropy"], alpha=-weights.entropy / weights.entropy_scale_nats)
+    score = score.add_(metrics["margin"], alpha=weights.margin / weights.margin_scale).add_(weights.entropy)
     if weights.variance:
-        score = score + weights.variance * metrics["variance"] / weights.variance_scale
-    return score.clamp(0.0, 1.0)
+        score = score.add_(metrics["variance"], alpha=weights.variance / weights.variance_scale)
+    return score.clamp_(0.0, 1.0)
 
 
 def confidence_score(logits: torch.Tensor, weights: ConfidenceWeights | None = None) -> torch.Tensor:
     """Confidence of each sequence, (B,) fp32 in [0, 1], from (B, V) raw logits."""
-    return score_from_metrics(confidence_metrics(logits), weights or ConfidenceWeights())
+    weights = weights or ConfidenceWeights()
+    return score_from_metrics(confidence_metrics(logits, variance=bool(weights.variance)), weights)

@@ -18,6 +18,11 @@ Contract:
 - Prefill (a forward of more than one token) always runs in the top tier: int4 tinygemm has no gain
   at many rows, and the prompt's KV should be exact.
 - One host read per step (the B confidences): needed because the tier is a host-side dispatch.
+
+This eager path is what ``generate`` uses. On the CUDA-graph path, ``fused_decode.FusedStepDecoder``
+takes a controller and computes the same confidence, band and next-tier index INSIDE each captured
+step (``device_decision.DeviceDecision``, built by ``fused_decode.decision_for(controller)``); only
+the dwell rule (``PrecisionPolicy.apply``) and the telemetry stay on the host.
 """
 
 from __future__ import annotations

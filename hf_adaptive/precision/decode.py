@@ -1,13 +1,18 @@
 """Lossy tier-switching decode on a ``GraphDecodeEngine``: every step replays the chosen tier's graph.
 
+This is the general loop (sampling, agreement checks) with the controller's confidence ops and token
+pick run eagerly between graph replays; for greedy decoding ``fused_decode.FusedStepDecoder`` moves
+both into the captured step (measured controller overhead: see eval/bench_precision.py).
+
 Contract: ``decode(engine, input_ids, options)`` returns the new tokens (B, max_new_tokens). The tier of
 each step comes from, in this order: a ``PrecisionController`` (decides from the raw logits of the step
 before), a recorded ``schedule`` (tier names, replayed cyclically: for benchmarks on random weights), or
 the fixed ``tier`` (default: the top tier). ``decision_lag=1`` lets the controller decide from the step
-before the last one, so the host never waits for the GPU (the issue's default is lag 0). It decodes exactly ``max_new_tokens`` (no EOS stop: a stop
-check would add a host sync per step). With ``agreement_every=N``, every N-th low-tier step also runs the
-top tier on the same input first and records whether both pick the same token (telemetry's confidence
-accuracy); the low tier runs second so its KV is what the lossy run keeps.
+before the last one, so the host never waits for the GPU (the issue's default is lag 0). It decodes
+exactly ``max_new_tokens`` (no EOS stop: a stop check would add a host sync per step). With
+``agreement_every=N``, every N-th low-tier step also runs the top tier on the same input first and
+records whether both pick the same token (telemetry's confidence accuracy); the low tier runs second
+so its KV is what the lossy run keeps.
 """
 
 from __future__ import annotations

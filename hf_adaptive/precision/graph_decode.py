@@ -5,7 +5,9 @@ every tier reads and writes, static input buffers, and (on CUDA) one ``torch.cud
 (tier, query length): a 1-token decode step per tier plus, if ``verify_len`` > 0, a top-tier forward of
 ``verify_len`` tokens for verified mode. ``forward(tier, tokens, start)`` replays the graph of that tier
 (on CPU, or with ``use_cuda_graphs=False``, it runs the same function eagerly), so the per-token cost
-is one graph launch whatever the tier, and the tier's kernel speed shows.
+is one graph launch whatever the tier, and the tier's kernel speed shows. ``forward_static`` is the
+capturable forward itself, for callers that capture larger steps (``fused_decode.FusedStepDecoder``:
+forward + token pick + tier decision in one graph per tier, over this engine's cache and buffers).
 
 Why it works with stock transformers: the attention mask is passed as a ready 4D additive mask
 (B, 1, Q, L) built inside the graph from one static position tensor, so no mask code syncs; each
@@ -93,6 +95,11 @@ class GraphDecodeEngine:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions[None].expand(b, q),
                              use_cache=True, logits_to_keep=logits_to_keep, **{self.cache_kwarg: self.cache})
         return out.logits
+
+    def forward_static(self, ids: torch.Tensor) -> torch.Tensor:
+        """Forward of ``ids`` (B, Q) at the positions in the static ``pos`` tensor, in the active tier;
+        returns logits (B, Q, V). No host work depends on data, so callers may capture it in a graph."""
+        return self._forward(ids)
 
     def _check_room(self, start: int, q: int) -> None:
         if start + q > self.config.max_len:

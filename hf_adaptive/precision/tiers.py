@@ -1,22 +1,27 @@
 """Precision tiers of a model's decoder linears, prepared once, switched per forward.
 
 Contract: ``prepare_tiers(model, tiers=("int4", "native"))`` replaces every ``nn.Linear`` inside the
-decoder layers (not embeddings / lm_head) with a ``TieredLinear`` holding the weight in each requested
-format, and returns a ``PrecisionTiers`` handle. ``handle.set(name)`` picks the format the next forward
+decoder layers, and the output projection (lm_head, unless ``lm_head=False``; the input embedding is a
+lookup and stays as it is), with a ``TieredLinear`` holding the weight in each requested format, and
+returns a ``PrecisionTiers`` handle. ``handle.set(name)`` picks the format the next forward
 uses. Tiers, cheapest first:
 
 - ``"int4"``: group-wise int4 through tinygemm (see ``int4.py``); fastest at batch 1 on an H100.
+  Sibling linears (q/k/v, gate/up) run as one matmul per tier by default (``fusion.py``).
 - ``"fp8"``: e4m3 weights, per-row scales, ``torch._scaled_mm`` (sm89+ only).
 - ``"native"``: the 16-bit weight (the model's own if it is bf16/fp16, else a bf16 copy).
 - ``"fp32"``: the fp32 weight; only for models kept in fp32.
 
 The selector is a plain Python attribute, read when a forward runs: eager code follows it each step,
 while a captured CUDA graph bakes the tier it was captured under (so ``graph_decode`` captures one graph
-per tier). Memory: every tier keeps its own copy of the decoder linears (embeddings / lm_head are not
-tiered). int4 costs 0.5 byte per weight plus a bf16 (scale, zero) pair per group: ~0.27x of bf16 at
-g=128, ~0.28x at g=64. Measured with ``handle.memory_bytes()``: SmolLM2-135M fp32, tiers int4 + fp32:
-int4 64.7 MB next to 424.7 MB fp32 (+15 %); Llama-3.2-1B shape bf16, int4 + native: ~0.52 GB next to
-1.95 GB (+27 %, reported by eval/bench_precision.py as ``tier_weight_bytes``).
+per tier). Memory: every tier keeps its own copy of the tiered linears; a tier in the model's own dtype
+shares the original weight (counted in ``memory_bytes``: for a tied lm_head that is the embedding
+matrix, which the model holds anyway). int4 costs 0.5 byte per weight plus a bf16 (scale, zero) pair
+per group: ~0.27x of bf16 at g=128, ~0.28x at g=64. ``handle.memory_bytes()`` with lm_head tiered:
+SmolLM2-135M fp32, int4 + fp32: int4 82.4 MB next to 537.9 MB fp32 (+15 %; the fp32 figure includes
+the tied 113 MB embedding); Llama-3.2-1B shape bf16, int4 + native: 0.66 GB int4 next to 2.47 GB
+native (+27 %; computed from the shapes: 0.517 + 0.140 GB, 1.946 + 0.525 GB). Fusion adds nothing: the
+members' weights become views of the fused one.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from torch import nn
 
 from hf_adaptive.precision.fp8 import Fp8Weight, fp8_linear, pack_fp8
+from hf_adaptive.precision.fusion import fuse_siblings
 from hf_adaptive.precision.int4 import Int4Weight, choose_group_size, int4_linear, pack_int4
 
 logger = logging.getLogger(__name__)
@@ -54,6 +60,8 @@ class TieredLinear(nn.Module):
         self.bias = linear.bias
         self.weight = linear.weight  # the original parameter (keeps state_dict / tying intact)
         self.formats: dict[str, object] = {}
+        self.group = None  # a fusion.FusedGroup computing this layer's output with its siblings'
+        self.group_index, self.group_slice = 0, slice(None)
 
     def add_format(self, tier: str, group_size: int) -> bool:
         """Prepare ``tier``; returns False (and keeps the 16-bit weight for it) if the shape cannot."""
@@ -74,6 +82,8 @@ class TieredLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N) in x's dtype, computed in the active tier's format."""
+        if self.group is not None:  # fused with its siblings: a column slice of the group's output
+            return self.group.output(x, self.group_index)[..., self.group_slice]
         fmt = self.formats.get(self.selector.active)
         if fmt is None:  # tier not preparable for this shape: fall back to the next slower one present
             fmt = self.formats[self._fallback()]
@@ -109,6 +119,7 @@ class PrecisionTiers:
     selector: TierSelector
     modules: list[TieredLinear] = field(default_factory=list)
     unsupported: dict[str, int] = field(default_factory=dict)  # tier -> linears that fall back
+    groups: list = field(default_factory=list)  # fusion.FusedGroup: sibling linears run as one matmul
 
     @property
     def top(self) -> str:
@@ -142,8 +153,11 @@ class PrecisionTiers:
     def memory_bytes(self) -> dict[str, int]:
         """Weight bytes each tier holds across all tiered linears."""
         total: dict[str, int] = {t: 0 for t in self.ladder}
-        for m in self.modules:
+        for m in self.modules:  # a fused member holds no format: its group's fused weight counts
             for tier, n in m.format_nbytes().items():
+                total[tier] += n
+        for g in self.groups:
+            for tier, n in g.nbytes().items():
                 total[tier] += n
         return total
 
@@ -180,8 +194,20 @@ def _self_check_int4(handle: PrecisionTiers) -> None:
                            "torch build differs: drop 'int4' from tiers= and report it")
 
 
+def _output_linear(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, lm_head) if the model's output embedding is a plain nn.Linear, else []."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        return []
+    for name, module in model.named_modules():
+        for attr, child in module.named_children():
+            if child is head:
+                return [(module, attr, head)]
+    return []
+
+
 def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
-                  group_size: int = 128) -> PrecisionTiers:
+                  group_size: int = 128, lm_head: bool = True, fuse: bool = True) -> PrecisionTiers:
     """Prepare the requested weight formats once and return the switch handle.
 
     Args:
@@ -189,6 +215,10 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
         tiers: names from ``TIER_RANK``; at least one. The highest-ranked one is the reference tier.
         group_size: preferred int4 group size; smaller supported sizes are used where K needs it
             (SmolLM2's hidden 576 gets 64).
+        lm_head: also tier the output projection (default). For Llama-3.2-1B its 128256 x 2048 matrix
+            is 21 % of the bf16 bytes a decode step reads; left in bf16 it caps the int4 tier's gain.
+        fuse: run q/k/v and gate/up as one matmul per tier (``fusion.py``); every tier is fused alike,
+            so tier-vs-tier comparisons stay fair.
     Returns:
         ``PrecisionTiers`` with ``set(tier)``; the top tier is active.
 
@@ -201,6 +231,8 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
                          f"{tiers!r}; e.g. tiers=('int4', 'native')")
     ladder = tuple(sorted(set(tiers), key=TIER_RANK.get))
     targets = _decoder_linears(model)
+    if targets and lm_head:
+        targets += _output_linear(model)
     if not targets:
         raise ValueError("prepare_tiers: found no nn.Linear under a `layers` ModuleList in model; "
                          "is it already prepared, or not a decoder-only transformers model?")
@@ -214,6 +246,8 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
                     handle.unsupported[tier] = handle.unsupported.get(tier, 0) + 1
             setattr(parent, attr, tiered)
             handle.modules.append(tiered)
+    if fuse:
+        handle.groups = fuse_siblings(model, ladder, group_size, TieredLinear)
     _self_check_int4(handle)
     if handle.unsupported:
         logger.warning("prepare_tiers: linears that fall back to a slower tier (shape not supported): %s",

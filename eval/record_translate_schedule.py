@@ -1,0 +1,95 @@
+"""Record a precision schedule from SmolLM2 translating the Spanish dev set on CPU, for GPU replay.
+
+Per verse (the BLEU eval's prompt and ``max_new_tokens`` rule, greedy, batch 1): the lossy run's
+per-step confidences and tiers (``generate`` + ``PrecisionController``, int4 g=64 / fp32 tiers, issue
+thresholds 0.9 / 0.6), and the verified rounds (drafted k, accepted) of the adaptive and always-draft
+variants over the lossy run's length. Same JSON layout as the chat-prompt recording
+(eval/data/precision_schedule_smollm2.json), so ``eval/bench_precision.py --schedule FILE`` replays it.
+The confidences come from the lossy run itself (steps in int4 score int4 logits), so thresholds other
+than 0.9 replayed from this file are an approximation. Same caveat on SmolLM2's Q4_1-derived weights as
+the chat recording (int4 re-quantization of a 4-bit grid: acceptance is a pessimistic sample).
+
+    HF_HUB_OFFLINE=1 .venv/bin/python eval/record_translate_schedule.py --limit 16 \
+        --out eval/data/precision_schedule_smollm2_translate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_adaptive.evaluation.translate import TranslationConfig, build_prompt  # noqa: E402
+from hf_adaptive.models import load_model  # noqa: E402
+from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig  # noqa: E402
+from hf_adaptive.precision.controller import PrecisionController  # noqa: E402
+from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine  # noqa: E402
+from hf_adaptive.precision.tiers import prepare_tiers  # noqa: E402
+from hf_adaptive.precision.verified import VerifiedOptions, generate_verified  # noqa: E402
+
+POLICY = PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32")
+ALWAYS = PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32", high=0.0, low=0.0)
+
+
+def _lossy(tiers, ids: torch.Tensor, max_new: int, eos: int) -> dict:
+    ctl = PrecisionController(tiers, POLICY)
+    out = tiers.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                               do_sample=False, logits_processor=[ctl], pad_token_id=eos)
+    ctl.close()
+    tiers.set(tiers.top)
+    t = ctl.telemetry
+    return {"scores": [round(s, 4) for s in t.scores], "tiers": t.tiers,
+            "bands": ["fast" if s > POLICY.high else "mid" if s >= POLICY.low else "top" for s in t.scores],
+            "new_tokens": out.shape[1] - ids.shape[1]}
+
+
+def _verified(tiers, ids: torch.Tensor, n: int, policy: PrecisionPolicyConfig, max_draft: int) -> dict:
+    engine = GraphDecodeEngine(tiers, GraphDecodeConfig(max_len=ids.shape[1] + n + max_draft + 8,
+                                                        verify_len=max_draft + 1))
+    opts = VerifiedOptions(max_new_tokens=n, max_draft=max_draft, policy=policy)
+    generate_verified(engine, ids, opts)
+    return {"rounds": [list(r) for r in opts.history]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="eval/data/precision_schedule_smollm2_translate.json")
+    ap.add_argument("--data", default=str(Path(__file__).parent / "data/dev_matthew_mark.jsonl"))
+    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--max-draft", type=int, default=4)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    model, tok = load_model(None, device="cpu", dtype="float32")
+    tiers = prepare_tiers(model, tiers=("int4", "fp32"))
+    cfg = TranslationConfig()
+    verses = [json.loads(line) for line in Path(args.data).read_text().splitlines()[:args.limit]]
+    records = []
+    with torch.no_grad():
+        for verse in tqdm(verses, desc="verses"):
+            ids = tok(build_prompt(tok, verse["es"], cfg), return_tensors="pt", add_special_tokens=False).input_ids
+            src = len(tok(verse["es"], add_special_tokens=False).input_ids)
+            max_new = max(cfg.min_new_tokens_cap, int(round(cfg.new_tokens_factor * src)))
+            lossy = _lossy(tiers, ids, max_new, tok.eos_token_id)
+            n = max(2, lossy["new_tokens"])
+            records.append({"prompt": verse["id"], "lossy": lossy,
+                            "verified": _verified(tiers, ids, n, POLICY, args.max_draft),
+                            "verified_always": _verified(tiers, ids, n, ALWAYS, args.max_draft)})
+    out = {"model": "smollm2-135m-instruct", "device": "cpu", "task": "es->en translation, " + args.data,
+           "tiers": ["int4", "fp32"], "policy": {"high": POLICY.high, "low": POLICY.low},
+           "max_draft": args.max_draft, "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "command": " ".join(sys.argv), "records": records}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
