@@ -63,7 +63,9 @@ def eval_command_parser(subparsers) -> argparse.ArgumentParser:
     bleu.set_defaults(func=eval_command)
     speed = sub.add_parser("speed", help="decode tokens/s, TTFT, p50/p99 latency, peak memory")
     _common(speed)
-    speed.add_argument("--random-weights", action="store_true", help="same architecture, random weights")
+    speed.add_argument("--random-weights", action="store_true",
+                       help="same architecture, seeded random weights built on --device from config.json + "
+                            "tokenizer only (no weights read; see scripts/export_model_config.py)")
     speed.add_argument("--batch-sizes", type=_csv(int), default=(1,), help="e.g. 1,8")
     speed.add_argument("--prompt-tokens", type=int, default=256)
     speed.add_argument("--new-tokens", type=int, default=128)

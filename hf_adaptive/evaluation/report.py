@@ -102,8 +102,10 @@ def short_label(spec: str) -> str:
 
 
 def plot_pareto(path: str | Path, labels: Sequence[str], speedups: Sequence[float], scores: Sequence[float],
-                title: str, y_label: str = "BLEU") -> Path:
-    """Scatter of score vs speedup, labelled, with the Pareto front drawn; saved as a PNG."""
+                title: str, y_label: str = "BLEU",
+                x_label: str = "speedup vs baseline (x, higher is faster)", show_front: bool = True) -> Path:
+    """Scatter of score vs speedup, labelled, with the Pareto front drawn (unless ``show_front`` is
+    False, e.g. when the x values are timing noise); saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,15 +115,17 @@ def plot_pareto(path: str | Path, labels: Sequence[str], speedups: Sequence[floa
     ax.scatter(speedups, scores, zorder=3)
     for label, x, y in zip(labels, speedups, scores):
         ax.annotate(short_label(label), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    front = pareto_front(list(zip(speedups, scores)))
-    ax.plot([speedups[i] for i in front], [scores[i] for i in front], "--", color="tab:red",
-            label="Pareto front", zorder=2)
+    if show_front:
+        front = pareto_front(list(zip(speedups, scores)))
+        ax.plot([speedups[i] for i in front], [scores[i] for i in front], "--", color="tab:red",
+                label="Pareto front", zorder=2)
     ax.axvline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel("speedup vs baseline (x, higher is faster)")
+    ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if show_front:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

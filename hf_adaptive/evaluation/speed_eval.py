@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from hf_adaptive.evaluation.data import DEFAULT_PPL_TEXT
+from hf_adaptive.evaluation.random_model import load_random_model
 from hf_adaptive.evaluation.report import environment_info, markdown_table, plot_bars, write_report
 from hf_adaptive.evaluation.settings import build_setting, spec_groups
 from hf_adaptive.evaluation.speed import SpeedConfig, device_description, measure_interleaved, real_text_prompt
 
 logger = logging.getLogger(__name__)
+
+RANDOM_SEED = 0  # init seed of --random-weights runs (recorded in the report)
 
 TABLE_COLUMNS = ("setting", "batch_size", "decode_tokens_per_s", "speedup", "ttft_ms", "p50_token_ms",
                  "p99_token_ms", "peak_memory_bytes", "kv_bytes")
@@ -44,18 +47,29 @@ class SpeedEvalConfig:
 
 
 def load_for_speed(config: SpeedEvalConfig) -> tuple[Any, Any]:
-    """(model, tokenizer): the real checkpoint, or its architecture with seeded random weights."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """(model, tokenizer): the real checkpoint, or its architecture with seeded random weights.
 
+    With ``random_weights`` only ``config.json`` and the tokenizer are read (a config-only directory
+    from ``scripts/export_model_config.py`` suffices) and the model is built on the target device.
+    """
     from hf_adaptive.models import load_model
 
-    model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
     if config.random_weights:
-        torch.manual_seed(0)
-        random_model = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
-        model = random_model.to(model.device).eval()
-    return model, tokenizer
+        return load_random_model(config.model, device=config.device, dtype=config.dtype, seed=RANDOM_SEED)
+    return load_model(config.model, device=config.device, dtype=config.dtype)
+
+
+def speed_notes(random_weights: bool) -> str:
+    """The Markdown notes of a speed report: definitions, and what random weights do and do not change."""
+    notes = ("Medians over repeats after warm-up; repeats interleaved round-robin across settings. "
+             "decode tokens/s = batch x (steps-1) / decode time; "
+             "TTFT includes prefill; per-token latency from a LogitsProcessor stamping each step "
+             "(CUDA-synchronized on GPU). Peak memory: CUDA max allocated, or process peak RSS on CPU.\n")
+    if random_weights:
+        notes += ("\nRandom weights of the real architecture (config.json only, no checkpoint read): speed "
+                  "depends on shapes and dtypes, not on weight values, and EOS is ignored "
+                  "(min_new_tokens = new_tokens), so every run decodes the same number of tokens.\n")
+    return notes
 
 
 def _row(result: dict[str, Any], batch_size: int, base_tps: float) -> dict[str, Any]:
@@ -89,13 +103,14 @@ def run_speed_eval(config: SpeedEvalConfig, progress: bool = True) -> dict[str, 
     card = device_description(model.device)
     env = {**environment_info(str(model.device), card), "model": config.model or "smollm2-135m-instruct",
            "weights": "random" if config.random_weights else "real", "dtype": str(model.dtype)}
+    if config.random_weights:
+        env["weights_init"] = (f"from_config on {model.device}, transformers' normal init "
+                               f"(std {getattr(model.config, 'initializer_range', '?')}), seed {RANDOM_SEED}")
     payload = {"config": {**asdict(config), "out_dir": str(config.out_dir), "text": str(config.text)},
                "summary": rows, "results": raw}
-    notes = ("Medians over repeats after warm-up; repeats interleaved round-robin across settings. decode tokens/s = batch x (steps-1) / decode time; "
-             "TTFT includes prefill; per-token latency from a LogitsProcessor stamping each step "
-             "(CUDA-synchronized on GPU). Peak memory: CUDA max allocated, or process peak RSS on CPU.\n")
     paths = write_report(config.out_dir, "speed", payload, env, markdown_table(rows, TABLE_COLUMNS),
-                         f"Decode speed: {env['model']} ({env['weights']} weights) on {card}", notes)
+                         f"Decode speed: {env['model']} ({env['weights']} weights) on {card}",
+                         speed_notes(config.random_weights))
     paths["png"] = plot_bars(Path(config.out_dir) / "speed.png",
                              [f"{r['setting']} b{r['batch_size']}" for r in rows],
                              [r["decode_tokens_per_s"] for r in rows],
