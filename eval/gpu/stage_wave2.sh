@@ -22,7 +22,10 @@ E2E="python3 eval/bench_kv_e2e.py --warmup 16 --repeats 3 --compile-budget-s 330
     > "$OUT/e2e_32k_b8.log" 2>&1
   CUDA_VISIBLE_DEVICES=2 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 80 python3 eval/oom_survival.py \
     --cap-gib 7 --out /tmp/r/oom_survival_h100_7gib > "$OUT/oom_7gib.log" 2>&1 ) &
-( CUDA_VISIBLE_DEVICES=3 timeout 230 bash -c "$PRECISION_CMD" > "$OUT/precision.log" 2>&1
+( CUDA_VISIBLE_DEVICES=3 timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_precision_gpu.py \
+    > "$OUT/gpu_tests_precision.log" 2>&1
+  CUDA_VISIBLE_DEVICES=3 timeout 180 python3 eval/bench_precision.py --out /tmp/r/precision_h100 \
+    > "$OUT/precision.log" 2>&1
   CUDA_VISIBLE_DEVICES=3 timeout 110 python3 eval/speed.py --device cuda --model .gpu/qwen_cfg --random-weights \
     --settings "baseline;kv8;kv4" --batch-sizes 1,8 --prompt-tokens 1024 --new-tokens 128 --repeats 3 \
     --out /tmp/r/h100_qwen2.5-coder-1.5b_speed > "$OUT/qwen_speed.log" 2>&1 ) &
