@@ -81,7 +81,8 @@ def _as_static(packed, key_mask, kw: dict):
     n_blocks, n_tail = packed.block_bits.numel(), packed.tail_k.shape[-2]
     dev = packed.tail_k.device
     spare = torch.full((3,), 16, dtype=torch.int32, device=dev)
-    junk = torch.full_like(packed.tail_k[:, :, :1], 1e4).expand(-1, -1, 21, -1)
+    B, H, _, D = packed.tail_k.shape
+    junk = torch.full((B, H, 21, D), 1e4, dtype=packed.tail_k.dtype, device=dev)
     lengths = torch.tensor([n_blocks, n_tail], dtype=torch.int32, device=dev)
     max_tokens = packed.num_tokens + 40
     if key_mask is not None:
@@ -164,6 +165,8 @@ INTERPRETER_CASES = [
          split_unpack=True),
     Case(head_dim=16, group=2, batch=2, block_size=16, block_bits=(4, 16, 8), tail=9, value_group=8,
          dtype="float32", pad=(0, 6), static=True),
+    Case(head_dim=16, group=2, block_size=16, block_bits=(16, 8, 4), tail=0, value_group=8, dtype="float32",
+         static=True, split_unpack=True),  # empty tail; the compiled cache's default unpacker
 ]
 
 
@@ -187,7 +190,7 @@ if __name__ == "__main__":  # the interpreter run of test_kernel_under_triton_in
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 @pytest.mark.parametrize("head_dim,split_unpack,device_lens", [(128, False, False), (64, True, False),
-                                                              (64, False, True)])
+                                                              (64, True, True)])
 def test_kernel_compiles_for_hopper(head_dim, split_unpack, device_lens):
     """Guards against compile-only failures the interpreter cannot see (branch type mismatches, constexpr
     misuse, layout errors): the kernel with every feature on must compile to an sm_90 cubin without a GPU."""

@@ -138,6 +138,14 @@ def test_fused_graph_decode_equals_eager_controller_path(lag):
     tiers = prepare_tiers(_llama(), ("int4", "native"))
     ids = torch.randint(1, 512, (2, 12), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     policy = PrecisionPolicyConfig(fast_tier="int4", mid_tier="native", top_tier="native")
+    # random weights are rarely confident: put the threshold at the median score so both tiers get steps
+    probe = PrecisionController(tiers, policy)
+    decode(GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=2, max_len=96)), ids,
+           DecodeOptions(max_new_tokens=48, controller=probe))
+    probe.close()
+    mid = sorted(probe.telemetry.scores)[len(probe.telemetry.scores) // 2]
+    policy = PrecisionPolicyConfig(high=mid, low=min(mid, 0.6), fast_tier="int4", mid_tier="native",
+                                   top_tier="native")
     runs = []
     for fused in (False, True):
         ctl = PrecisionController(tiers, policy)

@@ -24,6 +24,7 @@ import math
 import torch
 from transformers import PretrainedConfig
 
+from hf_adaptive.attention import triton_decode
 from hf_adaptive.attention.interface import attach_packed_view
 from hf_adaptive.kv import packed
 from hf_adaptive.kv.cache import AdaptiveKVCache
@@ -91,6 +92,10 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
             _mark_static(t)
         self._set_tail_views()
         self._cache.lengths_for(self.device)
+        # the kernel's placeholder tensors are cached on first use: create them now, outside any CUDA-graph pool
+        # (made during a cudagraph-trees warm-up they would stay in its pool untracked, which it refuses)
+        for dtype in (torch.uint8, torch.int8, torch.int32, torch.float16, self.dtype):
+            triton_decode._dummy(self.device, dtype)
 
     def _set_tail_views(self) -> None:
         # the parent's accounting, stats and eager paths read the live tail as self.keys / self.values
@@ -334,7 +339,7 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
         if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 2:
             raise ValueError(f"max_cache_len must be an int >= 2 (prompt + new tokens); got {max_cache_len!r}. "
                              "Fix: e.g. max_cache_len=input_len + max_new_tokens.")
-        self.max_cache_len = max_cache_len
+        self._max_cache_len = max_cache_len
         self.recompiles = 0
         self.lengths: StaticLengths | None = None
         super().__init__(config, kv_config, pressure=pressure, packed_attention="auto", **overrides)
@@ -348,6 +353,11 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
             raise ValueError(f"AdaptiveStaticKVCache holds full-attention layers only; this model has {bad}. "
                              "Fix: use AdaptiveKVCache (eager decode) for sliding-window / hybrid models.")
         return [StaticAdaptiveLayer(self.context, self) for _ in layer_types]
+
+    @property
+    def max_cache_len(self) -> int:
+        """Most tokens per sequence (transformers 5.17's ``Cache`` has a read-only property of this name)."""
+        return self._max_cache_len
 
     def lengths_for(self, device: torch.device) -> StaticLengths:
         if self.lengths is None:
