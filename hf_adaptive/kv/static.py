@@ -122,7 +122,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         if not self.context.packed_decode:
             raise ValueError("AdaptiveStaticKVCache: a compiled decode step must read the cache through "
                              "attn_implementation='hf_adaptive'. Fix: hf_adaptive.enable_fused_attention(model).")
-        if not self.is_initialized or key_states.shape[-2] != 1:
+        if not self.is_initialized or key_states.shape[-2] != 1 or not self._cache.hooked_step:
             raise ValueError("AdaptiveStaticKVCache: a compiled forward must be a decode step (q_len 1) after an "
                              "eager prefill, with the step hooks installed. Fix: call "
                              "hf_adaptive.enable_fused_attention(model) before generate.")
@@ -341,6 +341,7 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
                              "Fix: e.g. max_cache_len=input_len + max_new_tokens.")
         self._max_cache_len = max_cache_len
         self.recompiles = 0
+        self.hooked_step = False  # True between the step hooks of a forward (the host work is done there)
         self.lengths: StaticLengths | None = None
         super().__init__(config, kv_config, pressure=pressure, packed_attention="auto", **overrides)
 
@@ -370,7 +371,7 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
         layer0 = self.layers[0]
         if not layer0.is_initialized:
             return  # the first (prefill) forward initializes the layers in update()
-        self._hooked_step = True
+        self.hooked_step = True
         self._begin_step_for(q, layer0)
         ready = all(layer.prepare(q) for layer in self.layers)
         if not ready:  # too many tokens for the tail (chunked prefill): update() stores them eagerly
@@ -386,15 +387,15 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
 
     def end_step(self) -> None:
         """After the forward: the prepared rows are written; record the step."""
-        if not getattr(self, "_hooked_step", False):
+        if not self.hooked_step:
             return
-        self._hooked_step = False
+        self.hooked_step = False
         for layer in self.layers:
             layer.commit()
         self._end_step()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        if torch.compiler.is_compiling() or getattr(self, "_hooked_step", False):
+        if torch.compiler.is_compiling() or self.hooked_step:
             return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)  # no hooks: eager bookkeeping
         return out
