@@ -72,3 +72,14 @@ def test_timing_noise_note_flags_ratios_inside_the_drift_band():
     quiet = timing_noise_note({"verses": 16, "start_s": 10.0, "end_s": 10.0}, rows)
     assert "none of the settings" in quiet
     assert "not measured yet" in timing_noise_note(None, rows)
+
+
+def test_tier_fraction_sums_controller_steps_over_batches():
+    """Guards the precision columns of the BLEU report: the share of steps per tier must be summed over all
+    batches (a per-batch average would overweight short batches) and absent for settings without a controller."""
+    from hf_adaptive.evaluation.bleu import _tier_fraction
+
+    batches = [{"stats": {"telemetry": {"tier_steps": {"int4": 3, "native": 1}}}},
+               {"stats": {"telemetry": {"tier_steps": {"native": 4}}}}, {"stats": {}}]
+    assert _tier_fraction(batches) == {"int4": 0.375, "native": 0.625}
+    assert _tier_fraction([{"stats": {"kv_bytes": 1}}]) is None

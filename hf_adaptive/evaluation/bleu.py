@@ -23,7 +23,7 @@ from hf_adaptive.evaluation.translate import TranslationConfig, translate
 logger = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ("setting", "bleu", "chrf", "bleu_drift", "chrf_drift", "self_bleu", "token_match_rate",
-                 "exact_match_fraction", "tokens_per_s", "speedup", "kv_ratio")
+                 "exact_match_fraction", "tokens_per_s", "speedup", "kv_ratio", "tier_fraction")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,16 @@ def _kv_ratio(batches: list[dict[str, Any]]) -> float | None:
     return sum(s["kv_bytes"] for s in stats) / bf16 if stats and bf16 else None
 
 
+def _tier_fraction(batches: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Share of decode steps per precision tier over all batches (None for settings without a controller)."""
+    steps: dict[str, int] = {}
+    for b in batches:
+        for tier, n in b.get("stats", {}).get("telemetry", {}).get("tier_steps", {}).items():
+            steps[tier] = steps.get(tier, 0) + n
+    total = sum(steps.values())
+    return {tier: round(n / total, 4) for tier, n in sorted(steps.items())} if total else None
+
+
 def summarize(results: dict[str, dict[str, Any]], references: list[list[str]]) -> list[dict[str, Any]]:
     """One row per setting: scores, drift and agreement vs ``results["baseline"]``, speedup."""
     base = {**results["baseline"], "references": references}
@@ -57,6 +67,7 @@ def summarize(results: dict[str, dict[str, Any]], references: list[list[str]]) -
         row["tokens_per_s"] = result["tokens_per_s"]
         row["speedup"] = result["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else 0.0
         row["kv_ratio"] = _kv_ratio(result["batches"])
+        row["tier_fraction"] = _tier_fraction(result["batches"])
         rows.append(row)
     return rows
 
