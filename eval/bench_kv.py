@@ -31,6 +31,7 @@ from transformers import DynamicCache, QuantizedCache  # noqa: E402
 from hf_adaptive.evaluation.report import environment_info, markdown_table, write_report  # noqa: E402
 from hf_adaptive.kv.cache import AdaptiveKVCache  # noqa: E402
 from hf_adaptive.kv.quality import forward_cache_kwargs  # noqa: E402
+from hf_adaptive.kv.static import AdaptiveStaticKVCache  # noqa: E402
 
 CACHES = ("dynamic", "adaptive16", "adaptive8", "adaptive4", "quanto4", "hqq4")
 RANDOM_SHAPES = {"llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
@@ -88,8 +89,10 @@ def tensor_bytes(obj, seen: set | None = None) -> int:
 
 
 def kv_bytes(cache) -> int:
-    if isinstance(cache, AdaptiveKVCache):  # the static variant preallocates: count what it reserved
-        return cache.stats()["reserved_bytes"] if hasattr(cache, "max_cache_len") else cache.live_bytes()
+    if isinstance(cache, AdaptiveStaticKVCache):  # preallocated: count what it reserved
+        return cache.stats()["reserved_bytes"]
+    if isinstance(cache, AdaptiveKVCache):
+        return cache.live_bytes()
     return sum(tensor_bytes(layer) for layer in cache.layers)
 
 
@@ -162,13 +165,18 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     p.add_argument("--out", default="eval/results/bench_kv")
+    return parse_grid_args(p, argv, CACHES)
+
+
+def parse_grid_args(p: argparse.ArgumentParser, argv, caches: tuple[str, ...]) -> argparse.Namespace:
+    """Parse, then split the comma lists ``--contexts``, ``--batch-sizes``, ``--caches`` (checked against ``caches``)."""
     args = p.parse_args(argv)
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     args.caches = [c for c in args.caches.split(",") if c]
-    bad = [c for c in args.caches if c not in CACHES]
+    bad = [c for c in args.caches if c not in caches]
     if bad:
-        p.error(f"--caches: unknown {bad}; choose from {CACHES}")
+        p.error(f"--caches: unknown {bad}; choose from {caches}")
     return args
 
 

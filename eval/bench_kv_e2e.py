@@ -42,7 +42,7 @@ from tqdm import tqdm  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 
 import hf_adaptive  # noqa: E402
-from eval.bench_kv import kv_bytes  # noqa: E402
+from eval.bench_kv import kv_bytes, parse_grid_args  # noqa: E402
 from hf_adaptive.evaluation.report import environment_info, markdown_table, write_report  # noqa: E402
 from hf_adaptive.kv.cache import AdaptiveKVCache  # noqa: E402
 from hf_adaptive.kv.quality import forward_cache_kwargs  # noqa: E402
@@ -233,14 +233,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     p.add_argument("--out", default="eval/results/bench_kv_e2e")
-    args = p.parse_args(argv)
-    args.contexts = [int(x) for x in args.contexts.split(",")]
-    args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
-    args.caches = [c for c in args.caches.split(",") if c]
-    bad = [c for c in args.caches if c not in CACHES]
-    if bad:
-        p.error(f"--caches: unknown {bad}; choose from {CACHES}")
-    return args
+    return parse_grid_args(p, argv, CACHES)
 
 
 def main(argv=None) -> None:

@@ -134,3 +134,19 @@ def test_demotion_under_pressure_publishes_next_step(tiny):
     assert stats["layers"][0]["tokens_by_bits"]["16"] <= SMALL["residual_length"] + SMALL["block_size"]
     assert 16 not in cache.layers[0].pools  # emptied by demotion, released as a whole
     assert (out[:, ids.shape[1]:] == ref[:, ids.shape[1]:]).float().mean() > 0.5
+
+
+def test_decode_without_step_hooks_matches_hooked():
+    """Guards the path where attention is switched to hf_adaptive but the step hooks are not installed: decode
+    must still read a consistent static view (mask sized for it) and give the hooked tokens."""
+    from hf_adaptive.attention.interface import ATTENTION_NAME, register_attention
+
+    hooked = make_tiny_model("llama")
+    hf_adaptive.enable_fused_attention(hooked)
+    bare = make_tiny_model("llama")
+    register_attention()
+    bare.set_attn_implementation(ATTENTION_NAME)
+    ids = torch.randint(0, 128, (2, 37), generator=torch.Generator().manual_seed(4))
+    outs = [_generate(m, ids, AdaptiveStaticKVCache(m.config, max_cache_len=90, fixed_bits=4, **SMALL), 40)
+            for m in (hooked, bare)]
+    assert torch.equal(outs[0], outs[1])

@@ -88,10 +88,6 @@ def adaptive_attention_forward(
     """
     packed = packed_view_of(key)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if packed is None and attention_mask is not None and attention_mask.dim() == 4 \
-            and attention_mask.shape[-1] > key.shape[-2]:
-        # a static adaptive layer's prefill returns its exact keys [0, N); its masks span max_cache_len
-        attention_mask = attention_mask[..., : key.shape[-2]]
     if packed is not None and packed.lengths is not None:
         if query.shape[2] != 1 or dropout:
             raise ValueError(f"a static packed view serves decode steps only (q_len 1, no dropout); got q_len "

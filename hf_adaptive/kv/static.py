@@ -72,6 +72,17 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self.prepared = 0  # tokens the hooks made room for in this forward (written by update, committed after)
         self.view: packed.PackedKV | None = None
         self._view_key: tuple | None = None
+        self._table_dirty = False  # host block table changed since the device copy was written
+
+    # every change of the host block table goes through one of these: mark the device copy stale
+    def _store_blocks(self, k: torch.Tensor, v: torch.Tensor, bits: int) -> None:
+        super()._store_blocks(k, v, bits)
+        self._table_dirty = True
+
+    def demote(self, target_bits: int, max_blocks: int) -> int:
+        n = super().demote(target_bits, max_blocks)
+        self._table_dirty = self._table_dirty or n > 0
+        return n
 
     @property
     def capacity_blocks(self) -> int:
@@ -110,6 +121,8 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
+        if q == 1 and not self.prepared and self.context.packed_decode:
+            return self._decode_unhooked(key_states, value_states)
         if self.prepared and self.prepared == q:
             self.tail_k[:, :, self.n_tail: self.n_tail + q].copy_(key_states)
             self.tail_v[:, :, self.n_tail: self.n_tail + q].copy_(value_states)
@@ -130,6 +143,17 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self.tail_k.index_copy_(2, pos, key_states)
         self.tail_v.index_copy_(2, pos, value_states)
         return self.tail_k, self.tail_v
+
+    def _decode_unhooked(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Eager decode without the step hooks (the cache's own per-step bookkeeping ran): the hooks' work for this
+        layer, then the same write and static view, so every decode step reads the view its mask was sized for."""
+        self.prepare(1)
+        self.tail_k[:, :, self.n_tail: self.n_tail + 1].copy_(key_states)
+        self.tail_v[:, :, self.n_tail: self.n_tail + 1].copy_(value_states)
+        self.commit()
+        n_blocks = len(self.block_bits)
+        self._cache.lengths.set(n_blocks, self.n_tail, n_blocks * self.shape.block_size + self.n_tail - 1)
+        return self._handles()
 
     def _handles(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tail_k, self.tail_v
@@ -168,7 +192,8 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         after the stream waited for them: until then the step reads the blocks' old (intact) slots.
         """
         self._sync_pending()
-        self._after_change()
+        if self._table_dirty:  # last step's demotion (or a released pool) is now safe to publish
+            self._after_change()
         s, decision = self.context.settings, self.context.decision
         if self.n_tail + q > self.tail_capacity:
             n = (self.n_tail - s.residual_length) // s.block_size
@@ -186,7 +211,6 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
             if self._pending is None:  # no side stream: done already, publish now
                 self._after_change()
         self.prepared = q
-        self._set_tail_views()
         return True
 
     def commit(self) -> None:
@@ -197,12 +221,12 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
 
     def _after_change(self) -> None:
         self._set_tail_views()
-        if self._gather is None:  # the block table changed: refresh its device copy
+        if self._table_dirty:  # the block table changed: refresh its device copy
+            self._table_dirty = False
             n = len(self.block_bits)
             if n:
                 host = torch.tensor([self.block_bits, self.block_slot], dtype=torch.int32)
                 self.table[:, :n].copy_(to_device(host, self.device))
-            self._gather_index(need_index=False)
         self._refresh_view()
 
     # ------------------------------------------------------------------ storage
@@ -226,6 +250,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         for bits in [b for b, p in self.pools.items() if p.used == 0 and b not in self.block_bits]:
             del self.pools[bits]
             self._gather = None
+            self._table_dirty = True
 
     def _refresh_view(self) -> None:
         key = tuple((b, id(p.tensors[next(iter(p.tensors))])) for b, p in sorted(self.pools.items()))
@@ -262,8 +287,11 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         return len(self.block_bits) * self.shape.block_size + self.n_tail
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
-        """Masks span the whole static length (key positions are logical positions)."""
-        return self._cache.max_cache_len, 0
+        """The key length ``update`` will hand the attention: the static length for a step that reads the static
+        view (key positions are logical positions), else the exact keys stored so far plus the new ones."""
+        if torch.compiler.is_compiling() or (query_length == 1 and self._cache.packed_decode_enabled()):
+            return self._cache.max_cache_len, 0
+        return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
         return self._cache.max_cache_len
@@ -291,6 +319,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         k, v = pool.dequantize(pool.read([slot]), self.dtype)
         pool.release([slot])
         self._gather = None
+        self._table_dirty = True
         room = self.tail_capacity - k.shape[-2]
         self.n_tail = min(self.n_tail, room)  # rows past the room are being cropped anyway
         self.tail_k[:, :, k.shape[-2]: k.shape[-2] + self.n_tail].copy_(self.tail_k[:, :, : self.n_tail].clone())
