@@ -20,6 +20,11 @@ cache tensors after decoding. Caches:
 - compiled16/8/4: AdaptiveStaticKVCache (fixed bits) under ``model.get_compiled_call`` like static_compiled: the
   compile-friendly variant, fused kernel through a custom op, host step in eager hooks around the graph.
 - hqq4: transformers QuantizedCache, hqq 4-bit (skipped when hqq is not importable).
+cuDNN SDPA: off for every eager cache (it builds an execution plan per new key length, so each eager step at a
+new length paid it); ``--static-cudnn on`` (default) turns it on around static_compiled only, whose key length is
+fixed (its fastest backend on an H100): StaticCache is compared at its best. ``--profile-steps N`` also profiles N
+steps of every compiled config (torch.profiler, CUDA kernels): ``gpu_ms_per_token`` (kernel time; against the wall
+ms/token it tells host-bound from kernel-bound) and the top kernels, in ``profiles/``.
 A config past ``--time-budget-s`` (whole grid) or ``--compile-budget-s`` (time in static_compiled, which compiles
 per shape), or out of memory, is recorded as skipped with the reason, never silently dropped.
 """
@@ -111,7 +116,7 @@ def sync(device: str) -> None:
 @torch.no_grad()
 def decode_one(model, name: str, states: list, token: torch.Tensor, args) -> dict:
     """Fill cache ``name`` with the prefill states, decode; returns ms/token per timed run and KV bytes."""
-    steps = args.warmup + args.repeats * args.new_tokens
+    steps = args.warmup + args.repeats * args.new_tokens + (args.profile_steps if _compiled(name) else 0)
     cache = make_cache(name, model, states[0][0].shape[-2] + steps + 1, args)
     for i, (k, v) in enumerate(states):
         cache.update(k, v, i)
@@ -127,6 +132,18 @@ def decode_one(model, name: str, states: list, token: torch.Tensor, args) -> dic
             token = step(input_ids=token, use_cache=True, **kwargs).logits[:, -1:].argmax(-1)
         return token
 
+    cudnn = args.static_cudnn == "on" and name == "static_compiled" and args.device.startswith("cuda")
+    if cudnn:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        return _timed_decode(run, token, cache, name, args)
+    finally:
+        if cudnn:
+            torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def _timed_decode(run, token: torch.Tensor, cache, name: str, args) -> dict:
+    """Warm-up, timed runs and (compiled configs, ``--profile-steps``) a kernel profile of ``run``."""
     token = run(args.warmup, token)
     ms = []
     for _ in range(args.repeats):
@@ -135,7 +152,25 @@ def decode_one(model, name: str, states: list, token: torch.Tensor, args) -> dic
         token = run(args.new_tokens, token)
         sync(args.device)
         ms.append(1000 * (time.perf_counter() - t0) / args.new_tokens)
-    return {"ms": ms, "kv_bytes": kv_bytes(cache), "recompiles": getattr(cache, "recompiles", None)}
+    out = {"ms": ms, "kv_bytes": kv_bytes(cache), "view_changes": getattr(cache, "view_changes", None)}
+    if args.profile_steps and _compiled(name) and args.device.startswith("cuda"):
+        out.update(_profile(run, token, args.profile_steps))
+    return out
+
+
+def _profile(run, token: torch.Tensor, steps: int) -> dict:
+    """CUDA kernel time per decoded token over ``steps`` steps and the top kernels (profiler table)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run(steps, token)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    gpu_us = sum(getattr(e, attr) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return {"gpu_ms_per_token": gpu_us / 1000 / steps,
+            "profile_table": events.table(sort_by=attr, row_limit=25, max_name_column_width=90)}
 
 
 def _save_partial(rows: list[dict], out: str) -> None:
@@ -169,7 +204,13 @@ def bench(model, args) -> list[dict]:
                 r = decode_one(model, name, states, token, args)
                 compile_spent += time.perf_counter() - t0 if _compiled(name) else 0.0
                 row.update(ms_per_token=statistics.median(r["ms"]), ms_runs=r["ms"], kv_gib=r["kv_bytes"] / 2**30,
-                           recompiles=r.get("recompiles"))
+                           view_changes=r.get("view_changes"), gpu_ms_per_token=r.get("gpu_ms_per_token"),
+                           cudnn_sdpa=args.static_cudnn == "on" and name == "static_compiled"
+                           and args.device.startswith("cuda"))
+                if "profile_table" in r:
+                    prof_dir = Path(args.out) / "profiles"
+                    prof_dir.mkdir(parents=True, exist_ok=True)
+                    (prof_dir / f"{name}_n{context}_b{batch}.txt").write_text(r["profile_table"])
             except Exception as err:  # noqa: BLE001  (OOM, missing backend, compile failure: recorded, run goes on)
                 row["skipped"] = f"{type(err).__name__}: {str(err)[:160]}"
                 if args.device.startswith("cuda"):
@@ -205,6 +246,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         for row, ylabel in enumerate(("ms / decoded token", "KV GiB")):
             ax = axes[row][col]
             ax.set_xscale("log", base=2)
+            if row == 0:  # ms/token spans ~1.5 to ~50: log scale keeps the fast caches apart
+                ax.set_yscale("log")
             ax.set_xlabel("context tokens")
             ax.set_ylabel(ylabel)
             ax.set_title(f"batch {batch}")
@@ -230,6 +273,9 @@ def parse_args(argv=None):
     p.add_argument("--time-budget-s", type=float, default=270.0, help="stop starting configs after this")
     p.add_argument("--compile-budget-s", type=float, default=90.0,
                    help="stop starting static_compiled configs (compile per shape) after this much time in them")
+    p.add_argument("--static-cudnn", choices=("on", "off"), default="on",
+                   help="cuDNN SDPA for static_compiled (fixed key length); always off for the eager caches")
+    p.add_argument("--profile-steps", type=int, default=0, help="profile N steps of each compiled config (GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     p.add_argument("--out", default="eval/results/bench_kv_e2e")
@@ -250,12 +296,15 @@ def main(argv=None) -> None:
     env = {**environment_info(args.device, card), "model": f"random-init {args.shape}", "dtype": args.dtype,
            "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup,
            "wall_s": round(time.perf_counter() - t0, 1)}
-    columns = ["cache", "context", "batch", "ms_per_token", "kv_gib", "recompiles", "skipped"]
+    columns = ["cache", "context", "batch", "ms_per_token", "gpu_ms_per_token", "kv_gib", "view_changes", "cudnn_sdpa",
+               "skipped"]
     notes = ("ms_per_token: median over timed runs of decode wall time / new tokens (warm-up excluded). kv_gib: live "
              "KV tensors after decoding (scales/zeros included; StaticCache counts its whole preallocated buffer). "
              "adaptive*: history dequantized every step; fused*: packed view read by the attention kernel; "
              "compiled*: AdaptiveStaticKVCache under transformers' compiled step (CUDA graphs), fused kernel. "
-             "cuDNN SDPA is off for every cache (it re-plans per key length).")
+             f"cuDNN SDPA is off for every eager cache (it re-plans per key length); for static_compiled it is "
+             f"{args.static_cudnn} (--static-cudnn). gpu_ms_per_token: CUDA kernel time per token from "
+             f"--profile-steps (compiled configs only).")
     paths = write_report(args.out, "bench_kv_e2e", {"rows": rows, "args": vars(args)}, env,
                          markdown_table(rows, columns), f"End-to-end decode: random-init {args.shape} on {card}", notes)
     plot(rows, Path(args.out) / "bench_kv_e2e.png", f"{args.shape} {args.dtype} on {card}")

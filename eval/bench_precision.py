@@ -20,12 +20,18 @@ replay). Tiers: every decoder linear plus lm_head, q/k/v and gate/up fused into 
 - ``verified`` / ``verified_always_draft`` (batch 1): real int4-draft / native-verify decode on these
   weights, checked for token identity with native greedy; ``*_replay``: recorded draft lengths and
   acceptance replayed on these shapes; plus a cost model from the measured step times;
-- ``compiled_*`` (``--compile``, batch 1, run last): the same fused steps under ``torch.compile``.
+- ``compiled_*`` (``--compile``, ``--compile-batch-sizes``, run last): the same fused steps under
+  ``torch.compile`` (inductor, then CUDA graph), and at batch 1 verified mode on an engine whose draft /
+  verify graphs are compiled too (``GraphDecodeConfig(compile=True)``), with its own cost model.
+  ``--compile-only`` skips the uncompiled sections.
 
-Weights: ``--model DIR`` (a local checkpoint) or random-init Llama-3.2-1B shape. Writes results.json,
+Weights: ``--model DIR`` (a local checkpoint), ``--config-dir DIR`` (that architecture with seeded random
+weights, e.g. a config-only export of Qwen2.5-Coder-1.5B) or random-init Llama-3.2-1B shape. Writes results.json,
 results.md and speed.png under ``--out`` (rewritten after each section, so a cut-off run keeps its data).
 
     python eval/bench_precision.py --out eval/results/precision_h100 --compile
+    python eval/bench_precision.py --config-dir .gpu/qwen_cfg --compile-only --compile-batch-sizes 1 8 \
+        --schedule eval/data/precision_schedule_qwen2.5-coder-1.5b_translate.json --out /tmp/precision_qwen
 """
 
 from __future__ import annotations
@@ -60,8 +66,14 @@ ALWAYS_NATIVE = PrecisionPolicyConfig(fast_tier="native", mid_tier="native", top
 LOSSY = PrecisionPolicyConfig(fast_tier="int4", mid_tier="native", top_tier="native")
 
 
-def build_model(path: str | None, device: str):
-    """A bf16 causal LM on ``device``: the checkpoint at ``path`` or random-init Llama-3.2-1B shape."""
+def build_model(path: str | None, device: str, config_dir: str | None = None):
+    """A bf16 causal LM on ``device``: the checkpoint at ``path``, ``config_dir``'s architecture with seeded
+    random weights, or random-init Llama-3.2-1B shape."""
+    if config_dir:
+        from hf_adaptive.evaluation.random_model import load_random_model
+
+        model, _ = load_random_model(config_dir, device, "bfloat16", seed=0)
+        return model.eval(), f"random-init {model.config.model_type} shape from {Path(config_dir).name}"
     if path:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
         return model.to(device).eval(), Path(path).name
@@ -73,8 +85,9 @@ def build_model(path: str | None, device: str):
 
 
 def schedule_tag(path: str) -> str:
-    """Short name of a recorded schedule file: precision_schedule_smollm2_translate.json -> translate."""
-    stem = Path(path).stem.replace("precision_schedule_smollm2", "").strip("_")
+    """Short name of a recorded schedule file: precision_schedule_smollm2_translate.json -> translate,
+    precision_schedule_qwen2.5-coder-1.5b_translate.json -> qwen2.5-coder-1.5b_translate."""
+    stem = Path(path).stem.removeprefix("precision_schedule_").removeprefix("smollm2").strip("_")
     return stem or "chat"
 
 
@@ -155,6 +168,7 @@ class BatchRun:
     t_prefill: float = 0.0
     res: dict = field(default_factory=dict)
     decoders: dict = field(default_factory=dict)
+    save: object = None  # called after every mode (a cut-off run keeps what it measured)
 
     def run(self, mode: str, fn) -> object:
         t, out = timed(fn, self.args.repeats)
@@ -163,6 +177,8 @@ class BatchRun:
         decode_s = decode_s if decode_s > 0 else float("nan")
         self.res[mode] = {"seconds": t, "decode_tokens_per_s": tokens / decode_s,
                           "ms_per_step": decode_s / (self.args.new_tokens - 1) * 1e3}
+        if self.save is not None:
+            self.save()
         return out
 
     def fused(self, policy: PrecisionPolicyConfig | None = None, compiled: bool = False, **kw) -> torch.Tensor:
@@ -189,7 +205,7 @@ def bench_fused(br: BatchRun, schedules: dict, prefix: str = "", compiled: bool 
             sched = tier_schedule(scores, high)
             br.run(f"{prefix}lossy_{tag}_high{high}",
                    lambda: br.fused(LOSSY, compiled=compiled, schedule=sched, decision_lag=1))
-    for lag in (0, 1):
+    for lag in () if br.args.skip_controller else (0, 1):
         br.run(f"{prefix}controller_native" + ("_lag1" if lag else ""),
                lambda: br.fused(ALWAYS_NATIVE, compiled=compiled, decision_lag=lag))
     return native
@@ -204,7 +220,8 @@ def bench_verified(br: BatchRun, native: torch.Tensor, schedules: dict) -> None:
         opts = VerifiedOptions(max_new_tokens=n, max_draft=br.args.max_draft, policy=LOSSY, adaptive_draft=adaptive)
 
         def run(opts=opts):
-            opts.history.clear()  # keep the last run's rounds only
+            opts.history.clear()  # keep the last run's rounds (and near-tie count) only
+            opts.tie_rounds = 0
             return generate_verified(br.engine, br.ids, opts)
 
         out = br.run(mode, run)
@@ -212,7 +229,8 @@ def bench_verified(br: BatchRun, native: torch.Tensor, schedules: dict) -> None:
         br.res[mode].update(mismatch_report(out, ref, ref_logits, torch.bfloat16),
                             rounds=len(h), rounds_with_draft=sum(k > 0 for k, _ in h),
                             drafted_per_round=statistics.mean(k for k, _ in h) if h else 0,
-                            accepted_per_round=statistics.mean(a for _, a in h) if h else 0)
+                            accepted_per_round=statistics.mean(a for _, a in h) if h else 0,
+                            near_tie_rounds=opts.tie_rounds)
     del ref_logits
     rounds = {f"{key}_{tag}": recorded for tag, (_, by_key) in schedules.items() for key, recorded in by_key.items()}
     for key, recorded in rounds.items():
@@ -223,12 +241,13 @@ def bench_verified(br: BatchRun, native: torch.Tensor, schedules: dict) -> None:
     br.res["verified_cost_model"] = verified_cost_model(br.res["step_ms"], rounds, br.args.max_draft)
 
 
-def make_run(tiers, batch: int, args) -> BatchRun:
+def make_run(tiers, batch: int, args, compile: bool = False) -> BatchRun:
     ids = torch.randint(1, tiers.model.config.vocab_size, (batch, args.prompt_len),
                         generator=torch.Generator().manual_seed(0)).to(args.device)
     verify = args.max_draft + 1 if batch == 1 else 0
     engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=batch, verify_len=verify,
-                                                        max_len=args.prompt_len + args.new_tokens + verify + 8))
+                                                        max_len=args.prompt_len + args.new_tokens + verify + 8,
+                                                        compile=compile))
     br = BatchRun(tiers, engine, ids, args)
     br.t_prefill, _ = timed(lambda: engine.prefill(ids), args.repeats)
     return br
@@ -264,9 +283,25 @@ def finish(res: dict) -> dict:
     return res
 
 
+def bench_compiled(tiers, batch: int, args, schedules: dict, save=None) -> dict:
+    """The fused modes with compiled steps (and, at batch 1, verified mode on a compiled engine), keys
+    prefixed ``compiled_``; ``save(results so far)`` runs after every mode."""
+    br = make_run(tiers, batch, args, compile=True)
+
+    def prefixed() -> dict:
+        return {f"compiled_{k}": v for k, v in br.res.items()}
+
+    if save is not None:
+        br.save = lambda: save(prefixed())
+    native = bench_fused(br, schedules, compiled=True)
+    if batch == 1:
+        bench_verified(br, native, schedules)
+    return prefixed()
+
+
 def bench_previous_prep(args) -> dict:
     """Batch-1 native / int4 with tiers prepared as before (decoder linears only, unfused)."""
-    model, _ = build_model(args.model, args.device)
+    model, _ = build_model(args.model, args.device, args.config_dir)
     tiers = prepare_tiers(model, tiers=("int4", "native"), lm_head=False, fuse=False)
     br = make_run(tiers, 1, args)
     br.run("native", lambda: br.fused(tier="native"))
@@ -283,6 +318,8 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default=None, help="local checkpoint dir; default random-init Llama-3.2-1B")
+    ap.add_argument("--config-dir", default=None,
+                    help="config-only dir (config.json): that architecture with seeded random weights")
     data = Path(__file__).parent / "data"
     ap.add_argument("--schedule", nargs="+", default=[str(p) for p in (
         data / "precision_schedule_smollm2.json", data / "precision_schedule_smollm2_translate.json") if p.exists()],
@@ -294,8 +331,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--high", type=float, nargs="+", default=[0.9, 0.75, 0.5],
                     help="fast-tier thresholds for the lossy replay (0.9 = issue default)")
-    ap.add_argument("--compile", action="store_true", help="also batch-1 fused steps under torch.compile (last)")
+    ap.add_argument("--compile", action="store_true", help="also the fused steps under torch.compile (last)")
+    ap.add_argument("--compile-only", action="store_true", help="only the compiled sections (implies --compile)")
+    ap.add_argument("--compile-batch-sizes", type=int, nargs="+", default=[1], help="batch sizes of --compile")
     ap.add_argument("--no-prev-prep", action="store_true", help="skip the previous-preparation ablation")
+    ap.add_argument("--skip-controller", action="store_true",
+                    help="skip the controller-overhead modes (one decoder, i.e. one compile, fewer)")
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only smoke-tests the script")
     ap.add_argument("--smoke-shape", action="store_true", help="tiny random shape (for --device cpu)")
     return ap.parse_args()
@@ -303,6 +344,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    args.compile = args.compile or args.compile_only
     if args.device == "cpu":
         torch.set_num_threads(1)  # smoke test on shared CPUs: OpenMP spinning made tiny steps take 100+ ms
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -310,7 +352,7 @@ def main() -> None:
     if args.smoke_shape:
         LLAMA_1B.update(hidden_size=256, num_hidden_layers=2, intermediate_size=512, vocab_size=512,
                         num_attention_heads=4, num_key_value_heads=2)
-    model, weights = build_model(args.model, args.device)
+    model, weights = build_model(args.model, args.device, args.config_dir)
     tiers = prepare_tiers(model, tiers=("int4", "native"))
     schedules = {schedule_tag(p): load_schedule(p) for p in args.schedule}
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke test, not a benchmark)"
@@ -322,7 +364,7 @@ def main() -> None:
                                          for tag, (sc, _) in schedules.items()}, "batches": {}}
     out_dir, start = Path(args.out), time.perf_counter()
     runs = {}
-    for batch in tqdm(args.batch_sizes, desc="batch sizes"):
+    for batch in tqdm([] if args.compile_only else args.batch_sizes, desc="batch sizes"):
         runs[batch] = bench_batch(tiers, batch, args, schedules)
         result["batches"][str(batch)] = finish(runs[batch].res)
         write_outputs(out_dir, result)
@@ -330,15 +372,24 @@ def main() -> None:
         runs[1].res.update(bench_previous_prep(args))
         finish(runs[1].res)
         write_outputs(out_dir, result)
-    if 1 in runs and args.compile:
-        try:
-            for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch releases
-                if hasattr(torch._dynamo.config, name):
-                    setattr(torch._dynamo.config, name, 64)  # one compile per (decoder, tier): > default 8
-            bench_fused(runs[1], schedules, prefix="compiled_", compiled=True)
-        except Exception as exc:  # a compile failure must not lose the measured sections above
-            result["compile_error"] = f"{type(exc).__name__}: {exc}"[:2000]
-        finish(runs[1].res)
+    if args.compile:
+        for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch releases
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 64)  # one compile per (decoder, tier, Q): > default 8
+        for batch in tqdm(args.compile_batch_sizes, desc="compiled batch sizes"):
+            res = runs[batch].res if batch in runs else {}
+
+            def save(partial: dict, res=res, batch=batch) -> None:
+                res.update(partial)
+                result["batches"][str(batch)] = finish(res)
+                write_outputs(out_dir, result)
+
+            try:
+                res.update(bench_compiled(tiers, batch, args, schedules, save))
+            except Exception as exc:  # a compile failure must not lose the measured sections above
+                result.setdefault("compile_error", {})[str(batch)] = f"{type(exc).__name__}: {exc}"[:2000]
+            result["batches"][str(batch)] = finish(res)
+            write_outputs(out_dir, result)
     result["wall_seconds"] = time.perf_counter() - start
     result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
     write_outputs(out_dir, result)

@@ -56,11 +56,11 @@ def _mode_rows(res: dict) -> list[str]:
 def _overhead_lines(res: dict) -> list[str]:
     lines = []
     for prefix in ("", "compiled_"):
-        key = f"{prefix}controller_overhead_fraction"
-        if key in res:
-            lines.append(f"{prefix or 'fused '}controller overhead (in-graph decision): "
-                         f"{100 * res[key]:.2f} % of a step at lag 0 (one event wait per step), "
-                         f"{100 * res[f'{prefix}controller_lag1_overhead_fraction']:.2f} % at lag 1")
+        parts = [f"{100 * res[k]:.2f} % of a step at {lag}" for k, lag in (
+            (f"{prefix}controller_overhead_fraction", "lag 0 (one event wait per step)"),
+            (f"{prefix}controller_lag1_overhead_fraction", "lag 1")) if k in res]  # either may be absent
+        if parts:
+            lines.append(f"{prefix or 'fused '}controller overhead (in-graph decision): " + ", ".join(parts))
     if "eager_controller_overhead_fraction" in res:
         lines.append(f"previous path (eager confidence + .tolist() per step, one-token graphs): "
                      f"{100 * res['eager_controller_overhead_fraction']:.2f} % vs fused native")
@@ -69,18 +69,27 @@ def _overhead_lines(res: dict) -> list[str]:
 
 def _verified_lines(res: dict) -> list[str]:
     lines = []
-    for mode in ("verified", "verified_always_draft"):
-        if mode in res:
+    for prefix in ("", "compiled_"):
+        lines += _verified_prefix_lines(res, prefix)
+    return lines
+
+
+def _verified_prefix_lines(res: dict, prefix: str) -> list[str]:
+    lines = []
+    for mode in (f"{prefix}verified", f"{prefix}verified_always_draft"):
+        if "token_identical" in res.get(mode, {}):  # absent while a run is being saved mid-mode
             v = res[mode]
             tie = "" if v["token_identical"] else (
                 f", greedy top-2 gap there {v['greedy_gap_at_mismatch']:.4g} vs bf16 rounding step "
                 f"{v['rounding_step']:.4g}: near-tie {v['near_tie']}")
             lines.append(f"{mode}: token-identical to native greedy: {v['token_identical']} (first mismatch: "
                          f"{v['first_mismatch']}{tie}; rounds with a draft {v['rounds_with_draft']}/{v['rounds']}, "
-                         f"drafted/round {v['drafted_per_round']:.2f}, accepted/round {v['accepted_per_round']:.2f})")
-    if "verified_cost_model" in res:
-        lines += ["", f"step ms (graph replay): {json.dumps({k: round(x, 4) for k, x in res['step_ms'].items()})}",
-                  f"verified cost model: `{json.dumps(res['verified_cost_model'])}`"]
+                         f"drafted/round {v['drafted_per_round']:.2f}, accepted/round {v['accepted_per_round']:.2f}, "
+                         f"rounds settled by a 1-token forward at a near-tie {v.get('near_tie_rounds', 'n/a')})")
+    if f"{prefix}verified_cost_model" in res:
+        steps = {k: round(x, 4) for k, x in res[f"{prefix}step_ms"].items()}
+        lines += ["", f"{prefix}step ms (graph replay): {json.dumps(steps)}",
+                  f"{prefix}verified cost model: `{json.dumps(res[f'{prefix}verified_cost_model'])}`", ""]
     return lines
 
 
@@ -95,7 +104,7 @@ def write_outputs(out_dir: Path, result: dict) -> None:
              f"replayed schedules: {result['schedules']}",
              f"int4 fraction of each replayed schedule per threshold: {result['schedule_fast_fraction']}", ""]
     if "compile_error" in result:
-        lines += [f"compile section failed: `{result['compile_error'][:300]}`", ""]
+        lines += [f"compile section failed: `{json.dumps(result['compile_error'])[:600]}`", ""]
     for batch, res in result["batches"].items():
         lines += [f"## batch {batch}", ""] + _mode_rows(res) + [""] + _overhead_lines(res) + _verified_lines(res)
         if "prev_prep_tier_weight_bytes" in res:

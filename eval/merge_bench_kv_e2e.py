@@ -7,6 +7,9 @@ Rows keep their numbers; the cache label becomes ``cache@tag`` when a cache appe
 configuration measured twice (e.g. StaticCache with and without cuDNN SDPA) shows as two lines. Each run's
 command, time and git commit are listed. Ratios between rows of different runs are cross-run ratios: the
 Markdown says which run each number came from.
+
+``--one-run-per-shape``: for each (context, batch) keep the rows of the one run that measured the most caches
+there (the later run on a tie), so every ratio within a shape is a same-run ratio and each cache is one line.
 """
 
 from __future__ import annotations
@@ -37,15 +40,33 @@ def merge(sources: dict[str, Path]) -> tuple[list[dict], dict[str, dict]]:
     return rows, envs
 
 
+def one_run_per_shape(rows: list[dict]) -> list[dict]:
+    """Rows of the run with the most measured caches per (context, batch); later runs win ties."""
+    order = list(dict.fromkeys(r["run"] for r in rows))
+    best: dict[tuple, str] = {}
+    for shape in dict.fromkeys((r["context"], r["batch"]) for r in rows):
+        counts = {run: sum(1 for r in rows if (r["context"], r["batch"]) == shape and r["run"] == run
+                          and "skipped" not in r) for run in order}
+        best[shape] = max(reversed(order), key=lambda run: counts[run])
+    kept = [r for r in rows if r["run"] == best[(r["context"], r["batch"])]]
+    for r in kept:
+        r["label"] = r["cache"]
+    return kept
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="End-to-end decode, random-init Llama-3.2-1B shape, bf16")
     p.add_argument("--notes", default="", help="extra Markdown appended to the report")
+    p.add_argument("--one-run-per-shape", action="store_true",
+                   help="per (context, batch) keep only the run that measured the most caches")
     p.add_argument("runs", nargs="+", help="TAG=path/to/bench_kv_e2e.json")
     args = p.parse_args(argv)
     sources = dict(arg.split("=", 1) for arg in args.runs)
     rows, envs = merge(sources)
+    if args.one_run_per_shape:
+        rows = one_run_per_shape(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_kv_e2e.json").write_text(json.dumps({"runs": envs, "rows": rows}, indent=1, default=str))
@@ -54,9 +75,10 @@ def main(argv=None) -> None:
     lines = [f"# {args.title} on {card}", "", "## Runs", ""]
     for tag, env in envs.items():
         lines.append(f"- **{tag}**: `{env.get('command')}` at {env.get('utc_time')} (torch {env.get('torch')}, "
-                     f"transformers {env.get('transformers')}, warm-up {env.get('warmup')}, repeats {env.get('repeats')})")
-    lines += ["", markdown_table(rows, ["run", "cache", "context", "batch", "ms_per_token", "kv_gib", "recompiles",
-                                        "skipped"]), "", args.notes]
+                     f"transformers {env.get('transformers')}, warm-up {env.get('warmup')}, repeats {env.get('repeats')}, "
+                     f"commit {env.get('git_commit')})")
+    lines += ["", markdown_table(rows, ["run", "cache", "context", "batch", "ms_per_token", "gpu_ms_per_token", "kv_gib",
+                                        "view_changes", "cudnn_sdpa", "skipped"]), "", args.notes]
     (out / "bench_kv_e2e.md").write_text("\n".join(lines) + "\n")
     print((out / "bench_kv_e2e.md").read_text())
 

@@ -1,4 +1,4 @@
-"""Record a precision schedule from SmolLM2 translating the Spanish dev set on CPU, for GPU replay.
+"""Record a precision schedule from a model (default SmolLM2) translating the Spanish dev set on CPU, for GPU replay.
 
 Per verse (the BLEU eval's prompt and ``max_new_tokens`` rule, greedy, batch 1): the lossy run's
 per-step confidences and tiers (``generate`` + ``PrecisionController``, int4 g=64 / fp32 tiers, issue
@@ -11,6 +11,10 @@ the chat recording (int4 re-quantization of a 4-bit grid: acceptance is a pessim
 
     HF_HUB_OFFLINE=1 .venv/bin/python eval/record_translate_schedule.py --limit 16 \
         --out eval/data/precision_schedule_smollm2_translate.json
+    HF_HUB_OFFLINE=1 .venv/bin/python eval/record_translate_schedule.py --model qwen2.5-coder-1.5b-instruct \
+        --limit 8 --threads 2 --out eval/data/precision_schedule_qwen2.5-coder-1.5b_translate.json
+
+The file is rewritten after every verse, so a stopped run keeps the verses it finished.
 """
 
 from __future__ import annotations
@@ -65,13 +69,20 @@ def main() -> None:
     ap.add_argument("--data", default=str(Path(__file__).parent / "data/dev_matthew_mark.jsonl"))
     ap.add_argument("--limit", type=int, default=16)
     ap.add_argument("--max-draft", type=int, default=4)
+    ap.add_argument("--model", default=None, help="embedded model name or checkpoint dir (default SmolLM2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    model, tok = load_model(None, device="cpu", dtype="float32")
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, device="cpu", dtype="float32")
     tiers = prepare_tiers(model, tiers=("int4", "fp32"))
     cfg = TranslationConfig()
     verses = [json.loads(line) for line in Path(args.data).read_text().splitlines()[:args.limit]]
-    records = []
+    records: list[dict] = []
+    out = {"model": args.model or "smollm2-135m-instruct", "device": "cpu", "task": "es->en translation, " + args.data,
+           "tiers": ["int4", "fp32"], "policy": {"high": POLICY.high, "low": POLICY.low},
+           "max_draft": args.max_draft, "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "command": " ".join(sys.argv), "records": records}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         for verse in tqdm(verses, desc="verses"):
             ids = tok(build_prompt(tok, verse["es"], cfg), return_tensors="pt", add_special_tokens=False).input_ids
@@ -82,12 +93,7 @@ def main() -> None:
             records.append({"prompt": verse["id"], "lossy": lossy,
                             "verified": _verified(tiers, ids, n, POLICY, args.max_draft),
                             "verified_always": _verified(tiers, ids, n, ALWAYS, args.max_draft)})
-    out = {"model": "smollm2-135m-instruct", "device": "cpu", "task": "es->en translation, " + args.data,
-           "tiers": ["int4", "fp32"], "policy": {"high": POLICY.high, "low": POLICY.low},
-           "max_draft": args.max_draft, "torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "command": " ".join(sys.argv), "records": records}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+            Path(args.out).write_text(json.dumps(out, indent=1))  # after every verse
     print(f"wrote {args.out}")
 
 

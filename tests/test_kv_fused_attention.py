@@ -171,14 +171,17 @@ def test_gpu_pressure_accounts_for_per_process_cap():
 @pytest.mark.gpu
 def test_gpu_pressure_sees_per_process_cap_on_gpu():
     """Guards against GPUMemoryPressure reading only mem_get_info under set_per_process_memory_fraction:
-    with a 2 GiB cap and 1.5 GiB allocated the pressure must be near 1, not near 0."""
+    with a cap 2 GiB above what this process already holds and 1.5 GiB more allocated, the pressure must be
+    near 1, not near 0 (earlier tests in the same process may still hold memory: the cap counts it)."""
     from hf_adaptive.kv.pressure import GPUMemoryPressure
 
+    torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(2 * 2**30 / total)
+    cap = torch.cuda.memory_reserved(0) + 2 * 2**30
+    torch.cuda.set_per_process_memory_fraction(cap / total)
     try:
         block = torch.empty(3 * 2**29, dtype=torch.uint8, device="cuda")  # 1.5 GiB
-        fraction = None if hasattr(torch.cuda, "get_per_process_memory_fraction") else 2 * 2**30 / total
+        fraction = None if hasattr(torch.cuda, "get_per_process_memory_fraction") else cap / total
         reading = GPUMemoryPressure(0.9, process_fraction=fraction).read(0)
         assert reading.source == "gpu_process_cap", reading
         assert 0.75 < reading.fraction < 1.0, reading

@@ -68,17 +68,30 @@ def test_compiled_decode_matches_eager_and_compiles_once(tiny):
     assert cache.stats()["layers"][0]["tokens_by_bits"]["4"] > 0
 
 
-def test_pressure_switch_under_compile_recompiles_rarely(tiny):
-    """Guards adaptivity on the compiled path: a pressure step to 4 bits mid-generation must take effect
-    (4-bit blocks appear) at the cost of a counted re-trace, not one per step."""
+def test_pressure_switch_under_compile_does_not_retrace(tiny):
+    """Guards adaptivity on the compiled path: a pressure walk 16 -> 8 -> 4 bits mid-generation must take effect
+    (8- and 4-bit blocks appear, 16-bit ones are demoted and their pool released) without re-tracing the step:
+    the view keeps one pool per reachable precision, with dynamic extents (an H100 re-trace cost 18.7 s)."""
     model, ids, _ = tiny
+    eager_cache = AdaptiveStaticKVCache(model.config, max_cache_len=90,
+                                        pressure=ScriptedPressure([0.0] * 6 + [0.75] * 16 + [0.9] * 200), **SMALL)
+    eager = _generate(model, ids, eager_cache, 40)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
     torch._dynamo.reset()
-    pressure = ScriptedPressure([0.0] * 12 + [0.9] * 200)
+    pressure = ScriptedPressure([0.0] * 6 + [0.75] * 16 + [0.9] * 200)
     cache = AdaptiveStaticKVCache(model.config, max_cache_len=90, pressure=pressure, **SMALL)
-    _generate(model, ids, cache, 40, compiled=True)
-    bits = cache.stats()["layers"][0]["tokens_by_bits"]
-    assert bits["16"] > 0 and bits["4"] > 0
-    assert 1 <= cache.recompiles <= 3
+    out = _generate(model, ids, cache, 40, compiled=True, backend=counting)
+    assert torch.equal(out, eager)
+    bits_seen = {h["bits"] for h in cache.history}
+    assert bits_seen == {16, 8, 4}, bits_seen
+    assert cache.stats()["layers"][0]["tokens_by_bits"]["4"] > 0
+    assert cache.view_changes >= 2  # pools appeared / were released mid-generation...
+    assert len(graphs) == 1, f"{len(graphs)} graphs for one decode step shape"  # ...and the step was traced once
 
 
 def test_crop_within_tail_is_exact(tiny):
@@ -119,7 +132,7 @@ def test_compiled_static_cache_on_gpu_matches_eager():
     out = model.generate(ids, max_new_tokens=64, do_sample=False, compile_config=cc, **generate_cache_kwargs(cache))
     agree = (out == eager).float().mean().item()
     assert agree > 0.97, agree
-    assert cache.recompiles == 0
+    assert cache.view_changes == 0
 
 
 def test_demotion_under_pressure_publishes_next_step(tiny):

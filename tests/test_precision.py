@@ -249,6 +249,55 @@ def test_verified_mode_token_identical_tiny(arch, adaptive, tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 1000
 
 
+def test_first_near_tie_finds_rows_within_rounding_steps():
+    """Guards the near-tie test against a wrong index or a margin in absolute units: rows whose top-2 gap is
+    within N rounding steps of their dtype count, others do not."""
+    from hf_adaptive.precision.verified import _first_near_tie
+
+    logits = torch.tensor([[8.0, 1.0, 0.0], [8.0, 8.0 - 1 / 32, 0.0], [8.0, 8.0, 0.0]], dtype=torch.bfloat16)
+    # bf16 rounding step at magnitude 8: 8 * 2**-7 = 1/16; row 1's gap 1/32 and row 2's 0 are within 2 steps
+    assert int(_first_near_tie(logits, 2.0)) == 1
+    assert int(_first_near_tie(logits[:1], 2.0)) == 1  # none: the row count
+    assert int(_first_near_tie(logits, 0.0)) == 3      # disabled
+    assert int(_first_near_tie(logits[[0, 2]], 2.0)) == 1
+
+
+@pytest.mark.parametrize("margin", [2.0**18, 1e12])
+def test_verified_mode_settles_near_ties_with_one_token_forwards(margin):
+    """Guards the near-tie path (a verify row too close to call is re-decided by a 1-token forward): output stays
+    greedy, drafts verified before the tie are kept (some rounds still accept), and the path really runs."""
+    model = _confident_model("llama")
+    ids = _prompt(1, seed=3)
+    ref = _greedy(model, ids, 40)
+    tiers = prepare_tiers(model, ("int4", "fp32"))
+    engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=1, max_len=128, verify_len=5))
+    policy = PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32", low=0.3)
+    opts = VerifiedOptions(max_new_tokens=40, max_draft=4, policy=policy, adaptive_draft=False,
+                           tie_margin_steps=margin)
+    assert torch.equal(generate_verified(engine, ids, opts), ref)
+    assert opts.tie_rounds > 0
+    if margin < 1e6:  # some rows clear a moderate margin: their drafts are still accepted
+        assert any(acc > 0 for _, acc in opts.history)
+
+
+@pytest.mark.slow
+def test_verified_mode_compiled_engine_token_identical_tiny():
+    """Guards against the compiled engine (GraphDecodeConfig.compile, the fast path of bench --compile)
+    tracing the SDPA backend context, graph-breaking, or changing verified mode's tokens."""
+    torch._dynamo.reset()
+    model = _confident_model("llama")
+    ids = _prompt(1, seed=3)
+    ref = _greedy(model, ids, 24)
+    tiers = prepare_tiers(model, ("int4", "fp32"))
+    engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=1, max_len=96, verify_len=5, compile=True))
+    policy = PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32", low=0.3)
+    opts = VerifiedOptions(max_new_tokens=24, max_draft=4, policy=policy)
+    out = generate_verified(engine, ids, opts)
+    assert not dict(torch._dynamo.utils.counters["graph_break"])
+    assert torch.equal(out, ref)
+    assert any(k > 0 for k, _ in opts.history)  # the int4 draft graph really ran
+
+
 @pytest.mark.slow
 def test_verified_mode_token_identical_smollm2(smollm2):
     """Guards against int4 group-size handling at hidden 576 (g=64) breaking losslessness on a real model."""

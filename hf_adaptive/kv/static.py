@@ -11,8 +11,11 @@ live extents on the device, so ``model.generate`` can ``torch.compile`` the step
   the device lengths) runs eagerly in forward hooks *around* the compiled step, which
   :func:`hf_adaptive.enable_fused_attention` installs; the compiled region holds only tensor ops;
 - pools are allocated at their capacity when a precision is first used (all ``max_cache_len`` tokens; for
-  precisions above the lowest, capped by ``memory_budget``), so the step's graph is captured again only when
-  a new precision appears or a pool is released: rare, with hysteresis. ``recompiles`` counts them.
+  precisions above the lowest, capped by ``memory_budget``). The view the compiled step reads has a fixed
+  signature: one pool per precision the policy can reach, a 2-slot placeholder until the real pool exists,
+  and the pools' slot extents marked dynamic, so a precision switch (a pool appearing or being released)
+  does not re-trace the step; only the CUDA graph is re-captured, since the pool addresses change.
+  ``view_changes`` counts those steps.
 Full-attention models only (no sliding-window layers); prefill runs eagerly and attends exactly.
 """
 
@@ -34,10 +37,22 @@ from hf_adaptive.kv.pools import BlockPool, to_device
 logger = logging.getLogger(__name__)
 
 
+_QUANT_FIELDS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+MIN_POOL_SLOTS = 2  # placeholder / smallest pool: dynamo specializes extents of 0 and 1, so never use them
+
+
 def _mark_static(t: torch.Tensor) -> None:
     # fixed addresses: CUDA-graph replays read them in place instead of copying them in every step
     if not torch.compiler.is_compiling():
         torch._dynamo.mark_static_address(t)
+
+
+def _mark_pool(t: torch.Tensor) -> None:
+    """A pool tensor the compiled step reads: static address, dynamic extent (dim 2: rows or slots), so a pool
+    of another capacity (a placeholder replaced by the real pool) reuses the traced graph."""
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(t)
+        torch._dynamo.mark_dynamic(t, 2)
 
 
 class StaticLengths:
@@ -66,13 +81,33 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self._cache = cache
         super().__init__(context)
 
+    # The live tail as ``keys`` / ``values`` (the parent's accounting and eager paths read them): a slice of the
+    # preallocated tail, built only when read, since the per-step host work runs while the GPU waits for it.
+    @property
+    def keys(self):
+        return self.tail_k[:, :, : self.n_tail] if self._tail_backed else self._keys
+
+    @keys.setter
+    def keys(self, value) -> None:
+        self._keys = value
+
+    @property
+    def values(self):
+        return self.tail_v[:, :, : self.n_tail] if self._tail_backed else self._values
+
+    @values.setter
+    def values(self, value) -> None:
+        self._values = value
+
     def _clear(self) -> None:
+        self._tail_backed = False
         super()._clear()
         self.n_tail = 0  # tokens in the tail, committed (written)
         self.prepared = 0  # tokens the hooks made room for in this forward (written by update, committed after)
         self.view: packed.PackedKV | None = None
         self._view_key: tuple | None = None
         self._table_dirty = False  # host block table changed since the device copy was written
+        self._placeholders: dict[int, BlockPool] = {}  # stand-ins for pools not allocated (yet)
 
     # every change of the host block table goes through one of these: mark the device copy stale
     def _store_blocks(self, k: torch.Tensor, v: torch.Tensor, bits: int) -> None:
@@ -101,16 +136,23 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self.table = torch.zeros(2, self.capacity_blocks, dtype=torch.int32, device=self.device)
         for t in (self.tail_k, self.tail_v, self.table):
             _mark_static(t)
-        self._set_tail_views()
+        self._tail_backed = True
+        self._set_row_bytes()
         self._cache.lengths_for(self.device)
         # the kernel's placeholder tensors are cached on first use: create them now, outside any CUDA-graph pool
         # (made during a cudagraph-trees warm-up they would stay in its pool untracked, which it refuses)
         for dtype in (torch.uint8, torch.int8, torch.int32, torch.float16, self.dtype):
             triton_decode._dummy(self.device, dtype)
 
-    def _set_tail_views(self) -> None:
-        # the parent's accounting, stats and eager paths read the live tail as self.keys / self.values
-        self.keys, self.values = self.tail_k[:, :, : self.n_tail], self.tail_v[:, :, : self.n_tail]
+    def _set_row_bytes(self) -> None:
+        self._row_bytes = (self.tail_k[:, :, :1].numel() * self.tail_k.element_size()
+                           + self.tail_v[:, :, :1].numel() * self.tail_v.element_size())
+
+    def live_bytes(self) -> int:
+        """Exact tail rows + used pool slots, from counters (no tensor work: it runs every step)."""
+        if not self.is_initialized:
+            return 0
+        return self.n_tail * self._row_bytes + sum(pool.live_bytes() for pool in self.pools.values())
 
     # ------------------------------------------------------------------ per-step path
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -217,10 +259,8 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         """The prepared rows were written by the step that just ran."""
         self.n_tail += self.prepared
         self.prepared = 0
-        self._set_tail_views()
 
     def _after_change(self) -> None:
-        self._set_tail_views()
         if self._table_dirty:  # the block table changed: refresh its device copy
             self._table_dirty = False
             n = len(self.block_bits)
@@ -243,7 +283,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         if budget is None or lowest:
             return self.capacity_blocks
         per_layer = budget / max(len(self._cache.layers), 1)
-        return max(1, min(self.capacity_blocks, math.ceil(per_layer / pool.slot_bytes())))
+        return max(MIN_POOL_SLOTS, min(self.capacity_blocks, math.ceil(per_layer / pool.slot_bytes())))
 
     def _maybe_compact(self) -> None:
         """Static storage never shrinks in place; a pool emptied by demotion is released as a whole."""
@@ -252,20 +292,29 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
             self._gather = None
             self._table_dirty = True
 
+    def _placeholder(self, bits: int) -> BlockPool:
+        if bits not in self._placeholders:
+            pool = BlockPool(bits, self.shape)
+            pool._grow(MIN_POOL_SLOTS)
+            self._placeholders[bits] = pool
+        return self._placeholders[bits]
+
     def _refresh_view(self) -> None:
         key = tuple((b, id(p.tensors[next(iter(p.tensors))])) for b, p in sorted(self.pools.items()))
         if key == self._view_key and self.view is not None:
             return
-        for pool in self.pools.values():
-            for t in pool.tensors.values():
-                _mark_static(t)
         if self._view_key is not None:
-            self._cache.recompiles += 1
-        B, H, _, D = self.tail_k.shape
-        full = self.pools.get(16)
-        full_k = full.tensors["k"] if full is not None else self.tail_k.new_zeros(B, H, 0, D)
-        full_v = full.tensors["v"] if full is not None else self.tail_v.new_zeros(B, H, 0, D)
-        pools = {b: p.as_quant_pool(p.capacity) for b, p in self.pools.items() if b != 16}
+            self._cache.note_view_change()
+        # the same precisions in every view (real pool or placeholder): the step's signature never changes
+        by_bits = {b: self.pools.get(b) or self._placeholder(b) for b in (16, *self._cache.view_bits)}
+        for pool in by_bits.values():
+            for t in pool.tensors.values():
+                _mark_pool(t)
+        full_k, full_v = by_bits[16].tensors["k"], by_bits[16].tensors["v"]
+        # the pools' own tensors (not slices of them: a slice is a new tensor without the marks above, which
+        # cudagraphs would copy into its input buffers on every replay, and dynamo would specialize)
+        pools = {b: packed.QuantPool(b, *(p.tensors[name] for name in _QUANT_FIELDS))
+                 for b, p in by_bits.items() if b != 16}
         self.view = packed.PackedKV(self.shape.block_size, self.shape.value_group, self.table[0], self.table[1],
                                     full_k, full_v, self.tail_k, self.tail_v, pools,
                                     lengths=self._cache.lengths.lens, max_tokens=self._cache.max_cache_len)
@@ -344,6 +393,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         for pool in self.pools.values():
             pool.apply_batch(fn)
         self.shape = type(self.shape)(self.tail_k.shape[0], *list(vars(self.shape).values())[1:])
+        self._set_row_bytes()
         self._view_key = None
         self._after_change()
 
@@ -369,10 +419,14 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
             raise ValueError(f"max_cache_len must be an int >= 2 (prompt + new tokens); got {max_cache_len!r}. "
                              "Fix: e.g. max_cache_len=input_len + max_new_tokens.")
         self._max_cache_len = max_cache_len
-        self.recompiles = 0
+        self.view_changes = 0  # steps whose pools changed (the CUDA graph is re-captured; no re-trace)
+        self._view_changed_step = -1
         self.hooked_step = False  # True between the step hooks of a forward (the host work is done there)
         self.lengths: StaticLengths | None = None
         super().__init__(config, kv_config, pressure=pressure, packed_attention="auto", **overrides)
+        stages = (self.settings.fixed_bits,) if self.settings.fixed_bits is not None \
+            else tuple(s.bits for s in self.settings.policy.stages)
+        self.view_bits = tuple(sorted({b for b in stages if b < 16}, reverse=True))  # quantized pools a view holds
 
     def _build_layers(self) -> list:
         from transformers.cache_utils import get_layer_types_and_kwargs
@@ -388,6 +442,12 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
     def max_cache_len(self) -> int:
         """Most tokens per sequence (transformers 5.17's ``Cache`` has a read-only property of this name)."""
         return self._max_cache_len
+
+    def note_view_change(self) -> None:
+        """Count a step in which some layer's pools changed (once per step, however many layers)."""
+        if self._view_changed_step != len(self.history):
+            self._view_changed_step = len(self.history)
+            self.view_changes += 1
 
     def lengths_for(self, device: torch.device) -> StaticLengths:
         if self.lengths is None:
@@ -431,5 +491,5 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
 
     def stats(self) -> dict:
         out = super().stats()
-        out.update(max_cache_len=self.max_cache_len, recompiles=self.recompiles)
+        out.update(max_cache_len=self.max_cache_len, view_changes=self.view_changes)
         return out

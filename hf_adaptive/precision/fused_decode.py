@@ -109,7 +109,7 @@ class FusedStepDecoder:
         stream = torch.cuda.Stream() if cuda else None
         if cuda:
             stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream) if cuda else nullcontext():
+        with torch.cuda.stream(stream) if cuda else nullcontext(), e.attention_backends():
             for _ in range(e.config.warmup_iters):
                 self._step_fn()
         if cuda:
@@ -123,7 +123,7 @@ class FusedStepDecoder:
         with self.engine.tiers.use(tier):
             self._warm_up()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph), self.engine.attention_backends():
                 self._step_fn()
         self.graphs[tier] = graph
 
@@ -133,7 +133,7 @@ class FusedStepDecoder:
                 self._capture(tier)
             self.graphs[tier].replay()
             return
-        with self.engine.tiers.use(tier):
+        with self.engine.tiers.use(tier), self.engine.attention_backends():
             self._step_fn()
 
     def _publish(self, j: int) -> None:

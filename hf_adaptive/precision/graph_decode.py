@@ -48,6 +48,10 @@ class GraphDecodeConfig:
     # logits for the same inputs run to run (eval/diag_precision_graph.py part D), so top-tier greedy was
     # not reproducible and verified mode could not match it; flash / mem-efficient / math are deterministic
     deterministic_attention: bool = True
+    # True: the captured steps (not the prefill) run the forward through ``torch.compile`` (inductor, static
+    # shapes) before capture, so RMSNorm / RoPE / residual element-wise ops fuse into few kernels; dynamo
+    # compiles once per (tier, query length). Callers own the recompile limit when many engines share a process.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_len < 2 or self.verify_len < 0:
@@ -79,9 +83,16 @@ class GraphDecodeEngine:
             else "past_key_values"
         self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.position = 0  # host copy of the next free position
+        self._step_forward = torch.compile(self._forward, dynamic=False) if self.config.compile else self._forward
+
+    def attention_backends(self):
+        """The SDPA backend restriction every forward runs under (a host-side flag read when kernels are
+        chosen, i.e. at trace time under compile and at capture time under CUDA graphs)."""
+        return sdpa_kernel(_DETERMINISTIC_SDPA) if self.config.deterministic_attention else nullcontext()
 
     def _forward(self, ids: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
-        """Model forward of ``ids`` (B, Q) at positions pos..pos+Q-1 -> logits (B, Q', V). Capturable."""
+        """Model forward of ``ids`` (B, Q) at positions pos..pos+Q-1 -> logits (B, Q', V). Capturable.
+        Under ``torch.compile`` the caller holds ``attention_backends()`` (entered outside the traced code)."""
         b, q = ids.shape
         for layer in self.cache.layers:
             if getattr(layer, "is_initialized", False):
@@ -90,7 +101,7 @@ class GraphDecodeEngine:
         blocked = self.key_index[None, :] > positions[:, None]          # (Q, L)
         mask = torch.zeros(q, self.config.max_len, dtype=self.mask_dtype, device=self.device)
         mask = mask.masked_fill(blocked, torch.finfo(self.mask_dtype).min)[None, None].expand(b, 1, q, -1)
-        backends = sdpa_kernel(_DETERMINISTIC_SDPA) if self.config.deterministic_attention else nullcontext()
+        backends = nullcontext() if torch.compiler.is_compiling() else self.attention_backends()
         with backends:  # host-side flags, read when kernels are chosen: capture bakes the choice in
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions[None].expand(b, q),
                              use_cache=True, logits_to_keep=logits_to_keep, **{self.cache_kwarg: self.cache})
@@ -98,7 +109,8 @@ class GraphDecodeEngine:
 
     def forward_static(self, ids: torch.Tensor) -> torch.Tensor:
         """Forward of ``ids`` (B, Q) at the positions in the static ``pos`` tensor, in the active tier;
-        returns logits (B, Q, V). No host work depends on data, so callers may capture it in a graph."""
+        returns logits (B, Q, V). No host work depends on data, so callers may capture it in a graph
+        (and compile it: then they hold ``attention_backends()`` around the compiled call)."""
         return self._forward(ids)
 
     def _check_room(self, start: int, q: int) -> None:
@@ -150,17 +162,17 @@ class GraphDecodeEngine:
         stream = torch.cuda.Stream() if cuda else None
         if cuda:
             stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream) if cuda else nullcontext():
-            for _ in range(self.config.warmup_iters):
-                self._forward(self.ids[:, :q])
+        with torch.cuda.stream(stream) if cuda else nullcontext(), self.attention_backends():
+            for _ in range(self.config.warmup_iters):  # the first one compiles (config.compile)
+                self._step_forward(self.ids[:, :q])
         if cuda:
             torch.cuda.current_stream().wait_stream(stream)
 
     def _capture(self, q: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         self._warm_up(q)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self._forward(self.ids[:, :q])
+        with torch.cuda.graph(graph), self.attention_backends():
+            out = self._step_forward(self.ids[:, :q])
         return graph, out
 
     @torch.no_grad()
@@ -182,4 +194,8 @@ class GraphDecodeEngine:
             graph.replay()
             return out
         with self.tiers.use(tier):
+            if self.config.compile:
+                self.ids[:, :q].copy_(tokens)
+                with self.attention_backends():
+                    return self._step_forward(self.ids[:, :q])
             return self._forward(tokens.to(self.device))

@@ -12,7 +12,13 @@ multi-token and a one-token forward, as in every speculative decoder). Each roun
    accepted, plus the top tier's own next token. Positions after the accepted ones hold stale KV that
    the mask hides and the next round overwrites, so "cropping" the static cache is a position reset.
 
-One host read per round (accepted count, confidences). Batch size 1 only.
+Near-ties (``tie_margin_steps``): the verify forward (Q = max_draft + 1) and a 1-token forward run different
+GEMM shapes, so in bf16 their logits differ by rounding, and where the top-2 gap is that small they can pick
+different tokens (measured on an H100 under torch.compile: a gap of one bf16 step flipped a token). A verify row
+whose top-2 gap is within ``tie_margin_steps`` rounding steps decides nothing: the round keeps the drafts
+verified at rows before it and decides that position with a 1-token top-tier forward, the shape greedy uses.
+
+One host read per round (accepted count, first near-tie row, confidences). Batch size 1 only.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ class VerifiedOptions:
     draft_tier: str | None = None  # None: the engine's cheapest tier
     adaptive_draft: bool = True    # False: draft max_draft every round (QSpec-style), ignoring confidence
     history: list[tuple[int, int]] = field(default_factory=list)  # per round: (drafted k, accepted)
+    # verify rows whose top-2 logit gap is <= this many rounding steps of the logits' dtype are re-decided by a
+    # 1-token top-tier forward (0: never); ``tie_rounds`` counts the rounds that did
+    tie_margin_steps: float = 2.0
+    tie_rounds: int = 0
 
 
 def _check(engine: GraphDecodeEngine, input_ids: torch.Tensor, opts: VerifiedOptions) -> None:
@@ -80,15 +90,44 @@ def _verify_round(engine: GraphDecodeEngine, last: torch.Tensor, k: int, opts: V
         accepted = torch.zeros((), dtype=torch.long, device=greedy.device)
         draft_scores = torch.zeros(0, device=greedy.device)
     next_score = confidence_score(top_logits, opts.weights)[accepted]
+    tie = _first_near_tie(top_logits[: k + 1], opts.tie_margin_steps)
     # the one host read of the round
-    host = torch.cat([accepted.float()[None], next_score[None], draft_scores]).tolist()
-    n_acc = int(host[0])
+    host = torch.cat([accepted.float()[None], tie.float()[None], next_score[None], draft_scores]).tolist()
+    n_acc, tie_row = int(host[0]), int(host[1])
     opts.history.append((k, n_acc))
-    for i, s in enumerate(host[2:2 + min(n_acc + 1, k)]):
+    for i, s in enumerate(host[3:3 + min(n_acc + 1, k)]):
         opts.telemetry.record_agreement(s, i < n_acc)
+    if tie_row <= n_acc:  # rows 0..n_acc decide the emitted tokens; one of them is a near-tie
+        return _settle_tie(engine, last, drafts, start, tie_row, opts)
     emitted = torch.cat([d[:n_acc], greedy[n_acc:n_acc + 1]]) if k else greedy[:1]
     engine.position = start + n_acc + 1
-    return emitted, greedy[n_acc:n_acc + 1], host[1]
+    return emitted, greedy[n_acc:n_acc + 1], host[2]
+
+
+def _first_near_tie(logits: torch.Tensor, margin_steps: float) -> torch.Tensor:
+    """Index of the first row of (R, V) logits whose top-2 gap is <= ``margin_steps`` rounding steps of their
+    dtype at the top logit's magnitude; R if none (0-d long tensor, on the device)."""
+    rows = logits.shape[0]
+    if margin_steps <= 0:
+        return torch.full((), rows, dtype=torch.long, device=logits.device)
+    top2 = logits.float().topk(2, dim=-1).values                        # (R, 2)
+    step = torch.exp2(torch.floor(torch.log2(top2[:, 0].abs().clamp_min(1e-30)))) * torch.finfo(logits.dtype).eps
+    near = (top2[:, 0] - top2[:, 1]) <= margin_steps * step               # (R,)
+    return torch.where(near.any(), near.int().argmax(), torch.full_like(near.int().argmax(), rows)).long()
+
+
+def _settle_tie(engine: GraphDecodeEngine, last: torch.Tensor, drafts: list, start: int, row: int,
+                opts: VerifiedOptions):
+    """Keep the ``row`` drafts verified before the near-tie row, then decide its position with a 1-token top-tier
+    forward (the shape greedy decoding uses). Returns (emitted, new last, next score)."""
+    opts.tie_rounds += 1
+    kept = torch.cat(drafts[:row]) if row else last[:0]
+    feed = drafts[row - 1] if row else last                            # (1,) the token at position start + row
+    logits = engine.forward(engine.tiers.top, feed[:, None], start + row)[:, -1]  # (1, V)
+    tok = logits.argmax(-1)
+    score = confidence_score(logits, opts.weights)[0].item()
+    engine.position = start + row + 1
+    return torch.cat([kept, tok]), tok, score
 
 
 @torch.no_grad()
