@@ -76,7 +76,9 @@ def summarize(rows: list[dict], warmup: int) -> dict:
                  "compiled": r["compiled"]} for r in rows[warmup:] if r["view_changed"] or r["compiled"]]
     by_bits = {b: statistics.median([r["ms"] for r in rows[warmup:] if r["bits"] == b and not r["view_changed"]])
                for b in sorted({r["bits"] for r in rows[warmup:]}, reverse=True)}
+    slowest = sorted(rows[warmup:], key=lambda r: r["ms"], reverse=True)[:6]  # outliers with no switch show too
     return {"median_step_ms": median, "median_step_ms_by_bits": by_bits, "switches": switches,
+            "slowest_steps": [{k: r[k] for k in ("step", "bits", "ms", "view_changed", "compiled")} for r in slowest],
             "graphs_compiled_after_warmup": rows[-1]["graphs"] - rows[warmup - 1]["graphs"]}
 
 
@@ -106,7 +108,8 @@ def main(argv=None) -> None:
              f"excluded); by bits {summary['median_step_ms_by_bits']}. Each row: a step where the cache's view changed "
              "(a new precision's pool appeared or a pool was released: the CUDA graph is re-captured) or dynamo "
              "compiled a graph (`compiled`); cost_ms = its time minus the median. Graphs compiled after the warm-up: "
-             f"{summary['graphs_compiled_after_warmup']}. Per-step times are in the JSON.")
+             f"{summary['graphs_compiled_after_warmup']}. Slowest steps: {summary['slowest_steps']}. "
+             "Per-step times are in the JSON.")
     write_report(args.out, "static_switch", {"rows": rows, "summary": summary, "args": vars(args)}, env, table,
                  f"Precision switch cost on the compiled path ({card})", notes)
     print(table)
