@@ -26,7 +26,8 @@ replay). Tiers: every decoder linear plus lm_head, q/k/v and gate/up fused into 
   ``--compile-only`` skips the uncompiled sections.
 
 Weights: ``--model DIR`` (a local checkpoint), ``--config-dir DIR`` (that architecture with seeded random
-weights, e.g. a config-only export of Qwen2.5-Coder-1.5B) or random-init Llama-3.2-1B shape. Writes results.json,
+weights, e.g. a config-only export of Qwen2.5-Coder-1.5B) or a random-init Llama of ``--shape`` (default
+Llama-3.2-1B; ``llama-3.1-8b`` is where weights dominate the step). Writes results.json,
 results.md and speed.png under ``--out`` (rewritten after each section, so a cut-off run keeps its data).
 
     python eval/bench_precision.py --out eval/results/precision_h100 --compile
@@ -60,15 +61,24 @@ from hf_adaptive.precision.tiers import prepare_tiers  # noqa: E402
 from hf_adaptive.precision.verified import (  # noqa: E402
     VerifiedOptions, generate_verified, greedy_with_logits, mismatch_report)
 
-LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                intermediate_size=8192, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True)
+SHAPES = {  # random-init Llama shapes (no weights needed): step times depend on shapes, not values
+    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=8192, vocab_size=128256, max_position_embeddings=4096,
+                         tie_word_embeddings=True),
+    # weights dominate the step here (16 GB bf16): where int4's 2.4x per matmul should show end to end
+    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=14336, vocab_size=128256, max_position_embeddings=4096,
+                         tie_word_embeddings=False),
+    "smoke": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=512, vocab_size=512, max_position_embeddings=4096, tie_word_embeddings=True),
+}
 ALWAYS_NATIVE = PrecisionPolicyConfig(fast_tier="native", mid_tier="native", top_tier="native")
 LOSSY = PrecisionPolicyConfig(fast_tier="int4", mid_tier="native", top_tier="native")
 
 
-def build_model(path: str | None, device: str, config_dir: str | None = None):
+def build_model(path: str | None, device: str, config_dir: str | None = None, shape: str = "llama-3.2-1b"):
     """A bf16 causal LM on ``device``: the checkpoint at ``path``, ``config_dir``'s architecture with seeded
-    random weights, or random-init Llama-3.2-1B shape."""
+    random weights, or a random-init Llama of ``shape`` (a key of ``SHAPES``)."""
     if config_dir:
         from hf_adaptive.evaluation.random_model import load_random_model
 
@@ -78,10 +88,10 @@ def build_model(path: str | None, device: str, config_dir: str | None = None):
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
         return model.to(device).eval(), Path(path).name
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**LLAMA_1B)
+    cfg = transformers.LlamaConfig(**SHAPES[shape])
     with torch.device(device):
         model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
-    return model.eval(), "random-init Llama-3.2-1B shape"
+    return model.eval(), f"random-init {shape} shape"
 
 
 def schedule_tag(path: str) -> str:
@@ -301,7 +311,7 @@ def bench_compiled(tiers, batch: int, args, schedules: dict, save=None) -> dict:
 
 def bench_previous_prep(args) -> dict:
     """Batch-1 native / int4 with tiers prepared as before (decoder linears only, unfused)."""
-    model, _ = build_model(args.model, args.device, args.config_dir)
+    model, _ = build_model(args.model, args.device, args.config_dir, args.shape)
     tiers = prepare_tiers(model, tiers=("int4", "native"), lm_head=False, fuse=False)
     br = make_run(tiers, 1, args)
     br.run("native", lambda: br.fused(tier="native"))
@@ -317,7 +327,7 @@ def bench_previous_prep(args) -> dict:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--model", default=None, help="local checkpoint dir; default random-init Llama-3.2-1B")
+    ap.add_argument("--model", default=None, help="local checkpoint dir; default a random-init Llama of --shape")
     ap.add_argument("--config-dir", default=None,
                     help="config-only dir (config.json): that architecture with seeded random weights")
     data = Path(__file__).parent / "data"
@@ -338,7 +348,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--skip-controller", action="store_true",
                     help="skip the controller-overhead modes (one decoder, i.e. one compile, fewer)")
     ap.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only smoke-tests the script")
-    ap.add_argument("--smoke-shape", action="store_true", help="tiny random shape (for --device cpu)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b",
+                    help="random-init Llama shape when neither --model nor --config-dir is given")
+    ap.add_argument("--smoke-shape", action="store_true", help="same as --shape smoke (for --device cpu)")
     return ap.parse_args()
 
 
@@ -350,9 +362,8 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_precision.py needs a CUDA GPU (the speedup only shows under CUDA graphs)")
     if args.smoke_shape:
-        LLAMA_1B.update(hidden_size=256, num_hidden_layers=2, intermediate_size=512, vocab_size=512,
-                        num_attention_heads=4, num_key_value_heads=2)
-    model, weights = build_model(args.model, args.device, args.config_dir)
+        args.shape = "smoke"
+    model, weights = build_model(args.model, args.device, args.config_dir, args.shape)
     tiers = prepare_tiers(model, tiers=("int4", "native"))
     schedules = {schedule_tag(p): load_schedule(p) for p in args.schedule}
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke test, not a benchmark)"
