@@ -13,6 +13,9 @@ the chat recording (int4 re-quantization of a 4-bit grid: acceptance is a pessim
         --out eval/data/precision_schedule_smollm2_translate.json
     HF_HUB_OFFLINE=1 .venv/bin/python eval/record_translate_schedule.py --model qwen2.5-coder-1.5b-instruct \
         --limit 8 --threads 2 --out eval/data/precision_schedule_qwen2.5-coder-1.5b_translate.json
+    # every 40th verse of Matthew + Mark: narrative, dialogue and lists, not only the genealogy of Matthew 1
+    HF_HUB_OFFLINE=1 .venv/bin/python eval/record_translate_schedule.py --model qwen2.5-coder-1.5b-instruct \
+        --limit 12 --stride 40 --threads 2 --out eval/data/precision_schedule_qwen2.5-coder-1.5b_translate_stride40.json
 
 The file is rewritten after every verse, so a stopped run keeps the verses it finished.
 """
@@ -67,7 +70,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="eval/data/precision_schedule_smollm2_translate.json")
     ap.add_argument("--data", default=str(Path(__file__).parent / "data/dev_matthew_mark.jsonl"))
-    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--limit", type=int, default=16, help="verses recorded")
+    ap.add_argument("--stride", type=int, default=1,
+                    help="take every N-th verse of the dev set (a mix of passages, not only the first ones)")
     ap.add_argument("--max-draft", type=int, default=4)
     ap.add_argument("--model", default=None, help="embedded model name or checkpoint dir (default SmolLM2)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -76,7 +81,10 @@ def main() -> None:
     model, tok = load_model(args.model, device="cpu", dtype="float32")
     tiers = prepare_tiers(model, tiers=("int4", "fp32"))
     cfg = TranslationConfig()
-    verses = [json.loads(line) for line in Path(args.data).read_text().splitlines()[:args.limit]]
+    if args.stride < 1:
+        raise SystemExit(f"--stride must be >= 1, got {args.stride}")
+    lines = Path(args.data).read_text().splitlines()
+    verses = [json.loads(line) for line in lines[::args.stride][:args.limit]]
     records: list[dict] = []
     out = {"model": args.model or "smollm2-135m-instruct", "device": "cpu", "task": "es->en translation, " + args.data,
            "tiers": ["int4", "fp32"], "policy": {"high": POLICY.high, "low": POLICY.low},

@@ -163,3 +163,17 @@ def test_decode_without_step_hooks_matches_hooked():
     outs = [_generate(m, ids, AdaptiveStaticKVCache(m.config, max_cache_len=90, fixed_bits=4, **SMALL), 40)
             for m in (hooked, bare)]
     assert torch.equal(outs[0], outs[1])
+
+
+def test_beam_search_reorders_the_static_cache_exactly(tiny):
+    """Guards ``_apply_batch`` (beam reordering every step) on the static layout: at 16 bits, beam search
+    through the static cache, its placeholder pools included, must equal beam search on DynamicCache."""
+    model, ids, _ = tiny
+    short = ids[:, :20]
+    ref = model.generate(short, max_new_tokens=24, do_sample=False, num_beams=2, disable_compile=True,
+                         **generate_cache_kwargs(DynamicCache(config=model.config)))
+    cache = AdaptiveStaticKVCache(model.config, max_cache_len=60, residual_length=8, block_size=8, value_group=16)
+    out = model.generate(short, max_new_tokens=24, do_sample=False, num_beams=2, disable_compile=True,
+                         **generate_cache_kwargs(cache))
+    assert torch.equal(out, ref)
+    assert cache.stats()["layers"][0]["blocks"] >= 2  # history blocks existed while beams were reordered

@@ -306,7 +306,8 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         if self._view_key is not None:
             self._cache.note_view_change()
         # the same precisions in every view (real pool or placeholder): the step's signature never changes
-        by_bits = {b: self.pools.get(b) or self._placeholder(b) for b in (16, *self._cache.view_bits)}
+        by_bits = {b: self.pools[b] if b in self.pools else self._placeholder(b)
+                   for b in (16, *self._cache.view_bits)}
         for pool in by_bits.values():
             for t in pool.tensors.values():
                 _mark_pool(t)
@@ -394,6 +395,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
             pool.apply_batch(fn)
         self.shape = type(self.shape)(self.tail_k.shape[0], *list(vars(self.shape).values())[1:])
         self._set_row_bytes()
+        self._placeholders = {}  # sized for the old batch
         self._view_key = None
         self._after_change()
 

@@ -90,7 +90,8 @@ def _verify_round(engine: GraphDecodeEngine, last: torch.Tensor, k: int, opts: V
         accepted = torch.zeros((), dtype=torch.long, device=greedy.device)
         draft_scores = torch.zeros(0, device=greedy.device)
     next_score = confidence_score(top_logits, opts.weights)[accepted]
-    tie = _first_near_tie(top_logits[: k + 1], opts.tie_margin_steps)
+    # a round without a draft already ran the 1-token forward greedy runs: nothing to settle
+    tie = _first_near_tie(top_logits[: k + 1], opts.tie_margin_steps if k else 0.0)
     # the one host read of the round
     host = torch.cat([accepted.float()[None], tie.float()[None], next_score[None], draft_scores]).tolist()
     n_acc, tie_row = int(host[0]), int(host[1])
