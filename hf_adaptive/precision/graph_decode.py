@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -85,7 +85,7 @@ class GraphDecodeEngine:
         self.position = 0  # host copy of the next free position
         self._step_forward = torch.compile(self._forward, dynamic=False) if self.config.compile else self._forward
 
-    def attention_backends(self):
+    def attention_backends(self) -> AbstractContextManager:
         """The SDPA backend restriction every forward runs under (a host-side flag read when kernels are
         chosen, i.e. at trace time under compile and at capture time under CUDA graphs)."""
         return sdpa_kernel(_DETERMINISTIC_SDPA) if self.config.deterministic_attention else nullcontext()
