@@ -79,3 +79,16 @@ def test_speed_eval_random_weights_from_config_only_dir(config_only_dir, tmp_pat
     md = result["paths"]["md"].read_text()
     assert "(random weights)" in md and "config.json only" in md
     assert result["paths"]["png"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_parallel_host_model_with_random_weights_is_the_same_on_every_rank(config_only_dir):
+    """Guards the serving worker's ``--random-weights``: every rank builds its own host copy, and the plans shard
+    from it, so two builds must be bit-identical (seeded), in the asked dtype, from a dir without weights."""
+    from hf_adaptive.parallel.worker import load_host_model
+
+    first, tok = load_host_model(str(config_only_dir), "float32", random_weights=True)
+    second, _ = load_host_model(str(config_only_dir), "float32", random_weights=True)
+    assert tok is not None and first.dtype == torch.float32
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for v in a.values())  # initialised, not left empty

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hf_adaptive.parallel.worker", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="checkpoint dir or embedded model name")
+    p.add_argument("--random-weights", action="store_true",
+                   help="the model's architecture (config.json) with seeded random weights, same on every rank")
     p.add_argument("--plan", default="auto", help="auto | tp | pp | dp | hybrid | a plan name like tp2xpp2")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--trace", help="JSONL trace to replay")
@@ -76,11 +78,20 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def load_host_model(spec: str, dtype: str):
+def load_host_model(spec: str, dtype: str, random_weights: bool = False):
+    """The host copy every plan is sharded from, and its tokenizer (None if the checkpoint has none).
+
+    ``random_weights``: ``spec``'s architecture from its config.json with seeded random weights (no weights file
+    read), identical on every rank, for speed runs of models whose checkpoint cannot reach the GPU host.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_adaptive.models import resolve_model_dir
 
+    if random_weights:
+        from hf_adaptive.evaluation.random_model import load_random_model
+
+        return load_random_model(spec, "cpu", dtype, seed=0)
     path = resolve_model_dir(spec)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     try:
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rank, world, device = init_distributed()
-    model, tokenizer = load_host_model(args.model, args.dtype)
+    model, tokenizer = load_host_model(args.model, args.dtype, args.random_weights)
     dims = ModelDims.from_config(model.config)
     plans = all_plans(world, dims) or [ParallelPlan()]
     static = None
@@ -181,7 +192,8 @@ def run_meta(args, engine: Engine, policy: ParallelPolicy | None, static: Parall
     return {"mode": "adaptive" if policy else f"static {static.name}", "world_size": engine.world_size,
             "device": torch.cuda.get_device_name(engine.device) if on_gpu else platform.processor() or "cpu",
             "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-            "model": args.model, "dtype": args.dtype, "trace": args.trace, "time_scale": args.time_scale,
+            "model": args.model, "random_weights": args.random_weights, "dtype": args.dtype,
+            "trace": args.trace, "time_scale": args.time_scale,
             "rule": args.rule, "calibration": args.calibration,
             "command": " ".join([sys.executable, "-m", "hf_adaptive.parallel.worker"] + sys.argv[1:]),
             "time": time.strftime("%FT%TZ", time.gmtime()),
