@@ -34,6 +34,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--random-weights", action="store_true",
+                   help="the model's architecture from config.json with seeded random weights (same on every rank)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[64, 512, 2048])
     p.add_argument("--new-tokens", type=int, default=32)
@@ -102,7 +104,7 @@ def measure_plan(engine: Engine, args: argparse.Namespace) -> dict:
 def main() -> int:
     args = parse_args()
     rank, world, device = init_distributed()
-    model, _ = load_host_model(args.model, args.dtype)
+    model, _ = load_host_model(args.model, args.dtype, args.random_weights)
     dims = ModelDims.from_config(model.config)
     plans = all_plans(world, dims)
     engine = Engine(model, rank, world, device, plans)
@@ -128,7 +130,8 @@ def write(args, world: int, device: torch.device, dims: ModelDims, results: dict
     tag = args.tag or f"{'gpu' if on_gpu else 'cpu_gloo'}_{world}proc"
     meta = {"measured_on": "GPU (NCCL)" if on_gpu else "CPU (gloo processes) - NOT a GPU measurement",
             "device": name, "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-            "model": args.model, "dtype": args.dtype, "command": " ".join([sys.executable] + sys.argv),
+            "model": args.model, "random_weights": args.random_weights, "dtype": args.dtype,
+            "command": " ".join([sys.executable] + sys.argv),
             "dims": dims.__dict__, "time": time.strftime("%FT%TZ", time.gmtime()), "switch_s": switch_s}
     payload = {"world_size": world, "device_memory_bytes": memory, "switch_cost_ms": 1e3 * float(np.mean(switch_s)),
                "plans": {k: {kk: float(vv) for kk, vv in v["coeffs"].items()} for k, v in results.items()},
