@@ -68,6 +68,38 @@ def tiny_model(request):
     return make_tiny_model(request.param)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls gain nothing from threads, and a loaded 2-core CI box makes OpenMP spin for ms each."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def decode_both_paths(tiers, ids, policy, max_len: int, new_tokens: int, lag: int) -> list[tuple]:
+    """Greedy decode with a live PrecisionController on the eager graph path (``decode``) and on the fused
+    in-graph-decision path (``FusedStepDecoder``): [(tokens, tiers run, scores recorded)] for each, in that order."""
+    from hf_adaptive.precision.controller import PrecisionController
+    from hf_adaptive.precision.decode import DecodeOptions, decode
+    from hf_adaptive.precision.fused_decode import FusedOptions, FusedStepDecoder, decision_for
+    from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
+
+    runs = []
+    for fused in (False, True):
+        ctl = PrecisionController(tiers, policy)
+        engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=ids.shape[0], max_len=max_len))
+        if fused:
+            dec = FusedStepDecoder(engine, decision_for(ctl), capacity=new_tokens)
+            out = dec.generate(ids, FusedOptions(max_new_tokens=new_tokens, controller=ctl, decision_lag=lag))
+            assert dec.graphs or ids.device.type != "cuda", "fused path did not capture graphs on CUDA"
+        else:
+            out = decode(engine, ids, DecodeOptions(max_new_tokens=new_tokens, controller=ctl, decision_lag=lag))
+        ctl.close()
+        runs.append((out, ctl.telemetry.tiers, ctl.telemetry.scores))
+    return runs
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded default model (SmolLM2-135M-Instruct) and its tokenizer, fp32 on CPU."""

@@ -23,13 +23,7 @@ from hf_adaptive.precision.verified import VerifiedOptions, generate_verified, m
 CFG = PrecisionPolicyConfig(fast_tier="int4", mid_tier="native", top_tier="fp32")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and a loaded 2-core CI box makes OpenMP spin for ms each."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _confident_model(arch: str = "llama"):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import decode_both_paths, make_tiny_model
 
 from hf_adaptive.policy.precision_policy import (PrecisionPolicy, PrecisionPolicyConfig, combine_scores,
                                                  expected_tokens_per_round, tier_for_score, verified_speedup)
@@ -21,13 +21,7 @@ from hf_adaptive.precision.tiers import prepare_tiers
 LADDER = ("int4", "native", "fp32")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from threads; a loaded 2-core CI box makes OpenMP spin."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _prompt(batch: int, length: int = 10, seed: int = 0) -> torch.Tensor:
@@ -69,17 +63,7 @@ def test_fused_decode_matches_eager_controller(lag):
     """Guards against the in-graph decision choosing a different tier schedule (or tokens, or recorded
     confidences) than the eager PrecisionController on the graph engine, at decision lag 0 and 1."""
     tiers, ids = _tiers(), _prompt(2)
-    runs = []
-    for fused in (False, True):
-        ctl = PrecisionController(tiers)
-        engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=2, max_len=64))
-        if fused:
-            out = FusedStepDecoder(engine, decision_for(ctl), capacity=32).generate(
-                ids, FusedOptions(max_new_tokens=24, controller=ctl, decision_lag=lag))
-        else:
-            out = decode(engine, ids, DecodeOptions(max_new_tokens=24, controller=ctl, decision_lag=lag))
-        ctl.close()
-        runs.append((out, ctl.telemetry.tiers, ctl.telemetry.scores))
+    runs = decode_both_paths(tiers, ids, None, max_len=64, new_tokens=24, lag=lag)
     assert torch.equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1] and runs[0][2] == runs[1][2]
     assert set(runs[1][1]) == set(LADDER) and len(runs[1][1]) == 24

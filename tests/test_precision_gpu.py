@@ -132,8 +132,9 @@ def test_fused_graph_decode_equals_eager_controller_path(lag):
     """Guards against the captured in-graph decision (confidence, combine, band, pinned-memory status ring)
     or the in-graph argmax differing from the eager controller on the graph engine under CUDA graphs: same
     tokens, same tier schedule, same recorded confidences, at decision lag 0 and 1."""
+    from conftest import decode_both_paths
+
     from hf_adaptive.precision.controller import PrecisionController
-    from hf_adaptive.precision.fused_decode import FusedOptions, FusedStepDecoder, decision_for
 
     tiers = prepare_tiers(_llama(), ("int4", "native"))
     ids = torch.randint(1, 512, (2, 12), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
@@ -146,18 +147,7 @@ def test_fused_graph_decode_equals_eager_controller_path(lag):
     mid = sorted(probe.telemetry.scores)[len(probe.telemetry.scores) // 2]
     policy = PrecisionPolicyConfig(high=mid, low=min(mid, 0.6), fast_tier="int4", mid_tier="native",
                                    top_tier="native")
-    runs = []
-    for fused in (False, True):
-        ctl = PrecisionController(tiers, policy)
-        engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=2, max_len=96))
-        if fused:
-            dec = FusedStepDecoder(engine, decision_for(ctl), capacity=64)
-            out = dec.generate(ids, FusedOptions(max_new_tokens=48, controller=ctl, decision_lag=lag))
-            assert dec.graphs, "fused path did not capture graphs on CUDA"
-        else:
-            out = decode(engine, ids, DecodeOptions(max_new_tokens=48, controller=ctl, decision_lag=lag))
-        ctl.close()
-        runs.append((out, ctl.telemetry.tiers, ctl.telemetry.scores))
+    runs = decode_both_paths(tiers, ids, policy, max_len=96, new_tokens=48, lag=lag)
     assert torch.equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1] and runs[0][2] == runs[1][2]
     assert len(set(runs[1][1])) == 2, runs[1][1]

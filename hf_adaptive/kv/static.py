@@ -50,8 +50,8 @@ def _mark_static(t: torch.Tensor) -> None:
 def _mark_pool(t: torch.Tensor) -> None:
     """A pool tensor the compiled step reads: static address, dynamic extent (dim 2: rows or slots), so a pool
     of another capacity (a placeholder replaced by the real pool) reuses the traced graph."""
+    _mark_static(t)
     if not torch.compiler.is_compiling():
-        torch._dynamo.mark_static_address(t)
         torch._dynamo.mark_dynamic(t, 2)
 
 

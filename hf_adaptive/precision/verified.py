@@ -23,7 +23,6 @@ One host read per round (accepted count, first near-tie row, confidences). Batch
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -105,6 +104,11 @@ def _verify_round(engine: GraphDecodeEngine, last: torch.Tensor, k: int, opts: V
     return emitted, greedy[n_acc:n_acc + 1], host[2]
 
 
+def rounding_step(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype``'s representable values at ``magnitude`` (elementwise, as float32)."""
+    return torch.exp2(torch.floor(torch.log2(magnitude.float().abs().clamp_min(1e-30)))) * torch.finfo(dtype).eps
+
+
 def _first_near_tie(logits: torch.Tensor, margin_steps: float) -> torch.Tensor:
     """Index of the first row of (R, V) logits whose top-2 gap is <= ``margin_steps`` rounding steps of their
     dtype at the top logit's magnitude; R if none (0-d long tensor, on the device)."""
@@ -112,8 +116,7 @@ def _first_near_tie(logits: torch.Tensor, margin_steps: float) -> torch.Tensor:
     if margin_steps <= 0:
         return torch.full((), rows, dtype=torch.long, device=logits.device)
     top2 = logits.float().topk(2, dim=-1).values                        # (R, 2)
-    step = torch.exp2(torch.floor(torch.log2(top2[:, 0].abs().clamp_min(1e-30)))) * torch.finfo(logits.dtype).eps
-    near = (top2[:, 0] - top2[:, 1]) <= margin_steps * step               # (R,)
+    near = (top2[:, 0] - top2[:, 1]) <= margin_steps * rounding_step(top2[:, 0], logits.dtype)  # (R,)
     return torch.where(near.any(), near.int().argmax(), torch.full_like(near.int().argmax(), rows)).long()
 
 
@@ -181,6 +184,6 @@ def mismatch_report(out: torch.Tensor, ref: torch.Tensor, ref_logits: torch.Tens
     i = int((~same).nonzero()[0])
     row = ref_logits[0, i]
     gap = float(row[ref[0, i]] - row[out[0, i]])
-    step = 2.0 ** math.floor(math.log2(float(row.abs().max()))) * torch.finfo(logit_dtype).eps
+    step = float(rounding_step(row.abs().max(), logit_dtype))
     return {"token_identical": False, "first_mismatch": i, "greedy_gap_at_mismatch": gap,
             "rounding_step": step, "near_tie": gap <= 2 * step}
