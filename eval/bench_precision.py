@@ -351,7 +351,20 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b",
                     help="random-init Llama shape when neither --model nor --config-dir is given")
     ap.add_argument("--smoke-shape", action="store_true", help="same as --shape smoke (for --device cpu)")
+    ap.add_argument("--int4-kernel", default="auto", choices=("auto", "triton", "tinygemm"),
+                    help="CUDA int4 kernel of the fast tier (auto: Triton where installed)")
     return ap.parse_args()
+
+
+def int4_launches(tiers) -> dict[str, str]:
+    """Which int4 kernel each distinct (N, K) runs, with the tuned Triton launch (for the report)."""
+    out = {}
+    for module in tiers.modules + [g.fused for g in tiers.groups]:
+        fmt = module.formats.get("int4")
+        if fmt is not None:
+            launch = getattr(fmt, "gemv", None)
+            out[f"{fmt.out_features}x{fmt.in_features}"] = f"triton {launch}" if launch else type(fmt).__name__
+    return out
 
 
 def main() -> None:
@@ -364,12 +377,13 @@ def main() -> None:
     if args.smoke_shape:
         args.shape = "smoke"
     model, weights = build_model(args.model, args.device, args.config_dir, args.shape)
-    tiers = prepare_tiers(model, tiers=("int4", "native"))
+    tiers = prepare_tiers(model, tiers=("int4", "native"), int4_kernel=args.int4_kernel)
     schedules = {schedule_tag(p): load_schedule(p) for p in args.schedule}
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke test, not a benchmark)"
     result = {"card": card, "torch": torch.__version__, "transformers": transformers.__version__,
               "weights": weights, "command": " ".join(sys.argv),
               "schedules": {schedule_tag(p): p for p in args.schedule},
+              "int4_kernel": args.int4_kernel, "int4_launches": int4_launches(tiers),
               "tier_weight_bytes": tiers.memory_bytes(), "int4_unsupported_linears": tiers.unsupported,
               "schedule_fast_fraction": {tag: {str(h): tier_schedule(sc, h).count("int4") / len(sc) for h in args.high}
                                          for tag, (sc, _) in schedules.items()}, "batches": {}}

@@ -212,7 +212,7 @@ def test_cli_graph_mode_on_smollm2(capsys, tmp_path):
     from hf_adaptive.commands.precision import precision_command
 
     args = argparse.Namespace(prompt="Say hello.", model=None, mode="graph", tiers=None, max_new_tokens=6,
-                              max_draft=4, sample=False, device="cpu", json_path=str(tmp_path / "t.json"), plot=None)
+                              max_draft=4, sample=False, device="cpu", int4_kernel="auto", json_path=str(tmp_path / "t.json"), plot=None)
     assert precision_command(args) == 0
     report = json.loads((tmp_path / "t.json").read_text())
     assert report["steps"] == 6 and sum(report["tier_steps"].values()) == 6

@@ -27,6 +27,8 @@ def precision_command_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--tiers", default=None,
                         help="comma list from int4,fp8,native,fp32 (default int4,native on CUDA, int4,fp32 on CPU)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--int4-kernel", default="auto", choices=("auto", "triton", "tinygemm"),
+                        help="CUDA int4 kernel (auto: the Triton kernel where triton is installed)")
     parser.add_argument("--max-draft", type=int, default=4, help="verified mode: most tokens drafted per round")
     parser.add_argument("--sample", action="store_true", help="lossy mode: sample (temperature 0.7)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -47,7 +49,7 @@ def precision_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}.")
     model, tokenizer = load_model(args.model, device=args.device)
     default = "int4,native" if model.device.type == "cuda" else "int4,fp32"
-    tiers = prepare_tiers(model, tiers=tuple((args.tiers or default).split(",")))
+    tiers = prepare_tiers(model, tiers=tuple((args.tiers or default).split(",")), int4_kernel=args.int4_kernel)
     ids = _prompt_ids(tokenizer, args.prompt).to(model.device)
     start = time.perf_counter()
     run = {"lossy": _run_lossy, "graph": _run_graph, "verified": _run_verified}[args.mode]

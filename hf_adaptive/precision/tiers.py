@@ -6,7 +6,8 @@ lookup and stays as it is), with a ``TieredLinear`` holding the weight in each r
 returns a ``PrecisionTiers`` handle. ``handle.set(name)`` picks the format the next forward
 uses. Tiers, cheapest first:
 
-- ``"int4"``: group-wise int4 through tinygemm (see ``int4.py``); fastest at batch 1 on an H100.
+- ``"int4"``: group-wise int4; on CUDA through the Triton kernel tuned per shape (``int4_triton.py``) or
+  PyTorch's tinygemm (``int4.py``), chosen by ``int4_kernel``; on CPU through PyTorch's CPU int4 kernel.
   Sibling linears (q/k/v, gate/up) run as one matmul per tier by default (``fusion.py``).
 - ``"fp8"``: e4m3 weights, per-row scales, ``torch._scaled_mm`` (sm89+ only).
 - ``"native"``: the 16-bit weight (the model's own if it is bf16/fp16, else a bf16 copy).
@@ -37,10 +38,19 @@ from torch import nn
 from hf_adaptive.precision.fp8 import Fp8Weight, fp8_linear, pack_fp8
 from hf_adaptive.precision.fusion import fuse_siblings
 from hf_adaptive.precision.int4 import Int4Weight, choose_group_size, int4_linear, pack_int4
+from hf_adaptive.precision.int4_triton import (
+    HAS_TRITON,
+    TritonInt4Weight,
+    dequantize_triton_int4,
+    int4_triton_linear,
+    pack_int4_triton,
+    triton_group_size,
+)
 
 logger = logging.getLogger(__name__)
 
 TIER_RANK = {"int4": 0, "fp8": 1, "native": 2, "fp32": 3}
+INT4_KERNELS = ("auto", "triton", "tinygemm")
 
 
 @dataclass
@@ -48,6 +58,7 @@ class TierSelector:
     """The tier every ``TieredLinear`` of one model runs; shared, so one assignment switches them all."""
 
     active: str = "native"
+    int4_kernel: str = "auto"  # CUDA int4 format: "triton", "tinygemm", or "auto" (triton where installed)
 
 
 class TieredLinear(nn.Module):
@@ -72,6 +83,11 @@ class TieredLinear(nn.Module):
             self.formats[tier] = w if w.dtype in (torch.bfloat16, torch.float16) else w.to(torch.bfloat16)
         elif tier == "fp8":
             self.formats[tier] = pack_fp8(w)
+        elif tier == "int4" and w.is_cuda and self.selector.int4_kernel != "tinygemm" and HAS_TRITON:
+            g = triton_group_size(self.in_features, self.out_features, group_size)
+            if g is None:
+                return False
+            self.formats[tier] = pack_int4_triton(w, g, torch.bfloat16)
         elif tier == "int4":
             g = choose_group_size(self.in_features, self.out_features, group_size)
             if g is None:
@@ -90,6 +106,8 @@ class TieredLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if isinstance(fmt, Int4Weight):
             y = int4_linear(x2, fmt)
+        elif isinstance(fmt, TritonInt4Weight):
+            y = int4_triton_linear(x2, fmt)
         elif isinstance(fmt, Fp8Weight):
             y = fp8_linear(x2, fmt)
         else:
@@ -177,21 +195,34 @@ def _decoder_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]
 
 def _self_check_int4(handle: PrecisionTiers) -> None:
     """Compare one packed int4 layer with its dequantized reference, so a kernel layout change in a new
-    torch release fails loudly at prepare time instead of producing garbage tokens."""
+    torch release (tinygemm) or a kernel bug on a new card (Triton) fails loudly at prepare time instead of
+    producing garbage tokens."""
     from hf_adaptive.precision.int4 import dequantize_int4_reference
 
-    module = next((m for m in handle.modules if isinstance(m.formats.get("int4"), Int4Weight)), None)
+    module = next((m for m in handle.modules + [g.fused for g in handle.groups]
+                   if isinstance(m.formats.get("int4"), (Int4Weight, TritonInt4Weight))), None)
     if module is None:
         return
     fmt = module.formats["int4"]
+    triton_fmt = isinstance(fmt, TritonInt4Weight)
+    dtype = fmt.scales.dtype if triton_fmt else fmt.scales_zeros.dtype
     gen = torch.Generator().manual_seed(0)  # leave the caller's global RNG untouched
-    x = torch.randn(4, module.in_features, generator=gen).to(module.weight.device, fmt.scales_zeros.dtype)
-    ref = x.float() @ dequantize_int4_reference(module.weight.detach(), fmt.group_size).T
-    err = (int4_linear(x, fmt).float() - ref).abs().max() / ref.abs().max().clamp(min=1e-6)
+    errs = []
+    for rows in (1, 4):  # Triton: the one-row (tuned) kernel and the several-rows kernel
+        x = torch.randn(rows, module.in_features, generator=gen).to(module.weight.device, dtype)
+        if triton_fmt:
+            ref = x.float() @ dequantize_triton_int4(fmt).T
+            y = int4_triton_linear(x, fmt)
+        else:
+            ref = x.float() @ dequantize_int4_reference(module.weight.detach(), fmt.group_size).T
+            y = int4_linear(x, fmt)
+        errs.append((y.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
+    err = max(errs)
     if err > 0.05:  # host read, once per prepare_tiers
-        raise RuntimeError(f"prepare_tiers: int4 kernel self-check failed (relative error {float(err):.3f} on "
-                           f"{module.weight.device}, torch {torch.__version__}); the int4 pack layout of this "
-                           "torch build differs: drop 'int4' from tiers= and report it")
+        kernel = f"Triton ({fmt.gemv})" if triton_fmt else "tinygemm"
+        raise RuntimeError(f"prepare_tiers: int4 {kernel} kernel self-check failed (relative error {float(err):.3f} "
+                           f"on {module.weight.device}, torch {torch.__version__}); use int4_kernel='tinygemm' "
+                           "or drop 'int4' from tiers=, and report it")
 
 
 def _output_linear(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -207,7 +238,8 @@ def _output_linear(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
 
 
 def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
-                  group_size: int = 128, lm_head: bool = True, fuse: bool = True) -> PrecisionTiers:
+                  group_size: int = 128, lm_head: bool = True, fuse: bool = True,
+                  int4_kernel: str = "auto") -> PrecisionTiers:
     """Prepare the requested weight formats once and return the switch handle.
 
     Args:
@@ -219,6 +251,9 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
             is 21 % of the bf16 bytes a decode step reads; left in bf16 it caps the int4 tier's gain.
         fuse: run q/k/v and gate/up as one matmul per tier (``fusion.py``); every tier is fused alike,
             so tier-vs-tier comparisons stay fair.
+        int4_kernel: the CUDA int4 kernel: ``"triton"`` (tuned per shape at prepare time, a few seconds per
+            distinct shape), ``"tinygemm"`` (PyTorch's), or ``"auto"`` (Triton where installed). CPU weights
+            always use PyTorch's CPU int4 kernel.
     Returns:
         ``PrecisionTiers`` with ``set(tier)``; the top tier is active.
 
@@ -229,6 +264,11 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
     if not tiers or bad:
         raise ValueError(f"prepare_tiers: tiers must be a non-empty subset of {tuple(TIER_RANK)}, got "
                          f"{tiers!r}; e.g. tiers=('int4', 'native')")
+    if int4_kernel not in INT4_KERNELS:
+        raise ValueError(f"prepare_tiers: int4_kernel must be one of {INT4_KERNELS}, got {int4_kernel!r}")
+    if int4_kernel == "triton" and not HAS_TRITON:
+        raise ValueError("prepare_tiers: int4_kernel='triton' needs triton (pip install triton); "
+                         "or pass int4_kernel='tinygemm'")
     ladder = tuple(sorted(set(tiers), key=TIER_RANK.get))
     targets = _decoder_linears(model)
     if targets and lm_head:
@@ -236,7 +276,7 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
     if not targets:
         raise ValueError("prepare_tiers: found no nn.Linear under a `layers` ModuleList in model; "
                          "is it already prepared, or not a decoder-only transformers model?")
-    selector = TierSelector(active=ladder[-1])
+    selector = TierSelector(active=ladder[-1], int4_kernel=int4_kernel)
     handle = PrecisionTiers(model, ladder, selector)
     with torch.no_grad():
         for parent, attr, linear in targets:

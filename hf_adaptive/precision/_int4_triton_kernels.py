@@ -1,0 +1,113 @@
+"""Triton kernels of the int4 weight-only matmul; see :mod:`hf_adaptive.precision.int4_triton`.
+
+Imported only where triton is installed. Layout (one byte per weight pair): ``q`` is (K, N/2) uint8 whose
+low nibble is output column ``j`` and high nibble column ``j + N/2``; ``s`` and ``z`` are (K/G, N) scale and
+shifted zero, so a weight is ``code * s + z``. A byte row of ``BLOCK_J`` pairs is contiguous, so a tile
+load is coalesced along N and each byte is read once for both of its columns.
+
+- ``int4_gemv_kernel`` (one activation row, the decode step): grid (pair blocks, K splits); each program
+  accumulates ``x[k] * w[k, j]`` elementwise over its K range (no per-iteration reduction), reduces once,
+  then stores, or atomically adds when K is split.
+- ``int4_mm_kernel`` (several rows): dequantizes the tile in registers and uses ``tl.dot``.
+
+Under ``TRITON_INTERPRET=1`` the host passes ``WHILE_LOOP=True`` (the interpreter's ``range()`` over a runtime
+bound fails with numpy >= 2.4) and float32 dots.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dequant_pair(q_ptr, s_ptr, z_ptr, k0, offs_k, offs_j, j_ok, n_half, stride_q, stride_s, G: tl.constexpr):
+    """(BLOCK_K, BLOCK_J) float32 weights of columns ``offs_j`` (low nibbles) and ``offs_j + N/2`` (high)."""
+    rows = k0 + offs_k
+    byte = tl.load(q_ptr + rows[:, None] * stride_q + offs_j[None, :], mask=j_ok[None, :], other=0).to(tl.int32)
+    g = k0 // G  # a K tile never straddles a group (BLOCK_K divides G)
+    s_lo = tl.load(s_ptr + g * stride_s + offs_j, mask=j_ok, other=0.0).to(tl.float32)
+    s_hi = tl.load(s_ptr + g * stride_s + n_half + offs_j, mask=j_ok, other=0.0).to(tl.float32)
+    z_lo = tl.load(z_ptr + g * stride_s + offs_j, mask=j_ok, other=0.0).to(tl.float32)
+    z_hi = tl.load(z_ptr + g * stride_s + n_half + offs_j, mask=j_ok, other=0.0).to(tl.float32)
+    lo = (byte & 15).to(tl.float32) * s_lo[None, :] + z_lo[None, :]
+    hi = (byte >> 4).to(tl.float32) * s_hi[None, :] + z_hi[None, :]
+    return lo, hi
+
+
+@triton.jit
+def _gemv_tile(x_ptr, q_ptr, s_ptr, z_ptr, k0, offs_k, offs_j, j_ok, n_half, stride_q, stride_s, acc_lo, acc_hi,
+               G: tl.constexpr):
+    x = tl.load(x_ptr + k0 + offs_k).to(tl.float32)
+    lo, hi = _dequant_pair(q_ptr, s_ptr, z_ptr, k0, offs_k, offs_j, j_ok, n_half, stride_q, stride_s, G)
+    return acc_lo + x[:, None] * lo, acc_hi + x[:, None] * hi
+
+
+@triton.jit
+def int4_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, n_half, iters_per_split, stride_q, stride_s,
+                     G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr, ATOMIC: tl.constexpr,
+                     WHILE_LOOP: tl.constexpr):
+    """y (1, N) = x (1, K) @ W.T for one row; ATOMIC: y is float32 zeros and K is split over programs."""
+    pid_j = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = offs_j < n_half
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_lo = tl.zeros([BLOCK_K, BLOCK_J], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_K, BLOCK_J], dtype=tl.float32)
+    k_first = pid_s * iters_per_split * BLOCK_K
+    if WHILE_LOOP:
+        k0 = k_first
+        while k0 < k_first + iters_per_split * BLOCK_K:
+            acc_lo, acc_hi = _gemv_tile(x_ptr, q_ptr, s_ptr, z_ptr, k0, offs_k, offs_j, j_ok, n_half, stride_q,
+                                        stride_s, acc_lo, acc_hi, G)
+            k0 += BLOCK_K
+    else:
+        for i in range(iters_per_split):
+            acc_lo, acc_hi = _gemv_tile(x_ptr, q_ptr, s_ptr, z_ptr, k_first + i * BLOCK_K, offs_k, offs_j, j_ok,
+                                        n_half, stride_q, stride_s, acc_lo, acc_hi, G)
+    y_lo = tl.sum(acc_lo, axis=0)
+    y_hi = tl.sum(acc_hi, axis=0)
+    if ATOMIC:
+        tl.atomic_add(y_ptr + offs_j, y_lo, mask=j_ok)
+        tl.atomic_add(y_ptr + n_half + offs_j, y_hi, mask=j_ok)
+    else:
+        tl.store(y_ptr + offs_j, y_lo.to(y_ptr.dtype.element_ty), mask=j_ok)
+        tl.store(y_ptr + n_half + offs_j, y_hi.to(y_ptr.dtype.element_ty), mask=j_ok)
+
+
+@triton.jit
+def _mm_tile(x_ptr, q_ptr, s_ptr, z_ptr, k0, offs_m, m_ok, offs_k, offs_j, j_ok, n_half, stride_xm, stride_q,
+             stride_s, acc_lo, acc_hi, G: tl.constexpr, DOT_DT: tl.constexpr):
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_ok[:, None], other=0.0)
+    x = x.to(DOT_DT)
+    lo, hi = _dequant_pair(q_ptr, s_ptr, z_ptr, k0, offs_k, offs_j, j_ok, n_half, stride_q, stride_s, G)
+    return tl.dot(x, lo.to(DOT_DT), acc_lo), tl.dot(x, hi.to(DOT_DT), acc_hi)
+
+
+@triton.jit
+def int4_mm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, n_half, iters, stride_xm, stride_ym, stride_q, stride_s,
+                   G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
+                   DOT_DT: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """y (M, N) = x (M, K) @ W.T; grid (pair blocks, row blocks); DOT_DT: the tl.dot input dtype."""
+    pid_j = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = offs_j < n_half
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_lo = tl.zeros([BLOCK_M, BLOCK_J], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_M, BLOCK_J], dtype=tl.float32)
+    if WHILE_LOOP:
+        k0 = 0
+        while k0 < iters * BLOCK_K:
+            acc_lo, acc_hi = _mm_tile(x_ptr, q_ptr, s_ptr, z_ptr, k0, offs_m, m_ok, offs_k, offs_j, j_ok, n_half,
+                                      stride_xm, stride_q, stride_s, acc_lo, acc_hi, G, DOT_DT)
+            k0 += BLOCK_K
+    else:
+        for i in range(iters):
+            acc_lo, acc_hi = _mm_tile(x_ptr, q_ptr, s_ptr, z_ptr, i * BLOCK_K, offs_m, m_ok, offs_k, offs_j, j_ok,
+                                      n_half, stride_xm, stride_q, stride_s, acc_lo, acc_hi, G, DOT_DT)
+    out = y_ptr + offs_m[:, None] * stride_ym + offs_j[None, :]
+    ok = m_ok[:, None] & j_ok[None, :]
+    tl.store(out, acc_lo.to(y_ptr.dtype.element_ty), mask=ok)
+    tl.store(out + n_half, acc_hi.to(y_ptr.dtype.element_ty), mask=ok)

@@ -1,0 +1,117 @@
+"""The Triton int4 weight-only matmul (the CUDA int4 tier's fast kernel), checked without a GPU.
+
+The layout and dequantization are plain torch (CPU); the kernels run under Triton's CPU interpreter in a
+subprocess (``TRITON_INTERPRET=1`` must be set before triton compiles anything) and are compiled to sm_90
+cubins to catch compile-only errors; the timed tuning is GPU-only (``tests/test_precision_gpu.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_adaptive.precision.int4 import dequantize_int4_reference
+from hf_adaptive.precision.int4_triton import (
+    GemvConfig,
+    dequantize_triton_int4,
+    gemv_candidates,
+    pack_int4_triton,
+    triton_group_size,
+)
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# (N, K, group, rows, gemv launch): odd pair counts (N/2 = 45) leave a partial pair block; split K atomics
+INTERPRETER_CASES = [(96, 256, 64, 1, GemvConfig(64, 32, 2, 4)), (90, 256, 128, 1, GemvConfig(64, 64, 1, 4)),
+                     (96, 512, 128, 1, GemvConfig(128, 16, 4, 4)), (96, 256, 64, 3, GemvConfig()),
+                     (64, 128, 32, 17, GemvConfig())]
+
+
+def test_pack_layout_matches_the_tinygemm_quantization():
+    """Guards the byte layout: both int4 kernels must compute with the same weights (same codes, scales and
+    zeros), so switching the kernel never changes the tier's numbers beyond bf16 scale rounding."""
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0))
+    packed = pack_int4_triton(w, 64, torch.float32, tune=False)
+    assert packed.qweight.shape == (256, 48) and packed.qweight.dtype == torch.uint8
+    torch.testing.assert_close(dequantize_triton_int4(packed), dequantize_int4_reference(w, 64), atol=1e-5, rtol=1e-5)
+    assert packed.nbytes() == 256 * 48 + 2 * 4 * 96 * 4
+
+
+def test_shape_limits_are_named():
+    """Guards bad shapes: an odd N or a K no group size divides is refused with the fix in the message."""
+    assert triton_group_size(256, 96) == 128 and triton_group_size(96, 96) == 32
+    assert triton_group_size(256, 95) is None and triton_group_size(100, 96) is None
+    with pytest.raises(ValueError, match="triton_group_size"):
+        pack_int4_triton(torch.randn(95, 256), 128, tune=False)
+
+
+def test_gemv_candidates_respect_the_tile_rules():
+    """Guards the tuner's search space: every launch keeps a K tile inside one group, divides K, and leaves
+    each split at least two tiles."""
+    cands = gemv_candidates(4096, 128)
+    assert cands and all(c.block_k <= 128 and 4096 % (c.block_k * c.split_k) == 0 for c in cands)
+    assert all(4096 // (c.block_k * c.split_k) >= 2 for c in cands)
+    assert not [c for c in gemv_candidates(4096, 32) if c.block_k > 32]
+
+
+def run_case(n: int, k: int, g: int, rows: int, cfg: GemvConfig) -> dict:
+    """One interpreter case: the kernel against x @ dequant(W).T in float32 (bf16 activations and output)."""
+    from hf_adaptive.precision.int4_triton import _launch_gemv, int4_triton_linear
+
+    gen = torch.Generator().manual_seed(n + k + rows)
+    packed = pack_int4_triton(torch.randn(n, k, generator=gen), g, torch.bfloat16, tune=False)
+    x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+    ref = x.float() @ dequantize_triton_int4(packed).T
+    y = (int4_triton_linear(x, packed) if rows > 1 else
+         _launch_gemv(x, packed.qweight, packed.scales, packed.zeros, g, cfg)).float()
+    return {"case": [n, k, g, rows, cfg.split_k], "shape": list(y.shape),
+            "rel_err": float((y - ref).abs().max() / ref.abs().max())}
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_kernels_under_triton_interpreter():
+    """Guards the kernels' logic (pair layout, group scales, K splits with atomics, partial blocks, row
+    masking of the tl.dot kernel) on machines without a GPU: the interpreter must match the reference."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == len(INTERPRETER_CASES)
+    for res, (n, k, g, rows, cfg) in zip(results, INTERPRETER_CASES):
+        assert res["shape"] == [rows, n], res
+        assert res["rel_err"] < 0.01, res  # bf16 output rounding; a layout bug gives O(1)
+
+
+if __name__ == "__main__":  # the interpreter run of test_kernels_under_triton_interpreter
+    print(json.dumps([run_case(*c) for c in INTERPRETER_CASES]))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("kernel", ["gemv", "gemv_atomic", "mm"])
+def test_kernels_compile_for_hopper(kernel):
+    """Guards against compile-only failures the interpreter cannot see (dtype mismatches in the loop carry,
+    constexpr misuse, tl.dot shapes): each kernel must compile to an sm_90 cubin without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hf_adaptive.precision import _int4_triton_kernels as kernels
+
+    if kernel == "mm":
+        fn = kernels.int4_mm_kernel
+        const = dict(G=128, BLOCK_M=16, BLOCK_K=32, BLOCK_J=64, DOT_DT=triton.language.bfloat16, WHILE_LOOP=False)
+    else:
+        fn = kernels.int4_gemv_kernel
+        const = dict(G=128, BLOCK_K=32, BLOCK_J=128, ATOMIC=kernel == "gemv_atomic", WHILE_LOOP=False)
+    y_type = "*fp32" if kernel == "gemv_atomic" else "*bf16"
+    types = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": y_type}
+    sig = {name: "constexpr" if name in const else types.get(name, "i32") for name in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4})
+    assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
