@@ -36,6 +36,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--modes", nargs="*", help="subset of: adaptive, adaptive_cost and plan names (default: all)")
     p.add_argument("--calibration", help="adds the mode adaptive_cost (cost-aware rule on this calibration)")
     p.add_argument("--port", type=int, default=29631)
+    p.add_argument("--mode-timeout-s", type=float, default=None,
+                   help="kill a mode that runs longer (recorded as failed; the other modes still run)")
     p.add_argument("--out", required=True)
     p.add_argument("worker_args", nargs=argparse.REMAINDER, help="-- then extra worker arguments (policy knobs)")
     return p.parse_args()
@@ -48,7 +50,7 @@ def modes_for(args: argparse.Namespace) -> list[str]:
 
     dims = ModelDims.from_config(AutoConfig.from_pretrained(resolve_model_dir(args.model)))
     modes = ["adaptive"] + (["adaptive_cost"] if args.calibration else []) + [p.name for p in all_plans(args.gpus, dims)]
-    return [m for m in modes if not args.modes or m in args.modes]
+    return [m for m in args.modes if m in modes] if args.modes else modes  # --modes also sets the order
 
 
 def run_mode(mode: str, args: argparse.Namespace, port: int) -> dict:
@@ -60,9 +62,9 @@ def run_mode(mode: str, args: argparse.Namespace, port: int) -> dict:
                           cpu=args.cpu, main_process_port=port, worker_args=tuple(worker))
     cmd, env = build_launch(config, os.environ)
     start = time.perf_counter()
-    rc = run_launch(cmd, env)
+    rc = run_launch(cmd, env, args.mode_timeout_s)
     if rc != 0:
-        raise SystemExit(f"mode {mode} failed with exit status {rc}: {' '.join(cmd)}")
+        return {"failed": f"exit status {rc}" + (" (timed out)" if rc == 124 else ""), "command": " ".join(cmd)}
     payload = json.loads((Path(args.out) / f"{mode}.json").read_text())
     payload["overall"]["launch_wall_s"] = time.perf_counter() - start
     return payload
@@ -73,13 +75,22 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {}
+    failed = {}
     for i, mode in enumerate(tqdm(modes_for(args), desc="modes")):
-        runs[mode] = run_mode(mode, args, args.port + i)
+        result = run_mode(mode, args, args.port + i)
+        if "failed" in result:
+            failed[mode] = result
+            print(f"mode {mode} failed: {result['failed']}", file=sys.stderr)
+        else:
+            runs[mode] = result
+    if not runs:
+        raise SystemExit(f"every mode failed: {failed}")
     rows = {m: r["overall"] | {"switches_detail": r["switches"]} for m, r in runs.items()}
     meta = next(iter(runs.values()))["meta"] | {"command": " ".join([sys.executable] + sys.argv),
                                                "time_scale": args.time_scale}
     meta.pop("mode", None)
     meta.pop("policy_switches", None)
+    meta["failed_modes"] = failed
     (out / "serve_bench.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
     write_markdown(out / "serve_bench.md", meta, rows)
     plot(out / "serve_bench.png", rows, meta)
@@ -96,6 +107,7 @@ def write_markdown(path: Path, meta: dict, rows: dict) -> None:
         lines.append(f"| {mode} | {r['requests']} | {r['throughput_tok_s']:.1f} | {r.get('wall_throughput_tok_s', 0):.1f} | "
                      f"{r['latency_p50_s']:.3f} | {r['latency_p99_s']:.3f} | {r['switches']} | "
                      f"{r['switch_cost_s_total']:.3f} |")
+    lines += [f"- {mode} FAILED: {f['failed']}" for mode, f in meta.get("failed_modes", {}).items()]
     for mode in (m for m in rows if m.startswith("adaptive")):
         lines += [f"- {mode} {s['time_s']:.2f}s {s['from_plan']} -> {s['to_plan']} ({s['cost_s']:.3f}s): {s['reason']}"
                   for s in rows[mode]["switches_detail"]]

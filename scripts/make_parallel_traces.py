@@ -6,7 +6,10 @@
 - long_documents: one 1500-3500-token document every 1.5 s (128 new);
 - offline_batch: 256 short prompts (50-200 tokens, 32 new) all at t=0;
 - mixed: the phases one after another (chat, long documents, batch, chat), so the best plan changes;
-- mixed_small: a shorter mixed trace for the real multi-GPU engine benchmark.
+- mixed_small: a shorter mixed trace for the real multi-GPU engine benchmark;
+- memory_phases: a stream of short chats (20/s for 10 s), then a stream of 9-11k-token documents (2/s for
+  13 s): sized for a ~7B model under a per-device memory budget, where data parallelism (all weights on every
+  device) holds one document per replica and the model-splitting plans several, while the chats want DP.
 Prompts are sized with ``prompt_tokens`` (synthetic ids), so traces need no text and fit any tokenizer.
 """
 
@@ -38,6 +41,13 @@ def offline_batch(rng: random.Random, start_s: float, count: int, prefix: str) -
     return [Request(f"{prefix}{i}", start_s, 32, prompt_tokens=rng.randint(50, 200)) for i in range(count)]
 
 
+def memory_phases(rng: random.Random) -> list[Request]:
+    chats = [Request(f"mp-chat-{i}", i / 20.0, rng.randint(48, 80), prompt_tokens=rng.randint(100, 300))
+             for i in range(200)]
+    docs = [Request(f"mp-doc-{i}", 10.0 + i / 2.0, 128, prompt_tokens=rng.randint(9000, 11000)) for i in range(26)]
+    return chats + docs
+
+
 def build_all(seed: int = 0) -> dict[str, list[Request]]:
     rng = random.Random(seed)
     mixed = (chat_bursts(rng, 0.0, 3, "m-chat-a") + long_documents(rng, 25.0, 16, "m-doc")
@@ -48,7 +58,8 @@ def build_all(seed: int = 0) -> dict[str, list[Request]]:
             "mixed": mixed,
             # small enough for every plan of the real engine to replay within minutes (eval/parallel_serve_bench.py)
             "mixed_small": (chat_bursts(rng, 0.0, 1, "s-chat-a") + long_documents(rng, 6.0, 6, "s-doc")
-                            + offline_batch(rng, 16.0, 96, "s-batch") + chat_bursts(rng, 24.0, 1, "s-chat-b"))}
+                            + offline_batch(rng, 16.0, 96, "s-batch") + chat_bursts(rng, 24.0, 1, "s-chat-b")),
+            "memory_phases": memory_phases(random.Random(seed + 1))}
 
 
 def main() -> None:

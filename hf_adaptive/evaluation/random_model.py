@@ -71,8 +71,11 @@ def load_random_model(spec: str | Path | None, device: str | None = None, dtype:
     return model, tokenizer
 
 
-def export_model_config(spec: str | Path, out_dir: str | Path) -> list[Path]:
+def export_model_config(spec: str | Path, out_dir: str | Path, overrides: dict[str, Any] | None = None) -> list[Path]:
     """Copy ``spec``'s config and tokenizer files (never its weights) into ``out_dir``; returns them.
+
+    ``overrides`` replaces config.json fields (a sibling shape on the same tokenizer); a key the config does
+    not have is refused, so a typo cannot silently leave the shape unchanged.
 
     Raises:
         ValueError: ``out_dir`` is the model's own directory (the copy would be the original).
@@ -89,6 +92,16 @@ def export_model_config(spec: str | Path, out_dir: str | Path) -> list[Path]:
     for name in CONFIG_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, out / name)
+    if overrides:
+        import json
+
+        config = json.loads((out / "config.json").read_text())
+        unknown = sorted(set(overrides) - set(config))
+        if unknown:
+            raise ValueError(f"overrides {unknown} are not fields of {src / 'config.json'}; its fields include "
+                             f"{sorted(config)[:12]}...")
+        config.update(overrides)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     AutoTokenizer.from_pretrained(src).save_pretrained(out)
     written = sorted(p for p in out.iterdir() if p.is_file())
     weights = [p.name for p in written if p.suffix in WEIGHT_SUFFIXES]

@@ -8,6 +8,8 @@ is the thin executor. One process per device; on CPU the same torchrun path runs
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -94,7 +96,15 @@ def build_launch(config: LaunchConfig, base_env: Mapping[str, str]) -> tuple[lis
     return cmd, env
 
 
-def run_launch(cmd: list[str], env: dict[str, str]) -> int:
-    """Run the launch command; returns its exit status."""
+def run_launch(cmd: list[str], env: dict[str, str], timeout_s: float | None = None) -> int:
+    """Run the launch command; returns its exit status (124 when ``timeout_s`` ran out and it was killed)."""
     logger.info("launching: %s", " ".join(cmd))
-    return subprocess.run(cmd, env=env, check=False).returncode
+    # Own process group: on a timeout the launcher's workers (which hold the GPUs and the rendezvous port) go too.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        logger.error("launch exceeded %.0f s; killing its process group: %s", timeout_s, " ".join(cmd))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return 124

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hf_adaptive.parallel.capacity import ReplicaMemory, admit
 from hf_adaptive.parallel.engine import Engine
 from hf_adaptive.parallel.plans import ParallelPlan
 from hf_adaptive.parallel.requests import Request, route
@@ -31,23 +32,48 @@ from hf_adaptive.policy.parallel_policy import ParallelPolicy, WorkloadSignals
 logger = logging.getLogger(__name__)
 
 
+CPU_DEFAULT_MEMORY_BYTES = 16 * 2**30
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Scheduling knobs.
 
     Args:
-        max_batch_per_replica: requests per replica per batch.
+        max_batch_per_replica: requests per replica per batch (an upper bound; memory may allow fewer).
         pad_token_id: left-padding id.
         eos_token_id: stop id (None: always generate ``max_new_tokens``).
-        device_memory_bytes: memory budget per device for the memory signal.
+        device_memory_bytes: memory budget per device, for the memory signal and batch admission. None: the
+            card's memory on CUDA (the worker caps the allocator when a smaller budget is given), 16 GiB on CPU.
+        memory_headroom: admission keeps each device under ``(1 - memory_headroom)`` of the budget, leaving
+            room for what the analytic estimate (``capacity.py``) leaves out (workspaces, fragmentation).
         idle_poll_s: how long the controller waits for a request when the inbox is empty.
     """
 
     max_batch_per_replica: int = 8
     pad_token_id: int = 0
     eos_token_id: int | None = None
-    device_memory_bytes: int = 16 * 2**30
+    device_memory_bytes: int | None = None
+    memory_headroom: float = 0.15
     idle_poll_s: float = 0.02
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.memory_headroom < 1:
+            raise ValueError(f"memory_headroom must be in [0, 1), got {self.memory_headroom!r}; e.g. 0.15")
+
+
+def budget_bytes(engine: Engine, config: ServeConfig) -> int:
+    """This rank's memory budget: the configured one, capped by the card on CUDA."""
+    if engine.device.type == "cuda":
+        total = torch.cuda.get_device_properties(engine.device).total_memory
+        return min(total, config.device_memory_bytes or total)
+    return config.device_memory_bytes or CPU_DEFAULT_MEMORY_BYTES
+
+
+def free_bytes(engine: Engine, config: ServeConfig) -> float:
+    """What admission may fill on this rank: the budget less headroom, less what the shard holds now."""
+    held = torch.cuda.memory_allocated(engine.device) if engine.device.type == "cuda" else engine.shard.param_bytes()
+    return budget_bytes(engine, config) * (1 - config.memory_headroom) - held
 
 
 def execute(engine: Engine, command: tuple, control_group: Any, config: ServeConfig) -> Any:
@@ -55,7 +81,7 @@ def execute(engine: Engine, command: tuple, control_group: Any, config: ServeCon
     kind = command[0]
     if kind == "reshard":
         cost_s = engine.reshard(ParallelPlan.parse(command[1]))
-        return _gather((cost_s,), engine, control_group)
+        return _gather((cost_s, free_bytes(engine, config)), engine, control_group)
     if kind == "run":
         shard = engine.shard
         mine: list[Request] = command[1][shard.dp_index]
@@ -77,12 +103,12 @@ def _generate(engine: Engine, batch: list[Request], config: ServeConfig) -> dict
 
 
 def memory_fraction(engine: Engine, config: ServeConfig) -> float:
-    """Peak device memory since the last call (CUDA), or the shard's weights over the budget (CPU)."""
+    """Peak device memory since the last call over the budget (CUDA), or the shard's weights over it (CPU)."""
     if engine.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(engine.device)
         torch.cuda.reset_peak_memory_stats(engine.device)
-        return peak / torch.cuda.get_device_properties(engine.device).total_memory
-    return engine.shard.param_bytes() / config.device_memory_bytes
+        return peak / budget_bytes(engine, config)
+    return engine.shard.param_bytes() / budget_bytes(engine, config)
 
 
 def _gather(item: Any, engine: Engine, control_group: Any) -> list[Any] | None:
@@ -132,6 +158,8 @@ class Controller:
         self._arrivals: deque[float] = deque(maxlen=64)
         self._new_lens: list[int] = []  # lengths of requests arrived since the policy last looked
         self._memory: list[float] = [0.0] * engine.world_size
+        self._free_bytes = float("inf")  # admission room per device under the current plan (set by _switch)
+        self._memory_models: dict[str, ReplicaMemory] = {}
         self._t0 = time.perf_counter()
 
     def now(self) -> float:
@@ -197,16 +225,28 @@ class Controller:
         before = self.engine.plan.name if self.engine.plan else "none"
         start = time.perf_counter()
         command = _broadcast(("reshard", plan.name, reason), self.group)
-        execute(self.engine, command, self.group, self.config)
+        gathered = execute(self.engine, command, self.group, self.config)
         cost = time.perf_counter() - start
+        self._free_bytes = min(free for _, free in gathered)
         self.telemetry.current_plan = plan.name
         if count:
             self.telemetry.switches.append(SwitchRecord(self.now(), before, plan.name, reason, cost))
         logger.info("layout %s -> %s in %.3fs (%s)", before, plan.name, cost, reason)
 
+    def _memory_model(self, plan: ParallelPlan) -> ReplicaMemory:
+        if plan.name not in self._memory_models:
+            model = self.engine.host_model
+            self._memory_models[plan.name] = ReplicaMemory.for_plan(model.config, plan, model.dtype.itemsize)
+        return self._memory_models[plan.name]
+
     def _run_batch(self) -> None:
         plan = self.engine.plan
-        take = min(len(self._queue), self.config.max_batch_per_replica * plan.dp)
+        queued = [p.request for p in self._queue]
+        take, fits = admit(queued, plan, self._free_bytes, self._memory_model(plan),
+                           self.config.max_batch_per_replica, route)
+        if not fits:
+            logger.warning("request %s alone exceeds the memory estimate of plan %s (%.2f GB free per device); "
+                           "running it by itself", queued[0].id, plan.name, self._free_bytes / 1e9)
         batch = [self._queue.popleft() for _ in range(take)]
         start = self.now()
         command = _broadcast(("run", route([p.request for p in batch], plan.dp)), self.group)

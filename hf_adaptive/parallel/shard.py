@@ -86,12 +86,17 @@ def build_shard(host_model: nn.Module, plan: ParallelPlan, rank: int, device: to
 
 
 def _copy_stage(host_model: nn.Module, first: int, last: int, is_last: bool) -> nn.Module:
-    # Deep-copy everything but the layers outside the stage: swap them out for the copy, then back.
+    # Copy the module tree of the stage (swap the other layers out for the copy, then back), but not the
+    # weights: the copy's parameters are new Parameter objects over the host tensors' storage, so building a
+    # shard reads the host copy once (into the device, or into TP slices) instead of duplicating it on the
+    # host first. ``model.to(device)`` then replaces the copy's tensors and never touches the host's.
     decoder = host_model.model
     all_layers = decoder.layers
     decoder.layers = nn.ModuleList(all_layers[first:last])
     try:
-        model = copy.deepcopy(host_model)
+        memo = {id(p): nn.Parameter(p.data, requires_grad=False) for p in host_model.parameters()}
+        memo.update({id(b): b for b in host_model.buffers()})  # buffers are re-assigned, not mutated, by .to()
+        model = copy.deepcopy(host_model, memo)
     finally:
         decoder.layers = all_layers
     config = model.config

@@ -60,7 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", choices=["default", "cost"], default="default",
                    help="default: issue-5 thresholds; cost: fastest predicted plan (needs --calibration)")
     p.add_argument("--calibration", help="eval/calibrate_parallel.py JSON for --rule cost (same world size)")
-    p.add_argument("--device-memory-gb", type=float, default=16.0, help="CPU memory budget per rank (signal)")
+    p.add_argument("--device-memory-gb", type=float, default=None,
+                   help="memory budget per device in GiB, for the memory signal and batch admission (default: the "
+                        "card's memory on GPU, 16 on CPU); on GPU a smaller budget is enforced on the allocator")
+    p.add_argument("--memory-headroom", type=float, default=0.15,
+                   help="batch admission keeps each device under (1 - this) of the budget")
+    p.add_argument("--queue-head", type=int, default=0,
+                   help="length signal from the next N queued requests instead of the arrival window (0)")
     p.add_argument("--out", default="runs/serve", help="directory for serve.json/.md/.png")
     p.add_argument("--name", default="serve", help="report file stem")
     return p
@@ -78,11 +84,13 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def load_host_model(spec: str, dtype: str, random_weights: bool = False):
+def load_host_model(spec: str, dtype: str, random_weights: bool = False, device: torch.device | None = None):
     """The host copy every plan is sharded from, and its tokenizer (None if the checkpoint has none).
 
     ``random_weights``: ``spec``'s architecture from its config.json with seeded random weights (no weights file
-    read), identical on every rank, for speed runs of models whose checkpoint cannot reach the GPU host.
+    read), identical on every rank, for speed runs of models whose checkpoint cannot reach the GPU host. On a
+    CUDA ``device`` they are drawn there (seconds for a 7B model, where a CPU init takes minutes) and copied to
+    the host; every rank draws the same values (same seed, same kernels, same card type).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -91,7 +99,12 @@ def load_host_model(spec: str, dtype: str, random_weights: bool = False):
     if random_weights:
         from hf_adaptive.evaluation.random_model import load_random_model
 
-        return load_random_model(spec, "cpu", dtype, seed=0)
+        on_gpu = device is not None and device.type == "cuda"
+        model, tokenizer = load_random_model(spec, str(device) if on_gpu else "cpu", dtype, seed=0)
+        if on_gpu:
+            model.to("cpu")
+            torch.cuda.empty_cache()
+        return model, tokenizer
     path = resolve_model_dir(spec)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     try:
@@ -105,7 +118,8 @@ def policy_config(args: argparse.Namespace, world: int, dims: ModelDims) -> Para
     config = ParallelPolicyConfig(
         long_context_tokens=Band(args.long_context_tokens, 0.75 * args.long_context_tokens),
         dp_concurrency=Band(args.dp_concurrency, 0.75 * args.dp_concurrency),
-        cooldown_s=args.cooldown_s, min_dwell_s=args.min_dwell_s, confirm_s=args.confirm_s)
+        cooldown_s=args.cooldown_s, min_dwell_s=args.min_dwell_s, confirm_s=args.confirm_s,
+        queue_head_requests=args.queue_head)
     if args.rule == "default":
         return config
     if not args.calibration:
@@ -122,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rank, world, device = init_distributed()
-    model, tokenizer = load_host_model(args.model, args.dtype, args.random_weights)
+    model, tokenizer = load_host_model(args.model, args.dtype, args.random_weights, device)
+    budget = None if args.device_memory_gb is None else int(args.device_memory_gb * 2**30)
+    if budget is not None and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        if budget > total:
+            raise ValueError(f"--device-memory-gb {args.device_memory_gb} exceeds this card's "
+                             f"{total / 2**30:.1f} GiB; pass at most that, or leave it out")
+        torch.cuda.set_per_process_memory_fraction(budget / total, device)  # the budget is real, not advisory
     dims = ModelDims.from_config(model.config)
     plans = all_plans(world, dims) or [ParallelPlan()]
     static = None
@@ -135,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     control = dist.new_group(backend="gloo")
     config = ServeConfig(max_batch_per_replica=args.max_batch,
                          pad_token_id=(tokenizer.pad_token_id or 0) if tokenizer else 0,
-                         eos_token_id=None, device_memory_bytes=int(args.device_memory_gb * 2**30))
+                         eos_token_id=None, device_memory_bytes=budget, memory_headroom=args.memory_headroom)
     if rank != 0:
         follow(engine, control, config)
     else:
@@ -194,7 +215,9 @@ def run_meta(args, engine: Engine, policy: ParallelPolicy | None, static: Parall
             "torch": torch.__version__, "transformers": __import__("transformers").__version__,
             "model": args.model, "random_weights": args.random_weights, "dtype": args.dtype,
             "trace": args.trace, "time_scale": args.time_scale,
-            "rule": args.rule, "calibration": args.calibration,
+            "rule": args.rule, "calibration": args.calibration, "max_batch": args.max_batch,
+            "device_memory_gb": args.device_memory_gb, "memory_headroom": args.memory_headroom,
+            "queue_head": args.queue_head,
             "command": " ".join([sys.executable, "-m", "hf_adaptive.parallel.worker"] + sys.argv[1:]),
             "time": time.strftime("%FT%TZ", time.gmtime()),
             "policy_switches": [e.__dict__ | {"summary": e.summary.__dict__} for e in policy.history] if policy else []}

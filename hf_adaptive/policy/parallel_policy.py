@@ -145,16 +145,26 @@ class Band:
 Rule = Callable[[WorkloadSummary, str, "ParallelPolicyConfig"], tuple[str, str]]
 
 
+def length_signal(summary: WorkloadSummary, config: ParallelPolicyConfig) -> float:
+    """The token-weighted median request length the rule compares with ``long_context_tokens``: of the
+    requests that arrived within the window, or (``queue_head_requests`` > 0) of the next requests in the
+    FIFO queue, i.e. the work the next batches will run; an empty queue falls back to the window."""
+    head = summary.queue_seq_lens[:config.queue_head_requests] if config.queue_head_requests else ()
+    return token_weighted_percentile(head, 50) if head else summary.token_weighted_p50
+
+
 def default_rule(summary: WorkloadSummary, current: str, config: ParallelPolicyConfig) -> tuple[str, str]:
     """The issue-5 rule with hysteresis. Returns ``(strategy, reason)``."""
     model_split = current in ("hybrid", "pp")
     if config.pipeline_memory.over(summary.memory_fraction_max, current == "pp"):
         limit = config.pipeline_memory.limit(current == "pp")
         return "pp", f"memory {summary.memory_fraction_max:.2f} > {limit} (pipeline)"
-    long_ctx = config.long_context_tokens.over(summary.token_weighted_p50, model_split)
+    length = length_signal(summary, config)
+    long_ctx = config.long_context_tokens.over(length, model_split)
     high_mem = config.hybrid_memory.over(summary.memory_fraction_max, model_split)
     if long_ctx or high_mem:
-        why = (f"token-weighted median length {summary.token_weighted_p50:.0f} > "
+        where = f"of the next {config.queue_head_requests} queued" if config.queue_head_requests else "arrived"
+        why = (f"token-weighted median length ({where}) {length:.0f} > "
                f"{config.long_context_tokens.limit(model_split):.0f} tokens"
                if long_ctx else f"memory {summary.memory_fraction_max:.2f} > {config.hybrid_memory.limit(model_split)}")
         return "hybrid", why
@@ -207,6 +217,10 @@ class ParallelPolicyConfig:
         min_dwell_s: minimum time in a strategy before leaving it (memory pressure is exempt).
         confirm_s: a new strategy must be proposed this long without a break (memory pressure exempt).
         window_s: window over which sequence lengths are summarised.
+        queue_head_requests: 0 (default): the length signal is the window of arrivals; N > 0: the next N
+            queued requests. A serving engine that drains a FIFO queue wants the latter: when a stream of long
+            documents starts arriving behind a backlog of short chats, the arrivals say "long" while the next
+            batches are still chats.
         rule: ``(summary, current, config) -> (strategy, reason)``; pluggable.
     """
 
@@ -219,6 +233,7 @@ class ParallelPolicyConfig:
     min_dwell_s: float = 10.0
     confirm_s: float = 2.0
     window_s: float = 10.0
+    queue_head_requests: int = 0
     rule: Rule = default_rule
 
     def __post_init__(self) -> None:
@@ -234,6 +249,9 @@ class ParallelPolicyConfig:
         if self.dp_short_tokens.exit < self.dp_short_tokens.enter:
             raise ValueError(f"dp_short_tokens is a lower band: exit ({self.dp_short_tokens.exit}) must be >= "
                              f"enter ({self.dp_short_tokens.enter}); swap them")
+        if not isinstance(self.queue_head_requests, int) or self.queue_head_requests < 0:
+            raise ValueError(f"queue_head_requests must be an int >= 0 (0: use the arrival window), got "
+                             f"{self.queue_head_requests!r}")
         if not callable(self.rule):
             raise TypeError(f"rule must be callable (summary, current, config) -> (strategy, reason), "
                             f"got {type(self.rule).__name__}")
