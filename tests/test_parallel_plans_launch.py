@@ -36,7 +36,7 @@ def test_plan_layout_roundtrip():
     ("tp", 2, SMOLLM2, "tp2"),          # 3 KV heads split 2+1 (uneven, by whole KV heads)
     ("tp", 4, SMOLLM2, "tp2xpp2"),      # TP4 impossible with 3 KV heads: falls back to the hybrid
     ("hybrid", 4, SMOLLM2, "tp2xpp2"),
-    ("hybrid", 2, SMOLLM2, "pp2"),      # no TPxPP factorization of 2: pipeline
+    ("hybrid", 2, SMOLLM2, "tp2"),      # no TPxPP factorization of 2: TP over both (splits memory and time)
     ("hybrid", 8, QWEN_1_5B, "tp2xpp4"),  # largest TP that fits 2 KV heads
     ("pp", 4, SMOLLM2, "pp4"),
     ("dp", 4, SMOLLM2, "dp4"),

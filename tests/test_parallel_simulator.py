@@ -55,7 +55,7 @@ def test_router_balances_tokens():
 
 def test_adaptive_follows_the_mixed_trace_phases():
     """Guards the simulator wiring of the policy: on the committed mixed trace the adaptive run must use DP
-    for the offline batch and PP (hybrid on 2 GPUs) for long documents, serve every request, and stay
+    for the offline batch and TP (hybrid on 2 GPUs) for long documents, serve every request, and stay
     deterministic."""
     requests = load_trace(REPO / "eval/traces/mixed.jsonl")
     calib = _calibration()
@@ -65,7 +65,7 @@ def test_adaptive_follows_the_mixed_trace_phases():
     assert a.summary(2) == b.summary(2)
     assert len(a.latencies_s) == len(requests) and a.rejected == 0
     targets = [to for _, _, to, _ in a.switches]
-    assert "dp2" in targets and "pp2" in targets
+    assert "dp2" in targets and "tp2" in targets
     assert 2 <= len(a.switches) <= 12  # adapts, but no thrashing over ~90 s of trace
     static = simulate(requests, calib, _plan_for, static_plan=ParallelPlan(tp=2))
     assert static.switches == [] and len(static.latencies_s) == len(requests)

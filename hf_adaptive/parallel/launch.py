@@ -104,7 +104,13 @@ def run_launch(cmd: list[str], env: dict[str, str], timeout_s: float | None = No
     try:
         return proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        logger.error("launch exceeded %.0f s; killing its process group: %s", timeout_s, " ".join(cmd))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        # SIGTERM first: torchrun's agent then stops its workers, which run in sessions of their own (a SIGKILL
+        # of the launcher's group alone left them serving on the GPUs); SIGKILL whatever is left after a grace.
+        logger.error("launch exceeded %.0f s; stopping it: %s", timeout_s, " ".join(cmd))
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         return 124

@@ -127,8 +127,9 @@ def plan_for_strategy(strategy: str, n_devices: int, dims: ModelDims, even_tp: b
     """The concrete plan for a policy strategy on ``n_devices``.
 
     ``hybrid`` takes the factorization with the largest TP that fits (TP keeps per-token latency low);
-    where no hybrid fits (``n_devices`` prime, or no TP > 1 fits) it falls back to PP, which always
-    splits memory. ``tp`` falls back to the hybrid/PP plan when the model cannot take TP over all devices.
+    where no factorization exists (``n_devices`` prime: 2, 3, ...) it takes TP over all devices if it fits,
+    for the same reason (and this engine runs PP stages one after another, so PP splits memory but not
+    time), else PP, which always splits memory. ``tp`` falls back to the hybrid/PP plan when the model cannot take TP over all devices.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -140,7 +141,7 @@ def plan_for_strategy(strategy: str, n_devices: int, dims: ModelDims, even_tp: b
         "dp": [ParallelPlan(dp=n_devices)],
         "pp": [ParallelPlan(pp=n_devices)],
         "tp": [ParallelPlan(tp=n_devices)] + _hybrids(n_devices) + [ParallelPlan(pp=n_devices)],
-        "hybrid": _hybrids(n_devices) + [ParallelPlan(pp=n_devices)],
+        "hybrid": (_hybrids(n_devices) or [ParallelPlan(tp=n_devices)]) + [ParallelPlan(pp=n_devices)],
     }[strategy]
     errors = []
     for plan in candidates:
