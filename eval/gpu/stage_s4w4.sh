@@ -4,8 +4,8 @@
 # uses expandable segments (call 3 ran out of memory there on 3.6 GiB of fragmentation), and how fast is it?
 set -u
 source eval/gpu/env.sh
-timeout 200 python3 eval/parallel_serve_bench.py --model .gpu/qwen7b_cfg --gpus 2 \
-    --trace eval/traces/memory_phases_docs.jsonl --time-scale 1.0 --modes tp2 --mode-timeout-s 170 \
+timeout 175 python3 eval/parallel_serve_bench.py --model .gpu/qwen7b_cfg --gpus 2 \
+    --trace eval/traces/memory_phases_docs.jsonl --time-scale 1.0 --modes tp2 --mode-timeout-s 150 \
     --out /tmp/r/parallel_serve_docs_tp2 -- --random-weights --device-memory-gb 20 --max-prompt-tokens 12000 \
     > "$OUT/serve.log" 2>&1
 tar czf "$OUT/s4w4.tgz" -C /tmp/r . 2>/dev/null
