@@ -352,7 +352,7 @@ def parse_args() -> argparse.Namespace:
                     help="random-init Llama shape when neither --model nor --config-dir is given")
     ap.add_argument("--smoke-shape", action="store_true", help="same as --shape smoke (for --device cpu)")
     ap.add_argument("--int4-kernel", default="auto", choices=("auto", "triton", "tinygemm"),
-                    help="CUDA int4 kernel of the fast tier (auto: Triton where installed)")
+                    help="CUDA int4 kernel of the fast tier (auto = tinygemm; triton: ours)")
     return ap.parse_args()
 
 

@@ -6,8 +6,8 @@ lookup and stays as it is), with a ``TieredLinear`` holding the weight in each r
 returns a ``PrecisionTiers`` handle. ``handle.set(name)`` picks the format the next forward
 uses. Tiers, cheapest first:
 
-- ``"int4"``: group-wise int4; on CUDA through the Triton kernel tuned per shape (``int4_triton.py``) or
-  PyTorch's tinygemm (``int4.py``), chosen by ``int4_kernel``; on CPU through PyTorch's CPU int4 kernel.
+- ``"int4"``: group-wise int4; on CUDA through PyTorch's tinygemm (``int4.py``, the default: fastest at one
+  row) or our Triton kernel (``int4_triton.py``, ``int4_kernel="triton"``); on CPU through PyTorch's CPU kernel.
   Sibling linears (q/k/v, gate/up) run as one matmul per tier by default (``fusion.py``).
 - ``"fp8"``: e4m3 weights, per-row scales, ``torch._scaled_mm`` (sm89+ only).
 - ``"native"``: the 16-bit weight (the model's own if it is bf16/fp16, else a bf16 copy).
@@ -58,7 +58,7 @@ class TierSelector:
     """The tier every ``TieredLinear`` of one model runs; shared, so one assignment switches them all."""
 
     active: str = "native"
-    int4_kernel: str = "auto"  # CUDA int4 format: "triton", "tinygemm", or "auto" (triton where installed)
+    int4_kernel: str = "auto"  # CUDA int4 format: "tinygemm" ("auto"), or "triton"
 
 
 class TieredLinear(nn.Module):
@@ -83,7 +83,7 @@ class TieredLinear(nn.Module):
             self.formats[tier] = w if w.dtype in (torch.bfloat16, torch.float16) else w.to(torch.bfloat16)
         elif tier == "fp8":
             self.formats[tier] = pack_fp8(w)
-        elif tier == "int4" and w.is_cuda and self.selector.int4_kernel != "tinygemm" and HAS_TRITON:
+        elif tier == "int4" and w.is_cuda and self.selector.int4_kernel == "triton":
             g = triton_group_size(self.in_features, self.out_features, group_size)
             if g is None:
                 return False
@@ -251,9 +251,10 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
             is 21 % of the bf16 bytes a decode step reads; left in bf16 it caps the int4 tier's gain.
         fuse: run q/k/v and gate/up as one matmul per tier (``fusion.py``); every tier is fused alike,
             so tier-vs-tier comparisons stay fair.
-        int4_kernel: the CUDA int4 kernel: ``"triton"`` (tuned per shape at prepare time, a few seconds per
-            distinct shape), ``"tinygemm"`` (PyTorch's), or ``"auto"`` (Triton where installed). CPU weights
-            always use PyTorch's CPU int4 kernel.
+        int4_kernel: the CUDA int4 kernel: ``"auto"`` / ``"tinygemm"`` (PyTorch's; the fastest at one row:
+            measured 1.3-1.9x bf16 per decode-shaped matmul on an H200, ``eval/results/int4_kernels_h200/``) or
+            ``"triton"`` (ours, tuned per shape at prepare time; 0.44-0.62x tinygemm at one row but 1.25-1.74x
+            tinygemm at 8 rows on the large matrices). CPU weights always use PyTorch's CPU int4 kernel.
     Returns:
         ``PrecisionTiers`` with ``set(tier)``; the top tier is active.
 
