@@ -99,12 +99,21 @@ def load_host_model(spec: str, dtype: str, random_weights: bool = False, device:
     if random_weights:
         from hf_adaptive.evaluation.random_model import load_random_model
 
-        on_gpu = device is not None and device.type == "cuda"
-        model, tokenizer = load_random_model(spec, str(device) if on_gpu else "cpu", dtype, seed=0)
-        if on_gpu:
-            model.to("cpu")
+        if device is not None and device.type == "cuda":
+            try:
+                model, tokenizer = load_random_model(spec, str(device), dtype, seed=0)
+                model.to("cpu")
+            except torch.OutOfMemoryError:  # larger than one card: draw on the host (slower, same shapes)
+                model = None
             torch.cuda.empty_cache()
-        return model, tokenizer
+            # Every rank must draw the same way (GPU and CPU generators give different values): all or none.
+            ok = torch.tensor([0 if model is None else 1], device=device)
+            if dist.is_initialized():
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if bool(ok.item()):
+                return model, tokenizer
+            logger.warning("random weights do not fit every card; drawing them on the host")
+        return load_random_model(spec, "cpu", dtype, seed=0)
     path = resolve_model_dir(spec)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     try:
