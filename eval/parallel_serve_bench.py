@@ -101,10 +101,10 @@ def write_markdown(path: Path, meta: dict, rows: dict) -> None:
     lines = [f"# Adaptive vs static parallel plans ({meta['device']} x {meta['world_size']})", "",
              f"torch {meta['torch']}, transformers {meta['transformers']}, model `{meta['model']}` {meta['dtype']}, "
              f"trace `{meta['trace']}` (time scale {meta['time_scale']})", "", f"Command: `{meta['command']}`", "",
-             "| mode | requests | tok/s (busy) | tok/s (wall) | p50 s | p99 s | switches | switch cost s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| mode | requests served | rejected | tok/s (busy) | tok/s (wall) | p50 s | p99 s | switches | switch cost s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for mode, r in rows.items():
-        lines.append(f"| {mode} | {r['requests']} | {r['throughput_tok_s']:.1f} | {r.get('wall_throughput_tok_s', 0):.1f} | "
+        lines.append(f"| {mode} | {r['requests']} | {r.get('rejected', 0)} | {r['throughput_tok_s']:.1f} | {r.get('wall_throughput_tok_s', 0):.1f} | "
                      f"{r['latency_p50_s']:.3f} | {r['latency_p99_s']:.3f} | {r['switches']} | "
                      f"{r['switch_cost_s_total']:.3f} |")
     lines += [f"- {mode} FAILED: {f['failed']}" for mode, f in meta.get("failed_modes", {}).items()]

@@ -9,7 +9,9 @@
 - mixed_small: a shorter mixed trace for the real multi-GPU engine benchmark;
 - memory_phases: a stream of short chats (20/s for 10 s), then a stream of 9-11k-token documents (2/s for
   13 s): sized for a ~7B model under a per-device memory budget, where data parallelism (all weights on every
-  device) holds one document per replica and the model-splitting plans several, while the chats want DP.
+  device) holds one document per replica and the model-splitting plans several, while the chats want DP;
+- memory_phases_strict: 180 chats (20/s), then 10 documents of 11.5-12.5k tokens (2/s): under an 18 GiB budget
+  a Qwen2.5-7B-shape document does not fit a DP replica at all (DP must refuse it), while TP=2 holds five.
 Prompts are sized with ``prompt_tokens`` (synthetic ids), so traces need no text and fit any tokenizer.
 """
 
@@ -48,6 +50,13 @@ def memory_phases(rng: random.Random) -> list[Request]:
     return chats + docs
 
 
+def memory_phases_strict(rng: random.Random) -> list[Request]:
+    chats = [Request(f"ms-chat-{i}", i / 20.0, rng.randint(48, 80), prompt_tokens=rng.randint(100, 300))
+             for i in range(180)]
+    docs = [Request(f"ms-doc-{i}", 9.0 + i / 2.0, 128, prompt_tokens=rng.randint(11500, 12500)) for i in range(10)]
+    return chats + docs
+
+
 def build_all(seed: int = 0) -> dict[str, list[Request]]:
     rng = random.Random(seed)
     mixed = (chat_bursts(rng, 0.0, 3, "m-chat-a") + long_documents(rng, 25.0, 16, "m-doc")
@@ -59,7 +68,8 @@ def build_all(seed: int = 0) -> dict[str, list[Request]]:
             # small enough for every plan of the real engine to replay within minutes (eval/parallel_serve_bench.py)
             "mixed_small": (chat_bursts(rng, 0.0, 1, "s-chat-a") + long_documents(rng, 6.0, 6, "s-doc")
                             + offline_batch(rng, 16.0, 96, "s-batch") + chat_bursts(rng, 24.0, 1, "s-chat-b")),
-            "memory_phases": memory_phases(random.Random(seed + 1))}
+            "memory_phases": memory_phases(random.Random(seed + 1)),
+            "memory_phases_strict": memory_phases_strict(random.Random(seed + 2))}
 
 
 def main() -> None:

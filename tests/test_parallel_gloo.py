@@ -201,3 +201,52 @@ def test_hybrid_tp_x_pp_on_four_processes(tmp_path, arch):
                        start_method="fork")
     for plan, per_rank in json.loads(open(result_path).read()).items():
         assert all(tokens == ref for tokens in per_rank), f"{arch} {plan} differs from single-process generate"
+
+
+def _budget_worker(rank: int, ports: list[int], model_dir: str, trace: str, out: str) -> None:
+    from hf_adaptive.parallel.worker import main
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      HF_ADAPTIVE_BACKEND="gloo")
+    torch.set_num_threads(1)
+    common = ["--model", model_dir, "--dtype", "float32", "--trace", trace, "--out", out, "--max-batch", "4",
+              "--device-memory-gb", str(2 / 1024), "--cooldown-s", "0", "--min-dwell-s", "0", "--confirm-s", "0",
+              "--dp-concurrency", "6", "--long-context-tokens", "1000"]
+    for port, (name, plan) in zip(ports, (("static", "dp2"), ("adaptive", "auto"))):
+        os.environ["MASTER_PORT"] = str(port)
+        main(common + ["--name", name, "--plan", plan])
+
+
+def test_memory_budget_admission_rejects_or_reshards_instead_of_running_out(tmp_path):
+    """Guards requests that do not fit a layout's memory: under a 2 MiB budget per process a 450-token prompt
+    needs ~1.7 MB on a DP replica (the whole tiny model is there) but ~1.1 MB per TP rank. Static DP must refuse
+    it with the reason and the fix (and serve the rest); the adaptive engine must switch to a layout that splits
+    the model and serve it, with the same tokens as one process."""
+    model = make_tiny_model("llama", seed=3)
+    model_dir = str(tmp_path / "llama")
+    model.save_pretrained(model_dir)
+    rows = [{"id": f"short{i}", "arrival_s": 0.0, "prompt_tokens": 6, "max_new_tokens": 4} for i in range(10)]
+    rows.append({"id": "long", "arrival_s": 0.0, "prompt_tokens": 450, "max_new_tokens": 4})
+    rows += [{"id": f"short{i}", "arrival_s": 0.0, "prompt_tokens": 6, "max_new_tokens": 4} for i in range(10, 20)]
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    mp.start_processes(_budget_worker, args=([_free_port(), _free_port()], model_dir, str(trace), str(tmp_path)),
+                       nprocs=2, join=True, start_method="fork")
+
+    static = json.loads((tmp_path / "static.json").read_text())
+    assert {r["id"] for r in static["requests"]} == {f"short{i}" for i in range(20)}
+    assert [r["id"] for r in static["rejected"]] == ["long"] and static["overall"]["rejected"] == 1
+    assert "dp2" in static["rejected"][0]["reason"] and "--device-memory-gb" in static["rejected"][0]["reason"]
+
+    adaptive = json.loads((tmp_path / "adaptive.json").read_text())
+    served = {r["id"]: r for r in adaptive["requests"]}
+    assert set(served) == {r["id"] for r in rows} and adaptive["overall"]["rejected"] == 0
+    assert served["long"]["plan"] == "tp2" and served["short0"]["plan"] == "dp2"
+    assert any("needs ~" in s["reason"] and s["to_plan"] == "tp2" for s in adaptive["switches"]), adaptive["switches"]
+    from hf_adaptive.parallel.requests import Request, tokenize_request
+
+    req = Request("long", 0.0, 4, prompt_tokens=450)
+    tokenize_request(req, None, model.config.vocab_size)
+    ids = torch.tensor([req.prompt_ids])
+    ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert served["long"]["tokens"] == ref[0, ids.shape[1]:].tolist()

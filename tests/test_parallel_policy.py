@@ -185,3 +185,20 @@ def test_first_observation_places_freely():
     lens = (100,) * 40
     assert policy.observe(WorkloadSignals(now_s=0.0, seq_lens=lens, queue_seq_lens=lens, concurrent_requests=40)) == "dp"
     assert policy.observe(WorkloadSignals(now_s=1.0, seq_lens=(3000,), queue_seq_lens=(3000,))) == "dp"
+
+
+def test_force_bypasses_cooldown_and_dwell_and_is_logged():
+    """Guards the make-room path: when a queued request cannot fit the current layout, the engine forces a
+    memory-splitting strategy at once (no cooldown, dwell or confirmation to wait for), and the switch is logged
+    with its reason like any other; forcing the current strategy is a no-op."""
+    policy = ParallelPolicy(ParallelPolicyConfig(cooldown_s=100.0, min_dwell_s=100.0, confirm_s=100.0), initial="dp")
+    policy.observe(WorkloadSignals(now_s=0.0, seq_lens=(100,) * 40, concurrent_requests=40,
+                                   queue_seq_lens=(100,) * 40))
+    n = len(policy.history)
+    policy.force("hybrid", "request r1 needs ~3 GiB per device on dp2", 0.5)
+    assert policy.current == "hybrid" and len(policy.history) == n + 1
+    assert policy.history[-1].reason.startswith("request r1") and policy.history[-1].time_s == 0.5
+    policy.force("hybrid", "again", 0.6)
+    assert len(policy.history) == n + 1
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        policy.force("zp", "bad", 0.7)

@@ -61,6 +61,9 @@ def make_server(controller: Controller, prepare: Callable[[Request], None], deco
             if not pending.done.wait(timeout_s):
                 self._reply(504, json.dumps({"error": f"no result within {timeout_s}s"}))
                 return
+            if pending.error is not None:  # cannot fit any layout's memory: refused, with the reason and the fix
+                self._reply(507, json.dumps({"id": request.id, "error": pending.error}))
+                return
             self._reply(200, json.dumps({"id": request.id, "tokens": pending.tokens,
                                          "text": decode(pending.tokens), "plan": pending.plan}))
 

@@ -28,6 +28,7 @@ from hf_adaptive.parallel.plans import ParallelPlan
 from hf_adaptive.parallel.requests import Request, route
 from hf_adaptive.parallel.telemetry import RequestRecord, SwitchRecord, Telemetry
 from hf_adaptive.policy.parallel_policy import ParallelPolicy, WorkloadSignals
+from hf_adaptive.units import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class Pending:
     done: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] | None = None
     plan: str = ""
+    error: str | None = None  # set instead of tokens when the request was refused (see Controller._reject)
 
 
 class Controller:
@@ -160,6 +162,7 @@ class Controller:
         self._memory: list[float] = [0.0] * engine.world_size
         self._free_bytes = float("inf")  # admission room per device under the current plan (set by _switch)
         self._memory_models: dict[str, ReplicaMemory] = {}
+        self._room_tried: dict[str, set[str]] = {}  # request id -> plans tried to fit it (see _make_room)
         self._t0 = time.perf_counter()
 
     def now(self) -> float:
@@ -212,8 +215,8 @@ class Controller:
                                queue_new_tokens=tuple(p.request.max_new_tokens for p in self._queue))
 
     def _maybe_switch(self) -> None:
-        if self.policy is None:
-            return
+        if self.policy is None or self._queue[0].request.id in self._room_tried:
+            return  # the head request waits for the layout it was given room in: no policy switch-back first
         n_before = len(self.policy.history)
         strategy = self.policy.observe(self._signals())
         plan = self.plan_for(strategy)
@@ -233,6 +236,40 @@ class Controller:
             self.telemetry.switches.append(SwitchRecord(self.now(), before, plan.name, reason, cost))
         logger.info("layout %s -> %s in %.3fs (%s)", before, plan.name, cost, reason)
 
+    def _make_room(self, request: Request) -> bool:
+        """Adaptive mode: the head request does not fit the current layout alone; switch (policy.force) to the
+        first memory-splitting layout not tried for it yet. Returns False when there is none left to try."""
+        if self.policy is None:
+            return False
+        tried = self._room_tried.setdefault(request.id, {self.engine.plan.name})
+        for strategy in ("hybrid", "pp"):
+            plan = self.plan_for(strategy)
+            if plan.name in tried:
+                continue
+            tried.add(plan.name)
+            need = _needed_bytes(self._memory_model(self.engine.plan), request)
+            reason = (f"request {request.id} needs ~{format_bytes(need)} per device on {self.engine.plan.name}, "
+                      f"{format_bytes(max(self._free_bytes, 0))} free: trying {plan.name}")
+            self.policy.force(strategy, reason, self.now())
+            self._switch(plan, reason)
+            return True
+        return False
+
+    def _reject(self, pending: Pending) -> None:
+        """Refuse a request no layout tried can hold: the caller gets the reason and the fix, nothing crashes."""
+        plan, request = self.engine.plan, pending.request
+        need = _needed_bytes(self._memory_model(plan), request)
+        tried = sorted(self._room_tried.pop(request.id, {plan.name}))
+        pending.error = (f"request {request.id} ({len(request.prompt_ids)} prompt + {request.max_new_tokens} new "
+                         f"tokens) needs ~{format_bytes(need)} per device on plan {plan.name} but "
+                         f"{format_bytes(max(self._free_bytes, 0))} is free under the memory budget (layouts tried: "
+                         f"{tried}); "
+                         "shorten the prompt or max_new_tokens, raise --device-memory-gb, or serve with a plan that "
+                         "splits the model (--plan tp / pp / auto)")
+        logger.warning("rejected: %s", pending.error)
+        self.telemetry.add_rejected(request.id, self.now(), plan.name, pending.error)
+        pending.done.set()
+
     def _memory_model(self, plan: ParallelPlan) -> ReplicaMemory:
         if plan.name not in self._memory_models:
             model = self.engine.host_model
@@ -245,9 +282,12 @@ class Controller:
         take, fits = admit(queued, plan, self._free_bytes, self._memory_model(plan),
                            self.config.max_batch_per_replica, route)
         if not fits:
-            logger.warning("request %s alone exceeds the memory estimate of plan %s (%.2f GB free per device); "
-                           "running it by itself", queued[0].id, plan.name, self._free_bytes / 1e9)
+            if not self._make_room(queued[0]):
+                self._reject(self._queue.popleft())
+            return
         batch = [self._queue.popleft() for _ in range(take)]
+        for p in batch:
+            self._room_tried.pop(p.request.id, None)
         start = self.now()
         command = _broadcast(("run", route([p.request for p in batch], plan.dp)), self.group)
         gathered = execute(self.engine, command, self.group, self.config)
@@ -263,6 +303,10 @@ class Controller:
                                          len(p.request.prompt_ids), len(p.tokens), p.tokens))
             p.done.set()
         self.telemetry.add_batch(plan.name, start, end, records, self._memory)
+
+
+def _needed_bytes(memory: ReplicaMemory, request: Request) -> float:
+    return memory.batch_bytes(1, len(request.prompt_ids), request.max_new_tokens)
 
 
 def replay_trace(controller: Controller, requests: list[Request], time_scale: float = 1.0) -> threading.Thread:

@@ -48,6 +48,7 @@ class Telemetry:
     switches: list[SwitchRecord] = field(default_factory=list)
     batches: list[dict[str, Any]] = field(default_factory=list)
     memory: list[tuple[float, list[float]]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # {"id", "time_s", "plan", "reason"}
     current_plan: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -59,6 +60,10 @@ class Telemetry:
                                  "new_tokens": sum(r.new_tokens for r in records)})
             self.memory.append((end_s, memory_fraction))
 
+    def add_rejected(self, request_id: str, time_s: float, plan: str, reason: str) -> None:
+        with self.lock:
+            self.rejected.append({"id": request_id, "time_s": time_s, "plan": plan, "reason": reason})
+
     def summarize(self) -> dict[str, Any]:
         """Per-plan and overall throughput (generated tokens / busy seconds), p50/p99 latency, switches."""
         with self.lock:
@@ -69,16 +74,19 @@ class Telemetry:
             if self.requests:
                 span = max(r.finish_s for r in self.requests) - min(r.arrival_s for r in self.requests)
                 overall["wall_throughput_tok_s"] = sum(r.new_tokens for r in self.requests) / max(span, 1e-9)
+            overall["rejected"] = len(self.rejected)
             overall["switches"] = len(self.switches)
             overall["switch_cost_s_total"] = sum(s.cost_s for s in self.switches)
             return {"overall": overall, "per_plan": per_plan,
-                    "switches": [asdict(s) for s in self.switches]}
+                    "switches": [asdict(s) for s in self.switches], "rejected": list(self.rejected)}
 
     def prometheus(self) -> str:
         """``/metrics`` body in the Prometheus text exposition format."""
         summary = self.summarize()
         lines = ["# TYPE hf_adaptive_requests_total counter",
                  f"hf_adaptive_requests_total {summary['overall']['requests']}",
+                 "# TYPE hf_adaptive_rejected_total counter",
+                 f"hf_adaptive_rejected_total {summary['overall']['rejected']}",
                  "# TYPE hf_adaptive_switches_total counter",
                  f"hf_adaptive_switches_total {summary['overall']['switches']}",
                  "# TYPE hf_adaptive_current_plan gauge",
@@ -130,6 +138,9 @@ def _markdown(payload: dict[str, Any]) -> str:
               f"{payload['overall']['switch_cost_s_total']:.3f} s)", ""]
     lines += [f"- {s['time_s']:.2f}s {s['from_plan']} -> {s['to_plan']} ({s['cost_s']:.3f}s): {s['reason']}"
               for s in payload["switches"]]
+    rejected = payload.get("rejected", [])
+    lines += ["", f"Rejected (do not fit any layout tried): {len(rejected)}", ""]
+    lines += [f"- {r['time_s']:.2f}s {r['id']} on {r['plan']}: {r['reason']}" for r in rejected]
     return "\n".join(lines) + "\n"
 
 

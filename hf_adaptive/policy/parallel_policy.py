@@ -307,6 +307,15 @@ class ParallelPolicy:
             self._switch(proposed, reason, summary, now)
         return self.current
 
+    def force(self, strategy: str, reason: str, now_s: float) -> None:
+        """Take ``strategy`` now, past cooldown, dwell and confirmation, logged like any switch: for work the
+        current layout cannot run at all (a queued request that does not fit its memory)."""
+        check_strategy("strategy", strategy)
+        if self._entered_s is None:
+            self._entered_s = now_s
+        if strategy != self.current:
+            self._switch(strategy, reason, self._window.summary(), now_s)
+
     def _may_switch(self, proposed: str, now: float) -> bool:
         if now - self._last_switch_s < self.config.cooldown_s:
             return False
