@@ -5,7 +5,10 @@ policy, the router, telemetry); every other rank runs ``follow``. Each step rank
 command over a gloo control group: ``("reshard", plan_name, reason)``, ``("run", batches_per_replica)``
 or ``("stop",)``; all ranks then execute it with ``execute``. A switch happens only between batches, so
 in-flight requests always finish on the layout they started on, and queued requests run on the new one:
-none is lost (the test counts them).
+none is lost (the test counts them). Batches are admitted by memory (``capacity.py``): a request too big for the
+current layout alone makes the adaptive engine force a memory-splitting layout; where none holds it (or the plan
+is static) it is refused with the reason and the fix (``Pending.error``, telemetry ``rejected``), never run into
+an out-of-memory error.
 """
 
 from __future__ import annotations
