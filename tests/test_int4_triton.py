@@ -115,3 +115,18 @@ def test_kernels_compile_for_hopper(kernel):
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": 4})
     assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
+
+
+def test_prepare_tiers_int4_kernel_choice():
+    """Guards the kernel switch: an unknown name is refused with the allowed ones, and CPU weights keep PyTorch's
+    CPU int4 kernel whatever is asked (the Triton kernel is a CUDA path)."""
+    from conftest import make_tiny_model
+
+    from hf_adaptive.precision.int4 import Int4Weight
+    from hf_adaptive.precision.tiers import prepare_tiers
+
+    with pytest.raises(ValueError, match="int4_kernel must be one of"):
+        prepare_tiers(make_tiny_model("llama"), tiers=("int4", "fp32"), int4_kernel="marlin")
+    if HAS_TRITON:
+        tiers = prepare_tiers(make_tiny_model("llama"), tiers=("int4", "fp32"), int4_kernel="triton")
+        assert all(isinstance(m.formats["int4"], Int4Weight) for m in tiers.modules if "int4" in m.formats)
