@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict, dataclass, field
 
 import pytest
 import torch
+from conftest import run_under_triton_interpreter
 
 from hf_adaptive.attention.build import pack_dense_kv
 from hf_adaptive.attention.reference import reference_decode_attention
@@ -174,11 +172,7 @@ INTERPRETER_CASES = [
 def test_kernel_under_triton_interpreter():
     """Guards the kernel's logic (addressing, unpacking, masking, split merge) on machines without a GPU:
     the same kernel source, run by Triton's CPU interpreter, must match the reference."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_under_triton_interpreter(__file__)
     assert len(results) == len(INTERPRETER_CASES)
     for res in results:
         _assert_ok(res)

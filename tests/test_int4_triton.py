@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_under_triton_interpreter
 
 from hf_adaptive.precision.int4 import dequantize_int4_reference
 from hf_adaptive.precision.int4_triton import (
@@ -77,11 +75,7 @@ def run_case(n: int, k: int, g: int, rows: int, cfg: GemvConfig) -> dict:
 def test_kernels_under_triton_interpreter():
     """Guards the kernels' logic (pair layout, group scales, K splits with atomics, partial blocks, row
     masking of the tl.dot kernel) on machines without a GPU: the interpreter must match the reference."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_under_triton_interpreter(__file__)
     assert len(results) == len(INTERPRETER_CASES)
     for res, (n, k, g, rows, cfg) in zip(results, INTERPRETER_CASES):
         assert res["shape"] == [rows, n], res

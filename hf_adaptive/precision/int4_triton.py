@@ -17,13 +17,15 @@ does (same codes, scales and mid-point zeros, so both kernels compute with the s
 custom op ``hf_adaptive::int4_triton_mm`` (opaque to ``torch.compile``; CUDA-graph capturable). One row runs
 ``int4_gemv_kernel`` with the tuned (BLOCK_J, BLOCK_K, K splits, warps); more rows run ``int4_mm_kernel``.
 
-The module imports without triton (``HAS_TRITON`` is False). Set ``TRITON_INTERPRET=1`` before importing it to
-run the kernels on CPU tensors through Triton's interpreter (tests); tuning only happens on CUDA.
+The module imports without triton (``HAS_TRITON`` is False) and does not import it until a kernel runs. Set
+``TRITON_INTERPRET=1`` before that to run the kernels on CPU tensors through Triton's interpreter (tests); tuning
+only happens on CUDA.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import itertools
 import logging
 import os
@@ -35,18 +37,26 @@ from hf_adaptive.precision.int4 import GROUP_SIZES, quantize_groupwise
 
 logger = logging.getLogger(__name__)
 
-try:
-    import triton
+# The kernel is opt-in (prepare_tiers(int4_kernel="triton")): triton (~0.25 s to import) loads on first use only.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-    from hf_adaptive.precision import _int4_triton_kernels as kernels
 
-    HAS_TRITON = True
-except ImportError:  # CPU installs: tinygemm / the CPU kernel serve instead
-    triton = None
-    kernels = None
-    HAS_TRITON = False
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """The kernel module; triton reads TRITON_INTERPRET when it decorates them, i.e. here."""
+    from hf_adaptive.precision import _int4_triton_kernels
 
-_INTERPRETING = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _int4_triton_kernels
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreting() -> bool:
+    """Read once, like triton itself: the kernels are decorated for the interpreter or not, for the process."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,7 @@ def pack_int4_triton(weight: torch.Tensor, group_size: int, act_dtype: torch.dty
     qweight = (codes[:half] | (codes[half:] << 4)).T.contiguous().to(torch.uint8)  # (K, N/2)
     packed = TritonInt4Weight(qweight, scale.T.contiguous().to(act_dtype),
                               (zero - 8 * scale).T.contiguous().to(act_dtype), n, k, group_size, GemvConfig())
-    if tune and weight.is_cuda and HAS_TRITON and not _INTERPRETING:
+    if tune and weight.is_cuda and HAS_TRITON and not _interpreting():
         packed.gemv = _tuned_gemv(n, k, group_size, act_dtype, weight.device.index or 0)
     return packed
 
@@ -134,11 +144,12 @@ def int4_triton_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         return _launch_gemv(x, qweight, scales, zeros, group_size, GemvConfig(block_j, block_k, split_k, num_warps))
     y = torch.empty(m, 2 * n_half, dtype=x.dtype, device=x.device)
     bk = min(group_size, 32)
-    grid = (triton.cdiv(n_half, 64), triton.cdiv(m, 16))
+    kernels, interpreting = _kernels(), _interpreting()
+    grid = (_cdiv(n_half, 64), _cdiv(m, 16))
     kernels.int4_mm_kernel[grid](x, qweight, scales, zeros, y, m, n_half, k // bk, x.stride(0), y.stride(0),
                                  qweight.stride(0), scales.stride(0), G=group_size, BLOCK_M=16, BLOCK_K=bk,
-                                 BLOCK_J=64, DOT_DT=kernels.tl.float32 if _INTERPRETING else kernels.tl.bfloat16,
-                                 WHILE_LOOP=_INTERPRETING, num_warps=4)
+                                 BLOCK_J=64, DOT_DT=kernels.tl.float32 if interpreting else kernels.tl.bfloat16,
+                                 WHILE_LOOP=interpreting, num_warps=4)
     return y
 
 
@@ -154,10 +165,10 @@ def _launch_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     atomic = cfg.split_k > 1
     y = (torch.zeros if atomic else torch.empty)(1, 2 * n_half, dtype=torch.float32 if atomic else x.dtype,
                                                  device=x.device)
-    grid = (triton.cdiv(n_half, cfg.block_j), cfg.split_k)
-    kernels.int4_gemv_kernel[grid](x, qweight, scales, zeros, y, n_half, iters, qweight.stride(0), scales.stride(0),
-                                   G=group_size, BLOCK_K=cfg.block_k, BLOCK_J=cfg.block_j, ATOMIC=atomic,
-                                   WHILE_LOOP=_INTERPRETING, num_warps=cfg.num_warps)
+    grid = (_cdiv(n_half, cfg.block_j), cfg.split_k)
+    _kernels().int4_gemv_kernel[grid](x, qweight, scales, zeros, y, n_half, iters, qweight.stride(0),
+                                      scales.stride(0), G=group_size, BLOCK_K=cfg.block_k, BLOCK_J=cfg.block_j,
+                                      ATOMIC=atomic, WHILE_LOOP=_interpreting(), num_warps=cfg.num_warps)
     return y.to(x.dtype) if atomic else y
 
 
@@ -175,6 +186,7 @@ def gemv_candidates(k: int, group_size: int) -> list[GemvConfig]:
 @functools.lru_cache(maxsize=None)
 def _tuned_gemv(n: int, k: int, group_size: int, dtype: torch.dtype, device_index: int) -> GemvConfig:
     """The fastest ``gemv_candidates`` launch for this shape on this card (timed once per process)."""
+    import triton.testing
     device = torch.device("cuda", device_index)
     gen = torch.Generator(device=device).manual_seed(0)
     q = torch.randint(0, 256, (k, n // 2), dtype=torch.uint8, device=device, generator=gen)
