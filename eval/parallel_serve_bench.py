@@ -21,8 +21,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from hf_adaptive.parallel.comparison import compare_with_static, verdict_lines
 from hf_adaptive.parallel.launch import LaunchConfig, build_launch, run_launch
 from hf_adaptive.parallel.plans import ModelDims, all_plans
+from hf_adaptive.parallel.requests import load_trace
 
 
 def parse_args() -> argparse.Namespace:
@@ -91,13 +93,14 @@ def main() -> int:
     meta.pop("mode", None)
     meta.pop("policy_switches", None)
     meta["failed_modes"] = failed
-    (out / "serve_bench.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=1))
-    write_markdown(out / "serve_bench.md", meta, rows)
+    verdict = compare_with_static(rows, len(load_trace(args.trace)), {m: f["failed"] for m, f in failed.items()})
+    (out / "serve_bench.json").write_text(json.dumps({"meta": meta, "runs": rows, "verdict": verdict}, indent=1))
+    write_markdown(out / "serve_bench.md", meta, rows, verdict)
     plot(out / "serve_bench.png", rows, meta)
     return 0
 
 
-def write_markdown(path: Path, meta: dict, rows: dict) -> None:
+def write_markdown(path: Path, meta: dict, rows: dict, verdict: dict) -> None:
     lines = [f"# Adaptive vs static parallel plans ({meta['device']} x {meta['world_size']})", "",
              f"torch {meta['torch']}, transformers {meta['transformers']}, model `{meta['model']}` {meta['dtype']}, "
              f"trace `{meta['trace']}` (time scale {meta['time_scale']})", "", f"Command: `{meta['command']}`", "",
@@ -111,6 +114,7 @@ def write_markdown(path: Path, meta: dict, rows: dict) -> None:
     for mode in (m for m in rows if m.startswith("adaptive")):
         lines += [f"- {mode} {s['time_s']:.2f}s {s['from_plan']} -> {s['to_plan']} ({s['cost_s']:.3f}s): {s['reason']}"
                   for s in rows[mode]["switches_detail"]]
+    lines += verdict_lines(verdict)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -125,7 +129,9 @@ def plot(path: Path, rows: dict, meta: dict) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, key, label in zip(axes, ("wall_throughput_tok_s", "latency_p50_s", "latency_p99_s"),
                               ("throughput (tok/s, wall)", "p50 latency (s)", "p99 latency (s)")):
-        ax.bar(names, [rows[n].get(key, 0.0) for n in names], color=colors)
+        # Hatched: a static plan that refused part of the trace (its numbers count less work).
+        ax.bar(names, [rows[n].get(key, 0.0) for n in names], color=colors,
+               hatch=["//" if rows[n].get("rejected", 0) else "" for n in names])
         ax.set_title(label)
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle(f"{meta['device']} x {meta['world_size']}: {Path(meta['trace']).name}")

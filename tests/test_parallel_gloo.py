@@ -214,7 +214,7 @@ def _budget_worker(rank: int, ports: list[int], model_dir: str, trace: str, out:
               "--dp-concurrency", "6", "--long-context-tokens", "1000"]
     for port, (name, plan) in zip(ports, (("static", "dp2"), ("adaptive", "auto"))):
         os.environ["MASTER_PORT"] = str(port)
-        main(common + ["--name", name, "--plan", plan])
+        main(common + ["--name", name, "--plan", plan] + (["--warmup"] if plan == "auto" else []))
 
 
 def test_memory_budget_admission_rejects_or_reshards_instead_of_running_out(tmp_path):
@@ -240,6 +240,8 @@ def test_memory_budget_admission_rejects_or_reshards_instead_of_running_out(tmp_
 
     adaptive = json.loads((tmp_path / "adaptive.json").read_text())
     served = {r["id"]: r for r in adaptive["requests"]}
+    # --warmup ran a batch on every layout before the clock started: none of it is in the records.
+    assert adaptive["meta"]["warmup_s"] > 0 and len(adaptive["requests"]) == len(rows)
     assert set(served) == {r["id"] for r in rows} and adaptive["overall"]["rejected"] == 0
     assert served["long"]["plan"] == "tp2" and served["short0"]["plan"] == "dp2"
     assert any("needs ~" in s["reason"] and s["to_plan"] == "tp2" for s in adaptive["switches"]), adaptive["switches"]

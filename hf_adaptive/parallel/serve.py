@@ -30,7 +30,7 @@ from hf_adaptive.parallel.engine import Engine
 from hf_adaptive.parallel.plans import ParallelPlan
 from hf_adaptive.parallel.requests import Request, route
 from hf_adaptive.parallel.telemetry import RequestRecord, SwitchRecord, Telemetry
-from hf_adaptive.policy.parallel_policy import ParallelPolicy, WorkloadSignals
+from hf_adaptive.policy.parallel_policy import STRATEGIES, ParallelPolicy, WorkloadSignals
 from hf_adaptive.units import format_bytes
 
 logger = logging.getLogger(__name__)
@@ -178,10 +178,39 @@ class Controller:
         return pending
 
     def start(self, plan: ParallelPlan | None = None) -> None:
-        """Build the first layout (the static plan, or the policy's initial strategy)."""
-        first = plan or self.static_plan or self.plan_for(self.policy.current)
-        self._switch(first, "initial layout", count=False)
+        """Build the first layout (the static plan, or the policy's initial strategy); the clock starts here."""
+        first = self.first_plan(plan)
+        if self.engine.plan != first:  # warm_up leaves the engine on the first plan
+            self._switch(first, "initial layout", count=False)
         self._t0 = time.perf_counter()
+
+    def first_plan(self, plan: ParallelPlan | None = None) -> ParallelPlan:
+        return plan or self.static_plan or self.plan_for(self.policy.current)
+
+    def usable_plans(self) -> list[ParallelPlan]:
+        """Every layout this controller may run: the static plan, or each strategy's plan (adaptive)."""
+        if self.static_plan is not None:
+            return [self.static_plan]
+        return list(dict.fromkeys(self.plan_for(s) for s in STRATEGIES))
+
+    def warm_up(self, prompt_tokens: int = 32, new_tokens: int = 4) -> float:
+        """Before ``start``: build every usable layout once and run one small batch on each replica of it,
+        untimed and unrecorded, ending on the first plan. The first batch after a layout is built runs several
+        times slower (CUDA context, library handles, allocator growth); a server pays that at start-up, not on
+        its first requests, and an adaptive engine would otherwise pay it again on each layout's first switch.
+        Returns the seconds it took."""
+        if prompt_tokens < 1 or new_tokens < 1:
+            raise ValueError(f"prompt_tokens and new_tokens must be >= 1, got {prompt_tokens}, {new_tokens}")
+        start = time.perf_counter()
+        first = self.first_plan()
+        for plan in [p for p in self.usable_plans() if p != first] + [first]:
+            self._switch(plan, "warm-up", count=False)
+            batch = [Request(id=f"warm-up-{i}", arrival_s=0.0, max_new_tokens=new_tokens,
+                             prompt_ids=[1 + (i + j) % 97 for j in range(prompt_tokens)]) for i in range(plan.dp)]
+            execute(self.engine, _broadcast(("run", route(batch, plan.dp)), self.group), self.group, self.config)
+        seconds = time.perf_counter() - start
+        logger.info("warm-up of %d layout(s) in %.1fs", len(self.usable_plans()), seconds)
+        return seconds
 
     def run(self, should_stop: Callable[[], bool]) -> None:
         """Serve until ``should_stop()`` is true and nothing is queued; then stop every rank."""

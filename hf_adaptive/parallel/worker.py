@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-s", type=float, default=2.0)
     p.add_argument("--long-context-tokens", type=int, default=1024, help="hybrid enter threshold (exit = 0.75x)")
     p.add_argument("--dp-concurrency", type=int, default=32, help="DP enter threshold (exit = 0.75x)")
+    p.add_argument("--hybrid-memory", type=float, default=None,
+                   help="memory fraction over which the default rule picks hybrid TP+PP (exit = this - 0.1); default "
+                        "0.8, or 0.05 above the admission ceiling 1 - --memory-headroom when that is higher: "
+                        "admission fills each device up to the ceiling, and a full batch is not memory pressure")
+    p.add_argument("--pipeline-memory", type=float, default=None,
+                   help="memory fraction over which the default rule picks PP (exit = this - 0.05); default 0.9, or "
+                        "0.05 above --hybrid-memory when that is higher")
+    p.add_argument("--warmup", action="store_true",
+                   help="before the clock starts, build every layout the run may use and run a small batch on it")
     p.add_argument("--rule", choices=["default", "cost"], default="default",
                    help="default: issue-5 thresholds; cost: fastest predicted plan (needs --calibration)")
     p.add_argument("--calibration", help="eval/calibrate_parallel.py JSON for --rule cost (same world size)")
@@ -123,10 +132,27 @@ def load_host_model(spec: str, dtype: str, random_weights: bool = False, device:
     return model, tokenizer
 
 
+def memory_bands(args: argparse.Namespace) -> tuple[float, float]:
+    """The (hybrid, pipeline) memory-fraction enter thresholds: given, or derived from the admission ceiling."""
+    ceiling = 1 - args.memory_headroom
+    hybrid = args.hybrid_memory if args.hybrid_memory is not None else max(0.8, round(ceiling + 0.05, 4))
+    pipeline = args.pipeline_memory if args.pipeline_memory is not None else max(0.9, round(hybrid + 0.05, 4))
+    for name, value in (("--hybrid-memory", hybrid), ("--pipeline-memory", pipeline)):
+        if value <= 0.1:
+            raise ValueError(f"{name} must be a memory fraction > 0.1 (e.g. 0.9), got {value}")
+    if hybrid < ceiling:
+        logger.warning("--hybrid-memory %.2f is below the admission ceiling 1 - --memory-headroom = %.2f: a full "
+                       "batch alone can push the layout to hybrid/PP", hybrid, ceiling)
+    return hybrid, pipeline
+
+
 def policy_config(args: argparse.Namespace, world: int, dims: ModelDims) -> ParallelPolicyConfig:
+    hybrid_memory, pipeline_memory = memory_bands(args)
     config = ParallelPolicyConfig(
         long_context_tokens=Band(args.long_context_tokens, 0.75 * args.long_context_tokens),
         dp_concurrency=Band(args.dp_concurrency, 0.75 * args.dp_concurrency),
+        hybrid_memory=Band(hybrid_memory, hybrid_memory - 0.1),
+        pipeline_memory=Band(pipeline_memory, pipeline_memory - 0.05),
         cooldown_s=args.cooldown_s, min_dwell_s=args.min_dwell_s, confirm_s=args.confirm_s,
         queue_head_requests=args.queue_head)
     if args.rule == "default":
@@ -183,6 +209,7 @@ def serve_rank0(args, engine: Engine, control, config: ServeConfig, tokenizer, d
     world = engine.world_size
     policy = None if static else ParallelPolicy(policy_config(args, world, dims))
     controller = Controller(engine, control, config, lambda s: plan_for_strategy(s, world, dims), policy, static)
+    warmup_s = controller.warm_up() if args.warmup else 0.0
     controller.start()
     vocab = engine.host_model.config.get_text_config().vocab_size
     encode = tokenizer.encode if tokenizer else None
@@ -216,7 +243,8 @@ def serve_rank0(args, engine: Engine, control, config: ServeConfig, tokenizer, d
     controller.run(should_stop)
     if server is not None:
         server.shutdown()
-    write_report(controller.telemetry, Path(args.out), run_meta(args, engine, policy, static), name=args.name)
+    meta = run_meta(args, engine, policy, static) | {"warmup_s": round(warmup_s, 3)}
+    write_report(controller.telemetry, Path(args.out), meta, name=args.name)
 
 
 def run_meta(args, engine: Engine, policy: ParallelPolicy | None, static: ParallelPlan | None) -> dict:
@@ -229,7 +257,8 @@ def run_meta(args, engine: Engine, policy: ParallelPolicy | None, static: Parall
             "trace": args.trace, "time_scale": args.time_scale,
             "rule": args.rule, "calibration": args.calibration, "max_batch": args.max_batch,
             "device_memory_gb": args.device_memory_gb, "memory_headroom": args.memory_headroom,
-            "queue_head": args.queue_head,
+            "queue_head": args.queue_head, "memory_bands": memory_bands(args) if policy else None,
+            "warmup": args.warmup,
             "command": " ".join([sys.executable, "-m", "hf_adaptive.parallel.worker"] + sys.argv[1:]),
             "time": time.strftime("%FT%TZ", time.gmtime()),
             "policy_switches": [e.__dict__ | {"summary": e.summary.__dict__} for e in policy.history] if policy else []}

@@ -1,0 +1,38 @@
+"""The adaptive-vs-best-static verdict of the serving benchmark (pure)."""
+
+import pytest
+
+from hf_adaptive.parallel.comparison import compare_with_static, verdict_lines
+
+
+def _row(requests, tok_s, p99, rejected=0):
+    return {"requests": requests, "rejected": rejected, "wall_throughput_tok_s": tok_s, "latency_p99_s": p99}
+
+
+def test_best_static_is_the_fastest_plan_that_served_everything():
+    rows = {"adaptive": _row(10, 300.0, 8.0), "tp4": _row(10, 200.0, 12.0), "pp4": _row(10, 150.0, 9.0),
+            "dp4": _row(8, 900.0, 1.0, rejected=2)}
+    v = compare_with_static(rows, total_requests=10, failed={"tp2xpp2": "exit status 124 (timed out)"})
+    assert v["best_static"] == "tp4" and v["lowest_p99_static"] == "pp4"
+    assert set(v["excluded"]) == {"dp4", "tp2xpp2"} and "2 refused" in v["excluded"]["dp4"]
+    a = v["adaptive"]["adaptive"]
+    assert a["speedup_vs_best"] == pytest.approx(1.5) and a["p99_ratio_vs_best"] == pytest.approx(8 / 12)
+    assert a["p99_ratio_vs_lowest_p99"] == pytest.approx(8 / 9)
+    assert a["served_all"] and a["meets_target"]
+    assert any("target met" in line for line in verdict_lines(v))
+
+
+@pytest.mark.parametrize("adaptive, why", [(_row(10, 240.0, 8.0), "too slow"), (_row(10, 300.0, 10.0), "p99"),
+                                           (_row(9, 400.0, 1.0, rejected=1), "refused one")])
+def test_target_not_met(adaptive, why):
+    v = compare_with_static({"adaptive": adaptive, "tp4": _row(10, 200.0, 12.0)}, total_requests=10)
+    assert not v["adaptive"]["adaptive"]["meets_target"], why
+    assert any("NOT met" in line for line in verdict_lines(v))
+
+
+def test_no_complete_static_plan_and_bad_input():
+    v = compare_with_static({"adaptive": _row(10, 1.0, 1.0), "dp2": _row(5, 9.0, 1.0, rejected=5)}, 10)
+    assert v["best_static"] is None and v["adaptive"] == {}
+    assert "nothing to compare" in "\n".join(verdict_lines(v))
+    with pytest.raises(ValueError, match="total_requests"):
+        compare_with_static({}, 0)
