@@ -11,7 +11,9 @@
   13 s): sized for a ~7B model under a per-device memory budget, where data parallelism (all weights on every
   device) holds one document per replica and the model-splitting plans several, while the chats want DP;
 - memory_phases_strict: 180 chats (20/s), then 10 documents of 11.5-12.5k tokens (2/s): under an 18 GiB budget
-  a Qwen2.5-7B-shape document does not fit a DP replica at all (DP must refuse it), while TP=2 holds five.
+  a Qwen2.5-7B-shape document does not fit a DP replica at all (DP must refuse it), while TP=2 holds five;
+- memory_phases_4gpu: the same shape, 128 chats then 4 documents: every plan of a 4-GPU machine replays it
+  within the device's 10-minute calls (the strict trace's slowest plans need ~4 minutes each there).
 Prompts are sized with ``prompt_tokens`` (synthetic ids), so traces need no text and fit any tokenizer.
 """
 
@@ -50,10 +52,12 @@ def memory_phases(rng: random.Random) -> list[Request]:
     return chats + docs
 
 
-def memory_phases_strict(rng: random.Random) -> list[Request]:
-    chats = [Request(f"ms-chat-{i}", i / 20.0, rng.randint(48, 80), prompt_tokens=rng.randint(100, 300))
-             for i in range(180)]
-    docs = [Request(f"ms-doc-{i}", 9.0 + i / 2.0, 128, prompt_tokens=rng.randint(11500, 12500)) for i in range(10)]
+def memory_phases_strict(rng: random.Random, n_chats: int = 180, n_docs: int = 10,
+                         prefix: str = "ms") -> list[Request]:
+    chats = [Request(f"{prefix}-chat-{i}", i / 20.0, rng.randint(48, 80), prompt_tokens=rng.randint(100, 300))
+             for i in range(n_chats)]
+    docs = [Request(f"{prefix}-doc-{i}", n_chats / 20.0 + i / 2.0, 128, prompt_tokens=rng.randint(11500, 12500))
+            for i in range(n_docs)]
     return chats + docs
 
 
@@ -69,7 +73,8 @@ def build_all(seed: int = 0) -> dict[str, list[Request]]:
             "mixed_small": (chat_bursts(rng, 0.0, 1, "s-chat-a") + long_documents(rng, 6.0, 6, "s-doc")
                             + offline_batch(rng, 16.0, 96, "s-batch") + chat_bursts(rng, 24.0, 1, "s-chat-b")),
             "memory_phases": memory_phases(random.Random(seed + 1)),
-            "memory_phases_strict": memory_phases_strict(random.Random(seed + 2))}
+            "memory_phases_strict": memory_phases_strict(random.Random(seed + 2)),
+            "memory_phases_4gpu": memory_phases_strict(random.Random(seed + 3), 128, 4, "m4")}
 
 
 def main() -> None:

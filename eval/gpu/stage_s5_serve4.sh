@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Session 5: adaptive vs static plans on 4 GPUs, eval/traces/memory_phases_strict.jsonl (180 chats at 20/s, then
-# 10 documents of 11.5-12.5k tokens at 2/s). Qwen2.5-7B shape (random weights, .gpu/qwen7b_cfg), bf16, 18 GiB
+# Session 5: adaptive vs static plans on 4 GPUs, $TRACE (default eval/traces/memory_phases_4gpu.jsonl: 128 chats at
+# 20/s, then 4 documents of 11.5-12.5k tokens at 2/s; call 1 used memory_phases_strict, 180 chats + 10 documents,
+# and the adaptive and TP=4 modes ran past 180 s). Qwen2.5-7B shape (random weights, .gpu/qwen7b_cfg), bf16, 18 GiB
 # budget per device enforced on the allocator: a 12k-token document does not fit a DP replica (DP refuses it),
 # TP=4 holds eight. Every mode warms each layout it may use before its clock starts (--warmup).
 # Usage (repo root, carry .whl and .gpu/qwen7b_cfg): bash eval/gpu/stage_s5_serve4.sh MODE... (one call per group
@@ -9,8 +10,8 @@ set -u
 source eval/gpu/env.sh
 name=$(IFS=_; echo "$*")
 timeout 560 python3 eval/parallel_serve_bench.py --model .gpu/qwen7b_cfg --gpus 4 \
-    --trace eval/traces/memory_phases_strict.jsonl --time-scale 1.0 --modes "$@" \
-    --mode-timeout-s "${MODE_TIMEOUT_S:-180}" --out "/tmp/r/serve4_$name" \
+    --trace "${TRACE:-eval/traces/memory_phases_4gpu.jsonl}" --time-scale 1.0 --modes "$@" \
+    --mode-timeout-s "${MODE_TIMEOUT_S:-200}" --out "/tmp/r/serve4_$name" \
     -- --random-weights --device-memory-gb 18 --max-prompt-tokens 13000 --queue-head 16 \
     --cooldown-s 2 --min-dwell-s 3 --confirm-s 0.5 --warmup > "$OUT/serve_$name.log" 2>&1
 tar czf "$OUT/serve4_$name.tgz" -C /tmp/r . 2>/dev/null
