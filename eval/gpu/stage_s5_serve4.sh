@@ -4,17 +4,17 @@
 # and the adaptive and TP=4 modes ran past 180 s). Qwen2.5-7B shape (random weights, .gpu/qwen7b_cfg), bf16, 18 GiB
 # budget per device enforced on the allocator: a 12k-token document does not fit a DP replica (DP refuses it),
 # TP=4 holds eight. Every mode warms each layout it may use before its clock starts (--warmup).
-# Usage (repo root, carry .whl and .gpu/qwen7b_cfg): bash eval/gpu/stage_s5_serve4.sh MODE... (one call per group
+# Usage (repo root, carry .whl and .gpu/qwen7b_cfg): [GPUS=2] bash eval/gpu/stage_s5_serve4.sh MODE... (one call per group
 # of modes: the device allows 10 minutes a call; each mode takes 1-3 minutes including start-up)
 set -u
 source eval/gpu/env.sh
-name=$(IFS=_; echo "$*")
-timeout 560 python3 eval/parallel_serve_bench.py --model .gpu/qwen7b_cfg --gpus 4 \
+name=${GPUS:-4}gpu_$(IFS=_; echo "$*")
+timeout 560 python3 eval/parallel_serve_bench.py --model .gpu/qwen7b_cfg --gpus "${GPUS:-4}" \
     --trace "${TRACE:-eval/traces/memory_phases_4gpu.jsonl}" --time-scale 1.0 --modes "$@" \
-    --mode-timeout-s "${MODE_TIMEOUT_S:-200}" --out "/tmp/r/serve4_$name" \
+    --mode-timeout-s "${MODE_TIMEOUT_S:-200}" --out "/tmp/r/serve_$name" \
     -- --random-weights --device-memory-gb 18 --max-prompt-tokens 13000 --queue-head 16 \
     --cooldown-s 2 --min-dwell-s 3 --confirm-s 0.5 --warmup > "$OUT/serve_$name.log" 2>&1
-tar czf "$OUT/serve4_$name.tgz" -C /tmp/r . 2>/dev/null
+tar czf "$OUT/serve_$name.tgz" -C /tmp/r . 2>/dev/null
 grep -v "Loading weights\|frame #\|TCPStore\|should dump" "$OUT/serve_$name.log" | grep -v "^INFO.*random weights" \
     | tail -n 25 | cut -c1-300
-cat /tmp/r/serve4_$name/serve_bench.md 2>/dev/null | grep -v "^Command"
+cat /tmp/r/serve_$name/serve_bench.md 2>/dev/null | grep -v "^Command"
