@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 5: adaptive vs static plans on 4 GPUs, $TRACE (default eval/traces/memory_phases_4gpu.jsonl: 128 chats at
+# Session 5: adaptive vs static plans on 4 GPUs, $TRACE (default eval/traces/memory_phases_short.jsonl: 128 chats at
 # 20/s, then 4 documents of 11.5-12.5k tokens at 2/s; call 1 used memory_phases_strict, 180 chats + 10 documents,
 # and the adaptive and TP=4 modes ran past 180 s). Qwen2.5-7B shape (random weights, .gpu/qwen7b_cfg), bf16, 18 GiB
 # budget per device enforced on the allocator: a 12k-token document does not fit a DP replica (DP refuses it),
@@ -10,7 +10,7 @@ set -u
 source eval/gpu/env.sh
 name=${GPUS:-4}gpu_$(IFS=_; echo "$*")
 timeout 560 python3 eval/parallel_serve_bench.py --model .gpu/qwen7b_cfg --gpus "${GPUS:-4}" \
-    --trace "${TRACE:-eval/traces/memory_phases_4gpu.jsonl}" --time-scale 1.0 --modes "$@" \
+    --trace "${TRACE:-eval/traces/memory_phases_short.jsonl}" --time-scale 1.0 --modes "$@" \
     --mode-timeout-s "${MODE_TIMEOUT_S:-200}" --out "/tmp/r/serve_$name" \
     -- --random-weights --device-memory-gb 18 --max-prompt-tokens 13000 --queue-head 16 \
     --cooldown-s 2 --min-dwell-s 3 --confirm-s 0.5 --warmup > "$OUT/serve_$name.log" 2>&1
