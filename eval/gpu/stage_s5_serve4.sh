@@ -13,7 +13,7 @@ timeout 560 python3 eval/parallel_serve_bench.py --model .gpu/qwen7b_cfg --gpus 
     --trace "${TRACE:-eval/traces/memory_phases_short.jsonl}" --time-scale 1.0 --modes "$@" \
     --mode-timeout-s "${MODE_TIMEOUT_S:-200}" --out "/tmp/r/serve_$name" \
     -- --random-weights --device-memory-gb 18 --max-prompt-tokens 13000 --queue-head 16 \
-    --cooldown-s 2 --min-dwell-s 3 --confirm-s 0.5 --warmup > "$OUT/serve_$name.log" 2>&1
+    --cooldown-s 2 --min-dwell-s 3 --confirm-s "${CONFIRM_S:-0.5}" --warmup > "$OUT/serve_$name.log" 2>&1
 tar czf "$OUT/serve_$name.tgz" -C /tmp/r . 2>/dev/null
 grep -v "Loading weights\|frame #\|TCPStore\|should dump" "$OUT/serve_$name.log" | grep -v "^INFO.*random weights" \
     | tail -n 25 | cut -c1-300

@@ -193,10 +193,11 @@ class Controller:
             return [self.static_plan]
         return list(dict.fromkeys(self.plan_for(s) for s in STRATEGIES))
 
-    def warm_up(self, prompt_tokens: int = 32, new_tokens: int = 4) -> float:
-        """Before ``start``: build every usable layout once and run one small batch on each replica of it,
-        untimed and unrecorded, ending on the first plan. The first batch after a layout is built runs several
-        times slower (CUDA context, library handles, allocator growth); a server pays that at start-up, not on
+    def warm_up(self, prompt_tokens: int = 256, new_tokens: int = 16) -> float:
+        """Before ``start``: build every usable layout once and run one full batch (``max_batch_per_replica``
+        rows of ``prompt_tokens``) on each replica of it, untimed and unrecorded, ending on the first plan. The
+        first batches after a layout is built run several times slower (CUDA context, library handles, the
+        caching allocator growing block by block as the KV cache grows); a server pays that at start-up, not on
         its first requests, and an adaptive engine would otherwise pay it again on each layout's first switch.
         Returns the seconds it took."""
         if prompt_tokens < 1 or new_tokens < 1:
@@ -206,7 +207,8 @@ class Controller:
         for plan in [p for p in self.usable_plans() if p != first] + [first]:
             self._switch(plan, "warm-up", count=False)
             batch = [Request(id=f"warm-up-{i}", arrival_s=0.0, max_new_tokens=new_tokens,
-                             prompt_ids=[1 + (i + j) % 97 for j in range(prompt_tokens)]) for i in range(plan.dp)]
+                             prompt_ids=[1 + (i + j) % 97 for j in range(prompt_tokens)])
+                     for i in range(plan.dp * self.config.max_batch_per_replica)]
             execute(self.engine, _broadcast(("run", route(batch, plan.dp)), self.group), self.group, self.config)
         seconds = time.perf_counter() - start
         logger.info("warm-up of %d layout(s) in %.1fs", len(self.usable_plans()), seconds)
