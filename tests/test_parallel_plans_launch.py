@@ -124,3 +124,26 @@ def test_launch_command_dry_run(capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "HF_ADAPTIVE_BACKEND=gloo" in out and "--trace t.jsonl" in out and out.rstrip().endswith("--cooldown-s 1")
+
+
+def test_worker_policy_knobs_memory_bands_sit_above_the_admission_ceiling(caplog):
+    from hf_adaptive.parallel.worker import build_parser, policy_config
+
+    dims = ModelDims(num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=64)
+
+    def config(*extra):
+        return policy_config(build_parser().parse_args(["--model", "m", *extra]), 2, dims)
+
+    default = config()  # headroom 0.15: admission fills to 0.85, so memory pressure starts above it
+    assert (default.hybrid_memory.enter, default.pipeline_memory.enter) == (0.9, 0.95)
+    assert (default.dp_short_tokens.enter, default.dp_short_tokens.exit) == (256, 320)
+    loose = config("--memory-headroom", "0.3", "--dp-short-tokens", "400")
+    assert (loose.hybrid_memory.enter, loose.pipeline_memory.enter) == (0.8, 0.9)
+    assert (loose.dp_short_tokens.enter, loose.dp_short_tokens.exit) == (400, 500)
+    explicit = config("--hybrid-memory", "0.6", "--pipeline-memory", "0.7")
+    assert (explicit.hybrid_memory.enter, explicit.hybrid_memory.exit) == (0.6, pytest.approx(0.5))
+    assert "below the admission ceiling" in caplog.text
+    with pytest.raises(ValueError, match="--pipeline-memory"):
+        config("--pipeline-memory", "0.05")
+    with pytest.raises(ValueError, match="--dp-short-tokens"):
+        config("--dp-short-tokens", "0")

@@ -172,7 +172,10 @@ class Controller:
         return time.perf_counter() - self._t0
 
     def submit(self, request: Request) -> Pending:
-        """Queue a request (thread-safe); wait on the returned ``done`` event for its tokens."""
+        """Queue a request (thread-safe); wait on the returned ``done`` event for its tokens. Its latency
+        counts from here: a request that arrives while a batch runs waits in the inbox, and that wait is
+        part of what its caller sees."""
+        request.arrival_s = self.now()
         pending = Pending(request)
         self.inbox.put(pending)
         return pending
@@ -233,7 +236,6 @@ class Controller:
                 pending = self.inbox.get_nowait()
             except queue.Empty:
                 return
-            pending.request.arrival_s = self.now()
             self._arrivals.append(pending.request.arrival_s)
             self._new_lens.append(pending.request.total_tokens)
             self._queue.append(pending)

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-s", type=float, default=2.0)
     p.add_argument("--long-context-tokens", type=int, default=1024, help="hybrid enter threshold (exit = 0.75x)")
     p.add_argument("--dp-concurrency", type=int, default=32, help="DP enter threshold (exit = 0.75x)")
+    p.add_argument("--dp-short-tokens", type=int, default=256,
+                   help="requests (prompt + new tokens) shorter than this count toward --dp-concurrency (exit = 1.25x)")
     p.add_argument("--hybrid-memory", type=float, default=None,
                    help="memory fraction over which the default rule picks hybrid TP+PP (exit = this - 0.1); default "
                         "0.8, or 0.05 above the admission ceiling 1 - --memory-headroom when that is higher: "
@@ -148,9 +150,12 @@ def memory_bands(args: argparse.Namespace) -> tuple[float, float]:
 
 def policy_config(args: argparse.Namespace, world: int, dims: ModelDims) -> ParallelPolicyConfig:
     hybrid_memory, pipeline_memory = memory_bands(args)
+    if args.dp_short_tokens < 1:
+        raise ValueError(f"--dp-short-tokens must be >= 1 (tokens), got {args.dp_short_tokens}; e.g. 256")
     config = ParallelPolicyConfig(
         long_context_tokens=Band(args.long_context_tokens, 0.75 * args.long_context_tokens),
         dp_concurrency=Band(args.dp_concurrency, 0.75 * args.dp_concurrency),
+        dp_short_tokens=Band(args.dp_short_tokens, 1.25 * args.dp_short_tokens),
         hybrid_memory=Band(hybrid_memory, hybrid_memory - 0.1),
         pipeline_memory=Band(pipeline_memory, pipeline_memory - 0.05),
         cooldown_s=args.cooldown_s, min_dwell_s=args.min_dwell_s, confirm_s=args.confirm_s,
