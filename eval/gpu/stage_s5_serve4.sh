@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Session 5: adaptive vs static plans on 4 GPUs, $TRACE (default eval/traces/memory_phases_short.jsonl: 128 chats at
-# 20/s, then 4 documents of 11.5-12.5k tokens at 2/s; call 1 used memory_phases_strict, 180 chats + 10 documents,
-# and the adaptive and TP=4 modes ran past 180 s). Qwen2.5-7B shape (random weights, .gpu/qwen7b_cfg), bf16, 18 GiB
-# budget per device enforced on the allocator: a 12k-token document does not fit a DP replica (DP refuses it),
-# TP=4 holds eight. Every mode warms each layout it may use before its clock starts (--warmup).
-# Usage (repo root, carry .whl and .gpu/qwen7b_cfg): [GPUS=2] bash eval/gpu/stage_s5_serve4.sh MODE... (one call per group
-# of modes: the device allows 10 minutes a call; each mode takes 1-3 minutes including start-up)
+# Session 5: adaptive vs static plans, $TRACE (default eval/traces/memory_phases_short.jsonl: 128 chats at 20/s, then
+# 4 documents of 11.5-12.5k tokens at 2/s; call 1 used memory_phases_strict on 4 GPUs, and its adaptive and TP=4 modes
+# ran past 180 s). Qwen2.5-7B shape (random weights, .gpu/qwen7b_cfg), bf16, 18 GiB budget per device enforced on the
+# allocator: a 12k-token document does not fit a DP replica (DP refuses it); TP holds several. Every mode warms each
+# layout it may use before its clock starts (--warmup).
+# Usage (repo root, carry .whl and .gpu/qwen7b_cfg), one call per group of modes (10 minutes a call; a mode takes
+# 1-3 minutes with start-up):
+#   [GPUS=2] [CONFIRM_S=0] [MODE_TIMEOUT_S=175] [WORKER_EXTRA="--dp-short-tokens 320"] \
+#       bash eval/gpu/stage_s5_serve4.sh adaptive tp2 pp2
 set -u
 source eval/gpu/env.sh
 name=${GPUS:-4}gpu_$(IFS=_; echo "$*")
@@ -13,7 +15,7 @@ timeout 560 python3 eval/parallel_serve_bench.py --model .gpu/qwen7b_cfg --gpus 
     --trace "${TRACE:-eval/traces/memory_phases_short.jsonl}" --time-scale 1.0 --modes "$@" \
     --mode-timeout-s "${MODE_TIMEOUT_S:-200}" --out "/tmp/r/serve_$name" \
     -- --random-weights --device-memory-gb 18 --max-prompt-tokens 13000 --queue-head 16 \
-    --cooldown-s 2 --min-dwell-s 3 --confirm-s "${CONFIRM_S:-0.5}" --warmup > "$OUT/serve_$name.log" 2>&1
+    --cooldown-s 2 --min-dwell-s 3 --confirm-s "${CONFIRM_S:-0.5}" --warmup ${WORKER_EXTRA:-} > "$OUT/serve_$name.log" 2>&1
 tar czf "$OUT/serve_$name.tgz" -C /tmp/r . 2>/dev/null
 grep -v "Loading weights\|frame #\|TCPStore\|should dump" "$OUT/serve_$name.log" | grep -v "^INFO.*random weights" \
     | tail -n 25 | cut -c1-300

@@ -23,7 +23,8 @@ from hf_adaptive.parallel.plans import ModelDims, plan_for_strategy
 from hf_adaptive.parallel.requests import load_trace
 from hf_adaptive.parallel.sim_report import compare_plans, write_sim_report
 from hf_adaptive.parallel.simulator import SimConfig
-from hf_adaptive.policy.parallel_policy import Band, ParallelPolicyConfig, cost_aware_rule
+from hf_adaptive.parallel.policy_args import add_policy_arguments, policy_config_from_args
+from hf_adaptive.policy.parallel_policy import cost_aware_rule
 
 DEFAULT_CALIBRATION = "eval/calibration/parallel_cpu_gloo_2proc.json"
 
@@ -40,11 +41,7 @@ def simulate_command_parser(subparsers) -> argparse.ArgumentParser:
                    help="multiply arrival times (e.g. 100 to replay GPU-rate traces on a CPU calibration)")
     p.add_argument("--rule", choices=["default", "cost"], default="default",
                    help="default: the issue-5 thresholds; cost: fastest predicted plan from the calibration")
-    p.add_argument("--cooldown-s", type=float, default=5.0)
-    p.add_argument("--min-dwell-s", type=float, default=10.0)
-    p.add_argument("--confirm-s", type=float, default=2.0)
-    p.add_argument("--long-context-tokens", type=int, default=1024, help="hybrid enter threshold (exit 0.75x)")
-    p.add_argument("--dp-concurrency", type=int, default=32, help="DP enter threshold (exit 0.75x)")
+    add_policy_arguments(p)
     p.set_defaults(func=simulate_command)
     return p
 
@@ -52,21 +49,19 @@ def simulate_command_parser(subparsers) -> argparse.ArgumentParser:
 def simulate_command(args: argparse.Namespace) -> int:
     calib = Calibration.load(args.calibration)
     if args.device_memory_gb:
-        calib = Calibration(calib.world_size, args.device_memory_gb * 2**30, calib.switch_cost_ms, calib.plans,
-                            calib.meta)
+        calib = dataclasses.replace(calib, device_memory_bytes=args.device_memory_gb * 2**30)
     if "dims" not in calib.meta:
         raise ValueError(f"{args.calibration}: meta.dims (num_layers, num_heads, num_kv_heads, intermediate_size) "
                          f"is missing; re-run eval/calibrate_parallel.py")
     dims = ModelDims(**calib.meta["dims"])
-    policy_config = ParallelPolicyConfig(
-        long_context_tokens=Band(args.long_context_tokens, 0.75 * args.long_context_tokens),
-        dp_concurrency=Band(args.dp_concurrency, 0.75 * args.dp_concurrency),
-        cooldown_s=args.cooldown_s, min_dwell_s=args.min_dwell_s, confirm_s=args.confirm_s)
+    policy_config = policy_config_from_args(args, calib.memory_headroom)
     if args.rule == "cost":
         plan_for = functools.partial(plan_for_strategy, n_devices=calib.world_size, dims=dims)
         predictor = queue_drain_predictor(calib, plan_for, args.max_batch)
         policy_config = dataclasses.replace(policy_config, rule=cost_aware_rule(predictor))
     meta = {"command": " ".join(["hf-adaptive"] + sys.argv[1:]), "calibration": args.calibration,
+            "policy": {k: getattr(args, k) for k in ("cooldown_s", "min_dwell_s", "confirm_s", "long_context_tokens",
+                                                     "dp_concurrency", "dp_short_tokens", "queue_head")},
             "max_batch_per_replica": args.max_batch, "arrival_scale": args.arrival_scale, "rule": args.rule}
     for trace in tqdm(args.trace, desc="traces"):
         requests = load_trace(trace)

@@ -64,13 +64,14 @@ class ReplicaMemory:
 
 
 def admit(queue: Sequence[Any], plan: ParallelPlan, free_bytes: float, memory: ReplicaMemory,
-          max_rows_per_replica: int, router: Callable[[Sequence[Any], int], list[list[Any]]]) -> tuple[int, bool]:
+          max_rows_per_replica: int, router: Callable[[Sequence[Any], int], list[list[Any]]],
+          prompt_len: Callable[[Any], int] = lambda r: len(r.prompt_ids)) -> tuple[int, bool]:
     """``(n, fits)``: the next batch takes the first ``n`` queued requests.
 
     ``n`` is the largest count up to ``max_rows_per_replica * plan.dp`` for which every replica's share (as
     ``router(requests, plan.dp)`` assigns it) fits ``free_bytes`` on its devices. Items need
-    ``len(item.prompt_ids)`` and ``item.max_new_tokens``. When not even the first request fits alone,
-    returns ``(1, False)``: the caller runs it by itself (and says so) rather than stall the queue.
+    ``prompt_len(item)`` (default ``len(item.prompt_ids)``) and ``item.max_new_tokens``. When not even the
+    first request fits alone, returns ``(1, False)``: the caller decides (a layout with more room, or a refusal).
     """
     if max_rows_per_replica < 1:
         raise ValueError(f"max_rows_per_replica must be >= 1, got {max_rows_per_replica}")
@@ -79,7 +80,7 @@ def admit(queue: Sequence[Any], plan: ParallelPlan, free_bytes: float, memory: R
     limit = min(len(queue), max_rows_per_replica * plan.dp)
     for n in range(limit, 0, -1):
         shares = router(queue[:n], plan.dp)
-        if all(memory.batch_bytes(len(s), max(len(r.prompt_ids) for r in s), max(r.max_new_tokens for r in s))
+        if all(memory.batch_bytes(len(s), max(prompt_len(r) for r in s), max(r.max_new_tokens for r in s))
                <= free_bytes for s in shares if s):
             return n, True
     return 1, False

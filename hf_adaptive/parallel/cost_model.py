@@ -7,7 +7,10 @@ Contract: pure (no torch). For one replica running ``B`` requests padded to ``L`
     step_ms    = decode_ms_base + decode_ms_per_seq * B + decode_ms_per_ctx_token * B * ctx
     total_ms   = prefill_ms + sum over the G steps of step_ms (ctx grows from L to L + G)
     memory     = weights_bytes_per_device + kv_bytes_per_token_per_device * B * (L + G)
+                 [+ prefill_bytes_per_token_per_device * B * L + mask_bytes_per_token_squared * B * L * L]
 
+The bracketed terms are ``capacity.ReplicaMemory``'s prefill activations and padding mask; calibrations that carry
+them (and a ``memory_headroom``) make the simulator admit batches exactly as the serving engine does.
 The calibration JSON carries these coefficients per plan name (``tp2``, ``pp2``, ``dp2``, ``tp2xpp2``),
 a switch cost, the device memory and a ``meta`` block naming where it was measured.
 """
@@ -17,10 +20,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from hf_adaptive.parallel.capacity import ReplicaMemory
 from hf_adaptive.policy.parallel_policy import WorkloadSummary
 
 
@@ -35,6 +39,13 @@ class PlanCost:
     decode_ms_per_ctx_token: float
     weights_bytes_per_device: float
     kv_bytes_per_token_per_device: float
+    prefill_bytes_per_token_per_device: float = 0.0
+    mask_bytes_per_token_squared: float = 0.0
+
+    def replica_memory(self) -> ReplicaMemory:
+        """The per-device batch memory model admission uses (weights excluded)."""
+        return ReplicaMemory(self.kv_bytes_per_token_per_device, self.prefill_bytes_per_token_per_device,
+                             self.mask_bytes_per_token_squared)
 
     def batch_ms(self, batch: int, prompt_len: int, new_tokens: int) -> float:
         """Milliseconds for one replica to serve ``batch`` rows of ``prompt_len`` (padded) + ``new_tokens``."""
@@ -59,19 +70,26 @@ class Calibration:
     switch_cost_ms: float
     plans: dict[str, PlanCost]
     meta: dict[str, Any]
+    memory_headroom: float = 0.0  # admission keeps each device under (1 - this) of device_memory_bytes
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
         raw = json.loads(Path(path).read_text())
+        required = {f.name for f in fields(PlanCost) if f.default is MISSING}
         names = {f.name for f in fields(PlanCost)}
         plans = {}
         for plan, coeffs in raw["plans"].items():
-            missing = names - set(coeffs)
+            missing = required - set(coeffs)
             if missing:
                 raise ValueError(f"{path}: plan {plan!r} lacks {sorted(missing)}; re-run eval/calibrate_parallel.py")
-            plans[plan] = PlanCost(**{k: float(coeffs[k]) for k in names})
+            plans[plan] = PlanCost(**{k: float(coeffs[k]) for k in names & set(coeffs)})
         return cls(world_size=int(raw["world_size"]), device_memory_bytes=float(raw["device_memory_bytes"]),
-                   switch_cost_ms=float(raw["switch_cost_ms"]), plans=plans, meta=raw.get("meta", {}))
+                   switch_cost_ms=float(raw["switch_cost_ms"]), plans=plans, meta=raw.get("meta", {}),
+                   memory_headroom=float(raw.get("memory_headroom", 0.0)))
+
+    def free_bytes(self, plan_name: str) -> float:
+        """What admission may fill per device on ``plan_name``: the budget less headroom, less the weights."""
+        return self.device_memory_bytes * (1 - self.memory_headroom) - self.cost(plan_name).weights_bytes_per_device
 
     def cost(self, plan_name: str) -> PlanCost:
         if plan_name not in self.plans:

@@ -3,7 +3,10 @@
 Contract: pure and deterministic (no torch, no clocks). The adaptive run uses the very same
 ``ParallelPolicy`` and ``plan_for_strategy`` as the live controller; static runs pin one plan. The
 scheduler mirrors ``serve.Controller``: FIFO, ``max_batch_per_replica`` per replica, DP batches routed
-by ``requests.route``, switches only between batches and each costs ``switch_cost_ms``.
+by ``requests.route``, batches admitted by memory with ``capacity.admit`` (the calibration's per-plan
+``replica_memory`` and ``free_bytes``), a head request that fits no batch makes the adaptive run force a
+memory-splitting layout (hybrid, then PP) and a static run refuse it, switches only between batches and
+each costs ``switch_cost_ms``.
 
 Utilisation is the share of device-time doing useful work: busy time over the makespan, times the
 share of devices a batch keeps busy (PP without micro-batching keeps 1 of ``pp`` stages busy; DP keeps
@@ -15,7 +18,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
+from hf_adaptive.parallel.capacity import admit
 from hf_adaptive.parallel.cost_model import Calibration
 from hf_adaptive.parallel.plans import ParallelPlan
 from hf_adaptive.parallel.requests import Request, route
@@ -60,21 +65,18 @@ class SimConfig:
 def _batch_cost(calib: Calibration, plan: ParallelPlan, batch: Sequence[Request]) -> tuple[float, float, int]:
     """(seconds, peak memory fraction, busy devices) of one batch on ``plan``; the slowest replica decides."""
     cost = calib.cost(plan.name)
-    slowest_ms, peak_mem, busy = 0.0, 0.0, 0
+    memory = cost.replica_memory()
+    slowest_ms, peak_bytes, busy = 0.0, 0.0, 0
     for part in route(batch, plan.dp):
         if not part:
             continue
         width = max(prompt_len(r) for r in part)
         new = max(r.max_new_tokens for r in part)
         slowest_ms = max(slowest_ms, cost.batch_ms(len(part), width, new))
-        peak_mem = max(peak_mem, cost.memory_bytes(len(part), width + new) / calib.device_memory_bytes)
+        peak_bytes = max(peak_bytes, memory.batch_bytes(len(part), width, new))
         busy += plan.tp  # one stage of tp devices works at a time without micro-batching
-    return slowest_ms / 1e3, peak_mem, busy
-
-
-def _fits(calib: Calibration, plan: ParallelPlan, request: Request) -> bool:
-    cost = calib.cost(plan.name)
-    return cost.memory_bytes(1, prompt_len(request) + request.max_new_tokens) <= calib.device_memory_bytes
+    peak = (cost.weights_bytes_per_device + peak_bytes) / calib.device_memory_bytes
+    return slowest_ms / 1e3, peak, busy
 
 
 def simulate(requests: Sequence[Request], calib: Calibration, plan_for: Callable[[str], ParallelPlan],
@@ -88,6 +90,14 @@ def simulate(requests: Sequence[Request], calib: Calibration, plan_for: Callable
     queue: deque[Request] = deque()
     plan = static_plan or plan_for(policy.current)
     now, memory, arrivals = 0.0, 0.0, deque(maxlen=64)
+    room_tried: dict[str, set[str]] = {}  # head request id -> plans tried to fit it (as serve.Controller)
+
+    def switch(new_plan: ParallelPlan, reason: str) -> None:
+        nonlocal now, plan
+        result.switches.append((now, plan.name, new_plan.name, reason))
+        now += calib.switch_cost_ms / 1e3
+        plan = new_plan
+
     while pending or queue:
         if not queue:
             now = max(now, pending[0].arrival_s)
@@ -97,41 +107,45 @@ def simulate(requests: Sequence[Request], calib: Calibration, plan_for: Callable
             queue.append(r)
             arrivals.append(r.arrival_s)
             new_lens.append(prompt_len(r) + r.max_new_tokens)
-        if policy is not None:
+        if policy is not None and queue[0].id not in room_tried:
             rate = sum(1 for t in arrivals if t >= now - 5.0) / 5.0
             signals = WorkloadSignals(now, tuple(new_lens), (memory,), len(queue), rate,
                                       tuple(prompt_len(r) + r.max_new_tokens for r in queue),
                                       tuple(r.max_new_tokens for r in queue))
             new_plan = plan_for(policy.observe(signals))
             if new_plan != plan:
-                reason = policy.history[-1].reason if policy.history else ""
-                result.switches.append((now, plan.name, new_plan.name, reason))
-                now += calib.switch_cost_ms / 1e3
-                plan = new_plan
-        now, memory = _serve_batch(queue, plan, calib, config, now, result)
+                switch(new_plan, policy.history[-1].reason if policy.history else "")
+        head_rows = list(islice(queue, config.max_batch_per_replica * plan.dp))
+        take, fits = admit(head_rows, plan, calib.free_bytes(plan.name), calib.cost(plan.name).replica_memory(),
+                           config.max_batch_per_replica, route, prompt_len)
+        if not fits:
+            head = queue[0]
+            tried = room_tried.setdefault(head.id, {plan.name})
+            room = next((s for s in ("hybrid", "pp") if policy is not None and plan_for(s).name not in tried), None)
+            if room is None:
+                queue.popleft()
+                room_tried.pop(head.id, None)
+                result.rejected += 1
+                continue
+            tried.add(plan_for(room).name)
+            reason = f"request {head.id} does not fit {plan.name}: trying {plan_for(room).name}"
+            policy.force(room, reason, now)
+            switch(plan_for(room), reason)
+            continue
+        batch = [queue.popleft() for _ in range(take)]
+        for r in batch:
+            room_tried.pop(r.id, None)
+        now, memory = _serve_batch(batch, plan, calib, now, result)
     result.makespan_s = now - (min(r.arrival_s for r in requests) if requests else 0.0)
     return result
 
 
-def _serve_batch(queue: deque[Request], plan: ParallelPlan, calib: Calibration, config: SimConfig,
-                 now: float, result: SimResult) -> tuple[float, float]:
-    take = min(len(queue), config.max_batch_per_replica * plan.dp)
-    batch = [queue.popleft() for _ in range(take)]
-    fitting = [r for r in batch if _fits(calib, plan, r)]
-    result.rejected += len(batch) - len(fitting)
-    # Halve the batch until its KV cache fits; what does not fit goes back to the front of the queue.
-    while fitting:
-        seconds, memory, busy = _batch_cost(calib, plan, fitting)
-        if memory <= 1.0 or len(fitting) == 1:
-            break
-        half = len(fitting) // 2
-        queue.extendleft(reversed(fitting[half:]))
-        fitting = fitting[:half]
-    if not fitting:
-        return now, 0.0
+def _serve_batch(batch: list[Request], plan: ParallelPlan, calib: Calibration, now: float,
+                 result: SimResult) -> tuple[float, float]:
+    seconds, memory, busy = _batch_cost(calib, plan, batch)
     end = now + seconds
-    result.latencies_s.extend(end - r.arrival_s for r in fitting)
-    result.new_tokens += sum(r.max_new_tokens for r in fitting)
+    result.latencies_s.extend(end - r.arrival_s for r in batch)
+    result.new_tokens += sum(r.max_new_tokens for r in batch)
     result.busy_device_s += seconds * busy
     result.timeline.append((end, plan.name, memory))
     return end, memory

@@ -28,13 +28,8 @@ from hf_adaptive.parallel.plans import ModelDims, ParallelPlan, all_plans, plan_
 from hf_adaptive.parallel.requests import load_trace, tokenize_request
 from hf_adaptive.parallel.serve import Controller, ServeConfig, follow, replay_trace
 from hf_adaptive.parallel.telemetry import write_report
-from hf_adaptive.policy.parallel_policy import (
-    STRATEGIES,
-    Band,
-    ParallelPolicy,
-    ParallelPolicyConfig,
-    cost_aware_rule,
-)
+from hf_adaptive.parallel.policy_args import add_policy_arguments, memory_bands, policy_config_from_args
+from hf_adaptive.policy.parallel_policy import STRATEGIES, ParallelPolicy, ParallelPolicyConfig, cost_aware_rule
 
 logger = logging.getLogger(__name__)
 
@@ -52,20 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve-seconds", type=float, default=0.0, help="with --http-port: stop after this long")
     p.add_argument("--max-batch", type=int, default=8, help="requests per replica per batch")
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
-    p.add_argument("--cooldown-s", type=float, default=5.0)
-    p.add_argument("--min-dwell-s", type=float, default=10.0)
-    p.add_argument("--confirm-s", type=float, default=2.0)
-    p.add_argument("--long-context-tokens", type=int, default=1024, help="hybrid enter threshold (exit = 0.75x)")
-    p.add_argument("--dp-concurrency", type=int, default=32, help="DP enter threshold (exit = 0.75x)")
-    p.add_argument("--dp-short-tokens", type=int, default=256,
-                   help="requests (prompt + new tokens) shorter than this count toward --dp-concurrency (exit = 1.25x)")
-    p.add_argument("--hybrid-memory", type=float, default=None,
-                   help="memory fraction over which the default rule picks hybrid TP+PP (exit = this - 0.1); default "
-                        "0.8, or 0.05 above the admission ceiling 1 - --memory-headroom when that is higher: "
-                        "admission fills each device up to the ceiling, and a full batch is not memory pressure")
-    p.add_argument("--pipeline-memory", type=float, default=None,
-                   help="memory fraction over which the default rule picks PP (exit = this - 0.05); default 0.9, or "
-                        "0.05 above --hybrid-memory when that is higher")
+    add_policy_arguments(p)
     p.add_argument("--warmup", action="store_true",
                    help="before the clock starts, build every layout the run may use and run a small batch on it")
     p.add_argument("--rule", choices=["default", "cost"], default="default",
@@ -76,8 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "card's memory on GPU, 16 on CPU); on GPU a smaller budget is enforced on the allocator")
     p.add_argument("--memory-headroom", type=float, default=0.15,
                    help="batch admission keeps each device under (1 - this) of the budget")
-    p.add_argument("--queue-head", type=int, default=0,
-                   help="length signal from the next N queued requests instead of the arrival window (0)")
     p.add_argument("--out", default="runs/serve", help="directory for serve.json/.md/.png")
     p.add_argument("--name", default="serve", help="report file stem")
     return p
@@ -134,32 +114,8 @@ def load_host_model(spec: str, dtype: str, random_weights: bool = False, device:
     return model, tokenizer
 
 
-def memory_bands(args: argparse.Namespace) -> tuple[float, float]:
-    """The (hybrid, pipeline) memory-fraction enter thresholds: given, or derived from the admission ceiling."""
-    ceiling = 1 - args.memory_headroom
-    hybrid = args.hybrid_memory if args.hybrid_memory is not None else max(0.8, round(ceiling + 0.05, 4))
-    pipeline = args.pipeline_memory if args.pipeline_memory is not None else max(0.9, round(hybrid + 0.05, 4))
-    for name, value in (("--hybrid-memory", hybrid), ("--pipeline-memory", pipeline)):
-        if value <= 0.1:
-            raise ValueError(f"{name} must be a memory fraction > 0.1 (e.g. 0.9), got {value}")
-    if hybrid < ceiling:
-        logger.warning("--hybrid-memory %.2f is below the admission ceiling 1 - --memory-headroom = %.2f: a full "
-                       "batch alone can push the layout to hybrid/PP", hybrid, ceiling)
-    return hybrid, pipeline
-
-
 def policy_config(args: argparse.Namespace, world: int, dims: ModelDims) -> ParallelPolicyConfig:
-    hybrid_memory, pipeline_memory = memory_bands(args)
-    if args.dp_short_tokens < 1:
-        raise ValueError(f"--dp-short-tokens must be >= 1 (tokens), got {args.dp_short_tokens}; e.g. 256")
-    config = ParallelPolicyConfig(
-        long_context_tokens=Band(args.long_context_tokens, 0.75 * args.long_context_tokens),
-        dp_concurrency=Band(args.dp_concurrency, 0.75 * args.dp_concurrency),
-        dp_short_tokens=Band(args.dp_short_tokens, 1.25 * args.dp_short_tokens),
-        hybrid_memory=Band(hybrid_memory, hybrid_memory - 0.1),
-        pipeline_memory=Band(pipeline_memory, pipeline_memory - 0.05),
-        cooldown_s=args.cooldown_s, min_dwell_s=args.min_dwell_s, confirm_s=args.confirm_s,
-        queue_head_requests=args.queue_head)
+    config = policy_config_from_args(args, args.memory_headroom)
     if args.rule == "default":
         return config
     if not args.calibration:
@@ -262,7 +218,8 @@ def run_meta(args, engine: Engine, policy: ParallelPolicy | None, static: Parall
             "trace": args.trace, "time_scale": args.time_scale,
             "rule": args.rule, "calibration": args.calibration, "max_batch": args.max_batch,
             "device_memory_gb": args.device_memory_gb, "memory_headroom": args.memory_headroom,
-            "queue_head": args.queue_head, "memory_bands": memory_bands(args) if policy else None,
+            "queue_head": args.queue_head,
+            "memory_bands": memory_bands(args, args.memory_headroom) if policy else None,
             "warmup": args.warmup,
             "command": " ".join([sys.executable, "-m", "hf_adaptive.parallel.worker"] + sys.argv[1:]),
             "time": time.strftime("%FT%TZ", time.gmtime()),

@@ -1,0 +1,74 @@
+"""Fit ``PlanCost`` latency coefficients from the batch records of real serving runs.
+
+Contract: pure (numpy, no torch). ``batches_of(run)`` turns one serving report (``<mode>.json`` of
+``telemetry.write_report``) into batches with the busiest replica's shape; ``fit_latency`` fits the five latency
+terms of ``PlanCost.batch_ms`` to their durations; ``weights_per_device`` is the analytic weight bytes on a plan's
+busiest device, from a transformers config. ``eval/calibrate_from_serve.py`` writes the calibration file.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from hf_adaptive.parallel.plans import ParallelPlan
+from hf_adaptive.parallel.requests import Request, route
+
+LATENCY_KEYS = ("prefill_ms_base", "prefill_ms_per_token", "decode_ms_base", "decode_ms_per_seq",
+                "decode_ms_per_ctx_token")
+
+
+def batches_of(run: dict) -> list[dict]:
+    """One entry per batch of a ``<mode>.json``: plan, duration, and the busiest replica's shape."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in run["requests"]:
+        groups[(r["plan"], r["start_s"], r["finish_s"])].append(r)
+    out, seen_plans = [], set()
+    for (plan_name, start, end), rows in sorted(groups.items(), key=lambda kv: kv[0][1]):
+        plan = ParallelPlan.parse(plan_name)
+        reqs = [Request(r["id"], 0.0, r["new_tokens"], prompt_ids=[0] * r["prompt_tokens"]) for r in rows]
+        shares = [s for s in route(reqs, plan.dp) if s]
+        busiest = max(shares, key=lambda s: (len(s) * max(len(r.prompt_ids) for r in s), len(s)))
+        out.append({"plan": plan_name, "seconds": end - start, "rows": len(busiest),
+                    "width": max(len(r.prompt_ids) for r in busiest),
+                    "new": max(r.max_new_tokens for r in busiest), "first_of_layout": plan_name not in seen_plans})
+        seen_plans.add(plan_name)
+    return out
+
+
+def features(rows: int, width: int, new: int) -> list[float]:
+    """The ``PlanCost.batch_ms`` terms, one per latency coefficient (same order as ``LATENCY_KEYS``)."""
+    return [1.0, rows * width, new, new * rows, new * rows * (width + new / 2.0)]
+
+
+def fit_latency(batches: list[dict]) -> dict[str, float]:
+    """Non-negative least squares by elimination: fit, drop the negative coefficients, refit the rest."""
+    x = np.array([features(b["rows"], b["width"], b["new"]) for b in batches])
+    y = np.array([b["seconds"] * 1e3 for b in batches])
+    active = list(range(x.shape[1]))
+    while True:
+        coef, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+        if (coef >= 0).all() or len(active) == 1:
+            break
+        active = [a for a, c in zip(active, coef) if c >= 0]
+    full = np.zeros(x.shape[1])
+    full[active] = np.clip(coef, 0, None)
+    return dict(zip(LATENCY_KEYS, map(float, full)))
+
+
+def weights_per_device(config: Any, plan: ParallelPlan, dtype_bytes: int) -> float:
+    """Bytes of weights on the busiest device of ``plan`` (embeddings and lm_head stay whole under TP)."""
+    text = getattr(config, "text_config", None) or config
+    h, inter, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    attn = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2 + (heads + 2 * kv_heads) * head_dim  # q,o,k,v,bias
+    layer = attn + 3 * h * inter + 2 * h
+    embed = text.vocab_size * h
+    head = 0 if getattr(text, "tie_word_embeddings", False) else embed
+    per_stage = -(-layers // plan.pp) * layer / plan.tp
+    first = embed + per_stage + (head + h if plan.pp == 1 else 0)
+    last = per_stage + head + h
+    return max(first, last) * dtype_bytes
