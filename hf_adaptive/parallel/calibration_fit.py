@@ -59,7 +59,11 @@ def fit_latency(batches: list[dict]) -> dict[str, float]:
 
 
 def weights_per_device(config: Any, plan: ParallelPlan, dtype_bytes: int) -> float:
-    """Bytes of weights on the busiest device of ``plan`` (embeddings and lm_head stay whole under TP)."""
+    """Bytes of weights on the busiest device of ``plan`` (embeddings and lm_head stay whole under TP).
+
+    Analytic for a Llama/Qwen2-style decoder (q/k/v biases counted, as Qwen2 has them; extra norms such as
+    Gemma's are not): exact for Qwen2 (the tests compare it with a real model's parameter bytes).
+    """
     text = getattr(config, "text_config", None) or config
     h, inter, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
     heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads

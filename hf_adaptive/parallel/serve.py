@@ -198,7 +198,8 @@ class Controller:
 
     def warm_up(self, prompt_tokens: int = 256, new_tokens: int = 16) -> float:
         """Before ``start``: build every usable layout once and run one full batch (``max_batch_per_replica``
-        rows of ``prompt_tokens``) on each replica of it, untimed and unrecorded, ending on the first plan. The
+        rows of ``prompt_tokens``, fewer if memory admission says so) on each replica of it, untimed and
+        unrecorded, ending on the first plan. The
         first batches after a layout is built run several times slower (CUDA context, library handles, the
         caching allocator growing block by block as the KV cache grows); a server pays that at start-up, not on
         its first requests, and an adaptive engine would otherwise pay it again on each layout's first switch.
@@ -212,7 +213,12 @@ class Controller:
             batch = [Request(id=f"warm-up-{i}", arrival_s=0.0, max_new_tokens=new_tokens,
                              prompt_ids=[1 + (i + j) % 97 for j in range(prompt_tokens)])
                      for i in range(plan.dp * self.config.max_batch_per_replica)]
-            execute(self.engine, _broadcast(("run", route(batch, plan.dp)), self.group), self.group, self.config)
+            # Admitted like any batch: a warm-up must not run a tight memory budget out of memory.
+            take, fits = admit(batch, plan, self._free_bytes, self._memory_model(plan),
+                               self.config.max_batch_per_replica, route)
+            if fits:
+                command = _broadcast(("run", route(batch[:take], plan.dp)), self.group)
+                execute(self.engine, command, self.group, self.config)
         seconds = time.perf_counter() - start
         logger.info("warm-up of %d layout(s) in %.1fs", len(self.usable_plans()), seconds)
         return seconds

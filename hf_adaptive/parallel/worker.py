@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
     add_policy_arguments(p)
     p.add_argument("--warmup", action="store_true",
-                   help="before the clock starts, build every layout the run may use and run a small batch on it")
+                   help="before the clock starts, build every layout the run may use and run one full batch on it")
     p.add_argument("--rule", choices=["default", "cost"], default="default",
                    help="default: issue-5 thresholds; cost: fastest predicted plan (needs --calibration)")
     p.add_argument("--calibration", help="eval/calibrate_parallel.py JSON for --rule cost (same world size)")
