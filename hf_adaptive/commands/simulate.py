@@ -57,7 +57,7 @@ def simulate_command(args: argparse.Namespace) -> int:
     policy_config = policy_config_from_args(args, calib.memory_headroom)
     if args.rule == "cost":
         plan_for = functools.partial(plan_for_strategy, n_devices=calib.world_size, dims=dims)
-        predictor = queue_drain_predictor(calib, plan_for, args.max_batch)
+        predictor = queue_drain_predictor(calib, plan_for, args.max_batch, args.queue_head)
         policy_config = dataclasses.replace(policy_config, rule=cost_aware_rule(predictor))
     meta = {"command": " ".join(["hf-adaptive"] + sys.argv[1:]), "calibration": args.calibration,
             "policy": {k: getattr(args, k) for k in ("cooldown_s", "min_dwell_s", "confirm_s", "long_context_tokens",

@@ -98,10 +98,19 @@ class Calibration:
         return self.plans[plan_name]
 
 
-def queue_drain_predictor(calib: Calibration, plan_for: Callable[[str], Any], max_batch_per_replica: int
-                          ) -> Callable[[str, WorkloadSummary], float | None]:
+def queue_drain_predictor(calib: Calibration, plan_for: Callable[[str], Any], max_batch_per_replica: int,
+                          head_requests: int = 0) -> Callable[[str, WorkloadSummary], float | None]:
     """``predict_s(strategy, summary)`` for ``cost_aware_rule``: seconds to serve the live queue FIFO in
-    batches of ``max_batch_per_replica`` per replica, or None when a batch's KV cache cannot fit."""
+    batches of ``max_batch_per_replica`` per replica, or None when a batch does not fit the plan's memory.
+
+    ``head_requests`` > 0 prices only the next that many queued requests (the work the next batches run, as the
+    default rule's ``queue_head_requests``). Pricing the whole queue makes a plan that cannot hold some request far
+    back (DP and a long document behind a chat backlog) "unable to serve", so the rule leaves it long before
+    that request is reached. Memory is checked as admission checks it: the plan's ``replica_memory`` against
+    ``free_bytes`` (budget less headroom, less weights).
+    """
+    if head_requests < 0:
+        raise ValueError(f"head_requests must be >= 0 (0: the whole queue), got {head_requests}")
 
     def predict_s(strategy: str, summary: WorkloadSummary) -> float | None:
         plan = plan_for(strategy)
@@ -109,11 +118,14 @@ def queue_drain_predictor(calib: Calibration, plan_for: Callable[[str], Any], ma
             return None
         cost, lens, news = calib.plans[plan.name], summary.queue_seq_lens, summary.queue_new_tokens
         news = news if len(news) == len(lens) else (0,) * len(lens)
+        if head_requests:
+            lens, news = lens[:head_requests], news[:head_requests]
+        memory, free = cost.replica_memory(), calib.free_bytes(plan.name)
         step, total_ms = max_batch_per_replica * plan.dp, 0.0
         for i in range(0, len(lens), step):
             rows = math.ceil(len(lens[i:i + step]) / plan.dp)  # replicas run side by side
             width, new = max(lens[i:i + step]), max(news[i:i + step])
-            if cost.memory_bytes(rows, width) > calib.device_memory_bytes:
+            if memory.batch_bytes(rows, width - new, new) > free:
                 return None
             total_ms += cost.batch_ms(rows, width - new, new)
         return total_ms / 1e3

@@ -124,7 +124,8 @@ def policy_config(args: argparse.Namespace, world: int, dims: ModelDims) -> Para
     if calib.world_size != world:
         raise ValueError(f"--calibration was measured on world_size={calib.world_size}, this run has {world}; "
                          f"calibrate with --nproc_per_node {world}")
-    predictor = queue_drain_predictor(calib, lambda s: plan_for_strategy(s, world, dims), args.max_batch)
+    predictor = queue_drain_predictor(calib, lambda s: plan_for_strategy(s, world, dims), args.max_batch,
+                                      args.queue_head)
     return dataclasses.replace(config, rule=cost_aware_rule(predictor))
 
 
