@@ -30,6 +30,7 @@ from hf_adaptive.parallel.capacity import ReplicaMemory
 from hf_adaptive.parallel.cost_model import PlanCost
 from hf_adaptive.parallel.plans import ModelDims, ParallelPlan
 
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dirs", nargs="+", help="parallel_serve_bench.py --out directories of one machine")
