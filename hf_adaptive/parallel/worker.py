@@ -28,7 +28,7 @@ from hf_adaptive.parallel.plans import ModelDims, ParallelPlan, all_plans, plan_
 from hf_adaptive.parallel.requests import load_trace, tokenize_request
 from hf_adaptive.parallel.serve import Controller, ServeConfig, follow, replay_trace
 from hf_adaptive.parallel.telemetry import write_report
-from hf_adaptive.parallel.policy_args import add_policy_arguments, memory_bands, policy_config_from_args
+from hf_adaptive.parallel.policy_args import add_policy_arguments, policy_config_from_args
 from hf_adaptive.policy.parallel_policy import STRATEGIES, ParallelPolicy, ParallelPolicyConfig, cost_aware_rule
 
 logger = logging.getLogger(__name__)
@@ -220,7 +220,8 @@ def run_meta(args, engine: Engine, policy: ParallelPolicy | None, static: Parall
             "rule": args.rule, "calibration": args.calibration, "max_batch": args.max_batch,
             "device_memory_gb": args.device_memory_gb, "memory_headroom": args.memory_headroom,
             "queue_head": args.queue_head,
-            "memory_bands": memory_bands(args, args.memory_headroom) if policy else None,
+            "memory_bands": ((policy.config.hybrid_memory.enter, policy.config.pipeline_memory.enter)
+                             if policy else None),
             "warmup": args.warmup,
             "command": " ".join([sys.executable, "-m", "hf_adaptive.parallel.worker"] + sys.argv[1:]),
             "time": time.strftime("%FT%TZ", time.gmtime()),
