@@ -85,26 +85,34 @@ def test_simulated_adaptive_run_makes_room_like_the_server():
 
 
 def test_cost_predictor_prices_the_head_of_the_queue():
-    """A long document far back in the queue must not make DP "unable to serve" the chats ahead of it: with
-    ``head_requests`` the predictor prices the next requests only, and refuses DP once the document is among them."""
+    """A long document behind a chat backlog must not make DP "unable to serve" the chats ahead of it: DP is
+    priced for the chats it drains, one switch, and the document on the fastest plan that holds it; DP is
+    refused only once the document is first in the queue. ``head_requests`` prices the next requests only."""
     from hf_adaptive.parallel.cost_model import queue_drain_predictor
     from hf_adaptive.policy.parallel_policy import WorkloadSummary
 
     dims = ModelDims(num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=64)
     gb = 2**30
     cost = lambda w: PlanCost(1.0, 1e-3, 5.0, 0.1, 0.0, w * gb, 1e3, prefill_bytes_per_token_per_device=1e5)  # noqa: E731
-    calib = Calibration(2, 16 * gb, 100.0, {"tp2": cost(6.0), "pp2": cost(6.0), "dp2": cost(12.0)}, {},
+    calib = Calibration(2, 16 * gb, 50.0, {"tp2": cost(6.0), "pp2": cost(6.0), "dp2": cost(12.0)}, {},
                         memory_headroom=0.15)
     plan_for = lambda s: plan_for_strategy(s, 2, dims)  # noqa: E731
 
     def summary(lens):
         return WorkloadSummary(0, 0, 0, 0.0, 0.0, len(lens), 0.0, tuple(lens), tuple(16 for _ in lens))
 
-    chats_then_doc = [116] * 16 + [20016]  # the document in a batch of its own on every plan
+    chats_then_doc = [116] * 16 + [20016]  # prompts of 100 and 20000 tokens, 16 new tokens each
     whole = queue_drain_predictor(calib, plan_for, 8)
     head = queue_drain_predictor(calib, plan_for, 8, head_requests=16)
-    assert whole("dp", summary(chats_then_doc)) is None and whole("tp", summary(chats_then_doc)) is not None
-    assert head("dp", summary(chats_then_doc)) < head("tp", summary(chats_then_doc))  # 2 replicas of chats
-    assert head("dp", summary([20016] + [116] * 16)) is None
+    chats_on_dp = cost(12.0).batch_ms(8, 100, 16)  # 16 chats: 8 rows on each replica, side by side
+    doc_on_tp = cost(6.0).batch_ms(1, 20000, 16)  # admission puts the document in a batch of its own
+    assert whole("dp", summary(chats_then_doc)) == pytest.approx((chats_on_dp + 50.0 + doc_on_tp) / 1e3)
+    tp = (2 * cost(6.0).batch_ms(8, 100, 16) + doc_on_tp) / 1e3
+    assert whole("tp", summary(chats_then_doc)) == pytest.approx(tp)
+    assert whole("dp", summary(chats_then_doc)) < tp  # two replicas of chats pay for the switch
+    assert head("dp", summary(chats_then_doc)) == pytest.approx(chats_on_dp / 1e3)  # the document is 17th
+    assert whole("dp", summary([20016] + [116] * 16)) is None  # first in the queue: DP cannot start it
+    nothing_holds = Calibration(2, 16 * gb, 100.0, {"dp2": cost(12.0)}, {}, memory_headroom=0.15)
+    assert queue_drain_predictor(nothing_holds, plan_for, 8)("dp", summary(chats_then_doc)) is None
     with pytest.raises(ValueError, match="head_requests"):
         queue_drain_predictor(calib, plan_for, 8, head_requests=-1)

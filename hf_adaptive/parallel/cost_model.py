@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from hf_adaptive.parallel.capacity import ReplicaMemory
-from hf_adaptive.policy.parallel_policy import WorkloadSummary
+from hf_adaptive.parallel.capacity import ReplicaMemory, admit
+from hf_adaptive.parallel.requests import route
+from hf_adaptive.policy.parallel_policy import STRATEGIES, WorkloadSummary
 
 
 @dataclass(frozen=True)
@@ -98,36 +99,94 @@ class Calibration:
         return self.plans[plan_name]
 
 
+def batch_cost(calib: Calibration, plan: Any, batch: Sequence[Any],
+               prompt_len: Callable[[Any], int]) -> tuple[float, float, int]:
+    """``(seconds, peak memory fraction, busy devices)`` of one batch on ``plan``, its rows split over the DP
+    replicas as the router splits them at run time; the slowest replica decides the time. Items need
+    ``prompt_len(item)``, ``item.max_new_tokens`` and ``item.total_tokens`` (the router's balance key)."""
+    cost = calib.cost(plan.name)
+    memory = cost.replica_memory()
+    slowest_ms, peak_bytes, busy = 0.0, 0.0, 0
+    for part in route(batch, plan.dp):
+        if not part:
+            continue
+        width = max(prompt_len(r) for r in part)
+        new = max(r.max_new_tokens for r in part)
+        slowest_ms = max(slowest_ms, cost.batch_ms(len(part), width, new))
+        peak_bytes = max(peak_bytes, memory.batch_bytes(len(part), width, new))
+        busy += plan.tp  # one stage of tp devices works at a time without micro-batching
+    peak = (cost.weights_bytes_per_device + peak_bytes) / calib.device_memory_bytes
+    return slowest_ms / 1e3, peak, busy
+
+
+@dataclass(frozen=True)
+class _Queued:
+    """A queued request as the policy sees it: prompt and new-token counts."""
+
+    prompt_tokens: int
+    max_new_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.max_new_tokens
+
+
+def drain_seconds(calib: Calibration, plan: Any, queue: Sequence[_Queued],
+                  max_batch_per_replica: int) -> tuple[float, int]:
+    """``(seconds, served)``: serve ``queue`` FIFO on ``plan`` in the batches admission forms
+    (``capacity.admit``), stopping at the first request that does not fit the plan even alone; ``served`` counts
+    the requests before it (``len(queue)`` when all fit)."""
+    memory, free = calib.cost(plan.name).replica_memory(), calib.free_bytes(plan.name)
+    seconds, i = 0.0, 0
+    while i < len(queue):
+        head = queue[i:i + max_batch_per_replica * plan.dp]
+        take, fits = admit(head, plan, free, memory, max_batch_per_replica, route, lambda r: r.prompt_tokens)
+        if not fits:
+            break
+        seconds += batch_cost(calib, plan, head[:take], lambda r: r.prompt_tokens)[0]
+        i += take
+    return seconds, i
+
+
 def queue_drain_predictor(calib: Calibration, plan_for: Callable[[str], Any], max_batch_per_replica: int,
                           head_requests: int = 0) -> Callable[[str, WorkloadSummary], float | None]:
-    """``predict_s(strategy, summary)`` for ``cost_aware_rule``: seconds to serve the live queue FIFO in
-    batches of ``max_batch_per_replica`` per replica, or None when a batch does not fit the plan's memory.
+    """``predict_s(strategy, summary)`` for ``cost_aware_rule``: seconds to serve the live queue FIFO starting
+    on ``strategy``'s plan, in the batches admission would form there.
 
     ``head_requests`` > 0 prices only the next that many queued requests (the work the next batches run, as the
-    default rule's ``queue_head_requests``). Pricing the whole queue makes a plan that cannot hold some request far
-    back (DP and a long document behind a chat backlog) "unable to serve", so the rule leaves it long before
-    that request is reached. Memory is checked as admission checks it: the plan's ``replica_memory`` against
-    ``free_bytes`` (budget less headroom, less weights).
+    default rule's ``queue_head_requests``).
+
+    When a queued request does not fit the plan even in a batch of its own (a long document on a DP replica under
+    a memory budget), the plan serves the requests before it and then hands over: the prediction adds one switch
+    (``switch_cost_ms``) and the rest of the queue on the fastest other plan that holds all of it. So DP is
+    priced for the chats it can drain ahead of a document, not refused for the document, and the rule leaves DP
+    when the document reaches the head of the queue rather than when it enters the priced window. None when the
+    plan cannot hold the first queued request, or nothing can hold the rest.
     """
     if head_requests < 0:
         raise ValueError(f"head_requests must be >= 0 (0: the whole queue), got {head_requests}")
 
-    def predict_s(strategy: str, summary: WorkloadSummary) -> float | None:
+    def drain(strategy: str, queue: Sequence[_Queued]) -> tuple[float, int] | None:
         plan = plan_for(strategy)
-        if plan.name not in calib.plans:
-            return None
-        cost, lens, news = calib.plans[plan.name], summary.queue_seq_lens, summary.queue_new_tokens
+        return drain_seconds(calib, plan, queue, max_batch_per_replica) if plan.name in calib.plans else None
+
+    def predict_s(strategy: str, summary: WorkloadSummary) -> float | None:
+        lens, news = summary.queue_seq_lens, summary.queue_new_tokens
         news = news if len(news) == len(lens) else (0,) * len(lens)
         if head_requests:
             lens, news = lens[:head_requests], news[:head_requests]
-        memory, free = cost.replica_memory(), calib.free_bytes(plan.name)
-        step, total_ms = max_batch_per_replica * plan.dp, 0.0
-        for i in range(0, len(lens), step):
-            rows = math.ceil(len(lens[i:i + step]) / plan.dp)  # replicas run side by side
-            width, new = max(lens[i:i + step]), max(news[i:i + step])
-            if memory.batch_bytes(rows, width - new, new) > free:
-                return None
-            total_ms += cost.batch_ms(rows, width - new, new)
-        return total_ms / 1e3
+        queue = [_Queued(max(1, n - g), g) for n, g in zip(lens, news)]
+        first = drain(strategy, queue)
+        if first is None:
+            return None
+        seconds, served = first
+        if served == len(queue):
+            return seconds
+        if served == 0:
+            return None
+        own = plan_for(strategy).name
+        rest = [d[0] for s in STRATEGIES if plan_for(s).name != own
+                and (d := drain(s, queue[served:])) is not None and d[1] == len(queue) - served]
+        return seconds + calib.switch_cost_ms / 1e3 + min(rest) if rest else None
 
     return predict_s

@@ -29,7 +29,8 @@ class Request:
 
     @property
     def total_tokens(self) -> int:
-        return len(self.prompt_ids) + self.max_new_tokens
+        """Prompt plus new tokens: the token ids once filled in, else the trace's ``prompt_tokens``."""
+        return (len(self.prompt_ids) or int(self.prompt_tokens or 0)) + self.max_new_tokens
 
 
 def load_trace(path: str | Path) -> list[Request]:

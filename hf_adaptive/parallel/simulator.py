@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from hf_adaptive.parallel.capacity import admit
-from hf_adaptive.parallel.cost_model import Calibration
+from hf_adaptive.parallel.cost_model import Calibration, batch_cost
 from hf_adaptive.parallel.plans import ParallelPlan
 from hf_adaptive.parallel.requests import Request, route
 from hf_adaptive.policy.parallel_policy import ParallelPolicy, WorkloadSignals, percentile
@@ -60,23 +60,6 @@ class SimResult:
 @dataclass(frozen=True)
 class SimConfig:
     max_batch_per_replica: int = 8
-
-
-def _batch_cost(calib: Calibration, plan: ParallelPlan, batch: Sequence[Request]) -> tuple[float, float, int]:
-    """(seconds, peak memory fraction, busy devices) of one batch on ``plan``; the slowest replica decides."""
-    cost = calib.cost(plan.name)
-    memory = cost.replica_memory()
-    slowest_ms, peak_bytes, busy = 0.0, 0.0, 0
-    for part in route(batch, plan.dp):
-        if not part:
-            continue
-        width = max(prompt_len(r) for r in part)
-        new = max(r.max_new_tokens for r in part)
-        slowest_ms = max(slowest_ms, cost.batch_ms(len(part), width, new))
-        peak_bytes = max(peak_bytes, memory.batch_bytes(len(part), width, new))
-        busy += plan.tp  # one stage of tp devices works at a time without micro-batching
-    peak = (cost.weights_bytes_per_device + peak_bytes) / calib.device_memory_bytes
-    return slowest_ms / 1e3, peak, busy
 
 
 def simulate(requests: Sequence[Request], calib: Calibration, plan_for: Callable[[str], ParallelPlan],
@@ -142,7 +125,7 @@ def simulate(requests: Sequence[Request], calib: Calibration, plan_for: Callable
 
 def _serve_batch(batch: list[Request], plan: ParallelPlan, calib: Calibration, now: float,
                  result: SimResult) -> tuple[float, float]:
-    seconds, memory, busy = _batch_cost(calib, plan, batch)
+    seconds, memory, busy = batch_cost(calib, plan, batch, prompt_len)
     end = now + seconds
     result.latencies_s.extend(end - r.arrival_s for r in batch)
     result.new_tokens += sum(r.max_new_tokens for r in batch)

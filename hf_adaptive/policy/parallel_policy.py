@@ -198,7 +198,8 @@ def cost_aware_rule(predict_s: Callable[[str, WorkloadSummary], float | None],
         now = costs.get(current)
         if now is not None and costs[best] >= now * (1 - margin_fraction):
             return current, f"predicted {now:.2f}s on {current}; best {best} {costs[best]:.2f}s is within margin"
-        return best, f"predicted {costs[best]:.2f}s on {best} vs {now if now is None else round(now, 2)}s on {current}"
+        stay = f"{now:.2f}s on {current}" if now is not None else f"none on {current} (cannot hold the next request, or not calibrated)"
+        return best, f"predicted {costs[best]:.2f}s on {best} vs {stay}"
 
     return rule
 
