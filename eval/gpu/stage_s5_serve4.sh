@@ -8,6 +8,8 @@
 # 1-3 minutes with start-up):
 #   [GPUS=2] [CONFIRM_S=0] [MODE_TIMEOUT_S=175] [WORKER_EXTRA="--dp-short-tokens 320"] \
 #       bash eval/gpu/stage_s5_serve4.sh adaptive tp2 pp2
+# FIT_OUT=/tmp/r/calib.json also fits a calibration from the call's runs (eval/calibrate_from_serve.py); a next call on
+# the same warm machine can serve with it: WORKER_EXTRA="--rule cost --calibration /tmp/r/calib.json".
 set -u
 source eval/gpu/env.sh
 name=${GPUS:-4}gpu_$(IFS=_; echo "$*")
@@ -16,6 +18,10 @@ timeout 560 python3 eval/parallel_serve_bench.py --model .gpu/qwen7b_cfg --gpus 
     --mode-timeout-s "${MODE_TIMEOUT_S:-200}" --out "/tmp/r/serve_$name" \
     -- --random-weights --device-memory-gb 18 --max-prompt-tokens 13000 --queue-head 16 \
     --cooldown-s 2 --min-dwell-s 3 --confirm-s "${CONFIRM_S:-0.5}" --warmup ${WORKER_EXTRA:-} > "$OUT/serve_$name.log" 2>&1
+if [ -n "${FIT_OUT:-}" ]; then  # fit a calibration from this call's runs (on a warm machine /tmp/r persists)
+    python3 eval/calibrate_from_serve.py "/tmp/r/serve_$name" --model .gpu/qwen7b_cfg --device-memory-gb 18 \
+        --out "$FIT_OUT" >> "$OUT/serve_$name.log" 2>&1 && cp "$FIT_OUT" "$OUT/"
+fi
 tar czf "$OUT/serve_$name.tgz" -C /tmp/r . 2>/dev/null
 grep -v "Loading weights\|frame #\|TCPStore\|should dump" "$OUT/serve_$name.log" | grep -v "^INFO.*random weights" \
     | tail -n 25 | cut -c1-300
