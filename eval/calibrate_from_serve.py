@@ -7,7 +7,10 @@ Every ``<mode>.json`` of the given ``parallel_serve_bench.py`` output directorie
 records each request's batch (plan, start, finish) and size, so each batch's duration is known together with the
 rows, padded prompt width and new tokens of its busiest replica (re-routed with ``requests.route``, as at run time).
 Per plan, the five latency coefficients of ``PlanCost`` are fitted to those durations by least squares (negative
-ones dropped and the rest refitted); the first batch of each layout in a run is left out (warm-up effects).
+ones dropped and the rest refitted). The first ``--warm-batches`` (3) batches after each layout change, start-up
+included, are left out of that fit: they run slower on the GPUs (2-4x for the first two). Their median excess over the
+fit, per position and pooled over plans, becomes ``warm_batch_extra_ms``, which the simulator adds after every
+switch.
 Memory comes from the model config: weights on the busiest device of each plan and ``capacity.ReplicaMemory``.
 The switch cost is the mean of the adaptive runs' measured switches.
 
@@ -25,10 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from hf_adaptive.parallel.calibration_fit import batches_of, fit_latency, weights_per_device
+from hf_adaptive.parallel.calibration_fit import batches_of, fit_latency, fit_warm_extra, weights_per_device
 from hf_adaptive.parallel.capacity import ReplicaMemory
 from hf_adaptive.parallel.cost_model import PlanCost
 from hf_adaptive.parallel.plans import ModelDims, ParallelPlan
+
+
+def used_in_fit(batch: dict, warm_batches: int) -> str:
+    """The report's last column: whether the batch entered the latency fit, and why not."""
+    k = batch["since_switch"]
+    return "yes" if k >= warm_batches else f"no (batch {k + 1} of the layout: warm_batch_extra_ms)"
 
 
 def main() -> int:
@@ -38,8 +47,13 @@ def main() -> int:
     p.add_argument("--dtype-bytes", type=int, default=2)
     p.add_argument("--device-memory-gb", type=float, required=True, help="the runs' --device-memory-gb")
     p.add_argument("--memory-headroom", type=float, default=0.15, help="the runs' --memory-headroom")
+    p.add_argument("--warm-batches", type=int, default=3,
+                   help="the first N batches after each layout change (start-up included) are left out of the "
+                        "latency fit; their median excess over it, per position, becomes warm_batch_extra_ms")
     p.add_argument("--out", required=True, help="calibration JSON path (a .md report is written beside it)")
     args = p.parse_args()
+    if args.warm_batches < 0:
+        p.error(f"--warm-batches must be >= 0, got {args.warm_batches}")
     from transformers import AutoConfig
 
     from hf_adaptive.models import resolve_model_dir
@@ -62,7 +76,10 @@ def main() -> int:
     plans = {}
     for name, batches in sorted(by_plan.items()):
         plan = ParallelPlan.parse(name)
-        used = [b for b in batches if not b["first_of_layout"]]
+        used = [b for b in batches if b["since_switch"] >= args.warm_batches]
+        if not used:
+            raise SystemExit(f"plan {name}: no batch after the first {args.warm_batches} of a layout to fit; "
+                             f"lower --warm-batches or add runs")
         latency = fit_latency(used)
         memory = ReplicaMemory.for_plan(config, plan, args.dtype_bytes)
         plans[name] = PlanCost(**latency, weights_bytes_per_device=weights_per_device(config, plan, args.dtype_bytes),
@@ -71,8 +88,10 @@ def main() -> int:
                                mask_bytes_per_token_squared=memory.mask_bytes)
         for b in batches:
             b["fitted_s"] = plans[name].batch_ms(b["rows"], b["width"], b["new"]) / 1e3
+    every = [b for batches in by_plan.values() for b in batches]
+    warm_extra = fit_warm_extra(every, [b["fitted_s"] for b in every], args.warm_batches)
     calib = {"world_size": worlds.pop(), "device_memory_bytes": args.device_memory_gb * 2**30,
-             "memory_headroom": args.memory_headroom,
+             "memory_headroom": args.memory_headroom, "warm_batch_extra_ms": warm_extra,
              "switch_cost_ms": 1e3 * float(np.mean(switches)) if switches else 0.0,
              "plans": {k: vars(v) for k, v in plans.items()},
              "meta": {"measured_on": f"serving runs on {metas[0]['device']} (batch records, not a calibration grid)",
@@ -84,10 +103,12 @@ def main() -> int:
     out.write_text(json.dumps(calib, indent=1))
     lines = [f"# Calibration fitted from serving runs: `{out.name}`", "", f"Command: `{calib['meta']['command']}`", "",
              f"Switch cost: mean {calib['switch_cost_ms']:.0f} ms of {len(switches)} measured switches.", "",
+             f"First batches after a layout change (start-up included), median extra over the fit by position: "
+             f"{', '.join(f'{x / 1e3:.2f} s' for x in warm_extra) or 'none'} (`--warm-batches {args.warm_batches}`).", "",
              "| plan | run | rows | width | new | measured s | fitted s | used in fit |", "|---|---|---|---|---|---|---|---|"]
     for name, batches in sorted(by_plan.items()):
         lines += [f"| {name} | {b['run']} | {b['rows']} | {b['width']} | {b['new']} | {b['seconds']:.2f} | "
-                  f"{b['fitted_s']:.2f} | {'no (first of layout)' if b['first_of_layout'] else 'yes'} |" for b in batches]
+                  f"{b['fitted_s']:.2f} | {used_in_fit(b, args.warm_batches)} |" for b in batches]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:6]))
     return 0

@@ -37,14 +37,29 @@ def test_batches_of_groups_records_by_batch_and_routes_replicas():
 
     run = {"requests": [rec("a", "dp2", 0.0, 2.0, 100, 10), rec("b", "dp2", 0.0, 2.0, 300, 10),
                         rec("c", "dp2", 0.0, 2.0, 50, 10), rec("d", "tp2", 3.0, 9.0, 5000, 64),
-                        rec("e", "dp2", 9.5, 10.0, 80, 8)]}
+                        rec("e", "dp2", 9.5, 10.0, 80, 8), rec("f", "dp2", 10.0, 11.0, 80, 8)]}
     batches = batches_of(run)
-    assert [(b["plan"], b["first_of_layout"]) for b in batches] == [("dp2", True), ("tp2", True), ("dp2", False)]
+    # since_switch counts from every layout change: re-entering DP starts again at 0
+    assert [(b["plan"], b["since_switch"]) for b in batches] == [("dp2", 0), ("tp2", 0), ("dp2", 0), ("dp2", 1)]
     first = batches[0]
     # route() puts the 300-token request alone on one replica, the other two together: the busiest share is
     # the one with the most rows x width.
     assert (first["rows"], first["width"], first["new"], first["seconds"]) == (1, 300, 10, 2.0)
     assert batches[1]["width"] == 5000 and batches[1]["seconds"] == 6.0
+
+
+def test_fit_warm_extra_is_the_median_excess_by_position():
+    """The first batches after a layout change are priced as the median of measured minus steady-state time at
+    their position (floored at 0); positions with no batch get 0; the lengths must agree."""
+    from hf_adaptive.parallel.calibration_fit import fit_warm_extra
+
+    batches = [{"since_switch": k, "seconds": s} for k, s in [(0, 5.0), (1, 3.0), (2, 1.0), (0, 9.0), (1, 2.5),
+                                                               (0, 6.0), (3, 1.0)]]
+    fitted = [1.0] * len(batches)
+    assert fit_warm_extra(batches, fitted, 3) == pytest.approx([5000.0, 1750.0, 0.0])
+    assert fit_warm_extra(batches, fitted, 5)[4] == 0.0 and fit_warm_extra(batches, fitted, 0) == []
+    with pytest.raises(ValueError, match="fitted_s"):
+        fit_warm_extra(batches, fitted[:-1], 3)
 
 
 def test_weights_per_device_matches_the_real_parameter_bytes():

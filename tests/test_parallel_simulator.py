@@ -44,6 +44,27 @@ def test_cost_model_arithmetic():
     assert c.batch_ms(0, 10, 4) == 0.0 and c.memory_bytes(2, 50) == 100 + 10 * 100
 
 
+def test_first_batches_after_a_layout_change_pay_the_warm_extra():
+    """The calibration's warm_batch_extra_ms is added to the first batches at start-up and again after every
+    switch, and to nothing else; calibration files without it load as before."""
+    import dataclasses
+
+    requests = [Request(str(i), 0.0, 16, prompt_tokens=100) for i in range(64)]  # one backlog: 8 TP batches
+    base, warm = _calibration(), dataclasses.replace(_calibration(), warm_batch_extra_ms=(1000.0, 500.0))
+    static = [simulate(requests, c, _plan_for, static_plan=ParallelPlan(tp=2)).makespan_s for c in (base, warm)]
+    assert static[1] - static[0] == pytest.approx(1.5)
+    # adaptive: one chat alone on TP, then a backlog that moves the policy to DP and, once drained, back to TP
+    requests = [Request("first", 0.0, 16, prompt_tokens=100)] + [
+        Request(str(i), 0.001, 16, prompt_tokens=100) for i in range(64)]
+    policy = lambda: ParallelPolicy(ParallelPolicyConfig(cooldown_s=0.0, min_dwell_s=0.0, confirm_s=0.0), initial="tp")  # noqa: E731
+    runs = [simulate(requests, c, _plan_for, policy=policy()) for c in (base, warm)]
+    assert [s[1:3] for s in runs[0].switches] == [s[1:3] for s in runs[1].switches] == [("tp2", "dp2"),
+                                                                                        ("dp2", "tp2")]
+    # 1 TP batch at start-up, DP's first 2 (3 DP batches), TP's first 2 again after the backlog drains
+    assert runs[1].makespan_s - runs[0].makespan_s == pytest.approx(1.0 + 1.5 + 1.5)
+    assert Calibration.load(REPO / "eval/calibration/parallel_h100x2.json").warm_batch_extra_ms == ()
+
+
 def test_router_balances_tokens():
     """Guards DP routing: replicas get a balanced token load and no request is dropped or duplicated."""
     reqs = [Request(str(i), 0.0, 10, prompt_ids=[0] * n) for i, n in enumerate([100, 10, 10, 80, 20])]

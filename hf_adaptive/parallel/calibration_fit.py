@@ -2,7 +2,8 @@
 
 Contract: pure (numpy, no torch). ``batches_of(run)`` turns one serving report (``<mode>.json`` of
 ``telemetry.write_report``) into batches with the busiest replica's shape; ``fit_latency`` fits the five latency
-terms of ``PlanCost.batch_ms`` to their durations; ``weights_per_device`` is the analytic weight bytes on a plan's
+terms of ``PlanCost.batch_ms`` to their durations; ``fit_warm_extra`` measures how much slower the first batches after
+a layout change run than the fitted steady state; ``weights_per_device`` is the analytic weight bytes on a plan's
 busiest device, from a transformers config. ``eval/calibrate_from_serve.py`` writes the calibration file.
 """
 
@@ -21,20 +22,21 @@ LATENCY_KEYS = ("prefill_ms_base", "prefill_ms_per_token", "decode_ms_base", "de
 
 
 def batches_of(run: dict) -> list[dict]:
-    """One entry per batch of a ``<mode>.json``: plan, duration, and the busiest replica's shape."""
+    """One entry per batch of a ``<mode>.json``: plan, duration, the busiest replica's shape, and ``since_switch``:
+    how many batches ran on this layout before it since the run started or last changed layout (0: the first)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in run["requests"]:
         groups[(r["plan"], r["start_s"], r["finish_s"])].append(r)
-    out, seen_plans = [], set()
+    out: list[dict] = []
     for (plan_name, start, end), rows in sorted(groups.items(), key=lambda kv: kv[0][1]):
         plan = ParallelPlan.parse(plan_name)
         reqs = [Request(r["id"], 0.0, r["new_tokens"], prompt_ids=[0] * r["prompt_tokens"]) for r in rows]
         shares = [s for s in route(reqs, plan.dp) if s]
         busiest = max(shares, key=lambda s: (len(s) * max(len(r.prompt_ids) for r in s), len(s)))
+        since = out[-1]["since_switch"] + 1 if out and out[-1]["plan"] == plan_name else 0
         out.append({"plan": plan_name, "seconds": end - start, "rows": len(busiest),
                     "width": max(len(r.prompt_ids) for r in busiest),
-                    "new": max(r.max_new_tokens for r in busiest), "first_of_layout": plan_name not in seen_plans})
-        seen_plans.add(plan_name)
+                    "new": max(r.max_new_tokens for r in busiest), "since_switch": since})
     return out
 
 
@@ -56,6 +58,22 @@ def fit_latency(batches: list[dict]) -> dict[str, float]:
     full = np.zeros(x.shape[1])
     full[active] = np.clip(coef, 0, None)
     return dict(zip(LATENCY_KEYS, map(float, full)))
+
+
+def fit_warm_extra(batches: list[dict], fitted_s: list[float], warm_batches: int) -> list[float]:
+    """Extra milliseconds of the first ``warm_batches`` batches after a layout change, one per position.
+
+    ``fitted_s[i]`` is the steady-state time of ``batches[i]`` (from coefficients fitted on later batches); the
+    extra of position ``k`` is the median of measured minus fitted over the batches with ``since_switch == k``,
+    floored at 0 (0 when no batch sits there).
+    """
+    if len(fitted_s) != len(batches):
+        raise ValueError(f"fitted_s has {len(fitted_s)} entries for {len(batches)} batches; give one per batch")
+    extra = []
+    for k in range(warm_batches):
+        residuals = [b["seconds"] - f for b, f in zip(batches, fitted_s) if b["since_switch"] == k]
+        extra.append(max(0.0, float(np.median(residuals))) * 1e3 if residuals else 0.0)
+    return extra
 
 
 def weights_per_device(config: Any, plan: ParallelPlan, dtype_bytes: int) -> float:

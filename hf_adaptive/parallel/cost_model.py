@@ -12,7 +12,9 @@ Contract: pure (no torch). For one replica running ``B`` requests padded to ``L`
 The bracketed terms are ``capacity.ReplicaMemory``'s prefill activations and padding mask; calibrations that carry
 them (and a ``memory_headroom``) make the simulator admit batches exactly as the serving engine does.
 The calibration JSON carries these coefficients per plan name (``tp2``, ``pp2``, ``dp2``, ``tp2xpp2``),
-a switch cost, the device memory and a ``meta`` block naming where it was measured.
+a switch cost, the device memory, optionally the extra time of the first batches after a layout change
+(``warm_batch_extra_ms``, measured by ``eval/calibrate_from_serve.py``) and a ``meta`` block naming where it was
+measured.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class Calibration:
     plans: dict[str, PlanCost]
     meta: dict[str, Any]
     memory_headroom: float = 0.0  # admission keeps each device under (1 - this) of device_memory_bytes
+    # extra ms of the 1st, 2nd, ... batch after a layout change (start-up included): measured slow first batches
+    warm_batch_extra_ms: tuple[float, ...] = ()
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
@@ -86,7 +90,8 @@ class Calibration:
             plans[plan] = PlanCost(**{k: float(coeffs[k]) for k in names & set(coeffs)})
         return cls(world_size=int(raw["world_size"]), device_memory_bytes=float(raw["device_memory_bytes"]),
                    switch_cost_ms=float(raw["switch_cost_ms"]), plans=plans, meta=raw.get("meta", {}),
-                   memory_headroom=float(raw.get("memory_headroom", 0.0)))
+                   memory_headroom=float(raw.get("memory_headroom", 0.0)),
+                   warm_batch_extra_ms=tuple(float(x) for x in raw.get("warm_batch_extra_ms", ())))
 
     def free_bytes(self, plan_name: str) -> float:
         """What admission may fill per device on ``plan_name``: the budget less headroom, less the weights."""

@@ -6,7 +6,8 @@ scheduler mirrors ``serve.Controller``: FIFO, ``max_batch_per_replica`` per repl
 by ``requests.route``, batches admitted by memory with ``capacity.admit`` (the calibration's per-plan
 ``replica_memory`` and ``free_bytes``), a head request that fits no batch makes the adaptive run force a
 memory-splitting layout (hybrid, then PP) and a static run refuse it, switches only between batches and
-each costs ``switch_cost_ms``.
+each costs ``switch_cost_ms``, and the first batches after a layout change (start-up included) take
+``warm_batch_extra_ms`` longer each, where the calibration measured that.
 
 Utilisation is the share of device-time doing useful work: busy time over the makespan, times the
 share of devices a batch keeps busy (PP without micro-batching keeps 1 of ``pp`` stages busy; DP keeps
@@ -73,13 +74,14 @@ def simulate(requests: Sequence[Request], calib: Calibration, plan_for: Callable
     queue: deque[Request] = deque()
     plan = static_plan or plan_for(policy.current)
     now, memory, arrivals = 0.0, 0.0, deque(maxlen=64)
+    since_switch = 0  # batches run on the current layout since the start or the last switch
     room_tried: dict[str, set[str]] = {}  # head request id -> plans tried to fit it (as serve.Controller)
 
     def switch(new_plan: ParallelPlan, reason: str) -> None:
-        nonlocal now, plan
+        nonlocal now, plan, since_switch
         result.switches.append((now, plan.name, new_plan.name, reason))
         now += calib.switch_cost_ms / 1e3
-        plan = new_plan
+        plan, since_switch = new_plan, 0
 
     while pending or queue:
         if not queue:
@@ -118,14 +120,18 @@ def simulate(requests: Sequence[Request], calib: Calibration, plan_for: Callable
         batch = [queue.popleft() for _ in range(take)]
         for r in batch:
             room_tried.pop(r.id, None)
-        now, memory = _serve_batch(batch, plan, calib, now, result)
+        warm = calib.warm_batch_extra_ms
+        extra_s = warm[since_switch] / 1e3 if since_switch < len(warm) else 0.0
+        now, memory = _serve_batch(batch, plan, calib, now, result, extra_s)
+        since_switch += 1
     result.makespan_s = now - (min(r.arrival_s for r in requests) if requests else 0.0)
     return result
 
 
 def _serve_batch(batch: list[Request], plan: ParallelPlan, calib: Calibration, now: float,
-                 result: SimResult) -> tuple[float, float]:
+                 result: SimResult, extra_s: float) -> tuple[float, float]:
     seconds, memory, busy = batch_cost(calib, plan, batch, prompt_len)
+    seconds += extra_s  # a first batch after a layout change (calibration's warm_batch_extra_ms)
     end = now + seconds
     result.latencies_s.extend(end - r.arrival_s for r in batch)
     result.new_tokens += sum(r.max_new_tokens for r in batch)
