@@ -131,3 +131,10 @@ def test_cost_predictor_prices_the_head_of_the_queue():
     assert queue_drain_predictor(nothing_holds, plan_for, 8)("dp", summary(chats_then_doc)) is None
     with pytest.raises(ValueError, match="head_requests"):
         queue_drain_predictor(calib, plan_for, 8, head_requests=-1)
+    # a cap per device lets TP batch the 16 chats at once, as DP does over its two replicas
+    per_device = queue_drain_predictor(calib, plan_for, 8, batch_cap_per="device")
+    assert per_device("tp", summary(chats_then_doc)) == pytest.approx((cost(6.0).batch_ms(16, 100, 16) + doc_on_tp)
+                                                                       / 1e3)
+    assert per_device("dp", summary(chats_then_doc)) == pytest.approx(whole("dp", summary(chats_then_doc)))
+    with pytest.raises(ValueError, match="--max-batch-per"):
+        queue_drain_predictor(calib, plan_for, 8, batch_cap_per="gpu")

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hf_adaptive.parallel.capacity import ReplicaMemory, admit
+from hf_adaptive.parallel.capacity import ReplicaMemory, admit, replica_rows
 from hf_adaptive.parallel.plans import ParallelPlan
 from hf_adaptive.parallel.requests import Request, route
 from hf_adaptive.policy.parallel_policy import ParallelPolicyConfig, WorkloadSummary, default_rule
@@ -96,3 +96,22 @@ def test_shard_reads_the_host_copy_without_duplicating_or_touching_it():
     assert len(pp.model.model.layers) == host.config.num_hidden_layers - host.config.num_hidden_layers // 2
     for n, p in host.named_parameters():
         assert p.device.type == "cpu" and torch.equal(p, before[n]), n
+
+
+def test_batch_cap_per_replica_or_per_device():
+    """Guards the batch cap's two scopes: per replica (DP over 4 GPUs batches 4x the rows of TP4, as one engine per
+    replica does) and per device (every 4-GPU plan batches 32 rows), and that admission applies the cap it gets."""
+    plans = {"dp4": ParallelPlan(dp=4), "tp4": ParallelPlan(tp=4), "pp4": ParallelPlan(pp=4),
+             "tp2xpp2": ParallelPlan(tp=2, pp=2), "tp2xdp2": ParallelPlan(tp=2, dp=2)}
+    per_replica = {k: p.dp * replica_rows(p, 8) for k, p in plans.items()}
+    per_device = {k: p.dp * replica_rows(p, 8, "device") for k, p in plans.items()}
+    assert per_replica == {"dp4": 32, "tp4": 8, "pp4": 8, "tp2xpp2": 8, "tp2xdp2": 16}
+    assert per_device == dict.fromkeys(plans, 32)
+    chats = [_req(i, 200) for i in range(40)]
+    tp = ParallelPlan(tp=2)
+    memory = ReplicaMemory.for_plan(QWEN7B, tp, 2)
+    assert admit(chats, tp, 8e9, memory, replica_rows(tp, 8, "device"), route) == (16, True)
+    with pytest.raises(ValueError, match="--max-batch-per"):
+        replica_rows(tp, 8, "gpu")
+    with pytest.raises(ValueError, match="--max-batch"):
+        replica_rows(tp, 0)

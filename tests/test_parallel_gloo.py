@@ -212,9 +212,11 @@ def _budget_worker(rank: int, ports: list[int], model_dir: str, trace: str, out:
     common = ["--model", model_dir, "--dtype", "float32", "--trace", trace, "--out", out, "--max-batch", "4",
               "--device-memory-gb", str(2 / 1024), "--cooldown-s", "0", "--min-dwell-s", "0", "--confirm-s", "0",
               "--dp-concurrency", "6", "--long-context-tokens", "1000"]
-    for port, (name, plan) in zip(ports, (("static", "dp2"), ("adaptive", "auto"))):
+    runs = (("static", "dp2", []), ("adaptive", "auto", ["--warmup"]),
+            ("tp_per_device", "tp2", ["--max-batch-per", "device"]))
+    for port, (name, plan, extra) in zip(ports, runs):
         os.environ["MASTER_PORT"] = str(port)
-        main(common + ["--name", name, "--plan", plan] + (["--warmup"] if plan == "auto" else []))
+        main(common + ["--name", name, "--plan", plan] + extra)
 
 
 def test_memory_budget_admission_rejects_or_reshards_instead_of_running_out(tmp_path):
@@ -230,7 +232,7 @@ def test_memory_budget_admission_rejects_or_reshards_instead_of_running_out(tmp_
     rows += [{"id": f"short{i}", "arrival_s": 0.0, "prompt_tokens": 6, "max_new_tokens": 4} for i in range(10, 20)]
     trace = tmp_path / "trace.jsonl"
     trace.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    mp.start_processes(_budget_worker, args=([_free_port(), _free_port()], model_dir, str(trace), str(tmp_path)),
+    mp.start_processes(_budget_worker, args=([_free_port() for _ in range(3)], model_dir, str(trace), str(tmp_path)),
                        nprocs=2, join=True, start_method="fork")
 
     static = json.loads((tmp_path / "static.json").read_text())
@@ -252,6 +254,11 @@ def test_memory_budget_admission_rejects_or_reshards_instead_of_running_out(tmp_
     ids = torch.tensor([req.prompt_ids])
     ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
     assert served["long"]["tokens"] == ref[0, ids.shape[1]:].tolist()
+    # --max-batch-per device: TP2 batches 2 x 4 short requests at once, as DP2 does over its two replicas
+    per_device = json.loads((tmp_path / "tp_per_device.json").read_text())
+    assert per_device["meta"]["max_batch_per"] == "device" and per_device["overall"]["rejected"] == 0
+    assert max(b["size"] for b in per_device["batches"]) == 8
+    assert max(b["size"] for b in static["batches"]) == 8 and max(b["size"] for b in adaptive["batches"]) <= 8
 
 
 def _latency_worker(rank: int, port: int, result_path: str) -> None:

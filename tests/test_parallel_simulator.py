@@ -65,6 +65,23 @@ def test_first_batches_after_a_layout_change_pay_the_warm_extra():
     assert Calibration.load(REPO / "eval/calibration/parallel_h100x2.json").warm_batch_extra_ms == ()
 
 
+def test_batch_cap_scope_reaches_the_scheduler():
+    """SimConfig's cap per device lets static TP2 run a 64-chat backlog in 4 batches of 16 rows (the rows DP2 runs
+    over its two replicas) instead of 8 batches of 8; serve.ServeConfig validates the scope as SimConfig does."""
+    from hf_adaptive.parallel.serve import ServeConfig
+
+    requests = [Request(str(i), 0.0, 16, prompt_tokens=100) for i in range(64)]
+    runs = {per: simulate(requests, _calibration(), _plan_for, static_plan=ParallelPlan(tp=2),
+                          config=SimConfig(8, per)) for per in ("replica", "device")}
+    assert [len(r.timeline) for r in runs.values()] == [8, 4]
+    assert all(len(r.latencies_s) == 64 for r in runs.values())
+    assert runs["device"].makespan_s < runs["replica"].makespan_s
+    assert ServeConfig(batch_cap_per="device").rows_per_replica(ParallelPlan(tp=2, pp=2)) == 32
+    for bad in (lambda: SimConfig(8, "gpu"), lambda: ServeConfig(batch_cap_per="gpu")):
+        with pytest.raises(ValueError, match="batch_cap_per"):
+            bad()
+
+
 def test_router_balances_tokens():
     """Guards DP routing: replicas get a balanced token load and no request is dropped or duplicated."""
     reqs = [Request(str(i), 0.0, 10, prompt_ids=[0] * n) for i, n in enumerate([100, 10, 10, 80, 20])]

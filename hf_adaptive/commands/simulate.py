@@ -23,7 +23,7 @@ from hf_adaptive.parallel.plans import ModelDims, plan_for_strategy
 from hf_adaptive.parallel.requests import load_trace
 from hf_adaptive.parallel.sim_report import compare_plans, write_sim_report
 from hf_adaptive.parallel.simulator import SimConfig
-from hf_adaptive.parallel.policy_args import add_policy_arguments, policy_config_from_args
+from hf_adaptive.parallel.policy_args import add_batch_arguments, add_policy_arguments, policy_config_from_args
 from hf_adaptive.policy.parallel_policy import cost_aware_rule
 
 DEFAULT_CALIBRATION = "eval/calibration/parallel_cpu_gloo_2proc.json"
@@ -35,12 +35,12 @@ def simulate_command_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trace", nargs="+", required=True, help="JSONL trace file(s)")
     p.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="per-plan cost JSON")
     p.add_argument("--out", default="runs/simulate")
-    p.add_argument("--max-batch", type=int, default=8, help="requests per replica per batch")
     p.add_argument("--device-memory-gb", type=float, help="override the calibration's device memory")
     p.add_argument("--arrival-scale", type=float, default=1.0,
                    help="multiply arrival times (e.g. 100 to replay GPU-rate traces on a CPU calibration)")
     p.add_argument("--rule", choices=["default", "cost"], default="default",
                    help="default: the issue-5 thresholds; cost: fastest predicted plan from the calibration")
+    add_batch_arguments(p)
     add_policy_arguments(p)
     p.set_defaults(func=simulate_command)
     return p
@@ -57,17 +57,18 @@ def simulate_command(args: argparse.Namespace) -> int:
     policy_config = policy_config_from_args(args, calib.memory_headroom)
     if args.rule == "cost":
         plan_for = functools.partial(plan_for_strategy, n_devices=calib.world_size, dims=dims)
-        predictor = queue_drain_predictor(calib, plan_for, args.max_batch, args.queue_head)
+        predictor = queue_drain_predictor(calib, plan_for, args.max_batch, args.queue_head, args.max_batch_per)
         policy_config = dataclasses.replace(policy_config, rule=cost_aware_rule(predictor))
     meta = {"command": " ".join(["hf-adaptive"] + sys.argv[1:]), "calibration": args.calibration,
             "policy": {k: getattr(args, k) for k in ("cooldown_s", "min_dwell_s", "confirm_s", "long_context_tokens",
                                                      "dp_concurrency", "dp_short_tokens", "queue_head")},
-            "max_batch_per_replica": args.max_batch, "arrival_scale": args.arrival_scale, "rule": args.rule}
+            "max_batch_per_replica": args.max_batch, "max_batch_per": args.max_batch_per,
+            "arrival_scale": args.arrival_scale, "rule": args.rule}
     for trace in tqdm(args.trace, desc="traces"):
         requests = load_trace(trace)
         for r in requests:
             r.arrival_s *= args.arrival_scale
-        results = compare_plans(requests, calib, dims, policy_config, SimConfig(args.max_batch))
+        results = compare_plans(requests, calib, dims, policy_config, SimConfig(args.max_batch, args.max_batch_per))
         payload = write_sim_report(Path(trace).stem, results, calib, Path(args.out), meta)
         for row in payload["results"]:
             print(f"{Path(trace).stem:>14} {row['name']:>10}: {row['throughput_tok_s']:9.1f} tok/s  "

@@ -63,6 +63,26 @@ class ReplicaMemory:
         return cls(kv_bytes_per_token=kv, prefill_bytes_per_token=act)
 
 
+BATCH_CAP_SCOPES = ("replica", "device")
+
+
+def replica_rows(plan: ParallelPlan, max_batch: int, per: str = "replica") -> int:
+    """The row cap of one replica of ``plan`` in a batch.
+
+    ``per="replica"``: ``max_batch`` rows per replica, so a DP plan of ``n`` replicas runs ``n * max_batch`` rows at
+    once where TP or PP over the same devices runs ``max_batch`` (one engine per replica, as serving engines cap
+    sequences per engine). ``per="device"``: ``max_batch`` rows per device the replica spans (``tp * pp``), so
+    every plan may run ``max_batch * world_size`` rows at once and plans are compared at equal concurrency;
+    memory admission (``admit``) still lowers either cap.
+    """
+    if per not in BATCH_CAP_SCOPES:
+        raise ValueError(f"the batch cap's scope (batch_cap_per, --max-batch-per) must be one of {BATCH_CAP_SCOPES}, "
+                         f"got {per!r}")
+    if max_batch < 1:
+        raise ValueError(f"the batch cap (max_batch_per_replica, --max-batch) must be >= 1, got {max_batch}")
+    return max_batch * (plan.tp * plan.pp if per == "device" else 1)
+
+
 def admit(queue: Sequence[Any], plan: ParallelPlan, free_bytes: float, memory: ReplicaMemory,
           max_rows_per_replica: int, router: Callable[[Sequence[Any], int], list[list[Any]]],
           prompt_len: Callable[[Any], int] = lambda r: len(r.prompt_ids)) -> tuple[int, bool]:

@@ -25,7 +25,8 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from hf_adaptive.parallel.capacity import ReplicaMemory, admit
+from hf_adaptive.parallel.capacity import ReplicaMemory, admit, replica_rows
+from hf_adaptive.parallel.plans import ParallelPlan
 from hf_adaptive.parallel.requests import route
 from hf_adaptive.policy.parallel_policy import STRATEGIES, WorkloadSummary
 
@@ -136,15 +137,16 @@ class _Queued:
 
 
 def drain_seconds(calib: Calibration, plan: Any, queue: Sequence[_Queued],
-                  max_batch_per_replica: int) -> tuple[float, int]:
+                  max_batch_per_replica: int, batch_cap_per: str = "replica") -> tuple[float, int]:
     """``(seconds, served)``: serve ``queue`` FIFO on ``plan`` in the batches admission forms
-    (``capacity.admit``), stopping at the first request that does not fit the plan even alone; ``served`` counts
-    the requests before it (``len(queue)`` when all fit)."""
+    (``capacity.admit``, with the batch cap of ``capacity.replica_rows``), stopping at the first request that does
+    not fit the plan even alone; ``served`` counts the requests before it (``len(queue)`` when all fit)."""
     memory, free = calib.cost(plan.name).replica_memory(), calib.free_bytes(plan.name)
+    rows = replica_rows(plan, max_batch_per_replica, batch_cap_per)
     seconds, i = 0.0, 0
     while i < len(queue):
-        head = queue[i:i + max_batch_per_replica * plan.dp]
-        take, fits = admit(head, plan, free, memory, max_batch_per_replica, route, lambda r: r.prompt_tokens)
+        head = queue[i:i + rows * plan.dp]
+        take, fits = admit(head, plan, free, memory, rows, route, lambda r: r.prompt_tokens)
         if not fits:
             break
         seconds += batch_cost(calib, plan, head[:take], lambda r: r.prompt_tokens)[0]
@@ -153,10 +155,12 @@ def drain_seconds(calib: Calibration, plan: Any, queue: Sequence[_Queued],
 
 
 def queue_drain_predictor(calib: Calibration, plan_for: Callable[[str], Any], max_batch_per_replica: int,
-                          head_requests: int = 0) -> Callable[[str, WorkloadSummary], float | None]:
+                          head_requests: int = 0,
+                          batch_cap_per: str = "replica") -> Callable[[str, WorkloadSummary], float | None]:
     """``predict_s(strategy, summary)`` for ``cost_aware_rule``: seconds to serve the live queue FIFO starting
     on ``strategy``'s plan, in the batches admission would form there.
 
+    ``max_batch_per_replica`` and ``batch_cap_per`` are the server's batch cap (``capacity.replica_rows``).
     ``head_requests`` > 0 prices only the next that many queued requests (the work the next batches run, as the
     default rule's ``queue_head_requests``).
 
@@ -169,10 +173,12 @@ def queue_drain_predictor(calib: Calibration, plan_for: Callable[[str], Any], ma
     """
     if head_requests < 0:
         raise ValueError(f"head_requests must be >= 0 (0: the whole queue), got {head_requests}")
+    replica_rows(ParallelPlan(), max_batch_per_replica, batch_cap_per)  # validates the cap early
 
     def drain(strategy: str, queue: Sequence[_Queued]) -> tuple[float, int] | None:
         plan = plan_for(strategy)
-        return drain_seconds(calib, plan, queue, max_batch_per_replica) if plan.name in calib.plans else None
+        return (drain_seconds(calib, plan, queue, max_batch_per_replica, batch_cap_per)
+                if plan.name in calib.plans else None)
 
     def predict_s(strategy: str, summary: WorkloadSummary) -> float | None:
         lens, news = summary.queue_seq_lens, summary.queue_new_tokens

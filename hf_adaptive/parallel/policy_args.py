@@ -1,4 +1,5 @@
-"""The parallelism policy's command-line knobs, shared by the serving worker and ``hf-adaptive simulate``.
+"""The parallelism policy's and the batch cap's command-line knobs, shared by the serving worker and
+``hf-adaptive simulate``.
 
 Contract: argparse in, ``ParallelPolicyConfig`` out (default rule; callers swap in the cost-aware rule). One
 definition, so a simulated run and a served run with the same flags make the same decisions.
@@ -9,9 +10,18 @@ from __future__ import annotations
 import argparse
 import logging
 
+from hf_adaptive.parallel.capacity import BATCH_CAP_SCOPES
 from hf_adaptive.policy.parallel_policy import Band, ParallelPolicyConfig
 
 logger = logging.getLogger(__name__)
+
+
+def add_batch_arguments(p: argparse.ArgumentParser) -> None:
+    """The batch cap (``capacity.replica_rows``): ``--max-batch`` rows per replica or per device."""
+    p.add_argument("--max-batch", type=int, default=8, help="rows per batch per replica (see --max-batch-per)")
+    p.add_argument("--max-batch-per", choices=BATCH_CAP_SCOPES, default="replica",
+                   help="the cap's scope: replica (DP over N replicas batches N times the rows TP or PP does) or "
+                        "device (per device a replica spans: every plan batches equally many rows)")
 
 
 def add_policy_arguments(p: argparse.ArgumentParser) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hf_adaptive.parallel.capacity import ReplicaMemory, admit
+from hf_adaptive.parallel.capacity import ReplicaMemory, admit, replica_rows
 from hf_adaptive.parallel.engine import Engine
 from hf_adaptive.parallel.plans import ParallelPlan
 from hf_adaptive.parallel.requests import Request, route
@@ -45,6 +45,8 @@ class ServeConfig:
 
     Args:
         max_batch_per_replica: requests per replica per batch (an upper bound; memory may allow fewer).
+        batch_cap_per: ``"replica"`` (the cap above is per replica) or ``"device"`` (it is per device a replica
+            spans, so TP and PP batch as many rows as DP over the same devices); see ``capacity.replica_rows``.
         pad_token_id: left-padding id.
         eos_token_id: stop id (None: always generate ``max_new_tokens``).
         device_memory_bytes: memory budget per device, for the memory signal and batch admission. None: the
@@ -55,6 +57,7 @@ class ServeConfig:
     """
 
     max_batch_per_replica: int = 8
+    batch_cap_per: str = "replica"
     pad_token_id: int = 0
     eos_token_id: int | None = None
     device_memory_bytes: int | None = None
@@ -64,6 +67,11 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.memory_headroom < 1:
             raise ValueError(f"memory_headroom must be in [0, 1), got {self.memory_headroom!r}; e.g. 0.15")
+        replica_rows(ParallelPlan(), self.max_batch_per_replica, self.batch_cap_per)  # validates both
+
+    def rows_per_replica(self, plan: ParallelPlan) -> int:
+        """The batch cap of one replica of ``plan`` (``capacity.replica_rows``)."""
+        return replica_rows(plan, self.max_batch_per_replica, self.batch_cap_per)
 
 
 def budget_bytes(engine: Engine, config: ServeConfig) -> int:
@@ -197,7 +205,7 @@ class Controller:
         return list(dict.fromkeys(self.plan_for(s) for s in STRATEGIES))
 
     def warm_up(self, prompt_tokens: int = 256, new_tokens: int = 16) -> float:
-        """Before ``start``: build every usable layout once and run one full batch (``max_batch_per_replica``
+        """Before ``start``: build every usable layout once and run one full batch (``rows_per_replica``
         rows of ``prompt_tokens``, fewer if memory admission says so) on each replica of it, untimed and
         unrecorded, ending on the first plan. The
         first batches after a layout is built run several times slower (CUDA context, library handles, the
@@ -212,10 +220,10 @@ class Controller:
             self._switch(plan, "warm-up", count=False)
             batch = [Request(id=f"warm-up-{i}", arrival_s=0.0, max_new_tokens=new_tokens,
                              prompt_ids=[1 + (i + j) % 97 for j in range(prompt_tokens)])
-                     for i in range(plan.dp * self.config.max_batch_per_replica)]
+                     for i in range(plan.dp * self.config.rows_per_replica(plan))]
             # Admitted like any batch: a warm-up must not run a tight memory budget out of memory.
             take, fits = admit(batch, plan, self._free_bytes, self._memory_model(plan),
-                               self.config.max_batch_per_replica, route)
+                               self.config.rows_per_replica(plan), route)
             if fits:
                 command = _broadcast(("run", route(batch[:take], plan.dp)), self.group)
                 execute(self.engine, command, self.group, self.config)
@@ -322,7 +330,7 @@ class Controller:
         plan = self.engine.plan
         queued = [p.request for p in self._queue]
         take, fits = admit(queued, plan, self._free_bytes, self._memory_model(plan),
-                           self.config.max_batch_per_replica, route)
+                           self.config.rows_per_replica(plan), route)
         if not fits:
             if not self._make_room(queued[0]):
                 self._reject(self._queue.popleft())

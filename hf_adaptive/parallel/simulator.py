@@ -2,7 +2,7 @@
 
 Contract: pure and deterministic (no torch, no clocks). The adaptive run uses the very same
 ``ParallelPolicy`` and ``plan_for_strategy`` as the live controller; static runs pin one plan. The
-scheduler mirrors ``serve.Controller``: FIFO, ``max_batch_per_replica`` per replica, DP batches routed
+scheduler mirrors ``serve.Controller``: FIFO, the same batch cap per replica (``SimConfig``), DP batches routed
 by ``requests.route``, batches admitted by memory with ``capacity.admit`` (the calibration's per-plan
 ``replica_memory`` and ``free_bytes``), a head request that fits no batch makes the adaptive run force a
 memory-splitting layout (hybrid, then PP) and a static run refuse it, switches only between batches and
@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 
-from hf_adaptive.parallel.capacity import admit
+from hf_adaptive.parallel.capacity import admit, replica_rows
 from hf_adaptive.parallel.cost_model import Calibration, batch_cost
 from hf_adaptive.parallel.plans import ParallelPlan
 from hf_adaptive.parallel.requests import Request, route
@@ -60,7 +60,16 @@ class SimResult:
 
 @dataclass(frozen=True)
 class SimConfig:
+    """The scheduler's batch cap, as ``serve.ServeConfig``'s (``capacity.replica_rows``)."""
+
     max_batch_per_replica: int = 8
+    batch_cap_per: str = "replica"
+
+    def __post_init__(self) -> None:
+        replica_rows(ParallelPlan(), self.max_batch_per_replica, self.batch_cap_per)  # validates both
+
+    def rows_per_replica(self, plan: ParallelPlan) -> int:
+        return replica_rows(plan, self.max_batch_per_replica, self.batch_cap_per)
 
 
 def simulate(requests: Sequence[Request], calib: Calibration, plan_for: Callable[[str], ParallelPlan],
@@ -100,9 +109,10 @@ def simulate(requests: Sequence[Request], calib: Calibration, plan_for: Callable
             new_plan = plan_for(policy.observe(signals))
             if new_plan != plan:
                 switch(new_plan, policy.history[-1].reason if policy.history else "")
-        head_rows = list(islice(queue, config.max_batch_per_replica * plan.dp))
+        rows = config.rows_per_replica(plan)
+        head_rows = list(islice(queue, rows * plan.dp))
         take, fits = admit(head_rows, plan, calib.free_bytes(plan.name), calib.cost(plan.name).replica_memory(),
-                           config.max_batch_per_replica, route, prompt_len)
+                           rows, route, prompt_len)
         if not fits:
             head = queue[0]
             tried = room_tried.setdefault(head.id, {plan.name})

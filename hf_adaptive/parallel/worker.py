@@ -28,7 +28,7 @@ from hf_adaptive.parallel.plans import ModelDims, ParallelPlan, all_plans, plan_
 from hf_adaptive.parallel.requests import load_trace, tokenize_request
 from hf_adaptive.parallel.serve import Controller, ServeConfig, follow, replay_trace
 from hf_adaptive.parallel.telemetry import write_report
-from hf_adaptive.parallel.policy_args import add_policy_arguments, policy_config_from_args
+from hf_adaptive.parallel.policy_args import add_batch_arguments, add_policy_arguments, policy_config_from_args
 from hf_adaptive.policy.parallel_policy import STRATEGIES, ParallelPolicy, ParallelPolicyConfig, cost_aware_rule
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-scale", type=float, default=1.0, help="multiply trace arrival times by this")
     p.add_argument("--http-port", type=int, help="serve /generate and /metrics on 127.0.0.1:PORT")
     p.add_argument("--serve-seconds", type=float, default=0.0, help="with --http-port: stop after this long")
-    p.add_argument("--max-batch", type=int, default=8, help="requests per replica per batch")
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
+    add_batch_arguments(p)
     add_policy_arguments(p)
     p.add_argument("--warmup", action="store_true",
                    help="before the clock starts, build every layout the run may use and run one full batch on it")
@@ -125,7 +125,7 @@ def policy_config(args: argparse.Namespace, world: int, dims: ModelDims) -> Para
         raise ValueError(f"--calibration was measured on world_size={calib.world_size}, this run has {world}; "
                          f"calibrate with --nproc_per_node {world}")
     predictor = queue_drain_predictor(calib, lambda s: plan_for_strategy(s, world, dims), args.max_batch,
-                                      args.queue_head)
+                                      args.queue_head, args.max_batch_per)
     return dataclasses.replace(config, rule=cost_aware_rule(predictor))
 
 
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         plans = list(dict.fromkeys(plans + [static]))
     engine = Engine(model, rank, world, device, plans)
     control = dist.new_group(backend="gloo")
-    config = ServeConfig(max_batch_per_replica=args.max_batch,
+    config = ServeConfig(max_batch_per_replica=args.max_batch, batch_cap_per=args.max_batch_per,
                          pad_token_id=(tokenizer.pad_token_id or 0) if tokenizer else 0,
                          eos_token_id=None, device_memory_bytes=budget, memory_headroom=args.memory_headroom)
     if rank != 0:
@@ -218,6 +218,7 @@ def run_meta(args, engine: Engine, policy: ParallelPolicy | None, static: Parall
             "model": args.model, "random_weights": args.random_weights, "dtype": args.dtype,
             "trace": args.trace, "time_scale": args.time_scale,
             "rule": args.rule, "calibration": args.calibration, "max_batch": args.max_batch,
+            "max_batch_per": args.max_batch_per,
             "device_memory_gb": args.device_memory_gb, "memory_headroom": args.memory_headroom,
             "queue_head": args.queue_head,
             "memory_bands": ((policy.config.hybrid_memory.enter, policy.config.pipeline_memory.enter)
