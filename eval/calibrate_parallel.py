@@ -27,15 +27,13 @@ from tqdm import tqdm
 
 from hf_adaptive.parallel.engine import Engine
 from hf_adaptive.parallel.plans import ModelDims, all_plans
+from hf_adaptive.parallel.policy_args import add_host_model_arguments
 from hf_adaptive.parallel.worker import init_distributed, load_host_model
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--random-weights", action="store_true",
-                   help="the model's architecture from config.json with seeded random weights (same on every rank)")
+    add_host_model_arguments(p)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[64, 512, 2048])
     p.add_argument("--new-tokens", type=int, default=32)

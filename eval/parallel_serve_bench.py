@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from hf_adaptive.parallel.comparison import compare_with_static, verdict_lines
+from hf_adaptive.parallel.comparison import compare_with_static, concurrency_lines, verdict_lines
 from hf_adaptive.parallel.launch import LaunchConfig, build_launch, run_launch
 from hf_adaptive.parallel.plans import ModelDims, all_plans
 from hf_adaptive.parallel.requests import load_trace
@@ -104,6 +104,8 @@ def write_markdown(path: Path, meta: dict, rows: dict, verdict: dict) -> None:
     lines = [f"# Adaptive vs static parallel plans ({meta['device']} x {meta['world_size']})", "",
              f"torch {meta['torch']}, transformers {meta['transformers']}, model `{meta['model']}` {meta['dtype']}, "
              f"trace `{meta['trace']}` (time scale {meta['time_scale']})", "", f"Command: `{meta['command']}`", "",
+             *concurrency_lines(_static_plans(rows, meta), meta.get("max_batch", 8),
+                                meta.get("max_batch_per", "replica")), "",
              "| mode | requests served | rejected | tok/s (busy) | tok/s (wall) | p50 s | p99 s | switches | switch cost s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for mode, r in rows.items():
@@ -116,6 +118,12 @@ def write_markdown(path: Path, meta: dict, rows: dict, verdict: dict) -> None:
                   for s in rows[mode]["switches_detail"]]
     lines += verdict_lines(verdict)
     path.write_text("\n".join(lines) + "\n")
+
+
+def _static_plans(rows: dict, meta: dict) -> list[str]:
+    """Every plan a mode of this bench ran: the static modes and the layouts the adaptive modes used."""
+    used = [p for r in rows.values() for s in r.get("switches_detail", []) for p in (s["from_plan"], s["to_plan"]) if p != "none"]
+    return list(dict.fromkeys([m for m in rows if not m.startswith("adaptive")] + used))
 
 
 def plot(path: Path, rows: dict, meta: dict) -> None:

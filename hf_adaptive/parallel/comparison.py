@@ -78,3 +78,26 @@ def verdict_lines(verdict: dict[str, Any]) -> list[str]:
                      f"{verdict['best_static']} ({v['p99_ratio_vs_lowest_p99']:.2f}x the lowest static p99); "
                      f"served every request: {v['served_all']}; **target {'met' if v['meets_target'] else 'NOT met'}**")
     return lines
+
+
+def concurrency_lines(plan_names: list[str], max_batch: int, per: str) -> list[str]:
+    """Markdown lines stating how many rows each plan may batch at once under the cap ``(max_batch, per)``.
+
+    Throughput ratios between plans mean little when the cap lets one plan run more rows than another (with
+    ``per="replica"`` DP over N devices batches N times the rows of TP or PP); the lines then say so and name the
+    flag that equalises them. ``plan_names`` are plan names (``"tp2"``, ``"dp4"``); adaptive modes are skipped.
+    """
+    from hf_adaptive.parallel.capacity import replica_rows
+    from hf_adaptive.parallel.plans import ParallelPlan
+
+    plans = [ParallelPlan.parse(n) for n in plan_names if not n.startswith("adaptive")]
+    rows = {p.name: replica_rows(p, max_batch, per) * p.dp for p in plans}
+    if not rows:
+        return []
+    lines = [f"Batch cap: {max_batch} rows per {per}; rows in flight at most: "
+             + ", ".join(f"{name} {n}" for name, n in rows.items()) + " (memory admission may allow fewer)."]
+    if len(set(rows.values())) > 1:
+        lines.append(f"**Unequal concurrency:** the plans above may batch different numbers of rows, so their "
+                     f"throughputs are not compared like for like; `--max-batch-per device` gives every plan "
+                     f"{max_batch} rows per device.")
+    return lines

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from hf_adaptive.parallel.plans import ParallelPlan
-from hf_adaptive.parallel.shard import Shard, build_shard
+from hf_adaptive.parallel.shard import Shard, build_shard, pin_host_copy
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,11 @@ def cache_kwarg_name(model: nn.Module) -> str:
 
 @dataclass
 class Engine:
-    """Holds the host copy of the weights and this rank's shard of the current plan."""
+    """Holds the host copy of the weights and this rank's shard of the current plan.
+
+    ``pin_host``: on a CUDA device, page-lock the host copy at construction (``pin_host_copy``), so a re-shard
+    copies at full link speed; it costs one pass over the weights and that much page-locked host memory per rank.
+    """
 
     host_model: nn.Module
     rank: int
@@ -76,11 +80,25 @@ class Engine:
     plans: list[ParallelPlan]
     groups: dict[str, PlanGroups] = field(default_factory=dict)
     shard: Shard | None = None
+    pin_host: bool = True
 
     def __post_init__(self) -> None:
         self.host_model.eval()
         self.groups = create_plan_groups(self.plans, self.rank)
         self._cache_kw = cache_kwarg_name(self.host_model)
+        self.pinned_bytes = 0
+        if self.pin_host and self.device.type == "cuda":
+            self.pin()
+
+    def pin(self) -> float:
+        """Page-lock the host copy (once; a no-op off CUDA or when done); returns the seconds it took."""
+        if self.pinned_bytes or self.device.type != "cuda":
+            return 0.0
+        start = time.perf_counter()
+        self.pinned_bytes = pin_host_copy(self.host_model)
+        seconds = time.perf_counter() - start
+        logger.info("host copy page-locked: %.2f GiB in %.1fs", self.pinned_bytes / 2**30, seconds)
+        return seconds
 
     @property
     def plan(self) -> ParallelPlan | None:
@@ -96,6 +114,8 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.shard = build_shard(self.host_model, plan, self.rank, self.device, self.groups[plan.name].tp)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the copies are asynchronous: the cost includes them
         dist.barrier()
         return time.perf_counter() - start
 

@@ -1,5 +1,5 @@
 """The parallelism policy's and the batch cap's command-line knobs, shared by the serving worker and
-``hf-adaptive simulate``.
+``hf-adaptive simulate``; and the host model's, shared by the multi-process eval scripts.
 
 Contract: argparse in, ``ParallelPolicyConfig`` out (default rule; callers swap in the cost-aware rule). One
 definition, so a simulated run and a served run with the same flags make the same decisions.
@@ -14,6 +14,14 @@ from hf_adaptive.parallel.capacity import BATCH_CAP_SCOPES
 from hf_adaptive.policy.parallel_policy import Band, ParallelPolicyConfig
 
 logger = logging.getLogger(__name__)
+
+
+def add_host_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The host copy the engine shards (``worker.load_host_model``): ``--model``, ``--dtype``, ``--random-weights``."""
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--random-weights", action="store_true",
+                   help="the model's architecture from config.json with seeded random weights (same on every rank)")
 
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:

@@ -11,6 +11,10 @@ the engine runs stages by calling the HF modules themselves (no copied modeling 
   output rows (column parallel), o and down by input columns (row parallel) with an all-reduce after
   them. Attention is split by whole KV-head groups, so uneven splits (SmolLM2: 3 KV heads on 2 ranks)
   work. Embeddings and ``lm_head`` stay replicated.
+- Copies to a CUDA device are asynchronous and read the host copy directly: row slices as they are, column
+  slices by moving the whole matrix and slicing it on the device (a strided host copy is far slower than the
+  extra bytes). ``pin_host_copy`` page-locks the host copy once, so those copies run at full link speed; the
+  caller synchronises before using or timing the shard.
 """
 
 from __future__ import annotations
@@ -80,8 +84,8 @@ def build_shard(host_model: nn.Module, plan: ParallelPlan, rank: int, device: to
     if plan.tp > 1:
         if tp_group is None:
             raise ValueError(f"tp_group is required for plan {plan.name} (tp={plan.tp}); pass the rank's TP group")
-        apply_tp(model, tp_rank, plan.tp, tp_group)
-    model.to(device)
+        apply_tp(model, tp_rank, plan.tp, tp_group, device)
+    model.to(device, non_blocking=True)  # what apply_tp left on the host: embeddings, norms, lm_head, or all
     return Shard(model=model, plan=plan, dp_index=dp_index, stage=stage, tp_rank=tp_rank, layer_range=(first, last))
 
 
@@ -113,8 +117,40 @@ def _copy_stage(host_model: nn.Module, first: int, last: int, is_last: bool) -> 
     return model
 
 
-def apply_tp(model: nn.Module, tp_rank: int, tp_size: int, group: Any) -> None:
-    """Shard every decoder layer's attention and MLP of ``model`` in place over ``group``."""
+def pin_host_copy(model: nn.Module) -> int:
+    """Move ``model``'s parameters into one page-locked host buffer, in place; returns its size in bytes.
+
+    Host-to-device copies from pageable memory are staged through a driver buffer and run at a fraction of the
+    link's speed; from page-locked memory they run at full speed and asynchronously. One buffer rather than one
+    per tensor, since the CUDA host allocator rounds every allocation up to a power of two. Parameters must be
+    on the CPU; tied parameters (one ``Parameter`` object) are moved once. Needs CUDA.
+    """
+    params = list(dict.fromkeys(model.parameters()))
+    if not params:
+        return 0
+    if any(p.device.type != "cpu" for p in params):
+        raise ValueError("pin_host_copy needs the model's parameters on the CPU (the host copy); "
+                         f"found one on {next(p.device for p in params if p.device.type != 'cpu')}")
+    align = 256
+    offsets, total = [], 0
+    for p in params:
+        offsets.append(total)
+        total += -(-p.numel() * p.element_size() // align) * align
+    flat = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    for p, offset in zip(params, offsets):
+        nbytes = p.numel() * p.element_size()
+        view = flat[offset:offset + nbytes].view(p.dtype).view(p.shape)
+        view.copy_(p.data)
+        p.data = view
+    return total
+
+
+def apply_tp(model: nn.Module, tp_rank: int, tp_size: int, group: Any, device: torch.device | str = "cpu") -> None:
+    """Shard every decoder layer's attention and MLP of ``model`` in place over ``group``, onto ``device``.
+
+    The shards are new tensors on ``device`` (copies even when it is the CPU); the parameters ``model`` held
+    before, the host copy's, are only read.
+    """
     config = model.config
     text_config = getattr(config, "text_config", None) or config
     n_heads, n_kv = text_config.num_attention_heads, text_config.num_key_value_heads
@@ -125,25 +161,31 @@ def apply_tp(model: nn.Module, tp_rank: int, tp_size: int, group: Any) -> None:
         hd = attn.head_dim
         q_rows = (kv_lo * group_size * hd, kv_hi * group_size * hd)
         kv_rows = (kv_lo * hd, kv_hi * hd)
-        _shard_rows(attn.q_proj, *q_rows)
-        _shard_rows(attn.k_proj, *kv_rows)
-        _shard_rows(attn.v_proj, *kv_rows)
-        _shard_cols(attn.o_proj, *q_rows, keep_bias=tp_rank == 0, group=group)
+        _shard_rows(attn.q_proj, *q_rows, device)
+        _shard_rows(attn.k_proj, *kv_rows, device)
+        _shard_rows(attn.v_proj, *kv_rows, device)
+        _shard_cols(attn.o_proj, *q_rows, keep_bias=tp_rank == 0, group=group, device=device)
         ff_lo, ff_hi = split_evenly(mlp.gate_proj.out_features, tp_size)[tp_rank]
-        _shard_rows(mlp.gate_proj, ff_lo, ff_hi)
-        _shard_rows(mlp.up_proj, ff_lo, ff_hi)
-        _shard_cols(mlp.down_proj, ff_lo, ff_hi, keep_bias=tp_rank == 0, group=group)
+        _shard_rows(mlp.gate_proj, ff_lo, ff_hi, device)
+        _shard_rows(mlp.up_proj, ff_lo, ff_hi, device)
+        _shard_cols(mlp.down_proj, ff_lo, ff_hi, keep_bias=tp_rank == 0, group=group, device=device)
 
 
-def _shard_rows(linear: nn.Linear, lo: int, hi: int) -> None:
-    linear.weight = nn.Parameter(linear.weight.data[lo:hi].clone(), requires_grad=False)
+def _shard_rows(linear: nn.Linear, lo: int, hi: int, device: torch.device | str) -> None:
+    # A row slice is contiguous: copied straight from the host copy.
+    linear.weight = nn.Parameter(linear.weight.data[lo:hi].to(device, non_blocking=True, copy=True),
+                                 requires_grad=False)
     if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias.data[lo:hi].clone(), requires_grad=False)
+        linear.bias = nn.Parameter(linear.bias.data[lo:hi].to(device, non_blocking=True, copy=True),
+                                   requires_grad=False)
     linear.out_features = hi - lo
 
 
-def _shard_cols(linear: nn.Linear, lo: int, hi: int, keep_bias: bool, group: Any) -> None:
-    linear.weight = nn.Parameter(linear.weight.data[:, lo:hi].clone(), requires_grad=False)
+def _shard_cols(linear: nn.Linear, lo: int, hi: int, keep_bias: bool, group: Any, device: torch.device | str) -> None:
+    # A column slice is strided: the whole matrix goes to the device, which cuts it (on the CPU the ``.to`` is a
+    # no-op and ``contiguous`` makes the copy).
+    linear.weight = nn.Parameter(linear.weight.data.to(device, non_blocking=True)[:, lo:hi].contiguous(),
+                                 requires_grad=False)
     if linear.bias is not None and not keep_bias:
         linear.bias = None  # the bias must be added once, after the sum over ranks
     linear.in_features = hi - lo

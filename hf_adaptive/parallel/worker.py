@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "card's memory on GPU, 16 on CPU); on GPU a smaller budget is enforced on the allocator")
     p.add_argument("--memory-headroom", type=float, default=0.15,
                    help="batch admission keeps each device under (1 - this) of the budget")
+    p.add_argument("--pin-host", action=argparse.BooleanOptionalAction, default=True,
+                   help="page-lock the host copy of the weights once at start (GPU), so re-sharding copies at full "
+                        "link speed; --no-pin-host keeps it pageable (slower switches, no page-locked memory)")
     p.add_argument("--out", default="runs/serve", help="directory for serve.json/.md/.png")
     p.add_argument("--name", default="serve", help="report file stem")
     return p
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                   else ParallelPlan.parse(args.plan))
         validate_plan(static, dims, world)
         plans = list(dict.fromkeys(plans + [static]))
-    engine = Engine(model, rank, world, device, plans)
+    engine = Engine(model, rank, world, device, plans, pin_host=args.pin_host)
     control = dist.new_group(backend="gloo")
     config = ServeConfig(max_batch_per_replica=args.max_batch, batch_cap_per=args.max_batch_per,
                          pad_token_id=(tokenizer.pad_token_id or 0) if tokenizer else 0,
@@ -223,7 +226,7 @@ def run_meta(args, engine: Engine, policy: ParallelPolicy | None, static: Parall
             "queue_head": args.queue_head,
             "memory_bands": ((policy.config.hybrid_memory.enter, policy.config.pipeline_memory.enter)
                              if policy else None),
-            "warmup": args.warmup,
+            "warmup": args.warmup, "pinned_host_bytes": engine.pinned_bytes,
             "command": " ".join([sys.executable, "-m", "hf_adaptive.parallel.worker"] + sys.argv[1:]),
             "time": time.strftime("%FT%TZ", time.gmtime()),
             "policy_switches": [e.__dict__ | {"summary": e.summary.__dict__} for e in policy.history] if policy else []}
