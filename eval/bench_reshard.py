@@ -49,7 +49,7 @@ def cycle(engine: Engine, plans: list, rounds: int, mode: str, prompt: tuple, lo
         seconds = engine.reshard(plan)
         worst = [None] * engine.world_size
         dist.all_gather_object(worst, (seconds, engine.shard.param_bytes()))
-        if before is not None:
+        if before is not None and before.name != plan.name:  # the first build of a cycle may rebuild the last plan
             rows.append({"mode": mode, "from": before.name, "to": plan.name, "seconds": max(s for s, _ in worst),
                          "bytes_per_device": max(b for _, b in worst)})
         if plan.name not in logits.setdefault(mode, {}):
@@ -95,7 +95,7 @@ def main() -> int:
 def summarise(rows: list[dict]) -> list[dict]:
     """Per (from, to): mean seconds in each mode, the page-locked speed-up, and the copy rate it reached."""
     out: dict[tuple[str, str], dict] = {}
-    for r in rows:
+    for r in (r for r in rows if r["from"] != r["to"]):  # a rebuild of the same plan is not a switch
         entry = out.setdefault((r["from"], r["to"]), {"from": r["from"], "to": r["to"],
                                                      "bytes_per_device": r["bytes_per_device"]})
         entry.setdefault(r["mode"], []).append(r["seconds"])
@@ -120,8 +120,10 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
              f"GiB per rank. Logits identical from both host copies on every plan: "
              f"**{'not checked (CPU)' if meta['logits_identical_both_modes'] is None else meta['logits_identical_both_modes']}**.",
              "",
-             "Seconds per switch (mean over rounds, slowest rank); bytes: the new shard's weights per device.", "",
-             "| from | to | GiB per device | pageable s | page-locked s | speed-up | page-locked GB/s |",
+             "Seconds per switch (mean over rounds, slowest rank); bytes: the new shard's weights per device. The rate "
+             "is those bytes over the page-locked time; a TP shard moves its row-parallel matrices whole and cuts them "
+             "on the device, so more than that crosses the link.", "",
+             "| from | to | GiB per device | pageable s | page-locked s | speed-up | shard GB/s, page-locked |",
              "|---|---|---|---|---|---|---|"]
     for e in summary:
         lines.append(f"| {e['from']} | {e['to']} | {e['bytes_per_device'] / 2**30:.2f} | {e.get('pageable_s', 0):.3f} | "
