@@ -120,3 +120,28 @@ def test_reshard_bench_times_every_switch_on_two_gloo_processes(tmp_path):
     assert report["meta"]["logits_identical_both_modes"] is None  # nothing to page-lock on the CPU
     assert (tmp_path / "out/reshard.png").stat().st_size > 0 and "not checked (CPU)" in (
         tmp_path / "out/reshard.md").read_text()
+
+
+def test_engine_pins_once_and_serves_on_when_page_locked_memory_runs_out(monkeypatch, caplog):
+    """Engine.pin: a failed page-lock leaves the host copy pageable with a warning (the run goes on); a successful
+    one is recorded and not repeated. The CUDA calls are replaced, so this runs on CPU."""
+    import logging
+
+    import hf_adaptive.parallel.engine as engine_mod
+
+    engine = engine_mod.Engine(make_tiny_model("llama"), 0, 1, torch.device("cuda", 0), [ParallelPlan()],
+                               pin_host=False)
+    assert engine.pinned_bytes == 0
+
+    def out_of_pinned_memory(model):
+        raise RuntimeError("CUDA error: out of memory\nmore detail")
+
+    monkeypatch.setattr(engine_mod, "pin_host_copy", out_of_pinned_memory)
+    with caplog.at_level(logging.WARNING, logger="hf_adaptive.parallel.engine"):
+        assert engine.pin() == 0.0
+    assert engine.pinned_bytes == 0 and "--no-pin-host" in caplog.text and "out of memory" in caplog.text
+    calls = []
+    monkeypatch.setattr(engine_mod, "pin_host_copy", lambda model: calls.append(model) or 4096)
+    engine.pin()
+    engine.pin()
+    assert engine.pinned_bytes == 4096 and len(calls) == 1

@@ -95,7 +95,12 @@ class Engine:
         if self.pinned_bytes or self.device.type != "cuda":
             return 0.0
         start = time.perf_counter()
-        self.pinned_bytes = pin_host_copy(self.host_model)
+        try:
+            self.pinned_bytes = pin_host_copy(self.host_model)
+        except RuntimeError as err:  # page-locked memory is scarcer than RAM: serve on, with slower re-shards
+            logger.warning("could not page-lock the host copy (%s); re-shards read pageable memory, about 5x "
+                           "slower (pass --no-pin-host to skip the attempt)", str(err).splitlines()[0])
+            return 0.0
         seconds = time.perf_counter() - start
         logger.info("host copy page-locked: %.2f GiB in %.1fs", self.pinned_bytes / 2**30, seconds)
         return seconds
