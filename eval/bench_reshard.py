@@ -112,13 +112,14 @@ def summarise(rows: list[dict]) -> list[dict]:
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
+    identical = meta["logits_identical_both_modes"]
     (out / "reshard.json").write_text(json.dumps({"meta": meta, "switches": rows, "summary": summary}, indent=1))
     lines = [f"# Re-shard cost ({meta['device']} x {meta['world_size']})", "",
              f"torch {meta['torch']}, transformers {meta['transformers']}, model `{meta['model']}` {meta['dtype']}"
              f"{' (random weights)' if meta['random_weights'] else ''}", "", f"Command: `{meta['command']}`", "",
              f"Page-locking the host copy: {meta['pin_seconds']:.1f} s, {meta['pinned_bytes_per_rank'] / 2**30:.2f} "
              f"GiB per rank. Logits identical from both host copies on every plan: "
-             f"**{'not checked (CPU)' if meta['logits_identical_both_modes'] is None else meta['logits_identical_both_modes']}**.",
+             f"**{'not checked (CPU)' if identical is None else identical}**.",
              "",
              "Seconds per switch (mean over rounds, slowest rank); bytes: the new shard's weights per device. The rate "
              "is those bytes over the page-locked time; a TP shard moves its row-parallel matrices whole and cuts them "
@@ -126,7 +127,8 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
              "| from | to | GiB per device | pageable s | page-locked s | speed-up | shard GB/s, page-locked |",
              "|---|---|---|---|---|---|---|"]
     for e in summary:
-        lines.append(f"| {e['from']} | {e['to']} | {e['bytes_per_device'] / 2**30:.2f} | {e.get('pageable_s', 0):.3f} | "
+        lines.append(f"| {e['from']} | {e['to']} | {e['bytes_per_device'] / 2**30:.2f} | "
+                     f"{e.get('pageable_s', 0):.3f} | "
                      f"{e.get('page-locked_s', float('nan')):.3f} | {e.get('speedup', float('nan')):.2f}x | "
                      f"{e.get('page-locked_GBps', float('nan')):.1f} |")
     (out / "reshard.md").write_text("\n".join(lines) + "\n")

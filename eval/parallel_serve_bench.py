@@ -104,7 +104,7 @@ def write_markdown(path: Path, meta: dict, rows: dict, verdict: dict) -> None:
     lines = [f"# Adaptive vs static parallel plans ({meta['device']} x {meta['world_size']})", "",
              f"torch {meta['torch']}, transformers {meta['transformers']}, model `{meta['model']}` {meta['dtype']}, "
              f"trace `{meta['trace']}` (time scale {meta['time_scale']})", "", f"Command: `{meta['command']}`", "",
-             *concurrency_lines(_static_plans(rows, meta), meta.get("max_batch", 8),
+             *concurrency_lines(_plans_run(rows), meta.get("max_batch", 8),
                                 meta.get("max_batch_per", "replica")), "",
              "| mode | requests served | rejected | tok/s (busy) | tok/s (wall) | p50 s | p99 s | switches | switch cost s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -120,9 +120,10 @@ def write_markdown(path: Path, meta: dict, rows: dict, verdict: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _static_plans(rows: dict, meta: dict) -> list[str]:
+def _plans_run(rows: dict) -> list[str]:
     """Every plan a mode of this bench ran: the static modes and the layouts the adaptive modes used."""
-    used = [p for r in rows.values() for s in r.get("switches_detail", []) for p in (s["from_plan"], s["to_plan"]) if p != "none"]
+    used = [p for r in rows.values() for s in r.get("switches_detail", [])
+            for p in (s["from_plan"], s["to_plan"]) if p != "none"]
     return list(dict.fromkeys([m for m in rows if not m.startswith("adaptive")] + used))
 
 

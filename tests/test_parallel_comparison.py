@@ -41,7 +41,8 @@ def test_no_complete_static_plan_and_bad_input():
 def test_concurrency_lines_flag_a_per_replica_cap():
     per_replica = concurrency_lines(["adaptive", "dp4", "tp4", "tp2xpp2"], 8, "replica")
     assert "dp4 32, tp4 8, tp2xpp2 8" in per_replica[0]
-    assert len(per_replica) == 2 and "Unequal concurrency" in per_replica[1] and "--max-batch-per device" in per_replica[1]
+    assert len(per_replica) == 2 and "Unequal concurrency" in per_replica[1]
+    assert "--max-batch-per device" in per_replica[1]
     per_device = concurrency_lines(["dp4", "tp4", "pp4", "tp2xpp2"], 8, "device")
     assert per_device == ["Batch cap: 8 rows per device; rows in flight at most: dp4 32, tp4 32, pp4 32, tp2xpp2 32 "
                           "(memory admission may allow fewer)."]

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from hf_adaptive.parallel.capacity import replica_rows
+from hf_adaptive.parallel.plans import ParallelPlan
+
 
 def compare_with_static(rows: dict[str, dict[str, Any]], total_requests: int, failed: dict[str, str] | None = None,
                         throughput_key: str = "wall_throughput_tok_s", min_speedup: float = 1.25,
@@ -87,9 +90,6 @@ def concurrency_lines(plan_names: list[str], max_batch: int, per: str) -> list[s
     ``per="replica"`` DP over N devices batches N times the rows of TP or PP); the lines then say so and name the
     flag that equalises them. ``plan_names`` are plan names (``"tp2"``, ``"dp4"``); adaptive modes are skipped.
     """
-    from hf_adaptive.parallel.capacity import replica_rows
-    from hf_adaptive.parallel.plans import ParallelPlan
-
     plans = [ParallelPlan.parse(n) for n in plan_names if not n.startswith("adaptive")]
     rows = {p.name: replica_rows(p, max_batch, per) * p.dp for p in plans}
     if not rows:

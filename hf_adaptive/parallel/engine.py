@@ -81,12 +81,12 @@ class Engine:
     groups: dict[str, PlanGroups] = field(default_factory=dict)
     shard: Shard | None = None
     pin_host: bool = True
+    pinned_bytes: int = field(default=0, init=False)  # the page-locked host buffer, once ``pin`` succeeded
 
     def __post_init__(self) -> None:
         self.host_model.eval()
         self.groups = create_plan_groups(self.plans, self.rank)
         self._cache_kw = cache_kwarg_name(self.host_model)
-        self.pinned_bytes = 0
         if self.pin_host and self.device.type == "cuda":
             self.pin()
 
