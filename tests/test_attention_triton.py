@@ -36,7 +36,7 @@ class Case:
     window: int | None = None
     pad: tuple[int, ...] = field(default_factory=tuple)  # left padding per sequence -> key mask
     seed: int = 0
-    split_unpack: bool = False  # DecodeKernelConfig.split_unpack
+    chunk: int | None = None  # DecodeKernelConfig.chunk
     static: bool = False  # read through a static view: capacity-sized tensors with garbage past the device lengths
 
 
@@ -61,7 +61,7 @@ def run_case(case: Case, device: str) -> dict:
     kw = dict(scaling=case.head_dim**-0.5, softcap=case.softcap, sliding_window=case.window, key_mask=key_mask)
     out = torch.full_like(q, float("nan"))  # poison: any row the kernel fails to write stays NaN
     view = _as_static(packed, key_mask, kw) if case.static else packed
-    got = triton_decode_attention(q, view, out=out, config=DecodeKernelConfig(split_unpack=case.split_unpack), **kw)
+    got = triton_decode_attention(q, view, out=out, config=DecodeKernelConfig(chunk=case.chunk), **kw)
     kw["key_mask"] = key_mask
     want = reference_decode_attention(q, packed, **kw)
     err = (got.float() - want.float()).abs().max().item()
@@ -112,8 +112,8 @@ GPU_CASES = [
     Case(batch=3, pad=(0, 5, 70)), Case(value_group=64, head_dim=128), Case(value_group=16),
     Case(value_group=64, batch=8, kv_heads=8, block_bits=(4,) * 63, tail=64),  # the benchmark shape, 4k tokens
     Case(block_bits=(4,) * 512, tail=17, batch=2),  # 32k tokens: many splits
-] + [  # the interleaving unpacker on every code width and head dim
-    Case(head_dim=d, block_bits=(2, 4, 8, 16, 4), tail=9, split_unpack=True, seed=d) for d in (64, 128, 256)
+] + [  # every code width and head dim, with chunks smaller than a block
+    Case(head_dim=d, block_bits=(2, 4, 8, 16, 4), tail=9, chunk=32, seed=d) for d in (64, 128, 256)
 ] + [  # static views (device lengths): the compiled cache's read path
     Case(static=True, block_bits=(4,) * 63, tail=65, value_group=64, batch=8, kv_heads=8),
     Case(static=True, block_bits=(16, 8, 4), tail=0), Case(static=True, batch=3, pad=(0, 5, 70)),
@@ -157,14 +157,16 @@ INTERPRETER_CASES = [
     Case(head_dim=32, group=1, batch=2, block_size=16, block_bits=(4, 4, 16), tail=0, value_group=32,
          dtype="float16", pad=(0, 9)),  # value_group == D: one value group per token
     Case(head_dim=64, group=8, block_size=32, block_bits=(8, 2), tail=31, dtype="bfloat16", softcap=3.0),
+    Case(head_dim=64, group=4, block_size=16, block_bits=(4, 8, 4), tail=4, value_group=64, dtype="float32"),
+    Case(head_dim=128, group=2, block_size=16, block_bits=(4, 16, 8), tail=2, value_group=64, dtype="float32"),
     Case(head_dim=16, group=2, block_size=16, block_bits=(4, 8, 8, 16, 4), tail=5, value_group=8, window=40,
          dtype="float32"),
-    Case(head_dim=32, group=4, block_size=16, block_bits=(2, 4, 16, 8), tail=3, value_group=16, dtype="float16",
-         split_unpack=True),
+    Case(head_dim=32, group=4, block_size=32, block_bits=(2, 4, 16, 8), tail=3, value_group=16, dtype="float16",
+         chunk=16),  # two chunks per block
     Case(head_dim=16, group=2, batch=2, block_size=16, block_bits=(4, 16, 8), tail=9, value_group=8,
          dtype="float32", pad=(0, 6), static=True),
     Case(head_dim=16, group=2, block_size=16, block_bits=(16, 8, 4), tail=0, value_group=8, dtype="float32",
-         static=True, split_unpack=True),  # empty tail; the compiled cache's default unpacker
+         static=True),  # empty tail
 ]
 
 
@@ -183,9 +185,9 @@ if __name__ == "__main__":  # the interpreter run of test_kernel_under_triton_in
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-@pytest.mark.parametrize("head_dim,split_unpack,device_lens", [(128, False, False), (64, True, False),
-                                                              (64, True, True)])
-def test_kernel_compiles_for_hopper(head_dim, split_unpack, device_lens):
+@pytest.mark.parametrize("head_dim,value_group,device_lens", [(128, 64, False), (64, 32, False), (64, 64, True),
+                                                              (16, 8, False)])
+def test_kernel_compiles_for_hopper(head_dim, value_group, device_lens):
     """Guards against compile-only failures the interpreter cannot see (branch type mismatches, constexpr
     misuse, layout errors): the kernel with every feature on must compile to an sm_90 cubin without a GPU."""
     import triton
@@ -195,9 +197,9 @@ def test_kernel_compiles_for_hopper(head_dim, split_unpack, device_lens):
     from hf_adaptive.attention import triton_decode
 
     fn = triton_decode.kernels.decode_split_kernel
-    const = dict(GROUP=4, GP=16, D=head_dim, G=32, BS=64, CHUNK=64, HAS8=True, HAS4=True, HAS2=True,
-                 HAS_MASK=True, WINDOW=0 if device_lens else 128, SOFTCAP=True, WHILE_LOOP=False,
-                 SPLIT_UNPACK=split_unpack, DEVICE_LENS=device_lens)
+    const = dict(GROUP=4, GP=16, D=head_dim, HD=max(16, head_dim // 2), G=value_group, BS=64, CHUNK=64, HAS8=True,
+                 HAS4=True, HAS2=True, HAS_MASK=True, WINDOW=0 if device_lens else 128, SOFTCAP=True,
+                 WHILE_LOOP=False, DEVICE_LENS=device_lens)
     sig = {name: _arg_type(name, const) for name in fn.arg_names}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 8})

@@ -27,6 +27,17 @@ def _generate(model, ids, cache, new_tokens, compiled=False, backend="aot_eager"
     return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **generate_cache_kwargs(cache), **extra)
 
 
+def _graph_counter():
+    """A dynamo backend that runs graphs eagerly and records each one it is handed (one per (re)compile)."""
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return graphs, counting
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model = make_tiny_model("llama")
@@ -53,12 +64,7 @@ def test_compiled_decode_matches_eager_and_compiles_once(tiny):
     (4-bit, so history really is read from the quantized pools) and not recompile per step."""
     model, ids, _ = tiny
     eager = _generate(model, ids, AdaptiveStaticKVCache(model.config, max_cache_len=90, fixed_bits=4, **SMALL), 40)
-    graphs = []
-
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    graphs, counting = _graph_counter()
     torch._dynamo.reset()
     cache = AdaptiveStaticKVCache(model.config, max_cache_len=90, fixed_bits=4, **SMALL)
     out = _generate(model, ids, cache, 40, compiled=True, backend=counting)
@@ -76,12 +82,7 @@ def test_pressure_switch_under_compile_does_not_retrace(tiny):
     eager_cache = AdaptiveStaticKVCache(model.config, max_cache_len=90,
                                         pressure=ScriptedPressure([0.0] * 6 + [0.75] * 16 + [0.9] * 200), **SMALL)
     eager = _generate(model, ids, eager_cache, 40)
-    graphs = []
-
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    graphs, counting = _graph_counter()
     torch._dynamo.reset()
     pressure = ScriptedPressure([0.0] * 6 + [0.75] * 16 + [0.9] * 200)
     cache = AdaptiveStaticKVCache(model.config, max_cache_len=90, pressure=pressure, **SMALL)
@@ -92,6 +93,35 @@ def test_pressure_switch_under_compile_does_not_retrace(tiny):
     assert cache.stats()["layers"][0]["tokens_by_bits"]["4"] > 0
     assert cache.view_changes >= 2  # pools appeared / were released mid-generation...
     assert len(graphs) == 1, f"{len(graphs)} graphs for one decode step shape"  # ...and the step was traced once
+
+
+def test_reset_reuses_buffers_without_recompiling(tiny):
+    """Guards reuse across generate calls: reset() must keep every buffer at its address (so the compiled step and
+    its CUDA graph are reused), a reused cache must give a fresh cache's tokens, calls of other prompt and output
+    lengths under one max_cache_len must compile nothing new, and the device lengths the step advances itself
+    must end equal to the host's counts."""
+    model, ids, _ = tiny
+    graphs, counting = _graph_counter()
+    torch._dynamo.reset()
+    cache = AdaptiveStaticKVCache(model.config, max_cache_len=90, fixed_bits=4, **SMALL)
+    _generate(model, ids, cache, 20, compiled=True, backend=counting)
+    layer0 = cache.layers[0]
+    buffers = [t.data_ptr() for layer in cache.layers for t in (layer.tail_k, layer.table)]
+    buffers += [p.tensors["k_codes"].data_ptr() for layer in cache.layers for p in layer.pools.values()]
+    compiled = len(graphs)
+    for n_prompt, n_new in ((37, 20), (21, 30), (30, 12)):
+        cache.reset()
+        out = _generate(model, ids[:, :n_prompt], cache, n_new, compiled=True, backend=counting)
+        fresh = AdaptiveStaticKVCache(model.config, max_cache_len=90, fixed_bits=4, **SMALL)
+        assert torch.equal(out, _generate(model, ids[:, :n_prompt], fresh, n_new)), (n_prompt, n_new)
+        n_blocks = len(layer0.block_bits)
+        assert cache.lengths.lens.tolist() == [n_blocks, layer0.n_tail]
+        assert int(cache.lengths.seen) == n_blocks * 16 + layer0.n_tail == n_prompt + n_new - 1
+    after = [t.data_ptr() for layer in cache.layers for t in (layer.tail_k, layer.table)]
+    after += [p.tensors["k_codes"].data_ptr() for layer in cache.layers for p in layer.pools.values()]
+    assert after == buffers
+    assert len(graphs) == compiled, f"{len(graphs) - compiled} graphs compiled by reused calls"
+    assert cache.stats()["host_us_per_step"] > 0
 
 
 def test_crop_within_tail_is_exact(tiny):

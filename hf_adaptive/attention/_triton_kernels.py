@@ -4,125 +4,167 @@ Imported only where triton is installed. Stage 1 (``decode_split_kernel``) compu
 batch), partial softmax statistics of the KV group's query heads over a contiguous range of logical
 chunks; stage 2 (``merge_splits_kernel``) merges the splits with log-sum-exp weights. Under
 ``TRITON_INTERPRET=1`` the host passes ``WHILE_LOOP=True`` (see the kernel) and float32 dots.
+
+Every tile is handled as two halves of the head dim, channels ``[0, D/2)`` and ``[D/2, D)``, because the packed
+layout puts channel j and channel j + D/2 in the same byte (4 bits; 2 bits: j + k·D/4): a half is then one
+shift and one mask of contiguous bytes, with no interleaving of fields. Quantized tiles are never dequantized
+element by element when the scales allow folding them elsewhere:
+
+- keys (one scale/zero per block and channel): ``q · (c·s + z) = (q·s) · c + q · z``; the query is scaled once
+  per chunk and the integer codes, exact in bf16, go straight into the dot;
+- values (one scale/zero per token and group of G channels), when a half lies in one group (G ≥ D/2):
+  ``p · (c·s + z) = (p·s) · c + p · z``; smaller groups dequantize the tile in registers.
+
+A half narrower than 16 channels (D < 32) is padded to 16 columns with zeros for ``tl.dot``.
 """
 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _load_rows_16(k_base, v_base, rows, row_ok, offs_d, stride_row, DT: tl.constexpr):
-    """A (CHUNK, D) tile of keys and values held in the model dtype, as ``DT``."""
-    off = rows[:, None] * stride_row + offs_d[None, :]
-    k = tl.load(k_base + off, mask=row_ok[:, None], other=0.0).to(DT)
-    v = tl.load(v_base + off, mask=row_ok[:, None], other=0.0).to(DT)
-    return k, v
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _unpack(codes_base, rows, offs_d, D: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr):
-    """Codes of a (CHUNK, D) tile packed low bits first along channels, as float32.
-
-    SPLIT=False: every channel loads its own byte (bytes shared by 2 or 4 channels are loaded that many
-    times, from L1). SPLIT=True: each byte is loaded once and its fields interleaved back in channel order.
-    """
-    PER_BYTE: tl.constexpr = 8 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    if SPLIT and BITS < 8:
-        offs_b = tl.arange(0, D // PER_BYTE)
-        byte = tl.load(codes_base + rows[:, None] * (D // PER_BYTE) + offs_b[None, :]).to(tl.int32)
-        if BITS == 4:
-            codes = tl.interleave(byte & MASK, byte >> 4)
-        else:  # 2 bits: fields 0..3 of each byte -> channels 4i..4i+3
-            codes = tl.interleave(tl.interleave(byte & MASK, (byte >> 4) & MASK),
-                                  tl.interleave((byte >> 2) & MASK, byte >> 6))
-        return codes.to(tl.float32)
-    byte = tl.load(codes_base + rows[:, None] * (D // PER_BYTE) + (offs_d // PER_BYTE)[None, :])
-    shift = (offs_d % PER_BYTE) * BITS
-    return ((byte.to(tl.int32) >> shift[None, :]) & MASK).to(tl.float32)
-
-
-@triton.jit
-def _load_rows_quant(kc, ks, kz, vc, vs, vz, slot, rows, offs_d, D: tl.constexpr, G: tl.constexpr,
-                     BITS: tl.constexpr, DT: tl.constexpr, SPLIT: tl.constexpr):
-    """A (CHUNK, D) tile dequantized in registers: keys per channel of the block, values per token group."""
-    k_scale = tl.load(ks + slot * D + offs_d).to(tl.float32)
-    k_zero = tl.load(kz + slot * D + offs_d).to(tl.float32)
-    k = _unpack(kc, rows, offs_d, D, BITS, SPLIT) * k_scale[None, :] + k_zero[None, :]
-    g_off = rows[:, None] * (D // G) + (offs_d // G)[None, :]
-    v_scale = tl.load(vs + g_off).to(tl.float32)
-    v_zero = tl.load(vz + g_off).to(tl.float32)
-    v = _unpack(vc, rows, offs_d, D, BITS, SPLIT) * v_scale + v_zero
-    return k.to(DT), v.to(DT)  # narrow right away: halves the registers the tiles hold
-
-
-@triton.jit
-def _chunk_kv(c, bits_ptr, slot_ptr, fk, fv, sf_r, tk, tv, st_r,
-              k8c, k8s, k8z, v8c, v8s, v8z, k4c, k4s, k4z, v4c, v4s, v4z, k2c, k2s, k2z, v2c, v2s, v2z,
-              n_hist_chunks, n_tail, offs_n, offs_d, D: tl.constexpr, G: tl.constexpr, BS: tl.constexpr,
-              CHUNK: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, HAS2: tl.constexpr,
-              DT: tl.constexpr, SPLIT: tl.constexpr):
-    """(CHUNK, D) keys and values of logical chunk ``c``: via the block table, or from the tail.
-
-    All pointers are already offset to this program's (batch, kv head) plane.
-    """
-    CPB: tl.constexpr = BS // CHUNK
-    k = tl.zeros([CHUNK, D], DT)
-    v = tl.zeros([CHUNK, D], DT)
-    if c < n_hist_chunks:
-        bits = tl.load(bits_ptr + c // CPB)
-        slot = tl.load(slot_ptr + c // CPB)
-        rows = slot * BS + (c % CPB) * CHUNK + offs_n
-        if bits == 16:
-            k, v = _load_rows_16(fk, fv, rows, offs_n < CHUNK, offs_d, sf_r, DT)
-        if HAS8:
-            if bits == 8:
-                k, v = _load_rows_quant(k8c, k8s, k8z, v8c, v8s, v8z, slot, rows, offs_d, D, G, 8, DT, SPLIT)
-        if HAS4:
-            if bits == 4:
-                k, v = _load_rows_quant(k4c, k4s, k4z, v4c, v4s, v4z, slot, rows, offs_d, D, G, 4, DT, SPLIT)
-        if HAS2:
-            if bits == 2:
-                k, v = _load_rows_quant(k2c, k2s, k2z, v2c, v2s, v2z, slot, rows, offs_d, D, G, 2, DT, SPLIT)
-    else:
-        t_rows = (c - n_hist_chunks) * CHUNK + offs_n
-        k, v = _load_rows_16(tk, tv, t_rows, t_rows < n_tail, offs_d, st_r, DT)
-    return k, v
-
-
-@triton.jit
-def _online_softmax_step(q, k, v, valid, m_i, l_i, acc, qk_scale, softcap, SOFTCAP: tl.constexpr):
-    """Fold one (CHUNK, D) tile into the running (max, sum, output) of the (GP, D) query rows."""
-    dot_ty = q.dtype
-    s = tl.dot(q, tl.trans(k)) * qk_scale  # (GP, CHUNK); scaled in float32, q stays exact
+def _softmax_fold(s, valid, m_i, l_i, qk_scale, softcap, SOFTCAP: tl.constexpr):
+    """Scores (GP, CHUNK) of one tile folded into the running max and sum; returns p, new max, new sum, alpha."""
+    s = s * qk_scale
     if SOFTCAP:
         s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
-    s = tl.where(valid[None, :], s * 1.4426950408889634, float("-inf"))  # log2 units for exp2
+    s = tl.where(valid[None, :], s * LOG2E, float("-inf"))  # log2 units for exp2
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v)
-    return m_new, l_i, acc
+    return p, m_new, l_i * alpha + tl.sum(p, 1), alpha
 
 
 @triton.jit
-def _attend_chunk(c, q, m_i, l_i, acc, bits_ptr, slot_ptr, fk, fv, sf_r, tk, tv, st_r,
+def _rows16_half(base, rows, row_ok, offs_h, stride_row, H: tl.constexpr, HALF: tl.constexpr,
+                 DT: tl.constexpr):
+    """(CHUNK, HD) half ``H`` of a model-dtype tile (columns past the half read as 0)."""
+    ok = row_ok[:, None] & (offs_h < HALF)[None, :]
+    return tl.load(base + rows[:, None] * stride_row + (H * HALF + offs_h)[None, :], mask=ok, other=0.0).to(DT)
+
+
+@triton.jit
+def _codes_half(base, rows, offs_h, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr):
+    """(CHUNK, HD) int32 codes of channels ``H * HALF + offs_h`` of packed rows (see the module docstring)."""
+    ROW_BYTES: tl.constexpr = D * BITS // 8
+    MASK: tl.constexpr = (1 << BITS) - 1
+    ok = (offs_h < HALF)[None, :]
+    if BITS == 8:
+        return tl.load(base + rows[:, None] * ROW_BYTES + (H * HALF + offs_h)[None, :], mask=ok, other=0).to(tl.int32)
+    if BITS == 4:  # byte j = channel j | channel j + D/2 << 4: a half is one nibble of the row's bytes
+        byte = tl.load(base + rows[:, None] * ROW_BYTES + offs_h[None, :], mask=ok, other=0).to(tl.int32)
+        return (byte >> (4 * H)) & MASK
+    ch = H * HALF + offs_h  # 2 bits: byte j holds channels j + k * D/4, k = 0..3
+    byte = tl.load(base + rows[:, None] * ROW_BYTES + (ch % ROW_BYTES)[None, :], mask=ok, other=0).to(tl.int32)
+    return (byte >> ((ch // ROW_BYTES) * BITS)[None, :]) & MASK
+
+
+@triton.jit
+def _step16(q_lo, q_hi, k_base, v_base, rows, row_ok, stride_row, valid, m_i, l_i, acc_lo, acc_hi, offs_h,
+            qk_scale, softcap, HALF: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Fold one tile held in the model dtype (a 16-bit history block or the exact tail)."""
+    DT = q_lo.dtype
+    k_lo = _rows16_half(k_base, rows, row_ok, offs_h, stride_row, 0, HALF, DT)
+    k_hi = _rows16_half(k_base, rows, row_ok, offs_h, stride_row, 1, HALF, DT)
+    s = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))
+    p, m_i, l_i, alpha = _softmax_fold(s, valid, m_i, l_i, qk_scale, softcap, SOFTCAP)
+    v_lo = _rows16_half(v_base, rows, row_ok, offs_h, stride_row, 0, HALF, DT)
+    v_hi = _rows16_half(v_base, rows, row_ok, offs_h, stride_row, 1, HALF, DT)
+    pd = p.to(DT)
+    acc_lo = acc_lo * alpha[:, None] + tl.dot(pd, v_lo)
+    acc_hi = acc_hi * alpha[:, None] + tl.dot(pd, v_hi)
+    return m_i, l_i, acc_lo, acc_hi
+
+
+@triton.jit
+def _pv_quant(p, vc, vs, vz, rows, offs_h, H: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+              HALF: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
+    """p (GP, CHUNK) times half ``H`` of a quantized value tile: (GP, HD) float32."""
+    codes = _codes_half(vc, rows, offs_h, H, D, HALF, BITS)
+    if G >= HALF:  # the half is one group: fold its per-token scale into p and its zero into a row sum
+        g_off = rows * (D // G) + (H * HALF) // G
+        scale = tl.load(vs + g_off).to(tl.float32)
+        zero = tl.load(vz + g_off).to(tl.float32)
+        pv = tl.dot((p * scale[None, :]).to(DT), codes.to(DT))
+        return pv + tl.sum(p * zero[None, :], 1)[:, None]
+    g_off = rows[:, None] * (D // G) + ((H * HALF + offs_h) // G)[None, :]
+    ok = (offs_h < HALF)[None, :]
+    scale = tl.load(vs + g_off, mask=ok, other=0.0).to(tl.float32)
+    zero = tl.load(vz + g_off, mask=ok, other=0.0).to(tl.float32)
+    return tl.dot(p.to(DT), (codes.to(tl.float32) * scale + zero).to(DT))
+
+
+@triton.jit
+def _step_quant(q_lo, q_hi, kc, ks, kz, vc, vs, vz, slot, rows, valid, m_i, l_i, acc_lo, acc_hi, offs_h,
+                qk_scale, softcap, D: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr,
+                SOFTCAP: tl.constexpr):
+    """Fold one tile of a quantized history block (keys per channel of the block, values per token group)."""
+    DT = q_lo.dtype
+    col_ok = offs_h < HALF
+    s_lo = tl.load(ks + slot * D + offs_h, mask=col_ok, other=0.0).to(tl.float32)
+    s_hi = tl.load(ks + slot * D + HALF + offs_h, mask=col_ok, other=0.0).to(tl.float32)
+    z_lo = tl.load(kz + slot * D + offs_h, mask=col_ok, other=0.0).to(tl.float32)
+    z_hi = tl.load(kz + slot * D + HALF + offs_h, mask=col_ok, other=0.0).to(tl.float32)
+    qf_lo = q_lo.to(tl.float32)
+    qf_hi = q_hi.to(tl.float32)
+    qz = tl.sum(qf_lo * z_lo[None, :], 1) + tl.sum(qf_hi * z_hi[None, :], 1)  # (GP,) q . zero
+    c_lo = _codes_half(kc, rows, offs_h, 0, D, HALF, BITS).to(DT)
+    c_hi = _codes_half(kc, rows, offs_h, 1, D, HALF, BITS).to(DT)
+    s = tl.dot((qf_lo * s_lo[None, :]).to(DT), tl.trans(c_lo)) + tl.dot((qf_hi * s_hi[None, :]).to(DT),
+                                                                         tl.trans(c_hi))
+    p, m_i, l_i, alpha = _softmax_fold(s + qz[:, None], valid, m_i, l_i, qk_scale, softcap, SOFTCAP)
+    acc_lo = acc_lo * alpha[:, None] + _pv_quant(p, vc, vs, vz, rows, offs_h, 0, D, G, HALF, BITS, DT)
+    acc_hi = acc_hi * alpha[:, None] + _pv_quant(p, vc, vs, vz, rows, offs_h, 1, D, G, HALF, BITS, DT)
+    return m_i, l_i, acc_lo, acc_hi
+
+
+@triton.jit
+def _attend_chunk(c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, fk, fv, sf_r, tk, tv, st_r,
                   k8c, k8s, k8z, v8c, v8s, v8z, k4c, k4s, k4z, v4c, v4s, v4z, k2c, k2s, k2z, v2c, v2s, v2z,
-                  mask_row, n_hist_chunks, n_tail, n_total, qk_scale, softcap, offs_n, offs_d,
-                  D: tl.constexpr, G: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
+                  mask_row, n_hist_chunks, n_tail, n_total, qk_scale, softcap, offs_n, offs_h,
+                  D: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
                   HAS8: tl.constexpr, HAS4: tl.constexpr, HAS2: tl.constexpr, HAS_MASK: tl.constexpr,
-                  WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr):
-    k, v = _chunk_kv(c, bits_ptr, slot_ptr, fk, fv, sf_r, tk, tv, st_r,
-                     k8c, k8s, k8z, v8c, v8s, v8z, k4c, k4s, k4z, v4c, v4s, v4z, k2c, k2s, k2z, v2c, v2s, v2z,
-                     n_hist_chunks, n_tail, offs_n, offs_d, D, G, BS, CHUNK, HAS8, HAS4, HAS2, q.dtype, SPLIT)
+                  WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Fold logical chunk ``c``: a history chunk through the block table, or the exact tail.
+
+    All pointers are already offset to this program's (batch, kv head) plane.
+    """
     pos = c * CHUNK + offs_n
     valid = pos < n_total
     if WINDOW > 0:
         valid = valid & (pos > n_total - 1 - WINDOW)
     if HAS_MASK:
         valid = valid & (tl.load(mask_row + pos, mask=pos < n_total, other=0) != 0)
-    return _online_softmax_step(q, k, v, valid, m_i, l_i, acc, qk_scale, softcap, SOFTCAP)
+    CPB: tl.constexpr = BS // CHUNK
+    if c < n_hist_chunks:
+        bits = tl.load(bits_ptr + c // CPB)
+        slot = tl.load(slot_ptr + c // CPB)
+        rows = slot * BS + (c % CPB) * CHUNK + offs_n
+        if bits == 16:
+            m_i, l_i, acc_lo, acc_hi = _step16(q_lo, q_hi, fk, fv, rows, offs_n < CHUNK, sf_r, valid, m_i, l_i,
+                                               acc_lo, acc_hi, offs_h, qk_scale, softcap, HALF, SOFTCAP)
+        if HAS8:
+            if bits == 8:
+                m_i, l_i, acc_lo, acc_hi = _step_quant(q_lo, q_hi, k8c, k8s, k8z, v8c, v8s, v8z, slot, rows, valid,
+                                                       m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap,
+                                                       D, G, HALF, 8, SOFTCAP)
+        if HAS4:
+            if bits == 4:
+                m_i, l_i, acc_lo, acc_hi = _step_quant(q_lo, q_hi, k4c, k4s, k4z, v4c, v4s, v4z, slot, rows, valid,
+                                                       m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap,
+                                                       D, G, HALF, 4, SOFTCAP)
+        if HAS2:
+            if bits == 2:
+                m_i, l_i, acc_lo, acc_hi = _step_quant(q_lo, q_hi, k2c, k2s, k2z, v2c, v2s, v2z, slot, rows, valid,
+                                                       m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap,
+                                                       D, G, HALF, 2, SOFTCAP)
+    else:
+        t_rows = (c - n_hist_chunks) * CHUNK + offs_n
+        m_i, l_i, acc_lo, acc_hi = _step16(q_lo, q_hi, tk, tv, t_rows, t_rows < n_tail, st_r, valid, m_i, l_i,
+                                           acc_lo, acc_hi, offs_h, qk_scale, softcap, HALF, SOFTCAP)
+    return m_i, l_i, acc_lo, acc_hi
 
 
 # Lengths change every decode step; left specializable, each new (==1, %16) pattern of them would JIT-compile
@@ -142,17 +184,18 @@ def decode_split_kernel(
     mask_ptr, sm_b,
     acc_ptr, m_ptr, l_ptr, lens_ptr,
     n_hist_chunks, n_tail, n_total, first_chunk, chunks_per_split, n_splits, qk_scale, softcap,
-    GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BS: tl.constexpr,
+    GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, G: tl.constexpr, BS: tl.constexpr,
     CHUNK: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, HAS2: tl.constexpr,
     HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, WHILE_LOOP: tl.constexpr,
-    SPLIT_UNPACK: tl.constexpr, DEVICE_LENS: tl.constexpr,
+    DEVICE_LENS: tl.constexpr,
 ):
     """Partial attention of one (split, kv head, batch): the group's query heads over its chunks.
 
-    DEVICE_LENS: the lengths live on the device (``lens_ptr`` = [history blocks, tail tokens], a static
-    cache under CUDA graphs); the host's length arguments are capacities and the chunks are shared out among
-    the ``n_splits`` programs here, from the live lengths.
+    HD: columns of a half tile, max(16, D // 2). DEVICE_LENS: the lengths live on the device (``lens_ptr`` =
+    [history blocks, tail tokens], a static cache under CUDA graphs); the host's length arguments are capacities
+    and the chunks are shared out among the ``n_splits`` programs here, from the live lengths.
     """
+    HALF: tl.constexpr = D // 2
     if DEVICE_LENS:
         n_hist_chunks = tl.load(lens_ptr) * (BS // CHUNK)
         n_tail = tl.load(lens_ptr + 1)
@@ -163,53 +206,59 @@ def decode_split_kernel(
     b = tl.program_id(2).to(tl.int64)
     offs_g = tl.arange(0, GP)
     offs_n = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, D)
-    # (GP, D) the group's query heads; rows past GROUP are padding for tl.dot's 16-row minimum
-    q_off = b * sq_b + (h * GROUP + offs_g)[:, None] * sq_h + offs_d[None, :]
-    q = tl.load(q_ptr + q_off, mask=(offs_g < GROUP)[:, None], other=0.0)
+    offs_h = tl.arange(0, HD)
+    # (GP, HD) halves of the group's query heads; rows past GROUP pad tl.dot's 16-row minimum
+    q_ok = (offs_g < GROUP)[:, None] & (offs_h < HALF)[None, :]
+    q_off = b * sq_b + (h * GROUP + offs_g)[:, None] * sq_h + offs_h[None, :]
+    q_lo = tl.load(q_ptr + q_off, mask=q_ok, other=0.0)
+    q_hi = tl.load(q_ptr + q_off + HALF, mask=q_ok, other=0.0)
     if WHILE_LOOP:  # on GPU the dots run in the model dtype; the interpreter's bf16 dot is broken
-        q = q.to(tl.float32)
+        q_lo = q_lo.to(tl.float32)
+        q_hi = q_hi.to(tl.float32)
     m_i = tl.full([GP], -1.0e30, tl.float32)  # finite: a fully masked chunk then adds exp2(-inf) = 0
     l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
+    acc_lo = tl.zeros([GP, HD], tl.float32)
+    acc_hi = tl.zeros([GP, HD], tl.float32)
+    fk, fv = fk_ptr + b * sf_b + h * sf_h, fv_ptr + b * sf_b + h * sf_h
+    tk, tv = tk_ptr + b * st_b + h * st_h, tv_ptr + b * st_b + h * st_h
+    k8c, v8c = k8c + b * s8c_b + h * s8c_h, v8c + b * s8c_b + h * s8c_h
+    k8s, k8z = k8s + b * s8k_b + h * s8k_h, k8z + b * s8k_b + h * s8k_h
+    v8s, v8z = v8s + b * s8v_b + h * s8v_h, v8z + b * s8v_b + h * s8v_h
+    k4c, v4c = k4c + b * s4c_b + h * s4c_h, v4c + b * s4c_b + h * s4c_h
+    k4s, k4z = k4s + b * s4k_b + h * s4k_h, k4z + b * s4k_b + h * s4k_h
+    v4s, v4z = v4s + b * s4v_b + h * s4v_h, v4z + b * s4v_b + h * s4v_h
+    k2c, v2c = k2c + b * s2c_b + h * s2c_h, v2c + b * s2c_b + h * s2c_h
+    k2s, k2z = k2s + b * s2k_b + h * s2k_h, k2z + b * s2k_b + h * s2k_h
+    v2s, v2z = v2s + b * s2v_b + h * s2v_h, v2z + b * s2v_b + h * s2v_h
+    mask_row = mask_ptr + b * sm_b
     # splits tile [first_chunk, n_chunks): chunks before a sliding window's start are never read
     c_lo = first_chunk + split * chunks_per_split
     c_hi = tl.minimum(c_lo + chunks_per_split, n_hist_chunks + tl.cdiv(n_tail, CHUNK))
-    # WHILE_LOOP is set under TRITON_INTERPRET: its range() over tensors fails with numpy >= 2.4
+    # the interpreter's range() over tensors fails with numpy >= 2.4: it walks the same chunks with a while loop
+    c = c_lo
     if WHILE_LOOP:
-        c = c_lo
         while c < c_hi:
-            m_i, l_i, acc = _attend_chunk(
-                c, q, m_i, l_i, acc, bits_ptr, slot_ptr, fk_ptr + b * sf_b + h * sf_h,
-                fv_ptr + b * sf_b + h * sf_h, sf_r, tk_ptr + b * st_b + h * st_h, tv_ptr + b * st_b + h * st_h,
-                st_r, k8c + b * s8c_b + h * s8c_h, k8s + b * s8k_b + h * s8k_h, k8z + b * s8k_b + h * s8k_h,
-                v8c + b * s8c_b + h * s8c_h, v8s + b * s8v_b + h * s8v_h, v8z + b * s8v_b + h * s8v_h,
-                k4c + b * s4c_b + h * s4c_h, k4s + b * s4k_b + h * s4k_h, k4z + b * s4k_b + h * s4k_h,
-                v4c + b * s4c_b + h * s4c_h, v4s + b * s4v_b + h * s4v_h, v4z + b * s4v_b + h * s4v_h,
-                k2c + b * s2c_b + h * s2c_h, k2s + b * s2k_b + h * s2k_h, k2z + b * s2k_b + h * s2k_h,
-                v2c + b * s2c_b + h * s2c_h, v2s + b * s2v_b + h * s2v_h, v2z + b * s2v_b + h * s2v_h,
-                mask_ptr + b * sm_b, n_hist_chunks, n_tail, n_total, qk_scale, softcap, offs_n, offs_d,
-                D, G, BS, CHUNK, HAS8, HAS4, HAS2, HAS_MASK, WINDOW, SOFTCAP, SPLIT_UNPACK)
+            m_i, l_i, acc_lo, acc_hi = _attend_chunk(
+                c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, fk, fv, sf_r, tk, tv, st_r,
+                k8c, k8s, k8z, v8c, v8s, v8z, k4c, k4s, k4z, v4c, v4s, v4z, k2c, k2s, k2z, v2c, v2s, v2z,
+                mask_row, n_hist_chunks, n_tail, n_total, qk_scale, softcap, offs_n, offs_h,
+                D, G, HALF, BS, CHUNK, HAS8, HAS4, HAS2, HAS_MASK, WINDOW, SOFTCAP)
             c += 1
     else:
         for c in range(c_lo, c_hi):
-            m_i, l_i, acc = _attend_chunk(
-                c, q, m_i, l_i, acc, bits_ptr, slot_ptr, fk_ptr + b * sf_b + h * sf_h,
-                fv_ptr + b * sf_b + h * sf_h, sf_r, tk_ptr + b * st_b + h * st_h, tv_ptr + b * st_b + h * st_h,
-                st_r, k8c + b * s8c_b + h * s8c_h, k8s + b * s8k_b + h * s8k_h, k8z + b * s8k_b + h * s8k_h,
-                v8c + b * s8c_b + h * s8c_h, v8s + b * s8v_b + h * s8v_h, v8z + b * s8v_b + h * s8v_h,
-                k4c + b * s4c_b + h * s4c_h, k4s + b * s4k_b + h * s4k_h, k4z + b * s4k_b + h * s4k_h,
-                v4c + b * s4c_b + h * s4c_h, v4s + b * s4v_b + h * s4v_h, v4z + b * s4v_b + h * s4v_h,
-                k2c + b * s2c_b + h * s2c_h, k2s + b * s2k_b + h * s2k_h, k2z + b * s2k_b + h * s2k_h,
-                v2c + b * s2c_b + h * s2c_h, v2s + b * s2v_b + h * s2v_h, v2z + b * s2v_b + h * s2v_h,
-                mask_ptr + b * sm_b, n_hist_chunks, n_tail, n_total, qk_scale, softcap, offs_n, offs_d,
-                D, G, BS, CHUNK, HAS8, HAS4, HAS2, HAS_MASK, WINDOW, SOFTCAP, SPLIT_UNPACK)
+            m_i, l_i, acc_lo, acc_hi = _attend_chunk(
+                c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, fk, fv, sf_r, tk, tv, st_r,
+                k8c, k8s, k8z, v8c, v8s, v8z, k4c, k4s, k4z, v4c, v4s, v4z, k2c, k2s, k2z, v2c, v2s, v2z,
+                mask_row, n_hist_chunks, n_tail, n_total, qk_scale, softcap, offs_n, offs_h,
+                D, G, HALF, BS, CHUNK, HAS8, HAS4, HAS2, HAS_MASK, WINDOW, SOFTCAP)
 
     row = (b * (tl.num_programs(1) * GROUP) + h * GROUP + offs_g) * n_splits + split  # (B, Hq, splits)
     ok = offs_g < GROUP
     tl.store(m_ptr + row, m_i, mask=ok)
     tl.store(l_ptr + row, l_i, mask=ok)
-    tl.store(acc_ptr + row[:, None] * D + offs_d[None, :], acc, mask=ok[:, None])
+    out_ok = ok[:, None] & (offs_h < HALF)[None, :]
+    tl.store(acc_ptr + row[:, None] * D + offs_h[None, :], acc_lo, mask=out_ok)
+    tl.store(acc_ptr + row[:, None] * D + HALF + offs_h[None, :], acc_hi, mask=out_ok)
 
 
 @triton.jit(do_not_specialize=["n_splits"])

@@ -6,8 +6,9 @@ copy of the history to global memory:
 
 - stage 1, grid (splits, kv heads, batch): each program walks a contiguous range of ``CHUNK``-token
   chunks in logical order; a history chunk is found through the block table (``block_bits``,
-  ``block_slot``) and read from the pool of its precision (16-bit rows, or 8/4/2-bit codes dequantized
-  in registers with their float16 scale/zero); chunks past the history read the exact tail. All query
+  ``block_slot``) and read from the pool of its precision (16-bit rows, or 8/4/2-bit codes whose float16
+  scales and zeros are folded into the query and the softmax weights, see ``_triton_kernels``); chunks past the
+  history read the exact tail. All query
   heads of the KV group are processed together (GQA), padded to 16 rows for ``tl.dot``. It writes a
   partial (row max, row sum, unnormalized output) per split;
 - stage 2, grid (batch * q heads): merges the splits with log-sum-exp weights.
@@ -56,17 +57,12 @@ class DecodeKernelConfig:
         num_warps: warps per program; default 4, 8 for D >= 128.
         waves: target number of programs per SM when choosing the number of splits.
         max_splits: upper bound on splits per (batch, kv head).
-        split_unpack: load each packed byte once and interleave its 4/2-bit fields (True, the default), or
-            load the byte once per channel it holds (False). Measured on an H100 (4-bit, head dim 64, best launch
-            config of each): 334 vs 429 µs at 32k tokens batch 8, 38 vs 60 µs at 32k batch 1, 9.1 vs 12.3 µs at
-            4k batch 1 (eval/results/decode_attention_sweep_h100).
     """
 
     chunk: int | None = None
     num_warps: int | None = None
     waves: int = 2
     max_splits: int = 64
-    split_unpack: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk is not None and (self.chunk < 16 or self.chunk & (self.chunk - 1)):
@@ -129,10 +125,10 @@ def triton_decode_attention(
         acc, m, lse, packed.lengths if packed.lengths is not None else _dummy(query.device, torch.int32),
         plan.n_hist_chunks, plan.n_tail, packed.num_tokens, plan.first_chunk, plan.per_split, plan.splits,
         float(scaling), float(softcap or 0.0),
-        GROUP=plan.group, GP=max(16, triton.next_power_of_2(plan.group)), D=D, G=packed.value_group,
+        GROUP=plan.group, GP=max(16, triton.next_power_of_2(plan.group)), D=D, HD=max(16, D // 2), G=packed.value_group,
         BS=packed.block_size, CHUNK=plan.chunk, HAS8=8 in packed.pools, HAS4=4 in packed.pools,
         HAS2=2 in packed.pools, HAS_MASK=key_mask is not None, WINDOW=plan.window, SOFTCAP=softcap is not None,
-        WHILE_LOOP=_INTERPRETING, SPLIT_UNPACK=bool(config.split_unpack), DEVICE_LENS=packed.lengths is not None,
+        WHILE_LOOP=_INTERPRETING, DEVICE_LENS=packed.lengths is not None,
         num_warps=plan.num_warps,
     )
     out = torch.empty(B, Hq, 1, D, device=query.device, dtype=query.dtype) if out is None else out

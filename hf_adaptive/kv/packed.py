@@ -14,8 +14,11 @@ precision (demotion) without moving the others, and freed slots are reused (page
 Quantization is asymmetric, ``x ≈ code * scale + zero`` with unsigned codes in ``[0, 2**bits - 1]``:
 - keys per channel (KIVI): one (scale, zero) per (block, channel): shape (B, H, n_slots, D);
 - values per token, in groups of ``value_group`` channels: shape (B, H, n_slots * block_size, D // G).
-Codes are packed along the channel axis, low bits first: for 4 bits ``byte = c[2i] | c[2i+1] << 4``,
-for 2 bits ``byte = c[4i] | c[4i+1] << 2 | c[4i+2] << 4 | c[4i+3] << 6``.
+Codes are packed along the channel axis in split planes: a row of D channels at ``bits`` is D * bits / 8 bytes,
+and field k (low bits first) of byte j holds channel ``j + k * D * bits / 8``. For 4 bits
+``byte[j] = c[j] | c[j + D/2] << 4``; for 2 bits ``byte[j] = c[j] | c[j + D/4] << 2 | c[j + D/2] << 4 |
+c[j + 3D/4] << 6``. Each field plane is then a contiguous run of channels, so the decode kernel unpacks half a
+head dim with one shift and one mask, without interleaving fields back into channel order.
 Scales and zeros are float16 (2 bytes each in the byte accounting).
 """
 
@@ -105,22 +108,22 @@ def resolve_static(view: PackedKV) -> PackedKV:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned codes (..., D) in [0, 2**bits) into uint8 (..., D * bits // 8), low bits first."""
+    """Pack unsigned codes (..., D) in [0, 2**bits) into uint8 (..., D * bits // 8), split planes (module doc)."""
     if bits == 8:
         return codes.to(torch.uint8)
     per_byte = 8 // bits
-    c = codes.to(torch.uint8).unflatten(-1, (-1, per_byte))
-    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8)
-    return (c << shifts).sum(-1, dtype=torch.uint8)
+    planes = codes.to(torch.uint8).unflatten(-1, (per_byte, -1))  # (..., field, byte)
+    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.uint8).unsqueeze(-1)
+    return (planes << shifts).sum(-2, dtype=torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: uint8 (..., D * bits // 8) -> uint8 codes (..., D)."""
     if bits == 8:
         return packed
-    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8).unsqueeze(-1)
     mask = (1 << bits) - 1
-    return ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)
+    return ((packed.unsqueeze(-2) >> shifts) & mask).flatten(-2)
 
 
 def quantize_keys(x: torch.Tensor, bits: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import torch
 from transformers import PretrainedConfig
@@ -56,8 +57,13 @@ def _mark_pool(t: torch.Tensor) -> None:
 
 
 class StaticLengths:
-    """Device-side extents shared by every layer: ``lens`` int32 [history blocks, tail tokens incl. this step],
-    ``seen`` int64 scalar (tokens stored before this step: what ``get_seq_length`` reports inside the graph)."""
+    """Device-side extents shared by every layer: ``lens`` int32 [history blocks, tail tokens], ``seen`` int64
+    scalar (tokens stored: what ``get_seq_length`` reports inside the graph).
+
+    At the start of a step they hold the committed counts; the step itself advances them (layer 0's ``update``
+    adds the step's tokens, inside the compiled region), so a decode step that moves no block costs the host
+    no device write. The host rewrites them only after it changed the block table or the tail (:meth:`set`).
+    """
 
     def __init__(self, device: torch.device):
         self.lens = torch.zeros(2, dtype=torch.int32, device=device)
@@ -71,14 +77,20 @@ class StaticLengths:
         self.lens[1].fill_(n_tail)
         self.seen.fill_(seen)
 
+    def advance(self, q: int) -> None:
+        """This step's ``q`` tokens are being written (device ops; traced into the compiled step)."""
+        self.lens[1:].add_(q)
+        self.seen.add_(q)
+
 
 class StaticAdaptiveLayer(AdaptiveFullLayer):
     """Full-attention layer with a preallocated tail, capacity-sized pools and a device block table."""
 
     is_compileable = True
 
-    def __init__(self, context: LayerContext, cache: AdaptiveStaticKVCache):
+    def __init__(self, context: LayerContext, cache: AdaptiveStaticKVCache, index: int):
         self._cache = cache
+        self.index = index  # position in the cache: layer 0 advances the shared device lengths
         super().__init__(context)
 
     # The live tail as ``keys`` / ``values`` (the parent's accounting and eager paths read them): a slice of the
@@ -113,10 +125,13 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
     def _store_blocks(self, k: torch.Tensor, v: torch.Tensor, bits: int) -> None:
         super()._store_blocks(k, v, bits)
         self._table_dirty = True
+        self._cache.note_host_change()
 
     def demote(self, target_bits: int, max_blocks: int) -> int:
         n = super().demote(target_bits, max_blocks)
         self._table_dirty = self._table_dirty or n > 0
+        if n:
+            self._cache.note_host_change()
         return n
 
     @property
@@ -144,6 +159,27 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         for dtype in (torch.uint8, torch.int8, torch.int32, torch.float16, self.dtype):
             triton_decode._dummy(self.device, dtype)
 
+    def drop_tokens(self) -> None:
+        """Forget every token but keep the buffers (tail, block table, pools) at their addresses."""
+        if not self.is_initialized:
+            return
+        self._sync_pending()
+        for pool in self.pools.values():
+            pool.release([slot for slot in range(pool.capacity) if slot not in set(pool.free)])
+        self.block_bits, self.block_slot = [], []
+        self.n_tail = self.prepared = 0
+        self.demotions.clear()
+        self.lossy_crop_tokens = 0
+        self._gather = None
+        self._table_dirty = False
+        self._refresh_view()
+
+    def _fits(self, key_states: torch.Tensor) -> bool:
+        """Whether the preallocated buffers take these states (batch, heads, head dim, dtype, device)."""
+        t = self.tail_k
+        return (key_states.shape[0], key_states.shape[1], key_states.shape[-1]) == (t.shape[0], t.shape[1], t.shape[-1]) \
+            and key_states.dtype == t.dtype and key_states.device == t.device
+
     def _set_row_bytes(self) -> None:
         self._row_bytes = (self.tail_k[:, :, :1].numel() * self.tail_k.element_size()
                            + self.tail_v[:, :, :1].numel() * self.tail_v.element_size())
@@ -160,12 +196,15 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         Otherwise (prefill, or no hooks, eager only): store everything now and return exact dense keys/values."""
         if torch.compiler.is_compiling():
             return self._update_compiled(key_states, value_states)
-        if not self.is_initialized:
+        if not self.is_initialized or (not self.block_bits and not self.n_tail and not self._fits(key_states)):
+            self._clear()
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
         if q == 1 and not self.prepared and self.context.packed_decode:
             return self._decode_unhooked(key_states, value_states)
         if self.prepared and self.prepared == q:
+            if self.index == 0:
+                self._cache.lengths.advance(q)
             self.tail_k[:, :, self.n_tail: self.n_tail + q].copy_(key_states)
             self.tail_v[:, :, self.n_tail: self.n_tail + q].copy_(value_states)
             if q == 1 and self.context.packed_decode:
@@ -181,7 +220,9 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
             raise ValueError("AdaptiveStaticKVCache: a compiled forward must be a decode step (q_len 1) after an "
                              "eager prefill, with the step hooks installed. Fix: call "
                              "hf_adaptive.enable_fused_attention(model) before generate.")
-        pos = (self._cache.lengths.lens[1:2] - 1).long()  # this step's row, set by the hooks
+        if self.index == 0:  # the first layer of the step advances the shared lengths for every layer
+            self._cache.lengths.advance(1)
+        pos = (self._cache.lengths.lens[1:2] - 1).long()  # this step's row
         self.tail_k.index_copy_(2, pos, key_states)
         self.tail_v.index_copy_(2, pos, value_states)
         return self.tail_k, self.tail_v
@@ -192,9 +233,9 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self.prepare(1)
         self.tail_k[:, :, self.n_tail: self.n_tail + 1].copy_(key_states)
         self.tail_v[:, :, self.n_tail: self.n_tail + 1].copy_(value_states)
-        self.commit()
         n_blocks = len(self.block_bits)
-        self._cache.lengths.set(n_blocks, self.n_tail, n_blocks * self.shape.block_size + self.n_tail - 1)
+        self._cache.lengths.set(n_blocks, self.n_tail + 1, n_blocks * self.shape.block_size + self.n_tail + 1)
+        self.commit()
         return self._handles()
 
     def _handles(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,9 +265,19 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self.tail_v[:, :, : v.shape[-2]].copy_(v)
         self.n_tail, self.prepared = k.shape[-2], 0
         self._after_change()
+        if self.index == len(self._cache.layers) - 1:
+            self._cache.write_lengths()
         return out
 
     # ------------------------------------------------------------------ host step (eager, around the graph)
+    def can_prepare(self, q: int) -> bool:
+        """Whether :meth:`prepare` can make room for ``q`` rows (pure arithmetic on the host counters)."""
+        s = self.context.settings
+        if self.n_tail + q <= self.tail_capacity:
+            return True
+        n = (self.n_tail - s.residual_length) // s.block_size
+        return n > 0 and self.n_tail - n * s.block_size + q <= self.tail_capacity
+
     def prepare(self, q: int) -> bool:
         """Make room for ``q`` new tail rows (flush whole blocks, demote per the decision); False if it cannot.
 
@@ -261,6 +312,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self.prepared = 0
 
     def _after_change(self) -> None:
+        self._cache.note_host_change()
         if self._table_dirty:  # the block table changed: refresh its device copy
             self._table_dirty = False
             n = len(self.block_bits)
@@ -286,7 +338,10 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         return max(MIN_POOL_SLOTS, min(self.capacity_blocks, math.ceil(per_layer / pool.slot_bytes())))
 
     def _maybe_compact(self) -> None:
-        """Static storage never shrinks in place; a pool emptied by demotion is released as a whole."""
+        """Static storage never shrinks in place; a pool emptied by demotion is released as a whole (a cache
+        holding no block, e.g. after ``reset``, keeps its pools for the next sequence)."""
+        if not self.block_bits:
+            return
         for bits in [b for b, p in self.pools.items() if p.used == 0 and b not in self.block_bits]:
             del self.pools[bits]
             self._gather = None
@@ -362,6 +417,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
             self._pop_block_static()
         self.n_tail = keep - len(self.block_bits) * bs
         self._after_change()
+        self._cache.write_lengths()
 
     def _pop_block_static(self) -> None:
         bits, slot = self.block_bits.pop(), self.block_slot.pop()
@@ -425,6 +481,10 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
         self._view_changed_step = -1
         self.hooked_step = False  # True between the step hooks of a forward (the host work is done there)
         self.lengths: StaticLengths | None = None
+        self._steady = False  # no host work pending: a decode step with room in the tails takes the fast path
+        self._stored_bytes: int | None = None  # bytes of stored blocks, all layers (None: recount)
+        self._host_ns = 0  # host time spent in the step hooks
+        self._host_steps = 0
         super().__init__(config, kv_config, pressure=pressure, packed_attention="auto", **overrides)
         stages = (self.settings.fixed_bits,) if self.settings.fixed_bits is not None \
             else tuple(s.bits for s in self.settings.policy.stages)
@@ -438,7 +498,7 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
         if bad:
             raise ValueError(f"AdaptiveStaticKVCache holds full-attention layers only; this model has {bad}. "
                              "Fix: use AdaptiveKVCache (eager decode) for sliding-window / hybrid models.")
-        return [StaticAdaptiveLayer(self.context, self) for _ in layer_types]
+        return [StaticAdaptiveLayer(self.context, self, i) for i in range(len(layer_types))]
 
     @property
     def max_cache_len(self) -> int:
@@ -451,26 +511,63 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
             self._view_changed_step = len(self.history)
             self.view_changes += 1
 
+    def note_host_change(self) -> None:
+        """A layer changed its host state (block table, pools, tail rows, pending demotion): the next step takes
+        the full host path and the stored-bytes count is recomputed."""
+        self._steady = False
+        self._stored_bytes = None
+
     def lengths_for(self, device: torch.device) -> StaticLengths:
         if self.lengths is None:
             self.lengths = StaticLengths(device)
         return self.lengths
 
+    def write_lengths(self) -> None:
+        """Publish the committed host counts (layer 0's; every layer holds the same) to the device lengths."""
+        layer0 = self.layers[0]
+        if self.lengths is None or not layer0.is_initialized:
+            return
+        n_blocks = len(layer0.block_bits)
+        self.lengths.set(n_blocks, layer0.n_tail, n_blocks * layer0.shape.block_size + layer0.n_tail)
+
+    def live_bytes(self) -> int:
+        """KV bytes live in all layers: the stored blocks (recounted only after a change) plus the tails."""
+        if self._stored_bytes is None:
+            self._stored_bytes = sum(sum(p.live_bytes() for p in layer.pools.values()) for layer in self.layers
+                                     if layer.is_initialized)
+        layer0 = self.layers[0]
+        tails = layer0.n_tail * layer0._row_bytes * len(self.layers) if layer0.is_initialized else 0
+        return self._stored_bytes + tails
+
     # ------------------------------------------------------------------ step hooks (eager)
     def begin_step(self, q: int) -> None:
-        """Before a forward of ``q`` tokens: pressure + decision, room in every tail, device lengths."""
+        """Before a forward of ``q`` tokens: pressure + decision, room in every tail, device lengths.
+
+        The common decode step (room left in the tails, no demotion decided or pending, no block-table change to
+        publish) only records the decision: the compiled step advances the device lengths itself.
+        """
         layer0 = self.layers[0]
-        if not layer0.is_initialized:
-            return  # the first (prefill) forward initializes the layers in update()
+        if not layer0.is_initialized or not layer0.can_prepare(q):
+            return  # a prefill (or chunk) longer than the tail: update() stores it eagerly, without the hooks
+        t0 = time.perf_counter_ns()
         self.hooked_step = True
         self._begin_step_for(q, layer0)
+        if self._steady and layer0.n_tail + q <= layer0.tail_capacity and not self.context.decision.demote_blocks:
+            for layer in self.layers:
+                layer.prepared = q
+        else:
+            self._begin_step_full(q)
+        self._host_ns += time.perf_counter_ns() - t0
+
+    def _begin_step_full(self, q: int) -> None:
         ready = all(layer.prepare(q) for layer in self.layers)
         if not ready:  # too many tokens for the tail (chunked prefill): update() stores them eagerly
             for layer in self.layers:
                 layer.prepared = 0
+            self.hooked_step = False
             return
-        n_blocks, n_tail = len(layer0.block_bits), layer0.n_tail
-        self.lengths.set(n_blocks, n_tail + q, n_blocks * layer0.shape.block_size + n_tail)
+        self.write_lengths()
+        self._steady = all(layer._pending is None and not layer._table_dirty for layer in self.layers)
 
     def _begin_step_for(self, q: int, layer0: StaticAdaptiveLayer) -> None:
         B, H, _, D = layer0.tail_k.shape
@@ -480,10 +577,25 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
         """After the forward: the prepared rows are written; record the step."""
         if not self.hooked_step:
             return
+        t0 = time.perf_counter_ns()
         self.hooked_step = False
         for layer in self.layers:
             layer.commit()
         self._end_step()
+        self._host_ns += time.perf_counter_ns() - t0
+        self._host_steps += 1
+
+    def reset(self) -> None:
+        """Drop all tokens, the policy state and the history, keeping every buffer where it is (same addresses,
+        so the compiled step and its CUDA graph are reused by the next ``generate``; a different batch size or
+        dtype reallocates on the next prefill)."""
+        for layer in self.layers:
+            layer.drop_tokens()
+        self.policy.reset()
+        self._clear_telemetry()
+        self._host_ns = self._host_steps = 0
+        self.note_host_change()
+        self.write_lengths()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if torch.compiler.is_compiling() or self.hooked_step:
@@ -493,5 +605,6 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
 
     def stats(self) -> dict:
         out = super().stats()
-        out.update(max_cache_len=self.max_cache_len, view_changes=self.view_changes)
+        out.update(max_cache_len=self.max_cache_len, view_changes=self.view_changes,
+                   host_us_per_step=self._host_ns / 1000 / self._host_steps if self._host_steps else None)
         return out

@@ -1,0 +1,464 @@
+"""Decode speed and memory of every KV cache through plain ``model.generate``: the user's call, nothing else.
+
+Each configuration (shape x context x batch x cache) is timed the way a user calls it: ``model.generate(input_ids,
+max_new_tokens=N, cache=...)`` (``past_key_values=`` before transformers 5.23), greedy, the cache built by its
+public constructor, compiled decode left to generate's own auto-compile. Per-step times come from a
+``StoppingCriteria`` that reads the host clock once per step: generate already syncs with the device every step
+(it checks whether all sequences finished), so these stamps follow the GPU; the criterion never stops anything.
+decode ms/token = (last stamp - first stamp) / (steps - 1): the prefill step is left out, every later step
+(a precision switch's graph re-capture included) is in. One warm-up call per configuration compiles and captures.
+
+Caches (``--caches``):
+- dynamic: ``DynamicCache`` (sdpa, eager decode).
+- static: ``StaticCache`` (sdpa); generate compiles its decode step (CUDA graphs).
+- adaptive16 / adaptive8 / adaptive4: ``AdaptiveStaticKVCache`` with ``fixed_bits`` (none for 16), fused attention.
+- adaptive_budget: ``AdaptiveStaticKVCache`` under ``memory_budget`` = 0.55 x the prompt's bf16 KV bytes: the
+  ladder drops to 4 bits at the prefill and steps back up as the stored bytes relax the pressure, so one call
+  switches precision several times (each switch costs a graph re-capture, counted in ``graph_captures``).
+- eager4: ``AdaptiveKVCache(fixed_bits=4)`` with fused attention (no static shapes, no compile).
+- quanto4 / hqq4: transformers ``QuantizedCache`` (skipped, with the reason, when the backend is missing).
+
+Memory: ``kv_gib`` the cache's live KV bytes after the call, ``kv_reserved_gib`` what it allocated,
+``peak_gib`` the allocator's peak during the call above what was allocated before it (KV + prefill
+transients: activations, logits), ``transient_gib`` = peak - reserved KV.
+
+``--mixed-calls N``: N more calls per compiled cache with prompt lengths and ``max_new_tokens`` drawn at random
+under the same ``max_cache_len`` (the cache reused through ``reset()``); the recompiles (new dynamo graphs) and
+CUDA graph captures they cause after the warm-up are counted (goal 0).
+
+GPU (one H200, ~6 min for the default grid of one shape):
+    python eval/bench_generate.py --shape llama-3.2-1b --out eval/results/kv_generate_h200
+CPU smoke size (no compile, seconds):
+    python eval/bench_generate.py --device cpu --dtype float32 --shape tiny --contexts 64,128 --batch-sizes 1 \
+        --caches dynamic,adaptive4,eager4 --new-tokens 6 --out /tmp/bench_generate_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList  # noqa: E402
+
+import hf_adaptive  # noqa: E402
+from hf_adaptive.evaluation.report import environment_info, markdown_table, write_report  # noqa: E402
+from hf_adaptive.kv.cache import AdaptiveKVCache, generate_cache_kwargs  # noqa: E402
+from hf_adaptive.kv.static import AdaptiveStaticKVCache  # noqa: E402
+
+CACHES = ("dynamic", "static", "adaptive16", "adaptive8", "adaptive4", "adaptive_budget", "eager4", "quanto4",
+          "hqq4")
+OURS_FUSED = ("adaptive16", "adaptive8", "adaptive4", "adaptive_budget", "eager4")
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=64, intermediate_size=8192, vocab_size=128256),
+    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=128, intermediate_size=14336, vocab_size=128256),
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 intermediate_size=256, vocab_size=512),
+}
+BUDGET_FRACTION_OF_PROMPT = 0.55  # adaptive_budget: the prompt's bf16 KV is 1.8x this budget
+
+
+class StepClock(StoppingCriteria):
+    """Stamps the host clock at every generation step; never stops generation."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class CaptureCounter:
+    """Counts CUDA graph captures (``torch.cuda.graph`` entries, which cudagraph trees use) and dynamo graphs."""
+
+    def __init__(self) -> None:
+        self.captures = 0
+        original = torch.cuda.graph.__enter__
+
+        def counting_enter(graph_self, *a, **k):
+            self.captures += 1
+            return original(graph_self, *a, **k)
+
+        torch.cuda.graph.__enter__ = counting_enter
+
+    @staticmethod
+    def dynamo_graphs() -> int:
+        return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    """Random-init Llama of ``shape`` (seeded), eval mode, on ``device`` in ``dtype``."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    hf_adaptive.register_attention()
+    return model
+
+
+def prompt_kv_bytes(model, tokens: int, batch: int) -> int:
+    """bf16-equivalent KV bytes of ``tokens`` tokens (all layers, keys + values)."""
+    c = model.config
+    return 2 * c.num_hidden_layers * batch * c.num_key_value_heads * c.head_dim * tokens * 2
+
+
+def make_cache(name: str, model, max_cache_len: int, prompt_tokens: int, batch: int, args):
+    """A fresh cache of kind ``name`` and the attention implementation it runs with."""
+    if name == "dynamic":
+        return DynamicCache(config=model.config), "sdpa"
+    if name == "static":
+        return StaticCache(config=model.config, max_cache_len=max_cache_len), "sdpa"
+    if name in ("quanto4", "hqq4"):
+        from transformers import QuantizedCache
+
+        backend = name.removesuffix("4")
+        __import__("optimum.quanto" if backend == "quanto" else "hqq")  # ImportError -> recorded as skipped
+        return QuantizedCache(backend=backend, config=model.config, nbits=4, q_group_size=64,
+                              residual_length=args.residual_length), "sdpa"
+    if name == "eager4":
+        return AdaptiveKVCache(model.config, fixed_bits=4, residual_length=args.residual_length), "hf_adaptive"
+    if name == "adaptive_budget":
+        budget = int(BUDGET_FRACTION_OF_PROMPT * prompt_kv_bytes(model, prompt_tokens, batch))
+        return AdaptiveStaticKVCache(model.config, max_cache_len=max_cache_len, memory_budget=budget,
+                                     residual_length=args.residual_length), "hf_adaptive"
+    bits = int(name.removeprefix("adaptive"))
+    return AdaptiveStaticKVCache(model.config, max_cache_len=max_cache_len, fixed_bits=None if bits == 16 else bits,
+                                 residual_length=args.residual_length), "hf_adaptive"
+
+
+def set_attention(model, impl: str) -> None:
+    if impl == "hf_adaptive":
+        hf_adaptive.enable_fused_attention(model)
+    else:
+        model.set_attn_implementation(impl)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def generate_once(model, ids: torch.Tensor, cache, new_tokens: int, device: str) -> dict:
+    """One plain generate call; returns its per-step stamps and wall time."""
+    clock = StepClock()
+    sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, stopping_criteria=StoppingCriteriaList([clock]),
+                         **generate_cache_kwargs(cache))
+    sync(device)
+    wall = time.perf_counter() - t0
+    steps = clock.stamps
+    decode_ms = 1000 * (steps[-1] - steps[0]) / (len(steps) - 1) if len(steps) > 1 else float("nan")
+    return {"wall_s": wall, "decode_ms_per_token": decode_ms, "prefill_s": steps[0] - t0 if steps else wall,
+            "tokens": out[:, ids.shape[1]:].cpu()}
+
+
+def _prompt(vocab: int, batch: int, tokens: int, seed: int, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab, (batch, tokens), generator=g).to(device)
+
+
+def _fresh(cache_obj, name, model, max_cache_len, context, batch, args):
+    """The cache for the next call: compiled caches are reused through ``reset()`` (as static caches are meant
+    to be: same buffers, no re-capture), the others are built anew."""
+    if name in ("static",) or (name.startswith("adaptive") and name != "adaptive_budget"):
+        cache_obj.reset()
+        return cache_obj
+    return make_cache(name, model, max_cache_len, context, batch, args)[0]
+
+
+def _kv_bytes(cache) -> tuple[int, int]:
+    """(live, reserved) KV bytes of any of the caches benchmarked here."""
+    if isinstance(cache, AdaptiveKVCache):
+        stats = cache.stats()
+        return stats["kv_bytes"], stats["reserved_bytes"]
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total, total
+
+
+def bench_config(model, name: str, context: int, batch: int, args, counter: CaptureCounter | None) -> dict:
+    """Warm-up call, ``--repeats`` timed calls, memory, and (compiled caches) the mixed-length calls."""
+    max_cache_len = args.max_cache_len or context + args.new_tokens + 16
+    cache, impl = make_cache(name, model, max_cache_len, context, batch, args)
+    set_attention(model, impl)
+    ids = _prompt(model.config.vocab_size, batch, context, context * 31 + batch, args.device)
+    generate_once(model, ids, cache, args.new_tokens, args.device)  # warm-up: compile + capture
+    runs = []
+    for _ in range(args.repeats):
+        cache = _fresh(cache, name, model, max_cache_len, context, batch, args)
+        before = _allocated(args.device)
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        r = generate_once(model, ids, cache, args.new_tokens, args.device)
+        r["peak_bytes"] = _peak(args.device) - before
+        runs.append(r)
+    live, reserved = _kv_bytes(cache)
+    skips = int(torch._dynamo.utils.counters["inductor"]["cudagraph_skips"])
+    ms = [r["decode_ms_per_token"] for r in runs]
+    row = {"decode_ms_per_token": statistics.median(ms), "ms_runs": [round(x, 4) for x in ms],
+           "prefill_s": statistics.median(r["prefill_s"] for r in runs), "kv_gib": live / 2**30,
+           "kv_reserved_gib": reserved / 2**30, "peak_gib": max(r["peak_bytes"] for r in runs) / 2**30}
+    row["transient_gib"] = row["peak_gib"] - row["kv_reserved_gib"]
+    row["cudagraph_skips"] = skips
+    if isinstance(cache, AdaptiveStaticKVCache):
+        stats = cache.stats()
+        row.update(view_changes=stats["view_changes"], host_us_per_step=stats.get("host_us_per_step"),
+                   bits_path=_bits_path(cache))
+    if args.mixed_calls and counter is not None and (name == "static" or name.startswith("adaptive")):
+        row.update(_mixed_calls(model, name, cache, max_cache_len, context, batch, args, counter))
+    if args.profile and name in ("static", "adaptive16", "adaptive4") and (context, batch) == args.profile_at:
+        cache = _fresh(cache, name, model, max_cache_len, context, batch, args)
+        row["profile"] = profile_call(model, ids, cache, args, Path(args.out) / "profiles" / f"{name}_n{context}_b{batch}")
+    return row
+
+
+def profile_call(model, ids: torch.Tensor, cache, args, stem: Path) -> dict:
+    """torch.profiler over one generate call: host (CPU) and device time per decoded token, top ops to a file."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        generate_once(model, ids, cache, args.new_tokens, args.device)
+    events = prof.key_averages()
+    dev_attr = "self_device_time_total"
+    gpu_us = sum(getattr(e, dev_attr, 0) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    graph_launches = sum(e.count for e in events if e.key == "cudaGraphLaunch")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".cpu.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=40,
+                                                         max_name_column_width=80))
+    if args.device.startswith("cuda"):
+        stem.with_suffix(".cuda.txt").write_text(events.table(sort_by=dev_attr, row_limit=30, max_name_column_width=80))
+    n = args.new_tokens
+    return {"gpu_ms_per_token": gpu_us / 1000 / n, "kernel_launches_per_token": launches / n,
+            "graph_launches_per_token": graph_launches / n}
+
+
+def _bits_path(cache: AdaptiveStaticKVCache) -> str:
+    path = []
+    for h in cache.history:
+        if not path or path[-1] != h["bits"]:
+            path.append(h["bits"])
+    return "->".join(str(b) for b in path)
+
+
+def _mixed_calls(model, name, cache, max_cache_len, context, batch, args, counter) -> dict:
+    """``--mixed-calls`` calls of random prompt length and max_new_tokens under one max_cache_len."""
+    rng = random.Random(context + batch)
+    graphs0, captures0 = counter.dynamo_graphs(), counter.captures
+    ms = []
+    for i in range(args.mixed_calls):
+        n_new = rng.randint(2, args.new_tokens)
+        n_prompt = rng.randint(max(1, context // 2), max_cache_len - n_new - 1)
+        cache = _fresh(cache, name, model, max_cache_len, n_prompt, batch, args)
+        ids = _prompt(model.config.vocab_size, batch, n_prompt, 1000 + i, args.device)
+        ms.append(generate_once(model, ids, cache, n_new, args.device)["decode_ms_per_token"])
+    return {"mixed_recompiles": counter.dynamo_graphs() - graphs0, "mixed_captures": counter.captures - captures0,
+            "mixed_ms_median": statistics.median(x for x in ms if x == x)}
+
+
+def _allocated(device: str) -> int:
+    return torch.cuda.memory_allocated() if device.startswith("cuda") else 0
+
+
+def _peak(device: str) -> int:
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else 0
+
+
+def tokens_identical_at_16_bits(model, args) -> dict:
+    """Greedy tokens of AdaptiveStaticKVCache at 16 bits vs DynamicCache, on the smallest context of the grid."""
+    context, batch = min(args.contexts), min(args.batch_sizes)
+    ids = _prompt(model.config.vocab_size, batch, context, 7, args.device)
+    set_attention(model, "sdpa")
+    ref = generate_once(model, ids, DynamicCache(config=model.config), args.new_tokens, args.device)["tokens"]
+    cache, impl = make_cache("adaptive16", model, context + args.new_tokens + 16, context, batch, args)
+    set_attention(model, impl)
+    got = generate_once(model, ids, cache, args.new_tokens, args.device)["tokens"]
+    return {"context": context, "batch": batch, "new_tokens": args.new_tokens,
+            "identical": bool(torch.equal(ref, got)), "matching_fraction": float((ref == got).float().mean())}
+
+
+def feasible(model, name: str, context: int, batch: int, args) -> str | None:
+    """Why a configuration is skipped before it runs (memory), or None."""
+    if context * batch > args.max_tokens_in_flight:
+        return f"context x batch {context * batch} > --max-tokens-in-flight {args.max_tokens_in_flight}"
+    if name in ("dynamic", "static") and prompt_kv_bytes(model, context, batch) > args.max_kv_gib * 2**30:
+        return f"bf16 KV {prompt_kv_bytes(model, context, batch) / 2**30:.1f} GiB > --max-kv-gib {args.max_kv_gib}"
+    return None
+
+
+def bench(model, args) -> list[dict]:
+    counter = CaptureCounter() if args.device.startswith("cuda") else None
+    rows, start = [], time.perf_counter()
+    grid = [(n, b) for n in args.contexts for b in args.batch_sizes]
+    bar = tqdm(total=len(grid) * len(args.caches), desc=f"generate {args.shape}")
+    for context, batch in grid:
+        for name in args.caches:
+            row = {"shape": args.shape, "cache": name, "context": context, "batch": batch}
+            bar.set_postfix_str(f"{name} n={context} b={batch}")
+            reason = feasible(model, name, context, batch, args)
+            if reason is None and time.perf_counter() - start > args.time_budget_s:
+                reason = f"--time-budget-s={args.time_budget_s} spent"
+            try:
+                if reason:
+                    raise RuntimeError(reason)
+                row.update(bench_config(model, name, context, batch, args, counter))
+            except Exception as err:  # noqa: BLE001  (OOM, missing backend: recorded with the reason, grid goes on)
+                row["skipped"] = f"{type(err).__name__}: {str(err)[:160]}"
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            _save_partial(rows, args.out)
+            bar.update()
+    bar.close()
+    return rows
+
+
+def _save_partial(rows: list[dict], out: str) -> None:
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"partial_{_stem_suffix()}.json").write_text(json.dumps(rows, indent=1, default=str))
+
+
+def _stem_suffix() -> str:
+    return os.environ.get("BENCH_GENERATE_TAG", "rows")
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Per (context, batch): every adaptive cache's ms/token over static and dynamic, measured in this run."""
+    out = []
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if "decode_ms_per_token" in r:
+            by_key.setdefault((r["shape"], r["context"], r["batch"]), {})[r["cache"]] = r
+    for (shape, context, batch), caches in by_key.items():
+        line = {"shape": shape, "context": context, "batch": batch}
+        for name in ("adaptive16", "adaptive8", "adaptive4"):
+            ours = caches.get(name)
+            for ref in ("static", "dynamic"):
+                if ours and ref in caches:
+                    line[f"{name}/{ref}"] = ours["decode_ms_per_token"] / caches[ref]["decode_ms_per_token"]
+        if "adaptive4" in caches and "adaptive16" in caches:
+            line["adaptive4/adaptive16"] = (caches["adaptive4"]["decode_ms_per_token"]
+                                            / caches["adaptive16"]["decode_ms_per_token"])
+        out.append(line)
+    return out
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """ms/token and KV GiB vs context, one line per cache, one column per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "decode_ms_per_token" in r]
+    batches = sorted({r["batch"] for r in done})
+    if not batches:
+        return
+    fig, axes = plt.subplots(2, len(batches), figsize=(6 * len(batches), 8), squeeze=False)
+    for col, batch in enumerate(batches):
+        for cache in dict.fromkeys(r["cache"] for r in done):
+            pts = sorted((r["context"], r["decode_ms_per_token"], r["kv_gib"]) for r in done
+                         if r["cache"] == cache and r["batch"] == batch)
+            if pts:
+                x = [p[0] for p in pts]
+                axes[0][col].plot(x, [p[1] for p in pts], marker="o", label=cache)
+                axes[1][col].plot(x, [p[2] for p in pts], marker="o", label=cache)
+        for row, ylabel in enumerate(("ms / decoded token (model.generate)", "KV GiB")):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("context tokens")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"batch {batch}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b", help="random-init Llama shape")
+    p.add_argument("--contexts", type=_ints, default=_ints("64,1024,4096,16384,32768,65536"))
+    p.add_argument("--batch-sizes", type=_ints, default=_ints("1,8,32"))
+    p.add_argument("--caches", default=",".join(CACHES), help=f"comma-separated subset of {CACHES}")
+    p.add_argument("--new-tokens", type=int, default=33, help="max_new_tokens of every timed call")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls per configuration (median)")
+    p.add_argument("--mixed-calls", type=int, default=0, help="calls of mixed lengths per compiled cache")
+    p.add_argument("--max-cache-len", type=int, default=0, help="0: context + new tokens + 16 per configuration")
+    p.add_argument("--residual-length", type=int, default=64)
+    p.add_argument("--max-tokens-in-flight", type=int, default=262144, help="skip context x batch above this")
+    p.add_argument("--max-kv-gib", type=float, default=60.0, help="skip bf16 caches whose KV exceeds this")
+    p.add_argument("--time-budget-s", type=float, default=500.0, help="stop starting configurations after this")
+    p.add_argument("--profile", action="store_true", help="profile one call of static/adaptive16/adaptive4")
+    p.add_argument("--profile-at", type=_ints, default=[64, 1], help="context,batch of the profiled calls")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    p.add_argument("--out", default="eval/results/kv_generate")
+    args = p.parse_args(argv)
+    args.caches = [c for c in args.caches.split(",") if c]
+    args.profile_at = tuple(args.profile_at)
+    bad = sorted(set(args.caches) - set(CACHES))
+    if bad:
+        p.error(f"--caches: unknown {bad}; choose from {CACHES}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    model = build_model(args.shape, args.device, getattr(torch, args.dtype))
+    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    t0 = time.perf_counter()
+    identity = tokens_identical_at_16_bits(model, args)
+    rows = bench(model, args)
+    env = {**environment_info(args.device, card), "model": f"random-init {args.shape}", "dtype": args.dtype,
+           "new_tokens": args.new_tokens, "repeats": args.repeats, "wall_s": round(time.perf_counter() - t0, 1)}
+    columns = ["shape", "cache", "context", "batch", "decode_ms_per_token", "prefill_s", "kv_gib", "kv_reserved_gib",
+               "peak_gib", "transient_gib", "view_changes", "host_us_per_step", "bits_path", "mixed_recompiles",
+               "mixed_captures", "cudagraph_skips", "skipped"]
+    ratio_rows = ratios(rows)
+    stem = f"bench_generate_{args.shape}"
+    notes = (f"Timed through model.generate only ({args.repeats} calls after one warm-up per configuration, "
+             f"{args.new_tokens} new tokens). Ratios below are measured in this run. Tokens at 16 bits vs "
+             f"DynamicCache: {identity}.\n\n" + markdown_table(ratio_rows))
+    write_report(args.out, stem, {"rows": rows, "ratios": ratio_rows, "identity_16bit": identity, "args": vars(args)},
+                 env, markdown_table(rows, columns), f"model.generate decode: random-init {args.shape} on {card}",
+                 notes)
+    plot(rows, Path(args.out) / f"{stem}.png", f"model.generate, {args.shape} {args.dtype} on {card}")
+    print(markdown_table(rows, columns))
+    print(markdown_table(ratio_rows))
+    print("identity_16bit", identity)
+
+
+if __name__ == "__main__":
+    main()
