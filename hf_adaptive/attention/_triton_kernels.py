@@ -46,22 +46,6 @@ def _rows16_half(base, rows, row_ok, offs_h, stride_row, H: tl.constexpr, HALF: 
 
 
 @triton.jit
-def _codes_half(base, rows, offs_h, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr):
-    """(CHUNK, HD) int32 codes of channels ``H * HALF + offs_h`` of packed rows (see the module docstring)."""
-    ROW_BYTES: tl.constexpr = D * BITS // 8
-    MASK: tl.constexpr = (1 << BITS) - 1
-    ok = (offs_h < HALF)[None, :]
-    if BITS == 8:
-        return tl.load(base + rows[:, None] * ROW_BYTES + (H * HALF + offs_h)[None, :], mask=ok, other=0).to(tl.int32)
-    if BITS == 4:  # byte j = channel j | channel j + D/2 << 4: a half is one nibble of the row's bytes
-        byte = tl.load(base + rows[:, None] * ROW_BYTES + offs_h[None, :], mask=ok, other=0).to(tl.int32)
-        return (byte >> (4 * H)) & MASK
-    ch = H * HALF + offs_h  # 2 bits: byte j holds channels j + k * D/4, k = 0..3
-    byte = tl.load(base + rows[:, None] * ROW_BYTES + (ch % ROW_BYTES)[None, :], mask=ok, other=0).to(tl.int32)
-    return (byte >> ((ch // ROW_BYTES) * BITS)[None, :]) & MASK
-
-
-@triton.jit
 def _step16(q_lo, q_hi, k_base, v_base, rows, row_ok, stride_row, valid, m_i, l_i, acc_lo, acc_hi, offs_h,
             qk_scale, softcap, HALF: tl.constexpr, SOFTCAP: tl.constexpr):
     """Fold one tile held in the model dtype (a 16-bit history block or the exact tail)."""
@@ -79,44 +63,189 @@ def _step16(q_lo, q_hi, k_base, v_base, rows, row_ok, stride_row, valid, m_i, l_
 
 
 @triton.jit
-def _pv_quant(p, vc, vs, vz, rows, offs_h, H: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
-              HALF: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
+def _dot_split(a, b, DT: tl.constexpr):
+    """float32 ``a`` (M, K) times ``b`` (K, N) held exactly in ``DT``: ``a`` split into a DT head and a DT remainder,
+    two dots, so the product keeps about twice DT's mantissa (the integer codes in ``b`` are exact in bf16)."""
+    head = a.to(DT)
+    return tl.dot(head, b) + tl.dot((a - head.to(tl.float32)).to(DT), b)
+
+
+@triton.jit
+def _load_code_halves(base, rows, ok, offs_h, D: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr):
+    """Raw uint8 loads behind both halves of a packed (CHUNK, D) tile; :func:`_decode_half` finishes them.
+
+    4 bits: one load, byte j = channel j | channel j + D/2 << 4 (both halves are the same bytes). 8 bits: the two
+    halves' bytes. 2 bits: byte j holds channels j + k·D/4; each half gathers the bytes of its channels.
+    """
+    ROW_BYTES: tl.constexpr = D * BITS // 8
+    row_off = rows[:, None] * ROW_BYTES
+    if BITS == 4:
+        lo = tl.load(base + row_off + offs_h[None, :], mask=ok, other=0)
+        hi = lo
+    elif BITS == 8:
+        lo = tl.load(base + row_off + offs_h[None, :], mask=ok, other=0)
+        hi = tl.load(base + row_off + HALF + offs_h[None, :], mask=ok, other=0)
+    else:
+        lo = tl.load(base + row_off + (offs_h % ROW_BYTES)[None, :], mask=ok, other=0)
+        hi = tl.load(base + row_off + ((HALF + offs_h) % ROW_BYTES)[None, :], mask=ok, other=0)
+    return lo, hi
+
+
+@triton.jit
+def _decode_half(raw, offs_h, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr,
+                 DT: tl.constexpr):
+    """Codes of half ``H`` (channels ``H * HALF + offs_h``) from its raw bytes, in ``DT`` (exact integers)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    ROW_BYTES: tl.constexpr = D * BITS // 8
+    codes = raw.to(tl.int32)
+    if BITS == 4:
+        codes = (codes >> (4 * H)) & MASK
+    if BITS == 2:
+        codes = (codes >> (((H * HALF + offs_h) // ROW_BYTES) * BITS)[None, :]) & MASK
+    return codes.to(DT)
+
+
+@triton.jit
+def _load_quant(kc, ks, kz, vc, vs, vz, slot, rows, on, offs_h, D: tl.constexpr, G: tl.constexpr,
+                HALF: tl.constexpr, BITS: tl.constexpr):
+    """Every load of one quantized tile, issued together (``on`` 0 instead of 1: no memory is touched).
+
+    Returns raw key/value code halves, key scale/zero halves (HD,) and the value scales/zeros: per token (CHUNK,)
+    for each half when a half lies in one group (G >= D/2), else (CHUNK, HD) tiles.
+    """
+    col_ok = offs_h < HALF * on
+    ok = col_ok[None, :]
+    row_ok = rows * 0 < on
+    k_lo, k_hi = _load_code_halves(kc, rows, ok, offs_h, D, HALF, BITS)
+    v_lo, v_hi = _load_code_halves(vc, rows, ok, offs_h, D, HALF, BITS)
+    ks_lo = tl.load(ks + slot * D + offs_h, mask=col_ok, other=0.0)
+    ks_hi = tl.load(ks + slot * D + HALF + offs_h, mask=col_ok, other=0.0)
+    kz_lo = tl.load(kz + slot * D + offs_h, mask=col_ok, other=0.0)
+    kz_hi = tl.load(kz + slot * D + HALF + offs_h, mask=col_ok, other=0.0)
+    if G >= HALF:
+        g_off = rows * (D // G)
+        vs_lo = tl.load(vs + g_off, mask=row_ok, other=0.0)
+        vz_lo = tl.load(vz + g_off, mask=row_ok, other=0.0)
+        vs_hi = tl.load(vs + g_off + HALF // G, mask=row_ok, other=0.0)
+        vz_hi = tl.load(vz + g_off + HALF // G, mask=row_ok, other=0.0)
+    else:
+        g_lo = rows[:, None] * (D // G) + (offs_h // G)[None, :]
+        g_hi = rows[:, None] * (D // G) + ((HALF + offs_h) // G)[None, :]
+        vs_lo = tl.load(vs + g_lo, mask=ok, other=0.0)
+        vz_lo = tl.load(vz + g_lo, mask=ok, other=0.0)
+        vs_hi = tl.load(vs + g_hi, mask=ok, other=0.0)
+        vz_hi = tl.load(vz + g_hi, mask=ok, other=0.0)
+    return k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi
+
+
+@triton.jit
+def _pv_half(p, raw, scale, zero, offs_h, H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr,
+             BITS: tl.constexpr, DT: tl.constexpr):
     """p (GP, CHUNK) times half ``H`` of a quantized value tile: (GP, HD) float32."""
-    codes = _codes_half(vc, rows, offs_h, H, D, HALF, BITS)
-    if G >= HALF:  # the half is one group: fold its per-token scale into p and its zero into a row sum
-        g_off = rows * (D // G) + (H * HALF) // G
-        scale = tl.load(vs + g_off).to(tl.float32)
-        zero = tl.load(vz + g_off).to(tl.float32)
-        pv = tl.dot((p * scale[None, :]).to(DT), codes.to(DT))
-        return pv + tl.sum(p * zero[None, :], 1)[:, None]
-    g_off = rows[:, None] * (D // G) + ((H * HALF + offs_h) // G)[None, :]
-    ok = (offs_h < HALF)[None, :]
-    scale = tl.load(vs + g_off, mask=ok, other=0.0).to(tl.float32)
-    zero = tl.load(vz + g_off, mask=ok, other=0.0).to(tl.float32)
-    return tl.dot(p.to(DT), (codes.to(tl.float32) * scale + zero).to(DT))
+    codes = _decode_half(raw, offs_h, H, D, HALF, BITS, DT)
+    if G >= HALF:  # the half is one group: its per-token scale folds into p, its zero into a row sum
+        pv = (tl.dot((p * scale.to(tl.float32)[None, :]).to(DT), codes)
+              + tl.sum(p * zero.to(tl.float32)[None, :], 1)[:, None])
+    else:
+        v = codes.to(tl.float32) * scale.to(tl.float32) + zero.to(tl.float32)
+        pv = tl.dot(p.to(DT), v.to(DT))
+    return pv
+
+
+@triton.jit
+def _fold_quant(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi,
+                valid, m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap, D: tl.constexpr, G: tl.constexpr,
+                HALF: tl.constexpr, BITS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Fold one quantized tile from its loads (see :func:`_load_quant`): keys per channel of the block (scale
+    folded into the query, zero into a per-row constant), values per token group."""
+    DT = q_lo.dtype
+    qf_lo = q_lo.to(tl.float32)
+    qf_hi = q_hi.to(tl.float32)
+    qz = tl.sum(qf_lo * kz_lo.to(tl.float32)[None, :], 1) + tl.sum(qf_hi * kz_hi.to(tl.float32)[None, :], 1)
+    c_lo = tl.trans(_decode_half(k_lo, offs_h, 0, D, HALF, BITS, DT))
+    c_hi = tl.trans(_decode_half(k_hi, offs_h, 1, D, HALF, BITS, DT))
+    s = (_dot_split(qf_lo * ks_lo.to(tl.float32)[None, :], c_lo, DT)
+         + _dot_split(qf_hi * ks_hi.to(tl.float32)[None, :], c_hi, DT))
+    p, m_i, l_i, alpha = _softmax_fold(s + qz[:, None], valid, m_i, l_i, qk_scale, softcap, SOFTCAP)
+    acc_lo = acc_lo * alpha[:, None] + _pv_half(p, v_lo, vs_lo, vz_lo, offs_h, 0, D, G, HALF, BITS, DT)
+    acc_hi = acc_hi * alpha[:, None] + _pv_half(p, v_hi, vs_hi, vz_hi, offs_h, 1, D, G, HALF, BITS, DT)
+    return m_i, l_i, acc_lo, acc_hi
 
 
 @triton.jit
 def _step_quant(q_lo, q_hi, kc, ks, kz, vc, vs, vz, slot, rows, valid, m_i, l_i, acc_lo, acc_hi, offs_h,
                 qk_scale, softcap, D: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr,
                 SOFTCAP: tl.constexpr):
-    """Fold one tile of a quantized history block (keys per channel of the block, values per token group)."""
-    DT = q_lo.dtype
-    col_ok = offs_h < HALF
-    s_lo = tl.load(ks + slot * D + offs_h, mask=col_ok, other=0.0).to(tl.float32)
-    s_hi = tl.load(ks + slot * D + HALF + offs_h, mask=col_ok, other=0.0).to(tl.float32)
-    z_lo = tl.load(kz + slot * D + offs_h, mask=col_ok, other=0.0).to(tl.float32)
-    z_hi = tl.load(kz + slot * D + HALF + offs_h, mask=col_ok, other=0.0).to(tl.float32)
-    qf_lo = q_lo.to(tl.float32)
-    qf_hi = q_hi.to(tl.float32)
-    qz = tl.sum(qf_lo * z_lo[None, :], 1) + tl.sum(qf_hi * z_hi[None, :], 1)  # (GP,) q . zero
-    c_lo = _codes_half(kc, rows, offs_h, 0, D, HALF, BITS).to(DT)
-    c_hi = _codes_half(kc, rows, offs_h, 1, D, HALF, BITS).to(DT)
-    s = tl.dot((qf_lo * s_lo[None, :]).to(DT), tl.trans(c_lo)) + tl.dot((qf_hi * s_hi[None, :]).to(DT),
-                                                                         tl.trans(c_hi))
-    p, m_i, l_i, alpha = _softmax_fold(s + qz[:, None], valid, m_i, l_i, qk_scale, softcap, SOFTCAP)
-    acc_lo = acc_lo * alpha[:, None] + _pv_quant(p, vc, vs, vz, rows, offs_h, 0, D, G, HALF, BITS, DT)
-    acc_hi = acc_hi * alpha[:, None] + _pv_quant(p, vc, vs, vz, rows, offs_h, 1, D, G, HALF, BITS, DT)
+    """Fold one tile of a quantized history block: its loads, then :func:`_fold_quant`."""
+    k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi = _load_quant(
+        kc, ks, kz, vc, vs, vz, slot, rows, 1, offs_h, D, G, HALF, BITS)
+    return _fold_quant(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi,
+                       valid, m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap, D, G, HALF, BITS, SOFTCAP)
+
+
+@triton.jit
+def _valid_keys(pos, n_total, mask_row, HAS_MASK: tl.constexpr, WINDOW: tl.constexpr):
+    """Which logical key positions of a tile are attended: stored, inside the window, not masked (padding)."""
+    valid = pos < n_total
+    if WINDOW > 0:
+        valid = valid & (pos > n_total - 1 - WINDOW)
+    if HAS_MASK:
+        valid = valid & (tl.load(mask_row + pos, mask=pos < n_total, other=0) != 0)
+    return valid
+
+
+@triton.jit
+def _uniform_step(c, c_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi,
+                  vs_lo, vz_lo, vs_hi, vz_hi, slot_ptr, kc, ks, kz, vc, vs, vz, mask_row, n_total, qk_scale, softcap,
+                  offs_n, offs_h, D: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, BS: tl.constexpr,
+                  CHUNK: tl.constexpr, BITS: tl.constexpr, HAS_MASK: tl.constexpr, WINDOW: tl.constexpr,
+                  SOFTCAP: tl.constexpr):
+    """One chunk of :func:`_uniform_history`: issue chunk c + 1's loads, then fold chunk c (already loaded)."""
+    CPB: tl.constexpr = BS // CHUNK
+    nxt = c + 1
+    nxt_on = (nxt < c_hi).to(tl.int32)
+    nslot = tl.load(slot_ptr + tl.minimum(nxt, c_hi - 1) // CPB)  # the last chunk re-reads its own entry
+    nrows = nslot * BS + (nxt % CPB) * CHUNK + offs_n
+    nk_lo, nk_hi, nv_lo, nv_hi, nks_lo, nks_hi, nkz_lo, nkz_hi, nvs_lo, nvz_lo, nvs_hi, nvz_hi = _load_quant(
+        kc, ks, kz, vc, vs, vz, nslot, nrows, nxt_on, offs_h, D, G, HALF, BITS)
+    valid = _valid_keys(c * CHUNK + offs_n, n_total, mask_row, HAS_MASK, WINDOW)
+    m_i, l_i, acc_lo, acc_hi = _fold_quant(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi,
+                                           vs_lo, vz_lo, vs_hi, vz_hi, valid, m_i, l_i, acc_lo, acc_hi, offs_h,
+                                           qk_scale, softcap, D, G, HALF, BITS, SOFTCAP)
+    return (m_i, l_i, acc_lo, acc_hi, nk_lo, nk_hi, nv_lo, nv_hi, nks_lo, nks_hi, nkz_lo, nkz_hi,
+            nvs_lo, nvz_lo, nvs_hi, nvz_hi)
+
+
+@triton.jit
+def _uniform_history(c_lo, c_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, slot_ptr, kc, ks, kz, vc, vs, vz,
+                     mask_row, n_total, qk_scale, softcap, offs_n, offs_h, D: tl.constexpr, G: tl.constexpr,
+                     HALF: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr, BITS: tl.constexpr,
+                     HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                     WHILE_LOOP: tl.constexpr):
+    """History chunks [c_lo, c_hi) when every block is at ``BITS``: no branch per chunk, and the loads of chunk
+    c + 1 are issued before chunk c is computed (software prefetch), so memory latency overlaps the math."""
+    CPB: tl.constexpr = BS // CHUNK
+    on = (c_lo < c_hi).to(tl.int32)
+    slot = tl.load(slot_ptr + tl.maximum(tl.minimum(c_lo, c_hi - 1), 0) // CPB)  # entry 0 exists in every table
+    rows = slot * BS + (c_lo % CPB) * CHUNK + offs_n
+    k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi = _load_quant(
+        kc, ks, kz, vc, vs, vz, slot, rows, on, offs_h, D, G, HALF, BITS)
+    c = c_lo
+    if WHILE_LOOP:  # the interpreter (see decode_split_kernel)
+        while c < c_hi:
+            (m_i, l_i, acc_lo, acc_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi,
+             vz_hi) = _uniform_step(c, c_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, k_lo, k_hi, v_lo, v_hi, ks_lo,
+                                    ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi, slot_ptr, kc, ks, kz, vc, vs, vz,
+                                    mask_row, n_total, qk_scale, softcap, offs_n, offs_h, D, G, HALF, BS, CHUNK,
+                                    BITS, HAS_MASK, WINDOW, SOFTCAP)
+            c += 1
+    else:
+        for c in range(c_lo, c_hi):
+            (m_i, l_i, acc_lo, acc_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi,
+             vz_hi) = _uniform_step(c, c_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, k_lo, k_hi, v_lo, v_hi, ks_lo,
+                                    ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi, slot_ptr, kc, ks, kz, vc, vs, vz,
+                                    mask_row, n_total, qk_scale, softcap, offs_n, offs_h, D, G, HALF, BS, CHUNK,
+                                    BITS, HAS_MASK, WINDOW, SOFTCAP)
     return m_i, l_i, acc_lo, acc_hi
 
 
@@ -131,12 +260,7 @@ def _attend_chunk(c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, f
 
     All pointers are already offset to this program's (batch, kv head) plane.
     """
-    pos = c * CHUNK + offs_n
-    valid = pos < n_total
-    if WINDOW > 0:
-        valid = valid & (pos > n_total - 1 - WINDOW)
-    if HAS_MASK:
-        valid = valid & (tl.load(mask_row + pos, mask=pos < n_total, other=0) != 0)
+    valid = _valid_keys(c * CHUNK + offs_n, n_total, mask_row, HAS_MASK, WINDOW)
     CPB: tl.constexpr = BS // CHUNK
     if c < n_hist_chunks:
         bits = tl.load(bits_ptr + c // CPB)
@@ -187,11 +311,12 @@ def decode_split_kernel(
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, G: tl.constexpr, BS: tl.constexpr,
     CHUNK: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, HAS2: tl.constexpr,
     HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, WHILE_LOOP: tl.constexpr,
-    DEVICE_LENS: tl.constexpr,
+    DEVICE_LENS: tl.constexpr, UNIFORM: tl.constexpr,
 ):
     """Partial attention of one (split, kv head, batch): the group's query heads over its chunks.
 
-    HD: columns of a half tile, max(16, D // 2). DEVICE_LENS: the lengths live on the device (``lens_ptr`` =
+    HD: columns of a half tile, max(16, D // 2). UNIFORM: 0, or the precision (8/4/2) of every history block
+    (the host guarantees it; the history then runs in :func:`_uniform_history`). DEVICE_LENS: the lengths live on the device (``lens_ptr`` =
     [history blocks, tail tokens], a static cache under CUDA graphs); the host's length arguments are capacities
     and the chunks are shared out among the ``n_splits`` programs here, from the live lengths.
     """
@@ -234,6 +359,24 @@ def decode_split_kernel(
     # splits tile [first_chunk, n_chunks): chunks before a sliding window's start are never read
     c_lo = first_chunk + split * chunks_per_split
     c_hi = tl.minimum(c_lo + chunks_per_split, n_hist_chunks + tl.cdiv(n_tail, CHUNK))
+    if UNIFORM > 0:  # every history block at UNIFORM bits: a branch-free prefetching loop, then the tail
+        h_hi = tl.minimum(c_hi, n_hist_chunks)
+        if UNIFORM == 8:
+            m_i, l_i, acc_lo, acc_hi = _uniform_history(
+                c_lo, h_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, slot_ptr, k8c, k8s, k8z, v8c, v8s, v8z, mask_row,
+                n_total, qk_scale, softcap, offs_n, offs_h, D, G, HALF, BS, CHUNK, 8, HAS_MASK, WINDOW, SOFTCAP,
+                WHILE_LOOP)
+        if UNIFORM == 4:
+            m_i, l_i, acc_lo, acc_hi = _uniform_history(
+                c_lo, h_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, slot_ptr, k4c, k4s, k4z, v4c, v4s, v4z, mask_row,
+                n_total, qk_scale, softcap, offs_n, offs_h, D, G, HALF, BS, CHUNK, 4, HAS_MASK, WINDOW, SOFTCAP,
+                WHILE_LOOP)
+        if UNIFORM == 2:
+            m_i, l_i, acc_lo, acc_hi = _uniform_history(
+                c_lo, h_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, slot_ptr, k2c, k2s, k2z, v2c, v2s, v2z, mask_row,
+                n_total, qk_scale, softcap, offs_n, offs_h, D, G, HALF, BS, CHUNK, 2, HAS_MASK, WINDOW, SOFTCAP,
+                WHILE_LOOP)
+        c_lo = tl.maximum(c_lo, n_hist_chunks)  # what is left of this split is tail
     # the interpreter's range() over tensors fails with numpy >= 2.4: it walks the same chunks with a while loop
     c = c_lo
     if WHILE_LOOP:
