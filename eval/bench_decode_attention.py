@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 import logging
 import platform
 import statistics
@@ -54,8 +53,6 @@ def make_inputs(batch: int, context: int, bits: int, seed: int = 0):
     q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, generator=g, device="cuda", dtype=torch.bfloat16)
     n_blocks = (context - TAIL) // BLOCK
     packed = pack_dense_kv(k, v, [bits] * n_blocks, block_size=BLOCK, value_group=GROUP, spare_slots=0, seed=seed)
-    if bits < 16:  # one precision for the whole history, as a fixed_bits cache declares it: the branch-free walk
-        packed = replace(packed, uniform_bits=bits)
     return q, k, v, packed
 
 

@@ -37,7 +37,6 @@ class Case:
     pad: tuple[int, ...] = field(default_factory=tuple)  # left padding per sequence -> key mask
     seed: int = 0
     chunk: int | None = None  # DecodeKernelConfig.chunk
-    uniform: bool = False  # mark the view uniform_bits (every block at block_bits[0]): the branch-free walk
     static: bool = False  # read through a static view: capacity-sized tensors with garbage past the device lengths
 
 
@@ -54,11 +53,6 @@ def run_case(case: Case, device: str) -> dict:
     q = torch.randn(case.batch, case.kv_heads * case.group, 1, case.head_dim, generator=g).to(dtype).to(device)
     packed = pack_dense_kv(k, v, list(case.block_bits), block_size=case.block_size, value_group=case.value_group,
                            spare_slots=2, seed=case.seed)
-    if case.uniform:
-        from dataclasses import replace
-
-        assert len(set(case.block_bits)) == 1 and case.block_bits[0] < 16
-        packed = replace(packed, uniform_bits=case.block_bits[0])
     key_mask = None
     if case.pad:
         key_mask = torch.ones(case.batch, n, dtype=torch.bool, device=device)
@@ -120,11 +114,10 @@ GPU_CASES = [
     Case(block_bits=(4,) * 512, tail=17, batch=2),  # 32k tokens: many splits
 ] + [  # every code width and head dim, with chunks smaller than a block
     Case(head_dim=d, block_bits=(2, 4, 8, 16, 4), tail=9, chunk=32, seed=d) for d in (64, 128, 256)
-] + [  # uniform views: the branch-free prefetching walk of the history
-    Case(uniform=True, block_bits=(4,) * 40, tail=17, batch=2, value_group=64),
-    Case(uniform=True, block_bits=(8,) * 9, tail=0, head_dim=128, value_group=64),
-    Case(uniform=True, block_bits=(4,) * 7, tail=5, window=200, pad=(3,), value_group=16),
-    Case(uniform=True, static=True, block_bits=(4,) * 63, tail=65, value_group=64, batch=8, kv_heads=8),
+] + [  # one precision throughout, as a fixed_bits cache holds it
+    Case(block_bits=(4,) * 40, tail=17, batch=2, value_group=64),
+    Case(block_bits=(8,) * 9, tail=0, head_dim=128, value_group=64),
+    Case(block_bits=(4,) * 7, tail=5, window=200, pad=(3,), value_group=16),
 ] + [  # static views (device lengths): the compiled cache's read path
     Case(static=True, block_bits=(4,) * 63, tail=65, value_group=64, batch=8, kv_heads=8),
     Case(static=True, block_bits=(16, 8, 4), tail=0), Case(static=True, batch=3, pad=(0, 5, 70)),
@@ -179,11 +172,11 @@ INTERPRETER_CASES = [
     Case(head_dim=16, group=2, block_size=16, block_bits=(16, 8, 4), tail=0, value_group=8, dtype="float32",
          static=True),  # empty tail
     Case(head_dim=16, group=2, batch=2, block_size=16, block_bits=(4,) * 6, tail=3, value_group=8,
-         dtype="float32", pad=(0, 6), uniform=True),
+         dtype="float32", pad=(0, 6)),
     Case(head_dim=64, group=4, block_size=16, block_bits=(8,) * 5, tail=0, value_group=64, dtype="float32",
-         uniform=True, static=True),
+         static=True),
     Case(head_dim=32, group=2, block_size=16, block_bits=(2,) * 3, tail=9, value_group=16, dtype="float32",
-         uniform=True, window=30),
+         window=30),
 ]
 
 
@@ -216,7 +209,7 @@ def test_kernel_compiles_for_hopper(head_dim, value_group, device_lens):
     fn = triton_decode.kernels.decode_split_kernel
     const = dict(GROUP=4, GP=16, D=head_dim, HD=max(16, head_dim // 2), G=value_group, BS=64, CHUNK=64, HAS8=True,
                  HAS4=True, HAS2=True, HAS_MASK=True, WINDOW=0 if device_lens else 128, SOFTCAP=True,
-                 WHILE_LOOP=False, DEVICE_LENS=device_lens, UNIFORM=4 if device_lens else 0)
+                 WHILE_LOOP=False, DEVICE_LENS=device_lens)
     sig = {name: _arg_type(name, const) for name in fn.arg_names}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 8})

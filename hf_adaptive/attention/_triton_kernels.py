@@ -195,61 +195,6 @@ def _valid_keys(pos, n_total, mask_row, HAS_MASK: tl.constexpr, WINDOW: tl.const
 
 
 @triton.jit
-def _uniform_step(c, c_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi,
-                  vs_lo, vz_lo, vs_hi, vz_hi, slot_ptr, kc, ks, kz, vc, vs, vz, mask_row, n_total, qk_scale, softcap,
-                  offs_n, offs_h, D: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, BS: tl.constexpr,
-                  CHUNK: tl.constexpr, BITS: tl.constexpr, HAS_MASK: tl.constexpr, WINDOW: tl.constexpr,
-                  SOFTCAP: tl.constexpr):
-    """One chunk of :func:`_uniform_history`: issue chunk c + 1's loads, then fold chunk c (already loaded)."""
-    CPB: tl.constexpr = BS // CHUNK
-    nxt = c + 1
-    nxt_on = (nxt < c_hi).to(tl.int32)
-    nslot = tl.load(slot_ptr + tl.minimum(nxt, c_hi - 1) // CPB)  # the last chunk re-reads its own entry
-    nrows = nslot * BS + (nxt % CPB) * CHUNK + offs_n
-    nk_lo, nk_hi, nv_lo, nv_hi, nks_lo, nks_hi, nkz_lo, nkz_hi, nvs_lo, nvz_lo, nvs_hi, nvz_hi = _load_quant(
-        kc, ks, kz, vc, vs, vz, nslot, nrows, nxt_on, offs_h, D, G, HALF, BITS)
-    valid = _valid_keys(c * CHUNK + offs_n, n_total, mask_row, HAS_MASK, WINDOW)
-    m_i, l_i, acc_lo, acc_hi = _fold_quant(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi,
-                                           vs_lo, vz_lo, vs_hi, vz_hi, valid, m_i, l_i, acc_lo, acc_hi, offs_h,
-                                           qk_scale, softcap, D, G, HALF, BITS, SOFTCAP)
-    return (m_i, l_i, acc_lo, acc_hi, nk_lo, nk_hi, nv_lo, nv_hi, nks_lo, nks_hi, nkz_lo, nkz_hi,
-            nvs_lo, nvz_lo, nvs_hi, nvz_hi)
-
-
-@triton.jit
-def _uniform_history(c_lo, c_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, slot_ptr, kc, ks, kz, vc, vs, vz,
-                     mask_row, n_total, qk_scale, softcap, offs_n, offs_h, D: tl.constexpr, G: tl.constexpr,
-                     HALF: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr, BITS: tl.constexpr,
-                     HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                     WHILE_LOOP: tl.constexpr):
-    """History chunks [c_lo, c_hi) when every block is at ``BITS``: no branch per chunk, and the loads of chunk
-    c + 1 are issued before chunk c is computed (software prefetch), so memory latency overlaps the math."""
-    CPB: tl.constexpr = BS // CHUNK
-    on = (c_lo < c_hi).to(tl.int32)
-    slot = tl.load(slot_ptr + tl.maximum(tl.minimum(c_lo, c_hi - 1), 0) // CPB)  # entry 0 exists in every table
-    rows = slot * BS + (c_lo % CPB) * CHUNK + offs_n
-    k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi = _load_quant(
-        kc, ks, kz, vc, vs, vz, slot, rows, on, offs_h, D, G, HALF, BITS)
-    c = c_lo
-    if WHILE_LOOP:  # the interpreter (see decode_split_kernel)
-        while c < c_hi:
-            (m_i, l_i, acc_lo, acc_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi,
-             vz_hi) = _uniform_step(c, c_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, k_lo, k_hi, v_lo, v_hi, ks_lo,
-                                    ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi, slot_ptr, kc, ks, kz, vc, vs, vz,
-                                    mask_row, n_total, qk_scale, softcap, offs_n, offs_h, D, G, HALF, BS, CHUNK,
-                                    BITS, HAS_MASK, WINDOW, SOFTCAP)
-            c += 1
-    else:
-        for c in range(c_lo, c_hi):
-            (m_i, l_i, acc_lo, acc_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi,
-             vz_hi) = _uniform_step(c, c_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, k_lo, k_hi, v_lo, v_hi, ks_lo,
-                                    ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi, slot_ptr, kc, ks, kz, vc, vs, vz,
-                                    mask_row, n_total, qk_scale, softcap, offs_n, offs_h, D, G, HALF, BS, CHUNK,
-                                    BITS, HAS_MASK, WINDOW, SOFTCAP)
-    return m_i, l_i, acc_lo, acc_hi
-
-
-@triton.jit
 def _attend_chunk(c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, fk, fv, sf_r, tk, tv, st_r,
                   k8c, k8s, k8z, v8c, v8s, v8z, k4c, k4s, k4z, v4c, v4s, v4z, k2c, k2s, k2z, v2c, v2s, v2z,
                   mask_row, n_hist_chunks, n_tail, n_total, qk_scale, softcap, offs_n, offs_h,
@@ -311,12 +256,11 @@ def decode_split_kernel(
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, G: tl.constexpr, BS: tl.constexpr,
     CHUNK: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, HAS2: tl.constexpr,
     HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, WHILE_LOOP: tl.constexpr,
-    DEVICE_LENS: tl.constexpr, UNIFORM: tl.constexpr,
+    DEVICE_LENS: tl.constexpr,
 ):
     """Partial attention of one (split, kv head, batch): the group's query heads over its chunks.
 
-    HD: columns of a half tile, max(16, D // 2). UNIFORM: 0, or the precision (8/4/2) of every history block
-    (the host guarantees it; the history then runs in :func:`_uniform_history`). DEVICE_LENS: the lengths live on the device (``lens_ptr`` =
+    HD: columns of a half tile, max(16, D // 2). DEVICE_LENS: the lengths live on the device (``lens_ptr`` =
     [history blocks, tail tokens], a static cache under CUDA graphs); the host's length arguments are capacities
     and the chunks are shared out among the ``n_splits`` programs here, from the live lengths.
     """
@@ -359,24 +303,6 @@ def decode_split_kernel(
     # splits tile [first_chunk, n_chunks): chunks before a sliding window's start are never read
     c_lo = first_chunk + split * chunks_per_split
     c_hi = tl.minimum(c_lo + chunks_per_split, n_hist_chunks + tl.cdiv(n_tail, CHUNK))
-    if UNIFORM > 0:  # every history block at UNIFORM bits: a branch-free prefetching loop, then the tail
-        h_hi = tl.minimum(c_hi, n_hist_chunks)
-        if UNIFORM == 8:
-            m_i, l_i, acc_lo, acc_hi = _uniform_history(
-                c_lo, h_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, slot_ptr, k8c, k8s, k8z, v8c, v8s, v8z, mask_row,
-                n_total, qk_scale, softcap, offs_n, offs_h, D, G, HALF, BS, CHUNK, 8, HAS_MASK, WINDOW, SOFTCAP,
-                WHILE_LOOP)
-        if UNIFORM == 4:
-            m_i, l_i, acc_lo, acc_hi = _uniform_history(
-                c_lo, h_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, slot_ptr, k4c, k4s, k4z, v4c, v4s, v4z, mask_row,
-                n_total, qk_scale, softcap, offs_n, offs_h, D, G, HALF, BS, CHUNK, 4, HAS_MASK, WINDOW, SOFTCAP,
-                WHILE_LOOP)
-        if UNIFORM == 2:
-            m_i, l_i, acc_lo, acc_hi = _uniform_history(
-                c_lo, h_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, slot_ptr, k2c, k2s, k2z, v2c, v2s, v2z, mask_row,
-                n_total, qk_scale, softcap, offs_n, offs_h, D, G, HALF, BS, CHUNK, 2, HAS_MASK, WINDOW, SOFTCAP,
-                WHILE_LOOP)
-        c_lo = tl.maximum(c_lo, n_hist_chunks)  # what is left of this split is tail
     # the interpreter's range() over tensors fails with numpy >= 2.4: it walks the same chunks with a while loop
     c = c_lo
     if WHILE_LOOP:

@@ -23,11 +23,11 @@ def static_packed_decode(
     query: torch.Tensor, lengths: torch.Tensor, block_bits: torch.Tensor, block_slot: torch.Tensor,
     full_k: torch.Tensor, full_v: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor,
     pool_tensors: list[torch.Tensor], pool_bits: list[int], key_mask: torch.Tensor | None,
-    block_size: int, value_group: int, max_tokens: int, scaling: float, softcap: float, uniform_bits: int = 0,
+    block_size: int, value_group: int, max_tokens: int, scaling: float, softcap: float,
 ) -> torch.Tensor:
     """(B, Hq, 1, D) attention of one decode query per sequence; see :func:`static_decode_attention`."""
     view = _unflatten(lengths, block_bits, block_slot, full_k, full_v, tail_k, tail_v, pool_tensors, pool_bits,
-                      block_size, value_group, max_tokens, uniform_bits)
+                      block_size, value_group, max_tokens)
     cap = softcap if softcap > 0 else None
     if query.is_cuda and triton_decode.HAS_TRITON:
         return triton_decode.triton_decode_attention(query, view, scaling=scaling, softcap=cap, key_mask=key_mask)
@@ -61,11 +61,11 @@ def static_decode_attention(query: torch.Tensor, packed: PackedKV, *, scaling: f
     return static_packed_decode(query, packed.lengths, packed.block_bits, packed.block_slot, packed.full_k,
                                 packed.full_v, packed.tail_k, packed.tail_v, tensors, bits, key_mask,
                                 packed.block_size, packed.value_group, packed.max_tokens, float(scaling),
-                                float(softcap or 0.0), packed.uniform_bits)
+                                float(softcap or 0.0))
 
 
 def _unflatten(lengths, block_bits, block_slot, full_k, full_v, tail_k, tail_v, pool_tensors, pool_bits,
-               block_size, value_group, max_tokens, uniform_bits) -> PackedKV:
+               block_size, value_group, max_tokens) -> PackedKV:
     pools = {bits: QuantPool(bits, *pool_tensors[6 * i: 6 * i + 6]) for i, bits in enumerate(pool_bits)}
     return PackedKV(block_size, value_group, block_bits, block_slot, full_k, full_v, tail_k, tail_v, pools,
-                    lengths=lengths, max_tokens=max_tokens, uniform_bits=uniform_bits)
+                    lengths=lengths, max_tokens=max_tokens)

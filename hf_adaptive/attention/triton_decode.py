@@ -128,7 +128,7 @@ def triton_decode_attention(
         GROUP=plan.group, GP=max(16, triton.next_power_of_2(plan.group)), D=D, HD=max(16, D // 2), G=packed.value_group,
         BS=packed.block_size, CHUNK=plan.chunk, HAS8=8 in packed.pools, HAS4=4 in packed.pools,
         HAS2=2 in packed.pools, HAS_MASK=key_mask is not None, WINDOW=plan.window, SOFTCAP=softcap is not None,
-        WHILE_LOOP=_INTERPRETING, DEVICE_LENS=packed.lengths is not None, UNIFORM=_uniform_bits(packed),
+        WHILE_LOOP=_INTERPRETING, DEVICE_LENS=packed.lengths is not None,
         num_warps=plan.num_warps,
     )
     out = torch.empty(B, Hq, 1, D, device=query.device, dtype=query.dtype) if out is None else out
@@ -170,15 +170,6 @@ def _plan_launch(query: torch.Tensor, packed: PackedKV, sliding_window: int | No
     per_split = max(1, -(-(n_chunks - first_chunk) // splits))
     return _LaunchPlan(Hq // H, H, chunk, n_hist_chunks, n_tail, window, first_chunk, splits, per_split,
                        config.num_warps or (8 if D >= 128 else 4))
-
-
-def _uniform_bits(packed: PackedKV) -> int:
-    """The view's ``uniform_bits`` when its pool is present (else 0: the per-block path)."""
-    bits = packed.uniform_bits
-    if bits and bits not in packed.pools:
-        raise ValueError(f"packed.uniform_bits={bits} but the view has no {bits}-bit pool (pools: "
-                         f"{sorted(packed.pools)}). Fix: set uniform_bits only when every history block is at it.")
-    return bits
 
 
 @functools.lru_cache(maxsize=8)

@@ -343,9 +343,8 @@ class AdaptiveFullLayer(DynamicLayer):
             full_k = full_v = self.keys.new_zeros(B, H, 0, D)
         pools = {bits: self.pools[bits].as_quant_pool(n) for bits, n in order if bits != 16}
         table = self._gather[2]  # cached with the gather index: rebuilt only when the block table changes
-        uniform = order[0][0] if len(order) == 1 and order[0][0] < 16 else 0  # one pool holds every block
         return packed.PackedKV(self.shape.block_size, self.shape.value_group, table[0], table[1],
-                               full_k, full_v, self.keys, self.values, pools, uniform_bits=uniform)
+                               full_k, full_v, self.keys, self.values, pools)
 
     def live_bytes(self) -> int:
         """Bytes of what is live: exact tail + used pool slots (codes, scales and zeros included)."""

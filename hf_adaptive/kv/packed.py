@@ -76,9 +76,6 @@ class PackedKV:
             tail tokens]; ``block_bits``/``block_slot``, the tail and the pools are then capacity-sized and
             only these leading extents are live.
         max_tokens: static views only: the cache's max length (the key length of transformers' masks).
-        uniform_bits: 0, or the precision (8/4/2) of every history block, which the writer guarantees for the
-            view's lifetime (e.g. a cache with ``fixed_bits``): the kernel then walks the history without a
-            per-block branch and prefetches the next tile.
     """
 
     block_size: int
@@ -92,7 +89,6 @@ class PackedKV:
     pools: dict[int, QuantPool] = field(default_factory=dict)
     lengths: torch.Tensor | None = None
     max_tokens: int = 0
-    uniform_bits: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -373,8 +373,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
                  for b, p in by_bits.items() if b != 16}
         self.view = packed.PackedKV(self.shape.block_size, self.shape.value_group, self.table[0], self.table[1],
                                     full_k, full_v, self.tail_k, self.tail_v, pools,
-                                    lengths=self._cache.lengths.lens, max_tokens=self._cache.max_cache_len,
-                                    uniform_bits=self._cache.uniform_bits)
+                                    lengths=self._cache.lengths.lens, max_tokens=self._cache.max_cache_len)
         attach_packed_view(self.tail_k, self.view)
         self._view_key = key
 
@@ -490,9 +489,6 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
         stages = (self.settings.fixed_bits,) if self.settings.fixed_bits is not None \
             else tuple(s.bits for s in self.settings.policy.stages)
         self.view_bits = tuple(sorted({b for b in stages if b < 16}, reverse=True))  # quantized pools a view holds
-        # fixed bits below 16: every block ever stored is at them, so the kernel may skip its per-block dispatch
-        fixed = self.settings.fixed_bits
-        self.uniform_bits = fixed if fixed is not None and fixed < 16 else 0
 
     def _build_layers(self) -> list:
         from transformers.cache_utils import get_layer_types_and_kwargs
