@@ -2,11 +2,11 @@
 
 Each configuration (shape x context x batch x cache) is timed the way a user calls it: ``model.generate(input_ids,
 max_new_tokens=N, cache=...)`` (``past_key_values=`` before transformers 5.23), greedy, the cache built by its
-public constructor, compiled decode left to generate's own auto-compile. Per-step times come from a
-``StoppingCriteria`` that reads the host clock once per step: generate already syncs with the device every step
-(it checks whether all sequences finished), so these stamps follow the GPU; the criterion never stops anything.
-decode ms/token = (last stamp - first stamp) / (steps - 1): the prefill step is left out, every later step
-(a precision switch's graph re-capture included) is in. One warm-up call per configuration compiles and captures.
+public constructor, compiled decode left to generate's own auto-compile, nothing inside the call instrumented.
+decode ms/token = (t(N new tokens) - t(1 new token)) / (N - 1), each t the median wall time of ``--repeats`` calls
+(synchronized before and after): the prefill cancels out, every decode step (a precision switch's graph re-capture
+included) is in, and it holds whether or not generate syncs with the device every step (transformers >= 5.2x defers
+that check). prefill_s = t(1). One warm-up call of each length per configuration compiles and captures first.
 
 Caches (``--caches``):
 - dynamic: ``DynamicCache`` (sdpa, eager decode).
@@ -48,7 +48,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
-from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
 import hf_adaptive  # noqa: E402
 from hf_adaptive.evaluation.report import environment_info, markdown_table, write_report  # noqa: E402
@@ -67,17 +66,6 @@ SHAPES = {
                  intermediate_size=256, vocab_size=512),
 }
 BUDGET_FRACTION_OF_PROMPT = 0.55  # adaptive_budget: the prompt's bf16 KV is 1.8x this budget
-
-
-class StepClock(StoppingCriteria):
-    """Stamps the host clock at every generation step; never stops generation."""
-
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        self.stamps.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class CaptureCounter:
@@ -154,19 +142,24 @@ def sync(device: str) -> None:
 
 @torch.no_grad()
 def generate_once(model, ids: torch.Tensor, cache, new_tokens: int, device: str) -> dict:
-    """One plain generate call; returns its per-step stamps and wall time."""
-    clock = StepClock()
+    """One plain generate call (synchronized around it); returns its wall time and the new tokens."""
     sync(device)
     t0 = time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, stopping_criteria=StoppingCriteriaList([clock]),
-                         **generate_cache_kwargs(cache))
+                         min_new_tokens=new_tokens, do_sample=False, **generate_cache_kwargs(cache))
     sync(device)
-    wall = time.perf_counter() - t0
-    steps = clock.stamps
-    decode_ms = 1000 * (steps[-1] - steps[0]) / (len(steps) - 1) if len(steps) > 1 else float("nan")
-    return {"wall_s": wall, "decode_ms_per_token": decode_ms, "prefill_s": steps[0] - t0 if steps else wall,
-            "tokens": out[:, ids.shape[1]:].cpu()}
+    return {"wall_s": time.perf_counter() - t0, "tokens": out[:, ids.shape[1]:].cpu()}
+
+
+def timed_calls(model, ids, cache_for_call, new_tokens: int, repeats: int, device: str) -> dict:
+    """Median wall time of ``repeats`` calls of 1 and of ``new_tokens`` new tokens; decode ms/token from both."""
+    one, many = [], []
+    for _ in range(repeats):
+        one.append(generate_once(model, ids, cache_for_call(), 1, device)["wall_s"])
+        many.append(generate_once(model, ids, cache_for_call(), new_tokens, device)["wall_s"])
+    t1, tn = statistics.median(one), statistics.median(many)
+    return {"decode_ms_per_token": 1000 * (tn - t1) / (new_tokens - 1), "prefill_s": t1,
+            "ms_runs": [round(1000 * (n - o) / (new_tokens - 1), 4) for o, n in zip(one, many)]}
 
 
 def _prompt(vocab: int, batch: int, tokens: int, seed: int, device: str) -> torch.Tensor:
@@ -203,22 +196,23 @@ def bench_config(model, name: str, context: int, batch: int, args, counter: Capt
     cache, impl = make_cache(name, model, max_cache_len, context, batch, args)
     set_attention(model, impl)
     ids = _prompt(model.config.vocab_size, batch, context, context * 31 + batch, args.device)
-    generate_once(model, ids, cache, args.new_tokens, args.device)  # warm-up: compile + capture
-    runs = []
-    for _ in range(args.repeats):
-        cache = _fresh(cache, name, model, max_cache_len, context, batch, args)
-        before = _allocated(args.device)
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        r = generate_once(model, ids, cache, args.new_tokens, args.device)
-        r["peak_bytes"] = _peak(args.device) - before
-        runs.append(r)
+    state = {"cache": cache}
+
+    def cache_for_call():
+        state["cache"] = _fresh(state["cache"], name, model, max_cache_len, context, batch, args)
+        return state["cache"]
+
+    for n in (1, args.new_tokens):  # warm-up: compile and capture both call lengths
+        generate_once(model, ids, cache_for_call(), n, args.device)
+    before = _allocated(args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    row = timed_calls(model, ids, cache_for_call, args.new_tokens, args.repeats, args.device)
+    row["peak_gib"] = (_peak(args.device) - before) / 2**30
+    cache = state["cache"]
     live, reserved = _kv_bytes(cache)
     skips = int(torch._dynamo.utils.counters["inductor"]["cudagraph_skips"])
-    ms = [r["decode_ms_per_token"] for r in runs]
-    row = {"decode_ms_per_token": statistics.median(ms), "ms_runs": [round(x, 4) for x in ms],
-           "prefill_s": statistics.median(r["prefill_s"] for r in runs), "kv_gib": live / 2**30,
-           "kv_reserved_gib": reserved / 2**30, "peak_gib": max(r["peak_bytes"] for r in runs) / 2**30}
+    row.update(kv_gib=live / 2**30, kv_reserved_gib=reserved / 2**30)
     row["transient_gib"] = row["peak_gib"] - row["kv_reserved_gib"]
     row["cudagraph_skips"] = skips
     if isinstance(cache, AdaptiveStaticKVCache):
@@ -269,13 +263,13 @@ def _mixed_calls(model, name, cache, max_cache_len, context, batch, args, counte
     graphs0, captures0 = counter.dynamo_graphs(), counter.captures
     ms = []
     for i in range(args.mixed_calls):
-        n_new = rng.randint(2, args.new_tokens)
+        n_new = rng.randint(1, args.new_tokens)
         n_prompt = rng.randint(max(1, context // 2), max_cache_len - n_new - 1)
         cache = _fresh(cache, name, model, max_cache_len, n_prompt, batch, args)
         ids = _prompt(model.config.vocab_size, batch, n_prompt, 1000 + i, args.device)
-        ms.append(generate_once(model, ids, cache, n_new, args.device)["decode_ms_per_token"])
+        ms.append(1000 * generate_once(model, ids, cache, n_new, args.device)["wall_s"])
     return {"mixed_recompiles": counter.dynamo_graphs() - graphs0, "mixed_captures": counter.captures - captures0,
-            "mixed_ms_median": statistics.median(x for x in ms if x == x)}
+            "mixed_call_ms_median": statistics.median(ms)}
 
 
 def _allocated(device: str) -> int:
@@ -293,7 +287,7 @@ def tokens_identical_at_16_bits(args) -> dict:
     random-weight model's near-tied logits turn that into other tokens; float32 isolates the cache itself.
     """
     model = build_model(args.shape, args.device, torch.float32)
-    context, batch = min(args.contexts), min(args.batch_sizes)
+    context, batch = 64, 1  # float32 sdpa may take its math path: keep the score matrix small
     ids = _prompt(model.config.vocab_size, batch, context, 7, args.device)
     set_attention(model, "sdpa")
     ref = generate_once(model, ids, DynamicCache(config=model.config), args.new_tokens, args.device)["tokens"]
