@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from hf_adaptive.parallel.http_metrics import ServeMetrics
 from hf_adaptive.parallel.http_schema import GenerateRequest, RequestRefused, ServeLimits, parse_generate, prompt_too_long
@@ -204,17 +204,27 @@ def _prepare(spec: GenerateRequest, tokenize: Callable[[Request], None],
 
 
 async def _read_body(request: HttpRequest, limits: ServeLimits) -> bytes:
-    """The body, read only up to ``limits.max_body_bytes`` (a longer one is refused before it is all read)."""
+    """The body, read only up to ``limits.max_body_bytes`` (a longer one is refused before it is all read) and
+    within ``limits.body_timeout_s`` (a stalled one gets 408)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise RequestRefused(413, f"Content-Length {declared} is above the limit of {limits.max_body_bytes} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise RequestRefused(413, f"body is above the limit of {limits.max_body_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise RequestRefused(413, f"body is above the limit of {limits.max_body_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), limits.body_timeout_s)
+    except TimeoutError:
+        raise RequestRefused(408, f"the body did not arrive within {limits.body_timeout_s} s") from None
+    except ClientDisconnect:
+        raise RequestRefused(400, "the client disconnected before sending its whole body") from None
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, answer: asyncio.Future, pending: Pending) -> None:

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
+DEFAULT_NEW_TOKENS = 32
+
+
 @dataclass(frozen=True)
 class ServeLimits:
     """Bounds on what one request may ask and how much the server holds at once.
@@ -26,6 +29,8 @@ class ServeLimits:
         max_body_bytes: largest request body read; a larger one is refused with 413 before it is read.
         max_queued: requests accepted and not yet answered; one more is refused with 503 and ``Retry-After``.
         request_timeout_s: how long a request may wait for its tokens before a 504.
+        body_timeout_s: how long a client may take to send its body before a 408 (a stalled body holds no
+            handler for longer).
         retry_after_s: the ``Retry-After`` a refused caller is given.
     """
 
@@ -34,6 +39,7 @@ class ServeLimits:
     max_body_bytes: int = 1 << 20
     max_queued: int = 256
     request_timeout_s: float = 600.0
+    body_timeout_s: float = 10.0
     retry_after_s: int = 1
 
     def __post_init__(self) -> None:
@@ -41,10 +47,11 @@ class ServeLimits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        timeout = self.request_timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout) \
-                or timeout <= 0:
-            raise ValueError(f"request_timeout_s must be a finite number of seconds > 0, got {timeout!r}")
+        for name in ("request_timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
 
 
 class RequestRefused(ValueError):
@@ -63,7 +70,7 @@ class GenerateRequest(BaseModel):
 
     prompt: str | None = Field(default=None, min_length=1)
     prompt_tokens: int | None = Field(default=None, ge=1)
-    max_new_tokens: int = Field(default=32, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1, description="default: min(32, the server's limit)")
     id: str | None = Field(default=None, max_length=128, description="the caller's own label, echoed back")
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     truncate: bool = False
@@ -82,6 +89,8 @@ def parse_generate(body: bytes, limits: ServeLimits) -> GenerateRequest:
     if (request.prompt is None) == (request.prompt_tokens is None):
         raise RequestRefused(422, "give exactly one of 'prompt' (text) or 'prompt_tokens' (int >= 1), got "
                                   f"{'both' if request.prompt is not None else 'neither'}")
+    if request.max_new_tokens is None:
+        request = request.model_copy(update={"max_new_tokens": min(DEFAULT_NEW_TOKENS, limits.max_new_tokens)})
     if request.max_new_tokens > limits.max_new_tokens:
         raise RequestRefused(422, f"max_new_tokens: {request.max_new_tokens} is above this server's limit of "
                                   f"{limits.max_new_tokens}; ask for at most that many")

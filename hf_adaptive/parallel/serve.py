@@ -137,6 +137,7 @@ class Controller:
         first = self.first_plan(plan)
         if self.engine.plan != first:  # warm_up leaves the engine on the first plan
             self._switch(first, "initial layout", count=False)
+        self.telemetry.current_plan = first.name
         self._t0 = time.perf_counter()
 
     def first_plan(self, plan: ParallelPlan | None = None) -> ParallelPlan:
