@@ -28,7 +28,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from hf_adaptive.parallel.http_metrics import ServeMetrics
-from hf_adaptive.parallel.http_schema import GenerateRequest, RequestRefused, ServeLimits, parse_generate, prompt_too_long
+from hf_adaptive.parallel.http_schema import (
+    GenerateRequest,
+    RequestRefused,
+    ServeLimits,
+    parse_generate,
+    prompt_too_long,
+)
 from hf_adaptive.parallel.requests import Request
 from hf_adaptive.parallel.serve import Controller, Lifecycle, Pending
 
