@@ -81,74 +81,92 @@ class HttpSettings:
         return name.lower() in LOOPBACK_HOSTS | own | {h.lower() for h in self.allowed_hosts}
 
 
-class _Counter:
-    """Requests accepted and not yet answered (touched only from the event loop's thread)."""
+@dataclass
+class _Server:
+    """What the routes share: the controller and its callbacks, the limits, the settings, the counters."""
 
-    def __init__(self) -> None:
-        self.value = 0
+    controller: Controller
+    tokenize: Callable[[Request], None]
+    decode: Callable[[list[int]], str]
+    limits: ServeLimits
+    settings: HttpSettings
+    lifecycle: Lifecycle
+    in_flight: int = 0  # requests accepted and not yet answered (touched only from the event loop's thread)
+    metrics: ServeMetrics | None = None
 
 
 def build_app(controller: Controller, tokenize: Callable[[Request], None], decode: Callable[[list[int]], str],
               limits: ServeLimits, settings: HttpSettings, lifecycle: Lifecycle) -> FastAPI:
     """The FastAPI app; ``tokenize`` fills ``request.prompt_ids`` (from text, or synthetic ids)."""
     app = FastAPI(title="hf_adaptive parallel server", docs_url=None, redoc_url=None, openapi_url=None)
-    in_flight = _Counter()
-    metrics = ServeMetrics(controller, lambda: in_flight.value)
+    server = _Server(controller, tokenize, decode, limits, settings, lifecycle)
+    server.metrics = ServeMetrics(controller, lambda: server.in_flight)
 
     @app.middleware("http")
     async def guard(request: HttpRequest, call_next):
-        refusal = _check_caller(request, settings)
-        response = refusal or await call_next(request)
-        metrics.responses.labels(request.url.path if request.url.path in _ROUTES else "other",
-                                 str(response.status_code)).inc()
+        response = _check_caller(request, settings) or await call_next(request)
+        route = request.url.path if request.url.path in _ROUTES else "other"
+        server.metrics.responses.labels(route, str(response.status_code)).inc()
         return response
 
+    _add_status_routes(app, server)
+    _add_admin_routes(app, server)
+    _add_generate_route(app, server)
+    return app
+
+
+def _add_status_routes(app: FastAPI, server: _Server) -> None:
     @app.get("/health")
     async def health() -> dict:
         return {"alive": True}
 
     @app.get("/ready")
     async def ready() -> Response:
+        lifecycle = server.lifecycle
         if lifecycle.ready.is_set() and not lifecycle.draining.is_set():
-            return JSONResponse({"ready": True, "plan": controller.telemetry.current_plan})
+            return JSONResponse({"ready": True, "plan": server.controller.telemetry.current_plan})
         state = "draining" if lifecycle.draining.is_set() else "starting"
-        return _error(503, f"not ready: {state}", limits)
+        return _error(503, f"not ready: {state}", server.limits)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        body, content_type = metrics.render()
+        body, content_type = server.metrics.render()
         return Response(body, media_type=content_type)
 
+
+def _add_admin_routes(app: FastAPI, server: _Server) -> None:
     @app.post("/shutdown")
     async def shutdown(request: HttpRequest) -> Response:
-        if settings.admin_token is None:
+        token = server.settings.admin_token
+        if token is None:
             return _error(404, f"admin routes are off; start the server with {ADMIN_TOKEN_ENV} set to enable "
-                               "POST /shutdown", limits)
+                               "POST /shutdown", server.limits)
         given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {settings.admin_token}".encode()):
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             return _error(401, "POST /shutdown needs 'Authorization: Bearer <token>' with the server's admin token",
-                          limits)
-        lifecycle.begin_drain("POST /shutdown")
+                          server.limits)
+        server.lifecycle.begin_drain("POST /shutdown")
         return JSONResponse({"stopping": True}, status_code=202)
 
+
+def _add_generate_route(app: FastAPI, server: _Server) -> None:
     @app.post("/generate")
     async def generate(request: HttpRequest) -> Response:
+        limits, lifecycle = server.limits, server.lifecycle
         if lifecycle.draining.is_set() or not lifecycle.ready.is_set():
             return _error(503, "the server is not accepting requests (starting or shutting down)", limits)
-        if in_flight.value >= limits.max_queued:
-            return _error(503, f"the server holds {in_flight.value} requests, its limit (--max-queued); retry "
+        if server.in_flight >= limits.max_queued:
+            return _error(503, f"the server holds {server.in_flight} requests, its limit (--max-queued); retry "
                                "after the Retry-After seconds", limits)
-        in_flight.value += 1
+        server.in_flight += 1
         start = time.perf_counter()
         try:
-            return await _generate(request, controller, tokenize, decode, limits)
+            return await _generate(request, server)
         except RequestRefused as err:
             return _error(err.status, str(err), limits)
         finally:
-            in_flight.value -= 1
-            metrics.latency.labels("/generate").observe(time.perf_counter() - start)
-
-    return app
+            server.in_flight -= 1
+            server.metrics.latency.labels("/generate").observe(time.perf_counter() - start)
 
 
 _ROUTES = frozenset({"/generate", "/health", "/ready", "/metrics", "/shutdown"})
@@ -166,11 +184,11 @@ def _check_caller(request: HttpRequest, settings: HttpSettings) -> Response | No
     return None
 
 
-async def _generate(request: HttpRequest, controller: Controller, tokenize: Callable[[Request], None],
-                    decode: Callable[[list[int]], str], limits: ServeLimits) -> Response:
+async def _generate(request: HttpRequest, server: _Server) -> Response:
+    controller, limits = server.controller, server.limits
     body = await _read_body(request, limits)
     spec = parse_generate(body, limits)
-    job, dropped = await run_in_threadpool(_prepare, spec, tokenize, limits)
+    job, dropped = await run_in_threadpool(_prepare, spec, server.tokenize, limits)
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[Pending] = loop.create_future()
     controller.submit(job, on_done=lambda pending: _resolve(loop, answer, pending))
@@ -183,7 +201,7 @@ async def _generate(request: HttpRequest, controller: Controller, tokenize: Call
         status = 503 if pending.refused_for == "shutdown" else 507
         return _error(status, pending.error, limits, request_id=job.id)
     reply = {"id": job.id, "client_id": spec.id, "tokens": pending.tokens,
-             "text": await run_in_threadpool(decode, pending.tokens), "plan": pending.plan,
+             "text": await run_in_threadpool(server.decode, pending.tokens), "plan": pending.plan,
              "prompt_tokens": len(job.prompt_ids), "truncated_prompt_tokens": dropped}
     return JSONResponse(reply, headers={"X-Request-Id": job.id})
 

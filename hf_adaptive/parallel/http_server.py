@@ -15,7 +15,7 @@ import threading
 import uvicorn
 from fastapi import FastAPI
 
-from hf_adaptive.parallel.http_app import HttpSettings
+from hf_adaptive.parallel.http_app import LOOPBACK_HOSTS, HttpSettings
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ class HttpServer:
             raise RuntimeError(f"the HTTP server on {self.settings.host}:{self.port} did not start within "
                                f"{START_TIMEOUT_S} s; see the log above")
         logger.info("serving on http://%s:%d", _url_host(self.settings.host), self.port)
+        if self.settings.host not in LOOPBACK_HOSTS:
+            logger.warning("listening on %s, not loopback: every host that reaches this address can send requests "
+                           "(put an authenticating proxy in front; see docs/serving.md)", self.settings.host)
         return self
 
     def stop(self, timeout_s: float = 15.0) -> None:
