@@ -63,7 +63,9 @@ def init_distributed(env: Mapping[str, str] | None = None) -> tuple[int, int, to
     if device.type == "cuda":
         torch.cuda.set_device(device)
     options = {"device_id": device} if device.type == "cuda" else {}
-    if spec.world_size > 1 and spec.single_machine and not spec.agent_store:
+    if spec.world_size == 1:
+        options["store"] = dist.HashStore()  # a process alone needs no rendezvous, and opens no port
+    elif spec.single_machine and not spec.agent_store:
         options["store"] = loopback_store(spec)
     dist.init_process_group(backend, rank=spec.rank, world_size=spec.world_size, timeout=PROCESS_GROUP_TIMEOUT,
                             **options)
