@@ -37,7 +37,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--time-scale", type=float, default=0.5, help="compress trace arrival times")
     p.add_argument("--modes", nargs="*", help="subset of: adaptive, adaptive_cost and plan names (default: all)")
     p.add_argument("--calibration", help="adds the mode adaptive_cost (cost-aware rule on this calibration)")
-    p.add_argument("--port", type=int, default=29631)
+    p.add_argument("--port", type=int, default=0,
+                   help="rendezvous port of the first mode (the next modes add 1 each); 0: a free port per mode")
     p.add_argument("--mode-timeout-s", type=float, default=None,
                    help="kill a mode that runs longer (recorded as failed; the other modes still run)")
     p.add_argument("--out", required=True)
@@ -79,7 +80,7 @@ def main() -> int:
     runs = {}
     failed = {}
     for i, mode in enumerate(tqdm(modes_for(args), desc="modes")):
-        result = run_mode(mode, args, args.port + i)
+        result = run_mode(mode, args, args.port + i if args.port else 0)
         if "failed" in result:
             failed[mode] = result
             print(f"mode {mode} failed: {result['failed']}", file=sys.stderr)

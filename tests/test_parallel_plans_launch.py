@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hf_adaptive.parallel.launch import LaunchConfig, build_launch
+from hf_adaptive.parallel.launch import LaunchConfig, build_launch, check_devices
 from hf_adaptive.parallel.plans import (
     ModelDims,
     ParallelPlan,
@@ -81,6 +81,10 @@ def test_build_launch_single_node_gpu():
     assert cmd[-6:] == ["--model", "/m", "--plan", "auto", "--trace", "t.jsonl"]
     assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
     assert env["HF_ADAPTIVE_BACKEND"] == "nccl" and env["PATH"] == "/bin"
+    # One machine: port 0 (accelerate picks a free one), a file rendezvous and no agent TCP store, gloo on loopback.
+    assert cmd[cmd.index("--main_process_port") + 1] == "0"
+    assert cmd[cmd.index("--rdzv_backend") + 1] == "c10d" and cmd[cmd.index("--rdzv_conf") + 1] == "store_type=file"
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" and env["GLOO_SOCKET_IFNAME"] == "lo"
 
 
 def test_build_launch_multi_node_and_cpu():
@@ -92,6 +96,7 @@ def test_build_launch_multi_node_and_cpu():
     assert cmd[cmd.index("--num_processes") + 1] == "16" and cmd[cmd.index("--num_machines") + 1] == "2"
     assert cmd[cmd.index("--machine_rank") + 1] == "1" and cmd[cmd.index("--main_process_ip") + 1] == "10.0.0.1"
     assert cmd[cmd.index("--main_process_port") + 1] == "1234"
+    assert "--rdzv_backend" not in cmd and "GLOO_SOCKET_IFNAME" not in env  # across machines: reachable stores
     assert base == {"HOME": "/h"}  # pure: the caller's mapping is not modified
     cmd, env = build_launch(LaunchConfig(model="m", gpus=2, cpu=True, python="py"), base)
     assert env["HF_ADAPTIVE_BACKEND"] == "gloo" and env["CUDA_VISIBLE_DEVICES"] == "" and "--multi_gpu" in cmd
@@ -104,6 +109,7 @@ def test_build_launch_multi_node_and_cpu():
     ({"gpus": 2, "plan": "fsdp"}, "plan must be one of"),
     ({"gpus": 2, "num_machines": 2}, "main_process_ip is required"),
     ({"gpus": 2, "num_machines": 2, "machine_rank": 2, "main_process_ip": "x"}, "machine_rank must be in"),
+    ({"gpus": 2, "main_process_port": 70000}, "main_process_port must be in"),
 ])
 def test_launch_config_errors(kwargs, match):
     """Guards launch errors that name the parameter and its allowed values instead of failing in torchrun."""
@@ -147,3 +153,88 @@ def test_worker_policy_knobs_memory_bands_sit_above_the_admission_ceiling(caplog
         config("--pipeline-memory", "0.05")
     with pytest.raises(ValueError, match="--dp-short-tokens"):
         config("--dp-short-tokens", "0")
+
+
+def test_gpu_launch_on_a_host_without_cuda_is_one_clear_error():
+    """Guards `launch --gpus 1` without --cpu on a CPU-only host, which failed deep in torch after the processes
+    started: refused up front, naming --cpu as the fix."""
+    with pytest.raises(ValueError, match=r"--gpus 1 .* has none .* add --cpu"):
+        check_devices(LaunchConfig(model="m", gpus=1), cuda_devices=0)
+    with pytest.raises(ValueError, match="--gpus 4 exceeds the 2 CUDA device"):
+        check_devices(LaunchConfig(model="m", gpus=4), cuda_devices=2)
+    check_devices(LaunchConfig(model="m", gpus=4, cpu=True), cuda_devices=0)
+    check_devices(LaunchConfig(model="m", gpus=2), cuda_devices=2)
+
+
+def test_launch_command_checks_devices_before_starting_anything():
+    import argparse
+
+    import torch
+
+    from hf_adaptive.commands.launch import launch_command_parser
+
+    if torch.cuda.device_count():
+        pytest.skip("this host has CUDA devices")
+    parser = argparse.ArgumentParser()
+    launch_command_parser(parser.add_subparsers())
+    args = parser.parse_args(["launch", "--model", "m", "--gpus", "1"])
+    with pytest.raises(ValueError, match="add --cpu"):
+        args.func(args)
+
+
+def test_worker_limits_and_serve_settings_are_checked():
+    """Guards limits that would be accepted and fail later: each names the setting and the value."""
+    from hf_adaptive.parallel.protocol import ServeConfig
+    from hf_adaptive.parallel.worker import build_parser, serve_limits
+
+    with pytest.raises(ValueError, match="max_queued must be an int >= 1, got 0"):
+        serve_limits(build_parser().parse_args(["--model", "m", "--max-queued", "0"]))
+    with pytest.raises(ValueError, match="request_timeout_s must be a finite"):
+        serve_limits(build_parser().parse_args(["--model", "m", "--request-timeout-s", "nan"]))
+    with pytest.raises(ValueError, match="arrival_window_s must be > 0"):
+        ServeConfig(arrival_window_s=0)
+    with pytest.raises(ValueError, match="warmup_token_modulus must be an int >= 1"):
+        ServeConfig(warmup_token_modulus=0)
+    assert build_parser().parse_args(["--model", "m"]).http_host == "127.0.0.1"
+
+
+def test_run_results_map_back_by_position_not_by_id():
+    """Guards crossed answers at the rank protocol: two requests with one id in two replicas each get their own
+    replica's row (results used to be a dict keyed by request id)."""
+    from hf_adaptive.parallel.protocol import RunResult, tokens_by_request
+    from hf_adaptive.parallel.requests import Request
+
+    a, b, c = (Request("same", 0.0, 2, prompt_ids=[i]) for i in range(3))
+    batches = ((a, b), (c,))
+    gathered = [(RunResult(0, ((1, 1), (2, 2))), 0.1), (RunResult(1, ((3, 3),)), 0.1), (None, 0.1)]
+    tokens = tokens_by_request(batches, gathered)
+    assert [tokens[id(r)] for r in (a, b, c)] == [[1, 1], [2, 2], [3, 3]]
+    with pytest.raises(RuntimeError, match="disagree on the batch"):
+        tokens_by_request(batches, [(RunResult(1, ((3, 3), (4, 4))), 0.1)])
+
+
+@pytest.mark.parametrize("spec, cuda_devices, match", [
+    ("cuda", 0, "asks for CUDA but this host has none.*use --device cpu"),
+    ("cuda:3", 2, "has 2 CUDA device"),
+    ("tpu", 2, "is not a device"),
+    ("meta", 2, "only cpu and cuda"),
+])
+def test_device_flag_is_checked_before_loading(spec, cuda_devices, match):
+    """Guards `--device cuda` on a CPU build, which ended in torch's "not compiled with CUDA" AssertionError."""
+    from hf_adaptive.devices import check_device
+
+    with pytest.raises(ValueError, match=match):
+        check_device(spec, cuda_devices)
+    assert check_device("cpu", 0) == "cpu" and check_device("cuda:1", 2) == "cuda:1" and check_device(None) is None
+
+
+def test_cli_device_flag_is_one_usage_error(capsys):
+    import torch
+
+    from hf_adaptive.cli import main
+
+    if torch.cuda.device_count():
+        pytest.skip("this host has CUDA devices")
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "--device", "cuda"])
+    assert stop.value.code == 2 and "use --device cpu" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
+from hf_adaptive.devices import device_argument
 from hf_adaptive.evaluation.data import DEFAULT_DEV_SET, DEFAULT_PPL_TEXT
 
 
@@ -25,7 +26,8 @@ def _csv(cast, sep: str = ","):
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="embedded model name, checkpoint dir or .gguf (default smollm2-135m-instruct)")
-    parser.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    parser.add_argument("--device", default=None, type=device_argument,
+                        help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32")
     parser.add_argument("--settings", type=_csv(str, ";"), default=("baseline", "kv8", "kv4"),
                         help="';'-separated setting specs, e.g. 'baseline;kv8;kv4;kv:bits=4,residual_length=16;"

@@ -11,6 +11,8 @@ import json
 import os
 import time
 
+from hf_adaptive.devices import device_argument
+
 DEFAULT_PROMPT = "Explain in three sentences why a key-value cache makes text generation faster."
 
 
@@ -30,7 +32,8 @@ def generate_command_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="torch", choices=("torch", "hqq"), help="KV quantizer")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--device", default=None, type=device_argument,
+                        help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the full report here")
     parser.set_defaults(func=generate_command)
     return parser

@@ -15,6 +15,8 @@ import json
 import os
 import time
 
+from hf_adaptive.devices import device_argument
+
 DEFAULT_PROMPT = "Write a haiku about autumn leaves."
 
 
@@ -31,7 +33,8 @@ def precision_command_parser(subparsers) -> argparse.ArgumentParser:
                         help="CUDA int4 kernel (auto = tinygemm, the fastest at one row; triton: ours)")
     parser.add_argument("--max-draft", type=int, default=4, help="verified mode: most tokens drafted per round")
     parser.add_argument("--sample", action="store_true", help="lossy mode: sample (temperature 0.7)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--device", default=None, type=device_argument,
+                        help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--json", dest="json_path", default=None, help="write the telemetry report here")
     parser.add_argument("--plot", default=None, help="write the telemetry PNG here")
     parser.set_defaults(func=precision_command)

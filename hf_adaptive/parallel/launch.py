@@ -3,6 +3,12 @@
 Contract: ``build_launch(config, base_env)`` is a pure function returning ``(cmd, env)``; it reads no
 global state (the environment comes in as ``base_env``), so it is tested without GPUs. ``run_launch``
 is the thin executor. One process per device; on CPU the same torchrun path runs gloo processes.
+
+On one machine nothing listens beyond loopback: the rendezvous goes through a file store (torch's TCP store
+would listen on every interface), and the workers' own store is bound to 127.0.0.1 (``rendezvous.py``).
+Port 0 (the default) lets accelerate pick a free port. SIGTERM or SIGINT to the launcher is passed to the
+workers, which drain (``worker.py``); whatever is still running ``drain_s + grace_s`` later is killed, down
+to the last descendant, so no process outlives the launch.
 """
 
 from __future__ import annotations
@@ -12,8 +18,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+import psutil
 
 from hf_adaptive.parallel.plans import ParallelPlan
 
@@ -25,6 +36,8 @@ PLAN_CHOICES: tuple[str, ...] = ("auto", "tp", "pp", "dp", "hybrid")
 # not try them. OMP threads: one per process unless the caller set it.
 FIXED_ENV: dict[str, str] = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                              "HF_HUB_OFFLINE": "1"}
+# One machine: the agent rendezvouses through a file, hosts no TCP store, and gloo talks over loopback.
+SINGLE_MACHINE_ENV: dict[str, str] = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
 @dataclass(frozen=True)
@@ -36,7 +49,8 @@ class LaunchConfig:
         gpus: processes (devices) per machine.
         plan: ``auto`` (the adaptive policy) or a fixed strategy, or a plan name such as ``tp2xpp2``.
         cpu: run gloo processes on CPU instead of NCCL on GPUs.
-        num_machines / machine_rank / main_process_ip / main_process_port: multi-node rendezvous.
+        num_machines / machine_rank / main_process_ip / main_process_port: multi-node rendezvous; port 0 (the
+            default) lets accelerate pick a free port.
         worker_args: extra arguments for ``hf_adaptive.parallel.worker`` (trace, http port, out, ...).
         python: the interpreter that runs accelerate.
     """
@@ -48,7 +62,7 @@ class LaunchConfig:
     num_machines: int = 1
     machine_rank: int = 0
     main_process_ip: str | None = None
-    main_process_port: int = 29500
+    main_process_port: int = 0
     worker_args: tuple[str, ...] = ()
     python: str = field(default=sys.executable)
 
@@ -64,12 +78,28 @@ class LaunchConfig:
         if self.num_machines < 1 or not 0 <= self.machine_rank < self.num_machines:
             raise ValueError(f"machine_rank must be in [0, num_machines={self.num_machines}), got "
                              f"{self.machine_rank}")
+        if not 0 <= self.main_process_port < 2**16:
+            raise ValueError(f"main_process_port must be in [0, 65535] (0: a free port), got {self.main_process_port}")
         if self.num_machines > 1 and not self.main_process_ip:
             raise ValueError("main_process_ip is required when num_machines > 1; pass the IP of machine rank 0")
 
     @property
     def world_size(self) -> int:
         return self.gpus * self.num_machines
+
+
+def check_devices(config: LaunchConfig, cuda_devices: int) -> None:
+    """Refuse a GPU launch this host cannot run (``cuda_devices``: ``torch.cuda.device_count()``), before any
+    process starts."""
+    if config.cpu:
+        return
+    if cuda_devices == 0:
+        raise ValueError(f"--gpus {config.gpus} starts one process per CUDA device, but this host has none "
+                         "(torch.cuda.device_count() is 0: no GPU, or a CPU-only torch build); add --cpu to run "
+                         "gloo processes on CPU")
+    if config.gpus > cuda_devices:
+        raise ValueError(f"--gpus {config.gpus} exceeds the {cuda_devices} CUDA device(s) of this host; pass "
+                         f"--gpus {cuda_devices} or fewer")
 
 
 def build_launch(config: LaunchConfig, base_env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
@@ -84,11 +114,15 @@ def build_launch(config: LaunchConfig, base_env: Mapping[str, str]) -> tuple[lis
     if config.num_machines > 1:
         cmd += ["--machine_rank", str(config.machine_rank), "--main_process_ip", config.main_process_ip,
                 "--same_network"]
+    elif config.world_size > 1:
+        cmd += ["--rdzv_backend", "c10d", "--rdzv_conf", "store_type=file"]
     cmd += ["--main_process_port", str(config.main_process_port)]
     cmd += ["-m", "hf_adaptive.parallel.worker", "--model", config.model, "--plan", config.plan]
     cmd += list(config.worker_args)
     env = dict(base_env)
     env.update(FIXED_ENV)
+    if config.num_machines == 1:
+        env.update(SINGLE_MACHINE_ENV)
     env["HF_ADAPTIVE_BACKEND"] = "gloo" if config.cpu else "nccl"
     if config.cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -96,21 +130,131 @@ def build_launch(config: LaunchConfig, base_env: Mapping[str, str]) -> tuple[lis
     return cmd, env
 
 
-def run_launch(cmd: list[str], env: dict[str, str], timeout_s: float | None = None) -> int:
-    """Run the launch command; returns its exit status (124 when ``timeout_s`` ran out and it was killed)."""
+@dataclass(frozen=True)
+class StopTimes:
+    """How a launch is stopped. ``drain_s``: after the first SIGTERM/SIGINT (or the timeout), how long the
+    workers may drain and exit; ``grace_s``: after SIGTERM to what is left, how long before SIGKILL."""
+
+    drain_s: float = 40.0
+    grace_s: float = 10.0
+
+
+def run_launch(cmd: list[str], env: dict[str, str], timeout_s: float | None = None,
+               stop: StopTimes = StopTimes()) -> int:
+    """Run the launch command; returns its exit status (124 when ``timeout_s`` ran out).
+
+    SIGTERM and SIGINT to this process start a drain: the workers get SIGTERM (rank 0 finishes what is queued,
+    all ranks exit); a second signal, or ``stop.drain_s`` without an exit, ends it by force. Every descendant
+    ever seen is gone when this returns."""
     logger.info("launching: %s", " ".join(cmd))
-    # Own process group: on a timeout the launcher's workers (which hold the GPUs and the rendezvous port) go too.
+    # Own session: a Ctrl-C in the terminal reaches only this process, which then stops the workers in order.
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    try:
-        return proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        # SIGTERM first: torchrun's agent then stops its workers, which run in sessions of their own (a SIGKILL
-        # of the launcher's group alone left them serving on the GPUs); SIGKILL whatever is left after a grace.
-        logger.error("launch exceeded %.0f s; stopping it: %s", timeout_s, " ".join(cmd))
-        os.killpg(proc.pid, signal.SIGTERM)
+    tree = ProcessTree(proc.pid)
+    requests: list[int] = []
+    with _signals_recorded(requests):
+        started = time.monotonic()
+        while proc.poll() is None and not requests:
+            tree.refresh()
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                logger.error("launch exceeded %.0f s; stopping it: %s", timeout_s, " ".join(cmd))
+                requests.append(0)
+                break
+            time.sleep(0.1)
+        if requests:
+            _drain_then_kill(proc, tree, requests, stop)
+    rc = proc.wait()
+    tree.kill_all(stop.grace_s)  # leftovers of a clean exit too (a worker that outlived its agent)
+    return 124 if requests and requests[0] == 0 else rc
+
+
+def _drain_then_kill(proc: subprocess.Popen, tree: ProcessTree, requests: list[int], stop: StopTimes) -> None:
+    logger.warning("stopping: workers drain for up to %.0f s (signal again to kill now)", stop.drain_s)
+    tree.refresh()
+    tree.signal_workers(signal.SIGTERM)
+    deadline = time.monotonic() + stop.drain_s
+    seen = len(requests)
+    while proc.poll() is None and time.monotonic() < deadline and len(requests) == seen:
+        tree.refresh()
+        time.sleep(0.1)
+    if proc.poll() is None:
+        logger.error("launch still running after the drain; terminating it")
+        _signal_group(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=stop.grace_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        return 124
+            _signal_group(proc.pid, signal.SIGKILL)
+
+
+class ProcessTree:
+    """Every process ever seen below ``root`` (workers of torchrun run in sessions of their own, and are
+    re-parented once their agent dies, so they are remembered while the tree can still be walked)."""
+
+    def __init__(self, root_pid: int) -> None:
+        self.root_pid = root_pid
+        self.seen: dict[int, psutil.Process] = {}
+
+    def refresh(self) -> None:
+        try:
+            children = psutil.Process(self.root_pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for child in children:
+            self.seen.setdefault(child.pid, child)
+
+    def alive(self) -> list[psutil.Process]:
+        """Seen processes still running (``is_running`` also guards against a reused pid)."""
+        out = []
+        for p in self.seen.values():
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except psutil.NoSuchProcess:
+                continue
+        return out
+
+    def signal_workers(self, sig: int) -> None:
+        for p in self.alive():
+            _send(p, sig)
+
+    def kill_all(self, grace_s: float) -> None:
+        """SIGTERM every seen process still alive, then SIGKILL those left after ``grace_s``."""
+        left = self.alive()
+        if not left:
+            return
+        logger.warning("stopping %d process(es) left behind: %s", len(left), [p.pid for p in left])
+        for p in left:
+            _send(p, signal.SIGTERM)
+        _, still = psutil.wait_procs(left, timeout=grace_s)
+        for p in still:
+            _send(p, signal.SIGKILL)
+        psutil.wait_procs(still, timeout=grace_s)
+
+
+def _send(process: psutil.Process, sig: int) -> None:
+    try:
+        process.send_signal(sig)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def _signals_recorded(requests: list[int]) -> Iterator[None]:
+    """While inside: SIGTERM and SIGINT append their number to ``requests`` instead of ending the process
+    (only the main thread can install handlers; elsewhere the defaults stay)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda signum, _frame: requests.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -26,6 +26,7 @@ class Request:
     prompt: str | None = None
     prompt_tokens: int | None = None
     prompt_ids: list[int] = field(default_factory=list)
+    seed: str | None = None  # seeds a synthetic ``prompt_tokens`` prompt; None: the id does
 
     @property
     def total_tokens(self) -> int:
@@ -65,7 +66,7 @@ def tokenize_request(request: Request, encode: Callable[[str], list[int]], vocab
     if request.prompt is not None:
         ids = encode(request.prompt)
     else:
-        rng = random.Random(zlib.crc32(request.id.encode()))
+        rng = random.Random(zlib.crc32((request.seed or request.id).encode()))
         ids = [rng.randrange(3, vocab_size) for _ in range(int(request.prompt_tokens))]
     if max_prompt_tokens is not None:
         ids = ids[-max_prompt_tokens:]

@@ -80,30 +80,6 @@ class Telemetry:
             return {"overall": overall, "per_plan": per_plan,
                     "switches": [asdict(s) for s in self.switches], "rejected": list(self.rejected)}
 
-    def prometheus(self) -> str:
-        """``/metrics`` body in the Prometheus text exposition format."""
-        summary = self.summarize()
-        lines = ["# TYPE hf_adaptive_requests_total counter",
-                 f"hf_adaptive_requests_total {summary['overall']['requests']}",
-                 "# TYPE hf_adaptive_rejected_total counter",
-                 f"hf_adaptive_rejected_total {summary['overall']['rejected']}",
-                 "# TYPE hf_adaptive_switches_total counter",
-                 f"hf_adaptive_switches_total {summary['overall']['switches']}",
-                 "# TYPE hf_adaptive_current_plan gauge",
-                 f'hf_adaptive_current_plan{{plan="{self.current_plan}"}} 1',
-                 "# TYPE hf_adaptive_latency_seconds summary"]
-        for plan, st in summary["per_plan"].items():
-            for q in ("p50", "p99"):
-                quantile = "0.5" if q == "p50" else "0.99"
-                lines.append(f'hf_adaptive_latency_seconds{{plan="{plan}",quantile="{quantile}"}} '
-                             f'{st[f"latency_{q}_s"]:.6f}')
-            lines.append(f'hf_adaptive_throughput_tokens_per_second{{plan="{plan}"}} {st["throughput_tok_s"]:.3f}')
-        with self.lock:
-            latest = self.memory[-1][1] if self.memory else []
-        for rank, frac in enumerate(latest):
-            lines.append(f'hf_adaptive_memory_fraction{{rank="{rank}"}} {frac:.4f}')
-        return "\n".join(lines) + "\n"
-
 
 def _stats(records: list[RequestRecord], batches: list[dict[str, Any]]) -> dict[str, Any]:
     busy = sum(b["end_s"] - b["start_s"] for b in batches)
