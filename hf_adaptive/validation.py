@@ -1,6 +1,6 @@
 """Checks for values that enter from users: type, range and finiteness, each failing with one clear line.
 
-Contract: pure Python (no torch). Every check names the field, the value received, what is allowed and a fix.
+Contract: pure Python (no torch; ``check_decoder_only`` reads transformers' model tables when called). Every check names the field, the value received, what is allowed and a fix.
 The errors are ``FieldValueError`` / ``FieldTypeError``: plain ``ValueError`` / ``TypeError`` that also carry the
 field's name, so a file parser can re-raise them with the file and line the field came from (``located``).
 ``arg_number`` turns the same checks into an argparse ``type=`` (a bad flag is a usage error, exit code 2).
@@ -140,3 +140,17 @@ def read_text_file(path: Any, what: str, fix: str) -> str:
                               f"Fix: {fix}.", what) from None
     except OSError as err:
         raise FieldValueError(f"{what} {str(p)!r} cannot be read ({err.strerror}). Fix: {fix}.", what) from None
+
+
+def check_decoder_only(config: Any, who: str) -> None:
+    """Refuse encoder-decoder architectures (BART, T5, Marian...): their decoders keep a cross-attention cache
+    and their layer count is not the config's ``num_hidden_layers``, so a decoder-only cache fails deep inside
+    (and tiering finds the encoder's layers). ``config`` is a transformers ``PretrainedConfig``."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES as SEQ2SEQ
+
+    text = config.get_text_config(decoder=True)
+    if config.is_encoder_decoder or getattr(text, "is_encoder_decoder", False) or text.model_type in SEQ2SEQ:
+        raise ValueError(f"{who} supports decoder-only models; model_type={text.model_type!r} is an encoder-decoder "
+                         "architecture. Fix: keep transformers' default cache for this model (generate without "
+                         "hf_adaptive), or use a decoder-only model such as smollm2-135m-instruct (Llama, Qwen2, "
+                         "Mistral, Gemma 3).")

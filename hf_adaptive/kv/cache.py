@@ -26,6 +26,7 @@ from hf_adaptive.kv.pressure import (BudgetPressure, GPUMemoryPressure, KVBudget
 from hf_adaptive.kv.quantizers import make_quantizer
 from hf_adaptive.policy.kv_policy import FixedBitsPolicy, HysteresisPolicy
 from hf_adaptive.units import format_bytes
+from hf_adaptive.validation import check_decoder_only
 
 logger = logging.getLogger(__name__)
 SLIDING_TYPES = ("sliding_attention", "chunked_attention")
@@ -260,19 +261,6 @@ def config_element_bytes(config: PretrainedConfig) -> int:
         if isinstance(dtype, torch.dtype):
             return dtype.itemsize
     return 2
-
-
-def check_decoder_only(config: PretrainedConfig, who: str) -> None:
-    """Refuse encoder-decoder architectures (BART, T5, Marian...): their decoders keep a cross-attention cache
-    and their layer count is not the config's ``num_hidden_layers``, so a decoder-only cache fails deep inside."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES as SEQ2SEQ
-
-    text = config.get_text_config(decoder=True)
-    if config.is_encoder_decoder or getattr(text, "is_encoder_decoder", False) or text.model_type in SEQ2SEQ:
-        raise ValueError(f"{who} supports decoder-only models; model_type={text.model_type!r} is an encoder-decoder "
-                         "architecture. Fix: keep transformers' default cache for this model (generate without "
-                         "hf_adaptive), or use a decoder-only model such as smollm2-135m-instruct (Llama, Qwen2, "
-                         "Mistral, Gemma 3).")
 
 
 def generate_cache_kwargs(cache: Cache) -> dict:
