@@ -1,6 +1,7 @@
 """Checks for values that enter from users: type, range and finiteness, each failing with one clear line.
 
-Contract: pure Python (no torch; ``check_decoder_only`` reads transformers' model tables when called). Every check names the field, the value received, what is allowed and a fix.
+Contract: pure Python (no torch; ``check_decoder_only`` reads transformers' model tables when called). Every
+check names the field, the value received, what is allowed and a fix.
 The errors are ``FieldValueError`` / ``FieldTypeError``: plain ``ValueError`` / ``TypeError`` that also carry the
 field's name, so a file parser can re-raise them with the file and line the field came from (``located``).
 ``arg_number`` turns the same checks into an argparse ``type=`` (a bad flag is a usage error, exit code 2).
@@ -76,8 +77,8 @@ def check_number(value: Any, name: str, *, minimum: float | None = None, maximum
     if isinstance(value, bool) or not isinstance(value, wanted):
         raise FieldTypeError(f"{name} must be {allowed}; got {show(value)} ({type(value).__name__}).{hint}", name)
     if not integer and not math.isfinite(value):
-        raise FieldValueError(f"{name} must be a finite number{' ' + bounds if bounds else ''}; got {show(value)}.{hint}",
-                              name)
+        finite = f"a finite number{' ' + bounds if bounds else ''}"
+        raise FieldValueError(f"{name} must be {finite}; got {show(value)}.{hint}", name)
     too_low = minimum is not None and (value <= minimum if min_open else value < minimum)
     too_high = maximum is not None and (value >= maximum if max_open else value > maximum)
     if too_low or too_high:
@@ -90,7 +91,8 @@ def check_choice(value: Any, name: str, allowed: Iterable[Any], fix: str = "") -
     options = tuple(allowed)
     if not any(type(value) is type(a) and value == a for a in options):
         hint = f" Fix: e.g. {fix}." if fix else ""
-        raise FieldValueError(f"{name} must be one of {options}; got {show(value)} ({type(value).__name__}).{hint}", name)
+        raise FieldValueError(f"{name} must be one of {options}; got {show(value)} ({type(value).__name__}).{hint}",
+                              name)
     return value
 
 
