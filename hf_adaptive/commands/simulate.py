@@ -83,8 +83,8 @@ def simulate_command(args: argparse.Namespace) -> int:
                                                      "dp_concurrency", "dp_short_tokens", "queue_head")},
             "max_batch_per_replica": args.max_batch, "max_batch_per": args.max_batch_per,
             "arrival_scale": args.arrival_scale, "rule": args.rule}
-    for trace in tqdm(args.trace, desc="traces"):
-        requests = scaled_trace(trace, args.arrival_scale)
+    traces = {trace: scaled_trace(trace, args.arrival_scale) for trace in args.trace}  # all checked before any run
+    for trace, requests in tqdm(traces.items(), desc="traces"):
         results = compare_plans(requests, calib, dims, policy_config, SimConfig(args.max_batch, args.max_batch_per))
         payload = write_sim_report(Path(trace).stem, results, calib, Path(args.out), meta)
         for row in payload["results"]:
