@@ -29,10 +29,12 @@ from hf_adaptive.kv.config import KVCacheConfig
 from hf_adaptive.kv.pressure import BudgetPressure, ScriptedPressure
 from hf_adaptive.kv.static import AdaptiveStaticKVCache
 from hf_adaptive.parallel.calibration_file import calibration_from_dict, read_calibration
+from hf_adaptive.parallel.calibration_fit import batches_of, fit_latency
+from hf_adaptive.parallel.capacity import ReplicaMemory
 from hf_adaptive.parallel.cost_model import Calibration, PlanCost
 from hf_adaptive.parallel.plans import ParallelPlan
 from hf_adaptive.parallel.requests import Request, load_trace
-from hf_adaptive.parallel.simulator import simulate
+from hf_adaptive.parallel.simulator import SimConfig, simulate
 from hf_adaptive.parallel.trace_file import parse_trace_line
 from hf_adaptive.policy.kv_policy import FixedBitsPolicy, HysteresisPolicy, Stage
 from hf_adaptive.policy.parallel_policy import Band, ParallelPolicy, ParallelPolicyConfig
@@ -187,6 +189,15 @@ def test_calibration_points_at_the_line_of_the_bad_field(tmp_path):
     (lambda: Band(math.nan, 0.5), ValueError, ["Band.enter", "finite"]),
     (lambda: parse_bytes("9" * 400 + "GiB"), ValueError, ["memory_budget", "too large"]),
     (lambda: AdaptiveKVCache(make_tiny_model("llama").config, memory_budget=1.5e9), TypeError, ["memory_budget"]),
+    (lambda: SimConfig(max_batch_per_replica=2.5), TypeError, ["batch cap", "2.5"]),
+    (lambda: ReplicaMemory(math.nan, 1.0), ValueError, ["kv_bytes_per_token", "finite"]),
+    (lambda: batches_of({"requests": [{"id": "a", "plan": "tp2", "start_s": 5.0, "finish_s": 1.0,
+                                       "prompt_tokens": 8, "new_tokens": 4}]}), ValueError, ["requests[0].finish_s"]),
+    (lambda: batches_of({"requests": [{"id": "a", "plan": "tq2"}]}), ValueError, ["requests[0] lacks"]),
+    (lambda: batches_of({"runs": []}), TypeError, ["requests", "write_report"]),
+    (lambda: fit_latency([]), ValueError, ["no batches"]),
+    (lambda: prepare_tiers(make_tiny_model("llama"), tiers="int4"), TypeError, ["tiers", "'int4'"]),
+    (lambda: prepare_tiers(make_tiny_model("llama"), group_size="128"), TypeError, ["group_size", "'128'"]),
 ])
 def test_constructors_refuse_values_that_fail_later(build, error, words):
     """Guards types accepted at construction and failing later (4.0 == 4 passes a membership test; BudgetPressure(0)

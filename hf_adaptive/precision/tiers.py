@@ -46,7 +46,7 @@ from hf_adaptive.precision.int4_triton import (
     pack_int4_triton,
     triton_group_size,
 )
-from hf_adaptive.validation import check_decoder_only
+from hf_adaptive.validation import check_decoder_only, check_number, check_type
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +267,8 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
     Call it after the model is on its final device: the extra formats are plain tensors that
     ``model.to(...)`` does not move.
     """
+    check_type(tiers, "prepare_tiers: tiers", (tuple, list), "tiers=('int4', 'native')")
+    check_number(group_size, "prepare_tiers: group_size", minimum=1, integer=True, fix="group_size=128")
     bad = [t for t in tiers if t not in TIER_RANK]
     if not tiers or bad:
         raise ValueError(f"prepare_tiers: tiers must be a non-empty subset of {tuple(TIER_RANK)}, got "
