@@ -153,9 +153,9 @@ def _hub_snapshot(repo_id: str) -> Path:
         why = ("the Hub is offline here (HF_HUB_OFFLINE=1) and it is not in the local Hugging Face cache"
                if constants.HF_HUB_OFFLINE else f"it could not be fetched ({type(err).__name__}: "
                                                  f"{str(err).splitlines()[0][:160]})")
-        raise ValueError(f"model={repo_id!r} looks like a Hugging Face Hub id, but {why}. Fix: run with network "
-                         "access and HF_HUB_OFFLINE unset, or pass an embedded model "
-                         f"({', '.join(EMBEDDED_MODELS)}), a checkpoint directory or a .gguf file.") from None
+        raise ValueError(f"model={repo_id!r} names no local path and looks like a Hugging Face Hub id, but {why}. "
+                         "Fix: check the path, run with network access and HF_HUB_OFFLINE unset, or pass an embedded "
+                         f"model ({', '.join(EMBEDDED_MODELS)}), a checkpoint directory or a .gguf file.") from None
 
 
 def offline_unless_hub(spec: str | os.PathLike | None) -> None:

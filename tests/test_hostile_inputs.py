@@ -401,8 +401,8 @@ def test_hub_id_offline_is_a_clear_error_and_a_cached_snapshot_resolves(tmp_path
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(ValueError, match=r"model='hf-adaptive-tests/absent' looks like a Hugging Face Hub id, but the "
-                                         r"Hub is offline here .*Fix: run with network access"):
+    with pytest.raises(ValueError, match=r"model='hf-adaptive-tests/absent' names no local path and looks like a "
+                                         r"Hugging Face Hub id, but the Hub is offline here .*Fix: check the path"):
         resolve_model_dir("hf-adaptive-tests/absent")
     repo = tmp_path / "hub" / "models--hf-adaptive-tests--tiny"
     snapshot = repo / "snapshots" / ("0" * 40)
