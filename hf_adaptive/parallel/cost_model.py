@@ -196,8 +196,7 @@ def queue_drain_predictor(calib: Calibration, plan_for: Callable[[str], Any], ma
     when the document reaches the head of the queue rather than when it enters the priced window. None when the
     plan cannot hold the first queued request, or nothing can hold the rest.
     """
-    if head_requests < 0:
-        raise ValueError(f"head_requests must be >= 0 (0: the whole queue), got {head_requests}")
+    check_number(head_requests, "head_requests", minimum=0, integer=True, fix="head_requests=0 (the whole queue)")
     replica_rows(ParallelPlan(), max_batch_per_replica, batch_cap_per)  # validates the cap early
 
     def drain(strategy: str, queue: Sequence[_Queued]) -> tuple[float, int] | None:

@@ -41,6 +41,7 @@ from hf_adaptive.policy.precision_policy import PrecisionPolicy, PrecisionPolicy
 from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
 from hf_adaptive.precision.telemetry import PrecisionTelemetry
 from hf_adaptive.precision.tiers import PrecisionTiers
+from hf_adaptive.validation import check_type
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,10 @@ class PrecisionController(LogitsProcessor):
             raise ValueError(f"PrecisionController: policy tiers {missing} are not prepared; prepared "
                              f"tiers are {tiers.ladder}. Pass them to prepare_tiers(tiers=...) or fix policy")
         self.policy = PrecisionPolicy(config)
-        self.weights = weights or ConfidenceWeights()
-        self.telemetry = telemetry if telemetry is not None else PrecisionTelemetry()
+        self.weights = check_type(weights or ConfidenceWeights(), "PrecisionController: weights", ConfidenceWeights,
+                                  "weights=ConfidenceWeights() or None")
+        self.telemetry = check_type(telemetry if telemetry is not None else PrecisionTelemetry(),
+                                    "PrecisionController: telemetry", PrecisionTelemetry, "telemetry=None")
         self._raw: torch.Tensor | None = None
         self._pending = None  # observe_lagged: (host scores, copy-done event) of the previous step
         self._forwarded = False  # a forward of tiers.model ran since the last __call__
