@@ -97,12 +97,18 @@ def test_trace_json_errors_name_the_file_line_not_line_one(tmp_path):
 
 
 def test_trace_missing_file_and_duplicate_ids(tmp_path):
-    """Guards a raw FileNotFoundError, and duplicate ids (results are keyed by id) being accepted."""
+    """Guards a raw FileNotFoundError (and UnicodeDecodeError, IsADirectoryError), and duplicate ids (results are
+    keyed by id) being accepted."""
     with pytest.raises(ValueError, match=r"trace '.*missing.jsonl' does not exist .*Fix: pass a JSONL trace"):
         load_trace(tmp_path / "missing.jsonl")
     trace = _write(tmp_path / "t.jsonl", ['{"id": "x", "prompt_tokens": 4}', '{"id": "x", "prompt_tokens": 5}'])
     with pytest.raises(ValueError, match=r":2: id 'x' is already used on line 1"):
         load_trace(trace)
+    (tmp_path / "binary.jsonl").write_bytes(b'{"prompt_tokens": 4}\n\xff\xfe')
+    with pytest.raises(ValueError, match=r"binary.jsonl:2: the trace is not UTF-8 text \(byte 0xff\)"):
+        load_trace(tmp_path / "binary.jsonl")
+    with pytest.raises(ValueError, match="is a directory"):
+        load_trace(tmp_path)
 
 
 def _calibration() -> Calibration:
@@ -478,16 +484,29 @@ def test_prepare_tiers_falls_back_for_a_vocab_the_cpu_kernel_cannot_take(caplog,
 
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=8))
 JSON_VALUES = SCALARS | st.lists(SCALARS, max_size=2) | st.dictionaries(st.text(max_size=4), SCALARS, max_size=2)
-TRACE_FIELDS = {"id": st.text(max_size=6) | st.integers(-5, 99), "arrival_s": st.floats(-1, 50) | st.integers(-1, 50),
-                "max_new_tokens": st.integers(-2, 64), "prompt": st.text(max_size=20),
-                "prompt_tokens": st.integers(-2, 5000), "extra": st.none()}
-TRACE_ROWS = st.fixed_dictionaries({}, optional={k: v | JSON_VALUES for k, v in TRACE_FIELDS.items()})
+HOSTILE = JSON_VALUES | st.sampled_from([math.nan, math.inf, -math.inf, -1, 0, 2**31, 2**80, 1e308, "", "8", True])
+
+
+@st.composite
+def trace_rows(draw) -> dict:
+    """A valid request row with 0-2 of its fields (or an unknown one) set to hostile values or removed."""
+    row = {"id": draw(st.text(min_size=1, max_size=4) | st.integers(0, 99)),
+           "arrival_s": draw(st.floats(0, 50) | st.integers(0, 50)), "max_new_tokens": draw(st.integers(1, 64))}
+    row.update({"prompt": draw(st.text(max_size=20))} if draw(st.booleans())
+               else {"prompt_tokens": draw(st.integers(1, 5000))})
+    for key in draw(st.lists(st.sampled_from(["id", "arrival_s", "max_new_tokens", "prompt", "prompt_tokens",
+                                              "extra"]), max_size=2)):
+        if draw(st.integers(0, 3)) == 0:
+            row.pop(key, None)
+        else:
+            row[key] = draw(HOSTILE)
+    return row
 
 
 @st.composite
 def trace_lines(draw) -> str:
     """A JSON line (NaN / Infinity tokens included), a cut-off one, or arbitrary text."""
-    text = json.dumps(draw(TRACE_ROWS))
+    text = json.dumps(draw(trace_rows()))
     kind = draw(st.sampled_from(["json", "json", "json", "cut", "text"]))
     if kind == "cut":
         return text[:draw(st.integers(0, len(text)))]
