@@ -37,7 +37,7 @@ def _model_files(folder: Path) -> list[Path]:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two checks may stamp at once
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=1, sort_keys=True)
         f.flush()

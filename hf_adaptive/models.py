@@ -235,8 +235,8 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
         raise ValueError(f"{gguf_path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'). Fix: pass a .gguf "
                          "model file, a checkpoint directory or an embedded model name.")
     logger.info("converting %s -> %s (one time)", gguf_path, target)
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted conversion left
+    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")  # per process: two may convert at once
+    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted conversion of this pid left
     try:
         model, tokenizer = _load_gguf(gguf_path)
     except Exception as err:  # the user's file: any failure inside the reader is this file's fault, said once
@@ -246,7 +246,12 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     write_manifest(tmp, source=str(gguf_path))
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished the same conversion first: keep its complete copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        if checkpoint_problem(target) is not None:
+            raise
 
 
 def _load_gguf(gguf_path: Path):

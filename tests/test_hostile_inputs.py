@@ -398,6 +398,18 @@ def test_damaged_converted_checkpoint_is_rebuilt(model_home, how):
     assert torch.equal(model(torch.tensor([[1, 5, 9]])).logits, reference)
 
 
+def test_a_conversion_finishing_second_keeps_the_complete_copy(model_home):
+    """Guards two processes converting one GGUF: the later rename must neither fail nor leave its partial folder."""
+    from hf_adaptive.manifest import checkpoint_problem
+    from hf_adaptive.models import convert_gguf, resolve_model_dir
+
+    gguf_path = write_tiny_gguf(model_home / "tiny.gguf")
+    folder = resolve_model_dir(gguf_path)
+    convert_gguf(gguf_path, folder)  # as a second process would, after the first renamed its copy into place
+    assert checkpoint_problem(folder) is None
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
+
+
 def test_hub_id_offline_is_a_clear_error_and_a_cached_snapshot_resolves(tmp_path, monkeypatch):
     """Guards Hub ids being refused as unknown specs: offline and uncached is one error naming the cause; a snapshot
     already in the Hugging Face cache resolves offline."""
