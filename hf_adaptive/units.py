@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
+
+from hf_adaptive.validation import show
 
 _UNITS: dict[str, int] = {
     "": 1, "b": 1,
@@ -26,7 +29,7 @@ def parse_bytes(value: int | str, name: str = "memory_budget") -> int:
         ValueError / TypeError: naming ``name``, the accepted forms and the value received.
     """
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(f"{name} must be an int number of bytes or a string like '2GiB'; got {value!r} "
+        raise TypeError(f"{name} must be an int number of bytes or a string like '2GiB'; got {show(value)} "
                         f"({type(value).__name__}). Fix: pass e.g. {name}='2GiB' or {name}=2*1024**3.")
     if isinstance(value, int):
         number_bytes = value
@@ -34,11 +37,14 @@ def parse_bytes(value: int | str, name: str = "memory_budget") -> int:
         match = _PATTERN.match(value)
         unit = match.group(2).lower() if match else None
         if match is None or unit not in _UNITS:
-            raise ValueError(f"{name}={value!r} is not a byte quantity; use a number followed by one of "
+            raise ValueError(f"{name}={value[:60]!r} is not a byte quantity; use a number followed by one of "
                              f"B, KB, MB, GB, TB, KiB, MiB, GiB, TiB. Fix: e.g. {name}='2GiB' or '512 MB'.")
-        number_bytes = int(float(match.group(1)) * _UNITS[unit])
+        number = float(match.group(1)) * _UNITS[unit]
+        if not math.isfinite(number):  # hundreds of digits overflow the float (int(inf) would raise OverflowError)
+            raise ValueError(f"{name}={value[:40]!r}... is too large a byte quantity. Fix: e.g. {name}='2GiB'.")
+        number_bytes = int(number)
     if number_bytes <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive number of bytes; e.g. {name}='2GiB'.")
+        raise ValueError(f"{name}={show(value)} must be a positive number of bytes; e.g. {name}='2GiB'.")
     return number_bytes
 
 

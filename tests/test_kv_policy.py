@@ -86,13 +86,15 @@ def test_choose_demotions_oldest_first(bits, target, k, expected):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(stages=(Stage(8, False, 0.0, 0.0),)), "stages\\[0\\]"),
-    (dict(stages=(Stage(16, False, 0.0, 0.0), Stage(3, False, 0.5, 0.4))), "one of"),
-    (dict(stages=(Stage(16, False, 0.0, 0.0), Stage(8, False, 0.5, 0.6))), "exit_fraction"),
-    (dict(stages=(Stage(16, False, 0.0, 0.0), Stage(4, False, 0.8, 0.7), Stage(8, False, 0.9, 0.8))), "increase"),
-    (dict(cooldown_steps=-1), "cooldown_steps"),
+    (lambda: dict(stages=(Stage(8, False, 0.0, 0.0),)), "stages\\[0\\]"),
+    (lambda: dict(stages=(Stage(16, False, 0.0, 0.0), Stage(3, False, 0.5, 0.4))), "one of"),
+    (lambda: dict(stages=(Stage(16, False, 0.0, 0.0), Stage(8, False, 0.5, 0.6))), "exit_fraction"),
+    (lambda: dict(stages=(Stage(16, False, 0.0, 0.0), Stage(4, False, 0.8, 0.7), Stage(8, False, 0.9, 0.8))),
+     "increase"),
+    (lambda: dict(cooldown_steps=-1), "cooldown_steps"),
 ])
 def test_policy_config_validation(kwargs, match):
-    """Guards against silently accepting a ladder that cannot work (no hysteresis, rising bits...)."""
+    """Guards against silently accepting a ladder that cannot work (no hysteresis, rising bits...); a stage
+    with bits outside the ladder is refused as it is built."""
     with pytest.raises(ValueError, match=match):
-        KVPolicyConfig(**kwargs)
+        KVPolicyConfig(**kwargs())

@@ -132,7 +132,7 @@ def test_launch_command_dry_run(capsys):
     assert "HF_ADAPTIVE_BACKEND=gloo" in out and "--trace t.jsonl" in out and out.rstrip().endswith("--cooldown-s 1")
 
 
-def test_worker_policy_knobs_memory_bands_sit_above_the_admission_ceiling(caplog):
+def test_worker_policy_knobs_memory_bands_sit_above_the_admission_ceiling(caplog, capsys):
     from hf_adaptive.parallel.worker import build_parser, policy_config
 
     dims = ModelDims(num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=64)
@@ -149,10 +149,10 @@ def test_worker_policy_knobs_memory_bands_sit_above_the_admission_ceiling(caplog
     explicit = config("--hybrid-memory", "0.6", "--pipeline-memory", "0.7")
     assert (explicit.hybrid_memory.enter, explicit.hybrid_memory.exit) == (0.6, pytest.approx(0.5))
     assert "below the admission ceiling" in caplog.text
-    with pytest.raises(ValueError, match="--pipeline-memory"):
-        config("--pipeline-memory", "0.05")
-    with pytest.raises(ValueError, match="--dp-short-tokens"):
-        config("--dp-short-tokens", "0")
+    for flag, value in (("--pipeline-memory", "0.05"), ("--dp-short-tokens", "0"), ("--cooldown-s", "nan")):
+        with pytest.raises(SystemExit) as refused:  # a usage error of the flag itself, before any config
+            config(flag, value)
+        assert refused.value.code == 2 and flag in capsys.readouterr().err
 
 
 def test_gpu_launch_on_a_host_without_cuda_is_one_clear_error():

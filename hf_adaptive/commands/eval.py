@@ -7,20 +7,24 @@ Reads the command line, builds :class:`BleuEvalConfig` / :class:`SpeedEvalConfig
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from hf_adaptive.devices import device_argument
 from hf_adaptive.evaluation.data import DEFAULT_DEV_SET, DEFAULT_PPL_TEXT
+from hf_adaptive.models import DTYPES, check_device, offline_unless_hub
+from hf_adaptive.validation import arg_number
 
 
 def _csv(cast, sep: str = ","):
     def parse(text: str):
         try:
             return tuple(cast(x.strip()) for x in text.split(sep) if x.strip())
-        except ValueError as err:
+        except (ValueError, argparse.ArgumentTypeError) as err:
             raise argparse.ArgumentTypeError(f"expected a {sep!r}-separated list; got {text!r} ({err})")
     return parse
+
+
+POSITIVE_INT = arg_number(minimum=1, integer=True)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -28,17 +32,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="embedded model name, checkpoint dir or .gguf (default smollm2-135m-instruct)")
     parser.add_argument("--device", default=None, type=device_argument,
                         help="cpu / cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto (bf16 on CUDA, fp32 on CPU), or a dtype")
     parser.add_argument("--settings", type=_csv(str, ";"), default=("baseline", "kv8", "kv4"),
                         help="';'-separated setting specs, e.g. 'baseline;kv8;kv4;kv:bits=4,residual_length=16;"
                              "precision:high=0.9,low=0.6' (baseline is always added)")
-    parser.add_argument("--kv-bits", type=_csv(int), default=(),
+    parser.add_argument("--kv-bits", type=_csv(POSITIVE_INT), default=(),
                         help="sweep: adds kv<bits> settings, e.g. 8,4,2")
     parser.add_argument("--kv-budgets", type=_csv(str), default=(),
                         help="sweep: adds kv:memory_budget=<b> settings, e.g. 8MiB,4MiB")
-    parser.add_argument("--precision-thresholds", type=_csv(float), default=(),
+    parser.add_argument("--precision-thresholds", type=_csv(arg_number(minimum=0.0, maximum=1.0)), default=(),
                         help="sweep: adds precision:high=<t> settings, e.g. 0.95,0.9,0.8")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None,
                         help="torch CPU threads (torch.set_num_threads); 1 avoids oversubscription on busy hosts")
     parser.add_argument("--out", type=Path, required=True, help="results directory")
 
@@ -58,9 +62,9 @@ def eval_command_parser(subparsers) -> argparse.ArgumentParser:
     bleu = sub.add_parser("bleu", help="translate Spanish verses, BLEU/chrF drift vs the baseline")
     _common(bleu)
     bleu.add_argument("--data", type=Path, default=DEFAULT_DEV_SET, help="aligned verses (JSONL)")
-    bleu.add_argument("--limit", type=int, default=None, help="first N verses only")
-    bleu.add_argument("--batch-size", type=int, default=8)
-    bleu.add_argument("--new-tokens-factor", type=float, default=2.0,
+    bleu.add_argument("--limit", type=POSITIVE_INT, default=None, help="first N verses only")
+    bleu.add_argument("--batch-size", type=POSITIVE_INT, default=8)
+    bleu.add_argument("--new-tokens-factor", type=arg_number(minimum=0.0, min_open=True), default=2.0,
                       help="max_new_tokens = factor x longest source (tokens) in the batch")
     bleu.set_defaults(func=eval_command)
     speed = sub.add_parser("speed", help="decode tokens/s, TTFT, p50/p99 latency, peak memory")
@@ -68,11 +72,11 @@ def eval_command_parser(subparsers) -> argparse.ArgumentParser:
     speed.add_argument("--random-weights", action="store_true",
                        help="same architecture, seeded random weights built on --device from config.json + "
                             "tokenizer only (no weights read; see scripts/export_model_config.py)")
-    speed.add_argument("--batch-sizes", type=_csv(int), default=(1,), help="e.g. 1,8")
-    speed.add_argument("--prompt-tokens", type=int, default=256)
-    speed.add_argument("--new-tokens", type=int, default=128)
-    speed.add_argument("--warmup", type=int, default=1)
-    speed.add_argument("--repeats", type=int, default=3)
+    speed.add_argument("--batch-sizes", type=_csv(POSITIVE_INT), default=(1,), help="e.g. 1,8")
+    speed.add_argument("--prompt-tokens", type=POSITIVE_INT, default=256)
+    speed.add_argument("--new-tokens", type=POSITIVE_INT, default=128)
+    speed.add_argument("--warmup", type=arg_number(minimum=0, integer=True), default=1)
+    speed.add_argument("--repeats", type=POSITIVE_INT, default=3)
     speed.add_argument("--text", type=Path, default=DEFAULT_PPL_TEXT, help="real text for the prompt")
     speed.set_defaults(func=eval_command)
     return parser
@@ -87,7 +91,8 @@ def _print(rows: list[dict], columns: tuple[str, ...], paths: dict) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline_unless_hub(args.model)
+    args.device = check_device(args.device)  # a missing CUDA is one line here, not an AssertionError mid-run
     if args.threads:
         import torch
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 from hf_adaptive.devices import device_argument
+from hf_adaptive.models import offline_unless_hub
+from hf_adaptive.validation import arg_number
 
 DEFAULT_PROMPT = "Explain in three sentences why a key-value cache makes text generation faster."
 
@@ -25,12 +26,13 @@ def generate_command_parser(subparsers) -> argparse.ArgumentParser:
                              "(default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--memory-budget", default=None,
                         help="KV byte budget, e.g. 256KiB or 2GiB; the cache steps down to 8 and 4 bits to stay under it")
-    parser.add_argument("--gpu-memory-fraction", type=float, default=None,
+    parser.add_argument("--gpu-memory-fraction", type=arg_number(minimum=0.0, maximum=1.0, min_open=True),
+                        default=None,
                         help="instead of a budget: target fraction of live GPU memory (CUDA only)")
     parser.add_argument("--fixed-bits", type=int, default=None, choices=(8, 4, 2),
                         help="store every cold token at this precision, ignoring pressure")
     parser.add_argument("--backend", default="torch", choices=("torch", "hqq"), help="KV quantizer")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=arg_number(minimum=1, integer=True), default=128)
     parser.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy")
     parser.add_argument("--device", default=None, type=device_argument,
                         help="cuda or cpu (default: cuda when available)")
@@ -40,14 +42,15 @@ def generate_command_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline_unless_hub(args.model)
     import torch
 
     from hf_adaptive.kv.cache import AdaptiveKVCache, generate_cache_kwargs
+    from hf_adaptive.kv.config import KVCacheConfig
     from hf_adaptive.models import load_model
 
-    if args.max_new_tokens < 1:
-        raise SystemExit(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}.")
+    KVCacheConfig(memory_budget=args.memory_budget, backend=args.backend, fixed_bits=args.fixed_bits,
+                  gpu_memory_fraction=args.gpu_memory_fraction)  # bad settings fail before the model loads
     model, tokenizer = load_model(args.model, device=args.device)
     cache = AdaptiveKVCache(model.config, memory_budget=args.memory_budget, backend=args.backend,
                             fixed_bits=args.fixed_bits, gpu_memory_fraction=args.gpu_memory_fraction)

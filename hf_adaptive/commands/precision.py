@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 from hf_adaptive.devices import device_argument
+from hf_adaptive.models import offline_unless_hub
+from hf_adaptive.validation import arg_number
 
 DEFAULT_PROMPT = "Write a haiku about autumn leaves."
 
@@ -28,10 +29,11 @@ def precision_command_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--mode", default="lossy", choices=("lossy", "graph", "verified"))
     parser.add_argument("--tiers", default=None,
                         help="comma list from int4,fp8,native,fp32 (default int4,native on CUDA, int4,fp32 on CPU)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=arg_number(minimum=1, integer=True), default=64)
     parser.add_argument("--int4-kernel", default="auto", choices=("auto", "triton", "tinygemm"),
                         help="CUDA int4 kernel (auto = tinygemm, the fastest at one row; triton: ours)")
-    parser.add_argument("--max-draft", type=int, default=4, help="verified mode: most tokens drafted per round")
+    parser.add_argument("--max-draft", type=arg_number(minimum=1, integer=True), default=4,
+                        help="verified mode: most tokens drafted per round")
     parser.add_argument("--sample", action="store_true", help="lossy mode: sample (temperature 0.7)")
     parser.add_argument("--device", default=None, type=device_argument,
                         help="cuda or cpu (default: cuda when available)")
@@ -42,17 +44,21 @@ def precision_command_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def precision_command(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline_unless_hub(args.model)
     import torch
 
     from hf_adaptive.models import load_model
-    from hf_adaptive.precision.tiers import prepare_tiers
+    from hf_adaptive.precision.tiers import TIER_RANK, prepare_tiers
 
-    if args.max_new_tokens < 1:
-        raise SystemExit(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}.")
+    if args.mode == "graph" and args.sample:
+        raise ValueError("--mode graph decodes greedily; got --sample. Fix: drop --sample or use --mode lossy")
+    names = tuple(t.strip() for t in args.tiers.split(",")) if args.tiers else None
+    if names is not None and (not names or any(t not in TIER_RANK for t in names)):
+        raise ValueError(f"--tiers must be a comma list from {','.join(TIER_RANK)}; got {args.tiers!r}. "
+                         "Fix: e.g. --tiers int4,native")
     model, tokenizer = load_model(args.model, device=args.device)
-    default = "int4,native" if model.device.type == "cuda" else "int4,fp32"
-    tiers = prepare_tiers(model, tiers=tuple((args.tiers or default).split(",")), int4_kernel=args.int4_kernel)
+    default = ("int4", "native") if model.device.type == "cuda" else ("int4", "fp32")
+    tiers = prepare_tiers(model, tiers=names or default, int4_kernel=args.int4_kernel)
     ids = _prompt_ids(tokenizer, args.prompt).to(model.device)
     start = time.perf_counter()
     run = {"lossy": _run_lossy, "graph": _run_graph, "verified": _run_verified}[args.mode]
@@ -84,12 +90,10 @@ def _run_lossy(tiers, ids, args):
 
     from hf_adaptive.precision.controller import PrecisionController
 
-    ctl = PrecisionController(tiers)
     sampling = {"do_sample": True, "temperature": 0.7} if args.sample else {"do_sample": False}
-    with torch.inference_mode():
+    with torch.inference_mode(), PrecisionController(tiers) as ctl:
         out = tiers.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                                    logits_processor=[ctl], **sampling)
-    ctl.close()
     return out[0, ids.shape[1]:], ctl.telemetry
 
 
@@ -98,13 +102,11 @@ def _run_graph(tiers, ids, args):
     from hf_adaptive.precision.fused_decode import FusedOptions, FusedStepDecoder, decision_for
     from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
 
-    if args.sample:
-        raise SystemExit("--mode graph decodes greedily; drop --sample or use --mode lossy")
-    ctl = PrecisionController(tiers, read_raw_logits=False)
-    engine = GraphDecodeEngine(tiers, GraphDecodeConfig(max_len=ids.shape[1] + args.max_new_tokens + 8))
-    decoder = FusedStepDecoder(engine, decision_for(ctl), capacity=args.max_new_tokens)
-    out = decoder.generate(ids, FusedOptions(max_new_tokens=args.max_new_tokens, controller=ctl, decision_lag=1))
-    ctl.close()
+    with PrecisionController(tiers, read_raw_logits=False) as ctl:
+        engine = GraphDecodeEngine(tiers, GraphDecodeConfig(max_len=ids.shape[1] + args.max_new_tokens + 8))
+        decoder = FusedStepDecoder(engine, decision_for(ctl), capacity=args.max_new_tokens)
+        out = decoder.generate(ids, FusedOptions(max_new_tokens=args.max_new_tokens, controller=ctl,
+                                                 decision_lag=1))
     return out[0], ctl.telemetry
 
 

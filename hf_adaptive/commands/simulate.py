@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import sys
 from pathlib import Path
 
@@ -20,11 +21,12 @@ from tqdm import tqdm
 
 from hf_adaptive.parallel.cost_model import Calibration, queue_drain_predictor
 from hf_adaptive.parallel.plans import ModelDims, plan_for_strategy
-from hf_adaptive.parallel.requests import load_trace
+from hf_adaptive.parallel.requests import Request, load_trace
 from hf_adaptive.parallel.sim_report import compare_plans, write_sim_report
 from hf_adaptive.parallel.simulator import SimConfig
 from hf_adaptive.parallel.policy_args import add_batch_arguments, add_policy_arguments, policy_config_from_args
 from hf_adaptive.policy.parallel_policy import cost_aware_rule
+from hf_adaptive.validation import arg_number
 
 DEFAULT_CALIBRATION = "eval/calibration/parallel_cpu_gloo_2proc.json"
 
@@ -35,24 +37,41 @@ def simulate_command_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trace", nargs="+", required=True, help="JSONL trace file(s)")
     p.add_argument("--calibration", default=DEFAULT_CALIBRATION, help="per-plan cost JSON")
     p.add_argument("--out", default="runs/simulate")
-    p.add_argument("--device-memory-gb", type=float, help="override the calibration's device memory")
-    p.add_argument("--arrival-scale", type=float, default=1.0,
+    p.add_argument("--device-memory-gb", type=arg_number(minimum=0.0, min_open=True),
+                   help="override the calibration's device memory")
+    p.add_argument("--arrival-scale", type=arg_number(minimum=0.0, min_open=True), default=1.0,
                    help="multiply arrival times (e.g. 100 to replay GPU-rate traces on a CPU calibration)")
     p.add_argument("--rule", choices=["default", "cost"], default="default",
-                   help="default: the issue-5 thresholds; cost: fastest predicted plan from the calibration")
+                   help="default: the length, concurrency and memory thresholds below; cost: fastest predicted plan "
+                        "from the calibration")
     add_batch_arguments(p)
     add_policy_arguments(p)
     p.set_defaults(func=simulate_command)
     return p
 
 
+def scaled_trace(path: str, arrival_scale: float) -> list[Request]:
+    """The trace's requests with arrival times times ``arrival_scale``; an empty trace or an overflowing
+    product is refused (the simulator would report nothing, or wait forever)."""
+    requests = load_trace(path)
+    if not requests:
+        raise ValueError(f"{path}: the trace holds no requests. Fix: one JSON object per line, e.g. "
+                         '{"id": "r1", "arrival_s": 0.5, "prompt_tokens": 128, "max_new_tokens": 32}')
+    for r in requests:
+        r.arrival_s *= arrival_scale
+        if not math.isfinite(r.arrival_s):
+            raise ValueError(f"--arrival-scale {arrival_scale} times request {r.id!r}'s arrival_s overflows to "
+                             f"{r.arrival_s}. Fix: a smaller --arrival-scale, e.g. 100.")
+    return requests
+
+
 def simulate_command(args: argparse.Namespace) -> int:
     calib = Calibration.load(args.calibration)
-    if args.device_memory_gb:
+    if args.device_memory_gb is not None:
         calib = dataclasses.replace(calib, device_memory_bytes=args.device_memory_gb * 2**30)
     if "dims" not in calib.meta:
         raise ValueError(f"{args.calibration}: meta.dims (num_layers, num_heads, num_kv_heads, intermediate_size) "
-                         f"is missing; re-run eval/calibrate_parallel.py")
+                         f"is missing. Fix: re-run eval/calibrate_parallel.py")
     dims = ModelDims(**calib.meta["dims"])
     policy_config = policy_config_from_args(args, calib.memory_headroom)
     if args.rule == "cost":
@@ -64,10 +83,8 @@ def simulate_command(args: argparse.Namespace) -> int:
                                                      "dp_concurrency", "dp_short_tokens", "queue_head")},
             "max_batch_per_replica": args.max_batch, "max_batch_per": args.max_batch_per,
             "arrival_scale": args.arrival_scale, "rule": args.rule}
-    for trace in tqdm(args.trace, desc="traces"):
-        requests = load_trace(trace)
-        for r in requests:
-            r.arrival_s *= args.arrival_scale
+    traces = {trace: scaled_trace(trace, args.arrival_scale) for trace in args.trace}  # all checked before any run
+    for trace, requests in tqdm(traces.items(), desc="traces"):
         results = compare_plans(requests, calib, dims, policy_config, SimConfig(args.max_batch, args.max_batch_per))
         payload = write_sim_report(Path(trace).stem, results, calib, Path(args.out), meta)
         for row in payload["results"]:

@@ -11,6 +11,7 @@ transformers' bounded exact sliding window and are never quantized.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import replace
 
@@ -25,6 +26,7 @@ from hf_adaptive.kv.pressure import (BudgetPressure, GPUMemoryPressure, KVBudget
 from hf_adaptive.kv.quantizers import make_quantizer
 from hf_adaptive.policy.kv_policy import FixedBitsPolicy, HysteresisPolicy
 from hf_adaptive.units import format_bytes
+from hf_adaptive.validation import check_decoder_only
 
 logger = logging.getLogger(__name__)
 SLIDING_TYPES = ("sliding_attention", "chunked_attention")
@@ -78,6 +80,7 @@ class AdaptiveKVCache(Cache):
         if not (isinstance(packed_attention, bool) or packed_attention == "auto"):
             raise ValueError(f"packed_attention must be one of {PACKED_ATTENTION_MODES}; got {packed_attention!r}. "
                              "Fix: packed_attention='auto' (on when attn_implementation='hf_adaptive').")
+        check_decoder_only(config, "AdaptiveKVCache")
         self.packed_attention = packed_attention
         self.model_config = config
         unknown = sorted(set(overrides) - set(_OVERRIDES))
@@ -94,7 +97,7 @@ class AdaptiveKVCache(Cache):
         bits = self.settings.fixed_bits
         self.policy = FixedBitsPolicy(bits) if bits is not None else HysteresisPolicy(self.settings.policy)
         self.lowest_bits = bits if bits is not None else min(s.bits for s in self.settings.policy.stages)
-        self._check_budget(batch=1, element_bytes=2)
+        self._check_budget(batch=1, element_bytes=config_element_bytes(config))
         self._clear_telemetry()
 
     def _build_layers(self) -> list:
@@ -142,6 +145,8 @@ class AdaptiveKVCache(Cache):
         return total
 
     def _check_budget(self, batch: int, element_bytes: int) -> None:
+        """Refuse a budget below the exact windows, with a fix that holds for ``element_bytes`` (the model dtype's
+        size: from the config at construction, from the key states at the first update)."""
         budget = self.settings.memory_budget
         if budget is None:
             return
@@ -150,7 +155,8 @@ class AdaptiveKVCache(Cache):
             raise ValueError(
                 f"memory_budget={budget} bytes ({format_bytes(budget)}) cannot hold even the exact windows at the "
                 f"lowest rung: they need {needed} bytes ({format_bytes(needed)}) for batch {batch} at "
-                f"{element_bytes} bytes/element. Fix: memory_budget >= {needed}, or lower residual_length/block_size.")
+                f"{element_bytes} bytes/element. Fix: memory_budget >= {needed} "
+                f"(e.g. '{math.ceil(needed / 2**10)}KiB'), or lower residual_length/block_size.")
 
     # ------------------------------------------------------------------ per-step path
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -243,6 +249,18 @@ class AdaptiveKVCache(Cache):
                 "lossy_crop_tokens": sum(s.get("lossy_crop_tokens", 0) for s in layers),
                 "last_pressure": self.last_reading.to_dict() if self.last_reading else None,
                 "memory_budget": self.settings.memory_budget, "layers": layers}
+
+
+def config_element_bytes(config: PretrainedConfig) -> int:
+    """Bytes per KV element of the model's dtype as its config records it (``from_pretrained(dtype=...)`` sets
+    it); 2 when the config names none (the first ``update`` checks again with the real key states)."""
+    for c in (config.get_text_config(decoder=True), config):
+        dtype = getattr(c, "dtype", None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
+        if isinstance(dtype, torch.dtype):
+            return dtype.itemsize
+    return 2
 
 
 def generate_cache_kwargs(cache: Cache) -> dict:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hf_adaptive.policy.kv_policy import ALLOWED_BITS, KVPolicyConfig
 from hf_adaptive.units import parse_bytes
+from hf_adaptive.validation import FieldValueError, check_choice, check_number, check_type
 
 BACKENDS = ("torch", "hqq")
 ON_BUDGET_EXCEEDED = ("warn", "raise")
@@ -53,14 +55,12 @@ class KVCacheConfig:
         if self.block_size % 8:
             raise ValueError(f"block_size must be a multiple of 8 (packed code rows); got {self.block_size}. "
                              "Fix: e.g. block_size=64.")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}; got {self.backend!r}. Fix: backend='torch'.")
-        if self.fixed_bits is not None and self.fixed_bits not in ALLOWED_BITS:
-            raise ValueError(f"fixed_bits must be None or one of {ALLOWED_BITS}; got {self.fixed_bits!r}. "
-                             "Fix: e.g. fixed_bits=4.")
-        if self.on_budget_exceeded not in ON_BUDGET_EXCEEDED:
-            raise ValueError(f"on_budget_exceeded must be one of {ON_BUDGET_EXCEEDED}; got "
-                             f"{self.on_budget_exceeded!r}. Fix: on_budget_exceeded='warn'.")
+        check_choice(self.backend, "backend", BACKENDS, "backend='torch'")
+        if self.fixed_bits is not None:  # 4.0 == 4 passes a membership test and fails later in the packer
+            check_choice(self.fixed_bits, "fixed_bits", ALLOWED_BITS, "fixed_bits=4 (or None: follow pressure)")
+        check_choice(self.on_budget_exceeded, "on_budget_exceeded", ON_BUDGET_EXCEEDED, "on_budget_exceeded='warn'")
+        check_type(self.policy, "policy", KVPolicyConfig, "policy=KVPolicyConfig(cooldown_steps=8)")
+        check_type(self.side_stream, "side_stream", bool, "side_stream=True")
         if self.memory_budget is not None:
             object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget, "memory_budget"))
         self._check_gpu_fraction()
@@ -72,5 +72,29 @@ class KVCacheConfig:
         if self.memory_budget is not None:
             raise ValueError("memory_budget and gpu_memory_fraction are mutually exclusive; got both "
                              f"({self.memory_budget!r}, {fraction!r}). Fix: pass only one.")
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"gpu_memory_fraction must be in (0, 1]; got {fraction!r}. Fix: e.g. 0.9.")
+        check_number(fraction, "gpu_memory_fraction", minimum=0.0, maximum=1.0, min_open=True,
+                     fix="gpu_memory_fraction=0.9")
+
+
+def context_limit(text_config: Any) -> int | None:
+    """Most positions the model attends: ``max_position_embeddings`` times a RoPE scaling ``factor`` where the
+    config has one (YaRN / linear scaling extend the trained length); None when the config gives no length."""
+    length = getattr(text_config, "max_position_embeddings", None)
+    if not isinstance(length, int) or isinstance(length, bool):
+        return None
+    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    factor = rope.get("factor") if isinstance(rope, dict) else None
+    return int(length * factor) if isinstance(factor, (int, float)) and factor > 1 else length
+
+
+def check_max_cache_len(max_cache_len: int, limit: int | None) -> int:
+    """``max_cache_len`` of a static cache: an int >= 2 and no longer than the model attends (``limit``, from
+    ``context_limit``); every shape and pool is sized from it up front."""
+    check_number(max_cache_len, "max_cache_len", minimum=2, integer=True,
+                 fix="max_cache_len=input_len + max_new_tokens")
+    if limit is not None and max_cache_len > limit:
+        raise FieldValueError(f"max_cache_len={max_cache_len} is longer than the model attends ({limit} positions: "
+                              "max_position_embeddings, times any RoPE scaling factor); positions past it are "
+                              f"undefined and the pools would be sized for all of it. Fix: max_cache_len <= {limit}, "
+                              "e.g. input_len + max_new_tokens.", "max_cache_len")
+    return max_cache_len

@@ -13,6 +13,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from hf_adaptive.units import parse_bytes
+from hf_adaptive.validation import check_number, check_type
+
 logger = logging.getLogger(__name__)
 
 
@@ -60,8 +63,8 @@ class BudgetPressure:
     Deterministic and device-independent (pure Python ints; no host sync).
     """
 
-    def __init__(self, budget_bytes: int):
-        self.budget_bytes = int(budget_bytes)
+    def __init__(self, budget_bytes: int | str):
+        self.budget_bytes = parse_bytes(budget_bytes, "budget_bytes")  # > 0: it divides every reading
 
     def read(self, projected_kv_bytes: int) -> PressureReading:
         return PressureReading(projected_kv_bytes / self.budget_bytes, "budget", projected_kv_bytes,
@@ -88,12 +91,18 @@ class GPUMemoryPressure:
 
     def __init__(self, target_fraction: float = 0.9, device: int | str | torch.device | None = None,
                  every_n_reads: int = 1, process_fraction: float | None = None):
+        check_number(target_fraction, "target_fraction", minimum=0.0, maximum=1.0, min_open=True,
+                     fix="target_fraction=0.9")
+        check_number(every_n_reads, "every_n_reads", minimum=1, integer=True, fix="every_n_reads=1")
+        if process_fraction is not None:
+            check_number(process_fraction, "process_fraction", minimum=0.0, maximum=1.0, min_open=True,
+                         fix="process_fraction=None (read it from torch)")
         if not torch.cuda.is_available():
             raise ValueError("GPUMemoryPressure needs CUDA, which is not available here; got "
                              f"gpu_memory_fraction={target_fraction!r}. Fix: use memory_budget='2GiB' instead.")
         self.target_fraction = float(target_fraction)
         self.device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-        self.every_n_reads = max(int(every_n_reads), 1)
+        self.every_n_reads = every_n_reads
         self.process_fraction = process_fraction
         self._reads = 0
         self._last: PressureReading | None = None
@@ -135,9 +144,11 @@ class ScriptedPressure:
     """Replays a list of fractions, one per read; the last one repeats. For tests and demos."""
 
     def __init__(self, fractions: list[float]):
+        check_type(fractions, "fractions", (list, tuple), "ScriptedPressure([0.0, 0.5, 0.9])")
         if not fractions:
             raise ValueError("ScriptedPressure needs at least one fraction; got an empty list. Fix: e.g. [0.0].")
-        self.fractions = [float(f) for f in fractions]
+        self.fractions = [float(check_number(f, f"fractions[{i}]", minimum=0.0, fix="0.9"))
+                          for i, f in enumerate(fractions)]
         self._index = 0
 
     def read(self, projected_kv_bytes: int) -> PressureReading:

@@ -32,6 +32,7 @@ from hf_adaptive.attention import triton_decode
 from hf_adaptive.attention.interface import attach_packed_view
 from hf_adaptive.kv import packed
 from hf_adaptive.kv.cache import AdaptiveKVCache
+from hf_adaptive.kv.config import check_max_cache_len, context_limit
 from hf_adaptive.kv.layer import AdaptiveFullLayer, LayerContext
 from hf_adaptive.kv.pools import BlockPool, to_device
 
@@ -473,9 +474,8 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
 
     def __init__(self, config: PretrainedConfig, max_cache_len: int, kv_config=None, *, pressure=None,
                  **overrides):
-        if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 2:
-            raise ValueError(f"max_cache_len must be an int >= 2 (prompt + new tokens); got {max_cache_len!r}. "
-                             "Fix: e.g. max_cache_len=input_len + max_new_tokens.")
+        text = config.get_text_config(decoder=True) if isinstance(config, PretrainedConfig) else None
+        check_max_cache_len(max_cache_len, context_limit(text))
         self._max_cache_len = max_cache_len
         self.view_changes = 0  # steps whose pools changed (the CUDA graph is re-captured; no re-trace)
         self._view_changed_step = -1

@@ -16,6 +16,7 @@ import numpy as np
 
 from hf_adaptive.parallel.plans import ParallelPlan
 from hf_adaptive.parallel.requests import Request, route
+from hf_adaptive.validation import FieldValueError, check_number, check_type
 
 LATENCY_KEYS = ("prefill_ms_base", "prefill_ms_per_token", "decode_ms_base", "decode_ms_per_seq",
                 "decode_ms_per_ctx_token")
@@ -25,7 +26,7 @@ def batches_of(run: dict) -> list[dict]:
     """One entry per batch of a ``<mode>.json``: plan, duration, the busiest replica's shape, and ``since_switch``:
     how many batches ran on this layout before it since the run started or last changed layout (0: the first)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in run["requests"]:
+    for r in _records(run):
         groups[(r["plan"], r["start_s"], r["finish_s"])].append(r)
     out: list[dict] = []
     for (plan_name, start, end), rows in sorted(groups.items(), key=lambda kv: kv[0][1]):
@@ -40,6 +41,28 @@ def batches_of(run: dict) -> list[dict]:
     return out
 
 
+def _records(run: dict) -> list[dict]:
+    """The report's request records, each field checked (a report is a file a person may have edited)."""
+    fix = "pass a <mode>.json written by telemetry.write_report"
+    check_type(run, "the serving report", dict, fix)
+    records = check_type(run.get("requests"), "requests", list, fix)
+    for i, r in enumerate(records):
+        where = f"requests[{i}]"
+        check_type(r, where, dict, fix)
+        missing = sorted({"id", "plan", "start_s", "finish_s", "prompt_tokens", "new_tokens"} - set(r))
+        if missing:
+            raise FieldValueError(f"{where} lacks {missing}. Fix: {fix}.", where)
+        try:
+            ParallelPlan.parse(check_type(r["plan"], f"{where}.plan", str, fix))
+        except ValueError as err:
+            raise FieldValueError(f"{where}.plan: {err}", f"{where}.plan") from None
+        start = check_number(r["start_s"], f"{where}.start_s", minimum=0.0, fix='"start_s": 0.0')
+        check_number(r["finish_s"], f"{where}.finish_s", minimum=start, fix=f'"finish_s": {start} or later')
+        for name, least in (("prompt_tokens", 1), ("new_tokens", 0)):
+            check_number(r[name], f"{where}.{name}", minimum=least, integer=True, fix=f'"{name}": 8')
+    return records
+
+
 def features(rows: int, width: int, new: int) -> list[float]:
     """The ``PlanCost.batch_ms`` terms, one per latency coefficient (same order as ``LATENCY_KEYS``)."""
     return [1.0, rows * width, new, new * rows, new * rows * (width + new / 2.0)]
@@ -47,6 +70,9 @@ def features(rows: int, width: int, new: int) -> list[float]:
 
 def fit_latency(batches: list[dict]) -> dict[str, float]:
     """Non-negative least squares by elimination: fit, drop the negative coefficients, refit the rest."""
+    if not batches:
+        raise ValueError("fit_latency: no batches to fit. Fix: pass the batches_of() of a serving run that served "
+                         "requests on this plan.")
     x = np.array([features(b["rows"], b["width"], b["new"]) for b in batches])
     y = np.array([b["seconds"] * 1e3 for b in batches])
     active = list(range(x.shape[1]))

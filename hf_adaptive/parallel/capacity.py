@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hf_adaptive.parallel.plans import ParallelPlan
+from hf_adaptive.validation import check_number
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class ReplicaMemory:
     kv_bytes_per_token: float
     prefill_bytes_per_token: float
     mask_bytes: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("kv_bytes_per_token", "prefill_bytes_per_token", "mask_bytes"):  # NaN would admit everything
+            check_number(getattr(self, name), f"ReplicaMemory.{name}", minimum=0.0, fix=f"{name}=1024.0")
 
     def batch_bytes(self, rows: int, prompt_width: int, new_tokens: int) -> float:
         """Per-device bytes of ``rows`` sequences padded to ``prompt_width`` generating ``new_tokens``."""
@@ -78,8 +83,8 @@ def replica_rows(plan: ParallelPlan, max_batch: int, per: str = "replica") -> in
     if per not in BATCH_CAP_SCOPES:
         raise ValueError(f"the batch cap's scope (batch_cap_per, --max-batch-per) must be one of {BATCH_CAP_SCOPES}, "
                          f"got {per!r}")
-    if max_batch < 1:
-        raise ValueError(f"the batch cap (max_batch_per_replica, --max-batch) must be >= 1, got {max_batch}")
+    check_number(max_batch, "the batch cap (max_batch_per_replica, --max-batch)", minimum=1, integer=True,
+                 fix="--max-batch 8")
     return max_batch * (plan.tp * plan.pp if per == "device" else 1)
 
 
@@ -93,8 +98,7 @@ def admit(queue: Sequence[Any], plan: ParallelPlan, free_bytes: float, memory: R
     ``prompt_len(item)`` (default ``len(item.prompt_ids)``) and ``item.max_new_tokens``. When not even the
     first request fits alone, returns ``(1, False)``: the caller decides (a layout with more room, or a refusal).
     """
-    if max_rows_per_replica < 1:
-        raise ValueError(f"max_rows_per_replica must be >= 1, got {max_rows_per_replica}")
+    check_number(max_rows_per_replica, "max_rows_per_replica", minimum=1, integer=True, fix="max_rows_per_replica=8")
     if not queue:
         return 0, True
     limit = min(len(queue), max_rows_per_replica * plan.dp)

@@ -19,9 +19,8 @@ measured.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from hf_adaptive.parallel.capacity import ReplicaMemory, admit, replica_rows
 from hf_adaptive.parallel.plans import ParallelPlan
 from hf_adaptive.parallel.requests import route
 from hf_adaptive.policy.parallel_policy import STRATEGIES, WorkloadSummary
+from hf_adaptive.validation import FieldValueError, check_number, check_type, show
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,11 @@ class PlanCost:
     kv_bytes_per_token_per_device: float
     prefill_bytes_per_token_per_device: float = 0.0
     mask_bytes_per_token_squared: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # a negative or NaN cost would run virtual time backwards or stall it
+            value = check_number(getattr(self, f.name), f.name, minimum=0.0, fix=f"{f.name}=1.0 (or re-fit it)")
+            object.__setattr__(self, f.name, float(value))
 
     def replica_memory(self) -> ReplicaMemory:
         """The per-device batch memory model admission uses (weights excluded)."""
@@ -77,21 +82,30 @@ class Calibration:
     # extra ms of the 1st, 2nd, ... batch after a layout change (start-up included): measured slow first batches
     warm_batch_extra_ms: tuple[float, ...] = ()
 
+    def __post_init__(self) -> None:
+        check_number(self.world_size, "world_size", minimum=1, integer=True, fix="world_size=2")
+        for name, min_open, fix in (("device_memory_bytes", True, "device_memory_bytes=80e9"),
+                                    ("switch_cost_ms", False, "switch_cost_ms=500.0")):
+            value = check_number(getattr(self, name), name, minimum=0.0, min_open=min_open, fix=fix)
+            object.__setattr__(self, name, float(value))
+        check_number(self.memory_headroom, "memory_headroom", minimum=0.0, maximum=1.0, max_open=True,
+                     fix="memory_headroom=0.1")
+        check_type(self.meta, "meta", dict, "meta={} or the calibration's meta block")
+        for i, extra in enumerate(self.warm_batch_extra_ms):
+            check_number(extra, f"warm_batch_extra_ms[{i}]", minimum=0.0, fix="warm_batch_extra_ms=(120.0,)")
+        check_type(self.plans, "plans", dict, 'plans={"tp2": PlanCost(...)}')
+        if not self.plans:
+            raise FieldValueError("plans is empty. Fix: calibrate at least one plan.", "plans")
+        for name, cost in self.plans.items():
+            check_type(cost, f"plans[{name!r}]", PlanCost, "PlanCost(prefill_ms_base=..., ...)")
+            _check_plan_name(name, self.world_size)
+
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
-        raw = json.loads(Path(path).read_text())
-        required = {f.name for f in fields(PlanCost) if f.default is MISSING}
-        names = {f.name for f in fields(PlanCost)}
-        plans = {}
-        for plan, coeffs in raw["plans"].items():
-            missing = required - set(coeffs)
-            if missing:
-                raise ValueError(f"{path}: plan {plan!r} lacks {sorted(missing)}; re-run eval/calibrate_parallel.py")
-            plans[plan] = PlanCost(**{k: float(coeffs[k]) for k in names & set(coeffs)})
-        return cls(world_size=int(raw["world_size"]), device_memory_bytes=float(raw["device_memory_bytes"]),
-                   switch_cost_ms=float(raw["switch_cost_ms"]), plans=plans, meta=raw.get("meta", {}),
-                   memory_headroom=float(raw.get("memory_headroom", 0.0)),
-                   warm_batch_extra_ms=tuple(float(x) for x in raw.get("warm_batch_extra_ms", ())))
+        """Read a calibration JSON; every field is checked (``calibration_file.read_calibration``)."""
+        from hf_adaptive.parallel.calibration_file import read_calibration  # it imports this module
+
+        return read_calibration(path)
 
     def free_bytes(self, plan_name: str) -> float:
         """What admission may fill per device on ``plan_name``: the budget less headroom, less the weights."""
@@ -102,6 +116,17 @@ class Calibration:
             raise ValueError(f"plan {plan_name!r} is not in the calibration (has {sorted(self.plans)}); "
                              f"calibrate it or pick one of those")
         return self.plans[plan_name]
+
+
+def _check_plan_name(name: str, world_size: int) -> None:
+    try:
+        plan = ParallelPlan.parse(name)
+    except (ValueError, TypeError, AttributeError):
+        plan = None
+    if plan is None or plan.world_size != world_size:
+        got = "is not a plan name" if plan is None else f"spans {plan.world_size} devices"
+        raise FieldValueError(f"plan {show(name)} {got}; the calibration's world_size is {world_size}. Fix: "
+                              f"name plans like 'tp{world_size}', 'pp{world_size}', 'dp{world_size}'.", f"plans.{name}")
 
 
 def batch_cost(calib: Calibration, plan: Any, batch: Sequence[Any],
@@ -171,8 +196,7 @@ def queue_drain_predictor(calib: Calibration, plan_for: Callable[[str], Any], ma
     when the document reaches the head of the queue rather than when it enters the priced window. None when the
     plan cannot hold the first queued request, or nothing can hold the rest.
     """
-    if head_requests < 0:
-        raise ValueError(f"head_requests must be >= 0 (0: the whole queue), got {head_requests}")
+    check_number(head_requests, "head_requests", minimum=0, integer=True, fix="head_requests=0 (the whole queue)")
     replica_rows(ParallelPlan(), max_batch_per_replica, batch_cap_per)  # validates the cap early
 
     def drain(strategy: str, queue: Sequence[_Queued]) -> tuple[float, int] | None:

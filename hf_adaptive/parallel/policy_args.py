@@ -12,6 +12,7 @@ import logging
 
 from hf_adaptive.parallel.capacity import BATCH_CAP_SCOPES
 from hf_adaptive.policy.parallel_policy import Band, ParallelPolicyConfig
+from hf_adaptive.validation import arg_number
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ def add_host_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     """The batch cap (``capacity.replica_rows``): ``--max-batch`` rows per replica or per device."""
-    p.add_argument("--max-batch", type=int, default=8, help="rows per batch per replica (see --max-batch-per)")
+    p.add_argument("--max-batch", type=arg_number(minimum=1, integer=True), default=8,
+                   help="rows per batch per replica (see --max-batch-per)")
     p.add_argument("--max-batch-per", choices=BATCH_CAP_SCOPES, default="replica",
                    help="the cap's scope: replica (DP over N replicas batches N times the rows TP or PP does) or "
                         "device (per device a replica spans: every plan batches equally many rows)")
@@ -34,21 +36,23 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     """Timing, thresholds and the length signal of the parallelism policy."""
-    p.add_argument("--cooldown-s", type=float, default=5.0)
-    p.add_argument("--min-dwell-s", type=float, default=10.0)
-    p.add_argument("--confirm-s", type=float, default=2.0)
-    p.add_argument("--long-context-tokens", type=int, default=1024, help="hybrid enter threshold (exit = 0.75x)")
-    p.add_argument("--dp-concurrency", type=int, default=32, help="DP enter threshold (exit = 0.75x)")
-    p.add_argument("--dp-short-tokens", type=int, default=256,
+    seconds, count = arg_number(minimum=0.0), arg_number(minimum=1, integer=True)
+    p.add_argument("--cooldown-s", type=seconds, default=5.0)
+    p.add_argument("--min-dwell-s", type=seconds, default=10.0)
+    p.add_argument("--confirm-s", type=seconds, default=2.0)
+    p.add_argument("--long-context-tokens", type=count, default=1024, help="hybrid enter threshold (exit = 0.75x)")
+    p.add_argument("--dp-concurrency", type=count, default=32, help="DP enter threshold (exit = 0.75x)")
+    p.add_argument("--dp-short-tokens", type=count, default=256,
                    help="requests (prompt + new tokens) shorter than this count toward --dp-concurrency (exit = 1.25x)")
-    p.add_argument("--hybrid-memory", type=float, default=None,
+    fraction = arg_number(minimum=0.1, min_open=True)
+    p.add_argument("--hybrid-memory", type=fraction, default=None,
                    help="memory fraction over which the default rule picks hybrid TP+PP (exit = this - 0.1); default "
                         "0.8, or 0.05 above the admission ceiling 1 - memory headroom when that is higher: "
                         "admission fills each device up to the ceiling, and a full batch is not memory pressure")
-    p.add_argument("--pipeline-memory", type=float, default=None,
+    p.add_argument("--pipeline-memory", type=fraction, default=None,
                    help="memory fraction over which the default rule picks PP (exit = this - 0.05); default 0.9, or "
                         "0.05 above --hybrid-memory when that is higher")
-    p.add_argument("--queue-head", type=int, default=0,
+    p.add_argument("--queue-head", type=arg_number(minimum=0, integer=True), default=0,
                    help="length signal from the next N queued requests instead of the arrival window (0)")
 
 

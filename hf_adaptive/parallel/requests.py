@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hf_adaptive.parallel.trace_file import trace_rows
+
 
 @dataclass
 class Request:
@@ -35,19 +37,8 @@ class Request:
 
 
 def load_trace(path: str | Path) -> list[Request]:
-    """Read a JSONL trace, sorted by arrival time."""
-    out = []
-    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if ("prompt" in row) == ("prompt_tokens" in row):
-            raise ValueError(f"{path}:{line_no}: give exactly one of 'prompt' or 'prompt_tokens', got keys "
-                             f"{sorted(row)}")
-        out.append(Request(id=str(row.get("id", line_no)), arrival_s=float(row.get("arrival_s", 0.0)),
-                           max_new_tokens=int(row.get("max_new_tokens", 32)), prompt=row.get("prompt"),
-                           prompt_tokens=row.get("prompt_tokens")))
-    return sorted(out, key=lambda r: r.arrival_s)
+    """Read a JSONL trace, sorted by arrival time; every field is checked (``trace_file.trace_rows``)."""
+    return sorted((Request(**fields) for fields in trace_rows(path)), key=lambda r: r.arrival_s)
 
 
 def write_trace(path: str | Path, requests: Sequence[Request]) -> None:

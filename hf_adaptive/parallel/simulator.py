@@ -25,7 +25,9 @@ from hf_adaptive.parallel.capacity import admit, replica_rows
 from hf_adaptive.parallel.cost_model import Calibration, batch_cost
 from hf_adaptive.parallel.plans import ParallelPlan
 from hf_adaptive.parallel.requests import Request, route
+from hf_adaptive.parallel.trace_file import MAX_TOKENS
 from hf_adaptive.policy.parallel_policy import ParallelPolicy, WorkloadSignals, percentile
+from hf_adaptive.validation import FieldTypeError, FieldValueError, check_number, check_type, located, show
 
 
 def prompt_len(request: Request) -> int:
@@ -35,6 +37,22 @@ def prompt_len(request: Request) -> int:
     if request.prompt_tokens is not None:
         return int(request.prompt_tokens)
     return max(1, len((request.prompt or "").split()) * 4 // 3)
+
+
+def check_request(request: Request) -> None:
+    """Refuse what would stall or corrupt virtual time: a NaN or infinite arrival (``max(now, nan)`` never
+    advances), negative times, and token counts below 1 (``trace_file`` gives the same rules with file lines)."""
+    check_type(request, "request", Request, "Request(id, arrival_s, max_new_tokens, prompt_tokens=...)")
+    where = f"request {show(request.id)}: "
+    try:
+        check_number(request.arrival_s, "arrival_s", minimum=0.0, fix="arrival_s=0.5 (seconds)")
+        check_number(request.max_new_tokens, "max_new_tokens", minimum=1, maximum=MAX_TOKENS, integer=True,
+                     fix="max_new_tokens=32")
+        if not request.prompt_ids and request.prompt is None:
+            check_number(request.prompt_tokens, "prompt_tokens", minimum=1, maximum=MAX_TOKENS, integer=True,
+                         fix="prompt_tokens=128")
+    except (FieldValueError, FieldTypeError) as err:
+        raise located(err, where) from None
 
 
 @dataclass
@@ -78,6 +96,9 @@ def simulate(requests: Sequence[Request], calib: Calibration, plan_for: Callable
     """Replay ``requests`` (sorted by arrival) with the adaptive ``policy`` or a fixed ``static_plan``."""
     if (policy is None) == (static_plan is None):
         raise ValueError("give exactly one of policy (adaptive) or static_plan (fixed layout)")
+    check_type(calib, "calib", Calibration, "Calibration.load(path)")
+    for r in requests:
+        check_request(r)
     result = SimResult(name or (static_plan.name if static_plan else "adaptive"))
     pending = deque(sorted(requests, key=lambda r: r.arrival_s))
     queue: deque[Request] = deque()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hf_adaptive.validation import check_choice, check_number, check_type
+
 ALLOWED_BITS = (16, 8, 4, 2)
 
 
@@ -32,6 +34,12 @@ class Stage:
     demote: bool
     enter_fraction: float
     exit_fraction: float
+
+    def __post_init__(self) -> None:
+        check_choice(self.bits, "Stage.bits", ALLOWED_BITS, "Stage(8, False, 0.70, 0.60)")
+        check_type(self.demote, "Stage.demote", bool, "Stage(4, True, 0.95, 0.88)")
+        for name in ("enter_fraction", "exit_fraction"):
+            check_number(getattr(self, name), f"Stage.{name}", minimum=0.0, fix="Stage(8, False, 0.70, 0.60)")
 
 
 def default_stages() -> tuple[Stage, ...]:
@@ -55,15 +63,18 @@ class KVPolicyConfig:
     demote_blocks_per_step: int = 2
 
     def __post_init__(self) -> None:
+        check_type(self.stages, "stages", (tuple, list), "stages=default_stages()")
+        object.__setattr__(self, "stages", tuple(self.stages))
+        for i, stage in enumerate(self.stages):
+            check_type(stage, f"stages[{i}]", Stage, "Stage(8, False, 0.70, 0.60)")
         if not self.stages or self.stages[0].bits != 16 or self.stages[0].enter_fraction != 0.0:
             raise ValueError(f"stages[0] must be Stage(16, False, 0.0, 0.0) (store in the model dtype at no "
                              f"pressure); got {self.stages[:1]!r}. Fix: start the ladder with that stage.")
         for i, stage in enumerate(self.stages):
             _check_stage(i, stage, self.stages[i - 1] if i else None)
-        if self.cooldown_steps < 0:
-            raise ValueError(f"cooldown_steps must be an int >= 0; got {self.cooldown_steps!r}. Fix: e.g. 8.")
-        if self.demote_blocks_per_step < 1:
-            raise ValueError(f"demote_blocks_per_step must be an int >= 1; got {self.demote_blocks_per_step!r}.")
+        check_number(self.cooldown_steps, "cooldown_steps", minimum=0, integer=True, fix="cooldown_steps=8")
+        check_number(self.demote_blocks_per_step, "demote_blocks_per_step", minimum=1, integer=True,
+                     fix="demote_blocks_per_step=2")
 
 
 def _check_stage(i: int, stage: Stage, previous: Stage | None) -> None:
@@ -104,7 +115,8 @@ class HysteresisPolicy:
     """Stateful ladder walker; call :meth:`decide` once per forward step."""
 
     def __init__(self, config: KVPolicyConfig | None = None):
-        self.config = config or KVPolicyConfig()
+        self.config = check_type(config or KVPolicyConfig(), "config", KVPolicyConfig,
+                                 "HysteresisPolicy(KVPolicyConfig())")
         self.reset()
 
     def reset(self) -> None:
@@ -114,6 +126,9 @@ class HysteresisPolicy:
 
     def decide(self, pressure_fraction: float, step: int) -> KVDecision:
         """Move along the ladder for one step's pressure reading and return the decision."""
+        if not pressure_fraction >= 0:  # NaN or negative: no stage would match (a raw max() of nothing)
+            raise ValueError(f"pressure fraction must be a number >= 0 (used / limit); got {pressure_fraction!r}. "
+                             "Fix: the PressureSource must return PressureReading(fraction >= 0, ...).")
         stages, before = self.config.stages, self.stage
         target = max(i for i, s in enumerate(stages) if s.enter_fraction <= pressure_fraction)
         if target > self.stage:
@@ -135,9 +150,7 @@ class FixedBitsPolicy:
     """Always the same precision for tokens leaving the exact window; never demotes (deterministic evals)."""
 
     def __init__(self, bits: int):
-        if bits not in ALLOWED_BITS:
-            raise ValueError(f"fixed_bits must be one of {ALLOWED_BITS}; got {bits!r}. Fix: e.g. fixed_bits=4.")
-        self.bits = bits
+        self.bits = check_choice(bits, "fixed_bits", ALLOWED_BITS, "fixed_bits=4")
         self.stage = 0
 
     def reset(self) -> None:

@@ -22,6 +22,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from hf_adaptive.validation import check_number, check_type
+
 logger = logging.getLogger(__name__)
 
 STRATEGIES: tuple[str, ...] = ("tp", "pp", "dp", "hybrid")
@@ -129,6 +131,10 @@ class Band:
     enter: float
     exit: float
 
+    def __post_init__(self) -> None:
+        for name in ("enter", "exit"):  # a NaN threshold compares False both ways: the band would never act
+            check_number(getattr(self, name), f"Band.{name}", fix="Band(enter=0.8, exit=0.7)")
+
     def limit(self, active: bool) -> float:
         """The threshold in force: ``exit`` while the strategy is active, else ``enter``."""
         return self.exit if active else self.enter
@@ -154,7 +160,7 @@ def length_signal(summary: WorkloadSummary, config: ParallelPolicyConfig) -> flo
 
 
 def default_rule(summary: WorkloadSummary, current: str, config: ParallelPolicyConfig) -> tuple[str, str]:
-    """The issue-5 rule with hysteresis. Returns ``(strategy, reason)``."""
+    """The default thresholds (module docstring) with hysteresis. Returns ``(strategy, reason)``."""
     model_split = current in ("hybrid", "pp")
     if config.pipeline_memory.over(summary.memory_fraction_max, current == "pp"):
         limit = config.pipeline_memory.limit(current == "pp")
@@ -239,9 +245,10 @@ class ParallelPolicyConfig:
 
     def __post_init__(self) -> None:
         for name in ("cooldown_s", "min_dwell_s", "confirm_s", "window_s"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+            check_number(getattr(self, name), name, minimum=0.0, min_open=name == "window_s",
+                         fix=f"{name}=5.0 (seconds)")
+        for name in ("long_context_tokens", "hybrid_memory", "pipeline_memory", "dp_concurrency", "dp_short_tokens"):
+            check_type(getattr(self, name), name, Band, f"{name}=Band(enter=..., exit=...)")
         for name in ("long_context_tokens", "hybrid_memory", "pipeline_memory", "dp_concurrency"):
             band = getattr(self, name)
             if band.exit > band.enter:
@@ -250,9 +257,8 @@ class ParallelPolicyConfig:
         if self.dp_short_tokens.exit < self.dp_short_tokens.enter:
             raise ValueError(f"dp_short_tokens is a lower band: exit ({self.dp_short_tokens.exit}) must be >= "
                              f"enter ({self.dp_short_tokens.enter}); swap them")
-        if not isinstance(self.queue_head_requests, int) or self.queue_head_requests < 0:
-            raise ValueError(f"queue_head_requests must be an int >= 0 (0: use the arrival window), got "
-                             f"{self.queue_head_requests!r}")
+        check_number(self.queue_head_requests, "queue_head_requests", minimum=0, integer=True,
+                     fix="queue_head_requests=0 (0: use the arrival window)")
         if not callable(self.rule):
             raise TypeError(f"rule must be callable (summary, current, config) -> (strategy, reason), "
                             f"got {type(self.rule).__name__}")

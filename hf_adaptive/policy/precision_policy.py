@@ -10,7 +10,7 @@ step, so the per-sequence scores are first combined into one batch score (``comb
   lets the few least confident sequences (10 %) be outvoted, trading quality for speed.
 - ``"mean"``: the mean score.
 
-Bands (defaults from the issue): score > ``high`` -> ``fast_tier``; ``low`` <= score <= ``high`` ->
+Bands (defaults: high 0.9, low 0.6): score > ``high`` -> ``fast_tier``; ``low`` <= score <= ``high`` ->
 ``mid_tier``; score < ``low`` -> ``top_tier``. ``min_dwell_steps`` keeps a tier for at least that many
 steps before switching again (fewer switches, e.g. for kernels with a switch cost).
 """
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from hf_adaptive.validation import check_number, check_type
 
 COMBINE_MODES = ("min", "quantile", "mean")
 
@@ -38,6 +40,15 @@ class PrecisionPolicyConfig:
     initial_tier: str | None = None  # None -> top_tier (prefill logits decide the first decode step)
 
     def __post_init__(self) -> None:
+        for name in ("high", "low", "quantile"):
+            check_number(getattr(self, name), f"PrecisionPolicyConfig.{name}", minimum=0.0, maximum=1.0,
+                         fix="PrecisionPolicyConfig(high=0.9, low=0.6)")
+        for name in ("fast_tier", "mid_tier", "top_tier"):
+            check_type(getattr(self, name), f"PrecisionPolicyConfig.{name}", str, f"{name}='native'")
+        if self.initial_tier is not None:
+            check_type(self.initial_tier, "PrecisionPolicyConfig.initial_tier", str, "initial_tier=None (top tier)")
+        check_number(self.min_dwell_steps, "PrecisionPolicyConfig.min_dwell_steps", minimum=1, integer=True,
+                     fix="min_dwell_steps=1")
         if not 0.0 <= self.low <= self.high <= 1.0:
             raise ValueError(f"PrecisionPolicyConfig: need 0 <= low <= high <= 1, got low={self.low}, "
                              f"high={self.high}; pass e.g. low=0.6, high=0.9")

@@ -12,7 +12,11 @@ Contract:
   temperature, top-k...) BEFORE user ones, so the controller does not trust ``scores``: it keeps a
   forward hook on the model's output embedding (lm_head) that holds a reference to the last
   position's raw logits, and falls back to ``scores`` only where no hook output is present (then
-  put it first / use it without other processors). Call ``close()`` to remove its hooks.
+  put it first / use it without other processors).
+- ``close()`` (or leaving ``with PrecisionController(tiers) as ctl:``) removes its hooks and puts the model back
+  on the top tier, so a later plain ``generate`` is not left on the lossy tier of the last step.
+- It serves the model its tiers were prepared on, and refuses a call whose logits did not come from a forward
+  of that model (another model's ``generate`` would otherwise be reported as int4 while running untouched).
 - Each step's decision applies to the NEXT forward; a batch runs one tier per step (the policy's
   ``combine`` option says how per-sequence confidences merge).
 - Prefill (a forward of more than one token) always runs in the top tier: int4 tinygemm has no gain
@@ -37,12 +41,15 @@ from hf_adaptive.policy.precision_policy import PrecisionPolicy, PrecisionPolicy
 from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
 from hf_adaptive.precision.telemetry import PrecisionTelemetry
 from hf_adaptive.precision.tiers import PrecisionTiers
+from hf_adaptive.validation import check_type
 
 logger = logging.getLogger(__name__)
 
 
 def default_policy_config(tiers: PrecisionTiers, **overrides) -> PrecisionPolicyConfig:
-    """Issue-7 bands mapped onto a prepared ladder: fast = cheapest, mid = native (or top), top = top."""
+    """The confidence bands on a prepared ladder: a step scoring above ``high`` (0.9) runs the cheapest tier,
+    one between ``low`` (0.6) and ``high`` runs native (or the top tier when native is not prepared), one below
+    ``low`` runs the top tier. ``overrides`` replace any ``PrecisionPolicyConfig`` field."""
     mid = "native" if "native" in tiers.ladder else tiers.top
     base = dict(fast_tier=tiers.fast, mid_tier=mid, top_tier=tiers.top)
     base.update(overrides)
@@ -63,25 +70,40 @@ class PrecisionController(LogitsProcessor):
     def __init__(self, tiers: PrecisionTiers, policy: PrecisionPolicyConfig | None = None,
                  weights: ConfidenceWeights | None = None, telemetry: PrecisionTelemetry | None = None,
                  read_raw_logits: bool = True) -> None:
+        if not isinstance(tiers, PrecisionTiers):
+            raise TypeError(f"PrecisionController: tiers must be the handle prepare_tiers returns; got "
+                            f"{type(tiers).__name__}. Fix: PrecisionController(prepare_tiers(model))")
+        _check_installed(tiers)
         self.tiers = tiers
         config = policy or default_policy_config(tiers)
-        missing = [t for t in config.tiers if t not in tiers.ladder]
+        if not isinstance(config, PrecisionPolicyConfig):
+            raise TypeError(f"PrecisionController: policy must be a PrecisionPolicyConfig or None; got "
+                            f"{type(config).__name__}. Fix: policy=default_policy_config(tiers, high=0.9)")
+        wanted = config.tiers + ((config.initial_tier,) if config.initial_tier else ())
+        missing = [t for t in wanted if t not in tiers.ladder]
         if missing:
             raise ValueError(f"PrecisionController: policy tiers {missing} are not prepared; prepared "
                              f"tiers are {tiers.ladder}. Pass them to prepare_tiers(tiers=...) or fix policy")
         self.policy = PrecisionPolicy(config)
-        self.weights = weights or ConfidenceWeights()
-        self.telemetry = telemetry if telemetry is not None else PrecisionTelemetry()
+        self.weights = check_type(weights or ConfidenceWeights(), "PrecisionController: weights", ConfidenceWeights,
+                                  "weights=ConfidenceWeights() or None")
+        self.telemetry = check_type(telemetry if telemetry is not None else PrecisionTelemetry(),
+                                    "PrecisionController: telemetry", PrecisionTelemetry, "telemetry=None")
         self._raw: torch.Tensor | None = None
         self._pending = None  # observe_lagged: (host scores, copy-done event) of the previous step
+        self._forwarded = False  # a forward of tiers.model ran since the last __call__
         self._hooks = []
         self._install_hooks(read_raw_logits)
 
     def _install_hooks(self, read_raw_logits: bool) -> None:
         model = self.tiers.model
+        self._hooks.append(model.register_forward_pre_hook(self._on_forward))
         self._hooks.append(model.get_input_embeddings().register_forward_pre_hook(self._on_embed))
         if read_raw_logits:
             self._hooks.append(model.get_output_embeddings().register_forward_hook(self._on_logits))
+
+    def _on_forward(self, module, args) -> None:
+        self._forwarded = True
 
     def _on_embed(self, module, args) -> None:
         ids = args[0] if args else None
@@ -93,10 +115,18 @@ class PrecisionController(LogitsProcessor):
         self._raw = output[:, -1, :]  # a reference, no copy and no sync
 
     def close(self) -> None:
-        """Remove the hooks this controller installed."""
+        """Remove the hooks this controller installed and put the model back on the top tier (idempotent)."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._raw = self._pending = None
+        self.tiers.set(self.tiers.top)
+
+    def __enter__(self) -> PrecisionController:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def reset(self) -> None:
         """Start a new generation: initial tier active, telemetry kept (call ``telemetry.reset()``)."""
@@ -146,7 +176,25 @@ class PrecisionController(LogitsProcessor):
         return host, event
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self._hooks:
+            raise ValueError("PrecisionController was called after close(). Fix: create a new controller per "
+                             "generate, or use `with PrecisionController(tiers) as ctl:` around the generate call.")
+        if not self._forwarded:
+            raise ValueError(f"PrecisionController: these scores come from a forward that did not run the model its "
+                             f"tiers were prepared on ({type(self.tiers.model).__name__} at "
+                             f"{id(self.tiers.model):#x}); its tiers would switch a model that is not generating. "
+                             "Fix: generate with tiers.model, or prepare_tiers(this_model) and a new controller.")
+        self._forwarded = False
         raw, self._raw = self._raw, None
         use_raw = raw is not None and raw.shape[0] == scores.shape[0]
         self.observe(raw if use_raw else scores)
         return scores
+
+
+def _check_installed(tiers: PrecisionTiers) -> None:
+    """The handle's tiered linears must still sit in its model: otherwise ``set`` switches layers nothing runs."""
+    tiered = {id(m) for m in tiers.modules}
+    if tiered and not any(id(m) in tiered for m in tiers.model.modules()):
+        raise ValueError("PrecisionController: the model of these tiers no longer holds their tiered linears (was it "
+                         "reloaded, copied or prepared again?). Fix: prepare_tiers(model) again and build the "
+                         "controller from that handle.")

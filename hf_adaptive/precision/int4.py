@@ -12,7 +12,8 @@ weight's device:
 
 Both dequantize as ``(q - 8) * scale + zero`` per group of ``group_size`` input columns; scales and
 zeros travel together as (K / group_size, N, 2). Kernel limits: group size in {32, 64, 128, 256},
-K divisible by the group size and by 16 * inner_k_tiles (inner_k_tiles in {2, 4, 8}), N divisible by 8.
+K divisible by the group size and by 16 * inner_k_tiles (inner_k_tiles in {2, 4, 8}), N divisible by 8 on CUDA
+and by 16 on CPU (``out_multiple``); a vocabulary of 49160 rows passes the first and fails the second.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 GROUP_SIZES = (32, 64, 128, 256)
 INNER_K_TILES = (8, 4, 2)
+OUT_MULTIPLE = {"cuda": 8, "cpu": 16}  # N (rows) the packer takes, per device type
 
 
 @dataclass
@@ -41,9 +43,11 @@ class Int4Weight:
             self.scales_zeros.numel() * self.scales_zeros.element_size()
 
 
-def choose_group_size(in_features: int, out_features: int, preferred: int = 128) -> int | None:
-    """Largest supported group size <= ``preferred`` that the kernel accepts for this shape, else None."""
-    if out_features % 8:
+def choose_group_size(in_features: int, out_features: int, preferred: int = 128,
+                      out_multiple: int = OUT_MULTIPLE["cuda"]) -> int | None:
+    """Largest supported group size <= ``preferred`` that the kernel accepts for this shape, else None.
+    ``out_multiple``: what N must divide by on the weight's device (``OUT_MULTIPLE``)."""
+    if out_features % out_multiple:
         return None
     for g in sorted((g for g in GROUP_SIZES if g <= preferred), reverse=True):
         if in_features % g == 0 and _inner_k_tiles(in_features) is not None:
@@ -76,9 +80,11 @@ def pack_int4(weight: torch.Tensor, group_size: int, act_dtype: torch.dtype) -> 
     """
     n, k = weight.shape
     tiles = _inner_k_tiles(k)
-    if choose_group_size(k, n, group_size) != group_size or tiles is None:
-        raise ValueError(f"pack_int4: weight (N={n}, K={k}) does not fit group_size={group_size}; "
-                         f"use choose_group_size(K, N) (allowed {GROUP_SIZES}, K % (16*{INNER_K_TILES}) == 0)")
+    multiple = out_multiple_for(weight.device)
+    if choose_group_size(k, n, group_size, multiple) != group_size or tiles is None:
+        raise ValueError(f"pack_int4: weight (N={n}, K={k}) does not fit group_size={group_size}; use "
+                         f"choose_group_size(K, N, out_multiple={multiple}) (allowed {GROUP_SIZES}, "
+                         f"K % (16*{INNER_K_TILES}) == 0, N % {multiple} == 0 on {weight.device.type})")
     codes, scale, zero = quantize_groupwise(weight, group_size)
     if weight.is_cuda:
         act_dtype = torch.bfloat16
@@ -87,6 +93,11 @@ def pack_int4(weight: torch.Tensor, group_size: int, act_dtype: torch.dtype) -> 
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), tiles)
     scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(act_dtype)
     return Int4Weight(packed, scales_zeros, n, k, group_size)
+
+
+def out_multiple_for(device: torch.device) -> int:
+    """What the packer on ``device`` needs N to divide by (``OUT_MULTIPLE``; CPU's rule for other devices)."""
+    return OUT_MULTIPLE.get(device.type, OUT_MULTIPLE["cpu"])
 
 
 def _pack_cuda(codes: torch.Tensor, tiles: int, even_high: bool) -> torch.Tensor:

@@ -37,7 +37,7 @@ from torch import nn
 
 from hf_adaptive.precision.fp8 import Fp8Weight, fp8_linear, pack_fp8
 from hf_adaptive.precision.fusion import fuse_siblings
-from hf_adaptive.precision.int4 import Int4Weight, choose_group_size, int4_linear, pack_int4
+from hf_adaptive.precision.int4 import Int4Weight, choose_group_size, int4_linear, out_multiple_for, pack_int4
 from hf_adaptive.precision.int4_triton import (
     HAS_TRITON,
     TritonInt4Weight,
@@ -46,6 +46,7 @@ from hf_adaptive.precision.int4_triton import (
     pack_int4_triton,
     triton_group_size,
 )
+from hf_adaptive.validation import check_decoder_only, check_number, check_type
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +90,16 @@ class TieredLinear(nn.Module):
                 return False
             self.formats[tier] = pack_int4_triton(w, g, torch.bfloat16)
         elif tier == "int4":
-            g = choose_group_size(self.in_features, self.out_features, group_size)
+            g = choose_group_size(self.in_features, self.out_features, group_size, out_multiple_for(w.device))
             if g is None:
                 return False
             act = self.weight.dtype if not w.is_cuda else torch.bfloat16
-            self.formats[tier] = pack_int4(w, g, act)
+            try:
+                self.formats[tier] = pack_int4(w, g, act)
+            except RuntimeError as err:  # a packer limit this torch build adds: the shape falls back, not the run
+                logger.warning("prepare_tiers: int4 packer refused a (%d, %d) weight (%s); it runs a slower tier",
+                               self.out_features, self.in_features, str(err).splitlines()[0])
+                return False
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -261,6 +267,8 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
     Call it after the model is on its final device: the extra formats are plain tensors that
     ``model.to(...)`` does not move.
     """
+    check_type(tiers, "prepare_tiers: tiers", (tuple, list), "tiers=('int4', 'native')")
+    check_number(group_size, "prepare_tiers: group_size", minimum=1, integer=True, fix="group_size=128")
     bad = [t for t in tiers if t not in TIER_RANK]
     if not tiers or bad:
         raise ValueError(f"prepare_tiers: tiers must be a non-empty subset of {tuple(TIER_RANK)}, got "
@@ -270,6 +278,9 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
     if int4_kernel == "triton" and not HAS_TRITON:
         raise ValueError("prepare_tiers: int4_kernel='triton' needs triton (pip install triton); "
                          "or pass int4_kernel='tinygemm'")
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        check_decoder_only(config, "prepare_tiers")
     ladder = tuple(sorted(set(tiers), key=TIER_RANK.get))
     targets = _decoder_linears(model)
     if targets and lm_head:
@@ -291,6 +302,6 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
         handle.groups = fuse_siblings(model, ladder, group_size, TieredLinear)
     _self_check_int4(handle)
     if handle.unsupported:
-        logger.warning("prepare_tiers: linears that fall back to a slower tier (shape not supported): %s",
-                       handle.unsupported)
+        logger.warning("prepare_tiers: linears whose shape a tier's kernel cannot take run the next slower "
+                       "prepared tier instead (tier: count): %s", handle.unsupported)
     return handle
