@@ -230,8 +230,10 @@ def environment(argv) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    from hf_adaptive.evaluation.report import git_commit
+
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "triton": triton_version, "python": platform.python_version(),
+            "triton": triton_version, "python": platform.python_version(), "git_commit": git_commit(),
             "command": " ".join(["python", *sys.argv[:1], *(argv if argv is not None else sys.argv[1:])])}
 
 
