@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hf_adaptive.attention.build import pack_dense_kv
+from hf_adaptive.kv.build import pack_dense_kv
 from hf_adaptive.attention.reference import gather_packed_kv
 from hf_adaptive.attention.triton_decode import DecodeKernelConfig, triton_decode_attention
 

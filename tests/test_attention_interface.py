@@ -16,7 +16,7 @@ import torch
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from hf_adaptive.attention.build import pack_dense_kv
+from hf_adaptive.kv.build import pack_dense_kv
 from hf_adaptive.attention.interface import (
     adaptive_attention_forward,
     attach_packed_view,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hf_adaptive.attention.build import pack_dense_kv
+from hf_adaptive.kv.build import pack_dense_kv
 from hf_adaptive.attention.reference import gather_packed_kv, reference_decode_attention
 from hf_adaptive.kv.packed import dequantize_keys, dequantize_values
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import run_under_triton_interpreter
 
-from hf_adaptive.attention.build import pack_dense_kv
+from hf_adaptive.kv.build import pack_dense_kv
 from hf_adaptive.attention.reference import reference_decode_attention
 
 REL_TOL = 1e-2  # bf16 inputs, float32 accumulation

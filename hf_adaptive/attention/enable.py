@@ -5,9 +5,9 @@ switches the model to it (``set_attn_implementation``, present in transformers 5
 :class:`~hf_adaptive.kv.cache.AdaptiveKVCache` with ``packed_attention="auto"`` (the default) then hands
 decode steps the packed view: the fused Triton kernel on CUDA, the torch reference elsewhere.
 
-It also installs two forward hooks that run eagerly around every forward, also when ``generate`` compiles
-the step: a cache with ``begin_step(q)`` / ``end_step()`` (:class:`~hf_adaptive.kv.static.AdaptiveStaticKVCache`)
-does its host work there (pressure, policy, block moves), so the compiled region holds only tensor ops.
+It also installs the cache step hooks of :mod:`hf_adaptive.kv.hooks`: a cache with ``begin_step(q)`` /
+``end_step()`` (:class:`~hf_adaptive.kv.static.AdaptiveStaticKVCache`) does its host work eagerly around every
+forward (pressure, policy, block moves), so the compiled region holds only tensor ops.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import logging
 
 import torch
 
+from hf_adaptive.attention import triton_decode
 from hf_adaptive.attention.interface import ATTENTION_NAME, register_attention
+from hf_adaptive.kv.hooks import install_step_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -34,41 +36,10 @@ def enable_fused_attention(model: torch.nn.Module) -> torch.nn.Module:
     register_attention(ATTENTION_NAME)
     setter(ATTENTION_NAME)
     install_step_hooks(model)
+    param = next(model.parameters(), None)
+    if param is not None and param.is_cuda:
+        # the kernel's placeholder tensors, made now, outside any CUDA-graph pool (made during a cudagraph-trees
+        # warm-up they would stay in its pool untracked, which it refuses)
+        triton_decode.warm_placeholders(param.device, param.dtype)
     logger.info("attention implementation set to %r (packed-KV decode)", ATTENTION_NAME)
-    return model
-
-
-def _cache_of(kwargs: dict):
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    return cache if hasattr(cache, "begin_step") else None
-
-
-@torch.compiler.disable
-def _before_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    cache = _cache_of(kwargs)
-    if cache is None:
-        return
-    tokens = kwargs.get("input_ids")
-    if tokens is None:
-        tokens = kwargs.get("inputs_embeds")
-    if tokens is None and args:
-        tokens = args[0]
-    if tokens is not None:
-        cache.begin_step(int(tokens.shape[1]))
-
-
-@torch.compiler.disable
-def _after_forward(module: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:
-    cache = _cache_of(kwargs)
-    if cache is not None:
-        cache.end_step()
-
-
-def install_step_hooks(model: torch.nn.Module) -> torch.nn.Module:
-    """Run a cache's ``begin_step(q)`` / ``end_step()`` eagerly around each forward of ``model``; idempotent."""
-    if getattr(model, "_hf_adaptive_step_hooks", False):
-        return model
-    model.register_forward_pre_hook(_before_forward, with_kwargs=True)
-    model.register_forward_hook(_after_forward, with_kwargs=True)
-    model._hf_adaptive_step_hooks = True
     return model

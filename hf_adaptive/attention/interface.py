@@ -24,28 +24,11 @@ import torch
 from hf_adaptive.attention import triton_decode
 from hf_adaptive.attention.reference import dense_attention, gather_packed_kv, reference_decode_attention
 from hf_adaptive.attention.static_op import static_decode_attention
-from hf_adaptive.kv.packed import PackedKV
+from hf_adaptive.kv.packed import PackedKV, attach_packed_view, packed_view_of  # noqa: F401  (the hand-off)
 
 logger = logging.getLogger(__name__)
 
 ATTENTION_NAME = "hf_adaptive"
-_PACKED_ATTR = "_hf_adaptive_packed_view"
-
-
-def attach_packed_view(key: torch.Tensor, packed: PackedKV) -> torch.Tensor:
-    """Mark ``key`` (what a cache layer's ``update()`` returns) as standing for the packed layer ``packed``.
-
-    Returns ``key`` itself, so a cache can write ``return attach_packed_view(handle, view), value_handle``.
-    """
-    if not isinstance(packed, PackedKV):
-        raise TypeError(f"packed must be a hf_adaptive.kv.packed.PackedKV; got {type(packed).__name__}.")
-    setattr(key, _PACKED_ATTR, packed)
-    return key
-
-
-def packed_view_of(key: torch.Tensor) -> PackedKV | None:
-    """The packed layer attached to ``key`` by :func:`attach_packed_view`, or None for a plain key tensor."""
-    return getattr(key, _PACKED_ATTR, None)
 
 
 def register_attention(name: str = ATTENTION_NAME) -> str:
@@ -88,6 +71,9 @@ def adaptive_attention_forward(
     """
     packed = packed_view_of(key)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if query.shape[2] > 1 and query.is_cuda and not torch.compiler.is_compiling():
+        # a prefill runs eagerly before any captured decode step: make the kernel's placeholders outside graphs
+        triton_decode.warm_placeholders(query.device, query.dtype)
     if packed is not None and packed.lengths is not None:
         if query.shape[2] != 1 or dropout:
             raise ValueError(f"a static packed view serves decode steps only (q_len 1, no dropout); got q_len "

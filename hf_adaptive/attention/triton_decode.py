@@ -191,6 +191,13 @@ def _dummy_cached(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(16, device=device, dtype=dtype)
 
 
+def warm_placeholders(device: torch.device, model_dtype: torch.dtype) -> None:
+    """Create the placeholder tensors the kernel passes for absent inputs on ``device`` now (they are cached), so
+    none is first allocated inside a CUDA-graph capture or warm-up."""
+    for dtype in (torch.uint8, torch.int8, torch.int32, torch.float16, model_dtype):
+        _dummy(device, dtype)
+
+
 def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # a real allocation for absent or empty tensors: the branch that would read it is compiled out
     return _dummy_cached(device, dtype)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from hf_adaptive.attention.interface import attach_packed_view
 from hf_adaptive.kv import packed
+from hf_adaptive.kv.packed import attach_packed_view
 from hf_adaptive.kv.config import KVCacheConfig
 from hf_adaptive.kv.pools import BlockPool, PoolShape, to_device
 from hf_adaptive.kv.quantizers import KVQuantizer

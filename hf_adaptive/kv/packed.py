@@ -30,6 +30,7 @@ import torch
 
 QUANT_BITS = (8, 4, 2)
 SCALE_DTYPE = torch.float16
+_PACKED_ATTR = "_hf_adaptive_packed_view"
 
 
 @dataclass
@@ -105,6 +106,24 @@ def resolve_static(view: PackedKV) -> PackedKV:
     n_blocks, n_tail = (int(x) for x in view.lengths.tolist())
     return PackedKV(view.block_size, view.value_group, view.block_bits[:n_blocks], view.block_slot[:n_blocks],
                     view.full_k, view.full_v, view.tail_k[:, :, :n_tail], view.tail_v[:, :, :n_tail], view.pools)
+
+
+def attach_packed_view(key: torch.Tensor, packed: PackedKV) -> torch.Tensor:
+    """Mark ``key`` (what a cache layer's ``update()`` returns) as standing for the packed layer ``packed``.
+
+    The hand-off between a cache layer and the attention function: the modeling code passes ``update()``'s key
+    straight to the attention function, which finds the layer with :func:`packed_view_of` (no global state, no
+    registry keyed by layer index). Returns ``key`` itself.
+    """
+    if not isinstance(packed, PackedKV):
+        raise TypeError(f"packed must be a hf_adaptive.kv.packed.PackedKV; got {type(packed).__name__}.")
+    setattr(key, _PACKED_ATTR, packed)
+    return key
+
+
+def packed_view_of(key: torch.Tensor) -> PackedKV | None:
+    """The packed layer attached to ``key`` by :func:`attach_packed_view`, or None for a plain key tensor."""
+    return getattr(key, _PACKED_ATTR, None)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

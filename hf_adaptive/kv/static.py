@@ -28,8 +28,6 @@ import time
 import torch
 from transformers import PretrainedConfig
 
-from hf_adaptive.attention import triton_decode
-from hf_adaptive.attention.interface import attach_packed_view
 from hf_adaptive.kv import packed
 from hf_adaptive.kv.cache import AdaptiveKVCache
 from hf_adaptive.kv.config import check_max_cache_len, context_limit
@@ -155,10 +153,6 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self._tail_backed = True
         self._set_row_bytes()
         self._cache.lengths_for(self.device)
-        # the kernel's placeholder tensors are cached on first use: create them now, outside any CUDA-graph pool
-        # (made during a cudagraph-trees warm-up they would stay in its pool untracked, which it refuses)
-        for dtype in (torch.uint8, torch.int8, torch.int32, torch.float16, self.dtype):
-            triton_decode._dummy(self.device, dtype)
 
     def drop_tokens(self) -> None:
         """Forget every token but keep the buffers (tail, block table, pools) at their addresses."""
@@ -375,7 +369,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self.view = packed.PackedKV(self.shape.block_size, self.shape.value_group, self.table[0], self.table[1],
                                     full_k, full_v, self.tail_k, self.tail_v, pools,
                                     lengths=self._cache.lengths.lens, max_tokens=self._cache.max_cache_len)
-        attach_packed_view(self.tail_k, self.view)
+        packed.attach_packed_view(self.tail_k, self.view)
         self._view_key = key
 
     def packed_view(self) -> packed.PackedKV:
