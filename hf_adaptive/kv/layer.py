@@ -2,12 +2,16 @@
 
 Contract (see :mod:`hf_adaptive.kv.packed` for the layout): tokens live, in logical order, in history
 blocks of ``block_size`` tokens (each at 16/8/4/2 bits, in the pool of its precision) followed by an
-exact tail in the model dtype. ``update`` appends to the tail, returns the full keys/values (history
-dequantized and gathered by the block table, then the exact tail), and only then moves whole cold blocks
-out of the tail (at the step's precision) and demotes old blocks, each block quantized once per demotion.
+exact tail in the model dtype (``tail_keys`` / ``tail_values``). ``update`` appends to the tail, returns the full
+keys/values (history dequantized and gathered by the block table, then the exact tail), and only then moves whole
+cold blocks out of the tail (at the step's precision) and demotes old blocks, each block quantized once per demotion.
 In packed-attention mode (``LayerContext.packed_decode``, decode steps only) ``update`` instead flushes and
 demotes first, then returns handles marked with the packed view (``attach_packed_view``): no dequantization.
 The decision (bits, demotions) comes from the shared :class:`LayerContext`, set once per step by the cache.
+
+``keys`` / ``values`` keep transformers' ``DynamicLayer`` contract, the whole sequence (B, H, seq_len, D): the
+history dequantized, then the exact tail, built on first read and cached until the layer changes. Nothing on the
+per-step path reads them, so a decode step never builds the whole sequence for them.
 """
 
 from __future__ import annotations
@@ -54,7 +58,10 @@ class LayerContext:
 
 
 class AdaptiveFullLayer(DynamicLayer):
-    """Full-attention layer: exact tail (``self.keys``/``self.values``, (B, H, T, D)) + quantized history."""
+    """Full-attention layer: quantized history blocks + an exact tail (``tail_keys``/``tail_values``, (B, H, T, D)).
+
+    ``keys`` / ``values`` are the whole sequence (B, H, seq_len, D), as for any ``DynamicLayer``: see :attr:`keys`.
+    """
 
     is_sliding = False
     is_croppable = True
@@ -65,7 +72,7 @@ class AdaptiveFullLayer(DynamicLayer):
         self._clear()
 
     def _clear(self) -> None:
-        self.keys = self.values = None
+        self.tail_keys = self.tail_values = None
         self.is_initialized = False
         self.block_bits: list[int] = []
         self.block_slot: list[int] = []
@@ -75,6 +82,7 @@ class AdaptiveFullLayer(DynamicLayer):
         self.lossy_crop_tokens = 0
         self._pending: tuple | None = None  # (cuda event, {bits: slots to release once it fired})
         self._gather: tuple | None = None  # cached (gather index or None, pool order, (2, N) int32 block table)
+        self._full: tuple | None = None  # cached whole sequence: (stamp, keys, values), see _whole_sequence
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
@@ -84,9 +92,49 @@ class AdaptiveFullLayer(DynamicLayer):
                              f"{self.context.settings.value_group}. Fix: use a divisor of {D}, e.g. {D}.")
         self.dtype, self.device = key_states.dtype, key_states.device
         self.shape = PoolShape(B, H, D, group, self.context.settings.block_size, self.dtype, self.device)
-        self.keys = key_states.new_zeros(B, H, 0, D)
-        self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
+        self.tail_keys = key_states.new_zeros(B, H, 0, D)
+        self.tail_values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
         self.is_initialized = True
+
+    # ------------------------------------------------------------------ DynamicLayer's keys / values
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """All keys of the sequence, (B, H, seq_len, D) in logical order; None before the first update.
+
+        The history blocks dequantized (lossy for 8/4/2-bit blocks), then the exact tail. Built on the first read
+        and cached until the layer next changes (``update``, ``crop``, a demotion, a batch operation, ``reset``);
+        with no history it is the exact tail itself. Read-only: change the layer through its methods.
+        """
+        whole = self._whole_sequence()
+        return None if whole is None else whole[0]
+
+    @keys.setter
+    def keys(self, value) -> None:
+        _refuse_assignment("keys", value)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """All values of the sequence, (B, H, seq_len, D); built and cached like :attr:`keys`."""
+        whole = self._whole_sequence()
+        return None if whole is None else whole[1]
+
+    @values.setter
+    def values(self, value) -> None:
+        _refuse_assignment("values", value)
+
+    def _whole_sequence(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.is_initialized:
+            return None
+        if not self.block_bits:
+            return self.tail_keys, self.tail_values  # the tail is the whole sequence: no copy
+        # the stamp also catches changes made without a method of this class (a static step committing its rows)
+        stamp = (len(self.block_bits), self.tail_keys.shape[-2])
+        if self._full is None or self._full[0] != stamp:
+            self._sync_pending()
+            history_k, history_v = self._history()
+            self._full = (stamp, torch.cat([history_k, self.tail_keys], -2),
+                          torch.cat([history_v, self.tail_values], -2))
+        return self._full[1], self._full[2]
 
     # ------------------------------------------------------------------ per-step path
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -99,15 +147,16 @@ class AdaptiveFullLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._sync_pending()
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self._full = None
+        self.tail_keys = torch.cat([self.tail_keys, key_states], dim=-2)
+        self.tail_values = torch.cat([self.tail_values, value_states], dim=-2)
         if self.context.packed_decode and key_states.shape[-2] == 1:
             return self._update_packed()
         history = self._history()
         if history is None:
-            out = (self.keys, self.values)
+            out = (self.tail_keys, self.tail_values)
         else:
-            out = (torch.cat([history[0], self.keys], -2), torch.cat([history[1], self.values], -2))
+            out = (torch.cat([history[0], self.tail_keys], -2), torch.cat([history[1], self.tail_values], -2))
         decision = self.context.decision
         self._flush_cold(decision.bits)
         if decision.demote_blocks:
@@ -122,7 +171,8 @@ class AdaptiveFullLayer(DynamicLayer):
             self.demote(decision.bits, decision.demote_blocks)
         view = self.packed_view()
         # fresh view objects (no copy) so the mark never sticks to the stored tail tensor itself
-        return attach_packed_view(self.keys.view(self.keys.shape), view), self.values.view(self.values.shape)
+        tail_k, tail_v = self.tail_keys, self.tail_values
+        return attach_packed_view(tail_k.view(tail_k.shape), view), tail_v.view(tail_v.shape)
 
     def _history(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Dequantized history (B, H, n_blocks * T, D) in logical order; O(length), vectorized."""
@@ -165,13 +215,14 @@ class AdaptiveFullLayer(DynamicLayer):
     def _flush_cold(self, bits: int) -> None:
         """Move whole blocks leaving the exact window (beyond residual_length) into the pools at ``bits``."""
         settings = self.context.settings
-        T, bs = self.keys.shape[-2], settings.block_size
+        T, bs = self.tail_keys.shape[-2], settings.block_size
         if T < settings.residual_length + bs:
             return
         n = (T - settings.residual_length) // bs
-        self._store_blocks(self.keys[:, :, : n * bs], self.values[:, :, : n * bs], bits)
+        self._store_blocks(self.tail_keys[:, :, : n * bs], self.tail_values[:, :, : n * bs], bits)
         # clone: a view would keep the whole pre-flush tensor alive
-        self.keys, self.values = self.keys[:, :, n * bs:].clone(), self.values[:, :, n * bs:].clone()
+        self.tail_keys = self.tail_keys[:, :, n * bs:].clone()
+        self.tail_values = self.tail_values[:, :, n * bs:].clone()
 
     def _store_blocks(self, k: torch.Tensor, v: torch.Tensor, bits: int) -> None:
         n = k.shape[-2] // self.shape.block_size
@@ -180,7 +231,7 @@ class AdaptiveFullLayer(DynamicLayer):
         pool.write(slots, self._encode(k, v, bits))
         self.block_bits += [bits] * n
         self.block_slot += slots
-        self._gather = None
+        self._gather = self._full = None
 
     def _encode(self, k: torch.Tensor, v: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
         if bits == 16:
@@ -218,7 +269,7 @@ class AdaptiveFullLayer(DynamicLayer):
             for i, slot in zip(idxs, dst_slots):
                 self.block_bits[i], self.block_slot[i] = target_bits, slot
             self.demotions[f"{src_bits}->{target_bits}"] += len(idxs)
-        self._gather = None
+        self._gather = self._full = None
         return len(chosen)
 
     def _run_demotions(self, plan: list, dst: BlockPool, stream) -> None:
@@ -265,7 +316,7 @@ class AdaptiveFullLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
-        return len(self.block_bits) * self.shape.block_size + self.keys.shape[-2]
+        return len(self.block_bits) * self.shape.block_size + self.tail_keys.shape[-2]
 
     def reset(self) -> None:
         """Drop all tokens and pools (the layer is re-initialized by the next update)."""
@@ -273,33 +324,34 @@ class AdaptiveFullLayer(DynamicLayer):
         self._clear()
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last ``-tokens_to_remove`` tokens (or, legacy positive value, keep that many).
+        """Remove the last ``-tokens_to_remove`` tokens (a negative int, as for transformers' ``DynamicLayer``;
+        a positive value raises ``ValueError``, as there).
 
         Cropping within the exact tail (at most ``residual_length`` tokens right after a flush) is exact.
         Cropping deeper pops whole history blocks back into the tail first: exact for 16-bit blocks,
         *lossy* for quantized ones (their dequantized values become the tail); counted in
         ``lossy_crop_tokens`` and logged as a warning, never silent.
         """
-        if not self.is_initialized:
-            return
-        length = self.get_seq_length()
-        remove = max(length - tokens_to_remove, 0) if tokens_to_remove > 0 else -tokens_to_remove
-        remove = min(remove, length)
+        remove = min(tokens_to_crop(tokens_to_remove), self.get_seq_length())
         if remove == 0:
             return
         self._sync_pending()
-        while self.keys.shape[-2] < remove:
+        self._full = None
+        while self.tail_keys.shape[-2] < remove:
             self._pop_block()
-        keep = self.keys.shape[-2] - remove
-        self.keys, self.values = self.keys[:, :, :keep], self.values[:, :, :keep]
+        keep = self.tail_keys.shape[-2] - remove
+        self.tail_keys, self.tail_values = self.tail_keys[:, :, :keep], self.tail_values[:, :, :keep]
 
     def _pop_block(self) -> None:
         bits, slot = self.block_bits.pop(), self.block_slot.pop()
         pool = self.pools[bits]
         k, v = pool.dequantize(pool.read([slot]), self.dtype)
         pool.release([slot])
-        self.keys, self.values = torch.cat([k, self.keys], -2), torch.cat([v, self.values], -2)
+        self.tail_keys, self.tail_values = torch.cat([k, self.tail_keys], -2), torch.cat([v, self.tail_values], -2)
         self._gather = None
+        self._note_lossy_pop(bits)
+
+    def _note_lossy_pop(self, bits: int) -> None:
         if bits < 16:
             self.lossy_crop_tokens += self.shape.block_size
             logger.warning("crop reached a %d-bit history block: its %d tokens return to the exact tail "
@@ -310,20 +362,26 @@ class AdaptiveFullLayer(DynamicLayer):
         if not self.is_initialized:
             return
         self._sync_pending()
-        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.tail_keys, self.tail_values = fn(self.tail_keys), fn(self.tail_values)
         for pool in self.pools.values():
             pool.apply_batch(fn)
-        self.shape = PoolShape(self.keys.shape[0], *list(vars(self.shape).values())[1:])
+        self.shape = PoolShape(self.tail_keys.shape[0], *list(vars(self.shape).values())[1:])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: batch row i becomes old row ``beam_idx[i]`` (tail and every pool)."""
-        self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._batch_op(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+        """Repeat every batch row ``repeats`` times in place (tail and every pool)."""
+        self._batch_op(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply_batch(lambda t: t[indices, ...])
+        """Keep only the batch rows ``indices`` (tail and every pool)."""
+        self._batch_op(lambda t: t[indices, ...])
+
+    def _batch_op(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._full = None  # rows moved: the cached whole sequence is stale
+        self._apply_batch(fn)
 
     # ------------------------------------------------------------------ kernel view and accounting
     def packed_view(self) -> packed.PackedKV:
@@ -334,31 +392,29 @@ class AdaptiveFullLayer(DynamicLayer):
         self._sync_pending()
         _, order = self._gather_index(need_index=False)
         hw = dict(order)
-        B, H, _, D = self.keys.shape
+        B, H, _, D = self.tail_keys.shape
         full = self.pools.get(16)
         if full is not None and hw.get(16):
             view = full.prefix(hw[16])
             full_k, full_v = view["k"], view["v"]
         else:
-            full_k = full_v = self.keys.new_zeros(B, H, 0, D)
+            full_k = full_v = self.tail_keys.new_zeros(B, H, 0, D)
         pools = {bits: self.pools[bits].as_quant_pool(n) for bits, n in order if bits != 16}
         table = self._gather[2]  # cached with the gather index: rebuilt only when the block table changes
         return packed.PackedKV(self.shape.block_size, self.shape.value_group, table[0], table[1],
-                               full_k, full_v, self.keys, self.values, pools)
+                               full_k, full_v, self.tail_keys, self.tail_values, pools)
 
     def live_bytes(self) -> int:
         """Bytes of what is live: exact tail + used pool slots (codes, scales and zeros included)."""
         if not self.is_initialized:
             return 0
-        tail = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-        return tail + sum(pool.live_bytes() for pool in self.pools.values())
+        return _bytes_of(self.tail_keys, self.tail_values) + sum(pool.live_bytes() for pool in self.pools.values())
 
     def reserved_bytes(self) -> int:
         """Bytes allocated: exact tail + whole pools (free slots included)."""
         if not self.is_initialized:
             return 0
-        tail = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-        return tail + sum(pool.reserved_bytes() for pool in self.pools.values())
+        return _bytes_of(self.tail_keys, self.tail_values) + sum(pool.reserved_bytes() for pool in self.pools.values())
 
     def demotable_above(self, bits: int) -> int:
         """History blocks still stored above ``bits``."""
@@ -370,7 +426,7 @@ class AdaptiveFullLayer(DynamicLayer):
         bs = self.shape.block_size if self.shape else 0
         for b in self.block_bits:
             tokens[str(b)] += bs
-        tail = self.keys.shape[-2] if self.is_initialized else 0
+        tail = self.tail_keys.shape[-2] if self.is_initialized else 0
         tokens["16"] += tail
         return {"type": "full_attention", "tokens": self.get_seq_length(), "tokens_by_bits": tokens,
                 "tail_tokens": tail, "blocks": len(self.block_bits), "live_bytes": self.live_bytes(),
@@ -393,7 +449,7 @@ class AdaptiveSlidingLayer(DynamicSlidingWindowLayer):
     def live_bytes(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return _bytes_of(self.keys, self.values)
 
     reserved_bytes = live_bytes
 
@@ -409,8 +465,40 @@ class AdaptiveSlidingLayer(DynamicSlidingWindowLayer):
 
 def bf16_bytes(layer) -> int:
     """What the layer's stored tokens would take as bf16 keys + values (the comparison baseline)."""
-    if not layer.is_initialized or layer.keys is None:
+    if not layer.is_initialized:
         return 0
-    B, H, _, D = layer.keys.shape
-    stored = layer.get_seq_length() if isinstance(layer, AdaptiveFullLayer) else layer.keys.shape[-2]
-    return stored * B * H * (D + layer.values.shape[-1]) * 2
+    if isinstance(layer, AdaptiveFullLayer):  # shapes from the tail: never build the whole sequence for them
+        k, v, stored = layer.tail_keys, layer.tail_values, layer.get_seq_length()
+    else:
+        k, v = layer.keys, layer.values
+        stored = k.shape[-2]
+    B, H, _, D = k.shape
+    return stored * B * H * (D + v.shape[-1]) * 2
+
+
+def tokens_to_crop(tokens_to_remove: int) -> int:
+    """How many tokens ``crop(tokens_to_remove)`` removes, with transformers' ``DynamicLayer.crop`` rules: a
+    negative int removes that many, 0 nothing; a positive value (the old "keep that many") is refused."""
+    if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
+        raise TypeError(f"crop(tokens_to_remove) takes an int; got {tokens_to_remove!r} "
+                        f"({type(tokens_to_remove).__name__}). Fix: crop(-n) removes the last n tokens.")
+    if tokens_to_remove > 0:
+        raise ValueError(f"crop(tokens_to_remove={tokens_to_remove}): a positive value is not supported (as in "
+                         "transformers' DynamicLayer.crop); pass a negative int, the number of tokens to remove. "
+                         f"Fix: crop(-n) removes the last n tokens; to keep {tokens_to_remove} tokens, "
+                         f"crop({tokens_to_remove} - cache.get_seq_length()).")
+    return -tokens_to_remove
+
+
+def _bytes_of(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _refuse_assignment(name: str, value) -> None:
+    # the base classes' constructors and resets assign None: the layer's own state is cleared by _clear()
+    if value is None:
+        return
+    raise AttributeError(f"AdaptiveFullLayer.{name} is read-only: it is the whole sequence assembled from the "
+                         f"quantized history and the exact tail; got an assignment of {type(value).__name__}. "
+                         "Fix: change the layer through update(), crop(), reorder_cache(), batch_select_indices(), "
+                         "batch_repeat_interleave() or reset().")
