@@ -9,9 +9,8 @@ In packed-attention mode (``LayerContext.packed_decode``, decode steps only) ``u
 demotes first, then returns handles marked with the packed view (``attach_packed_view``): no dequantization.
 The decision (bits, demotions) comes from the shared :class:`LayerContext`, set once per step by the cache.
 
-``keys`` / ``values`` keep transformers' ``DynamicLayer`` contract, the whole sequence (B, H, seq_len, D): the
-history dequantized, then the exact tail, built on first read and cached until the layer changes. Nothing on the
-per-step path reads them, so a decode step never builds the whole sequence for them.
+``keys`` / ``values`` keep transformers' ``DynamicLayer`` contract (the whole sequence, built only when read):
+see :mod:`hf_adaptive.kv.sequence`.
 """
 
 from __future__ import annotations
@@ -22,13 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicLayer
 
 from hf_adaptive.attention.interface import attach_packed_view
 from hf_adaptive.kv import packed
 from hf_adaptive.kv.config import KVCacheConfig
 from hf_adaptive.kv.pools import BlockPool, PoolShape, to_device
 from hf_adaptive.kv.quantizers import KVQuantizer
+from hf_adaptive.kv.sequence import WholeSequence, tokens_to_crop
 from hf_adaptive.policy.kv_policy import KVDecision, choose_demotions
 
 logger = logging.getLogger(__name__)
@@ -57,10 +57,11 @@ class LayerContext:
         return self.side_streams[device]
 
 
-class AdaptiveFullLayer(DynamicLayer):
+class AdaptiveFullLayer(WholeSequence, DynamicLayer):
     """Full-attention layer: quantized history blocks + an exact tail (``tail_keys``/``tail_values``, (B, H, T, D)).
 
-    ``keys`` / ``values`` are the whole sequence (B, H, seq_len, D), as for any ``DynamicLayer``: see :attr:`keys`.
+    ``keys`` / ``values`` are the whole sequence (B, H, seq_len, D), as for any ``DynamicLayer``; see
+    :class:`~hf_adaptive.kv.sequence.WholeSequence`.
     """
 
     is_sliding = False
@@ -82,7 +83,7 @@ class AdaptiveFullLayer(DynamicLayer):
         self.lossy_crop_tokens = 0
         self._pending: tuple | None = None  # (cuda event, {bits: slots to release once it fired})
         self._gather: tuple | None = None  # cached (gather index or None, pool order, (2, N) int32 block table)
-        self._full: tuple | None = None  # cached whole sequence: (stamp, keys, values), see _whole_sequence
+        self._full: tuple | None = None  # the cached whole sequence (WholeSequence); None when stale
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
@@ -95,46 +96,6 @@ class AdaptiveFullLayer(DynamicLayer):
         self.tail_keys = key_states.new_zeros(B, H, 0, D)
         self.tail_values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
         self.is_initialized = True
-
-    # ------------------------------------------------------------------ DynamicLayer's keys / values
-    @property
-    def keys(self) -> torch.Tensor | None:
-        """All keys of the sequence, (B, H, seq_len, D) in logical order; None before the first update.
-
-        The history blocks dequantized (lossy for 8/4/2-bit blocks), then the exact tail. Built on the first read
-        and cached until the layer next changes (``update``, ``crop``, a demotion, a batch operation, ``reset``);
-        with no history it is the exact tail itself. Read-only: change the layer through its methods.
-        """
-        whole = self._whole_sequence()
-        return None if whole is None else whole[0]
-
-    @keys.setter
-    def keys(self, value) -> None:
-        _refuse_assignment("keys", value)
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        """All values of the sequence, (B, H, seq_len, D); built and cached like :attr:`keys`."""
-        whole = self._whole_sequence()
-        return None if whole is None else whole[1]
-
-    @values.setter
-    def values(self, value) -> None:
-        _refuse_assignment("values", value)
-
-    def _whole_sequence(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if not self.is_initialized:
-            return None
-        if not self.block_bits:
-            return self.tail_keys, self.tail_values  # the tail is the whole sequence: no copy
-        # the stamp also catches changes made without a method of this class (a static step committing its rows)
-        stamp = (len(self.block_bits), self.tail_keys.shape[-2])
-        if self._full is None or self._full[0] != stamp:
-            self._sync_pending()
-            history_k, history_v = self._history()
-            self._full = (stamp, torch.cat([history_k, self.tail_keys], -2),
-                          torch.cat([history_v, self.tail_values], -2))
-        return self._full[1], self._full[2]
 
     # ------------------------------------------------------------------ per-step path
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -408,13 +369,14 @@ class AdaptiveFullLayer(DynamicLayer):
         """Bytes of what is live: exact tail + used pool slots (codes, scales and zeros included)."""
         if not self.is_initialized:
             return 0
-        return _bytes_of(self.tail_keys, self.tail_values) + sum(pool.live_bytes() for pool in self.pools.values())
+        return tensor_bytes(self.tail_keys, self.tail_values) + sum(pool.live_bytes() for pool in self.pools.values())
 
     def reserved_bytes(self) -> int:
         """Bytes allocated: exact tail + whole pools (free slots included)."""
         if not self.is_initialized:
             return 0
-        return _bytes_of(self.tail_keys, self.tail_values) + sum(pool.reserved_bytes() for pool in self.pools.values())
+        pools = sum(pool.reserved_bytes() for pool in self.pools.values())
+        return tensor_bytes(self.tail_keys, self.tail_values) + pools
 
     def demotable_above(self, bits: int) -> int:
         """History blocks still stored above ``bits``."""
@@ -434,35 +396,6 @@ class AdaptiveFullLayer(DynamicLayer):
                 "demotions": dict(self.demotions), "lossy_crop_tokens": self.lossy_crop_tokens}
 
 
-class AdaptiveSlidingLayer(DynamicSlidingWindowLayer):
-    """Sliding-window layer: a bounded exact window (transformers' own logic), never quantized.
-
-    Its memory is bounded by ``sliding_window`` tokens, so quantizing it would save little and cost accuracy.
-    """
-
-    def reset(self) -> None:
-        """Drop the window (transformers 5.17 only zeroes it, so the next turn would append to stale zeros)."""
-        self.keys = self.values = None
-        self.is_initialized = False
-        self.cumulative_length = 0
-
-    def live_bytes(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return _bytes_of(self.keys, self.values)
-
-    reserved_bytes = live_bytes
-
-    def demotable_above(self, bits: int) -> int:
-        return 0
-
-    def stats(self) -> dict:
-        stored = self.keys.shape[-2] if self.is_initialized else 0
-        return {"type": "sliding_attention", "tokens": self.get_seq_length(), "stored_tokens": stored,
-                "tokens_by_bits": {"16": stored, "8": 0, "4": 0, "2": 0}, "live_bytes": self.live_bytes(),
-                "reserved_bytes": self.live_bytes(), "bf16_bytes": bf16_bytes(self)}
-
-
 def bf16_bytes(layer) -> int:
     """What the layer's stored tokens would take as bf16 keys + values (the comparison baseline)."""
     if not layer.is_initialized:
@@ -476,29 +409,6 @@ def bf16_bytes(layer) -> int:
     return stored * B * H * (D + v.shape[-1]) * 2
 
 
-def tokens_to_crop(tokens_to_remove: int) -> int:
-    """How many tokens ``crop(tokens_to_remove)`` removes, with transformers' ``DynamicLayer.crop`` rules: a
-    negative int removes that many, 0 nothing; a positive value (the old "keep that many") is refused."""
-    if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
-        raise TypeError(f"crop(tokens_to_remove) takes an int; got {tokens_to_remove!r} "
-                        f"({type(tokens_to_remove).__name__}). Fix: crop(-n) removes the last n tokens.")
-    if tokens_to_remove > 0:
-        raise ValueError(f"crop(tokens_to_remove={tokens_to_remove}): a positive value is not supported (as in "
-                         "transformers' DynamicLayer.crop); pass a negative int, the number of tokens to remove. "
-                         f"Fix: crop(-n) removes the last n tokens; to keep {tokens_to_remove} tokens, "
-                         f"crop({tokens_to_remove} - cache.get_seq_length()).")
-    return -tokens_to_remove
-
-
-def _bytes_of(*tensors: torch.Tensor) -> int:
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes of the tensors' elements."""
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _refuse_assignment(name: str, value) -> None:
-    # the base classes' constructors and resets assign None: the layer's own state is cleared by _clear()
-    if value is None:
-        return
-    raise AttributeError(f"AdaptiveFullLayer.{name} is read-only: it is the whole sequence assembled from the "
-                         f"quantized history and the exact tail; got an assignment of {type(value).__name__}. "
-                         "Fix: change the layer through update(), crop(), reorder_cache(), batch_select_indices(), "
-                         "batch_repeat_interleave() or reset().")

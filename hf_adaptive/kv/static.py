@@ -32,8 +32,9 @@ from hf_adaptive.attention import triton_decode
 from hf_adaptive.attention.interface import attach_packed_view
 from hf_adaptive.kv import packed
 from hf_adaptive.kv.cache import AdaptiveKVCache
-from hf_adaptive.kv.layer import AdaptiveFullLayer, LayerContext, tokens_to_crop
+from hf_adaptive.kv.layer import AdaptiveFullLayer, LayerContext
 from hf_adaptive.kv.pools import BlockPool, to_device
+from hf_adaptive.kv.sequence import tokens_to_crop
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self.n_tail = self.prepared = 0
         self.demotions.clear()
         self.lossy_crop_tokens = 0
-        self._gather = None
+        self._gather = self._full = None
         self._table_dirty = False
         self._refresh_view()
 
@@ -284,6 +285,11 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self.tail_v[:, :, : v.shape[-2]].copy_(v)
         self.n_tail, self.prepared = k.shape[-2], 0
         self._after_change()
+        decision = self.context.decision
+        if decision.demote_blocks and not self._cache.hooked_step:  # no step hooks, so prepare() did not demote
+            self.demote(decision.bits, decision.demote_blocks)
+            if self._pending is None:  # no side stream: done already, publish now (else at the next step)
+                self._after_change()
         if self.index == len(self._cache.layers) - 1:
             self._cache.write_lengths()
         return out
@@ -623,6 +629,8 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
         self.policy.reset()
         self._clear_telemetry()
         self._host_ns = self._host_steps = 0
+        self.hooked_step = False
+        self.view_changes, self._view_changed_step = 0, -1
         self.note_host_change()
         self.write_lengths()
 
