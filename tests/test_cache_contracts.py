@@ -309,13 +309,15 @@ def test_generate_dict_output_holds_the_whole_sequence(case, model, mode):
         assert torch.equal(outs[0].sequences, outs[1].sequences)
 
 
-def test_decode_steps_never_build_the_whole_sequence(case, model):
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("regime", [r for r in REGIMES if r != "tail"])  # with no history nothing is built
+def test_decode_steps_never_build_the_whole_sequence(model, kind, regime):
     """Guards the hot path: keys/values are built only when read, never by generate's own steps (which would
     dequantize the history a second time per step), and a read after generate builds them once."""
-    kind, regime, cache = case
+    cache = make_cache(model.config, kind, regime)
     generate(model, prompt(), cache)
     assert all(layer._full is None for layer in cache.layers)
-    assert cache.layers[0].keys.shape == (B, H, N, D)
+    assert cache.layers[0].keys.shape == (B, H, N, D) and cache.layers[0]._full is not None
 
 
 @pytest.fixture(scope="module")

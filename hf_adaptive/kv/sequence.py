@@ -20,7 +20,8 @@ class WholeSequence:
 
     The host class provides ``is_initialized``, ``block_bits`` (one entry per history block), ``tail_keys`` /
     ``tail_values`` (B, H, T, D), ``_history()`` (the dequantized history, (B, H, n_blocks * block_size, D)) and
-    ``_sync_pending()``, and sets ``self._full = None`` whenever its stored content changes.
+    ``_sync_pending()``, and sets ``self._full = None`` whenever its stored content changes. While cached, the
+    whole sequence holds one dequantized copy of the layer (not counted in ``live_bytes``).
     """
 
     _full: tuple | None = None  # (stamp, keys, values) of the last build
