@@ -8,7 +8,8 @@ import torch
 from conftest import make_tiny_model
 from hf_adaptive.kv import packed
 from hf_adaptive.kv.cache import AdaptiveKVCache, generate_cache_kwargs
-from hf_adaptive.kv.layer import AdaptiveFullLayer, AdaptiveSlidingLayer
+from hf_adaptive.kv.layer import AdaptiveFullLayer
+from hf_adaptive.kv.sliding import AdaptiveSlidingLayer
 from hf_adaptive.kv.quantizers import HQQQuantizer, TorchQuantizer, make_quantizer
 
 

@@ -119,13 +119,14 @@ def test_packed_handle_does_not_mark_stored_tail():
     model = make_tiny_model("llama")
     _, cache = _generate(model, fused=True, bits=4)
     layer = cache.layers[0]
-    assert interface.packed_view_of(layer.keys) is None
+    assert interface.packed_view_of(layer.tail_keys) is None
     table = layer._gather[2]
     assert layer.packed_view().block_bits.data_ptr() == table[0].data_ptr()  # cached, not rebuilt
     from hf_adaptive.kv import layer as layer_module  # packed decode never builds the dequantize gather index
 
-    assert layer._gather[0] is layer_module._UNBUILT
+    assert layer._gather[0] is layer_module._UNBUILT and layer._full is None  # nor the whole sequence
     assert cache.get_mask_sizes(1, 0)[0] == cache.get_seq_length() + 1
+    assert interface.packed_view_of(layer.keys) is None and layer.keys.shape[-2] == cache.get_seq_length()
 
 
 @pytest.mark.gpu

@@ -72,6 +72,8 @@ def test_compiled_decode_matches_eager_and_compiles_once(tiny):
     assert len(cache.history) == 40  # the host step ran eagerly on every forward (prefill + 39 decode steps)
     assert 1 <= len(graphs) <= 2, f"{len(graphs)} graphs compiled for 39 decode steps"
     assert cache.stats()["layers"][0]["tokens_by_bits"]["4"] > 0
+    assert all(layer._full is None for layer in cache.layers)  # the compiled steps never built keys/values
+    assert cache.layers[0].keys.shape[-2] == cache.get_seq_length()
 
 
 def test_pressure_switch_under_compile_does_not_retrace(tiny):
@@ -131,7 +133,7 @@ def test_crop_within_tail_is_exact(tiny):
     with torch.no_grad():
         model(input_ids=ids[:, :30], use_cache=True, **forward_cache_kwargs(model, cache))
         first = model(input_ids=ids[:, 30:33], use_cache=True, **forward_cache_kwargs(model, cache)).logits
-        cache.crop(30)
+        cache.crop(-3)
         assert cache.get_seq_length() == 30
         again = model(input_ids=ids[:, 30:33], use_cache=True, **forward_cache_kwargs(model, cache)).logits
     torch.testing.assert_close(first, again)

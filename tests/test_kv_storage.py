@@ -46,7 +46,7 @@ def _feed(cache: AdaptiveKVCache, chunks: list[int], seed: int = 0, batch: int =
 
 def _live_tensor_bytes(layer: AdaptiveFullLayer) -> int:
     """Independent count: numel * element_size of the tail and of the used slots' rows of every pool."""
-    total = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+    total = sum(t.numel() * t.element_size() for t in (layer.tail_keys, layer.tail_values))
     for bits, pool in layer.pools.items():
         used = [s for b, s in zip(layer.block_bits, layer.block_slot) if b == bits]
         if used:
@@ -78,7 +78,7 @@ def test_exact_tail_window_bounds():
     sizes = []
     for step in range(300):
         _feed(cache, [1 if step else 70], seed=step)
-        sizes.append(cache.layers[0].keys.shape[-2])
+        sizes.append(cache.layers[0].tail_keys.shape[-2])
     assert max(sizes) < 64 + 64 and min(sizes[1:]) >= 64 - 1 + 1 and min(sizes) >= 64
 
 
@@ -183,7 +183,7 @@ def test_crop_within_tail_exact_and_beyond_is_flagged(caplog):
     """Guards against silent corruption when crop reaches quantized history (it must be counted and logged)."""
     cache = AdaptiveKVCache(_config(1), fixed_bits=4, residual_length=16, block_size=16)
     k_all, v_all, _ = _feed(cache, [100])
-    tail = cache.layers[0].keys.shape[-2]
+    tail = cache.layers[0].tail_keys.shape[-2]
     cache.crop(-(tail - 1))
     k_out, _ = cache.update(*_kv(1, 7), 0)
     assert cache.get_seq_length() == 100 - tail + 2 and cache.stats()["lossy_crop_tokens"] == 0

@@ -20,10 +20,11 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from hf_adaptive.kv.config import KVCacheConfig
-from hf_adaptive.kv.layer import AdaptiveFullLayer, AdaptiveSlidingLayer, LayerContext
+from hf_adaptive.kv.layer import AdaptiveFullLayer, LayerContext
 from hf_adaptive.kv.pressure import (BudgetPressure, GPUMemoryPressure, KVBudgetExceededError, NoPressure,
                                      PressureReading, PressureSource)
 from hf_adaptive.kv.quantizers import make_quantizer
+from hf_adaptive.kv.sliding import AdaptiveSlidingLayer
 from hf_adaptive.policy.kv_policy import FixedBitsPolicy, HysteresisPolicy
 from hf_adaptive.units import format_bytes
 from hf_adaptive.validation import check_decoder_only

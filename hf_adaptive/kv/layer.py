@@ -2,12 +2,15 @@
 
 Contract (see :mod:`hf_adaptive.kv.packed` for the layout): tokens live, in logical order, in history
 blocks of ``block_size`` tokens (each at 16/8/4/2 bits, in the pool of its precision) followed by an
-exact tail in the model dtype. ``update`` appends to the tail, returns the full keys/values (history
-dequantized and gathered by the block table, then the exact tail), and only then moves whole cold blocks
-out of the tail (at the step's precision) and demotes old blocks, each block quantized once per demotion.
+exact tail in the model dtype (``tail_keys`` / ``tail_values``). ``update`` appends to the tail, returns the full
+keys/values (history dequantized and gathered by the block table, then the exact tail), and only then moves whole
+cold blocks out of the tail (at the step's precision) and demotes old blocks, each block quantized once per demotion.
 In packed-attention mode (``LayerContext.packed_decode``, decode steps only) ``update`` instead flushes and
 demotes first, then returns handles marked with the packed view (``attach_packed_view``): no dequantization.
 The decision (bits, demotions) comes from the shared :class:`LayerContext`, set once per step by the cache.
+
+``keys`` / ``values`` keep transformers' ``DynamicLayer`` contract (the whole sequence, built only when read):
+see :mod:`hf_adaptive.kv.sequence`.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicLayer
 
 from hf_adaptive.kv import packed
 from hf_adaptive.kv.packed import attach_packed_view
 from hf_adaptive.kv.config import KVCacheConfig
 from hf_adaptive.kv.pools import BlockPool, PoolShape, to_device
 from hf_adaptive.kv.quantizers import KVQuantizer
+from hf_adaptive.kv.sequence import WholeSequence, tokens_to_crop
 from hf_adaptive.policy.kv_policy import KVDecision, choose_demotions
 
 logger = logging.getLogger(__name__)
@@ -53,8 +57,12 @@ class LayerContext:
         return self.side_streams[device]
 
 
-class AdaptiveFullLayer(DynamicLayer):
-    """Full-attention layer: exact tail (``self.keys``/``self.values``, (B, H, T, D)) + quantized history."""
+class AdaptiveFullLayer(WholeSequence, DynamicLayer):
+    """Full-attention layer: quantized history blocks + an exact tail (``tail_keys``/``tail_values``, (B, H, T, D)).
+
+    ``keys`` / ``values`` are the whole sequence (B, H, seq_len, D), as for any ``DynamicLayer``; see
+    :class:`~hf_adaptive.kv.sequence.WholeSequence`.
+    """
 
     is_sliding = False
     is_croppable = True
@@ -65,7 +73,7 @@ class AdaptiveFullLayer(DynamicLayer):
         self._clear()
 
     def _clear(self) -> None:
-        self.keys = self.values = None
+        self.tail_keys = self.tail_values = None
         self.is_initialized = False
         self.block_bits: list[int] = []
         self.block_slot: list[int] = []
@@ -75,6 +83,7 @@ class AdaptiveFullLayer(DynamicLayer):
         self.lossy_crop_tokens = 0
         self._pending: tuple | None = None  # (cuda event, {bits: slots to release once it fired})
         self._gather: tuple | None = None  # cached (gather index or None, pool order, (2, N) int32 block table)
+        self._full: tuple | None = None  # the cached whole sequence (WholeSequence); None when stale
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
@@ -84,8 +93,8 @@ class AdaptiveFullLayer(DynamicLayer):
                              f"{self.context.settings.value_group}. Fix: use a divisor of {D}, e.g. {D}.")
         self.dtype, self.device = key_states.dtype, key_states.device
         self.shape = PoolShape(B, H, D, group, self.context.settings.block_size, self.dtype, self.device)
-        self.keys = key_states.new_zeros(B, H, 0, D)
-        self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
+        self.tail_keys = key_states.new_zeros(B, H, 0, D)
+        self.tail_values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
         self.is_initialized = True
 
     # ------------------------------------------------------------------ per-step path
@@ -99,15 +108,16 @@ class AdaptiveFullLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._sync_pending()
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self._full = None
+        self.tail_keys = torch.cat([self.tail_keys, key_states], dim=-2)
+        self.tail_values = torch.cat([self.tail_values, value_states], dim=-2)
         if self.context.packed_decode and key_states.shape[-2] == 1:
             return self._update_packed()
         history = self._history()
         if history is None:
-            out = (self.keys, self.values)
+            out = (self.tail_keys, self.tail_values)
         else:
-            out = (torch.cat([history[0], self.keys], -2), torch.cat([history[1], self.values], -2))
+            out = (torch.cat([history[0], self.tail_keys], -2), torch.cat([history[1], self.tail_values], -2))
         decision = self.context.decision
         self._flush_cold(decision.bits)
         if decision.demote_blocks:
@@ -122,7 +132,8 @@ class AdaptiveFullLayer(DynamicLayer):
             self.demote(decision.bits, decision.demote_blocks)
         view = self.packed_view()
         # fresh view objects (no copy) so the mark never sticks to the stored tail tensor itself
-        return attach_packed_view(self.keys.view(self.keys.shape), view), self.values.view(self.values.shape)
+        tail_k, tail_v = self.tail_keys, self.tail_values
+        return attach_packed_view(tail_k.view(tail_k.shape), view), tail_v.view(tail_v.shape)
 
     def _history(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Dequantized history (B, H, n_blocks * T, D) in logical order; O(length), vectorized."""
@@ -165,13 +176,14 @@ class AdaptiveFullLayer(DynamicLayer):
     def _flush_cold(self, bits: int) -> None:
         """Move whole blocks leaving the exact window (beyond residual_length) into the pools at ``bits``."""
         settings = self.context.settings
-        T, bs = self.keys.shape[-2], settings.block_size
+        T, bs = self.tail_keys.shape[-2], settings.block_size
         if T < settings.residual_length + bs:
             return
         n = (T - settings.residual_length) // bs
-        self._store_blocks(self.keys[:, :, : n * bs], self.values[:, :, : n * bs], bits)
+        self._store_blocks(self.tail_keys[:, :, : n * bs], self.tail_values[:, :, : n * bs], bits)
         # clone: a view would keep the whole pre-flush tensor alive
-        self.keys, self.values = self.keys[:, :, n * bs:].clone(), self.values[:, :, n * bs:].clone()
+        self.tail_keys = self.tail_keys[:, :, n * bs:].clone()
+        self.tail_values = self.tail_values[:, :, n * bs:].clone()
 
     def _store_blocks(self, k: torch.Tensor, v: torch.Tensor, bits: int) -> None:
         n = k.shape[-2] // self.shape.block_size
@@ -180,7 +192,7 @@ class AdaptiveFullLayer(DynamicLayer):
         pool.write(slots, self._encode(k, v, bits))
         self.block_bits += [bits] * n
         self.block_slot += slots
-        self._gather = None
+        self._gather = self._full = None
 
     def _encode(self, k: torch.Tensor, v: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
         if bits == 16:
@@ -218,7 +230,7 @@ class AdaptiveFullLayer(DynamicLayer):
             for i, slot in zip(idxs, dst_slots):
                 self.block_bits[i], self.block_slot[i] = target_bits, slot
             self.demotions[f"{src_bits}->{target_bits}"] += len(idxs)
-        self._gather = None
+        self._gather = self._full = None
         return len(chosen)
 
     def _run_demotions(self, plan: list, dst: BlockPool, stream) -> None:
@@ -265,7 +277,7 @@ class AdaptiveFullLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
-        return len(self.block_bits) * self.shape.block_size + self.keys.shape[-2]
+        return len(self.block_bits) * self.shape.block_size + self.tail_keys.shape[-2]
 
     def reset(self) -> None:
         """Drop all tokens and pools (the layer is re-initialized by the next update)."""
@@ -273,33 +285,34 @@ class AdaptiveFullLayer(DynamicLayer):
         self._clear()
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last ``-tokens_to_remove`` tokens (or, legacy positive value, keep that many).
+        """Remove the last ``-tokens_to_remove`` tokens (a negative int, as for transformers' ``DynamicLayer``;
+        a positive value raises ``ValueError``, as there).
 
         Cropping within the exact tail (at most ``residual_length`` tokens right after a flush) is exact.
         Cropping deeper pops whole history blocks back into the tail first: exact for 16-bit blocks,
         *lossy* for quantized ones (their dequantized values become the tail); counted in
         ``lossy_crop_tokens`` and logged as a warning, never silent.
         """
-        if not self.is_initialized:
-            return
-        length = self.get_seq_length()
-        remove = max(length - tokens_to_remove, 0) if tokens_to_remove > 0 else -tokens_to_remove
-        remove = min(remove, length)
+        remove = min(tokens_to_crop(tokens_to_remove), self.get_seq_length())
         if remove == 0:
             return
         self._sync_pending()
-        while self.keys.shape[-2] < remove:
+        self._full = None
+        while self.tail_keys.shape[-2] < remove:
             self._pop_block()
-        keep = self.keys.shape[-2] - remove
-        self.keys, self.values = self.keys[:, :, :keep], self.values[:, :, :keep]
+        keep = self.tail_keys.shape[-2] - remove
+        self.tail_keys, self.tail_values = self.tail_keys[:, :, :keep], self.tail_values[:, :, :keep]
 
     def _pop_block(self) -> None:
         bits, slot = self.block_bits.pop(), self.block_slot.pop()
         pool = self.pools[bits]
         k, v = pool.dequantize(pool.read([slot]), self.dtype)
         pool.release([slot])
-        self.keys, self.values = torch.cat([k, self.keys], -2), torch.cat([v, self.values], -2)
+        self.tail_keys, self.tail_values = torch.cat([k, self.tail_keys], -2), torch.cat([v, self.tail_values], -2)
         self._gather = None
+        self._note_lossy_pop(bits)
+
+    def _note_lossy_pop(self, bits: int) -> None:
         if bits < 16:
             self.lossy_crop_tokens += self.shape.block_size
             logger.warning("crop reached a %d-bit history block: its %d tokens return to the exact tail "
@@ -310,20 +323,26 @@ class AdaptiveFullLayer(DynamicLayer):
         if not self.is_initialized:
             return
         self._sync_pending()
-        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.tail_keys, self.tail_values = fn(self.tail_keys), fn(self.tail_values)
         for pool in self.pools.values():
             pool.apply_batch(fn)
-        self.shape = PoolShape(self.keys.shape[0], *list(vars(self.shape).values())[1:])
+        self.shape = PoolShape(self.tail_keys.shape[0], *list(vars(self.shape).values())[1:])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: batch row i becomes old row ``beam_idx[i]`` (tail and every pool)."""
-        self._apply_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._batch_op(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._apply_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+        """Repeat every batch row ``repeats`` times in place (tail and every pool)."""
+        self._batch_op(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._apply_batch(lambda t: t[indices, ...])
+        """Keep only the batch rows ``indices`` (tail and every pool)."""
+        self._batch_op(lambda t: t[indices, ...])
+
+    def _batch_op(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._full = None  # rows moved: the cached whole sequence is stale
+        self._apply_batch(fn)
 
     # ------------------------------------------------------------------ kernel view and accounting
     def packed_view(self) -> packed.PackedKV:
@@ -334,31 +353,30 @@ class AdaptiveFullLayer(DynamicLayer):
         self._sync_pending()
         _, order = self._gather_index(need_index=False)
         hw = dict(order)
-        B, H, _, D = self.keys.shape
+        B, H, _, D = self.tail_keys.shape
         full = self.pools.get(16)
         if full is not None and hw.get(16):
             view = full.prefix(hw[16])
             full_k, full_v = view["k"], view["v"]
         else:
-            full_k = full_v = self.keys.new_zeros(B, H, 0, D)
+            full_k = full_v = self.tail_keys.new_zeros(B, H, 0, D)
         pools = {bits: self.pools[bits].as_quant_pool(n) for bits, n in order if bits != 16}
         table = self._gather[2]  # cached with the gather index: rebuilt only when the block table changes
         return packed.PackedKV(self.shape.block_size, self.shape.value_group, table[0], table[1],
-                               full_k, full_v, self.keys, self.values, pools)
+                               full_k, full_v, self.tail_keys, self.tail_values, pools)
 
     def live_bytes(self) -> int:
         """Bytes of what is live: exact tail + used pool slots (codes, scales and zeros included)."""
         if not self.is_initialized:
             return 0
-        tail = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-        return tail + sum(pool.live_bytes() for pool in self.pools.values())
+        return tensor_bytes(self.tail_keys, self.tail_values) + sum(pool.live_bytes() for pool in self.pools.values())
 
     def reserved_bytes(self) -> int:
         """Bytes allocated: exact tail + whole pools (free slots included)."""
         if not self.is_initialized:
             return 0
-        tail = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-        return tail + sum(pool.reserved_bytes() for pool in self.pools.values())
+        pools = sum(pool.reserved_bytes() for pool in self.pools.values())
+        return tensor_bytes(self.tail_keys, self.tail_values) + pools
 
     def demotable_above(self, bits: int) -> int:
         """History blocks still stored above ``bits``."""
@@ -370,7 +388,7 @@ class AdaptiveFullLayer(DynamicLayer):
         bs = self.shape.block_size if self.shape else 0
         for b in self.block_bits:
             tokens[str(b)] += bs
-        tail = self.keys.shape[-2] if self.is_initialized else 0
+        tail = self.tail_keys.shape[-2] if self.is_initialized else 0
         tokens["16"] += tail
         return {"type": "full_attention", "tokens": self.get_seq_length(), "tokens_by_bits": tokens,
                 "tail_tokens": tail, "blocks": len(self.block_bits), "live_bytes": self.live_bytes(),
@@ -378,39 +396,19 @@ class AdaptiveFullLayer(DynamicLayer):
                 "demotions": dict(self.demotions), "lossy_crop_tokens": self.lossy_crop_tokens}
 
 
-class AdaptiveSlidingLayer(DynamicSlidingWindowLayer):
-    """Sliding-window layer: a bounded exact window (transformers' own logic), never quantized.
-
-    Its memory is bounded by ``sliding_window`` tokens, so quantizing it would save little and cost accuracy.
-    """
-
-    def reset(self) -> None:
-        """Drop the window (transformers 5.17 only zeroes it, so the next turn would append to stale zeros)."""
-        self.keys = self.values = None
-        self.is_initialized = False
-        self.cumulative_length = 0
-
-    def live_bytes(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-
-    reserved_bytes = live_bytes
-
-    def demotable_above(self, bits: int) -> int:
-        return 0
-
-    def stats(self) -> dict:
-        stored = self.keys.shape[-2] if self.is_initialized else 0
-        return {"type": "sliding_attention", "tokens": self.get_seq_length(), "stored_tokens": stored,
-                "tokens_by_bits": {"16": stored, "8": 0, "4": 0, "2": 0}, "live_bytes": self.live_bytes(),
-                "reserved_bytes": self.live_bytes(), "bf16_bytes": bf16_bytes(self)}
-
-
 def bf16_bytes(layer) -> int:
     """What the layer's stored tokens would take as bf16 keys + values (the comparison baseline)."""
-    if not layer.is_initialized or layer.keys is None:
+    if not layer.is_initialized:
         return 0
-    B, H, _, D = layer.keys.shape
-    stored = layer.get_seq_length() if isinstance(layer, AdaptiveFullLayer) else layer.keys.shape[-2]
-    return stored * B * H * (D + layer.values.shape[-1]) * 2
+    if isinstance(layer, AdaptiveFullLayer):  # shapes from the tail: never build the whole sequence for them
+        k, v, stored = layer.tail_keys, layer.tail_values, layer.get_seq_length()
+    else:
+        k, v = layer.keys, layer.values
+        stored = k.shape[-2]
+    B, H, _, D = k.shape
+    return stored * B * H * (D + v.shape[-1]) * 2
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes of the tensors' elements."""
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -33,12 +33,30 @@ from hf_adaptive.kv.cache import AdaptiveKVCache
 from hf_adaptive.kv.config import check_max_cache_len, context_limit
 from hf_adaptive.kv.layer import AdaptiveFullLayer, LayerContext
 from hf_adaptive.kv.pools import BlockPool, to_device
+from hf_adaptive.kv.sequence import tokens_to_crop
 
 logger = logging.getLogger(__name__)
 
 
 _QUANT_FIELDS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
 MIN_POOL_SLOTS = 2  # placeholder / smallest pool: dynamo specializes extents of 0 and 1, so never use them
+
+
+class CacheFullError(IndexError, ValueError):
+    """A forward would store more than ``max_cache_len`` tokens per sequence. An ``IndexError``, as transformers'
+    ``StaticCache`` raises there, and a ``ValueError``, as for any other bad size."""
+
+
+def check_room(max_cache_len: int, stored: int, incoming: int) -> None:
+    """Raise :class:`CacheFullError` if ``stored + incoming`` tokens do not fit in ``max_cache_len``."""
+    reached = stored + incoming
+    if reached <= max_cache_len:
+        return
+    raise CacheFullError(
+        f"AdaptiveStaticKVCache holds at most max_cache_len={max_cache_len} tokens per sequence; this forward would "
+        f"bring it to {reached} ({stored} stored + {incoming} new), so nothing was stored. Fix: build the cache with "
+        f"max_cache_len >= prompt length + max_new_tokens (at least {reached} here), lower max_new_tokens, or "
+        "crop() / reset() the cache before reusing it.")
 
 
 def _mark_static(t: torch.Tensor) -> None:
@@ -92,23 +110,24 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self.index = index  # position in the cache: layer 0 advances the shared device lengths
         super().__init__(context)
 
-    # The live tail as ``keys`` / ``values`` (the parent's accounting and eager paths read them): a slice of the
-    # preallocated tail, built only when read, since the per-step host work runs while the GPU waits for it.
+    # The live tail as ``tail_keys`` / ``tail_values`` (the parent's accounting and eager paths read them): a slice
+    # of the preallocated tail, built only when read, since the per-step host work runs while the GPU waits for it.
+    # ``keys`` / ``values`` (the whole sequence) are the parent's, built only when read.
     @property
-    def keys(self):
-        return self.tail_k[:, :, : self.n_tail] if self._tail_backed else self._keys
+    def tail_keys(self):
+        return self.tail_k[:, :, : self.n_tail] if self._tail_backed else self._tail_keys
 
-    @keys.setter
-    def keys(self, value) -> None:
-        self._keys = value
+    @tail_keys.setter
+    def tail_keys(self, value) -> None:
+        self._tail_keys = value
 
     @property
-    def values(self):
-        return self.tail_v[:, :, : self.n_tail] if self._tail_backed else self._values
+    def tail_values(self):
+        return self.tail_v[:, :, : self.n_tail] if self._tail_backed else self._tail_values
 
-    @values.setter
-    def values(self, value) -> None:
-        self._values = value
+    @tail_values.setter
+    def tail_values(self, value) -> None:
+        self._tail_values = value
 
     def _clear(self) -> None:
         self._tail_backed = False
@@ -165,7 +184,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self.n_tail = self.prepared = 0
         self.demotions.clear()
         self.lossy_crop_tokens = 0
-        self._gather = None
+        self._gather = self._full = None
         self._table_dirty = False
         self._refresh_view()
 
@@ -246,6 +265,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
 
     def _update_unprepared(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """Append any number of tokens: exact output first, then whole cold blocks go to the pools."""
+        check_room(self._cache.max_cache_len, self.get_seq_length(), key_states.shape[-2])
         self._sync_pending()
         k = torch.cat([self.tail_k[:, :, : self.n_tail], key_states], -2)
         v = torch.cat([self.tail_v[:, :, : self.n_tail], value_states], -2)
@@ -260,6 +280,11 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self.tail_v[:, :, : v.shape[-2]].copy_(v)
         self.n_tail, self.prepared = k.shape[-2], 0
         self._after_change()
+        decision = self.context.decision
+        if decision.demote_blocks and not self._cache.hooked_step:  # no step hooks, so prepare() did not demote
+            self.demote(decision.bits, decision.demote_blocks)
+            if self._pending is None:  # no side stream: done already, publish now (else at the next step)
+                self._after_change()
         if self.index == len(self._cache.layers) - 1:
             self._cache.write_lengths()
         return out
@@ -397,17 +422,18 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         return self._cache.max_cache_len
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last tokens (negative ``tokens_to_remove``) or keep that many (positive, legacy).
+        """Remove the last ``-tokens_to_remove`` tokens (a negative int; a positive value raises ``ValueError``, as
+        transformers' ``DynamicLayer.crop`` does).
 
         Exact within the tail; deeper, whole blocks come back into the tail dequantized (lossy when quantized,
         counted in ``lossy_crop_tokens``)."""
-        if not self.is_initialized:
-            return
         length = self.get_seq_length()
-        keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
-        keep = max(0, min(keep, length))
+        keep = length - min(tokens_to_crop(tokens_to_remove), length)
+        if keep == length:
+            return
         bs = self.shape.block_size
         self._sync_pending()
+        self._full = None
         while len(self.block_bits) * bs > keep:
             self._pop_block_static()
         self.n_tail = keep - len(self.block_bits) * bs
@@ -428,8 +454,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self.tail_k[:, :, : k.shape[-2]].copy_(k)
         self.tail_v[:, :, : v.shape[-2]].copy_(v)
         self.n_tail += k.shape[-2]
-        if bits < 16:
-            self.lossy_crop_tokens += self.shape.block_size
+        self._note_lossy_pop(bits)
 
     def _apply_batch(self, fn) -> None:
         if not self.is_initialized:
@@ -511,6 +536,16 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
         self._steady = False
         self._stored_bytes = None
 
+    def _decide(self, q: int, incoming_bytes: int) -> None:
+        """Refuse a forward past ``max_cache_len`` before any layer stores a token (every path runs this once per
+        forward, eagerly: the step hooks, the eager decode and prefill), then decide as the dynamic cache does."""
+        try:
+            check_room(self.max_cache_len, self.get_seq_length(), q)
+        except CacheFullError:
+            self.hooked_step = False  # no layer was prepared: the next forward starts from the same state
+            raise
+        super()._decide(q, incoming_bytes)
+
     def lengths_for(self, device: torch.device) -> StaticLengths:
         if self.lengths is None:
             self.lengths = StaticLengths(device)
@@ -588,6 +623,8 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
         self.policy.reset()
         self._clear_telemetry()
         self._host_ns = self._host_steps = 0
+        self.hooked_step = False
+        self.view_changes, self._view_changed_step = 0, -1
         self.note_host_change()
         self.write_lengths()
 
