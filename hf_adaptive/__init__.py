@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "resolve_model_dir": "hf_adaptive.models",
     "AdaptiveKVCache": "hf_adaptive.kv.cache",
     "AdaptiveStaticKVCache": "hf_adaptive.kv.static",
+    "CacheFullError": "hf_adaptive.kv.static",
     "KVCacheConfig": "hf_adaptive.kv.config",
     "KVPolicyConfig": "hf_adaptive.policy.kv_policy",
     "BudgetPressure": "hf_adaptive.kv.pressure",

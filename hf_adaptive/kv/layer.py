@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -326,7 +326,7 @@ class AdaptiveFullLayer(WholeSequence, DynamicLayer):
         self.tail_keys, self.tail_values = fn(self.tail_keys), fn(self.tail_values)
         for pool in self.pools.values():
             pool.apply_batch(fn)
-        self.shape = PoolShape(self.tail_keys.shape[0], *list(vars(self.shape).values())[1:])
+        self.shape = replace(self.shape, batch=self.tail_keys.shape[0])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: batch row i becomes old row ``beam_idx[i]`` (tail and every pool)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -82,6 +82,11 @@ class BlockPool:
         slots, self.free = self.free[:n], self.free[n:]
         self.used += n
         return slots
+
+    def reserve(self, slots: int) -> None:
+        """Grow to at least ``slots`` slots now (a static cache allocates its pools at their capacity up front)."""
+        if slots > self.capacity:
+            self._grow(slots)
 
     def release(self, slots: list[int]) -> None:
         """Give slots back (their data stays until overwritten)."""
@@ -157,9 +162,7 @@ class BlockPool:
         """Apply a batch-dimension op (reorder/select/repeat) to every tensor."""
         self.tensors = {name: fn(t) for name, t in self.tensors.items()}
         first = next(iter(self.tensors.values()))
-        self.shape = PoolShape(first.shape[0], *[getattr(self.shape, f) for f in
-                                                  ("heads", "head_dim", "value_group", "block_size", "dtype",
-                                                   "device")])
+        self.shape = replace(self.shape, batch=first.shape[0])
         self._slot_bytes = self._compute_slot_bytes()
 
     def as_quant_pool(self, slots: int) -> packed.QuantPool:
