@@ -126,6 +126,33 @@ def test_reset_reuses_buffers_without_recompiling(tiny):
     assert cache.stats()["host_us_per_step"] > 0
 
 
+@pytest.mark.parametrize("setting", [dict(fixed_bits=4), dict(memory_budget=60_000)], ids=["4bit", "ladder"])
+def test_twenty_mixed_calls_compile_nothing_after_warm_up(tiny, setting):
+    """Guards the way people call generate: 20 calls of mixed prompt lengths and max_new_tokens against one
+    max_cache_len (the cache reused through reset(), and under a budget whose ladder switches precision inside
+    calls) must compile no new graph after the first call, and each call must give a fresh cache's tokens."""
+    model, ids, _ = tiny
+    graphs, counting = _graph_counter()
+    torch._dynamo.reset()
+    cache = AdaptiveStaticKVCache(model.config, max_cache_len=90, **setting, **SMALL)
+    _generate(model, ids, cache, 20, compiled=True, backend=counting)
+    warm = len(graphs)
+    rng = torch.Generator().manual_seed(5)
+    bits_seen = set()
+    for i in range(20):
+        n_prompt = int(torch.randint(3, 38, (), generator=rng))
+        n_new = int(torch.randint(1, 90 - 37, (), generator=rng))
+        cache.reset()
+        out = _generate(model, ids[:, :n_prompt], cache, n_new, compiled=True, backend=counting)
+        bits_seen |= {h["bits"] for h in cache.history}
+        if i % 5 == 0:  # the eager reference costs as much as the call: check a quarter of them
+            fresh = AdaptiveStaticKVCache(model.config, max_cache_len=90, **setting, **SMALL)
+            assert torch.equal(out, _generate(model, ids[:, :n_prompt], fresh, n_new)), (n_prompt, n_new)
+    assert len(graphs) == warm, f"{len(graphs) - warm} graphs compiled after the warm-up call"
+    if "memory_budget" in setting:
+        assert len(bits_seen) > 1, bits_seen  # the ladder really moved inside the calls
+
+
 def test_crop_within_tail_is_exact(tiny):
     """Guards crop (assisted decoding): dropping the last tokens and re-feeding them must restore the logits."""
     model, ids, _ = tiny
