@@ -340,7 +340,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-draft", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--high", type=float, nargs="+", default=[0.9, 0.75, 0.5],
-                    help="fast-tier thresholds for the lossy replay (0.9 = issue default)")
+                    help="fast-tier thresholds for the lossy replay (0.9 = the policy's default)")
     ap.add_argument("--compile", action="store_true", help="also the fused steps under torch.compile (last)")
     ap.add_argument("--compile-only", action="store_true", help="only the compiled sections (implies --compile)")
     ap.add_argument("--compile-batch-sizes", type=int, nargs="+", default=[1], help="batch sizes of --compile")

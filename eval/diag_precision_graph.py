@@ -1,4 +1,4 @@
-"""GPU diagnosis of the issue-7 graph-decode failures: real bug or bf16 near-ties?
+"""GPU diagnosis of graph-decode mismatches against eager decode: a real bug or bf16 near-ties?
 
 Part A (the bug): the CUDA-graph capture warm-up really executes; it used to run at position 0 and wrote
 dummy-token KV over the first ``q`` prompt entries. For a random bf16 tiny Llama this measures, with the

@@ -1,7 +1,7 @@
 """Record a precision schedule from a model (default SmolLM2) translating the Spanish dev set on CPU, for GPU replay.
 
 Per verse (the BLEU eval's prompt and ``max_new_tokens`` rule, greedy, batch 1): the lossy run's
-per-step confidences and tiers (``generate`` + ``PrecisionController``, int4 g=64 / fp32 tiers, issue
+per-step confidences and tiers (``generate`` + ``PrecisionController``, int4 g=64 / fp32 tiers, default
 thresholds 0.9 / 0.6), and the verified rounds (drafted k, accepted) of the adaptive and always-draft
 variants over the lossy run's length. Same JSON layout as the chat-prompt recording
 (eval/data/precision_schedule_smollm2.json), so ``eval/bench_precision.py --schedule FILE`` replays it.

@@ -1,8 +1,8 @@
 """Re-score a serving benchmark's latencies from the trace's arrival times.
 
-    python eval/rescore_serve_latency.py eval/results/parallel_serve_memory_short_h200x2/call2_confirm0.5
+    python eval/rescore_serve_latency.py eval/results/parallel_serve_mixed_smollm2_h100x2
 
-Until the fix in session 5, the controller stamped a request's arrival when it took it from its inbox, i.e. after
+For runs recorded before ``Controller.submit`` stamped arrivals: the controller then stamped a request's arrival when it took it from its inbox, i.e. after
 the batch that was running when it arrived, so recorded latencies left out up to one batch of waiting. Each
 ``<mode>.json`` keeps every request's finish time, so the true latency is ``finish_s - arrival_s * time_scale``
 with the trace's own arrival times (the trace replay starts right after the controller's clock, after prompt

@@ -1,4 +1,4 @@
-"""Token-level precision switching (issue 7): confidence, policy, tiers, controller, engine, verified mode."""
+"""Token-level precision switching: confidence, policy, tiers, controller, engine, verified mode."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 7, graph path: in-graph tier decision and token pick (FusedStepDecoder), verified cost model."""
+"""Precision switching, graph path: in-graph tier decision and token pick (FusedStepDecoder), verified cost model."""
 
 from __future__ import annotations
 

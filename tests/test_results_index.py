@@ -56,7 +56,7 @@ def test_nothing_listed_is_missing(index_text):
 
 
 def test_folder_names_carry_no_history():
-    """Guards per-day folder names (`_s6`, `session8`, `wave2`): a folder says what and where, never when."""
+    """Guards per-day folder names (a run-date suffix such as `_s6`): a folder says what and where, never when."""
     history = re.compile(r"(^|_)(s\d+|session\d*|wave\d*|call\d+|rerun)(_|$)", re.IGNORECASE)
     bad = [p.relative_to(RESULTS).as_posix() for p in RESULTS.rglob("*") if p.is_dir() and history.search(p.name)]
     assert not bad, f"folder names with history in them: {bad}"

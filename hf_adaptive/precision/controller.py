@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 def default_policy_config(tiers: PrecisionTiers, **overrides) -> PrecisionPolicyConfig:
-    """Issue-7 bands mapped onto a prepared ladder: fast = cheapest, mid = native (or top), top = top."""
+    """Confidence bands mapped onto a prepared ladder: fast = cheapest, mid = native (or top), top = top."""
     mid = "native" if "native" in tiers.ladder else tiers.top
     base = dict(fast_tier=tiers.fast, mid_tier=mid, top_tier=tiers.top)
     base.update(overrides)

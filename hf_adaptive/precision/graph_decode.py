@@ -154,7 +154,7 @@ class GraphDecodeEngine:
 
         The warm-up really executes, so it writes KV at pos..pos+q-1: those slots must be scratch
         (masked for every query before them, overwritten by the real step that first reads them). Warming
-        up at position 0 (issue-7 bug) overwrote the prompt's first q KV entries with token-0 KV.
+        up at position 0 (an earlier bug) overwrote the prompt's first q KV entries with token-0 KV.
         On CUDA it runs on a side stream (lazy kernels, cuBLAS workspaces), as graph capture requires.
         """
         self.pos.fill_(self.position)
