@@ -5,7 +5,7 @@ One command (CPU or GPU):
 
 Settings compared with DynamicCache on the same model: a budget that forces 8 bits, a budget that forces
 8 then 4 bits (and demotion), and the fixed rungs 8 and 4. Teacher forcing feeds ``--tokens`` tokens of
-eval/data/english_ppl.txt in chunks of ``--chunk`` tokens, so every chunk after the first reads its history
+the package's English text (evaluation/corpus/english_ppl.txt) in chunks of ``--chunk`` tokens, so every chunk after the first reads its history
 from the cache (quantized blocks included). Greedy drift: tokens generated identically from a
 ``--prompt-tokens`` prompt before the first divergence. Writes kv_quality.json / .md / .png under ``--out``.
 """
@@ -27,7 +27,7 @@ from hf_adaptive.evaluation.report import environment_info, markdown_table, plot
 from hf_adaptive.kv.cache import AdaptiveKVCache  # noqa: E402
 from hf_adaptive.kv.quality import compare, reference_run  # noqa: E402
 
-DATA = Path(__file__).resolve().parent / "data" / "english_ppl.txt"
+DATA = DEFAULT_PPL_TEXT
 
 
 def bytes_per_token_16(model, dtype: torch.dtype) -> int:

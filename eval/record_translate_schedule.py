@@ -69,7 +69,7 @@ def _verified(tiers, ids: torch.Tensor, n: int, policy: PrecisionPolicyConfig, m
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="eval/data/precision_schedule_smollm2_translate.json")
-    ap.add_argument("--data", default=str(Path(__file__).parent / "data/dev_matthew_mark.jsonl"))
+    ap.add_argument("--data", default=str(DEFAULT_DEV_SET))
     ap.add_argument("--limit", type=int, default=16, help="verses recorded")
     ap.add_argument("--stride", type=int, default=1,
                     help="take every N-th verse of the dev set (a mix of passages, not only the first ones)")

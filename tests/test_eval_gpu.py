@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_adaptive.evaluation.settings import build_setting
-from hf_adaptive.evaluation.speed import SpeedConfig, measure_speed
+from hf_adaptive.evaluation.timing import SpeedConfig, measure_speed
 from tests.conftest import make_tiny_model
 
 

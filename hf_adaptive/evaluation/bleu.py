@@ -17,7 +17,7 @@ from hf_adaptive.evaluation.data import DEFAULT_DEV_SET, DEFAULT_REFERENCE_FIELD
 from hf_adaptive.evaluation.metrics import load_sacrebleu_metric, quality_summary
 from hf_adaptive.evaluation.report import environment_info, markdown_table, plot_pareto, write_report
 from hf_adaptive.evaluation.settings import build_setting, order_specs
-from hf_adaptive.evaluation.speed import device_description
+from hf_adaptive.evaluation.timing import device_description
 from hf_adaptive.evaluation.translate import TranslationConfig, translate
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ blocks included) exactly as it would during generation.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,14 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from hf_adaptive.kv.cache import generate_cache_kwargs
-
-
-def forward_cache_kwargs(model, cache) -> dict:
-    """``{"cache": cache}`` when the model's forward takes ``cache`` (transformers >= 5.23), else
-    ``{"past_key_values": cache}``."""
-    params = inspect.signature(model.forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
+from hf_adaptive.compat import forward_cache_kwargs, generate_cache_kwargs
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Contract: ``run_speed_eval(config)`` loads the model (real weights, or random weights of the same
 architecture with ``random_weights``), builds a prompt of ``prompt_tokens`` real English tokens
-(``eval/data/english_ppl.txt``), measures each setting with :func:`measure_speed` and writes
+(``evaluation/corpus/english_ppl.txt``), measures each setting with :func:`measure_speed` and writes
 ``speed.json`` / ``speed.md`` / ``speed.png`` under ``config.out_dir``. Speedup is against the baseline
 at the same batch size, same process, same card.
 """
@@ -18,7 +18,7 @@ from hf_adaptive.evaluation.data import DEFAULT_PPL_TEXT
 from hf_adaptive.evaluation.random_model import load_random_model
 from hf_adaptive.evaluation.report import environment_info, markdown_table, plot_bars, write_report
 from hf_adaptive.evaluation.settings import build_setting, spec_groups
-from hf_adaptive.evaluation.speed import SpeedConfig, device_description, measure_interleaved, real_text_prompt
+from hf_adaptive.evaluation.timing import SpeedConfig, device_description, measure_interleaved, real_text_prompt
 
 logger = logging.getLogger(__name__)
 

@@ -160,7 +160,7 @@ def real_text_prompt(tokenizer: Any, text: str, prompt_tokens: int, batch_size: 
     """(batch_size, prompt_tokens) ids of real text, repeating the text if it is too short."""
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     if ids.numel() == 0:
-        raise ValueError("text: tokenizes to nothing; pass real text (e.g. eval/data/english_ppl.txt).")
+        raise ValueError("text: tokenizes to nothing; pass real text (e.g. hf_adaptive/evaluation/corpus/english_ppl.txt).")
     reps = -(-prompt_tokens // ids.numel())
     row = ids.repeat(reps)[:prompt_tokens]
     return row.unsqueeze(0).repeat(batch_size, 1)
