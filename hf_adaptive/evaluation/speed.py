@@ -18,7 +18,8 @@ from hf_adaptive.evaluation.data import DEFAULT_PPL_TEXT
 from hf_adaptive.evaluation.random_model import load_random_model
 from hf_adaptive.evaluation.report import environment_info, markdown_table, plot_bars, write_report
 from hf_adaptive.evaluation.settings import build_setting, spec_groups
-from hf_adaptive.evaluation.timing import SpeedConfig, device_description, measure_interleaved, real_text_prompt
+from hf_adaptive.evaluation.report import device_description
+from hf_adaptive.evaluation.timing import SpeedConfig, measure_interleaved, real_text_prompt
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ maximum, so it only grows across settings).
 
 from __future__ import annotations
 
-import platform
 import resource
 import statistics
 import sys
@@ -147,13 +146,6 @@ def measure_speed(model: Any, input_ids: torch.Tensor, setting: Setting,
                   config: SpeedConfig) -> dict[str, Any]:
     """Median speed of one ``setting`` (see :func:`measure_interleaved`)."""
     return measure_interleaved(model, input_ids, [setting], config)[0]
-
-
-def device_description(device: torch.device) -> str:
-    """The accelerator's name (e.g. 'NVIDIA H100 80GB HBM3') or the CPU's, with core count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
 
 
 def real_text_prompt(tokenizer: Any, text: str, prompt_tokens: int, batch_size: int) -> torch.Tensor:
