@@ -5,6 +5,9 @@
 - ``pyplot()``: matplotlib on the Agg backend.
 - The KV benchmarks' shared parts (bench_kv, bench_kv_e2e, bench_static_switch, merge_bench_kv_e2e): random-init
   Llama shapes, a prefilled prompt, byte counting, grid arguments and the by-context plot.
+- GPU timing: ``time_op`` (median µs of CUDA-graph replays) and ``copy_bandwidth_bytes_per_us`` (the byte floor).
+- Precision schedules recorded on CPU for GPU replay (record_chat_schedule, record_translate_schedule): the
+  policies, the verified-mode recorder and the JSON layout ``bench_precision.py --schedule`` reads.
 - ``SERVING_TARGETS``: the goal the parallel serving bench checks the adaptive engine against.
 
 A script imports it as ``import _common``: Python puts the script's own folder first on ``sys.path``. The package
@@ -14,7 +17,10 @@ comes from the installation (or ``PYTHONPATH`` on a lent machine), never from a 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,8 @@ import torch  # noqa: E402
 from hf_adaptive.compat import forward_cache_kwargs  # noqa: E402
 from hf_adaptive.evaluation.report import environment_info, headless_pyplot  # noqa: E402
 from hf_adaptive.parallel.comparison import Targets  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 # The serving goal: adaptive at >= 1.25x the best static plan's throughput and <= 0.8x its p99 latency.
 SERVING_TARGETS = Targets(min_speedup=1.25, max_p99_ratio=0.8)
@@ -163,3 +171,76 @@ def plot_by_context(path: Path, rows: list[dict], title: str, series: Sequence[t
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def time_op(fn, inner: int, reps: int) -> float:
+    """Median microseconds of ``fn()``: CUDA-graph replays of ``inner`` calls, or do_bench if capture fails."""
+    fn()
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            fn()  # warm up on the capture stream (allocator pools)
+            with torch.cuda.graph(graph, stream=stream):
+                for _ in range(inner):
+                    fn()
+        torch.cuda.synchronize()
+    except Exception as exc:  # noqa: BLE001 - any capture failure falls back to event timing
+        logger.warning("CUDA graph capture failed (%s); timing with triton.testing.do_bench", exc)
+        import triton
+
+        return triton.testing.do_bench(fn, return_mode="median") * 1e3
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / inner)
+    return statistics.median(times)
+
+
+def copy_bandwidth_bytes_per_us() -> float:
+    """Device-to-device copy bandwidth (read + write bytes per microsecond) on a 1 GiB buffer."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_op(lambda: dst.copy_(src), inner=5, reps=10)
+    return 2 * src.numel() / us
+
+
+def schedule_policies() -> tuple[Any, Any]:
+    """(confidence-adaptive, always-draft) policies of the CPU recordings: int4 (g=64) draft, fp32 top tier."""
+    from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig
+
+    adaptive = PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32")
+    # "always": draft max_draft tokens every round, to compare with confidence-adaptive drafts
+    always = PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32", high=0.0, low=0.0)
+    return adaptive, always
+
+
+def policy_bands(scores: Sequence[float], policy: Any) -> list[str]:
+    """The band (fast / mid / top) the policy puts each confidence score in."""
+    return ["fast" if s > policy.high else "mid" if s >= policy.low else "top" for s in scores]
+
+
+def record_verified(tiers: Any, ids: torch.Tensor, n: int, policy: Any, max_draft: int) -> dict:
+    """Verified-mode rounds ``[drafted, accepted]`` (and the telemetry report) of ``n`` new tokens after ``ids``."""
+    from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
+    from hf_adaptive.precision.verified import VerifiedOptions, generate_verified
+
+    engine = GraphDecodeEngine(tiers, GraphDecodeConfig(max_len=ids.shape[1] + n + max_draft + 8,
+                                                        verify_len=max_draft + 1))
+    opts = VerifiedOptions(max_new_tokens=n, max_draft=max_draft, policy=policy)
+    generate_verified(engine, ids, opts)
+    return {"rounds": [list(r) for r in opts.history], "report": opts.telemetry.report()}
+
+
+def write_schedule(path: str | Path, model: str, records: list[dict], policy: Any, max_draft: int,
+                   **extra: Any) -> None:
+    """Write a recorded schedule: the CPU environment card, the tiers and policy, then ``records``."""
+    out = {**environment("cpu"), "model": model, "tiers": ["int4", "fp32"],
+           "policy": {"high": policy.high, "low": policy.low}, "max_draft": max_draft, **extra, "records": records}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1))

@@ -39,25 +39,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _common import environment  # first: sets the offline default
+from _precision_report import verified_cost_model, write_outputs
 import torch
 import transformers
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_precision_report import verified_cost_model, write_outputs  # noqa: E402
-from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig  # noqa: E402
-from hf_adaptive.precision.controller import PrecisionController  # noqa: E402
-from hf_adaptive.precision.decode import DecodeOptions, decode  # noqa: E402
-from hf_adaptive.precision.fused_decode import FusedOptions, FusedStepDecoder, decision_for  # noqa: E402
-from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine  # noqa: E402
-from hf_adaptive.precision.tiers import prepare_tiers  # noqa: E402
+from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig
+from hf_adaptive.precision.controller import PrecisionController
+from hf_adaptive.precision.decode import DecodeOptions, decode
+from hf_adaptive.precision.fused_decode import FusedOptions, FusedStepDecoder, decision_for
+from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
+from hf_adaptive.precision.tiers import prepare_tiers
 from hf_adaptive.precision.verified import (  # noqa: E402
     VerifiedOptions, generate_verified, greedy_with_logits, mismatch_report)
 
@@ -331,7 +330,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--config-dir", default=None,
                     help="config-only dir (config.json): that architecture with seeded random weights")
     data = Path(__file__).parent / "data"
-    ap.add_argument("--schedule", nargs="+", default=[str(p) for p in (
+    ap.add_argument("--schedule", nargs="+", default=[os.path.relpath(p) for p in (  # relative: no machine path
         data / "precision_schedule_smollm2.json", data / "precision_schedule_smollm2_translate.json") if p.exists()],
         help="recorded schedules to replay (default: the chat and translation recordings present)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -379,9 +378,10 @@ def main() -> None:
     model, weights = build_model(args.model, args.device, args.config_dir, args.shape)
     tiers = prepare_tiers(model, tiers=("int4", "native"), int4_kernel=args.int4_kernel)
     schedules = {schedule_tag(p): load_schedule(p) for p in args.schedule}
-    card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke test, not a benchmark)"
-    result = {"card": card, "torch": torch.__version__, "transformers": transformers.__version__,
-              "weights": weights, "command": " ".join(sys.argv),
+    env = environment(args.device)
+    if args.device != "cuda":
+        env["card"] += " (smoke test, not a benchmark)"
+    result = {**env, "weights": weights,
               "schedules": {schedule_tag(p): p for p in args.schedule},
               "int4_kernel": args.int4_kernel, "int4_launches": int4_launches(tiers),
               "tier_weight_bytes": tiers.memory_bytes(), "int4_unsupported_linears": tiers.unsupported,

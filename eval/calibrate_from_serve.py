@@ -97,7 +97,7 @@ def main() -> int:
              "meta": {"measured_on": f"serving runs on {metas[0]['device']} (batch records, not a calibration grid)",
                       "device": metas[0]["device"], "runs": metas, "model": args.model,
                       "dims": vars(ModelDims.from_config(config)),
-                      "command": " ".join([sys.executable] + sys.argv), "switch_costs_s": switches}}
+                      "command": " ".join(["python"] + sys.argv), "switch_costs_s": switches}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(calib, indent=1))

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from _common import SERVING_TARGETS, pyplot
 from tqdm import tqdm
 
 from hf_adaptive.parallel.comparison import compare_with_static, concurrency_lines, verdict_lines
@@ -88,12 +89,13 @@ def main() -> int:
     if not runs:
         raise SystemExit(f"every mode failed: {failed}")
     rows = {m: r["overall"] | {"switches_detail": r["switches"]} for m, r in runs.items()}
-    meta = next(iter(runs.values()))["meta"] | {"command": " ".join([sys.executable] + sys.argv),
+    meta = next(iter(runs.values()))["meta"] | {"command": " ".join(["python"] + sys.argv),  # no machine path
                                                "time_scale": args.time_scale}
     meta.pop("mode", None)
     meta.pop("policy_switches", None)
     meta["failed_modes"] = failed
-    verdict = compare_with_static(rows, len(load_trace(args.trace)), {m: f["failed"] for m, f in failed.items()})
+    verdict = compare_with_static(rows, len(load_trace(args.trace)), {m: f["failed"] for m, f in failed.items()},
+                                  targets=SERVING_TARGETS)
     (out / "serve_bench.json").write_text(json.dumps({"meta": meta, "runs": rows, "verdict": verdict}, indent=1))
     write_markdown(out / "serve_bench.md", meta, rows, verdict)
     plot(out / "serve_bench.png", rows, meta)
@@ -128,11 +130,7 @@ def _plans_run(rows: dict) -> list[str]:
 
 
 def plot(path: Path, rows: dict, meta: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(rows)
     colors = ["tab:orange" if n.startswith("adaptive") else "tab:blue" for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))

@@ -10,20 +10,16 @@ sit on a 4-bit grid: int4 at g=32 re-quantizes them exactly (100 % draft accepta
 g=64 (recorded here) quantizes that grid once more, so acceptance is lower than an RTN int4 of a
 bf16-trained model would typically give. The recorded numbers are a pessimistic real-model sample.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/record_precision_schedule.py \
+    HF_HUB_OFFLINE=1 .venv/bin/python eval/record_chat_schedule.py \
         --out eval/data/precision_schedule_smollm2.json --new-tokens 64
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
-from pathlib import Path
 
+from _common import policy_bands, record_verified, schedule_policies, write_schedule  # first: offline default
 import torch
-import transformers
 from tqdm import tqdm
 
 from hf_adaptive.models import load_model
@@ -32,7 +28,6 @@ from hf_adaptive.precision.controller import PrecisionController
 from hf_adaptive.precision.decode import DecodeOptions, decode
 from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
 from hf_adaptive.precision.tiers import prepare_tiers
-from hf_adaptive.precision.verified import VerifiedOptions, generate_verified
 
 PROMPTS = (
     "Write a short poem about the sea.",
@@ -54,16 +49,7 @@ def _record_lossy(tiers, ids: torch.Tensor, n: int, policy: PrecisionPolicyConfi
     decode(engine, ids, DecodeOptions(max_new_tokens=n, controller=ctl))
     ctl.close()
     t = ctl.telemetry
-    bands = ["fast" if s > policy.high else "mid" if s >= policy.low else "top" for s in t.scores]
-    return {"bands": bands, "scores": [round(s, 4) for s in t.scores], "tiers": t.tiers}
-
-
-def _record_verified(tiers, ids: torch.Tensor, n: int, policy: PrecisionPolicyConfig, max_draft: int) -> dict:
-    engine = GraphDecodeEngine(tiers, GraphDecodeConfig(max_len=ids.shape[1] + n + max_draft + 8,
-                                                        verify_len=max_draft + 1))
-    opts = VerifiedOptions(max_new_tokens=n, max_draft=max_draft, policy=policy)
-    generate_verified(engine, ids, opts)
-    return {"rounds": [list(r) for r in opts.history], "report": opts.telemetry.report()}
+    return {"bands": policy_bands(t.scores, policy), "scores": [round(s, 4) for s in t.scores], "tiers": t.tiers}
 
 
 def main() -> None:
@@ -74,21 +60,14 @@ def main() -> None:
     args = ap.parse_args()
     model, tok = load_model(None, device="cpu", dtype="float32")
     tiers = prepare_tiers(model, tiers=("int4", "fp32"))
-    policy = PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32")
-    # "always": draft max_draft tokens every round (QSpec-style), to compare with confidence-adaptive drafts
-    always = PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32", high=0.0, low=0.0)
+    policy, always = schedule_policies()
     records = []
     for text in tqdm(PROMPTS, desc="prompts"):
         ids = _ids(tok, text)
         records.append({"prompt": text, "lossy": _record_lossy(tiers, ids, args.new_tokens, policy),
-                        "verified": _record_verified(tiers, ids, args.new_tokens, policy, args.max_draft),
-                        "verified_always": _record_verified(tiers, ids, args.new_tokens, always, args.max_draft)})
-    out = {"model": "smollm2-135m-instruct", "device": "cpu", "tiers": ["int4", "fp32"],
-           "policy": {"high": policy.high, "low": policy.low}, "max_draft": args.max_draft,
-           "new_tokens": args.new_tokens, "torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "command": " ".join(sys.argv), "records": records}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+                        "verified": record_verified(tiers, ids, args.new_tokens, policy, args.max_draft),
+                        "verified_always": record_verified(tiers, ids, args.new_tokens, always, args.max_draft)})
+    write_schedule(args.out, "smollm2-135m-instruct", records, policy, args.max_draft, new_tokens=args.new_tokens)
     print(f"wrote {args.out}")
 
 

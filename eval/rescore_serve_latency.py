@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from _common import SERVING_TARGETS
+
 from hf_adaptive.parallel.comparison import compare_with_static, verdict_lines
 from hf_adaptive.parallel.requests import load_trace
 from hf_adaptive.policy.parallel_policy import percentile
@@ -48,7 +50,7 @@ def main() -> int:
     arrivals = {r.id: r.arrival_s for r in load_trace(trace)}
     rows = {mode: rescore(json.loads((run_dir / f"{mode}.json").read_text()), arrivals) for mode in bench["runs"]}
     failed = {m: f["failed"] for m, f in bench["meta"].get("failed_modes", {}).items()}
-    verdict = compare_with_static(rows, len(arrivals), failed)
+    verdict = compare_with_static(rows, len(arrivals), failed, targets=SERVING_TARGETS)
     (run_dir / "latency_from_trace.json").write_text(json.dumps({"trace": trace, "rows": rows, "verdict": verdict},
                                                                 indent=1))
     lines = [f"# Latency from the trace's arrival times: `{run_dir}`", "", f"Trace `{trace}`. Command: "

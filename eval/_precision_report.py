@@ -1,4 +1,5 @@
-"""Outputs of eval/bench_precision.py: the verified-mode cost model, results.json, results.md, speed.png.
+"""Outputs of eval/bench_precision.py (a helper module of that script, not a script itself): the verified-mode
+cost model, results.json, results.md, speed.png.
 
 The cost model (``hf_adaptive.policy.precision_policy.verified_speedup``) answers whether verified mode
 can reach a target speedup on this card: a round costs k draft steps + one verify forward of k + 1
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from _common import pyplot
 
 from hf_adaptive.policy.precision_policy import expected_tokens_per_round, verified_speedup
 
@@ -119,10 +122,7 @@ def write_outputs(out_dir: Path, result: dict) -> None:
 
 def plot_speed(path: Path, result: dict) -> None:
     """One bar chart per batch size: decode speed of every mode relative to native."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     batches = list(result["batches"])
     fig, axes = plt.subplots(1, len(batches), figsize=(8 * len(batches), 4.8), squeeze=False)
