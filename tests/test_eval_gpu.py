@@ -7,7 +7,7 @@ import torch
 
 from hf_adaptive.evaluation.settings import build_setting
 from hf_adaptive.evaluation.timing import SpeedConfig, measure_speed
-from tests.conftest import make_tiny_model
+from helpers import make_tiny_model
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ import torch
 import hf_adaptive
 from hf_adaptive.attention import interface, triton_decode
 from hf_adaptive.kv.cache import AdaptiveKVCache
-from tests.conftest import make_tiny_model
+from helpers import make_tiny_model
 
 ARCHS = ("llama", "qwen2", "gemma3")
 NEW_TOKENS = 24

@@ -82,7 +82,7 @@ def test_queue_head_length_signal():
 def test_shard_reads_the_host_copy_without_duplicating_or_touching_it():
     """Guards re-sharding memory: a shard's weights share the host tensors' storage until moved, and moving the
     shard (here to the meta device) or slicing it for TP leaves the host copy's tensors where and what they were."""
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
 
     from hf_adaptive.parallel.shard import build_shard
 

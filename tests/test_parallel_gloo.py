@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 PROMPT_LENS = (12, 9, 5, 12)
 NEW_TOKENS = 10

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 from hf_adaptive.policy.precision_policy import (PrecisionPolicy, PrecisionPolicyConfig, combine_scores,
                                                  draft_length, tier_for_score)
