@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
+
+from hf_adaptive.commands.common import chat_inputs, load_for_command, sampling_kwargs, wall_clock
 
 DEFAULT_PROMPT = "Write a haiku about autumn leaves."
 
@@ -39,24 +39,16 @@ def precision_command_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def precision_command(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    from hf_adaptive.models import load_model
+    model, tokenizer = load_for_command(args)
     from hf_adaptive.precision.tiers import prepare_tiers
 
-    if args.max_new_tokens < 1:
-        raise SystemExit(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}.")
-    model, tokenizer = load_model(args.model, device=args.device)
     default = "int4,native" if model.device.type == "cuda" else "int4,fp32"
     tiers = prepare_tiers(model, tiers=tuple((args.tiers or default).split(",")), int4_kernel=args.int4_kernel)
-    ids = _prompt_ids(tokenizer, args.prompt).to(model.device)
-    start = time.perf_counter()
+    ids = chat_inputs(tokenizer, args.prompt)["input_ids"].to(model.device)
     run = {"lossy": _run_lossy, "graph": _run_graph, "verified": _run_verified}[args.mode]
-    tokens, telemetry = run(tiers, ids, args)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    with wall_clock(model.device) as clock:
+        tokens, telemetry = run(tiers, ids, args)
+    seconds = clock["seconds"]
     print(tokenizer.decode(tokens, skip_special_tokens=True).strip())
     report = telemetry.report()
     print(f"\n{len(tokens)} tokens in {seconds:.2f} s; tiers {report['tier_fraction']}, "
@@ -69,23 +61,15 @@ def precision_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompt_ids(tokenizer, prompt: str):
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)["input_ids"]
-    return tokenizer(prompt, return_tensors="pt")["input_ids"]
-
-
 def _run_lossy(tiers, ids, args):
     import torch
 
     from hf_adaptive.precision.controller import PrecisionController
 
     ctl = PrecisionController(tiers)
-    sampling = {"do_sample": True, "temperature": 0.7} if args.sample else {"do_sample": False}
     with torch.inference_mode():
         out = tiers.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                                   logits_processor=[ctl], **sampling)
+                                   logits_processor=[ctl], **sampling_kwargs(args.sample))
     ctl.close()
     return out[0, ids.shape[1]:], ctl.telemetry
 
