@@ -6,7 +6,7 @@ Timing: each op is captured ``--inner`` times in a CUDA graph and replayed; the 
 replays divided by ``--inner`` is reported (falls back to ``triton.testing.do_bench`` medians if capture
 fails). The byte floor of each config is (bytes the op must read) / (measured device-copy bandwidth).
 
-Run:  python eval/bench_decode_attention.py --out eval/results/decode_attention
+Run:  python eval/bench_decode_attention.py --out results/decode_attention   (eval/gpu/run.sh kv attention)
 Writes results.json, results.md and decode_attention.png under --out.
 """
 

@@ -6,7 +6,7 @@ lm_head) of Llama-3.1-8B, Llama-3.2-1B and Qwen2.5-1.5B; 1 and 8 activation rows
 byte floor is (bytes the op must read) / (measured device-copy bandwidth). Both int4 kernels use the same
 codes, scales and zeros (group 128); the relative error is against x @ dequant(W).T in float32.
 
-Run:  python eval/bench_int4_kernels.py --out eval/results/int4_kernels_h100
+Run:  python eval/bench_int4_kernels.py --out results/int4_kernels   (eval/gpu/run.sh precision int4-kernels)
 Writes results.json, results.md and int4_kernels.png under --out.
 """
 

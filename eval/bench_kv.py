@@ -2,9 +2,9 @@
 
 One command, e.g. (GPU):
     python eval/bench_kv.py --random-shape llama-1b --contexts 1024,4096 --batch-sizes 1,4 --device cuda \
-        --dtype bfloat16 --out eval/results/bench_kv_h100
+        --dtype bfloat16 --out results/bench_kv   (eval/gpu/run.sh kv storage writes eval/results/kv_storage_CARD)
 CPU smoke size:
-    python eval/bench_kv.py --contexts 256,1024 --new-tokens 16 --repeats 3 --out eval/results/bench_kv_cpu
+    python eval/bench_kv.py --contexts 256,1024 --new-tokens 16 --repeats 3 --out results/bench_kv_cpu
 
 Each (cache, context, batch): prefill a random prompt, then decode ``--new-tokens`` greedy steps; the decode time
 (warm-up runs excluded, median of ``--repeats``) gives tokens/s; KV bytes are measured on the live tensors after
@@ -118,7 +118,7 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
-    p.add_argument("--out", default="eval/results/bench_kv")
+    p.add_argument("--out", default="results/bench_kv")
     return parse_grid_args(p, argv, CACHES)
 
 

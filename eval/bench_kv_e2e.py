@@ -2,7 +2,7 @@
 (eager dequantize path vs the fused packed-KV attention kernel).
 
 One command (GPU, default flags finish in < 6 minutes on one H100):
-    python eval/bench_kv_e2e.py --out eval/results/bench_kv_e2e_h100
+    python eval/bench_kv_e2e.py --out results/bench_kv_e2e   (eval/gpu/run.sh kv e2e-* runs the committed grid)
 CPU smoke size:
     python eval/bench_kv_e2e.py --device cpu --dtype float32 --shape tiny --contexts 128,256 --batch-sizes 1,2 \
         --new-tokens 4 --out /tmp/bench_kv_e2e_cpu
@@ -209,7 +209,7 @@ def parse_args(argv=None):
     p.add_argument("--profile-steps", type=int, default=0, help="profile N steps of each compiled config (GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
-    p.add_argument("--out", default="eval/results/bench_kv_e2e")
+    p.add_argument("--out", default="results/bench_kv_e2e")
     return parse_grid_args(p, argv, CACHES)
 
 

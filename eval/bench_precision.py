@@ -30,7 +30,7 @@ weights, e.g. a config-only export of Qwen2.5-Coder-1.5B) or a random-init Llama
 Llama-3.2-1B; ``llama-3.1-8b`` is where weights dominate the step). Writes results.json,
 results.md and speed.png under ``--out`` (rewritten after each section, so a cut-off run keeps its data).
 
-    python eval/bench_precision.py --out eval/results/precision_h100 --compile
+    python eval/bench_precision.py --out results/precision --compile
     python eval/bench_precision.py --config-dir .gpu/qwen_cfg --compile-only --compile-batch-sizes 1 8 \
         --schedule eval/data/precision_schedule_qwen2.5-coder-1.5b_translate.json --out /tmp/precision_qwen
 """

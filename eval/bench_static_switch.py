@@ -3,7 +3,7 @@ steps 16 → 8 → 4 bits; a pool appearing or being released changes the view (
 step is not re-traced: the view's signature is fixed, its pool extents dynamic).
 
 One command (GPU, ~1-2 minutes on one H100):
-    python eval/bench_static_switch.py --out eval/results/static_switch_h100
+    python eval/bench_static_switch.py --out results/static_switch   (eval/gpu/run.sh kv static-switch)
 CPU smoke:
     python eval/bench_static_switch.py --device cpu --dtype float32 --shape tiny --context 256 --steps 60 --out /tmp/sw
 

@@ -1,7 +1,7 @@
 """Fit a simulator calibration from the batch records of real serving runs (no extra GPU time).
 
-    python eval/calibrate_from_serve.py eval/results/parallel_serve_memory_short_h200x2/call3_confirm0 \
-        --model .gpu/qwen7b_cfg --device-memory-gb 18 --out eval/calibration/parallel_h200x2_qwen7b_served.json
+    python eval/calibrate_from_serve.py eval/results/parallel_serve_equal_concurrency_qwen7b/h200x4_cost_rule \
+        --model .gpu/qwen7b_cfg --device-memory-gb 18 --out eval/calibration/parallel_h200x4_qwen7b_served_per_device.json
 
 Every ``<mode>.json`` of the given ``parallel_serve_bench.py`` output directories (static and adaptive runs alike)
 records each request's batch (plan, start, finish) and size, so each batch's duration is known together with the

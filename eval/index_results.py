@@ -5,7 +5,8 @@ Run from the repository root::
     python eval/index_results.py            # rewrite eval/results/README.md and README.md's headline table
     python eval/index_results.py --check    # exit 1 when either is stale (what CI and the tests run)
 
-Contract: every folder under ``eval/results/`` is one result, named ``<area>_<what>_<card>`` with area one of
+Contract: every folder under ``eval/results/`` (but ``_scratch``-like ones starting with ``_`` or ``.``, which git
+ignores) is one result, named ``<area>_<what>_<card>`` with area one of
 ``kv``, ``precision``, ``parallel``, ``quality``. A directory inside it is a *run* when it holds a JSON file
 whose provenance (card, versions, command; at the top level or under ``environment`` / ``env`` / ``meta``) can be
 read. Headline numbers come from ``eval/results/headlines.json`` (and from a ``headline`` list inside any result
@@ -182,7 +183,7 @@ def _missing(file: str) -> dict[str, str]:
 
 def collect(results: Path = RESULTS) -> tuple[dict[str, list[Run]], list[Headline], list[dict[str, str]]]:
     """Folders with their runs, every headline (from headlines.json and result JSONs), the withdrawn list."""
-    folders = {p.name: runs_of(p) for p in sorted(results.iterdir()) if p.is_dir()}
+    folders = {p.name: runs_of(p) for p in sorted(results.iterdir()) if p.is_dir() and p.name[0] not in "._"}
     for name, runs in folders.items():
         area_of(name)
         if not runs:

@@ -119,7 +119,7 @@ def parse_args(argv=None):
     p.add_argument("--value-group", type=int, default=64)
     p.add_argument("--device", default="cuda")
     p.add_argument("--arithmetic-only", action="store_true", help="print the memory arithmetic and exit")
-    p.add_argument("--out", default="eval/results/oom_survival")
+    p.add_argument("--out", default="results/oom_survival")
     return p.parse_args(argv)
 
 

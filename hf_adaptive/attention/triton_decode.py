@@ -57,9 +57,8 @@ class DecodeKernelConfig:
         waves: target number of programs per SM when choosing the number of splits.
         max_splits: upper bound on splits per (batch, kv head).
         split_unpack: load each packed byte once and interleave its 4/2-bit fields (True, the default), or
-            load the byte once per channel it holds (False). Measured on an H100 (4-bit, head dim 64, best launch
-            config of each): 334 vs 429 µs at 32k tokens batch 8, 38 vs 60 µs at 32k batch 1, 9.1 vs 12.3 µs at
-            4k batch 1 (eval/results/decode_attention_sweep_h100).
+            load the byte once per channel it holds (False). True was faster at every shape measured (the
+            ``kv_decode_attention_sweep_*`` result in eval/results/README.md).
     """
 
     chunk: int | None = None
