@@ -26,6 +26,7 @@ from hf_adaptive.parallel.comparison import compare_with_static, concurrency_lin
 from hf_adaptive.parallel.launch import LaunchConfig, build_launch, run_launch
 from hf_adaptive.parallel.plans import ModelDims, all_plans
 from hf_adaptive.parallel.requests import load_trace
+from hf_adaptive.parallel.sim_report import mode_bars
 
 
 def parse_args() -> argparse.Namespace:
@@ -131,16 +132,9 @@ def _plans_run(rows: dict) -> list[str]:
 
 def plot(path: Path, rows: dict, meta: dict) -> None:
     plt = pyplot()
-    names = list(rows)
-    colors = ["tab:orange" if n.startswith("adaptive") else "tab:blue" for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, key, label in zip(axes, ("wall_throughput_tok_s", "latency_p50_s", "latency_p99_s"),
-                              ("throughput (tok/s, wall)", "p50 latency (s)", "p99 latency (s)")):
-        # Hatched: a static plan that refused part of the trace (its numbers count less work).
-        ax.bar(names, [rows[n].get(key, 0.0) for n in names], color=colors,
-               hatch=["//" if rows[n].get("rejected", 0) else "" for n in names])
-        ax.set_title(label)
-        ax.tick_params(axis="x", rotation=30)
+    mode_bars(axes, rows, [("wall_throughput_tok_s", "throughput (tok/s, wall)"), ("latency_p50_s", "p50 latency (s)"),
+                           ("latency_p99_s", "p99 latency (s)")])
     fig.suptitle(f"{meta['device']} x {meta['world_size']}: {Path(meta['trace']).name}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
