@@ -25,7 +25,9 @@
 #   parallel-4gpu  4 GPUs per job; as parallel-2gpu. serve-refit reuses the calibration serve fitted on the same
 #                  warm machine, so run it in the next call.
 #   quality        CPU, real checkpoints (they do not fit a GPU call): hours on 2 cores (the 48-verse runs run
-#                  one verse at a time). Needs the embedded models (scripts/setup.sh fetches them once).
+#                  one verse at a time). Needs the embedded models (scripts/setup.sh fetches them once); run it
+#                  with the project's interpreter: PYTHON=.venv/bin/python bash eval/gpu/run.sh quality.
+# PYTHON (default python3) names the interpreter; on the lent machines it is the image's, with torch installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=eval/results
