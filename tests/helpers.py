@@ -94,3 +94,20 @@ def run_under_triton_interpreter(test_file: str) -> list:
     proc = subprocess.run([sys.executable, test_file], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def load_eval_script(name: str):
+    """``eval/<name>.py`` as a module, importable the way Python runs it: with eval/ on ``sys.path`` (appended, so
+    it shadows nothing), where its ``_common`` import resolves. The module is registered under ``eval_<name>``."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    eval_dir = Path(__file__).resolve().parents[1] / "eval"
+    if str(eval_dir) not in sys.path:
+        sys.path.append(str(eval_dir))
+    spec = importlib.util.spec_from_file_location(f"eval_{name}", eval_dir / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module

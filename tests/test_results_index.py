@@ -5,27 +5,16 @@ The generator is a script, not part of the package, so it is loaded from its fil
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_eval_script
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "eval" / "results"
-
-
-def _load_index_module():
-    spec = importlib.util.spec_from_file_location("index_results", REPO / "eval" / "index_results.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-ix = _load_index_module()
+ix = load_eval_script("index_results")
 
 
 @pytest.fixture(scope="module")
