@@ -6,7 +6,7 @@ Timing: each op is captured ``--inner`` times in a CUDA graph and replayed; the 
 replays divided by ``--inner`` is reported (falls back to ``triton.testing.do_bench`` medians if capture
 fails). The byte floor of each config is (bytes the op must read) / (measured device-copy bandwidth).
 
-Run:  python eval/bench_decode_attention.py --out eval/results/decode_attention
+Run:  python eval/bench_decode_attention.py --out results/decode_attention   (eval/gpu/run.sh kv attention)
 Writes results.json, results.md and decode_attention.png under --out.
 """
 
@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
-import statistics
 import sys
 from pathlib import Path
 
+from _common import copy_bandwidth_bytes_per_us, environment, pyplot, time_op  # first: sets the offline default
 import torch
 from tqdm import tqdm
 
@@ -66,35 +65,6 @@ def packed_bytes(packed) -> int:
     return total
 
 
-def time_op(fn, inner: int, reps: int) -> float:
-    """Median microseconds of ``fn()``: CUDA-graph replays of ``inner`` calls, or do_bench if capture fails."""
-    fn()
-    torch.cuda.synchronize()
-    try:
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        with torch.cuda.stream(stream):
-            fn()  # warm up on the capture stream (allocator pools)
-            with torch.cuda.graph(graph, stream=stream):
-                for _ in range(inner):
-                    fn()
-        torch.cuda.synchronize()
-    except Exception as exc:  # noqa: BLE001 - any capture failure falls back to event timing
-        logger.warning("CUDA graph capture failed (%s); timing with triton.testing.do_bench", exc)
-        import triton
-
-        return triton.testing.do_bench(fn, return_mode="median") * 1e3
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / inner)
-    return statistics.median(times)
-
-
 def time_eager(fn, calls: int = 50) -> float:
     """Wall-clock microseconds per call of ``calls`` back-to-back eager calls: includes Python/launch overhead,
     which is what an un-graphed ``generate`` pays per layer and token."""
@@ -107,14 +77,6 @@ def time_eager(fn, calls: int = 50) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e6 / calls
-
-
-def copy_bandwidth_bytes_per_us() -> float:
-    """Device-to-device copy bandwidth (read + write bytes per microsecond) on a 1 GiB buffer."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    us = time_op(lambda: dst.copy_(src), inner=5, reps=10)
-    return 2 * src.numel() / us
 
 
 def bench_config(batch, context, bits, args, bandwidth) -> dict:
@@ -166,7 +128,7 @@ def sweep_configs(args) -> list[dict]:
 def write_markdown(result: dict, path: Path) -> None:
     """A table per batch size: microseconds per method, speedups, byte floor and its attained fraction."""
     env = result["env"]
-    lines = [f"# Decode attention over the packed KV cache — {env['gpu']}", "",
+    lines = [f"# Decode attention over the packed KV cache — {env['card']}", "",
              f"torch {env['torch']}, transformers {env['transformers']}, triton {env['triton']}; "
              f"copy bandwidth {result['copy_bandwidth_GBps']:.0f} GB/s", "", f"Command: `{env['command']}`", "",
              f"Shape: {Q_HEADS} q heads, {KV_HEADS} kv heads, head dim {HEAD_DIM}, block {BLOCK}, tail {TAIL}, value group {GROUP}; "
@@ -194,11 +156,7 @@ def write_markdown(result: dict, path: Path) -> None:
 
 def write_plot(result: dict, path: Path) -> None:
     """µs per decode call vs context, one panel per batch size; fused kernel per bits vs the two baselines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     batches = sorted({r["batch"] for r in result["rows"]})
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
     for ax, batch in zip(axes[0], batches):
@@ -213,28 +171,12 @@ def write_plot(result: dict, path: Path) -> None:
         sel = sorted((r for r in rows if r["bits"] == max(r2["bits"] for r2 in rows)), key=lambda r: r["context"])
         ax.plot([r["context"] for r in sel], [r["bf16_sdpa_us"] for r in sel], "s-k", label="bf16 sdpa (dense)")
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="µs per decode call",
-               title=f"batch {batch} — {result['env']['gpu']}")
+               title=f"batch {batch} — {result['env']['card']}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def environment(argv) -> dict:
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    from hf_adaptive.evaluation.report import git_commit
-
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "triton": triton_version, "python": platform.python_version(), "git_commit": git_commit(),
-            "command": " ".join(["python", *sys.argv[:1], *(argv if argv is not None else sys.argv[1:])])}
 
 
 def main(argv=None) -> int:
@@ -247,7 +189,7 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth_bytes_per_us()
     grid = [(b, c, bits) for b in _ints(args.batches) for c in _ints(args.contexts) for bits in _ints(args.bits)]
     rows = [bench_config(b, c, bits, args, bandwidth) for b, c, bits in tqdm(grid, desc="configs")]
-    result = {"env": environment(argv), "copy_bandwidth_GBps": bandwidth * 1e-3, "rows": rows,
+    result = {"env": environment("cuda"), "copy_bandwidth_GBps": bandwidth * 1e-3, "rows": rows,
               "sweep": sweep_configs(args) if args.sweep else []}
     (out_dir / "results.json").write_text(json.dumps(result, indent=1))
     write_markdown(result, out_dir / "results.md")

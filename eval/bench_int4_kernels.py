@@ -2,11 +2,11 @@
 
 Shapes: every distinct linear of a decode step (q/k/v and gate/up fused, as ``prepare_tiers`` runs them, and
 lm_head) of Llama-3.1-8B, Llama-3.2-1B and Qwen2.5-1.5B; 1 and 8 activation rows. Timing: each op captured
-``--inner`` times in a CUDA graph and replayed (``bench_decode_attention.time_op``); median µs per call. The
+``--inner`` times in a CUDA graph and replayed (``_common.time_op``); median µs per call. The
 byte floor is (bytes the op must read) / (measured device-copy bandwidth). Both int4 kernels use the same
 codes, scales and zeros (group 128); the relative error is against x @ dequant(W).T in float32.
 
-Run:  python eval/bench_int4_kernels.py --out eval/results/int4_kernels_h100
+Run:  python eval/bench_int4_kernels.py --out results/int4_kernels   (eval/gpu/run.sh precision int4-kernels)
 Writes results.json, results.md and int4_kernels.png under --out.
 """
 
@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 
+from _common import copy_bandwidth_bytes_per_us, environment, pyplot, time_op  # first: sets the offline default
 import torch
 from tqdm import tqdm
 
-from bench_decode_attention import copy_bandwidth_bytes_per_us, time_op
 from hf_adaptive.precision.int4 import choose_group_size, dequantize_int4_reference, int4_linear, pack_int4
 from hf_adaptive.precision.int4_triton import dequantize_triton_int4, int4_triton_linear, pack_int4_triton
 
@@ -99,11 +97,7 @@ def write(out_dir: Path, result: dict) -> None:
 
 
 def plot(path: Path, result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [r for r in result["rows"] if r["rows"] == 1]
     if not rows:
         return
@@ -127,12 +121,8 @@ LAYERS = {"llama-3.1-8b": 32, "llama-3.2-1b": 16, "qwen2.5-1.5b": 28}
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    import triton
-
     bandwidth = copy_bandwidth_bytes_per_us()
-    result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "python": platform.python_version(), "command": " ".join([sys.executable] + sys.argv),
-              "copy_bandwidth_GBps": bandwidth * 1e-3, "rows": [], "step_sums": {}}
+    result = {**environment("cuda"), "copy_bandwidth_GBps": bandwidth * 1e-3, "rows": [], "step_sums": {}}
     todo = [(model, name, nk) for model in args.models for name, nk in SHAPES[model].items()]
     for model, name, (n, k) in tqdm(todo, desc="shapes"):
         for r in bench_shape(n, k, args.rows, args, bandwidth):

@@ -2,9 +2,9 @@
 
 One command, e.g. (GPU):
     python eval/bench_kv.py --random-shape llama-1b --contexts 1024,4096 --batch-sizes 1,4 --device cuda \
-        --dtype bfloat16 --out eval/results/bench_kv_h100
+        --dtype bfloat16 --out results/bench_kv   (eval/gpu/run.sh kv storage writes eval/results/kv_storage_CARD)
 CPU smoke size:
-    python eval/bench_kv.py --contexts 256,1024 --new-tokens 16 --repeats 3 --out eval/results/bench_kv_cpu
+    python eval/bench_kv.py --contexts 256,1024 --new-tokens 16 --repeats 3 --out results/bench_kv_cpu
 
 Each (cache, context, batch): prefill a random prompt, then decode ``--new-tokens`` greedy steps; the decode time
 (warm-up runs excluded, median of ``--repeats``) gives tokens/s; KV bytes are measured on the live tensors after
@@ -17,38 +17,25 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import SHAPES, environment, kv_bytes, parse_grid_args, plot_by_context, random_llama, sync  # first: offline
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache, QuantizedCache
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from transformers import DynamicCache, QuantizedCache  # noqa: E402
-
-from hf_adaptive.evaluation.report import environment_info, markdown_table, write_report  # noqa: E402
-from hf_adaptive.kv.cache import AdaptiveKVCache  # noqa: E402
-from hf_adaptive.kv.quality import forward_cache_kwargs  # noqa: E402
-from hf_adaptive.kv.static import AdaptiveStaticKVCache  # noqa: E402
+from hf_adaptive.compat import forward_cache_kwargs
+from hf_adaptive.evaluation.report import markdown_table, write_report
+from hf_adaptive.kv.cache import AdaptiveKVCache
 
 CACHES = ("dynamic", "adaptive16", "adaptive8", "adaptive4", "quanto4", "hqq4")
-RANDOM_SHAPES = {"llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-                                  num_key_value_heads=8, head_dim=64, intermediate_size=8192, vocab_size=128256)}
 
 
 def load(args):
     """(model, description) from --model or --random-shape."""
-    dtype = getattr(torch, args.dtype)
     if args.random_shape:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        config = LlamaConfig(**RANDOM_SHAPES[args.random_shape], max_position_embeddings=131072)
-        with torch.device(args.device):
-            model = LlamaForCausalLM(config).to(dtype).eval()
-        return model, f"random-init {args.random_shape}"
+        return random_llama(args.random_shape, args.device, args.dtype), f"random-init {args.random_shape}"
     from hf_adaptive.models import load_model
 
     model, _ = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -66,39 +53,6 @@ def make_cache(name: str, model, args):
     backend, nbits = name[:-1], int(name[-1])
     return QuantizedCache(backend=backend, config=model.config, nbits=nbits, q_group_size=64,
                           residual_length=args.residual_length)
-
-
-def tensor_bytes(obj, seen: set | None = None) -> int:
-    """Bytes of every tensor reachable from ``obj`` (tensor subclasses via their inner tensors)."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return 0
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
-            names, _ = obj.__tensor_flatten__()
-            return sum(tensor_bytes(getattr(obj, n), seen) for n in names)
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v, seen) for v in obj)
-    if hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
-        return sum(tensor_bytes(v, seen) for k, v in vars(obj).items() if k != "context")
-    return 0
-
-
-def kv_bytes(cache) -> int:
-    if isinstance(cache, AdaptiveStaticKVCache):  # preallocated: count what it reserved
-        return cache.stats()["reserved_bytes"]
-    if isinstance(cache, AdaptiveKVCache):
-        return cache.live_bytes()
-    return sum(tensor_bytes(layer) for layer in cache.layers)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -152,7 +106,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="embedded model name or local checkpoint (default SmolLM2)")
-    src.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES), default=None)
+    src.add_argument("--random-shape", choices=sorted(SHAPES), default=None)
     p.add_argument("--contexts", default="256,1024", help="comma-separated prompt lengths")
     p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes")
     p.add_argument("--new-tokens", type=int, default=32)
@@ -164,61 +118,23 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
-    p.add_argument("--out", default="eval/results/bench_kv")
+    p.add_argument("--out", default="results/bench_kv")
     return parse_grid_args(p, argv, CACHES)
-
-
-def parse_grid_args(p: argparse.ArgumentParser, argv, caches: tuple[str, ...]) -> argparse.Namespace:
-    """Parse, then split the comma lists ``--contexts``, ``--batch-sizes``, ``--caches`` (checked against ``caches``)."""
-    args = p.parse_args(argv)
-    args.contexts = [int(x) for x in args.contexts.split(",")]
-    args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
-    args.caches = [c for c in args.caches.split(",") if c]
-    bad = [c for c in args.caches if c not in caches]
-    if bad:
-        p.error(f"--caches: unknown {bad}; choose from {caches}")
-    return args
 
 
 def plot_lines(path: Path, rows: list[dict], title: str) -> None:
     """ms per decode step and KV MiB against context, one line per cache, one column per batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(2, len(batches), figsize=(6 * len(batches), 8), squeeze=False)
-    for col, batch in enumerate(batches):
-        for cache in dict.fromkeys(r["cache"] for r in rows):
-            pts = sorted((r["context"], r["decode_ms_per_step"], r["kv_mib"]) for r in rows
-                         if r["cache"] == cache and r["batch"] == batch)
-            if pts:
-                ctx, ms, mib = zip(*pts)
-                axes[0][col].plot(ctx, ms, marker="o", label=cache)
-                axes[1][col].plot(ctx, mib, marker="o", label=cache)
-        axes[0][col].set_title(f"batch {batch}: ms per decode step")
-        axes[1][col].set_title(f"batch {batch}: KV MiB (scales/zeros included)")
-        for ax in (axes[0][col], axes[1][col]):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("context (tokens)")
-            ax.grid(alpha=0.3)
-        axes[1][col].set_yscale("log")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_by_context(path, rows, title, [("decode_ms_per_step", "ms per decode step", False),
+                                        ("kv_mib", "KV MiB (scales/zeros included)", True)])
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     model, description = load(args)
-    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     rows = bench(model, args)
-    env = {**environment_info(args.device, card), "model": description, "dtype": args.dtype,
-           "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup,
-           "load_average_1m_at_end": os.getloadavg()[0]}
+    env = environment(args.device, model=description, dtype=args.dtype, new_tokens=args.new_tokens,
+                      repeats=args.repeats, warmup=args.warmup, load_average_1m_at_end=os.getloadavg()[0])
+    card = env["card"]
     done = [r for r in rows if "skipped" not in r]
     columns = ["cache", "context", "batch", "decode_tok_s", "decode_ms_per_step", "prefill_ms", "kv_mib",
                "ratio_vs_bf16", "skipped"]

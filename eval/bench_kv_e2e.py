@@ -2,7 +2,7 @@
 (eager dequantize path vs the fused packed-KV attention kernel).
 
 One command (GPU, default flags finish in < 6 minutes on one H100):
-    python eval/bench_kv_e2e.py --out eval/results/bench_kv_e2e_h100
+    python eval/bench_kv_e2e.py --out results/bench_kv_e2e   (eval/gpu/run.sh kv e2e-* runs the committed grid)
 CPU smoke size:
     python eval/bench_kv_e2e.py --device cpu --dtype float32 --shape tiny --contexts 128,256 --batch-sizes 1,2 \
         --new-tokens 4 --out /tmp/bench_kv_e2e_cpu
@@ -33,43 +33,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import (E2E_SERIES, SHAPES, environment, kv_bytes, parse_grid_args,  # first: offline default
+                     plot_by_context, prefill, random_llama, sync)
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache, StaticCache
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
-
-import hf_adaptive  # noqa: E402
-from eval.bench_kv import kv_bytes, parse_grid_args  # noqa: E402
-from hf_adaptive.evaluation.report import environment_info, markdown_table, write_report  # noqa: E402
-from hf_adaptive.kv.cache import AdaptiveKVCache  # noqa: E402
-from hf_adaptive.kv.quality import forward_cache_kwargs  # noqa: E402
-from hf_adaptive.kv.static import AdaptiveStaticKVCache  # noqa: E402
+import hf_adaptive
+from hf_adaptive.compat import forward_cache_kwargs
+from hf_adaptive.evaluation.report import markdown_table, write_report
+from hf_adaptive.kv.cache import AdaptiveKVCache
+from hf_adaptive.kv.static import AdaptiveStaticKVCache
 
 CACHES = ("dynamic", "quanto4", "hqq4", "adaptive16", "adaptive8", "adaptive4", "fused8", "fused4", "static_compiled",
           "compiled16", "compiled8", "compiled4")
-SHAPES = {
-    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=64, intermediate_size=8192, vocab_size=128256),
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                 intermediate_size=256, vocab_size=512),
-}
-
-
-def build_model(args) -> LlamaForCausalLM:
-    """Random-init Llama of ``--shape`` on ``--device`` in ``--dtype``."""
-    torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=131072)
-    with torch.device(args.device):
-        model = LlamaForCausalLM(config).to(getattr(torch, args.dtype)).eval()
-    model.generation_config.pad_token_id = 0
+def build_model(args):
+    """Random-init Llama of ``--shape`` on ``--device`` in ``--dtype``, with our attention registered."""
+    model = random_llama(args.shape, args.device, args.dtype)
     hf_adaptive.register_attention()
     return model
 
@@ -94,23 +78,6 @@ def make_cache(name: str, model, max_len: int, args):
     bits = int(name.removeprefix("adaptive").removeprefix("fused"))
     return AdaptiveKVCache(model.config, fixed_bits=None if bits == 16 else bits, residual_length=args.residual_length,
                            block_size=args.block_size, packed_attention=name.startswith("fused"))
-
-
-@torch.no_grad()
-def prefill(model, context: int, batch: int, args) -> tuple[list, torch.Tensor]:
-    """Per-layer (keys, values) of a random prompt and the first greedy token (B, 1)."""
-    model.set_attn_implementation("sdpa")
-    g = torch.Generator().manual_seed(context + batch)
-    ids = torch.randint(10, model.config.vocab_size, (batch, context), generator=g).to(args.device)
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **forward_cache_kwargs(model, cache))
-    states = [(layer.keys, layer.values) for layer in cache.layers]
-    return states, out.logits[:, -1:].argmax(-1)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -199,7 +166,7 @@ def bench(model, args) -> list[dict]:
                 if _compiled(name) and compile_spent > args.compile_budget_s:
                     raise TimeoutError(f"--compile-budget-s={args.compile_budget_s} spent on static_compiled")
                 if states is None:
-                    states, token = prefill(model, context, batch, args)
+                    states, token = prefill(model, context, batch, args.device)
                 t0 = time.perf_counter()
                 r = decode_one(model, name, states, token, args)
                 compile_spent += time.perf_counter() - t0 if _compiled(name) else 0.0
@@ -223,42 +190,6 @@ def bench(model, args) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    """ms/token and KV GiB vs context, one line per cache, one column per batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [r for r in rows if "skipped" not in r]
-    batches = sorted({r["batch"] for r in done})
-    if not batches:
-        return
-    fig, axes = plt.subplots(2, len(batches), figsize=(6 * len(batches), 8), squeeze=False)
-    for col, batch in enumerate(batches):
-        for cache in dict.fromkeys(r["cache"] for r in done):
-            pts = sorted((r["context"], r["ms_per_token"], r["kv_gib"]) for r in done
-                         if r["cache"] == cache and r["batch"] == batch)
-            if pts:
-                x = [p[0] for p in pts]
-                axes[0][col].plot(x, [p[1] for p in pts], marker="o", label=cache)
-                axes[1][col].plot(x, [p[2] for p in pts], marker="o", label=cache)
-        for row, ylabel in enumerate(("ms / decoded token", "KV GiB")):
-            ax = axes[row][col]
-            ax.set_xscale("log", base=2)
-            if row == 0:  # ms/token spans ~1.5 to ~50: log scale keeps the fast caches apart
-                ax.set_yscale("log")
-            ax.set_xlabel("context tokens")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"batch {batch}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b", help="random-init Llama shape")
@@ -278,7 +209,7 @@ def parse_args(argv=None):
     p.add_argument("--profile-steps", type=int, default=0, help="profile N steps of each compiled config (GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
-    p.add_argument("--out", default="eval/results/bench_kv_e2e")
+    p.add_argument("--out", default="results/bench_kv_e2e")
     return parse_grid_args(p, argv, CACHES)
 
 
@@ -290,12 +221,11 @@ def main(argv=None) -> None:
         # it, so whichever cache ran first at a shape looked several times slower (58-93 ms vs 13 ms, H100)
         torch.backends.cuda.enable_cudnn_sdp(False)
     model = build_model(args)
-    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     t0 = time.perf_counter()
     rows = bench(model, args)
-    env = {**environment_info(args.device, card), "model": f"random-init {args.shape}", "dtype": args.dtype,
-           "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup,
-           "wall_s": round(time.perf_counter() - t0, 1)}
+    env = environment(args.device, model=f"random-init {args.shape}", dtype=args.dtype, new_tokens=args.new_tokens,
+                      repeats=args.repeats, warmup=args.warmup, wall_s=round(time.perf_counter() - t0, 1))
+    card = env["card"]
     columns = ["cache", "context", "batch", "ms_per_token", "gpu_ms_per_token", "kv_gib", "view_changes", "cudnn_sdpa",
                "skipped"]
     notes = ("ms_per_token: median over timed runs of decode wall time / new tokens (warm-up excluded). kv_gib: live "
@@ -307,7 +237,7 @@ def main(argv=None) -> None:
              f"--profile-steps (compiled configs only).")
     paths = write_report(args.out, "bench_kv_e2e", {"rows": rows, "args": vars(args)}, env,
                          markdown_table(rows, columns), f"End-to-end decode: random-init {args.shape} on {card}", notes)
-    plot(rows, Path(args.out) / "bench_kv_e2e.png", f"{args.shape} {args.dtype} on {card}")
+    plot_by_context(Path(args.out) / "bench_kv_e2e.png", rows, f"{args.shape} {args.dtype} on {card}", E2E_SERIES)
     print(markdown_table(rows, columns))
     print("wrote", {k: str(v) for k, v in paths.items()}, "and bench_kv_e2e.png")
 

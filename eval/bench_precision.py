@@ -30,7 +30,7 @@ weights, e.g. a config-only export of Qwen2.5-Coder-1.5B) or a random-init Llama
 Llama-3.2-1B; ``llama-3.1-8b`` is where weights dominate the step). Writes results.json,
 results.md and speed.png under ``--out`` (rewritten after each section, so a cut-off run keeps its data).
 
-    python eval/bench_precision.py --out eval/results/precision_h100 --compile
+    python eval/bench_precision.py --out results/precision --compile
     python eval/bench_precision.py --config-dir .gpu/qwen_cfg --compile-only --compile-batch-sizes 1 8 \
         --schedule eval/data/precision_schedule_qwen2.5-coder-1.5b_translate.json --out /tmp/precision_qwen
 """
@@ -39,25 +39,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _common import environment  # first: sets the offline default
+from _precision_report import verified_cost_model, write_outputs
 import torch
 import transformers
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench_precision_report import verified_cost_model, write_outputs  # noqa: E402
-from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig  # noqa: E402
-from hf_adaptive.precision.controller import PrecisionController  # noqa: E402
-from hf_adaptive.precision.decode import DecodeOptions, decode  # noqa: E402
-from hf_adaptive.precision.fused_decode import FusedOptions, FusedStepDecoder, decision_for  # noqa: E402
-from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine  # noqa: E402
-from hf_adaptive.precision.tiers import prepare_tiers  # noqa: E402
+from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig
+from hf_adaptive.precision.controller import PrecisionController
+from hf_adaptive.precision.decode import DecodeOptions, decode
+from hf_adaptive.precision.fused_decode import FusedOptions, FusedStepDecoder, decision_for
+from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
+from hf_adaptive.precision.tiers import prepare_tiers
 from hf_adaptive.precision.verified import (  # noqa: E402
     VerifiedOptions, generate_verified, greedy_with_logits, mismatch_report)
 
@@ -331,7 +330,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--config-dir", default=None,
                     help="config-only dir (config.json): that architecture with seeded random weights")
     data = Path(__file__).parent / "data"
-    ap.add_argument("--schedule", nargs="+", default=[str(p) for p in (
+    ap.add_argument("--schedule", nargs="+", default=[os.path.relpath(p) for p in (  # relative: no machine path
         data / "precision_schedule_smollm2.json", data / "precision_schedule_smollm2_translate.json") if p.exists()],
         help="recorded schedules to replay (default: the chat and translation recordings present)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -340,7 +339,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-draft", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--high", type=float, nargs="+", default=[0.9, 0.75, 0.5],
-                    help="fast-tier thresholds for the lossy replay (0.9 = issue default)")
+                    help="fast-tier thresholds for the lossy replay (0.9 = the policy's default)")
     ap.add_argument("--compile", action="store_true", help="also the fused steps under torch.compile (last)")
     ap.add_argument("--compile-only", action="store_true", help="only the compiled sections (implies --compile)")
     ap.add_argument("--compile-batch-sizes", type=int, nargs="+", default=[1], help="batch sizes of --compile")
@@ -379,9 +378,10 @@ def main() -> None:
     model, weights = build_model(args.model, args.device, args.config_dir, args.shape)
     tiers = prepare_tiers(model, tiers=("int4", "native"), int4_kernel=args.int4_kernel)
     schedules = {schedule_tag(p): load_schedule(p) for p in args.schedule}
-    card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke test, not a benchmark)"
-    result = {"card": card, "torch": torch.__version__, "transformers": transformers.__version__,
-              "weights": weights, "command": " ".join(sys.argv),
+    env = environment(args.device)
+    if args.device != "cuda":
+        env["card"] += " (smoke test, not a benchmark)"
+    result = {**env, "weights": weights,
               "schedules": {schedule_tag(p): p for p in args.schedule},
               "int4_kernel": args.int4_kernel, "int4_launches": int4_launches(tiers),
               "tier_weight_bytes": tiers.memory_bytes(), "int4_unsupported_linears": tiers.unsupported,

@@ -18,9 +18,12 @@ import sys
 import time
 from pathlib import Path
 
+from _common import pyplot  # first: sets the offline default
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from hf_adaptive.evaluation.report import device_description
 
 from hf_adaptive.parallel.engine import Engine
 from hf_adaptive.parallel.plans import ModelDims, all_plans
@@ -80,10 +83,10 @@ def main() -> int:
     flag = torch.tensor([int(same is not False)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     if rank == 0:
-        meta = {"world_size": world, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        meta = {"world_size": world, "device": device_description(device),
                 "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                 "model": args.model, "random_weights": args.random_weights, "dtype": args.dtype,
-                "command": " ".join([sys.executable] + sys.argv), "time": time.strftime("%FT%TZ", time.gmtime()),
+                "command": " ".join(["python"] + sys.argv), "time": time.strftime("%FT%TZ", time.gmtime()),
                 "pin_seconds": max(pin_s), "pinned_bytes_per_rank": engine.pinned_bytes,
                 "logits_identical_both_modes": None if same is None else bool(flag.item())}
         write(Path(args.out), meta, rows)
@@ -137,11 +140,7 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
 
 
 def plot(path: Path, summary: list[dict], meta: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = [f"{e['from']}→{e['to']}" for e in summary]
     x = range(len(summary))
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(summary)), 3.6))

@@ -3,7 +3,7 @@ steps 16 → 8 → 4 bits; a pool appearing or being released changes the view (
 step is not re-traced: the view's signature is fixed, its pool extents dynamic).
 
 One command (GPU, ~1-2 minutes on one H100):
-    python eval/bench_static_switch.py --out eval/results/static_switch_h100
+    python eval/bench_static_switch.py --out results/static_switch   (eval/gpu/run.sh kv static-switch)
 CPU smoke:
     python eval/bench_static_switch.py --device cpu --dtype float32 --shape tiny --context 256 --steps 60 --out /tmp/sw
 
@@ -17,30 +17,24 @@ Reports every step's wall time, the steps where the cache's view changed and whe
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import SHAPES, environment, prefill, random_llama, sync  # first: sets the offline default
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import hf_adaptive  # noqa: E402
-from eval.bench_kv_e2e import SHAPES, build_model, prefill, sync  # noqa: E402
-from hf_adaptive.evaluation.report import environment_info, markdown_table, write_report  # noqa: E402
-from hf_adaptive.kv.pressure import ScriptedPressure  # noqa: E402
-from hf_adaptive.kv.quality import forward_cache_kwargs  # noqa: E402
-from hf_adaptive.kv.static import AdaptiveStaticKVCache  # noqa: E402
+import hf_adaptive
+from hf_adaptive.compat import forward_cache_kwargs
+from hf_adaptive.evaluation.report import markdown_table, write_report
+from hf_adaptive.kv.pressure import ScriptedPressure
+from hf_adaptive.kv.static import AdaptiveStaticKVCache
 
 
 @torch.no_grad()
 def run(model, args) -> list[dict]:
     """Per-step rows: step, ms, bits of the step, whether the view changed, graphs compiled so far."""
-    states, token = prefill(model, args.context, args.batch, args)
+    states, token = prefill(model, args.context, args.batch, args.device)
     eight, four = args.switch_at, args.switch_at + 4 * args.block_size
     fractions = [0.0] * (eight + 1) + [0.75] * (four - eight) + [0.9] * (args.steps + 2)
     cache = AdaptiveStaticKVCache(model.config, max_cache_len=args.context + args.steps + 2,
@@ -97,12 +91,13 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.device.startswith("cuda"):
         torch.backends.cuda.enable_cudnn_sdp(False)  # it re-plans per key length (see bench_kv_e2e.py)
-    model = build_model(args)
-    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    model = random_llama(args.shape, args.device, args.dtype)
+    hf_adaptive.register_attention()
     rows = run(model, args)
     summary = summarize(rows, args.warmup)
-    env = {**environment_info(args.device, card), "model": f"random-init {args.shape}", "dtype": args.dtype,
-           "context": args.context, "batch": args.batch, **summary}
+    env = environment(args.device, model=f"random-init {args.shape}", dtype=args.dtype, context=args.context,
+                      batch=args.batch, **summary)
+    card = env["card"]
     table = markdown_table(summary["switches"], ["step", "bits", "ms", "cost_ms", "compiled"])
     notes = (f"Median decode step {summary['median_step_ms']:.3f} ms (steps after {args.warmup}, switch steps "
              f"excluded); by bits {summary['median_step_ms_by_bits']}. Each row: a step where the cache's view changed "

@@ -1,7 +1,7 @@
 """Fit a simulator calibration from the batch records of real serving runs (no extra GPU time).
 
-    python eval/calibrate_from_serve.py eval/results/parallel_serve_memory_short_h200x2/call3_confirm0 \
-        --model .gpu/qwen7b_cfg --device-memory-gb 18 --out eval/calibration/parallel_h200x2_qwen7b_served.json
+    python eval/calibrate_from_serve.py eval/results/parallel_serve_equal_concurrency_qwen7b/h200x4_cost_rule \
+        --model .gpu/qwen7b_cfg --device-memory-gb 18 --out eval/calibration/parallel_h200x4_qwen7b_served_per_device.json
 
 Every ``<mode>.json`` of the given ``parallel_serve_bench.py`` output directories (static and adaptive runs alike)
 records each request's batch (plan, start, finish) and size, so each batch's duration is known together with the
@@ -97,7 +97,7 @@ def main() -> int:
              "meta": {"measured_on": f"serving runs on {metas[0]['device']} (batch records, not a calibration grid)",
                       "device": metas[0]["device"], "runs": metas, "model": args.model,
                       "dims": vars(ModelDims.from_config(config)),
-                      "command": " ".join([sys.executable] + sys.argv), "switch_costs_s": switches}}
+                      "command": " ".join(["python"] + sys.argv), "switch_costs_s": switches}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(calib, indent=1))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from hf_adaptive.evaluation.report import device_description
 from hf_adaptive.parallel.engine import Engine
 from hf_adaptive.parallel.plans import ModelDims, all_plans
 from hf_adaptive.parallel.policy_args import add_host_model_arguments
@@ -123,13 +123,13 @@ def main() -> int:
 
 def write(args, world: int, device: torch.device, dims: ModelDims, results: dict, switch_s: list[float]) -> None:
     on_gpu = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or "cpu")
+    name = device_description(device)
     memory = torch.cuda.get_device_properties(device).total_memory if on_gpu else args.device_memory_gb * 2**30
     tag = args.tag or f"{'gpu' if on_gpu else 'cpu_gloo'}_{world}proc"
     meta = {"measured_on": "GPU (NCCL)" if on_gpu else "CPU (gloo processes) - NOT a GPU measurement",
             "device": name, "torch": torch.__version__, "transformers": __import__("transformers").__version__,
             "model": args.model, "random_weights": args.random_weights, "dtype": args.dtype,
-            "command": " ".join([sys.executable] + sys.argv),
+            "command": " ".join(["python"] + sys.argv),
             "dims": dims.__dict__, "time": time.strftime("%FT%TZ", time.gmtime()), "switch_s": switch_s}
     payload = {"world_size": world, "device_memory_bytes": memory, "switch_cost_ms": 1e3 * float(np.mean(switch_s)),
                "plans": {k: {kk: float(vv) for kk, vv in v["coeffs"].items()} for k, v in results.items()},

@@ -1,4 +1,4 @@
-"""GPU diagnosis of the issue-7 graph-decode failures: real bug or bf16 near-ties?
+"""GPU diagnosis of graph-decode mismatches against eager decode: a real bug or bf16 near-ties?
 
 Part A (the bug): the CUDA-graph capture warm-up really executes; it used to run at position 0 and wrote
 dummy-token KV over the first ``q`` prompt entries. For a random bf16 tiny Llama this measures, with the
@@ -14,7 +14,7 @@ Part C (reproducibility): on the benchmark's random 1B-shape weights, 1-token bf
 times on one engine (graphs, then eager), and once after filling the unwritten KV slots with large
 values: identical runs mean the reference is deterministic, an after-poison change means masked slots leak.
 
-    python eval/diag_precision_graph.py --out eval/results/precision_diag_h100
+    python eval/diag_precision_graph.py --out results/precision_diag
 """
 
 from __future__ import annotations
@@ -22,22 +22,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
+from _common import environment  # first: sets the offline default
 import torch
 import transformers
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig  # noqa: E402
-from hf_adaptive.precision.controller import PrecisionController  # noqa: E402
-from hf_adaptive.precision.decode import DecodeOptions, decode  # noqa: E402
-from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine  # noqa: E402
-from hf_adaptive.precision.tiers import prepare_tiers  # noqa: E402
-from hf_adaptive.precision.verified import (  # noqa: E402
-    VerifiedOptions, generate_verified, greedy_with_logits, mismatch_report)
+from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig
+from hf_adaptive.precision.controller import PrecisionController
+from hf_adaptive.precision.decode import DecodeOptions, decode
+from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
+from hf_adaptive.precision.tiers import prepare_tiers
+from hf_adaptive.precision.verified import VerifiedOptions, generate_verified, greedy_with_logits, mismatch_report
 
 
 def tiny_llama(dtype: torch.dtype):
@@ -217,8 +214,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     tiers = prepare_tiers(tiny_llama(torch.bfloat16), ("int4", "native"))
-    result = {"env": {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
-                      "transformers": transformers.__version__, "command": " ".join(sys.argv)},
+    result = {"env": environment("cuda"),
               "part_a": part_a(tiers, torch.randint(1, 512, (2, 12), device="cuda")), "part_b": {}}
     for dtype, top in ((torch.float32, "fp32"), (torch.bfloat16, "native")):
         result["part_b"][str(dtype)] = [part_b_case(dtype, top, s, args.new_tokens)

@@ -1,11 +1,11 @@
 """AdaptiveKVCache quality on real English text vs DynamicCache: top-1 agreement, perplexity delta, greedy drift.
 
 One command (CPU or GPU):
-    python eval/kv_quality.py --out eval/results/kv_quality
+    python eval/kv_quality.py --out eval/results/quality_kv_smollm2_cpu
 
 Settings compared with DynamicCache on the same model: a budget that forces 8 bits, a budget that forces
 8 then 4 bits (and demotion), and the fixed rungs 8 and 4. Teacher forcing feeds ``--tokens`` tokens of
-eval/data/english_ppl.txt in chunks of ``--chunk`` tokens, so every chunk after the first reads its history
+the package's English text (evaluation/corpus/english_ppl.txt) in chunks of ``--chunk`` tokens, so every chunk after the first reads its history
 from the cache (quantized blocks included). Greedy drift: tokens generated identically from a
 ``--prompt-tokens`` prompt before the first divergence. Writes kv_quality.json / .md / .png under ``--out``.
 """
@@ -13,21 +13,18 @@ from the cache (quantized blocks included). Greedy drift: tokens generated ident
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import environment  # first: sets the offline default
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from hf_adaptive.evaluation.data import DEFAULT_PPL_TEXT
+from hf_adaptive.evaluation.kv_quality import compare, reference_run
+from hf_adaptive.evaluation.report import markdown_table, plot_bars, write_report
+from hf_adaptive.kv.cache import AdaptiveKVCache
 
-from hf_adaptive.evaluation.report import environment_info, markdown_table, plot_bars, write_report  # noqa: E402
-from hf_adaptive.kv.cache import AdaptiveKVCache  # noqa: E402
-from hf_adaptive.kv.quality import compare, reference_run  # noqa: E402
-
-DATA = Path(__file__).resolve().parent / "data" / "english_ppl.txt"
+DATA = DEFAULT_PPL_TEXT
 
 
 def bytes_per_token_16(model, dtype: torch.dtype) -> int:
@@ -83,15 +80,15 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="torch", choices=("torch", "hqq"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", help="float32 (default, CPU-exact) or bfloat16")
-    p.add_argument("--out", default="eval/results/kv_quality")
+    p.add_argument("--out", default="eval/results/quality_kv_smollm2_cpu")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if not Path(args.data).is_file():
-        raise SystemExit(f"kv_quality: text file {args.data} does not exist. It is built by the data engineer "
-                         "(public-domain Bible text); pass --data PATH to any plain English text file.")
+        raise SystemExit(f"kv_quality: --data {args.data} does not exist; the default ships with the package "
+                         f"({DEFAULT_PPL_TEXT}); pass --data PATH to any plain English text file.")
     from hf_adaptive.models import load_model
 
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -99,9 +96,9 @@ def main(argv=None) -> None:
     if ids.shape[1] < args.tokens:
         raise SystemExit(f"kv_quality: {args.data} has only {ids.shape[1]} tokens; need --tokens={args.tokens}.")
     rows = evaluate(model.eval(), ids.to(args.device), args)
-    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    env = {**environment_info(args.device, card), "model": args.model or "smollm2-135m-instruct", "dtype": args.dtype,
-           "data": args.data, "tokens": args.tokens, "chunk": args.chunk}
+    env = environment(args.device, model=args.model or "smollm2-135m-instruct", dtype=args.dtype, data=args.data,
+                      tokens=args.tokens, chunk=args.chunk)
+    card = env["card"]
     columns = ["setting", "top1_agreement", "ppl_dynamic", "ppl_adaptive", "ppl_delta_pct", "greedy_identical_prefix",
                "kv_ratio_vs_bf16", "rungs_seen", "demotions"]
     notes = ("kv_ratio_vs_bf16 is measured in the run's dtype (float32 tensors count 4 bytes: a 16-bit stage then "

@@ -1,6 +1,6 @@
 """Merge several ``bench_kv_e2e.py`` runs (same card) into one report and plot, each row tagged with its run.
 
-    python eval/merge_bench_kv_e2e.py --out eval/results/bench_kv_e2e_h100 \
+    python eval/merge_bench_kv_e2e.py --out eval/results/kv_e2e_h100 \
         cudnn_on=RUN_A/bench_kv_e2e.json main=RUN_B/bench_kv_e2e.json rerun=RUN_C/bench_kv_e2e.json
 
 Rows keep their numbers; the cache label becomes ``cache@tag`` when a cache appears in more than one run, so a
@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import E2E_SERIES, plot_by_context
 
-from eval.bench_kv_e2e import plot  # noqa: E402
-from hf_adaptive.evaluation.report import markdown_table  # noqa: E402
+from hf_adaptive.evaluation.report import markdown_table
 
 
 def merge(sources: dict[str, Path]) -> tuple[list[dict], dict[str, dict]]:
@@ -71,7 +69,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_kv_e2e.json").write_text(json.dumps({"runs": envs, "rows": rows}, indent=1, default=str))
     card = next(iter(envs.values()))["card"]
-    plot([{**r, "cache": r["label"]} for r in rows], out / "bench_kv_e2e.png", f"{args.title} on {card}")
+    plot_by_context(out / "bench_kv_e2e.png", [{**r, "cache": r["label"]} for r in rows], f"{args.title} on {card}",
+                    E2E_SERIES)
     lines = [f"# {args.title} on {card}", "", "## Runs", ""]
     for tag, env in envs.items():
         lines.append(f"- **{tag}**: `{env.get('command')}` at {env.get('utc_time')} (torch {env.get('torch')}, "

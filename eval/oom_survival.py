@@ -1,7 +1,7 @@
 """OOM survival: under a per-process GPU memory cap DynamicCache runs out of memory; AdaptiveKVCache demotes, finishes.
 
 One command (CUDA, < 3 minutes on one H100):
-    python eval/oom_survival.py --out eval/results/oom_survival_h100
+    python eval/oom_survival.py --cap-gib 7 --out eval/results/kv_oom_survival_h100
 Arithmetic only (any machine):
     python eval/oom_survival.py --arithmetic-only
 
@@ -18,24 +18,19 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import environment  # first: sets the offline default
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-import hf_adaptive  # noqa: E402
-from hf_adaptive.evaluation.report import environment_info, markdown_table, write_report  # noqa: E402
-from hf_adaptive.kv.cache import AdaptiveKVCache  # noqa: E402
-from hf_adaptive.kv.pressure import GPUMemoryPressure  # noqa: E402
-from hf_adaptive.kv.quality import forward_cache_kwargs  # noqa: E402
-from hf_adaptive.policy.kv_policy import KVPolicyConfig  # noqa: E402
+import hf_adaptive
+from hf_adaptive.compat import forward_cache_kwargs
+from hf_adaptive.evaluation.report import markdown_table, write_report
+from hf_adaptive.kv.cache import AdaptiveKVCache
+from hf_adaptive.kv.pressure import GPUMemoryPressure
+from hf_adaptive.policy.kv_policy import KVPolicyConfig
 
 GIB = 2**30
 SHAPE = dict(hidden_size=1024, num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
@@ -124,7 +119,7 @@ def parse_args(argv=None):
     p.add_argument("--value-group", type=int, default=64)
     p.add_argument("--device", default="cuda")
     p.add_argument("--arithmetic-only", action="store_true", help="print the memory arithmetic and exit")
-    p.add_argument("--out", default="eval/results/oom_survival")
+    p.add_argument("--out", default="results/oom_survival")
     return p.parse_args(argv)
 
 
@@ -156,9 +151,9 @@ def main(argv=None) -> None:
     results.append(run(model, cache, args, "AdaptiveKVCache"))
     stats = cache.stats()
     results[-1].update(kv_gib=stats["kv_bytes"] / GIB, ratio_vs_bf16=stats["ratio"], demotions=stats["demotions"])
-    card = torch.cuda.get_device_name()
-    env = {**environment_info("cuda", card), "per_process_memory_fraction": fraction,
-           "cap_source": "torch getter" if pressure is None else "explicit process_fraction"}
+    env = environment("cuda", per_process_memory_fraction=fraction,
+                      cap_source="torch getter" if pressure is None else "explicit process_fraction")
+    card = env["card"]
     columns = ["cache", "completed", "tokens_held", "new_tokens_generated", "peak_allocated_gib", "peak_reserved_gib",
                "kv_gib", "ratio_vs_bf16", "wall_s", "oom"]
     notes = "\n".join([f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in info.items()]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hf_adaptive.evaluation.report import device_description
 from hf_adaptive.parallel.engine import Engine
 from hf_adaptive.parallel.plans import ModelDims, all_plans
 from hf_adaptive.parallel.worker import init_distributed, load_host_model
@@ -122,8 +122,7 @@ def main() -> int:
     rank, world, device = init_distributed()
     report = {"meta": {"world_size": world, "torch": torch.__version__,
                        "transformers": __import__("transformers").__version__, "model": args.model,
-                       "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                       "command": " ".join([sys.executable] + sys.argv), "bf16_tolerance": args.bf16_tolerance,
+                       "device": device_description(device), "command": " ".join(["python"] + sys.argv), "bf16_tolerance": args.bf16_tolerance,
                        "time": time.strftime("%FT%TZ", time.gmtime())}, "results": {}}
     teacher, fp32_logits = None, None
     for dtype in sorted(args.dtypes, key=lambda d: d != "float32"):  # fp32 first: it anchors the others

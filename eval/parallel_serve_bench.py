@@ -19,12 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+from _common import SERVING_TARGETS, pyplot
 from tqdm import tqdm
 
 from hf_adaptive.parallel.comparison import compare_with_static, concurrency_lines, verdict_lines
 from hf_adaptive.parallel.launch import LaunchConfig, build_launch, run_launch
 from hf_adaptive.parallel.plans import ModelDims, all_plans
 from hf_adaptive.parallel.requests import load_trace
+from hf_adaptive.parallel.sim_report import mode_bars
 
 
 def parse_args() -> argparse.Namespace:
@@ -89,12 +91,13 @@ def main() -> int:
     if not runs:
         raise SystemExit(f"every mode failed: {failed}")
     rows = {m: r["overall"] | {"switches_detail": r["switches"]} for m, r in runs.items()}
-    meta = next(iter(runs.values()))["meta"] | {"command": " ".join([sys.executable] + sys.argv),
+    meta = next(iter(runs.values()))["meta"] | {"command": " ".join(["python"] + sys.argv),  # no machine path
                                                "time_scale": args.time_scale}
     meta.pop("mode", None)
     meta.pop("policy_switches", None)
     meta["failed_modes"] = failed
-    verdict = compare_with_static(rows, len(load_trace(args.trace)), {m: f["failed"] for m, f in failed.items()})
+    verdict = compare_with_static(rows, len(load_trace(args.trace)), {m: f["failed"] for m, f in failed.items()},
+                                  targets=SERVING_TARGETS)
     (out / "serve_bench.json").write_text(json.dumps({"meta": meta, "runs": rows, "verdict": verdict}, indent=1))
     write_markdown(out / "serve_bench.md", meta, rows, verdict)
     plot(out / "serve_bench.png", rows, meta)
@@ -129,21 +132,10 @@ def _plans_run(rows: dict) -> list[str]:
 
 
 def plot(path: Path, rows: dict, meta: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(rows)
-    colors = ["tab:orange" if n.startswith("adaptive") else "tab:blue" for n in names]
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, key, label in zip(axes, ("wall_throughput_tok_s", "latency_p50_s", "latency_p99_s"),
-                              ("throughput (tok/s, wall)", "p50 latency (s)", "p99 latency (s)")):
-        # Hatched: a static plan that refused part of the trace (its numbers count less work).
-        ax.bar(names, [rows[n].get(key, 0.0) for n in names], color=colors,
-               hatch=["//" if rows[n].get("rejected", 0) else "" for n in names])
-        ax.set_title(label)
-        ax.tick_params(axis="x", rotation=30)
+    mode_bars(axes, rows, [("wall_throughput_tok_s", "throughput (tok/s, wall)"), ("latency_p50_s", "p50 latency (s)"),
+                           ("latency_p99_s", "p99 latency (s)")])
     fig.suptitle(f"{meta['device']} x {meta['world_size']}: {Path(meta['trace']).name}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

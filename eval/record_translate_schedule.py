@@ -1,7 +1,7 @@
 """Record a precision schedule from a model (default SmolLM2) translating the Spanish dev set on CPU, for GPU replay.
 
 Per verse (the BLEU eval's prompt and ``max_new_tokens`` rule, greedy, batch 1): the lossy run's
-per-step confidences and tiers (``generate`` + ``PrecisionController``, int4 g=64 / fp32 tiers, issue
+per-step confidences and tiers (``generate`` + ``PrecisionController``, int4 g=64 / fp32 tiers, default
 thresholds 0.9 / 0.6), and the verified rounds (drafted k, accepted) of the adaptive and always-draft
 variants over the lossy run's length. Same JSON layout as the chat-prompt recording
 (eval/data/precision_schedule_smollm2.json), so ``eval/bench_precision.py --schedule FILE`` replays it.
@@ -24,26 +24,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 from pathlib import Path
 
+from _common import policy_bands, record_verified, schedule_policies, write_schedule  # first: offline default
 import torch
-import transformers
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf_adaptive.evaluation.data import DEFAULT_DEV_SET
+from hf_adaptive.evaluation.translate import TranslationConfig, build_prompt
+from hf_adaptive.models import load_model
+from hf_adaptive.precision.controller import PrecisionController
+from hf_adaptive.precision.tiers import prepare_tiers
 
-from hf_adaptive.evaluation.translate import TranslationConfig, build_prompt  # noqa: E402
-from hf_adaptive.models import load_model  # noqa: E402
-from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig  # noqa: E402
-from hf_adaptive.precision.controller import PrecisionController  # noqa: E402
-from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine  # noqa: E402
-from hf_adaptive.precision.tiers import prepare_tiers  # noqa: E402
-from hf_adaptive.precision.verified import VerifiedOptions, generate_verified  # noqa: E402
-
-POLICY = PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32")
-ALWAYS = PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32", high=0.0, low=0.0)
+POLICY, ALWAYS = schedule_policies()
 
 
 def _lossy(tiers, ids: torch.Tensor, max_new: int, eos: int) -> dict:
@@ -53,23 +46,14 @@ def _lossy(tiers, ids: torch.Tensor, max_new: int, eos: int) -> dict:
     ctl.close()
     tiers.set(tiers.top)
     t = ctl.telemetry
-    return {"scores": [round(s, 4) for s in t.scores], "tiers": t.tiers,
-            "bands": ["fast" if s > POLICY.high else "mid" if s >= POLICY.low else "top" for s in t.scores],
+    return {"scores": [round(s, 4) for s in t.scores], "tiers": t.tiers, "bands": policy_bands(t.scores, POLICY),
             "new_tokens": out.shape[1] - ids.shape[1]}
-
-
-def _verified(tiers, ids: torch.Tensor, n: int, policy: PrecisionPolicyConfig, max_draft: int) -> dict:
-    engine = GraphDecodeEngine(tiers, GraphDecodeConfig(max_len=ids.shape[1] + n + max_draft + 8,
-                                                        verify_len=max_draft + 1))
-    opts = VerifiedOptions(max_new_tokens=n, max_draft=max_draft, policy=policy)
-    generate_verified(engine, ids, opts)
-    return {"rounds": [list(r) for r in opts.history]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="eval/data/precision_schedule_smollm2_translate.json")
-    ap.add_argument("--data", default=str(Path(__file__).parent / "data/dev_matthew_mark.jsonl"))
+    ap.add_argument("--data", default=str(DEFAULT_DEV_SET))
     ap.add_argument("--limit", type=int, default=16, help="verses recorded")
     ap.add_argument("--stride", type=int, default=1,
                     help="take every N-th verse of the dev set (a mix of passages, not only the first ones)")
@@ -86,11 +70,6 @@ def main() -> None:
     lines = Path(args.data).read_text().splitlines()
     verses = [json.loads(line) for line in lines[::args.stride][:args.limit]]
     records: list[dict] = []
-    out = {"model": args.model or "smollm2-135m-instruct", "device": "cpu", "task": "es->en translation, " + args.data,
-           "tiers": ["int4", "fp32"], "policy": {"high": POLICY.high, "low": POLICY.low},
-           "max_draft": args.max_draft, "torch": torch.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version(), "command": " ".join(sys.argv), "records": records}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         for verse in tqdm(verses, desc="verses"):
             ids = tok(build_prompt(tok, verse["es"], cfg), return_tensors="pt", add_special_tokens=False).input_ids
@@ -99,9 +78,10 @@ def main() -> None:
             lossy = _lossy(tiers, ids, max_new, tok.eos_token_id)
             n = max(2, lossy["new_tokens"])
             records.append({"prompt": verse["id"], "lossy": lossy,
-                            "verified": _verified(tiers, ids, n, POLICY, args.max_draft),
-                            "verified_always": _verified(tiers, ids, n, ALWAYS, args.max_draft)})
-            Path(args.out).write_text(json.dumps(out, indent=1))  # after every verse
+                            "verified": record_verified(tiers, ids, n, POLICY, args.max_draft),
+                            "verified_always": record_verified(tiers, ids, n, ALWAYS, args.max_draft)})
+            write_schedule(args.out, args.model or "smollm2-135m-instruct", records, POLICY,  # after every verse
+                           args.max_draft, task=f"es->en translation, {args.data}")
     print(f"wrote {args.out}")
 
 

@@ -1,8 +1,8 @@
 """Re-score a serving benchmark's latencies from the trace's arrival times.
 
-    python eval/rescore_serve_latency.py eval/results/parallel_serve_memory_short_h200x2/call2_confirm0.5
+    python eval/rescore_serve_latency.py eval/results/parallel_serve_mixed_smollm2_h100x2
 
-Until the fix in session 5, the controller stamped a request's arrival when it took it from its inbox, i.e. after
+For runs recorded before ``Controller.submit`` stamped arrivals: the controller then stamped a request's arrival when it took it from its inbox, i.e. after
 the batch that was running when it arrived, so recorded latencies left out up to one batch of waiting. Each
 ``<mode>.json`` keeps every request's finish time, so the true latency is ``finish_s - arrival_s * time_scale``
 with the trace's own arrival times (the trace replay starts right after the controller's clock, after prompt
@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from _common import SERVING_TARGETS
 
 from hf_adaptive.parallel.comparison import compare_with_static, verdict_lines
 from hf_adaptive.parallel.requests import load_trace
@@ -48,7 +50,7 @@ def main() -> int:
     arrivals = {r.id: r.arrival_s for r in load_trace(trace)}
     rows = {mode: rescore(json.loads((run_dir / f"{mode}.json").read_text()), arrivals) for mode in bench["runs"]}
     failed = {m: f["failed"] for m, f in bench["meta"].get("failed_modes", {}).items()}
-    verdict = compare_with_static(rows, len(arrivals), failed)
+    verdict = compare_with_static(rows, len(arrivals), failed, targets=SERVING_TARGETS)
     (run_dir / "latency_from_trace.json").write_text(json.dumps({"trace": trace, "rows": rows, "verdict": verdict},
                                                                 indent=1))
     lines = [f"# Latency from the trace's arrival times: `{run_dir}`", "", f"Trace `{trace}`. Command: "

@@ -28,7 +28,7 @@ from hf_adaptive.evaluation.bible import (
 
 SOURCE_MODULE = "spaRV1909eb"
 REFERENCE_MODULES = {"en_web": "engWEB2015eb", "en_kjv": "engKJV2006eb"}
-DATA_DIR = Path(__file__).resolve().parents[1] / "eval" / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "hf_adaptive" / "evaluation" / "corpus"
 
 
 def run_diatheke(module: str, key: str) -> str:

@@ -25,7 +25,7 @@ from hf_adaptive.attention.interface import (
     register_attention,
 )
 from hf_adaptive.attention.reference import gather_packed_kv
-from tests.conftest import make_tiny_model
+from helpers import make_tiny_model
 
 BS = 16
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import pytest
 import torch
-from conftest import run_under_triton_interpreter
+from helpers import run_under_triton_interpreter
 
 from hf_adaptive.kv.build import pack_dense_kv
 from hf_adaptive.attention.reference import reference_decode_attention

@@ -13,7 +13,7 @@ from transformers import AttentionInterface
 from hf_adaptive.attention.reference import gather_packed_kv, reference_decode_attention
 from hf_adaptive.kv.cache import AdaptiveKVCache
 from hf_adaptive.kv.packed import PackedKV
-from tests.conftest import make_tiny_model
+from helpers import make_tiny_model
 
 PROBE = "hf_adaptive_test_probe"
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hf_adaptive.evaluation.settings import build_setting
-from hf_adaptive.evaluation.speed import SpeedConfig, measure_speed
-from tests.conftest import make_tiny_model
+from hf_adaptive.evaluation.timing import SpeedConfig, measure_speed
+from helpers import make_tiny_model
 
 
 @pytest.mark.gpu

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_adaptive.evaluation.random_model import WEIGHT_SUFFIXES, export_model_config, load_random_model
-from hf_adaptive.evaluation.speed_eval import SpeedEvalConfig, run_speed_eval
+from hf_adaptive.evaluation.speed import SpeedEvalConfig, run_speed_eval
 
 # A Llama of SmolLM2's vocabulary (its exported tokenizer stays valid), shrunk so CPU runs take seconds.
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hf_adaptive.evaluation.settings import build_setting, order_specs, parse_spec, spec_groups
-from hf_adaptive.evaluation.speed import SpeedConfig, measure_interleaved, measure_speed, percentile, summarize_run
-from tests.conftest import make_tiny_model
+from hf_adaptive.evaluation.timing import SpeedConfig, measure_interleaved, measure_speed, percentile, summarize_run
+from helpers import make_tiny_model
 
 
 def test_parse_spec_aliases_and_params():

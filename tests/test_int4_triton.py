@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_under_triton_interpreter
+from helpers import run_under_triton_interpreter
 
 from hf_adaptive.precision.int4 import dequantize_int4_reference
 from hf_adaptive.precision.int4_triton import (
@@ -114,7 +114,7 @@ def test_kernels_compile_for_hopper(kernel):
 def test_prepare_tiers_int4_kernel_choice():
     """Guards the kernel switch: an unknown name is refused with the allowed ones, and CPU weights keep PyTorch's
     CPU int4 kernel whatever is asked (the Triton kernel is a CUDA path)."""
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
 
     from hf_adaptive.precision.int4 import Int4Weight
     from hf_adaptive.precision.tiers import prepare_tiers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from hf_adaptive.kv import packed
 from hf_adaptive.kv.cache import AdaptiveKVCache, generate_cache_kwargs
 from hf_adaptive.kv.layer import AdaptiveFullLayer

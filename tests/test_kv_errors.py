@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from hf_adaptive.kv.cache import AdaptiveKVCache
 from hf_adaptive.kv.config import KVCacheConfig
 from hf_adaptive.kv.pressure import KVBudgetExceededError

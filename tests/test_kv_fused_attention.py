@@ -11,7 +11,7 @@ import torch
 import hf_adaptive
 from hf_adaptive.attention import interface, triton_decode
 from hf_adaptive.kv.cache import AdaptiveKVCache
-from tests.conftest import make_tiny_model
+from helpers import load_eval_script, make_tiny_model
 
 ARCHS = ("llama", "qwen2", "gemma3")
 NEW_TOKENS = 24
@@ -191,21 +191,10 @@ def test_gpu_pressure_sees_per_process_cap_on_gpu():
         torch.cuda.set_per_process_memory_fraction(1.0)
 
 
-def _eval_script(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "eval" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_h7_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_oom_survival_defaults_prove_the_claim():
     """Guards against oom_survival.py defaults that cannot show survival: by arithmetic, weights + bf16 KV
     must exceed the cap while weights + 4-bit KV fit under the adaptive cache's target share of it."""
-    oom = _eval_script("oom_survival")
+    oom = load_eval_script("oom_survival")
     info = oom.arithmetic(oom.parse_args([]))
     assert not info["dynamic_fits"] and info["adaptive_fits"]
     assert info["dynamic_needs_gib"] > 1.3 * info["cap_gib"]
@@ -217,7 +206,7 @@ def test_bench_kv_e2e_smoke(tmp_path):
     update(), fused switch, report): a tiny CPU grid must produce a measured row per cache and the files."""
     import json
 
-    bench = _eval_script("bench_kv_e2e")
+    bench = load_eval_script("bench_kv_e2e")
     bench.main(["--device", "cpu", "--dtype", "float32", "--shape", "tiny", "--contexts", "256", "--batch-sizes", "2",
                 "--new-tokens", "2", "--repeats", "1", "--warmup", "1", "--caches", "dynamic,adaptive4,fused4",
                 "--out", str(tmp_path)])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from hf_adaptive.kv.cache import AdaptiveKVCache, generate_cache_kwargs
 from hf_adaptive.kv.pressure import GPUMemoryPressure, ScriptedPressure
 from hf_adaptive.policy.kv_policy import KVPolicyConfig

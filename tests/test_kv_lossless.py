@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from hf_adaptive.kv.cache import AdaptiveKVCache, generate_cache_kwargs
 
 SMALL = dict(residual_length=8, block_size=8)

@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_adaptive.kv.cache import AdaptiveKVCache, generate_cache_kwargs
-from hf_adaptive.kv.quality import teacher_forced
+from hf_adaptive.evaluation.kv_quality import teacher_forced
 
 pytestmark = pytest.mark.slow
 

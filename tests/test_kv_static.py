@@ -9,10 +9,10 @@ from transformers import CompileConfig, DynamicCache
 import hf_adaptive
 from hf_adaptive.kv.cache import generate_cache_kwargs
 from hf_adaptive.kv.pressure import ScriptedPressure
-from hf_adaptive.kv.quality import forward_cache_kwargs
+from hf_adaptive.compat import forward_cache_kwargs
 from hf_adaptive.kv.static import AdaptiveStaticKVCache
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 SMALL = dict(residual_length=16, block_size=16, value_group=16)
 

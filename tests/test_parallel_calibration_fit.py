@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from hf_adaptive.parallel.calibration_fit import LATENCY_KEYS, batches_of, fit_latency, weights_per_device
 from hf_adaptive.parallel.cost_model import Calibration, PlanCost
 from hf_adaptive.parallel.plans import ModelDims, ParallelPlan, plan_for_strategy

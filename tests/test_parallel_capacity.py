@@ -11,7 +11,7 @@ import torch
 from hf_adaptive.parallel.capacity import ReplicaMemory, admit, replica_rows
 from hf_adaptive.parallel.plans import ParallelPlan
 from hf_adaptive.parallel.requests import Request, route
-from hf_adaptive.policy.parallel_policy import ParallelPolicyConfig, WorkloadSummary, default_rule
+from hf_adaptive.policy.parallel_policy import ParallelPolicyConfig, WorkloadSummary, threshold_rule
 
 QWEN7B = SimpleNamespace(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                          num_key_value_heads=4)
@@ -67,14 +67,14 @@ def _summary(arrived_p50: float, queue: tuple[int, ...]) -> WorkloadSummary:
 def test_queue_head_length_signal():
     """Guards the serving signal: documents arriving behind a backlog of chats must not move the layout while
     the next batches are still chats (queue_head_requests > 0), and must once they reach the head; the default
-    (arrival window) keeps the issue's behaviour."""
+    (arrival window) keeps the window's behaviour."""
     backlog = (200,) * 40 + (12_000,) * 10
     head = ParallelPolicyConfig(queue_head_requests=16)
-    assert default_rule(_summary(12_000, backlog), "dp", head)[0] == "dp"
-    assert default_rule(_summary(12_000, backlog), "dp", ParallelPolicyConfig())[0] == "hybrid"
-    strategy, reason = default_rule(_summary(200, backlog[40:] + (200,) * 5), "dp", head)
+    assert threshold_rule(_summary(12_000, backlog), "dp", head)[0] == "dp"
+    assert threshold_rule(_summary(12_000, backlog), "dp", ParallelPolicyConfig())[0] == "hybrid"
+    strategy, reason = threshold_rule(_summary(200, backlog[40:] + (200,) * 5), "dp", head)
     assert strategy == "hybrid" and "next 16 queued" in reason
-    assert default_rule(_summary(12_000, ()), "tp", head)[0] == "hybrid"  # empty queue: the window decides
+    assert threshold_rule(_summary(12_000, ()), "tp", head)[0] == "hybrid"  # empty queue: the window decides
     with pytest.raises(ValueError, match="queue_head_requests"):
         ParallelPolicyConfig(queue_head_requests=-1)
 
@@ -82,7 +82,7 @@ def test_queue_head_length_signal():
 def test_shard_reads_the_host_copy_without_duplicating_or_touching_it():
     """Guards re-sharding memory: a shard's weights share the host tensors' storage until moved, and moving the
     shard (here to the meta device) or slicing it for TP leaves the host copy's tensors where and what they were."""
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
 
     from hf_adaptive.parallel.shard import build_shard
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 PROMPT_LENS = (12, 9, 5, 12)
 NEW_TOKENS = 10
@@ -288,8 +288,8 @@ def _latency_worker(rank: int, port: int, result_path: str) -> None:
 
 def test_latency_counts_the_wait_in_the_inbox(tmp_path):
     """Guards the latency the serving benchmark reports: it runs from ``submit``, not from when the controller
-    next looks at its inbox (a clock started there, after the running batch, hid up to one batch, ~10 s on
-    2 H200s, of every document's p99)."""
+    next looks at its inbox (that clock starts after the running batch: on 2 H200s it hid up to one batch,
+    ~10 s, of every document's p99)."""
     result_path = str(tmp_path / "latency.json")
     mp.start_processes(_latency_worker, args=(_free_port(), result_path), nprocs=1, join=True, start_method="fork")
     result = json.loads(open(result_path).read())

@@ -13,7 +13,7 @@ from hf_adaptive.policy.parallel_policy import (
     SignalWindow,
     WorkloadSignals,
     WorkloadSummary,
-    default_rule,
+    threshold_rule,
     percentile,
     token_weighted_percentile,
 )
@@ -43,9 +43,9 @@ def summary(p90=100.0, mem=0.1, conc=4, max_len=None):
     (summary(conc=32, p90=100, max_len=200), "tp", "tp"),  # exactly 32 is not > 32
     (summary(conc=40, p90=2000, max_len=3000), "tp", "hybrid"),  # many long ones: hybrid, not DP
 ])
-def test_default_rule_table(s, current, expected):
-    """Guards the issue-5 decision table: each workload maps to the strategy the issue specifies."""
-    assert default_rule(s, current, CFG)[0] == expected
+def test_threshold_rule_table(s, current, expected):
+    """Guards the threshold rule's decision table: each workload maps to the strategy its thresholds name."""
+    assert threshold_rule(s, current, CFG)[0] == expected
 
 
 @pytest.mark.parametrize("s, current, expected", [
@@ -62,7 +62,7 @@ def test_default_rule_table(s, current, expected):
 ])
 def test_hysteresis_bands(s, current, expected):
     """Guards against single-threshold flapping: enter and exit thresholds must differ per strategy."""
-    assert default_rule(s, current, CFG)[0] == expected
+    assert threshold_rule(s, current, CFG)[0] == expected
 
 
 def test_percentile_and_window():
@@ -161,7 +161,7 @@ def test_policy_module_is_pure():
 
 def test_cost_aware_rule():
     """Guards the cost-aware rule: it takes the fastest predicted strategy only past its margin, leaves
-    memory pressure to the memory bands, and falls back to the default rule when nothing is predicted."""
+    memory pressure to the memory bands, and falls back to the threshold rule when nothing is predicted."""
     from hf_adaptive.policy.parallel_policy import cost_aware_rule
 
     costs = {"tp": 10.0, "pp": 12.0, "dp": 8.0, "hybrid": None}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from hf_adaptive.parallel.plans import ParallelPlan
 from hf_adaptive.parallel.shard import build_shard, pin_host_copy, split_evenly
 

@@ -26,7 +26,7 @@ def _cost(prefill_tok, step, per_seq, weights_gb, kv_kb):
 
 
 def _calibration(memory_gb=80.0) -> Calibration:
-    # Shaped like the premise: TP lowest latency, DP highest batch throughput, PP splits memory.
+    # Shaped like the usual trade-off: TP lowest latency, DP highest batch throughput, PP splits memory.
     plans = {"tp2": _cost(0.01, 5.0, 0.3, 0.6, 300), "pp2": _cost(0.02, 9.0, 0.3, 0.6, 300),
              "dp2": _cost(0.02, 8.0, 0.3, 1.2, 600)}
     return Calibration(world_size=2, device_memory_bytes=memory_gb * GB, switch_cost_ms=50.0, plans=plans,

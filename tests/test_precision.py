@@ -1,4 +1,4 @@
-"""Token-level precision switching (issue 7): confidence, policy, tiers, controller, engine, verified mode."""
+"""Token-level precision switching: confidence, policy, tiers, controller, engine, verified mode."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 from hf_adaptive.policy.precision_policy import (PrecisionPolicy, PrecisionPolicyConfig, combine_scores,
                                                  draft_length, tier_for_score)

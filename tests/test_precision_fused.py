@@ -1,4 +1,4 @@
-"""Issue 7, graph path: in-graph tier decision and token pick (FusedStepDecoder), verified cost model."""
+"""Precision switching, graph path: in-graph tier decision and token pick (FusedStepDecoder), verified cost model."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import decode_both_paths, make_tiny_model
+from helpers import decode_both_paths, make_tiny_model
 
 from hf_adaptive.policy.precision_policy import (PrecisionPolicy, PrecisionPolicyConfig, combine_scores,
                                                  expected_tokens_per_round, tier_for_score, verified_speedup)

@@ -157,7 +157,7 @@ def test_fused_graph_decode_equals_eager_controller_path(lag):
     """Guards against the captured in-graph decision (confidence, combine, band, pinned-memory status ring)
     or the in-graph argmax differing from the eager controller on the graph engine under CUDA graphs: same
     tokens, same tier schedule, same recorded confidences, at decision lag 0 and 1."""
-    from conftest import decode_both_paths
+    from helpers import decode_both_paths
 
     from hf_adaptive.precision.controller import PrecisionController
 

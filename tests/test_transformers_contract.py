@@ -14,7 +14,7 @@ from packaging.version import Version
 from transformers.cache_utils import (Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer,
                                       get_layer_types_and_kwargs)
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 TF_RELEASE = Version(transformers.__version__).release
 

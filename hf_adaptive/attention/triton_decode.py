@@ -38,7 +38,7 @@ try:
     from hf_adaptive.attention import _triton_kernels as kernels
 
     HAS_TRITON = True
-except ImportError:  # the CPU install has no triton; the torch reference serves there
+except ImportError:  # no triton for this platform (it is a dependency on Linux); the torch reference serves
     triton = None
     kernels = None
     HAS_TRITON = False

@@ -1,7 +1,7 @@
 """`hf-adaptive eval bleu ...` and `hf-adaptive eval speed ...`: BLEU drift and decode speed.
 
 Reads the command line, builds :class:`BleuEvalConfig` / :class:`SpeedEvalConfig`, calls the library
-(``hf_adaptive.evaluation.bleu`` / ``speed_eval``) and prints the summary table and written paths.
+(``hf_adaptive.evaluation.bleu`` / ``speed``) and prints the summary table and written paths.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def eval_command(args: argparse.Namespace) -> int:
         print(f"BLEU signature: {result['summary'][0]['bleu_signature']}")
         _print(result["summary"], TABLE_COLUMNS, result["paths"])
         return 0
-    from hf_adaptive.evaluation.speed_eval import TABLE_COLUMNS, SpeedEvalConfig, run_speed_eval
+    from hf_adaptive.evaluation.speed import TABLE_COLUMNS, SpeedEvalConfig, run_speed_eval
 
     result = run_speed_eval(SpeedEvalConfig(random_weights=args.random_weights, batch_sizes=args.batch_sizes,
                                             prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,

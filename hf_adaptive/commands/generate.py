@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+
+from hf_adaptive.commands.common import chat_inputs, load_for_command, sampling_kwargs, wall_clock
 
 from hf_adaptive.devices import device_argument
-from hf_adaptive.models import offline_unless_hub
 from hf_adaptive.validation import arg_number
 
 DEFAULT_PROMPT = "Explain in three sentences why a key-value cache makes text generation faster."
@@ -42,27 +42,23 @@ def generate_command_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def generate_command(args: argparse.Namespace) -> int:
-    offline_unless_hub(args.model)
-    import torch
-
-    from hf_adaptive.kv.cache import AdaptiveKVCache, generate_cache_kwargs
     from hf_adaptive.kv.config import KVCacheConfig
-    from hf_adaptive.models import load_model
 
     KVCacheConfig(memory_budget=args.memory_budget, backend=args.backend, fixed_bits=args.fixed_bits,
                   gpu_memory_fraction=args.gpu_memory_fraction)  # bad settings fail before the model loads
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_for_command(args)
+    import torch
+
+    from hf_adaptive.compat import generate_cache_kwargs
+    from hf_adaptive.kv.cache import AdaptiveKVCache
+
     cache = AdaptiveKVCache(model.config, memory_budget=args.memory_budget, backend=args.backend,
                             fixed_bits=args.fixed_bits, gpu_memory_fraction=args.gpu_memory_fraction)
-    inputs = _chat_inputs(tokenizer, args.prompt).to(model.device)
-    sampling = {"do_sample": True, "temperature": 0.7} if args.sample else {"do_sample": False}
-    start = time.perf_counter()
-    with torch.inference_mode():
+    inputs = chat_inputs(tokenizer, args.prompt).to(model.device)
+    with wall_clock(model.device) as clock, torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.eos_token_id,
-                             **sampling, **generate_cache_kwargs(cache))
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+                             **sampling_kwargs(args.sample), **generate_cache_kwargs(cache))
+    seconds = clock["seconds"]
     new_tokens = out[0, inputs["input_ids"].shape[1]:]
     print(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
     report = build_report(cache, n_new=int(new_tokens.numel()), seconds=seconds,
@@ -73,13 +69,6 @@ def generate_command(args: argparse.Namespace) -> int:
         with open(args.json_path, "w") as f:
             json.dump({"report": report, "stats": cache.stats(), "history": cache.history}, f, indent=2)
     return 0
-
-
-def _chat_inputs(tokenizer, prompt: str):
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)
-    return tokenizer(prompt, return_tensors="pt")
 
 
 def bits_timeline(history: list[dict]) -> list[tuple[int, int, int]]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+
+from hf_adaptive.commands.common import chat_inputs, load_for_command, sampling_kwargs, wall_clock
 
 from hf_adaptive.devices import device_argument
-from hf_adaptive.models import offline_unless_hub
 from hf_adaptive.validation import arg_number
 
 DEFAULT_PROMPT = "Write a haiku about autumn leaves."
@@ -44,10 +44,6 @@ def precision_command_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def precision_command(args: argparse.Namespace) -> int:
-    offline_unless_hub(args.model)
-    import torch
-
-    from hf_adaptive.models import load_model
     from hf_adaptive.precision.tiers import TIER_RANK, prepare_tiers
 
     if args.mode == "graph" and args.sample:
@@ -56,16 +52,14 @@ def precision_command(args: argparse.Namespace) -> int:
     if names is not None and (not names or any(t not in TIER_RANK for t in names)):
         raise ValueError(f"--tiers must be a comma list from {','.join(TIER_RANK)}; got {args.tiers!r}. "
                          "Fix: e.g. --tiers int4,native")
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_for_command(args)
     default = ("int4", "native") if model.device.type == "cuda" else ("int4", "fp32")
     tiers = prepare_tiers(model, tiers=names or default, int4_kernel=args.int4_kernel)
-    ids = _prompt_ids(tokenizer, args.prompt).to(model.device)
-    start = time.perf_counter()
+    ids = chat_inputs(tokenizer, args.prompt)["input_ids"].to(model.device)
     run = {"lossy": _run_lossy, "graph": _run_graph, "verified": _run_verified}[args.mode]
-    tokens, telemetry = run(tiers, ids, args)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    with wall_clock(model.device) as clock:
+        tokens, telemetry = run(tiers, ids, args)
+    seconds = clock["seconds"]
     print(tokenizer.decode(tokens, skip_special_tokens=True).strip())
     report = telemetry.report()
     print(f"\n{len(tokens)} tokens in {seconds:.2f} s; tiers {report['tier_fraction']}, "
@@ -78,22 +72,14 @@ def precision_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompt_ids(tokenizer, prompt: str):
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)["input_ids"]
-    return tokenizer(prompt, return_tensors="pt")["input_ids"]
-
-
 def _run_lossy(tiers, ids, args):
     import torch
 
     from hf_adaptive.precision.controller import PrecisionController
 
-    sampling = {"do_sample": True, "temperature": 0.7} if args.sample else {"do_sample": False}
     with torch.inference_mode(), PrecisionController(tiers) as ctl:
         out = tiers.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                                   logits_processor=[ctl], **sampling)
+                                   logits_processor=[ctl], **sampling_kwargs(args.sample))
     return out[0, ids.shape[1]:], ctl.telemetry
 
 

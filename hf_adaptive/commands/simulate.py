@@ -41,9 +41,8 @@ def simulate_command_parser(subparsers) -> argparse.ArgumentParser:
                    help="override the calibration's device memory")
     p.add_argument("--arrival-scale", type=arg_number(minimum=0.0, min_open=True), default=1.0,
                    help="multiply arrival times (e.g. 100 to replay GPU-rate traces on a CPU calibration)")
-    p.add_argument("--rule", choices=["default", "cost"], default="default",
-                   help="default: the length, concurrency and memory thresholds below; cost: fastest predicted plan "
-                        "from the calibration")
+    p.add_argument("--rule", choices=["threshold", "cost"], default="threshold",
+                   help="threshold: the threshold rule; cost: fastest predicted plan from the calibration")
     add_batch_arguments(p)
     add_policy_arguments(p)
     p.set_defaults(func=simulate_command)

@@ -17,7 +17,6 @@ from hf_adaptive.evaluation.data import DEFAULT_DEV_SET, DEFAULT_REFERENCE_FIELD
 from hf_adaptive.evaluation.metrics import load_sacrebleu_metric, quality_summary
 from hf_adaptive.evaluation.report import environment_info, markdown_table, plot_pareto, write_report
 from hf_adaptive.evaluation.settings import build_setting, order_specs
-from hf_adaptive.evaluation.speed import device_description
 from hf_adaptive.evaluation.translate import TranslationConfig, translate
 
 logger = logging.getLogger(__name__)
@@ -165,7 +164,7 @@ def run_bleu_eval(config: BleuEvalConfig, progress: bool = True) -> dict[str, An
     dataset = load_parallel(config.data, config.limit, reference_fields=config.reference_fields)
     references = references_of(dataset, config.reference_fields)
     specs = order_specs(["baseline", *config.settings])
-    env = environment_info(str(model.device), device_description(model.device))
+    env = environment_info(str(model.device))
     env["model"] = config.model or "smollm2-135m-instruct"
     env["dtype"] = str(model.dtype)
     sources = list(dataset["es"])

@@ -1,4 +1,5 @@
-"""Evaluation data: the aligned Bible verses (local JSONL) through ``datasets``, and the perplexity text.
+"""Evaluation data: the aligned Bible verses (JSONL shipped in ``corpus/``) through ``datasets``, and the
+perplexity text. Any other file of the same layout can be passed as ``path``.
 
 Contract: ``load_parallel(path, limit)`` returns a ``datasets.Dataset`` with ``id``, the source field and
 the reference fields, first ``limit`` rows (dev-set order, so ``--limit`` is reproducible). Never
@@ -12,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DEV_SET = REPO_ROOT / "eval" / "data" / "dev_matthew_mark.jsonl"
-DEFAULT_PPL_TEXT = REPO_ROOT / "eval" / "data" / "english_ppl.txt"
+CORPUS_DIR = Path(__file__).resolve().parent / "corpus"  # package data: found the same way when installed
+DEFAULT_DEV_SET = CORPUS_DIR / "dev_matthew_mark.jsonl"
+DEFAULT_PPL_TEXT = CORPUS_DIR / "english_ppl.txt"
 DEFAULT_REFERENCE_FIELDS = ("en_web", "en_kjv")
 
 

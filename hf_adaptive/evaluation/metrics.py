@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-METRIC_DIR = Path(__file__).resolve().parents[1] / "metrics" / "sacrebleu_local"
+METRIC_DIR = Path(__file__).resolve().parent / "sacrebleu_local"
 
 
 @functools.lru_cache(maxsize=1)

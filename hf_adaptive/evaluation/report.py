@@ -1,7 +1,8 @@
 """Result writer: JSON + Markdown + PNG under a results directory, with the run's provenance.
 
-Contract: ``environment_info(device)`` records what produced the numbers (card, torch / transformers
-versions, git commit, command line, time); ``write_report(out_dir, name, payload, table, plots)``
+Contract: ``environment_info(device)`` records what produced the numbers (card, torch / transformers /
+triton versions, git commit, command line, time): the one environment card every result carries, read back by
+``eval/index_results.py``; ``write_report(out_dir, name, payload, table, plots)``
 writes ``<name>.json`` (the payload plus ``environment``), ``<name>.md`` (a title, the environment and
 a Markdown table of ``table`` rows) and any PNGs. ``pareto_front`` is pure; the plots use Agg.
 """
@@ -32,13 +33,31 @@ def git_commit(repo_dir: Path | None = None) -> str:
     return head + ("+dirty" if dirty else "")
 
 
+def device_description(device: Any) -> str:
+    """The accelerator's name (e.g. 'NVIDIA H100 80GB HBM3') or the CPU's, with its torch thread count."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
 def environment_info(device: str = "cpu", card: str | None = None) -> dict[str, Any]:
-    """Provenance of a result: card, versions, git commit, command line, UTC time."""
+    """Provenance of a result: card (``device_description`` unless given), versions, git commit, command, time."""
     import torch
     import transformers
 
-    return {"card": card or device, "device": device, "torch": torch.__version__,
-            "transformers": transformers.__version__, "cuda": torch.version.cuda,
+    return {"card": card or device_description(device), "device": device, "torch": torch.__version__,
+            "transformers": transformers.__version__, "triton": _triton_version(), "cuda": torch.version.cuda,
             "python": platform.python_version(), "platform": platform.platform(),
             "git_commit": git_commit(), "command": " ".join(sys.argv),
             "utc_time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -101,15 +120,22 @@ def short_label(spec: str) -> str:
     return spec
 
 
+def headless_pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed): the one place results' plots pick it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_pareto(path: str | Path, labels: Sequence[str], speedups: Sequence[float], scores: Sequence[float],
                 title: str, y_label: str = "BLEU",
                 x_label: str = "speedup vs baseline (x, higher is faster)", show_front: bool = True) -> Path:
     """Scatter of score vs speedup, labelled, with the Pareto front drawn (unless ``show_front`` is
     False, e.g. when the x values are timing noise); saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter(speedups, scores, zorder=3)
@@ -135,10 +161,7 @@ def plot_pareto(path: str | Path, labels: Sequence[str], speedups: Sequence[floa
 def plot_bars(path: str | Path, labels: Sequence[str], values: Sequence[float], title: str,
               y_label: str) -> Path:
     """A labelled bar chart (e.g. decode tokens/s per setting) saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(labels) + 2), 4))
     bars = ax.bar(range(len(values)), values)

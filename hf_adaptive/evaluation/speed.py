@@ -1,166 +1,120 @@
-"""Decode speed of one setting: tokens/s, time to first token, per-token latency, peak memory.
+"""Speed evaluation: every setting x batch size on a real-text prompt; JSON + Markdown + PNG.
 
-Contract: ``measure_speed(model, input_ids, setting, config)`` runs ``generate`` with exactly
-``new_tokens`` new tokens (EOS ignored) ``warmup`` times unmeasured, then ``repeats`` times measured, and
-returns medians over the repeats. Step times come from a ``LogitsProcessor`` that timestamps every decode
-step (synchronizing the GPU first on CUDA, so each stamp marks finished work). Runs on CPU and CUDA.
-
-Definitions: TTFT = start of ``generate`` -> logits of the first new token (prefill); per-token
-latency = time between consecutive steps; decode tokens/s = batch x (steps - 1) / (last - first stamp).
-Peak memory: ``torch.cuda.max_memory_allocated`` per run on CUDA; on CPU the process's peak RSS (a lifetime
-maximum, so it only grows across settings).
+Contract: ``run_speed_eval(config)`` loads the model (real weights, or random weights of the same
+architecture with ``random_weights``), builds a prompt of ``prompt_tokens`` real English tokens
+(``evaluation/corpus/english_ppl.txt``), measures each setting with :func:`measure_speed` and writes
+``speed.json`` / ``speed.md`` / ``speed.png`` under ``config.out_dir``. Speedup is against the baseline
+at the same batch size, same process, same card.
 """
 
 from __future__ import annotations
 
-import platform
-import resource
-import statistics
-import sys
-import time
+import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from hf_adaptive.evaluation.data import DEFAULT_PPL_TEXT
+from hf_adaptive.evaluation.random_model import load_random_model
+from hf_adaptive.evaluation.report import environment_info, markdown_table, plot_bars, write_report
+from hf_adaptive.evaluation.settings import build_setting, spec_groups
+from hf_adaptive.evaluation.report import device_description
+from hf_adaptive.evaluation.timing import SpeedConfig, measure_interleaved, real_text_prompt
 
-from hf_adaptive.evaluation.settings import Setting
+logger = logging.getLogger(__name__)
+
+RANDOM_SEED = 0  # init seed of --random-weights runs (recorded in the report)
+
+TABLE_COLUMNS = ("setting", "batch_size", "decode_tokens_per_s", "speedup", "ttft_ms", "p50_token_ms",
+                 "p99_token_ms", "peak_memory_bytes", "kv_bytes")
 
 
 @dataclass(frozen=True)
-class SpeedConfig:
-    """Workload of one speed measurement (recorded with the results)."""
+class SpeedEvalConfig:
+    """Model, workload and settings of a speed run (recorded in ``speed.json``)."""
 
-    batch_size: int = 1
+    out_dir: Path
+    model: str | None = None
+    random_weights: bool = False
+    device: str | None = None
+    dtype: str = "auto"
+    settings: tuple[str, ...] = ("baseline", "kv8", "kv4")
+    batch_sizes: tuple[int, ...] = (1,)
     prompt_tokens: int = 256
     new_tokens: int = 128
     warmup: int = 1
     repeats: int = 3
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "prompt_tokens", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}. Fix: e.g. {name}=1.")
-        if self.new_tokens < 2:
-            raise ValueError(f"new_tokens must be >= 2 (one decode interval); got {self.new_tokens}. "
-                             "Fix: e.g. new_tokens=128.")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0; got {self.warmup}. Fix: warmup=1.")
+    text: Path = DEFAULT_PPL_TEXT
 
 
-class StepTimer(LogitsProcessor):
-    """Stamps ``time.perf_counter()`` at every generation step; never changes the scores."""
+def load_for_speed(config: SpeedEvalConfig) -> tuple[Any, Any]:
+    """(model, tokenizer): the real checkpoint, or its architecture with seeded random weights.
 
-    def __init__(self, device: torch.device) -> None:
-        self.sync = device.type == "cuda"
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.sync:
-            torch.cuda.synchronize()  # a benchmark-only sync: the stamp must mark finished GPU work
-        self.stamps.append(time.perf_counter())
-        return scores
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated ``q``-quantile (q in [0, 1]) of a non-empty list."""
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def summarize_run(start: float, stamps: list[float], batch_size: int) -> dict[str, float]:
-    """TTFT, decode tokens/s and p50/p99 per-token latency (ms) of one run from its step stamps."""
-    if len(stamps) < 2:
-        raise ValueError(f"stamps: need >= 2 step stamps for a decode interval, got {len(stamps)}; "
-                         "generate at least 2 new tokens.")
-    gaps_ms = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
-    decode_s = stamps[-1] - stamps[0]
-    return {"ttft_ms": (stamps[0] - start) * 1e3,
-            "decode_tokens_per_s": batch_size * len(gaps_ms) / decode_s if decode_s > 0 else float("inf"),
-            "p50_token_ms": percentile(gaps_ms, 0.5), "p99_token_ms": percentile(gaps_ms, 0.99),
-            "total_s": stamps[-1] - start}
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated CUDA bytes since the last reset, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
-
-
-def _one_run(model: Any, input_ids: torch.Tensor, setting: Setting, config: SpeedConfig) -> dict[str, Any]:
-    timer = StepTimer(model.device)
-    extra = setting.generate_kwargs()
-    processors = LogitsProcessorList([*extra.pop("logits_processor", []), timer])
-    kwargs = {"do_sample": False, "max_new_tokens": config.new_tokens, "min_new_tokens": config.new_tokens,
-              "pad_token_id": 0, "temperature": None, "top_p": None, "top_k": None}
-    mask = torch.ones_like(input_ids)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(model.device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(input_ids=input_ids, attention_mask=mask, logits_processor=processors,
-                       **kwargs, **extra)
-    run = summarize_run(start, timer.stamps, input_ids.shape[0])
-    run["peak_memory_bytes"] = peak_memory_bytes(model.device)
-    extra["logits_processor"] = [p for p in processors if p is not timer]
-    run["stats"] = setting.collect(extra)
-    return run
-
-
-def _aggregate(setting: Setting, runs: list[dict[str, Any]], config: SpeedConfig) -> dict[str, Any]:
-    keys = ("ttft_ms", "decode_tokens_per_s", "p50_token_ms", "p99_token_ms", "total_s")
-    result = {k: statistics.median(r[k] for r in runs) for k in keys}
-    return {"setting": setting.name, "kind": setting.kind, "params": setting.params, **result,
-            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs), "runs": runs,
-            "config": asdict(config)}
-
-
-def measure_interleaved(model: Any, input_ids: torch.Tensor, settings: list[Setting],
-                        config: SpeedConfig) -> list[dict[str, Any]]:
-    """Median speed of each setting on ``input_ids`` (B, T), repeats interleaved round-robin.
-
-    Interleaving (warm-up all, then repeat: each setting once) spreads load or clock drift over all
-    settings instead of charging it to whichever ran last.
-
-    Returns:
-        per setting ``{"setting", "kind", "params", "ttft_ms", "decode_tokens_per_s", "p50_token_ms",
-        "p99_token_ms", "total_s", "peak_memory_bytes", "runs", "config"}`` (scalars are medians; peak
-        memory is the max over runs).
+    With ``random_weights`` only ``config.json`` and the tokenizer are read (a config-only directory
+    from ``scripts/export_model_config.py`` suffices) and the model is built on the target device.
     """
-    for _ in range(config.warmup):
-        for setting in settings:
-            _one_run(model, input_ids, setting, config)
-    runs: list[list[dict[str, Any]]] = [[] for _ in settings]
-    for _ in range(config.repeats):
-        for i, setting in enumerate(settings):
-            runs[i].append(_one_run(model, input_ids, setting, config))
-    return [_aggregate(setting, r, config) for setting, r in zip(settings, runs)]
+    from hf_adaptive.models import load_model
+
+    if config.random_weights:
+        return load_random_model(config.model, device=config.device, dtype=config.dtype, seed=RANDOM_SEED)
+    return load_model(config.model, device=config.device, dtype=config.dtype)
 
 
-def measure_speed(model: Any, input_ids: torch.Tensor, setting: Setting,
-                  config: SpeedConfig) -> dict[str, Any]:
-    """Median speed of one ``setting`` (see :func:`measure_interleaved`)."""
-    return measure_interleaved(model, input_ids, [setting], config)[0]
+def speed_notes(random_weights: bool) -> str:
+    """The Markdown notes of a speed report: definitions, and what random weights do and do not change."""
+    notes = ("Medians over repeats after warm-up; repeats interleaved round-robin across settings. "
+             "decode tokens/s = batch x (steps-1) / decode time; "
+             "TTFT includes prefill; per-token latency from a LogitsProcessor stamping each step "
+             "(CUDA-synchronized on GPU). Peak memory: CUDA max allocated, or process peak RSS on CPU.\n")
+    if random_weights:
+        notes += ("\nRandom weights of the real architecture (config.json only, no checkpoint read): speed "
+                  "depends on shapes and dtypes, not on weight values, and EOS is ignored "
+                  "(min_new_tokens = new_tokens), so every run decodes the same number of tokens.\n")
+    return notes
 
 
-def device_description(device: torch.device) -> str:
-    """The accelerator's name (e.g. 'NVIDIA H100 80GB HBM3') or the CPU's, with core count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} torch threads)"
+def _row(result: dict[str, Any], batch_size: int, base_tps: float) -> dict[str, Any]:
+    kv = [r["stats"].get("kv_bytes") for r in result["runs"] if "kv_bytes" in r.get("stats", {})]
+    return {"setting": result["setting"], "batch_size": batch_size,
+            **{k: result[k] for k in ("decode_tokens_per_s", "ttft_ms", "p50_token_ms", "p99_token_ms",
+                                      "peak_memory_bytes")},
+            "speedup": result["decode_tokens_per_s"] / base_tps if base_tps else 0.0,
+            "kv_bytes": kv[-1] if kv else None}
 
 
-def real_text_prompt(tokenizer: Any, text: str, prompt_tokens: int, batch_size: int) -> torch.Tensor:
-    """(batch_size, prompt_tokens) ids of real text, repeating the text if it is too short."""
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    if ids.numel() == 0:
-        raise ValueError("text: tokenizes to nothing; pass real text (e.g. eval/data/english_ppl.txt).")
-    reps = -(-prompt_tokens // ids.numel())
-    row = ids.repeat(reps)[:prompt_tokens]
-    return row.unsqueeze(0).repeat(batch_size, 1)
+def run_speed_eval(config: SpeedEvalConfig, progress: bool = True) -> dict[str, Any]:
+    """Measure, write the report, return ``{"rows", "paths"}``."""
+    from tqdm.auto import tqdm
+
+    model, tokenizer = load_for_speed(config)
+    text = Path(config.text).read_text(encoding="utf-8")
+    rows, raw = [], []
+    base_tps: dict[int, float] = {}
+    jobs = [(g, b) for g in spec_groups(["baseline", *config.settings]) for b in config.batch_sizes]
+    for group, batch_size in tqdm(jobs, desc="speed (group x batch)", disable=not progress):
+        workload = SpeedConfig(batch_size, config.prompt_tokens, config.new_tokens, config.warmup,
+                               config.repeats)
+        ids = real_text_prompt(tokenizer, text, config.prompt_tokens, batch_size).to(model.device)
+        settings = [build_setting(spec, model) for spec in group]
+        for result in measure_interleaved(model, ids, settings, workload):
+            base_tps.setdefault(batch_size, result["decode_tokens_per_s"])  # baseline comes first
+            rows.append(_row(result, batch_size, base_tps[batch_size]))
+            raw.append(result)
+            logger.info("%s b=%d: %.1f tok/s", result["setting"], batch_size, result["decode_tokens_per_s"])
+    card = device_description(model.device)
+    env = {**environment_info(str(model.device), card), "model": config.model or "smollm2-135m-instruct",
+           "weights": "random" if config.random_weights else "real", "dtype": str(model.dtype)}
+    if config.random_weights:
+        env["weights_init"] = (f"from_config on {model.device}, transformers' normal init "
+                               f"(std {getattr(model.config, 'initializer_range', '?')}), seed {RANDOM_SEED}")
+    payload = {"config": {**asdict(config), "out_dir": str(config.out_dir), "text": str(config.text)},
+               "summary": rows, "results": raw}
+    paths = write_report(config.out_dir, "speed", payload, env, markdown_table(rows, TABLE_COLUMNS),
+                         f"Decode speed: {env['model']} ({env['weights']} weights) on {card}",
+                         speed_notes(config.random_weights))
+    paths["png"] = plot_bars(Path(config.out_dir) / "speed.png",
+                             [f"{r['setting']} b{r['batch_size']}" for r in rows],
+                             [r["decode_tokens_per_s"] for r in rows],
+                             f"{env['model']} ({env['weights']}), {card}, prompt {config.prompt_tokens}, "
+                             f"new {config.new_tokens}", "decode tokens/s")
+    return {"rows": rows, "paths": paths}

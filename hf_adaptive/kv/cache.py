@@ -264,11 +264,5 @@ def config_element_bytes(config: PretrainedConfig) -> int:
     return 2
 
 
-def generate_cache_kwargs(cache: Cache) -> dict:
-    """``{"cache": cache}`` on transformers >= 5.23 (where ``past_key_values`` is deprecated), else
-    ``{"past_key_values": cache}``: pass as ``model.generate(**inputs, **generate_cache_kwargs(cache))``."""
-    import transformers
-    from packaging.version import Version
-
-    new_api = Version(transformers.__version__).release >= (5, 23)
-    return {"cache" if new_api else "past_key_values": cache}
+# Re-exported here: a public name since the first release (the rename is handled in hf_adaptive.compat).
+from hf_adaptive.compat import generate_cache_kwargs  # noqa: E402,F401

@@ -1,6 +1,6 @@
-"""Adaptive vs the best static plan: the issue-5 targets as numbers, from per-mode run summaries.
+"""Adaptive vs the best static plan, from per-mode run summaries, checked against targets the caller names.
 
-Contract: pure (plain dicts in, a dict out). A static plan is a candidate only if it served every request of the
+Contract: pure (plain dicts in, a dict out); the library compares, the caller (a benchmark) holds the targets. A static plan is a candidate only if it served every request of the
 trace: a plan that refused part of it (memory) or did not finish is listed with the reason, not compared, since
 its throughput counts less work. "Best" is the highest throughput; the p99 target is checked against that plan
 and, separately, against the lowest static p99 (the stricter reading).
@@ -8,15 +8,29 @@ and, separately, against the lowest static p99 (the stricter reading).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from hf_adaptive.parallel.capacity import replica_rows
 from hf_adaptive.parallel.plans import ParallelPlan
 
 
+@dataclass(frozen=True)
+class Targets:
+    """What "adaptive meets the target" means: at least ``min_speedup`` x the best static plan's throughput and
+    at most ``max_p99_ratio`` x its p99 latency."""
+
+    min_speedup: float
+    max_p99_ratio: float
+
+    def __post_init__(self) -> None:
+        if not (self.min_speedup > 0 and self.max_p99_ratio > 0):
+            raise ValueError(f"Targets: min_speedup and max_p99_ratio must be > 0, got {self.min_speedup!r} and "
+                             f"{self.max_p99_ratio!r}; e.g. Targets(min_speedup=1.25, max_p99_ratio=0.8)")
+
+
 def compare_with_static(rows: dict[str, dict[str, Any]], total_requests: int, failed: dict[str, str] | None = None,
-                        throughput_key: str = "wall_throughput_tok_s", min_speedup: float = 1.25,
-                        max_p99_ratio: float = 0.8) -> dict[str, Any]:
+                        *, targets: Targets, throughput_key: str = "wall_throughput_tok_s") -> dict[str, Any]:
     """Compare every ``adaptive*`` mode of ``rows`` with the static modes that served all ``total_requests``.
 
     Args:
@@ -25,7 +39,7 @@ def compare_with_static(rows: dict[str, dict[str, Any]], total_requests: int, fa
         failed: modes that did not finish -> why (excluded, listed).
         throughput_key: which throughput to compare; wall-clock by default, so switch time counts against the
             adaptive engine (busy-time throughput leaves re-sharding out).
-        min_speedup, max_p99_ratio: the targets.
+        targets: what counts as meeting the target (the caller's goal, recorded in the result).
 
     Returns:
         ``{"best_static", "lowest_p99_static", "excluded", "adaptive": {mode: {...ratios, "meets_target"}}}``;
@@ -43,8 +57,8 @@ def compare_with_static(rows: dict[str, dict[str, Any]], total_requests: int, fa
                               f"({row.get('rejected', 0)} refused)")
         else:
             complete[mode] = row
-    out: dict[str, Any] = {"throughput_key": throughput_key, "targets": {"min_speedup": min_speedup,
-                                                                         "max_p99_ratio": max_p99_ratio},
+    out: dict[str, Any] = {"throughput_key": throughput_key, "targets": {"min_speedup": targets.min_speedup,
+                                                                         "max_p99_ratio": targets.max_p99_ratio},
                            "best_static": None, "lowest_p99_static": None, "excluded": excluded, "adaptive": {}}
     if not complete:
         return out
@@ -61,7 +75,7 @@ def compare_with_static(rows: dict[str, dict[str, Any]], total_requests: int, fa
         out["adaptive"][mode] = {
             "served_all": served_all, "speedup_vs_best": speedup, "p99_ratio_vs_best": p99_ratio,
             "p99_ratio_vs_lowest_p99": p99_vs_lowest,
-            "meets_target": served_all and speedup >= min_speedup and p99_ratio <= max_p99_ratio}
+            "meets_target": served_all and speedup >= targets.min_speedup and p99_ratio <= targets.max_p99_ratio}
     return out
 
 

@@ -187,7 +187,7 @@ def queue_drain_predictor(calib: Calibration, plan_for: Callable[[str], Any], ma
 
     ``max_batch_per_replica`` and ``batch_cap_per`` are the server's batch cap (``capacity.replica_rows``).
     ``head_requests`` > 0 prices only the next that many queued requests (the work the next batches run, as the
-    default rule's ``queue_head_requests``).
+    threshold rule's ``queue_head_requests``).
 
     When a queued request does not fit the plan even in a batch of its own (a long document on a DP replica under
     a memory budget), the plan serves the requests before it and then hands over: the prediction adds one switch

@@ -13,7 +13,6 @@ It knows nothing about requests or scheduling (``serve.py``) or which plan to pi
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import DynamicCache
 
+from hf_adaptive.compat import cache_kwarg_name
 from hf_adaptive.parallel.plans import ParallelPlan
 from hf_adaptive.parallel.shard import Shard, build_shard, pin_host_copy
 
@@ -59,12 +59,6 @@ def create_plan_groups(plans: list[ParallelPlan], rank: int) -> dict[str, PlanGr
     return out
 
 
-def cache_kwarg_name(model: nn.Module) -> str:
-    """The decoder's cache argument: ``cache`` in transformers >= 5.23, ``past_key_values`` before."""
-    params = inspect.signature(model.model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 @dataclass
 class Engine:
     """Holds the host copy of the weights and this rank's shard of the current plan.
@@ -86,7 +80,7 @@ class Engine:
     def __post_init__(self) -> None:
         self.host_model.eval()
         self.groups = create_plan_groups(self.plans, self.rank)
-        self._cache_kw = cache_kwarg_name(self.host_model)
+        self._cache_kw = cache_kwarg_name(self.host_model.model.forward)
         if self.pin_host and self.device.type == "cuda":
             self.pin()
 

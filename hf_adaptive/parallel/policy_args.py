@@ -1,7 +1,7 @@
 """The parallelism policy's and the batch cap's command-line knobs, shared by the serving worker and
 ``hf-adaptive simulate``; and the host model's, shared by the multi-process eval scripts.
 
-Contract: argparse in, ``ParallelPolicyConfig`` out (default rule; callers swap in the cost-aware rule). One
+Contract: argparse in, ``ParallelPolicyConfig`` out (threshold rule; callers swap in the cost-aware rule). One
 definition, so a simulated run and a served run with the same flags make the same decisions.
 """
 
@@ -46,11 +46,11 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests (prompt + new tokens) shorter than this count toward --dp-concurrency (exit = 1.25x)")
     fraction = arg_number(minimum=0.1, min_open=True)
     p.add_argument("--hybrid-memory", type=fraction, default=None,
-                   help="memory fraction over which the default rule picks hybrid TP+PP (exit = this - 0.1); default "
+                   help="memory fraction over which the threshold rule picks hybrid TP+PP (exit = this - 0.1); default "
                         "0.8, or 0.05 above the admission ceiling 1 - memory headroom when that is higher: "
                         "admission fills each device up to the ceiling, and a full batch is not memory pressure")
     p.add_argument("--pipeline-memory", type=fraction, default=None,
-                   help="memory fraction over which the default rule picks PP (exit = this - 0.05); default 0.9, or "
+                   help="memory fraction over which the threshold rule picks PP (exit = this - 0.05); default 0.9, or "
                         "0.05 above --hybrid-memory when that is higher")
     p.add_argument("--queue-head", type=arg_number(minimum=0, integer=True), default=0,
                    help="length signal from the next N queued requests instead of the arrival window (0)")

@@ -59,20 +59,27 @@ def write_sim_report(trace_name: str, results: list[SimResult], calib: Calibrati
     return payload
 
 
-def _plot(trace_name: str, rows: list[dict], adaptive: SimResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
-    names = [r["name"] for r in rows]
-    colors = ["tab:orange" if n == "adaptive" else "tab:blue" for n in names]
-    for ax, key, label in zip(axes[:3], ("throughput_tok_s", "latency_p50_s", "latency_p99_s"),
-                              ("throughput (tok/s)", "p50 latency (s)", "p99 latency (s)")):
-        ax.bar(names, [r[key] for r in rows], color=colors)
-        ax.set_title(label)
+def mode_bars(axes: Any, rows: dict[str, dict], panels: list[tuple[str, str]]) -> None:
+    """One bar panel per ``(row key, title)``: every mode's value, adaptive modes in orange; a mode that refused
+    part of the trace (``rejected`` > 0) is hatched, since its numbers count less work. Shared by the simulator's
+    and the serving benchmark's plots."""
+    names = list(rows)
+    colors = ["tab:orange" if n.startswith("adaptive") else "tab:blue" for n in names]
+    hatch = ["//" if rows[n].get("rejected", 0) else "" for n in names]
+    for ax, (key, title) in zip(axes, panels):
+        ax.bar(names, [rows[n].get(key, 0.0) for n in names], color=colors, hatch=hatch)
+        ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
+
+
+def _plot(trace_name: str, rows: list[dict], adaptive: SimResult, path: Path) -> None:
+    from hf_adaptive.evaluation.report import headless_pyplot
+
+    plt = headless_pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    mode_bars(axes[:3], {r["name"]: {**r, "rejected": 0} for r in rows},
+              [("throughput_tok_s", "throughput (tok/s)"), ("latency_p50_s", "p50 latency (s)"),
+               ("latency_p99_s", "p99 latency (s)")])
     plans = sorted({p for _, p, _ in adaptive.timeline})
     axes[3].scatter([t for t, _, _ in adaptive.timeline], [plans.index(p) for _, p, _ in adaptive.timeline], s=6)
     axes[3].set_yticks(range(len(plans)), plans)

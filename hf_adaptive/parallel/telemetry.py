@@ -121,10 +121,9 @@ def _markdown(payload: dict[str, Any]) -> str:
 
 
 def _plot(telemetry: Telemetry, path: Path, title: str) -> None:
-    import matplotlib
+    from hf_adaptive.evaluation.report import headless_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     plans = sorted({r.plan for r in telemetry.requests})

@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_policy_arguments(p)
     p.add_argument("--warmup", action="store_true",
                    help="before the clock starts, build every layout the run may use and run one full batch on it")
-    p.add_argument("--rule", choices=["default", "cost"], default="default",
-                   help="default: the policy's threshold rule; cost: fastest predicted plan (needs --calibration)")
+    p.add_argument("--rule", choices=["threshold", "cost"], default="threshold",
+                   help="threshold: the threshold rule; cost: fastest predicted plan (needs --calibration)")
     p.add_argument("--calibration", help="eval/calibrate_parallel.py JSON for --rule cost (same world size)")
     p.add_argument("--device-memory-gb", type=float, default=None,
                    help="memory budget per device in GiB, for the memory signal and batch admission (default: the "
@@ -130,7 +130,7 @@ def load_host_model(spec: str, dtype: str, random_weights: bool = False, device:
 
 def policy_config(args: argparse.Namespace, world: int, dims: ModelDims) -> ParallelPolicyConfig:
     config = policy_config_from_args(args, args.memory_headroom)
-    if args.rule == "default":
+    if args.rule == "threshold":
         return config
     if not args.calibration:
         raise ValueError("--rule cost needs --calibration FILE (from eval/calibrate_parallel.py)")

@@ -3,7 +3,7 @@
 Contract: pure decisions over plain numbers. Knows nothing about torch, devices or processes; the time
 comes in with the signals (``now_s``), so a replayed trace and a live server make the same decisions.
 
-The default rule (thresholds in ``ParallelPolicyConfig``):
+The threshold rule (thresholds in ``ParallelPolicyConfig``):
     long context (over the window, half of all tokens in requests > 1024 tokens long) or memory > 0.8
         -> hybrid TP+PP,
         and pipeline (PP) when memory > 0.9;
@@ -159,8 +159,8 @@ def length_signal(summary: WorkloadSummary, config: ParallelPolicyConfig) -> flo
     return token_weighted_percentile(head, 50) if head else summary.token_weighted_p50
 
 
-def default_rule(summary: WorkloadSummary, current: str, config: ParallelPolicyConfig) -> tuple[str, str]:
-    """The default thresholds (module docstring) with hysteresis. Returns ``(strategy, reason)``."""
+def threshold_rule(summary: WorkloadSummary, current: str, config: ParallelPolicyConfig) -> tuple[str, str]:
+    """The threshold rule with hysteresis. Returns ``(strategy, reason)``."""
     model_split = current in ("hybrid", "pp")
     if config.pipeline_memory.over(summary.memory_fraction_max, current == "pp"):
         limit = config.pipeline_memory.limit(current == "pp")
@@ -186,7 +186,7 @@ def cost_aware_rule(predict_s: Callable[[str, WorkloadSummary], float | None],
     """A rule that picks the strategy predicted to drain the live queue fastest.
 
     ``predict_s(strategy, summary)`` returns predicted seconds (None: the strategy cannot serve it), e.g.
-    from a calibrated cost model. Memory pressure still decides first (the default rule's memory bands),
+    from a calibrated cost model. Memory pressure still decides first (the threshold rule's memory bands),
     and a challenger must beat the current strategy by ``margin_fraction`` (hysteresis on cost).
     """
     if not 0 <= margin_fraction < 1:
@@ -196,10 +196,10 @@ def cost_aware_rule(predict_s: Callable[[str, WorkloadSummary], float | None],
         split = current in ("hybrid", "pp")
         if (config.pipeline_memory.over(summary.memory_fraction_max, current == "pp")
                 or config.hybrid_memory.over(summary.memory_fraction_max, split) or not summary.queue_seq_lens):
-            return default_rule(summary, current, config)
+            return threshold_rule(summary, current, config)
         costs = {s: c for s in STRATEGIES if (c := predict_s(s, summary)) is not None}
         if not costs:
-            return default_rule(summary, current, config)
+            return threshold_rule(summary, current, config)
         best = min(costs, key=costs.get)
         now = costs.get(current)
         if now is not None and costs[best] >= now * (1 - margin_fraction):
@@ -241,7 +241,7 @@ class ParallelPolicyConfig:
     confirm_s: float = 2.0
     window_s: float = 10.0
     queue_head_requests: int = 0
-    rule: Rule = default_rule
+    rule: Rule = threshold_rule
 
     def __post_init__(self) -> None:
         for name in ("cooldown_s", "min_dwell_s", "confirm_s", "window_s"):

@@ -10,7 +10,7 @@ step, so the per-sequence scores are first combined into one batch score (``comb
   lets the few least confident sequences (10 %) be outvoted, trading quality for speed.
 - ``"mean"``: the mean score.
 
-Bands (defaults: high 0.9, low 0.6): score > ``high`` -> ``fast_tier``; ``low`` <= score <= ``high`` ->
+Bands (defaults in ``PrecisionPolicyConfig``): score > ``high`` -> ``fast_tier``; ``low`` <= score <= ``high`` ->
 ``mid_tier``; score < ``low`` -> ``top_tier``. ``min_dwell_steps`` keeps a tier for at least that many
 steps before switching again (fewer switches, e.g. for kernels with a switch cost).
 """

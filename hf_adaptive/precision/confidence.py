@@ -4,7 +4,7 @@ Contract: every function takes logits of shape (B, V) (any float dtype; computed
 (B,) fp32 tensors on the same device. Nothing here reads a value back to the host, so a caller can
 batch all host reads of a step into one transfer.
 
-Default score (issue 7): ``0.5*p_max + 0.3*(1 - entropy/4) + 0.2*margin/10`` clamped to [0, 1], with
+Default score: ``0.5*p_max + 0.3*(1 - entropy/4) + 0.2*margin/10`` clamped to [0, 1], with
 entropy in nats and margin the top-1 minus top-2 logit. Weights and normalisers are configurable
 through ``ConfidenceWeights``; ``variance_weight`` adds ``variance/variance_scale`` (0 by default).
 """

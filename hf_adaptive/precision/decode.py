@@ -8,7 +8,7 @@ Contract: ``decode(engine, input_ids, options)`` returns the new tokens (B, max_
 each step comes from, in this order: a ``PrecisionController`` (decides from the raw logits of the step
 before), a recorded ``schedule`` (tier names, replayed cyclically: for benchmarks on random weights), or
 the fixed ``tier`` (default: the top tier). ``decision_lag=1`` lets the controller decide from the step
-before the last one, so the host never waits for the GPU (the issue's default is lag 0). It decodes
+before the last one, so the host never waits for the GPU (the default is lag 0). It decodes
 exactly ``max_new_tokens`` (no EOS stop: a stop check would add a host sync per step). With
 ``agreement_every=N``, every N-th low-tier step also runs the top tier on the same input first and
 records whether both pick the same token (telemetry's confidence accuracy); the low tier runs second

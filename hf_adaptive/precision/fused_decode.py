@@ -8,8 +8,8 @@ and the next tier's ladder index into a (1 + B,) ``status`` tensor. The host per
 graph, queues one non-blocking copy of ``status`` into a pinned ring buffer and records an event.
 
 Decision lag (``FusedOptions.decision_lag``):
-- 0: before step s the host waits on step s-1's event (one small sync per step, the issue's
-  semantics: each decision applies to the very next forward); the GPU idles for that wake-up, the
+- 0: before step s the host waits on step s-1's event (one small sync per step, the
+  default semantics: each decision applies to the very next forward); the GPU idles for that wake-up, the
   host's decision and the next launch;
 - 1: before step s the host reads step s-2's status; the GPU is running step s-1 meanwhile, so it
   never idles (the decision applies one forward later).

@@ -19,7 +19,6 @@ equal-length prompts (no padding), ``batch_size`` fixed at construction, ``start
 
 from __future__ import annotations
 
-import inspect
 import logging
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import StaticCache
 
+from hf_adaptive.compat import cache_kwarg_name
 from hf_adaptive.precision.tiers import PrecisionTiers
 
 logger = logging.getLogger(__name__)
@@ -79,8 +79,7 @@ class GraphDecodeEngine:
         self.pos = torch.zeros((), dtype=torch.long, device=self.device)       # first query position
         self.key_index = torch.arange(self.config.max_len, device=self.device)  # (L,)
         self.mask_dtype = self.model.dtype
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
-            else "past_key_values"
+        self.cache_kwarg = cache_kwarg_name(self.model.forward)
         self.graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.position = 0  # host copy of the next free position
         self._step_forward = torch.compile(self._forward, dynamic=False) if self.config.compile else self._forward
@@ -154,7 +153,7 @@ class GraphDecodeEngine:
 
         The warm-up really executes, so it writes KV at pos..pos+q-1: those slots must be scratch
         (masked for every query before them, overwritten by the real step that first reads them). Warming
-        up at position 0 (issue-7 bug) overwrote the prompt's first q KV entries with token-0 KV.
+        up at position 0 (an earlier bug) overwrote the prompt's first q KV entries with token-0 KV.
         On CUDA it runs on a side stream (lazy kernels, cuBLAS workspaces), as graph capture requires.
         """
         self.pos.fill_(self.position)

@@ -1,15 +1,13 @@
 """Group-wise int4 weights with a Triton weight-only matmul tuned per shape (``prepare_tiers(int4_kernel="triton")``).
 
-Why it was built: PyTorch's tinygemm (``int4.py``) reads its int4 bytes at 50-74 % of the copy bandwidth at one
-activation row (the Llama-3.1-8B-shape int4 step ran at 1.52x the bf16 step on an H200), which caps both the lossy
-tier's gain and verified mode's draft. This kernel streams a byte per weight pair, coalesced along N, and is tuned
-per (N, K) once at pack time.
+Why it was built: PyTorch's tinygemm (``int4.py``) reads its int4 bytes well under the copy bandwidth at one
+activation row, which caps both the lossy tier's gain and verified mode's draft. This kernel streams a byte per
+weight pair, coalesced along N, and is tuned per (N, K) once at pack time.
 
-What it measured (H200, ``eval/bench_int4_kernels.py``, ``eval/results/int4_kernels_h200/``): at one row it is
-SLOWER than tinygemm (0.44-0.62x; the elementwise dequantize-and-FMA loop is ALU-bound, not byte-bound), so it is
-not the default; at 8 rows its ``tl.dot`` kernel beats tinygemm on the large matrices (gate/up 1.25-1.30x, lm_head
-1.60-1.74x) but not bf16 except on lm_head. A one-row version that multiplies the codes on tensor cores and applies
-scales after the dot is the next thing to try.
+What it does (``eval/bench_int4_kernels.py``; numbers in the precision area of eval/results/README.md): at one row
+it is slower than tinygemm (the elementwise dequantize-and-FMA loop is ALU-bound, not byte-bound), so it is not the
+default; at several rows its ``tl.dot`` kernel beats tinygemm on the large matrices. A one-row version that
+multiplies the codes on tensor cores and applies scales after the dot is the next thing to try.
 
 Contract: ``pack_int4_triton(weight, group_size, act_dtype)`` quantizes a (N, K) weight exactly as ``int4.py``
 does (same codes, scales and mid-point zeros, so both kernels compute with the same weights) and returns a

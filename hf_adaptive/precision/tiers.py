@@ -257,10 +257,10 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
             is 21 % of the bf16 bytes a decode step reads; left in bf16 it caps the int4 tier's gain.
         fuse: run q/k/v and gate/up as one matmul per tier (``fusion.py``); every tier is fused alike,
             so tier-vs-tier comparisons stay fair.
-        int4_kernel: the CUDA int4 kernel: ``"auto"`` / ``"tinygemm"`` (PyTorch's; the fastest at one row:
-            measured 1.3-1.9x bf16 per decode-shaped matmul on an H200, ``eval/results/int4_kernels_h200/``) or
-            ``"triton"`` (ours, tuned per shape at prepare time; 0.44-0.62x tinygemm at one row but 1.25-1.74x
-            tinygemm at 8 rows on the large matrices). CPU weights always use PyTorch's CPU int4 kernel.
+        int4_kernel: the CUDA int4 kernel: ``"auto"`` / ``"tinygemm"`` (PyTorch's; the fastest at one row) or
+            ``"triton"`` (ours, tuned per shape at prepare time; slower than tinygemm at one row, faster at
+            several rows on the large matrices; see ``precision_int4_kernels_*`` in eval/results/README.md).
+            CPU weights always use PyTorch's CPU int4 kernel.
     Returns:
         ``PrecisionTiers`` with ``set(tier)``; the top tier is active.
 

@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# Regenerate one area of eval/results/ on a lent GPU machine (or, for `quality`, on a CPU host).
+#
+#   bash eval/gpu/run.sh STAGE [JOB ...]      # from the repository root; no JOB = every job of the stage
+#   bash eval/gpu/run.sh list                 # the stages and their jobs
+#
+# Each job writes the folder the results index (eval/results/README.md) points to, with the card in its name
+# (CARD: h100, h200, ... from nvidia-smi, or `cpu`), and its log next to the result. Jobs of a stage run one per
+# GPU at a time (a job that needs N GPUs takes them all). On the lent machines $OUT comes back: the written
+# folders are also packed into $OUT/STAGE.tgz; unpack it at the repository root, then run
+# `python eval/index_results.py` and review the diff (a new card makes a new folder: delete the one it supersedes).
+#
+# Stages, their time on the machine named, and what must be carried (ignored paths; 64 MiB per call in all,
+# the tracked tree included):
+#   kv             1 GPU per job; about 9 min on 4 GPUs (the e2e grid is 4 jobs of ~8 min; on one GPU run the jobs
+#                  in several calls: `run.sh kv generate storage attention`, `run.sh kv e2e-32k`, ...).
+#                  Carry .whl/ (hqq, optimum-quanto, gguf, termcolor wheels: the QuantizedCache baselines).
+#   precision      1 GPU per job; about 9 min on 2 GPUs (8B jobs ~7 min each). Carry .whl/ and .gpu/qwen_cfg
+#                  (scripts/export_model_config.py qwen2.5-coder-1.5b-instruct .gpu/qwen_cfg; config + tokenizer).
+#   parallel-2gpu  2 GPUs per job; each serving job ~8 min, so one job per call. Carry .whl/, .gpu/qwen7b_cfg
+#                  (the Qwen2.5-7B shape: export_model_config.py ... --set, see that script) and, for the SmolLM2
+#                  jobs (equivalence, serve-mixed), its GGUF in pieces under .gpu/smol/p0 .. p2
+#                  (`split -b 33000000`), one piece per call: `run.sh parallel-2gpu smol-piece 0`, then 1, then
+#                  the job with the last piece (a warm machine keeps /tmp/gguf between calls).
+#   parallel-4gpu  4 GPUs per job; as parallel-2gpu. serve-refit reuses the calibration serve fitted on the same
+#                  warm machine, so run it in the next call.
+#   quality        CPU, real checkpoints (they do not fit a GPU call): hours on 2 cores (the 48-verse runs run
+#                  one verse at a time). Needs the embedded models (scripts/setup.sh fetches them once); run it
+#                  with the project's interpreter: PYTHON=.venv/bin/python bash eval/gpu/run.sh quality.
+# PYTHON (default python3) names the interpreter; on the lent machines it is the image's, with torch installed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+R=eval/results
+SMOL=/tmp/hfa/smollm2
+SMOL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+PY=${PYTHON:-python3}
+
+setup_gpu() {  # the lent image: torch/transformers/triton installed; carried wheels go to /tmp/site
+    if compgen -G ".whl/*.whl" > /dev/null; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    fi
+    export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 HF_ADAPTIVE_HOME=/tmp/hfa
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast off
+    if command -v nvidia-smi > /dev/null; then
+        NGPU=$(nvidia-smi -L | wc -l)
+        CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE "[abhl][0-9]{2,3}s?" \
+            | head -1 | tr 'A-Z' 'a-z')
+    fi
+    NGPU=${NGPU:-0} CARD=${CARD:-cpu}  # the CPU-only jobs (simulate) run anywhere
+}
+
+smol_model() {  # rebuild SmolLM2 from the GGUF pieces carried over earlier calls (checked by sha256)
+    [ -f "$SMOL/config.json" ] && return 0
+    cat /tmp/gguf/* > /tmp/smol.gguf && echo "$SMOL_SHA256  /tmp/smol.gguf" | sha256sum -c -
+    $PY -c "from pathlib import Path; from hf_adaptive.models import convert_gguf; convert_gguf(Path('/tmp/smol.gguf'), Path('$SMOL'))"
+}
+
+# --- kv: one GPU each --------------------------------------------------------------------------------------------
+E2E_CACHES=dynamic,static_compiled,compiled16,compiled8,compiled4,quanto4,hqq4
+e2e() {  # NAME CONTEXTS: one run of the end-to-end grid into kv_e2e_CARD/raw/NAME
+    local out=$R/kv_e2e_$CARD/raw/$1; mkdir -p "$out"
+    timeout 540 $PY eval/bench_kv_e2e.py --warmup 16 --repeats 3 --compile-budget-s 900 --profile-steps 8 \
+        --caches $E2E_CACHES --time-budget-s 470 --contexts "$2" --batch-sizes 1,8 --out "$out" > "$out/bench_kv_e2e.log" 2>&1
+}
+job_kv_generate() { local o=$R/kv_generate_$CARD; mkdir -p $o; timeout 560 $PY eval/bench_generate.py --out $o > $o/bench_generate.log 2>&1; }
+job_kv_storage() { local o=$R/kv_storage_$CARD; mkdir -p $o; timeout 420 $PY eval/bench_kv.py --random-shape llama-1b \
+    --contexts 1024,4096,8192 --batch-sizes 1,8 --new-tokens 64 --repeats 3 --warmup 1 --device cuda --dtype bfloat16 \
+    --out $o > $o/bench_kv.log 2>&1; }
+job_kv_e2e-1k4k() { e2e 1k4k 1024,4096; }
+job_kv_e2e-4k1k() { e2e 4k1k 4096,1024; }
+job_kv_e2e-16k() { e2e 16k 16384; }
+job_kv_e2e-32k() { e2e 32k 32768; }
+job_kv_e2e-merge() { local o=$R/kv_e2e_$CARD; $PY eval/merge_bench_kv_e2e.py --one-run-per-shape --out $o \
+    $(for d in $o/raw/*/; do n=$(basename $d); echo "$n=$d/bench_kv_e2e.json"; done) > $o/merge.log 2>&1; }
+job_kv_static-switch() { local o=$R/kv_static_switch_$CARD; mkdir -p $o; timeout 300 $PY eval/bench_static_switch.py \
+    --steps 400 --switch-at 40 --out $o > $o/static_switch.log 2>&1; }
+job_kv_oom() { local o=$R/kv_oom_survival_$CARD; mkdir -p $o; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    timeout 420 $PY eval/oom_survival.py --cap-gib 7 --out $o > $o/oom_survival.log 2>&1; }
+job_kv_attention() { local o=$R/kv_decode_attention_$CARD; mkdir -p $o; timeout 420 $PY eval/bench_decode_attention.py \
+    --out $o > $o/bench_decode_attention.log 2>&1; }
+job_kv_attention-sweep() { local o=$R/kv_decode_attention_sweep_$CARD; mkdir -p $o; timeout 420 $PY \
+    eval/bench_decode_attention.py --contexts 4096 --batches 8 --bits 4 --sweep --out $o > $o/bench_decode_attention.log 2>&1; }
+
+# --- precision: one GPU each --------------------------------------------------------------------------------------
+SCHED=eval/data/precision_schedule_qwen2.5-coder-1.5b_translate_stride40.json
+precision() {  # FOLDER ARGS...: the compiled precision benchmark
+    local o=$R/$1; shift; mkdir -p $o
+    timeout 560 $PY eval/bench_precision.py --compile-only "$@" --out $o > $o/bench_precision.log 2>&1
+}
+job_precision_1b() { precision precision_1b_$CARD --compile-batch-sizes 1 8 --high 0.9 0.5; }
+job_precision_8b() { precision precision_8b_$CARD --shape llama-3.1-8b --skip-controller --high 0.9 0.75 0.5 --schedule $SCHED; }
+job_precision_8b-triton() { precision precision_8b_triton_$CARD --shape llama-3.1-8b --int4-kernel triton \
+    --skip-controller --high 0.9 0.75 0.5 --schedule $SCHED; }
+job_precision_qwen() { precision precision_qwen1.5b_$CARD --config-dir .gpu/qwen_cfg --skip-controller \
+    --high 0.9 0.75 0.5 --schedule $SCHED; }
+job_precision_qwen-triton() { precision precision_qwen1.5b_triton_$CARD --config-dir .gpu/qwen_cfg --int4-kernel triton \
+    --skip-controller --high 0.9 0.75 0.5 --schedule $SCHED; }
+job_precision_int4-kernels() { local o=$R/precision_int4_kernels_$CARD; mkdir -p $o; timeout 300 $PY \
+    eval/bench_int4_kernels.py --out $o > $o/bench_int4_kernels.log 2>&1; }
+
+# --- parallel: every GPU of the machine per job ------------------------------------------------------------------
+SERVE_ARGS="--random-weights --device-memory-gb 18 --max-prompt-tokens 13000 --queue-head 16 --cooldown-s 2 \
+--min-dwell-s 3 --confirm-s 0 --warmup --rule cost --max-batch-per device"
+serve_equal() {  # FOLDER CALIBRATION MODES...: memory-phase serving at 8 rows per GPU for every plan
+    local o=$R/parallel_serve_equal_concurrency_qwen7b/$1 cal=$2; shift 2; mkdir -p $o
+    timeout 560 $PY eval/parallel_serve_bench.py --model .gpu/qwen7b_cfg --gpus $NGPU \
+        --trace eval/traces/memory_phases_short.jsonl --time-scale 1.0 --modes adaptive "$@" --mode-timeout-s 175 \
+        --out $o -- $SERVE_ARGS --calibration $cal > $o/serve.log 2>&1
+}
+equivalence() { local o=$R/parallel_equivalence_smollm2_${CARD}x$NGPU; mkdir -p $o; smol_model
+    timeout 240 torchrun --nproc_per_node $NGPU eval/parallel_equivalence.py --model $SMOL --out $o > $o/parallel_equivalence.log 2>&1; }
+reshard() { local o=$R/parallel_reshard_qwen7b_$CARD/${CARD}x$NGPU; mkdir -p $o
+    timeout 300 torchrun --nproc_per_node $NGPU eval/bench_reshard.py --model .gpu/qwen7b_cfg --random-weights --rounds 2 \
+        --out $o > $o/bench_reshard.log 2>&1; }
+smol_piece() { mkdir -p /tmp/gguf && cp .gpu/smol/p$1/* /tmp/gguf/ && ls -la /tmp/gguf; }
+job_parallel-2gpu_smol-piece() { smol_piece "$1"; }
+job_parallel-2gpu_equivalence() { equivalence; }
+job_parallel-2gpu_reshard() { reshard; }
+job_parallel-2gpu_serve() { serve_equal ${CARD}x2_cost_rule eval/calibration/parallel_h200x2_qwen7b_served_warm.json tp2 pp2; }
+job_parallel-2gpu_serve-mixed() { local o=$R/parallel_serve_mixed_smollm2_${CARD}x2; mkdir -p $o; smol_model
+    timeout 560 $PY eval/parallel_serve_bench.py --model $SMOL --gpus 2 --trace eval/traces/mixed_small.jsonl \
+        --time-scale 0.5 --calibration eval/calibration/parallel_h100x2.json --out $o \
+        -- --cooldown-s 1 --min-dwell-s 3 --confirm-s 0.5 > $o/serve.log 2>&1; }
+job_parallel-2gpu_simulate() {  # CPU only: the simulator on committed calibrations (seconds)
+    $PY -m hf_adaptive.cli simulate --trace eval/traces/mixed.jsonl eval/traces/mixed_small.jsonl \
+        eval/traces/chat_bursts.jsonl eval/traces/long_documents.jsonl eval/traces/offline_batch.jsonl \
+        --calibration eval/calibration/parallel_h100x2.json --rule cost --out $R/parallel_sim_mixed_h100x2
+    $PY -m hf_adaptive.cli simulate --trace eval/traces/memory_phases_short.jsonl \
+        --calibration eval/calibration/parallel_h200x2_qwen7b_served_warm.json \
+        --out $R/parallel_sim_heldout_qwen7b_h200x2/dpshort320 --cooldown-s 2 --min-dwell-s 3 --confirm-s 0 \
+        --queue-head 16 --dp-short-tokens 320; }
+job_parallel-4gpu_smol-piece() { smol_piece "$1"; }
+job_parallel-4gpu_equivalence() { equivalence; }
+job_parallel-4gpu_reshard() { reshard; }
+job_parallel-4gpu_serve() {  # also fits a per-device calibration from its own runs, for serve-refit
+    serve_equal ${CARD}x4_cost_rule eval/calibration/parallel_h200x4_qwen7b_served.json tp4
+    $PY eval/calibrate_from_serve.py $R/parallel_serve_equal_concurrency_qwen7b/${CARD}x4_cost_rule \
+        --model .gpu/qwen7b_cfg --device-memory-gb 18 --out /tmp/calib_per_device.json; }
+job_parallel-4gpu_serve-refit() { serve_equal ${CARD}x4_cost_rule_refit /tmp/calib_per_device.json tp4; }
+
+# --- quality: CPU, real checkpoints -------------------------------------------------------------------------------
+bleu() { local o=$R/$1; shift; mkdir -p $o; HF_HUB_OFFLINE=1 $PY eval/bleu.py --device cpu "$@" --out $o > $o/bleu.log 2>&1; }
+QWEN="--model qwen2.5-coder-1.5b-instruct"
+W16="residual_length=16,block_size=16"
+job_quality_kv() { mkdir -p $R/quality_kv_smollm2_cpu; HF_HUB_OFFLINE=1 $PY eval/kv_quality.py \
+    --out $R/quality_kv_smollm2_cpu > $R/quality_kv_smollm2_cpu/kv_quality.log 2>&1; }
+job_quality_bleu-kv() { bleu quality_bleu_kv_qwen1.5b_cpu $QWEN --threads 1 --limit 24 --batch-size 12 \
+    --settings "baseline;kv8;kv4;kv:bits=8,$W16;kv:bits=4,$W16;precision"; }
+job_quality_bleu-precision() { bleu quality_bleu_precision_qwen1.5b_cpu $QWEN --threads 2 --limit 48 --batch-size 1 \
+    --settings baseline --precision-thresholds 0.5,0.75; }
+job_quality_bleu-48verses() { bleu quality_bleu_48verses_qwen1.5b_cpu $QWEN --threads 2 --limit 48 --batch-size 1 \
+    --settings "baseline;kv:bits=4,$W16" --precision-thresholds 0.9; }
+job_quality_bleu-kv-budgets() { bleu quality_bleu_kv_budgets_qwen1.5b_cpu $QWEN --threads 1 --limit 16 --batch-size 16 \
+    --settings "baseline;kv:memory_budget=96MiB,$W16;kv:memory_budget=48MiB,$W16;kv:memory_budget=32MiB,$W16"; }
+job_quality_bleu-smollm2() { bleu quality_bleu_smollm2_cpu --threads 1 --limit 128 --batch-size 16 \
+    --settings "baseline;kv8;kv4;precision"; }
+job_quality_bleu-precision-smollm2() { bleu quality_bleu_precision_smollm2_cpu --threads 1 --limit 24 --batch-size 1 \
+    --settings baseline --precision-thresholds 0.9,0.75,0.5; }
+
+run_one() {  # STAGE JOB [ARG]: a failed job is reported and the stage goes on with the next
+    "job_$1_$2" "${@:3}" || echo "run.sh: $1 $2 failed (exit $?); its log is next to its result" >&2
+}
+jobs_of() { declare -F | awk '{print $3}' | grep "^job_$1_" | sed "s/^job_$1_//"; }
+default_jobs() {  # every job of a stage but the carrying helpers and the ones that need an earlier call
+    jobs_of "$1" | grep -vx "smol-piece\|serve-refit\|e2e-merge"
+}
+
+run_jobs() {  # STAGE GPUS_PER_JOB JOB...: run jobs side by side, GPUS_PER_JOB each, then wait for the round
+    local stage=$1 per=$2 slot=0; shift 2
+    local slots=$(( ${NGPU:-1} / per )); [ "$slots" -ge 1 ] || slots=1
+    for job in "$@"; do
+        local first=$(( slot * per )) devices
+        devices=$(seq -s, $first $(( first + per - 1 )))
+        ( export CUDA_VISIBLE_DEVICES=$devices; run_one "$stage" "$job" ) &
+        slot=$(( slot + 1 )); if [ $slot -ge $slots ]; then wait; slot=0; fi
+    done
+    wait
+}
+
+stage=${1:-}; shift || true
+touch /tmp/run_sh_start
+case "$stage" in
+    list) for s in kv precision parallel-2gpu parallel-4gpu quality; do echo "$s: $(jobs_of $s | tr '\n' ' ')"; done ;;
+    kv|precision) setup_gpu; run_jobs $stage 1 ${@:-$(default_jobs $stage)}
+        [ "$stage" = kv ] && [ -d $R/kv_e2e_$CARD/raw ] && job_kv_e2e-merge ;;
+    parallel-2gpu|parallel-4gpu)
+        setup_gpu
+        if [ "${1:-}" = smol-piece ]; then "job_${stage}_smol-piece" "$2"; exit 0; fi
+        for job in ${@:-$(default_jobs $stage)}; do run_one $stage $job; done ;;
+    quality) for job in ${@:-$(default_jobs quality)}; do run_one quality $job; done ;;
+    *) echo "usage: bash eval/gpu/run.sh kv|precision|parallel-2gpu|parallel-4gpu|quality [JOB ...]" \
+            "(bash eval/gpu/run.sh list names the jobs)" >&2; exit 2 ;;
+esac
+if [ -n "${OUT:-}" ] && [ "$stage" != list ]; then  # what this call wrote comes back in $OUT
+    find $R -newer /tmp/run_sh_start -type f | tar czf "$OUT/$stage.tgz" -T -
+fi
