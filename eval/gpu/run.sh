@@ -77,7 +77,7 @@ job_kv_static-switch() { local o=$R/kv_static_switch_$CARD; mkdir -p $o; timeout
 job_kv_oom() { local o=$R/kv_oom_survival_$CARD; mkdir -p $o; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     timeout 420 $PY eval/oom_survival.py --cap-gib 7 --out $o > $o/oom_survival.log 2>&1; }
 job_kv_attention() { local o=$R/kv_decode_attention_$CARD; mkdir -p $o; timeout 420 $PY eval/bench_decode_attention.py \
-    --out $o > $o/bench_decode_attention.log 2>&1; }
+    --contexts 4096,16384,32768,65536 --batches 1,8 --bits 16,8,4 --out $o > $o/bench_decode_attention.log 2>&1; }
 job_kv_attention-sweep() { local o=$R/kv_decode_attention_sweep_$CARD; mkdir -p $o; timeout 420 $PY \
     eval/bench_decode_attention.py --contexts 4096 --batches 8 --bits 4 --sweep --out $o > $o/bench_decode_attention.log 2>&1; }
 
