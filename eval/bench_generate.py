@@ -12,7 +12,7 @@ Caches (``--caches``):
 - dynamic: ``DynamicCache`` (sdpa, eager decode).
 - static: ``StaticCache`` (sdpa); generate compiles its decode step (CUDA graphs).
 - adaptive16 / adaptive8 / adaptive4: ``AdaptiveStaticKVCache`` with ``fixed_bits`` (none for 16), fused attention.
-- adaptive_budget: ``AdaptiveStaticKVCache`` under ``memory_budget`` = 0.55 x the prompt's bf16 KV bytes: the
+- adaptive_budget: ``AdaptiveStaticKVCache`` under ``memory_budget`` = 0.55 x the prompt's 16-bit KV bytes: the
   ladder drops to 4 bits at the prefill and steps back up as the stored bytes relax the pressure, so one call
   switches precision several times (each switch costs a graph re-capture, counted in ``graph_captures``).
 - eager4: ``AdaptiveKVCache(fixed_bits=4)`` with fused attention (no static shapes, no compile).
@@ -43,15 +43,16 @@ import statistics
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _common import environment, plot_by_context, sync  # first: sets the offline default
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
 
 import hf_adaptive  # noqa: E402
-from hf_adaptive.evaluation.report import environment_info, markdown_table, write_report  # noqa: E402
-from hf_adaptive.kv.cache import AdaptiveKVCache, generate_cache_kwargs  # noqa: E402
+from hf_adaptive.compat import generate_cache_kwargs  # noqa: E402
+from hf_adaptive.evaluation.report import markdown_table, write_report  # noqa: E402
+from hf_adaptive.kv.cache import AdaptiveKVCache  # noqa: E402
 from hf_adaptive.kv.static import AdaptiveStaticKVCache  # noqa: E402
 
 CACHES = ("dynamic", "static", "adaptive16", "adaptive8", "adaptive4", "adaptive_budget", "eager4", "quanto4",
@@ -65,7 +66,7 @@ SHAPES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                  intermediate_size=256, vocab_size=512),
 }
-BUDGET_FRACTION_OF_PROMPT = 0.55  # adaptive_budget: the prompt's bf16 KV is 1.8x this budget
+BUDGET_FRACTION_OF_PROMPT = 0.55  # adaptive_budget: the prompt's KV in the model dtype is 1.8x this budget
 
 
 class CaptureCounter:
@@ -99,9 +100,9 @@ def build_model(shape: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM
 
 
 def prompt_kv_bytes(model, tokens: int, batch: int) -> int:
-    """bf16-equivalent KV bytes of ``tokens`` tokens (all layers, keys + values)."""
+    """KV bytes of ``tokens`` tokens in the model's dtype (all layers, keys + values)."""
     c = model.config
-    return 2 * c.num_hidden_layers * batch * c.num_key_value_heads * c.head_dim * tokens * 2
+    return 2 * c.num_hidden_layers * batch * c.num_key_value_heads * c.head_dim * tokens * model.dtype.itemsize
 
 
 def make_cache(name: str, model, max_cache_len: int, prompt_tokens: int, batch: int, args):
@@ -133,11 +134,6 @@ def set_attention(model, impl: str) -> None:
         hf_adaptive.enable_fused_attention(model)
     else:
         model.set_attn_implementation(impl)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -306,7 +302,7 @@ def feasible(model, name: str, context: int, batch: int, args) -> str | None:
     if context * batch > args.max_tokens_in_flight:
         return f"context x batch {context * batch} > --max-tokens-in-flight {args.max_tokens_in_flight}"
     if name in ("dynamic", "static") and prompt_kv_bytes(model, context, batch) > args.max_kv_gib * 2**30:
-        return f"bf16 KV {prompt_kv_bytes(model, context, batch) / 2**30:.1f} GiB > --max-kv-gib {args.max_kv_gib}"
+        return f"KV {prompt_kv_bytes(model, context, batch) / 2**30:.1f} GiB > --max-kv-gib {args.max_kv_gib}"
     return None
 
 
@@ -338,13 +334,10 @@ def bench(model, args) -> list[dict]:
 
 
 def _save_partial(rows: list[dict], out: str) -> None:
+    """Rows so far, so a run stopped by an outer time limit keeps what it measured."""
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
-    (path / f"partial_{_stem_suffix()}.json").write_text(json.dumps(rows, indent=1, default=str))
-
-
-def _stem_suffix() -> str:
-    return os.environ.get("BENCH_GENERATE_TAG", "rows")
+    (path / "partial_rows.json").write_text(json.dumps(rows, indent=1, default=str))
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -368,39 +361,7 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    """ms/token and KV GiB vs context, one line per cache, one column per batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [r for r in rows if "decode_ms_per_token" in r]
-    batches = sorted({r["batch"] for r in done})
-    if not batches:
-        return
-    fig, axes = plt.subplots(2, len(batches), figsize=(6 * len(batches), 8), squeeze=False)
-    for col, batch in enumerate(batches):
-        for cache in dict.fromkeys(r["cache"] for r in done):
-            pts = sorted((r["context"], r["decode_ms_per_token"], r["kv_gib"]) for r in done
-                         if r["cache"] == cache and r["batch"] == batch)
-            if pts:
-                x = [p[0] for p in pts]
-                axes[0][col].plot(x, [p[1] for p in pts], marker="o", label=cache)
-                axes[1][col].plot(x, [p[2] for p in pts], marker="o", label=cache)
-        for row, ylabel in enumerate(("ms / decoded token (model.generate)", "KV GiB")):
-            ax = axes[row][col]
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("context tokens")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"batch {batch}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+GENERATE_SERIES = [("decode_ms_per_token", "ms / decoded token (model.generate)", True), ("kv_gib", "KV GiB", True)]
 
 
 def _ints(text: str) -> list[int]:
@@ -443,8 +404,8 @@ def main(argv=None) -> None:
     identity = tokens_identical_at_16_bits(args)
     model = build_model(args.shape, args.device, getattr(torch, args.dtype))
     rows = bench(model, args)
-    env = {**environment_info(args.device, card), "model": f"random-init {args.shape}", "dtype": args.dtype,
-           "new_tokens": args.new_tokens, "repeats": args.repeats, "wall_s": round(time.perf_counter() - t0, 1)}
+    env = environment(args.device, card=card, model=f"random-init {args.shape}", dtype=args.dtype,
+                      new_tokens=args.new_tokens, repeats=args.repeats, wall_s=round(time.perf_counter() - t0, 1))
     columns = ["shape", "cache", "context", "batch", "decode_ms_per_token", "prefill_s", "kv_gib", "kv_reserved_gib",
                "peak_gib", "transient_gib", "view_changes", "host_us_per_step", "bits_path", "mixed_recompiles",
                "mixed_captures", "cudagraph_skips", "skipped"]
@@ -456,7 +417,8 @@ def main(argv=None) -> None:
     write_report(args.out, stem, {"rows": rows, "ratios": ratio_rows, "identity_16bit": identity, "args": vars(args)},
                  env, markdown_table(rows, columns), f"model.generate decode: random-init {args.shape} on {card}",
                  notes)
-    plot(rows, Path(args.out) / f"{stem}.png", f"model.generate, {args.shape} {args.dtype} on {card}")
+    plot_by_context(Path(args.out) / f"{stem}.png", [r for r in rows if "decode_ms_per_token" in r],
+                    f"model.generate, {args.shape} {args.dtype} on {card}", GENERATE_SERIES)
     print(markdown_table(rows, columns))
     print(markdown_table(ratio_rows))
     print("identity_16bit", identity)

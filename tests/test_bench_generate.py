@@ -1,0 +1,54 @@
+"""eval/bench_generate.py: the user-facing decode benchmark (plain model.generate, every cache)."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import load_eval_script
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_eval_script("bench_generate")
+
+
+def test_ratios_compare_within_one_shape(bench):
+    """Guards the ratio table: each adaptive cache over static and dynamic at the same (shape, context, batch),
+    skipped rows left out, never a ratio across shapes."""
+    rows = [
+        {"shape": "s", "cache": "static", "context": 64, "batch": 1, "decode_ms_per_token": 2.0},
+        {"shape": "s", "cache": "dynamic", "context": 64, "batch": 1, "decode_ms_per_token": 8.0},
+        {"shape": "s", "cache": "adaptive16", "context": 64, "batch": 1, "decode_ms_per_token": 2.1},
+        {"shape": "s", "cache": "adaptive4", "context": 64, "batch": 1, "decode_ms_per_token": 1.5},
+        {"shape": "s", "cache": "static", "context": 32768, "batch": 8, "decode_ms_per_token": 24.0},
+        {"shape": "s", "cache": "adaptive4", "context": 32768, "batch": 8, "skipped": "OutOfMemoryError"},
+    ]
+    small, big = bench.ratios(rows)
+    assert small["adaptive16/static"] == pytest.approx(1.05) and small["adaptive4/dynamic"] == pytest.approx(0.1875)
+    assert small["adaptive4/adaptive16"] == pytest.approx(1.5 / 2.1)
+    assert set(big) == {"shape", "context", "batch"}  # nothing measured to compare with at 32k x 8
+
+
+def test_cli_refuses_unknown_caches(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--caches", "dynamic,compiled4"])
+    assert bench.parse_args(["--caches", "static,adaptive4"]).caches == ["static", "adaptive4"]
+
+
+def test_budget_cache_switches_precision_within_one_call(bench):
+    """Guards the adaptive_budget configuration: its budget must move the ladder during a call (it is the row
+    that measures switches under pressure), and a reused static cache must keep its buffers across calls."""
+    import torch
+
+    model = bench.build_model("tiny", "cpu", torch.float32)
+    args = bench.parse_args(["--device", "cpu", "--residual-length", "64"])
+    cache, impl = bench.make_cache("adaptive_budget", model, 700, 600, 1, args)
+    bench.set_attention(model, impl)
+    ids = torch.randint(10, 500, (1, 600), generator=torch.Generator().manual_seed(0))
+    bench.generate_once(model, ids, cache, 40, "cpu")
+    assert bench._bits_path(cache).count("->") >= 1, bench._bits_path(cache)
+    static, _ = bench.make_cache("adaptive4", model, 700, 600, 1, args)
+    bench.generate_once(model, ids, static, 3, "cpu")
+    before = static.layers[0].tail_k.data_ptr()
+    assert bench._fresh(static, "adaptive4", model, 700, 600, 1, args) is static
+    assert static.layers[0].tail_k.data_ptr() == before
