@@ -7,16 +7,20 @@ live extents on the device, so ``model.generate`` can ``torch.compile`` the step
 - the exact tail is a (B, H, residual_length + block_size, D) buffer; a decode step writes one row at a
   device-held position; the attention reads the packed view through one custom op (fused Triton kernel on
   CUDA) whose lengths are read on the device (``PackedKV.lengths``);
-- the host work of a step (pressure reading, policy decision, moving a full block out of the tail, demotions,
-  the device lengths) runs eagerly in forward hooks *around* the compiled step, which
-  :func:`hf_adaptive.enable_fused_attention` installs; the compiled region holds only tensor ops;
+- the host work of a step (pressure reading, policy decision, moving a full block out of the tail, demotions)
+  runs eagerly in forward hooks *around* the compiled step (:mod:`hf_adaptive.kv.hooks`, installed by
+  :func:`hf_adaptive.enable_fused_attention`); the compiled region holds only tensor ops and advances the device
+  lengths itself, so a step that moves no block writes nothing from the host;
+- ``reset()`` keeps every buffer at its address: a cache reused across ``generate`` calls under one
+  ``max_cache_len`` reuses the compiled step and its CUDA graph;
 - pools are allocated at their capacity when a precision is first used (all ``max_cache_len`` tokens; for
   precisions above the lowest, capped by ``memory_budget``). The view the compiled step reads has a fixed
   signature: one pool per precision the policy can reach, a 2-slot placeholder until the real pool exists,
   and the pools' slot extents marked dynamic, so a precision switch (a pool appearing or being released)
   does not re-trace the step; only the CUDA graph is re-captured, since the pool addresses change.
   ``view_changes`` counts those steps.
-Full-attention models only (no sliding-window layers); prefill runs eagerly and attends exactly.
+Full-attention models only (no sliding-window layers); prefill runs eagerly and attends exactly. The layers are
+:class:`~hf_adaptive.kv.static_layer.StaticAdaptiveLayer`.
 """
 
 from __future__ import annotations
