@@ -386,6 +386,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-at", type=_ints, default=[64, 1], help="context,batch of the profiled calls")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    p.add_argument("--name", default=None, help="file stem of the result (default bench_generate_SHAPE)")
     p.add_argument("--out", default="eval/results/kv_generate")
     args = p.parse_args(argv)
     args.caches = [c for c in args.caches.split(",") if c]
@@ -410,7 +411,7 @@ def main(argv=None) -> None:
                "peak_gib", "transient_gib", "view_changes", "host_us_per_step", "bits_path", "mixed_recompiles",
                "mixed_captures", "cudagraph_skips", "skipped"]
     ratio_rows = ratios(rows)
-    stem = f"bench_generate_{args.shape}"
+    stem = args.name or f"bench_generate_{args.shape}"
     notes = (f"Timed through model.generate only ({args.repeats} calls after one warm-up per configuration, "
              f"{args.new_tokens} new tokens). Ratios below are measured in this run. Tokens at 16 bits vs "
              f"DynamicCache: {identity}.\n\n" + markdown_table(ratio_rows))

@@ -13,7 +13,8 @@
 # Stages, their time on the machine named, and what must be carried (ignored paths; 64 MiB per call in all,
 # the tracked tree included):
 #   kv             1 GPU per job; about 9 min on 4 GPUs (the e2e grid is 4 jobs of ~8 min; on one GPU run the jobs
-#                  in several calls: `run.sh kv generate storage attention`, `run.sh kv e2e-32k`, ...).
+#                  in several calls: `run.sh kv generate-1b-short`, `run.sh kv generate-1b-long`, `run.sh kv attention
+#                  storage`, `run.sh kv e2e-32k`, ...; each generate slice stops starting configurations after 7 min).
 #                  Carry .whl/ (hqq, optimum-quanto, gguf, termcolor wheels: the QuantizedCache baselines).
 #   precision      1 GPU per job; about 9 min on 2 GPUs (8B jobs ~7 min each). Carry .whl/ and .gpu/qwen_cfg
 #                  (scripts/export_model_config.py qwen2.5-coder-1.5b-instruct .gpu/qwen_cfg; config + tokenizer).
@@ -62,7 +63,18 @@ e2e() {  # NAME CONTEXTS: one run of the end-to-end grid into kv_e2e_CARD/raw/NA
     timeout 540 $PY eval/bench_kv_e2e.py --warmup 16 --repeats 3 --compile-budget-s 900 --profile-steps 8 \
         --caches $E2E_CACHES --time-budget-s 470 --contexts "$2" --batch-sizes 1,8 --out "$out" > "$out/bench_kv_e2e.log" 2>&1
 }
-job_kv_generate() { local o=$R/kv_generate_$CARD; mkdir -p $o; timeout 560 $PY eval/bench_generate.py --out $o > $o/bench_generate.log 2>&1; }
+gen() {  # NAME ARGS...: one slice of the model.generate grid into kv_generate_$CARD (each slice sized for one call)
+    local o=$R/kv_generate_$CARD n=$1; shift; mkdir -p $o
+    timeout 560 $PY eval/bench_generate.py --name $n --time-budget-s 420 --out $o "$@" > $o/$n.log 2>&1
+}
+job_kv_generate-1b-short() { gen 1b_short --shape llama-3.2-1b --contexts 64,1024,4096 --batch-sizes 1,8 \
+    --caches dynamic,static,adaptive16,adaptive8,adaptive4 --profile --profile-at 64,1; }
+job_kv_generate-1b-long() { gen 1b_long --shape llama-3.2-1b --contexts 65536,32768,16384 --batch-sizes 8,1 \
+    --caches dynamic,static,adaptive16,adaptive4; }
+job_kv_generate-1b-others() { gen 1b_others --shape llama-3.2-1b --contexts 4096 --batch-sizes 1,32 \
+    --caches static,adaptive_budget,eager4,quanto4,hqq4 --mixed-calls 20; }
+job_kv_generate-8b() { gen 8b --shape llama-3.1-8b --contexts 64,4096 --batch-sizes 1 \
+    --caches dynamic,static,adaptive16,adaptive4 --mixed-calls 20; }
 job_kv_storage() { local o=$R/kv_storage_$CARD; mkdir -p $o; timeout 420 $PY eval/bench_kv.py --random-shape llama-1b \
     --contexts 1024,4096,8192 --batch-sizes 1,8 --new-tokens 64 --repeats 3 --warmup 1 --device cuda --dtype bfloat16 \
     --out $o > $o/bench_kv.log 2>&1; }
