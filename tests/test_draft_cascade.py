@@ -22,9 +22,19 @@ ALWAYS = PrecisionPolicyConfig(high=0.0, low=0.0)  # every confidence > 0 drafts
 NEW_TOKENS = 32
 
 
+_TIERS: dict = {}
+
+
+def _tiers(arch: str):
+    """Tiered tiny model per architecture, built once (prepare_tiers replaces the model's linears in place)."""
+    if arch not in _TIERS:
+        _TIERS[arch] = prepare_tiers(make_tiny_model(arch), tiers=("int4", "fp32"))
+    return _TIERS[arch]
+
+
 @pytest.fixture(scope="module")
 def tiers():
-    return prepare_tiers(make_tiny_model("llama"), tiers=("int4", "fp32"))
+    return _tiers("llama")
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +83,12 @@ def test_draft_policy_config_refuses_bad_values(kwargs):
 @pytest.mark.parametrize("cache_kind", ["dynamic", "adaptive"])
 @pytest.mark.parametrize("drafters, used", [(("lookup",), "lookup"), (("self",), "self"),
                                             (("lookup", "self"), "lookup")])
-def test_cascade_is_greedy(tiers, repeated_prompt, cache_kind, drafters, used):
+@pytest.mark.parametrize("arch, rejects", [("llama", False), ("qwen2", True)], ids=["llama", "qwen2-rejects"])
+def test_cascade_is_greedy(repeated_prompt, arch, rejects, cache_kind, drafters, used):
     """Guards losslessness: every drafter alone and the cascade return plain greedy's tokens with the same cache,
-    and the drafter really proposed and got tokens accepted (the identity is not vacuous)."""
+    and the drafter really proposed and got tokens accepted (the identity is not vacuous). On the llama model the
+    drafts are all accepted; on the qwen2 one some are rejected, so the crop of rejected tails is exercised."""
+    tiers = _tiers(arch)
     model = tiers.model
     ref = model.generate(repeated_prompt, do_sample=False, max_new_tokens=NEW_TOKENS,
                          cache=_cache(cache_kind, model))
@@ -83,8 +96,21 @@ def test_cascade_is_greedy(tiers, repeated_prompt, cache_kind, drafters, used):
     assert torch.equal(out, ref)
     stats = report["drafters"][used]
     assert stats["proposed"] > 0 and stats["accepted"] > 0
+    assert (stats["accepted"] < stats["proposed"]) == rejects
     assert report["verify_forwards"] < NEW_TOKENS - 1  # drafts saved verifier forwards
     json.dumps(report)
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "adaptive"])
+def test_cascade_is_greedy_with_sliding_window_layers(repeated_prompt, cache_kind):
+    """Guards crops of sliding-window layers (Gemma 3: window 16, shorter than the prompt) under the cascade."""
+    tiers = _tiers("gemma3")
+    model = tiers.model
+    ref = model.generate(repeated_prompt, do_sample=False, max_new_tokens=NEW_TOKENS, cache=_cache(cache_kind, model))
+    out, report = _run(tiers, repeated_prompt, ("lookup", "self"), _cache(cache_kind, model),
+                       max_new_tokens=NEW_TOKENS)
+    assert torch.equal(out, ref)
+    assert report["acceptance_rate"] > 0
 
 
 def test_self_draft_runs_int4_and_leaves_only_top_tier_kv(tiers, repeated_prompt):
@@ -134,3 +160,47 @@ def test_cascade_refuses_what_it_cannot_keep_lossless(tiers, repeated_prompt):
     with pytest.raises(ValueError, match="another model"):
         model.generate(repeated_prompt, custom_generate=cascade_decoding,
                        candidate_generator=CascadeCandidateGenerator(other), max_new_tokens=4)
+
+
+def test_generator_hosted_by_the_transformers_interface(tiers, repeated_prompt):
+    """Guards the CandidateGenerator contract outside cascade_decoding: candidates extend the ids, and
+    update_candidate_strategy computes the confidence itself when the caller has not read it."""
+    gen = CascadeCandidateGenerator(tiers, DraftPolicyConfig(drafters=("lookup",)))
+    gen.bind(DynamicCache(config=tiers.model.config), None, max_length=100)
+    candidates, logits = gen.get_candidates(repeated_prompt)
+    k = candidates.shape[1] - repeated_prompt.shape[1]
+    assert logits is None and k > 0 and torch.equal(candidates[:, :repeated_prompt.shape[1]], repeated_prompt)
+    verifier_logits = torch.randn(1, k + 1, tiers.model.config.vocab_size)
+    gen.update_candidate_strategy(candidates, verifier_logits, 1)
+    assert 0.0 <= gen.score <= 1.0
+    assert gen.telemetry.report()["drafters"]["lookup"] | {"draft_ms": 0} == {
+        "rounds": 1, "proposed": k, "accepted": 1, "emitted": 2, "acceptance_rate": 1 / k,
+        "tokens_per_verify": 2.0, "draft_ms": 0, "verify_ms": 0.0}
+
+
+def test_self_draft_needs_a_cheaper_tier():
+    only_top = prepare_tiers(make_tiny_model("llama"), tiers=("fp32",))
+    with pytest.raises(ValueError, match="cheaper tier"):
+        CascadeCandidateGenerator(only_top)
+    CascadeCandidateGenerator(only_top, DraftPolicyConfig(drafters=("lookup",)))  # lookup alone needs none
+
+
+def test_record_draft_acceptance_totals():
+    """Guards the eval script's table: totals per (run, drafter) and the identical-verse count."""
+    from helpers import load_eval_script
+
+    script = load_eval_script("record_draft_acceptance")
+
+    def run(identical, lookup, self_draft, verifies, emitted):
+        drafters = {"lookup": {"rounds": 1, "proposed": lookup[0], "accepted": lookup[1]},
+                    "self": {"rounds": 1, "proposed": self_draft[0], "accepted": self_draft[1]}}
+        return {"token_identical": identical, "drafters": drafters, "verify_forwards": verifies,
+                "emitted_tokens": emitted}
+
+    records = [{"runs": {name: run(True, (4, 2), (2, 2), 3, 9) for name in script.RUNS}},
+               {"runs": {name: run(name != "self", (6, 0), (4, 1), 5, 7) for name in script.RUNS}}]
+    rows = {(r["run"], r["drafter"]): r for r in script._totals(records)}
+    assert rows[("cascade", "lookup")]["proposed"] == 10 and rows[("cascade", "lookup")]["accepted"] == 2
+    assert rows[("cascade", "self")]["acceptance_rate"] == 0.5
+    assert rows[("cascade", "self")]["run_tokens_per_verify"] == 2.0
+    assert rows[("self", "self")]["verses_token_identical"] == "1/2"
