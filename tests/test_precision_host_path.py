@@ -1,5 +1,6 @@
-"""The exponential-race sampler: the distribution of softmax(logits / T), forbidden tokens never drawn, seeded
-draws reproducible, and (on CUDA) no host synchronisation."""
+"""The host path of a precision decode step: the exponential-race sampler (the distribution of softmax(logits / T),
+forbidden tokens never drawn, seeded draws reproducible, no host sync on CUDA) and the controller's overhead figure
+(its own host time, the wait of its one host read recorded apart)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,34 @@ def test_race_makes_no_host_sync_on_cuda():
         sample_tokens(logits, 0.8, gen)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_controller_overhead_excludes_the_wait_of_its_host_read():
+    """Guards the overhead figure: the time a host read blocks (on CUDA: the wait for the step's forward) is
+    recorded apart as host_read_wait_us, not counted as the controller's own host time."""
+    import time
+
+    from hf_adaptive.precision.telemetry import PrecisionTelemetry, read_with_wait
+
+    out, wait_ns = read_with_wait(lambda: time.sleep(0.02) or [0.5])
+    assert out == [0.5] and wait_ns >= 20_000_000
+    t = PrecisionTelemetry()
+    t.record_step("int4", out, overhead_ns=3_000, wait_ns=wait_ns)
+    rep = t.report()
+    assert rep["controller_overhead_us"]["mean"] == 3.0
+    assert rep["host_read_wait_us"]["mean"] >= 20_000
+
+
+def test_controller_records_a_wait_per_step():
+    from helpers import make_tiny_model
+
+    from hf_adaptive.precision.controller import PrecisionController
+    from hf_adaptive.precision.tiers import prepare_tiers
+
+    tiers = prepare_tiers(make_tiny_model("llama"), tiers=("int4", "fp32"))
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    with PrecisionController(tiers) as ctl:
+        tiers.model.generate(ids, max_new_tokens=6, do_sample=False, logits_processor=[ctl])
+    t = ctl.telemetry
+    assert len(t.wait_ns) == len(t.overhead_ns) == len(t.tiers) == 6
+    assert all(w >= 0 for w in t.wait_ns) and all(o > 0 for o in t.overhead_ns)
