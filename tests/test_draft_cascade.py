@@ -143,14 +143,26 @@ def test_cascade_stops_at_eos_like_greedy(tiers, repeated_prompt):
     assert torch.equal(out, ref_eos)
 
 
-def test_cascade_refuses_what_it_cannot_keep_lossless(tiers, repeated_prompt):
-    """Guards the clear errors: batch > 1, sampling, a static cache, a generator of another model."""
+def test_cascade_takes_the_tokenizers_all_ones_mask(tiers, repeated_prompt):
+    """Guards the usual call ``generate(**tokenizer(...))``: an all-ones attention mask is no padding."""
     model = tiers.model
+    ref = model.generate(repeated_prompt, do_sample=False, max_new_tokens=8)
+    out, _ = _run(tiers, repeated_prompt, ("lookup", "self"), attention_mask=torch.ones_like(repeated_prompt),
+                  max_new_tokens=8)
+    assert torch.equal(out, ref)
+
+
+def test_cascade_refuses_what_it_cannot_keep_lossless(tiers, repeated_prompt):
+    """Guards the clear errors: batch > 1, sampling, a static cache, padding, a generator of another model."""
+    model = tiers.model
+    padded_mask = torch.ones_like(repeated_prompt)
+    padded_mask[:, 0] = 0
     cases = [
         (dict(inputs=repeated_prompt.repeat(2, 1)), "batch size must be 1"),
         (dict(inputs=repeated_prompt, do_sample=True), "greedy only"),
         (dict(inputs=repeated_prompt, cache=AdaptiveStaticKVCache(model.config, max_cache_len=128)),
          "AdaptiveStaticKVCache is not supported"),
+        (dict(inputs=repeated_prompt, attention_mask=padded_mask), "masks prompt tokens"),
     ]
     for kwargs, message in cases:
         gen = CascadeCandidateGenerator(tiers)

@@ -16,7 +16,8 @@ mirrors that path for greedy decoding:
 3. ONE top-tier forward over [last token, drafts] gives k + 1 rows of logits; the longest prefix of drafts equal to
    the rows' argmax (after the logits processors) is kept, plus the token of the first row that disagreed;
 4. the cache entries of the rejected drafts are cropped; the kept count and the top tier's confidence in the
-   emitted token are the round's one host read; EOS and ``max_length`` cut the kept tokens as in greedy decoding.
+   emitted token come back in one host read (the EOS and stop checks after it read tensors already computed);
+   EOS and ``max_length`` cut the kept tokens as in greedy decoding.
 
 The top tier's forward over k + 1 tokens and greedy's one-token forwards run different matmul shapes; in fp32 their
 logits agree to ~1e-6 (any token difference is a bug), in 16-bit a near-tie can flip as in every speculative decoder.
@@ -48,7 +49,7 @@ def _check(model, input_ids: torch.Tensor, generation_config, generator, cache) 
     if input_ids.shape[0] != 1:
         raise ValueError(f"cascade_decoding: batch size must be 1, got {input_ids.shape[0]}; "
                          "generate one prompt at a time (transformers' assisted decoding has the same limit)")
-    if generation_config.do_sample or generation_config.num_beams != 1:
+    if generation_config.do_sample or (generation_config.num_beams or 1) != 1:
         raise ValueError(f"cascade_decoding: lossless drafting is greedy only; got do_sample="
                          f"{generation_config.do_sample}, num_beams={generation_config.num_beams}. "
                          "Fix: do_sample=False, num_beams=1")
@@ -134,6 +135,10 @@ def cascade_decoding(model, input_ids: torch.LongTensor, logits_processor, stopp
     """
     cache = model_kwargs.get(cache_kwarg_name())
     _check(model, input_ids, generation_config, candidate_generator, cache)
+    mask = model_kwargs.get("attention_mask")  # generate drops an all-ones mask: one left here masks a token
+    if mask is not None and not bool(mask.all()):
+        raise ValueError("cascade_decoding: the attention_mask masks prompt tokens (padding); the cascade feeds the "
+                         "prompt unpadded. Fix: pass the prompt without padding (batch 1 needs none)")
     if cache is None or not getattr(cache, "is_croppable", True):
         raise ValueError("cascade_decoding: needs a croppable cache; got "
                          f"{type(cache).__name__}. Fix: use_cache=True and a DynamicCache or an AdaptiveKVCache")
