@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from helpers import make_tiny_model
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from hf_adaptive.kv.cache import AdaptiveKVCache
 from hf_adaptive.kv.static import AdaptiveStaticKVCache
@@ -47,7 +47,10 @@ def repeated_prompt():
 def _cache(kind: str, model):
     # residual 8 / block 8: history blocks are flushed during the test, so crops also pop blocks
     return {"dynamic": lambda: DynamicCache(config=model.config),
-            "adaptive": lambda: AdaptiveKVCache(model.config, residual_length=8, block_size=8)}[kind]()
+            "adaptive": lambda: AdaptiveKVCache(model.config, residual_length=8, block_size=8),
+            "static": lambda: StaticCache(config=model.config, max_cache_len=128),
+            "adaptive_static": lambda: AdaptiveStaticKVCache(model.config, max_cache_len=128, residual_length=8,
+                                                             block_size=8)}[kind]()
 
 
 def _run(tiers, ids, drafters, cache=None, **kw):
@@ -99,6 +102,19 @@ def test_cascade_is_greedy(repeated_prompt, arch, rejects, cache_kind, drafters,
     assert (stats["accepted"] < stats["proposed"]) == rejects
     assert report["verify_forwards"] < NEW_TOKENS - 1  # drafts saved verifier forwards
     json.dumps(report)
+
+
+@pytest.mark.parametrize("cache_kind", ["static", "adaptive_static"])
+@pytest.mark.parametrize("arch, rejects", [("llama", False), ("qwen2", True)], ids=["llama", "qwen2-rejects"])
+def test_cascade_is_greedy_on_static_caches(repeated_prompt, arch, rejects, cache_kind):
+    """Guards crops of fixed-size caches: a static layer rolls its length back, the adaptive one its tail rows."""
+    tiers = _tiers(arch)
+    model = tiers.model
+    ref = model.generate(repeated_prompt, do_sample=False, max_new_tokens=NEW_TOKENS, cache=_cache(cache_kind, model))
+    out, report = _run(tiers, repeated_prompt, ("lookup", "self"), _cache(cache_kind, model),
+                       max_new_tokens=NEW_TOKENS)
+    assert torch.equal(out, ref)
+    assert 0 < report["acceptance_rate"] and (report["acceptance_rate"] < 1) == rejects
 
 
 @pytest.mark.parametrize("cache_kind", ["dynamic", "adaptive"])
@@ -153,15 +169,13 @@ def test_cascade_takes_the_tokenizers_all_ones_mask(tiers, repeated_prompt):
 
 
 def test_cascade_refuses_what_it_cannot_keep_lossless(tiers, repeated_prompt):
-    """Guards the clear errors: batch > 1, sampling, a static cache, padding, a generator of another model."""
+    """Guards the clear errors: batch > 1, sampling, padding, a generator of another model."""
     model = tiers.model
     padded_mask = torch.ones_like(repeated_prompt)
     padded_mask[:, 0] = 0
     cases = [
         (dict(inputs=repeated_prompt.repeat(2, 1)), "batch size must be 1"),
         (dict(inputs=repeated_prompt, do_sample=True), "greedy only"),
-        (dict(inputs=repeated_prompt, cache=AdaptiveStaticKVCache(model.config, max_cache_len=128)),
-         "AdaptiveStaticKVCache is not supported"),
         (dict(inputs=repeated_prompt, attention_mask=padded_mask), "masks prompt tokens"),
     ]
     for kwargs, message in cases:

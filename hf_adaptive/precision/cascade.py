@@ -6,8 +6,9 @@ Contract: with ``tiers = prepare_tiers(model, ...)`` and ``gen = CascadeCandidat
 
 returns the same tokens as ``model.generate(ids, do_sample=False, max_new_tokens=64)`` with the top tier active and
 the same cache settings (batch 1, greedy). ``generate`` prepares the inputs, the cache (``DynamicCache``, or the one
-passed as ``cache=`` / ``past_key_values=``), the logits processors and the stopping criteria, then calls this
-loop. transformers' assisted path builds its candidate generator itself (prompt lookup, assistant model, early
+passed as ``cache=`` / ``past_key_values=``: ``StaticCache``, ``AdaptiveKVCache``, ``AdaptiveStaticKVCache``), the
+logits processors and the stopping criteria, then calls this loop. Its forwards run eagerly (no compiled step): the
+draft and verify forwards change their query length every round. transformers' assisted path builds its candidate generator itself (prompt lookup, assistant model, early
 exit) with no argument to pass one in, hence its documented ``custom_generate`` callable hosts this loop, which
 mirrors that path for greedy decoding:
 
@@ -36,9 +37,6 @@ from hf_adaptive.compat import cache_kwarg_name, forward_cache_kwargs
 from hf_adaptive.precision.confidence import confidence_score
 from hf_adaptive.precision.drafting import CascadeCandidateGenerator
 
-STATIC_CACHE_NAMES = ("StaticCache", "AdaptiveStaticKVCache")
-
-
 def _check(model, input_ids: torch.Tensor, generation_config, generator, cache) -> None:
     if not isinstance(generator, CascadeCandidateGenerator):
         raise TypeError(f"cascade_decoding: candidate_generator must be a CascadeCandidateGenerator, got "
@@ -56,10 +54,6 @@ def _check(model, input_ids: torch.Tensor, generation_config, generator, cache) 
     if generation_config.return_dict_in_generate:
         raise ValueError("cascade_decoding: return_dict_in_generate=True is not supported; it returns the token ids "
                          "(1, L). Fix: return_dict_in_generate=False; read candidate_generator.telemetry.report()")
-    if type(cache).__name__ in STATIC_CACHE_NAMES:
-        raise ValueError(f"cascade_decoding: cache {type(cache).__name__} is not supported: the self-draft and the "
-                         "verify forward change the query length every round, which a static cache's captured "
-                         "step does not take. Fix: pass a DynamicCache or an AdaptiveKVCache (cache=... or none)")
     if generator.tiers.active != generator.tiers.top:
         raise ValueError(f"cascade_decoding: the verifier runs the active tier, which is {generator.tiers.active!r}, "
                          f"not the top tier {generator.tiers.top!r}. Fix: tiers.set({generator.tiers.top!r}) "
@@ -141,7 +135,8 @@ def cascade_decoding(model, input_ids: torch.LongTensor, logits_processor, stopp
                          "prompt unpadded. Fix: pass the prompt without padding (batch 1 needs none)")
     if cache is None or not getattr(cache, "is_croppable", True):
         raise ValueError("cascade_decoding: needs a croppable cache; got "
-                         f"{type(cache).__name__}. Fix: use_cache=True and a DynamicCache or an AdaptiveKVCache")
+                         f"{type(cache).__name__}. Fix: use_cache=True and a DynamicCache, StaticCache, "
+                         "AdaptiveKVCache or AdaptiveStaticKVCache")
     if hasattr(cache, "activate_past_recording"):  # sliding-window layers keep what a crop may restore
         cache.activate_past_recording(recurrent_states_to_keep=candidate_generator.num_drafting_tokens)
     candidate_generator.bind(cache, _eos(generation_config), generation_config.max_length)
