@@ -39,7 +39,7 @@ from transformers import LogitsProcessor
 
 from hf_adaptive.policy.precision_policy import PrecisionPolicy, PrecisionPolicyConfig
 from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
-from hf_adaptive.precision.telemetry import PrecisionTelemetry
+from hf_adaptive.precision.telemetry import PrecisionTelemetry, read_with_wait
 from hf_adaptive.precision.tiers import PrecisionTiers
 from hf_adaptive.validation import check_type
 
@@ -138,11 +138,13 @@ class PrecisionController(LogitsProcessor):
         """Record one step from its (B, V) raw logits, switch the tier for the next forward, return it."""
         start = time.perf_counter_ns()
         ran = self.tiers.active
-        # the one host read of the step: B floats, needed to choose a kernel on the host
-        scores = confidence_score(logits, self.weights).tolist()
+        score = confidence_score(logits, self.weights)
+        # the one host read of the step: B floats, needed to choose a kernel on the host; on CUDA it waits for the
+        # step's forward, which is the device's time, not the controller's
+        scores, wait = read_with_wait(score.tolist)
         decision = self.policy.decide(scores)
         self.tiers.set(decision)
-        self.telemetry.record_step(ran, scores, time.perf_counter_ns() - start)
+        self.telemetry.record_step(ran, scores, time.perf_counter_ns() - start - wait, wait)
         return decision
 
     def observe_lagged(self, logits: torch.Tensor) -> str:
@@ -156,13 +158,14 @@ class PrecisionController(LogitsProcessor):
         ran = self.tiers.active
         pending, self._pending = self._pending, self._queue_scores(confidence_score(logits, self.weights))
         scores: list[float] = []
+        wait = 0
         if pending is not None:
             host, event = pending
-            if event is not None:
-                event.synchronize()  # recorded a step ago: already complete, returns at once
+            if event is not None:  # recorded a step ago: already complete, returns at once
+                _, wait = read_with_wait(event.synchronize)
             scores = host.tolist()
             self.tiers.set(self.policy.decide(scores))
-        self.telemetry.record_step(ran, scores, time.perf_counter_ns() - start)
+        self.telemetry.record_step(ran, scores, time.perf_counter_ns() - start - wait, wait)
         return self.tiers.active
 
     @staticmethod

@@ -24,6 +24,7 @@ import torch
 from hf_adaptive.precision.confidence import confidence_score
 from hf_adaptive.precision.controller import PrecisionController
 from hf_adaptive.precision.graph_decode import GraphDecodeEngine
+from hf_adaptive.precision.sampling import sample_tokens
 
 
 @dataclass
@@ -42,11 +43,10 @@ class DecodeOptions:
 
 
 def pick_tokens(logits: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
-    """(B, V) logits -> (B,) tokens, greedy or sampled, on device (no host sync)."""
+    """(B, V) logits -> (B,) tokens, greedy or sampled (the exponential race), on device (no host sync)."""
     if not opts.do_sample:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / opts.temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=opts.generator).squeeze(-1)
+    return sample_tokens(logits, opts.temperature, opts.generator)
 
 
 def _next_tier(engine: GraphDecodeEngine, logits: torch.Tensor, step: int, opts: DecodeOptions) -> str:

@@ -31,6 +31,7 @@ import torch
 from hf_adaptive.precision.controller import PrecisionController
 from hf_adaptive.precision.device_decision import DeviceDecision
 from hf_adaptive.precision.graph_decode import GraphDecodeEngine
+from hf_adaptive.precision.telemetry import read_with_wait
 
 RING_SLOTS = 4  # pinned status slots; lag <= RING_SLOTS - 2 never overwrites an unread slot
 
@@ -207,9 +208,10 @@ class _Loop:
         start = time.perf_counter_ns()
         j = s - 1 - self.opts.decision_lag
         scores: list[float] = []
+        wait = 0
         if j >= 0:
-            status = self.dec._read(j)
+            status, wait = read_with_wait(lambda: self.dec._read(j))  # the wait is the device's time
             self.ctl.policy.apply(self.dec.decision.tier_name(status[0]))
             scores = status[1:]
-        self.ctl.telemetry.record_step(self.ran[-1], scores, time.perf_counter_ns() - start)
+        self.ctl.telemetry.record_step(self.ran[-1], scores, time.perf_counter_ns() - start - wait, wait)
         return self.ctl.policy.current

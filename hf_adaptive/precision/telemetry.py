@@ -1,6 +1,7 @@
 """What the precision switcher did: tier usage, switches, confidences, overhead, confidence accuracy.
 
-Contract: mechanisms call ``record_step`` once per decode step and ``record_agreement`` whenever they
+Contract: mechanisms call ``record_step`` once per decode step (the controller's own host time, and apart from it
+the time its one host read waited for the device: ``read_with_wait`` measures that read) and ``record_agreement`` whenever they
 know whether a low-tier token equals the top tier's choice (every drafted token in verified mode,
 sampled steps in lossy mode). ``report()`` is JSON-serializable; ``plot(path)`` writes a PNG. Plain
 Python numbers only (no torch), so recording never touches the device.
@@ -10,10 +11,34 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 N_BUCKETS = 10
+
+
+def read_with_wait(read: Callable[[], T]) -> tuple[T, int]:
+    """Run a host read (``tensor.tolist()``, an event wait) and return (its result, nanoseconds it took).
+
+    On CUDA the read blocks until the step's queued kernels finish: that wait is the device's time, not the
+    controller's, so callers subtract it from their overhead and record it as ``wait_ns``.
+    """
+    start = time.perf_counter_ns()
+    out = read()
+    return out, time.perf_counter_ns() - start
+
+
+def _micros(ns: list[int]) -> dict[str, float]:
+    """mean / p50 / max of nanosecond samples, in µs (zeros when empty)."""
+    over = sorted(ns)
+    if not over:
+        return {"mean": 0.0, "p50": 0.0, "max": 0.0}
+    return {"mean": sum(over) / len(over) / 1e3, "p50": over[len(over) // 2] / 1e3, "max": over[-1] / 1e3}
 
 
 def _bucket(score: float) -> int:
@@ -26,7 +51,8 @@ class PrecisionTelemetry:
 
     tiers: list[str] = field(default_factory=list)        # tier that ran each step's forward
     scores: list[float] = field(default_factory=list)     # every per-sequence confidence seen
-    overhead_ns: list[int] = field(default_factory=list)  # controller time per step
+    overhead_ns: list[int] = field(default_factory=list)  # controller's own host time per step (waits excluded)
+    wait_ns: list[int] = field(default_factory=list)      # time its host read waited for the device per step
     switches: int = 0
     agree: list[int] = field(default_factory=lambda: [0] * N_BUCKETS)
     checked: list[int] = field(default_factory=lambda: [0] * N_BUCKETS)
@@ -34,13 +60,15 @@ class PrecisionTelemetry:
     def reset(self) -> None:
         self.__init__()
 
-    def record_step(self, tier: str, scores: list[float], overhead_ns: int = 0) -> None:
-        """One decode step: the tier its forward ran in and the confidences it produced."""
+    def record_step(self, tier: str, scores: list[float], overhead_ns: int = 0, wait_ns: int = 0) -> None:
+        """One decode step: the tier its forward ran in, the confidences it produced, the controller's own host
+        time and (apart) the time its host read waited for the device."""
         if self.tiers and self.tiers[-1] != tier:
             self.switches += 1
         self.tiers.append(tier)
         self.scores.extend(scores)
         self.overhead_ns.append(int(overhead_ns))
+        self.wait_ns.append(int(wait_ns))
 
     def record_agreement(self, score: float, agreed: bool) -> None:
         """A low-tier token was compared with the top tier's; ``score`` is the low tier's confidence."""
@@ -49,13 +77,13 @@ class PrecisionTelemetry:
         self.agree[b] += int(agreed)
 
     def report(self) -> dict:
-        """JSON-serializable summary (fractions in [0, 1], times in µs)."""
+        """JSON-serializable summary (fractions in [0, 1], times in µs). ``controller_overhead_us`` is the
+        controller's own host time per step; ``host_read_wait_us`` the time its host read waited for the device."""
         n = len(self.tiers)
         counts = Counter(self.tiers)
         hist = [0] * N_BUCKETS
         for s in self.scores:
             hist[_bucket(s)] += 1
-        over = sorted(self.overhead_ns)
         return {
             "steps": n,
             "tier_steps": dict(counts),
@@ -63,11 +91,8 @@ class PrecisionTelemetry:
             "switches": self.switches,
             "confidence_histogram": {"bucket_edges": [i / N_BUCKETS for i in range(N_BUCKETS + 1)],
                                      "counts": hist},
-            "controller_overhead_us": {
-                "mean": sum(over) / len(over) / 1e3 if over else 0.0,
-                "p50": over[len(over) // 2] / 1e3 if over else 0.0,
-                "max": over[-1] / 1e3 if over else 0.0,
-            },
+            "controller_overhead_us": _micros(self.overhead_ns),
+            "host_read_wait_us": _micros(self.wait_ns),
             "confidence_accuracy": [
                 {"bucket": [i / N_BUCKETS, (i + 1) / N_BUCKETS], "checked": c,
                  "agree_fraction": (a / c) if c else None}

@@ -1,0 +1,126 @@
+"""Record the lossless draft cascade's acceptance per drafter and per round on the Spanish->English dev set (CPU).
+
+Per verse (the BLEU eval's prompt and ``max_new_tokens`` rule, batch 1, greedy): plain ``model.generate`` at the
+top tier (fp32 on CPU), then ``model.generate(custom_generate=cascade_decoding, ...)`` with each drafter alone and
+with both (prompt lookup over the prompt and the output so far; the int4 self-draft of ``prepare_tiers``, group
+64 on SmolLM2's hidden 576), the drafter and length chosen from the top tier's confidence (default bands 0.9 / 0.6).
+It records whether each run is token-identical to greedy (the lossless claim, checked on real text), proposals,
+accepted tokens, acceptance rate and tokens per verify forward per drafter, and every round's (drafter, proposed,
+accepted, emitted, confidence). No speed figures: CPU timings on a shared host are noise; the JSON keeps the host
+draft/verify milliseconds only as a record of the run.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python eval/record_draft_acceptance.py --limit 8 \
+        --out eval/results/draft_acceptance_smollm2_cpu
+    HF_HUB_OFFLINE=1 .venv/bin/python eval/record_draft_acceptance.py --model qwen2.5-coder-1.5b-instruct \
+        --limit 12 --stride 40 --threads 2 --out eval/results/draft_acceptance_qwen1.5b_cpu
+
+The report (JSON + Markdown) is rewritten after every verse, so a stopped run keeps the verses it finished
+(``verses_done`` against ``verses_planned``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from _common import environment  # first: sets the offline default
+import torch
+
+from hf_adaptive.evaluation.data import DEFAULT_DEV_SET
+from hf_adaptive.evaluation.report import markdown_table, write_report
+from hf_adaptive.evaluation.translate import TranslationConfig, build_prompt, greedy_generation_kwargs
+from hf_adaptive.models import load_model
+from hf_adaptive.policy.draft_policy import DraftPolicyConfig
+from hf_adaptive.precision.cascade import cascade_decoding
+from hf_adaptive.precision.drafting import CascadeCandidateGenerator
+from hf_adaptive.precision.tiers import prepare_tiers
+from hf_adaptive.validation import arg_number
+
+RUNS = {"lookup": ("lookup",), "self": ("self",), "cascade": ("lookup", "self")}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="eval/results/draft_acceptance_smollm2_cpu", help="output folder")
+    ap.add_argument("--data", default=str(DEFAULT_DEV_SET))
+    ap.add_argument("--limit", type=arg_number(minimum=1, integer=True), default=8, help="verses recorded")
+    ap.add_argument("--stride", type=arg_number(minimum=1, integer=True), default=1,
+                    help="take every N-th verse of the dev set (a mix of passages, not only the first ones)")
+    ap.add_argument("--max-lookup-tokens", type=arg_number(minimum=1, integer=True), default=8)
+    ap.add_argument("--max-self-draft", type=arg_number(minimum=1, integer=True), default=4)
+    ap.add_argument("--model", default=None, help="embedded model name or checkpoint dir (default SmolLM2)")
+    ap.add_argument("--threads", type=arg_number(minimum=1, integer=True), default=1, help="torch CPU threads")
+    return ap
+
+
+def _verse_record(tiers, tok, verse: dict, cfg: TranslationConfig, policies: dict) -> dict:
+    """Greedy and every cascade run of one verse: identity with greedy, telemetry and rounds per run."""
+    model = tiers.model
+    ids = tok(build_prompt(tok, verse["es"], cfg), return_tensors="pt", add_special_tokens=False).input_ids
+    src = len(tok(verse["es"], add_special_tokens=False).input_ids)
+    gen_kwargs = greedy_generation_kwargs(tok, max(cfg.min_new_tokens_cap, round(cfg.new_tokens_factor * src)))
+    ref = model.generate(ids, **gen_kwargs)
+    record = {"id": verse["id"], "prompt_tokens": ids.shape[1], "new_tokens": ref.shape[1] - ids.shape[1], "runs": {}}
+    for name, policy in policies.items():
+        gen = CascadeCandidateGenerator(tiers, policy)
+        out = model.generate(ids, custom_generate=cascade_decoding, candidate_generator=gen, **gen_kwargs)
+        record["runs"][name] = {"token_identical": bool(torch.equal(out, ref)), **gen.telemetry.report()}
+    return record
+
+
+def _totals(records: list[dict]) -> list[dict]:
+    """One row per (run, drafter): totals over the verses, and how many verses were token-identical."""
+    rows = []
+    for run in RUNS:
+        identical = sum(r["runs"][run]["token_identical"] for r in records)
+        verifies = sum(r["runs"][run]["verify_forwards"] for r in records)
+        emitted = sum(r["runs"][run]["emitted_tokens"] for r in records)
+        drafters = sorted({d for r in records for d in r["runs"][run]["drafters"]})
+        for drafter in drafters:
+            stats = [r["runs"][run]["drafters"].get(drafter) for r in records]
+            proposed = sum(s["proposed"] for s in stats if s)
+            accepted = sum(s["accepted"] for s in stats if s)
+            rows.append({"run": run, "drafter": drafter, "rounds": sum(s["rounds"] for s in stats if s),
+                         "proposed": proposed, "accepted": accepted,
+                         "acceptance_rate": accepted / proposed if proposed else None,
+                         "run_tokens_per_verify": emitted / verifies if verifies else None,
+                         "verses_token_identical": f"{identical}/{len(records)}"})
+    return rows
+
+
+def _write(args, records: list[dict], planned: int) -> None:
+    rows = _totals(records)
+    payload = {"model": args.model or "smollm2-135m-instruct", "tiers": ["int4", "fp32"], "data": args.data,
+               "stride": args.stride, "max_lookup_tokens": args.max_lookup_tokens,
+               "max_self_draft": args.max_self_draft, "verses_planned": planned, "verses_done": len(records),
+               "totals": rows, "verses": records}
+    notes = ("\nCounts only: CPU timings on a shared host are noise. `run_tokens_per_verify` = tokens emitted per "
+             "top-tier forward over the whole run (1.0 = no gain from drafting). Per-round records are in the JSON.\n")
+    write_report(args.out, "draft_acceptance", payload, environment("cpu"),
+                 markdown_table(rows), "Draft cascade acceptance, Spanish->English dev set", notes)
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, device="cpu", dtype="float32")
+    tiers = prepare_tiers(model, tiers=("int4", "fp32"))
+    policies = {name: DraftPolicyConfig(drafters=d, max_lookup_tokens=args.max_lookup_tokens,
+                                        max_self_draft=args.max_self_draft) for name, d in RUNS.items()}
+    cfg = TranslationConfig()
+    lines = Path(args.data).read_text(encoding="utf-8").splitlines()
+    verses = [json.loads(line) for line in lines[::args.stride][:args.limit]]
+    records: list[dict] = []
+    with torch.no_grad():
+        for i, verse in enumerate(verses):
+            records.append(_verse_record(tiers, tok, verse, cfg, policies))
+            _write(args, records, len(verses))  # after every verse: a stopped run keeps what it finished
+            print(f"verse {i + 1}/{len(verses)} {verse['id']}: "
+                  + ", ".join(f"{k} identical={v['token_identical']} tokens/verify={v['tokens_per_verify']:.2f}"
+                              for k, v in records[-1]["runs"].items()), flush=True)
+    print(f"wrote {args.out}/draft_acceptance.json and .md")
+
+
+if __name__ == "__main__":
+    main()

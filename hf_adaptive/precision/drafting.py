@@ -1,0 +1,138 @@
+"""The drafters of the lossless cascade, behind transformers' ``CandidateGenerator`` interface.
+
+Contract: ``CascadeCandidateGenerator(tiers, DraftPolicyConfig(...))`` proposes draft tokens for a verifier that
+runs the model at its top tier. Per round, ``get_candidates(input_ids)`` returns ``(input_ids + drafts, None)``
+(batch 1) from one of two drafters, chosen by the pure ``choose_draft`` policy from the last confidence:
+
+- ``"lookup"``: transformers' own ``PromptLookupCandidateGenerator`` (n-gram match over the prompt and the output
+  so far); no forward, so the drafts are free;
+- ``"self"``: the same model with its decoder linears switched to the cheapest tier of ``prepare_tiers`` (int4),
+  decoding greedily from the generation's own cache; the draft forwards' KV entries are cropped from that cache
+  before returning, and the tier switched back, so the verifier writes its own KV at those positions.
+
+``update_candidate_strategy`` hears how many drafts the verifier kept and its confidence in the next token, and
+records the round in ``telemetry``. The decoding loop that calls both is ``cascade.cascade_decoding``.
+Knows nothing about acceptance or logits processors: the verifier decides.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers.generation.candidate_generator import CandidateGenerator, PromptLookupCandidateGenerator
+
+from hf_adaptive.compat import forward_cache_kwargs
+from hf_adaptive.policy.draft_policy import NO_DRAFT, DraftChoice, DraftPolicyConfig, choose_draft
+from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
+from hf_adaptive.precision.draft_telemetry import DraftTelemetry, RoundRecord
+from hf_adaptive.precision.tiers import PrecisionTiers
+from hf_adaptive.validation import check_number, check_type
+
+
+class CascadeCandidateGenerator(CandidateGenerator):
+    """Prompt-lookup and int4 self-drafts for one model, the drafter and length picked per round by confidence.
+
+    Args:
+        tiers: the handle ``prepare_tiers(model, tiers=(...))`` returned; its cheapest tier drafts, its top tier is
+            what the verifier must run (the cascade restores it after every self-draft).
+        config: drafters, caps and confidence bands (``DraftPolicyConfig``).
+        max_matching_ngram_size: longest n-gram the lookup matches (it tries shorter ones down to 1).
+        weights: the confidence score's weights (``ConfidenceWeights``).
+    """
+
+    def __init__(self, tiers: PrecisionTiers, config: DraftPolicyConfig | None = None, *,
+                 max_matching_ngram_size: int = 3, weights: ConfidenceWeights | None = None) -> None:
+        check_type(tiers, "CascadeCandidateGenerator: tiers", PrecisionTiers,
+                   "tiers = prepare_tiers(model, tiers=('int4', 'fp32'))")
+        check_number(max_matching_ngram_size, "CascadeCandidateGenerator: max_matching_ngram_size", minimum=1,
+                     integer=True, fix="max_matching_ngram_size=3")
+        self.tiers = tiers
+        self.config = config or DraftPolicyConfig()
+        check_type(self.config, "CascadeCandidateGenerator: config", DraftPolicyConfig, "config=DraftPolicyConfig()")
+        if "self" in self.config.drafters and len(tiers.ladder) < 2:
+            raise ValueError(f"CascadeCandidateGenerator: the self-draft needs a cheaper tier than the top one; "
+                             f"tiers has only {tiers.ladder}. Fix: prepare_tiers(model, tiers=('int4', "
+                             "'fp32')) (or 'native' for a 16-bit model), or DraftPolicyConfig(drafters=('lookup',))")
+        self.max_matching_ngram_size = max_matching_ngram_size
+        self.weights = weights or ConfidenceWeights()
+        self.telemetry = DraftTelemetry()
+        self.cache = None
+        self.score: float | None = None
+        self.choice = DraftChoice(NO_DRAFT, 0)
+        self.draft_ns = 0
+        self._lookup: PromptLookupCandidateGenerator | None = None
+
+    def bind(self, cache, eos_token_id: torch.Tensor | None, max_length: int) -> None:
+        """Start a generation: the cache the verifier fills, the stop tokens and the length limit of ``generate``."""
+        self.cache, self.score = cache, None
+        self._lookup = PromptLookupCandidateGenerator(
+            eos_token_id=eos_token_id, num_output_tokens=self.config.max_lookup_tokens,
+            max_matching_ngram_size=self.max_matching_ngram_size, max_length=max_length)
+
+    @property
+    def num_drafting_tokens(self) -> int:
+        """The longest draft a round can propose (transformers sizes cache rollback buffers by it)."""
+        return max(self.config.max_lookup_tokens, self.config.max_self_draft)
+
+    def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
+        """``input_ids`` (1, L) -> (1, L + k) with k drafted tokens (k may be 0), and no draft logits.
+
+        The cache must hold the KV of ``input_ids[:, :-1]`` (the verifier feeds the last token with the drafts).
+        """
+        if self._lookup is None:
+            raise RuntimeError("CascadeCandidateGenerator.get_candidates: call bind(cache, eos, max_length) first; "
+                               "cascade_decoding does it at the start of every generation")
+        begin = time.perf_counter_ns()
+        room = self._lookup.max_length - input_ids.shape[1] - 1  # the verifier adds one token of its own
+        drafts = self._lookup_drafts(input_ids) if "lookup" in self.config.drafters else input_ids[:, :0]
+        self.choice = choose_draft(self.score, drafts.shape[1], self.config)
+        k = max(0, min(self.choice.length, room))
+        if self.choice.drafter == "self" and k:
+            drafts = self._self_drafts(input_ids, k)
+        elif self.choice.drafter == "lookup":
+            drafts = drafts[:, :k]
+        else:
+            drafts = input_ids[:, :0]
+        self.draft_ns = time.perf_counter_ns() - begin
+        return torch.cat([input_ids, drafts], dim=1), None
+
+    def _lookup_drafts(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """(1, n) tokens that followed the first earlier occurrence of the sequence's trailing n-gram; n may be 0."""
+        candidates, _ = self._lookup.get_candidates(input_ids)
+        return candidates[:, input_ids.shape[1]:]
+
+    @torch.no_grad()
+    def _self_drafts(self, input_ids: torch.LongTensor, k: int) -> torch.LongTensor:
+        """k greedy tokens of the cheapest tier, decoded from the shared cache, whose entries are then cropped."""
+        model, start = self.tiers.model, self.cache.get_seq_length()
+        tok, drafts = input_ids[:, -1:], []
+        with self.tiers.use(self.tiers.fast):
+            for i in range(k):
+                pos = torch.arange(start + i, start + i + 1, device=input_ids.device)[None]  # (1, 1)
+                logits = model(input_ids=tok, position_ids=pos, use_cache=True, logits_to_keep=1,
+                               **forward_cache_kwargs(model, self.cache)).logits[:, -1]  # (1, V)
+                tok = logits.argmax(-1, keepdim=True)  # (1, 1)
+                drafts.append(tok)
+        self.cache.crop(-k)  # the draft's int4 KV must not reach the verifier
+        return torch.cat(drafts, dim=1)
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int,
+                                  confidence: float | None = None, verify_ns: int = 0) -> None:
+        """Record the round and keep the confidence that picks the next drafter.
+
+        Args:
+            input_ids: the sequence after the round (unused; part of transformers' interface).
+            scores: the verifier's raw logits (1, k + 1, V) of the round.
+            num_matches: drafts the verifier accepted.
+            confidence: the verifier's confidence in the token it emitted (row ``num_matches`` of ``scores``);
+                computed here (one host read) when the caller has not read it already.
+            verify_ns: host time of the verify forward.
+        """
+        if confidence is None:
+            confidence = float(confidence_score(scores[:, num_matches], self.weights)[0])
+        proposed = scores.shape[1] - 1
+        self.telemetry.record_round(
+            RoundRecord(self.choice.drafter if proposed else NO_DRAFT, proposed, int(num_matches),
+                        int(num_matches) + 1, self.score), self.draft_ns, verify_ns)
+        self.score = confidence

@@ -1,0 +1,232 @@
+"""The lossless draft cascade through ``model.generate``: policy table, token identity with greedy decoding for each
+drafter and both, on DynamicCache and AdaptiveKVCache, the self-draft's tier and cache hygiene, stops, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import make_tiny_model
+from transformers import DynamicCache, StaticCache
+
+from hf_adaptive.kv.cache import AdaptiveKVCache
+from hf_adaptive.kv.static import AdaptiveStaticKVCache
+from hf_adaptive.policy.draft_policy import DraftChoice, DraftPolicyConfig, choose_draft
+from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig
+from hf_adaptive.precision.cascade import cascade_decoding
+from hf_adaptive.precision.drafting import CascadeCandidateGenerator
+from hf_adaptive.precision.tiers import prepare_tiers
+
+ALWAYS = PrecisionPolicyConfig(high=0.0, low=0.0)  # every confidence > 0 drafts the full length
+NEW_TOKENS = 32
+
+
+_TIERS: dict = {}
+
+
+def _tiers(arch: str):
+    """Tiered tiny model per architecture, built once (prepare_tiers replaces the model's linears in place)."""
+    if arch not in _TIERS:
+        _TIERS[arch] = prepare_tiers(make_tiny_model(arch), tiers=("int4", "fp32"))
+    return _TIERS[arch]
+
+
+@pytest.fixture(scope="module")
+def tiers():
+    return _tiers("llama")
+
+
+@pytest.fixture(scope="module")
+def repeated_prompt():
+    """A prompt that repeats its own text, so prompt lookup finds continuations the model then follows."""
+    base = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    return torch.cat([base, base, base[:, :4]], dim=1)
+
+
+def _cache(kind: str, model):
+    # residual 8 / block 8: history blocks are flushed during the test, so crops also pop blocks
+    return {"dynamic": lambda: DynamicCache(config=model.config),
+            "adaptive": lambda: AdaptiveKVCache(model.config, residual_length=8, block_size=8),
+            "static": lambda: StaticCache(config=model.config, max_cache_len=128),
+            "adaptive_static": lambda: AdaptiveStaticKVCache(model.config, max_cache_len=128, residual_length=8,
+                                                             block_size=8)}[kind]()
+
+
+def _run(tiers, ids, drafters, cache=None, **kw):
+    gen = CascadeCandidateGenerator(tiers, DraftPolicyConfig(drafters=drafters, bands=ALWAYS))
+    extra = {} if cache is None else {"cache": cache}
+    out = tiers.model.generate(ids, custom_generate=cascade_decoding, candidate_generator=gen, **extra, **kw)
+    return out, gen.telemetry.report()
+
+
+@pytest.mark.parametrize("score, lookup, drafters, expected", [
+    (0.95, 5, ("lookup", "self"), DraftChoice("lookup", 5)),   # a match is free: it runs first
+    (0.10, 5, ("lookup", "self"), DraftChoice("lookup", 5)),   # ... whatever the confidence
+    (0.95, 20, ("lookup", "self"), DraftChoice("lookup", 8)),  # capped at max_lookup_tokens
+    (0.95, 0, ("lookup", "self"), DraftChoice("self", 4)),     # no match, confident: full self-draft
+    (0.70, 0, ("lookup", "self"), DraftChoice("self", 2)),     # mid band: half
+    (0.50, 0, ("lookup", "self"), DraftChoice("none", 0)),     # unsure: the verifier decodes alone
+    (None, 0, ("lookup", "self"), DraftChoice("self", 4)),     # before the first verify
+    (0.95, 5, ("self",), DraftChoice("self", 4)),              # lookup disabled
+    (0.95, 0, ("lookup",), DraftChoice("none", 0)),            # self disabled, no match
+])
+def test_choose_draft_table(score, lookup, drafters, expected):
+    """Guards the cascade's decision rules (lookup first, confidence bands for the self-draft)."""
+    assert choose_draft(score, lookup, DraftPolicyConfig(drafters=drafters)) == expected
+
+
+@pytest.mark.parametrize("kwargs", [{"drafters": ("lookup", "eagle")}, {"drafters": ()}, {"max_self_draft": 0},
+                                    {"bands": 0.9}])
+def test_draft_policy_config_refuses_bad_values(kwargs):
+    with pytest.raises((ValueError, TypeError)):
+        DraftPolicyConfig(**kwargs)
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "adaptive"])
+@pytest.mark.parametrize("drafters, used", [(("lookup",), "lookup"), (("self",), "self"),
+                                            (("lookup", "self"), "lookup")])
+@pytest.mark.parametrize("arch, rejects", [("llama", False), ("qwen2", True)], ids=["llama", "qwen2-rejects"])
+def test_cascade_is_greedy(repeated_prompt, arch, rejects, cache_kind, drafters, used):
+    """Guards losslessness: every drafter alone and the cascade return plain greedy's tokens with the same cache,
+    and the drafter really proposed and got tokens accepted (the identity is not vacuous). On the llama model the
+    drafts are all accepted; on the qwen2 one some are rejected, so the crop of rejected tails is exercised."""
+    tiers = _tiers(arch)
+    model = tiers.model
+    ref = model.generate(repeated_prompt, do_sample=False, max_new_tokens=NEW_TOKENS,
+                         cache=_cache(cache_kind, model))
+    out, report = _run(tiers, repeated_prompt, drafters, _cache(cache_kind, model), max_new_tokens=NEW_TOKENS)
+    assert torch.equal(out, ref)
+    stats = report["drafters"][used]
+    assert stats["proposed"] > 0 and stats["accepted"] > 0
+    assert (stats["accepted"] < stats["proposed"]) == rejects
+    assert report["verify_forwards"] < NEW_TOKENS - 1  # drafts saved verifier forwards
+    json.dumps(report)
+
+
+@pytest.mark.parametrize("cache_kind", ["static", "adaptive_static"])
+@pytest.mark.parametrize("arch, rejects", [("llama", False), ("qwen2", True)], ids=["llama", "qwen2-rejects"])
+def test_cascade_is_greedy_on_static_caches(repeated_prompt, arch, rejects, cache_kind):
+    """Guards crops of fixed-size caches: a static layer rolls its length back, the adaptive one its tail rows."""
+    tiers = _tiers(arch)
+    model = tiers.model
+    ref = model.generate(repeated_prompt, do_sample=False, max_new_tokens=NEW_TOKENS, cache=_cache(cache_kind, model))
+    out, report = _run(tiers, repeated_prompt, ("lookup", "self"), _cache(cache_kind, model),
+                       max_new_tokens=NEW_TOKENS)
+    assert torch.equal(out, ref)
+    assert 0 < report["acceptance_rate"] and (report["acceptance_rate"] < 1) == rejects
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "adaptive"])
+def test_cascade_is_greedy_with_sliding_window_layers(repeated_prompt, cache_kind):
+    """Guards crops of sliding-window layers (Gemma 3: window 16, shorter than the prompt) under the cascade."""
+    tiers = _tiers("gemma3")
+    model = tiers.model
+    ref = model.generate(repeated_prompt, do_sample=False, max_new_tokens=NEW_TOKENS, cache=_cache(cache_kind, model))
+    out, report = _run(tiers, repeated_prompt, ("lookup", "self"), _cache(cache_kind, model),
+                       max_new_tokens=NEW_TOKENS)
+    assert torch.equal(out, ref)
+    assert report["acceptance_rate"] > 0
+
+
+def test_self_draft_runs_int4_and_leaves_only_top_tier_kv(tiers, repeated_prompt):
+    """Guards the self-draft's two invariants: its forwards run the int4 tier (restored after), and its KV
+    entries are cropped, so the cache ends as greedy's does (int4 KV would differ by ~1e-2, not ~1e-6)."""
+    model, seen = tiers.model, []
+    hook = model.register_forward_pre_hook(lambda *_: seen.append(tiers.active))
+    try:
+        greedy_cache, cascade_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        model.generate(repeated_prompt, do_sample=False, max_new_tokens=NEW_TOKENS, cache=greedy_cache)
+        seen.clear()
+        _run(tiers, repeated_prompt, ("self",), cascade_cache, max_new_tokens=NEW_TOKENS)
+    finally:
+        hook.remove()
+    assert "int4" in seen and "fp32" in seen and tiers.active == "fp32"
+    assert cascade_cache.get_seq_length() == greedy_cache.get_seq_length()
+    for a, b in zip(cascade_cache.layers, greedy_cache.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.values, b.values, atol=1e-4, rtol=1e-4)
+
+
+def test_cascade_stops_at_eos_like_greedy(tiers, repeated_prompt):
+    """Guards the stop rules: drafts accepted past an EOS are cut, as greedy decoding stops there."""
+    model = tiers.model
+    ref = model.generate(repeated_prompt, do_sample=False, max_new_tokens=NEW_TOKENS)
+    eos = int(ref[0, repeated_prompt.shape[1] + 9])  # a token greedy emits mid-way (inside a lookup run)
+    ref_eos = model.generate(repeated_prompt, do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=eos)
+    out, _ = _run(tiers, repeated_prompt, ("lookup", "self"), max_new_tokens=NEW_TOKENS, eos_token_id=eos)
+    assert ref_eos.shape[1] < ref.shape[1]
+    assert torch.equal(out, ref_eos)
+
+
+def test_cascade_takes_the_tokenizers_all_ones_mask(tiers, repeated_prompt):
+    """Guards the usual call ``generate(**tokenizer(...))``: an all-ones attention mask is no padding."""
+    model = tiers.model
+    ref = model.generate(repeated_prompt, do_sample=False, max_new_tokens=8)
+    out, _ = _run(tiers, repeated_prompt, ("lookup", "self"), attention_mask=torch.ones_like(repeated_prompt),
+                  max_new_tokens=8)
+    assert torch.equal(out, ref)
+
+
+def test_cascade_refuses_what_it_cannot_keep_lossless(tiers, repeated_prompt):
+    """Guards the clear errors: batch > 1, sampling, padding, a generator of another model."""
+    model = tiers.model
+    padded_mask = torch.ones_like(repeated_prompt)
+    padded_mask[:, 0] = 0
+    cases = [
+        (dict(inputs=repeated_prompt.repeat(2, 1)), "batch size must be 1"),
+        (dict(inputs=repeated_prompt, do_sample=True), "greedy only"),
+        (dict(inputs=repeated_prompt, attention_mask=padded_mask), "masks prompt tokens"),
+    ]
+    for kwargs, message in cases:
+        gen = CascadeCandidateGenerator(tiers)
+        with pytest.raises(ValueError, match=message):
+            model.generate(custom_generate=cascade_decoding, candidate_generator=gen, max_new_tokens=4, **kwargs)
+    other = prepare_tiers(make_tiny_model("llama", seed=1), tiers=("int4", "fp32"))
+    with pytest.raises(ValueError, match="another model"):
+        model.generate(repeated_prompt, custom_generate=cascade_decoding,
+                       candidate_generator=CascadeCandidateGenerator(other), max_new_tokens=4)
+
+
+def test_generator_hosted_by_the_transformers_interface(tiers, repeated_prompt):
+    """Guards the CandidateGenerator contract outside cascade_decoding: candidates extend the ids, and
+    update_candidate_strategy computes the confidence itself when the caller has not read it."""
+    gen = CascadeCandidateGenerator(tiers, DraftPolicyConfig(drafters=("lookup",)))
+    gen.bind(DynamicCache(config=tiers.model.config), None, max_length=100)
+    candidates, logits = gen.get_candidates(repeated_prompt)
+    k = candidates.shape[1] - repeated_prompt.shape[1]
+    assert logits is None and k > 0 and torch.equal(candidates[:, :repeated_prompt.shape[1]], repeated_prompt)
+    verifier_logits = torch.randn(1, k + 1, tiers.model.config.vocab_size)
+    gen.update_candidate_strategy(candidates, verifier_logits, 1)
+    assert 0.0 <= gen.score <= 1.0
+    assert gen.telemetry.report()["drafters"]["lookup"] | {"draft_ms": 0} == {
+        "rounds": 1, "proposed": k, "accepted": 1, "emitted": 2, "acceptance_rate": 1 / k,
+        "tokens_per_verify": 2.0, "draft_ms": 0, "verify_ms": 0.0}
+
+
+def test_self_draft_needs_a_cheaper_tier():
+    only_top = prepare_tiers(make_tiny_model("llama"), tiers=("fp32",))
+    with pytest.raises(ValueError, match="cheaper tier"):
+        CascadeCandidateGenerator(only_top)
+    CascadeCandidateGenerator(only_top, DraftPolicyConfig(drafters=("lookup",)))  # lookup alone needs none
+
+
+def test_record_draft_acceptance_totals():
+    """Guards the eval script's table: totals per (run, drafter) and the identical-verse count."""
+    from helpers import load_eval_script
+
+    script = load_eval_script("record_draft_acceptance")
+
+    def run(identical, lookup, self_draft, verifies, emitted):
+        drafters = {"lookup": {"rounds": 1, "proposed": lookup[0], "accepted": lookup[1]},
+                    "self": {"rounds": 1, "proposed": self_draft[0], "accepted": self_draft[1]}}
+        return {"token_identical": identical, "drafters": drafters, "verify_forwards": verifies,
+                "emitted_tokens": emitted}
+
+    records = [{"runs": {name: run(True, (4, 2), (2, 2), 3, 9) for name in script.RUNS}},
+               {"runs": {name: run(name != "self", (6, 0), (4, 1), 5, 7) for name in script.RUNS}}]
+    rows = {(r["run"], r["drafter"]): r for r in script._totals(records)}
+    assert rows[("cascade", "lookup")]["proposed"] == 10 and rows[("cascade", "lookup")]["accepted"] == 2
+    assert rows[("cascade", "self")]["acceptance_rate"] == 0.5
+    assert rows[("cascade", "self")]["run_tokens_per_verify"] == 2.0
+    assert rows[("self", "self")]["verses_token_identical"] == "1/2"

@@ -1,0 +1,85 @@
+"""The host path of a precision decode step: the exponential-race sampler (the distribution of softmax(logits / T),
+forbidden tokens never drawn, seeded draws reproducible, no host sync on CUDA) and the controller's overhead figure
+(its own host time, the wait of its one host read recorded apart)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_adaptive.precision.decode import DecodeOptions, pick_tokens
+from hf_adaptive.precision.sampling import sample_tokens
+
+
+def test_race_draws_the_softmax_distribution():
+    """Guards the sampler's law: frequencies over 40k draws match softmax(logits / T) (5 sigma bound)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, float("-inf")]])
+    temperature, n = 0.7, 40_000
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_tokens(logits.expand(n, -1), temperature, gen)  # n independent rows
+    freq = torch.bincount(draws, minlength=5).double() / n
+    p = torch.softmax(logits[0].double() / temperature, -1)
+    sigma = (p * (1 - p) / n).sqrt()
+    assert freq[4] == 0  # a -inf logit is never drawn
+    assert bool(((freq - p).abs() <= 5 * sigma + 1e-12).all()), (freq, p)
+
+
+def test_race_is_reproducible_and_keeps_shape():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    a = sample_tokens(logits, 1.0, torch.Generator().manual_seed(7))
+    b = sample_tokens(logits, 1.0, torch.Generator().manual_seed(7))
+    assert a.shape == (3,) and a.dtype == torch.int64 and torch.equal(a, b)
+    opts = DecodeOptions(do_sample=True, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(pick_tokens(logits, opts), a)  # the graph engine's sampler is this one
+
+
+@pytest.mark.parametrize("kwargs, message", [({"logits": torch.zeros(2, 3, 4)}, "must be"),
+                                             ({"logits": torch.zeros(2, 4), "temperature": 0.0}, "temperature")])
+def test_race_refuses_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample_tokens(**kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_race_makes_no_host_sync_on_cuda():
+    """Guards the point of the race: torch's sync debug mode raises on any synchronising call."""
+    logits = torch.randn(4, 32000, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sample_tokens(logits, 0.8, gen)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_controller_overhead_excludes_the_wait_of_its_host_read():
+    """Guards the overhead figure: the time a host read blocks (on CUDA: the wait for the step's forward) is
+    recorded apart as host_read_wait_us, not counted as the controller's own host time."""
+    import time
+
+    from hf_adaptive.precision.telemetry import PrecisionTelemetry, read_with_wait
+
+    out, wait_ns = read_with_wait(lambda: time.sleep(0.02) or [0.5])
+    assert out == [0.5] and wait_ns >= 20_000_000
+    t = PrecisionTelemetry()
+    t.record_step("int4", out, overhead_ns=3_000, wait_ns=wait_ns)
+    rep = t.report()
+    assert rep["controller_overhead_us"]["mean"] == 3.0
+    assert rep["host_read_wait_us"]["mean"] >= 20_000
+
+
+def test_controller_records_a_wait_per_step():
+    from helpers import make_tiny_model
+
+    from hf_adaptive.precision.controller import PrecisionController
+    from hf_adaptive.precision.tiers import prepare_tiers
+
+    tiers = prepare_tiers(make_tiny_model("llama"), tiers=("int4", "fp32"))
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    with PrecisionController(tiers) as ctl:
+        tiers.model.generate(ids, max_new_tokens=6, do_sample=False, logits_processor=[ctl])
+    t = ctl.telemetry
+    assert len(t.wait_ns) == len(t.overhead_ns) == len(t.tiers) == 6
+    assert all(w >= 0 for w in t.wait_ns) and all(o > 0 for o in t.overhead_ns)
