@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 
 def check_device(spec: str | None, cuda_devices: int | None = None) -> str | None:
     """Return ``spec`` if this host can run it (None: the default device). ``cuda_devices``: override of
     ``torch.cuda.device_count()``."""
     if spec is None:
         return None
+    import torch  # here, not at import: the CLI checks --device while parsing, and --help must not load torch
+
     count = torch.cuda.device_count() if cuda_devices is None else cuda_devices
     try:
         device = torch.device(spec)

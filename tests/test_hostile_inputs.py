@@ -526,7 +526,7 @@ def trace_lines(draw) -> str:
     return draw(st.text(max_size=40)) if kind == "text" else text
 
 
-@settings(FUZZ, max_examples=2500)
+@settings(FUZZ, max_examples=10000)
 @given(trace_lines())
 def test_fuzz_trace_line_parser(line):
     """Any line gives checked fields or a ValueError / TypeError; accepted fields are finite and in range."""
@@ -581,7 +581,7 @@ def calibrations(draw) -> dict:
     return raw
 
 
-@settings(FUZZ, max_examples=2500)
+@settings(FUZZ, max_examples=10000)
 @given(calibrations())
 def test_fuzz_calibration_parser(raw):
     """Any calibration gives a checked Calibration or a ValueError / TypeError; an accepted one has finite,

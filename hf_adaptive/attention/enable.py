@@ -16,7 +16,6 @@ import logging
 
 import torch
 
-from hf_adaptive.attention import triton_decode
 from hf_adaptive.attention.interface import ATTENTION_NAME, register_attention
 from hf_adaptive.kv.hooks import install_step_hooks
 
@@ -36,10 +35,5 @@ def enable_fused_attention(model: torch.nn.Module) -> torch.nn.Module:
     register_attention(ATTENTION_NAME)
     setter(ATTENTION_NAME)
     install_step_hooks(model)
-    param = next(model.parameters(), None)
-    if param is not None and param.is_cuda:
-        # the kernel's placeholder tensors, made now, outside any CUDA-graph pool (made during a cudagraph-trees
-        # warm-up they would stay in its pool untracked, which it refuses)
-        triton_decode.warm_placeholders(param.device, param.dtype)
     logger.info("attention implementation set to %r (packed-KV decode)", ATTENTION_NAME)
     return model

@@ -72,7 +72,8 @@ def adaptive_attention_forward(
     packed = packed_view_of(key)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if query.shape[2] > 1 and query.is_cuda and not torch.compiler.is_compiling():
-        # a prefill runs eagerly before any captured decode step: make the kernel's placeholders outside graphs
+        # a prefill runs eagerly before any captured decode step: make the kernel's placeholder tensors here, outside
+        # any CUDA-graph pool (made during a cudagraph-trees warm-up they would stay in its pool untracked)
         triton_decode.warm_placeholders(query.device, query.dtype)
     if packed is not None and packed.lengths is not None:
         if query.shape[2] != 1 or dropout:
