@@ -4,7 +4,7 @@ Each configuration (shape x context x batch x cache) is timed the way a user cal
 max_new_tokens=N, cache=...)`` (``past_key_values=`` before transformers 5.23), greedy, the cache built by its
 public constructor, compiled decode left to generate's own auto-compile, nothing inside the call instrumented.
 decode ms/token = (t(N new tokens) - t(1 new token)) / (N - 1), each t the median wall time of ``--repeats`` calls
-(synchronized before and after): the prefill cancels out, every decode step (a precision switch's graph re-capture
+(synchronized before and after): the prefill cancels out, every decode step (a precision switch's host work
 included) is in, and it holds whether or not generate syncs with the device every step (transformers >= 5.2x defers
 that check). prefill_s = t(1). One warm-up call of each length per configuration compiles and captures first.
 
@@ -14,7 +14,7 @@ Caches (``--caches``):
 - adaptive16 / adaptive8 / adaptive4: ``AdaptiveStaticKVCache`` with ``fixed_bits`` (none for 16), fused attention.
 - adaptive_budget: ``AdaptiveStaticKVCache`` under ``memory_budget`` = 0.55 x the prompt's 16-bit KV bytes: the
   ladder drops to 4 bits at the prefill and steps back up as the stored bytes relax the pressure, so one call
-  switches precision several times (each switch costs a graph re-capture, counted in ``graph_captures``).
+  switches precision several times (re-captures after the warm-up are counted in ``mixed_captures``).
 - eager4: ``AdaptiveKVCache(fixed_bits=4)`` with fused attention (no static shapes, no compile).
 - quanto4 / hqq4: transformers ``QuantizedCache`` (skipped, with the reason, when the backend is missing).
 

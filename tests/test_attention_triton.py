@@ -38,6 +38,7 @@ class Case:
     seed: int = 0
     chunk: int | None = None  # DecodeKernelConfig.chunk
     static: bool = False  # read through a static view: capacity-sized tensors with garbage past the device lengths
+    book: bool = False  # static views only: the history storage reachable only through the view's address book
 
 
 def run_case(case: Case, device: str) -> dict:
@@ -60,7 +61,7 @@ def run_case(case: Case, device: str) -> dict:
             key_mask[b, :p] = False
     kw = dict(scaling=case.head_dim**-0.5, softcap=case.softcap, sliding_window=case.window, key_mask=key_mask)
     out = torch.full_like(q, float("nan"))  # poison: any row the kernel fails to write stays NaN
-    view = _as_static(packed, key_mask, kw) if case.static else packed
+    view = _as_static(packed, key_mask, kw, case.book) if case.static else packed
     got = triton_decode_attention(q, view, out=out, config=DecodeKernelConfig(chunk=case.chunk), **kw)
     kw["key_mask"] = key_mask
     want = reference_decode_attention(q, packed, **kw)
@@ -71,10 +72,13 @@ def run_case(case: Case, device: str) -> dict:
             "pools": {b: tuple(p.k_codes.shape) for b, p in packed.pools.items()}, "full_k": tuple(packed.full_k.shape)}
 
 
-def _as_static(packed, key_mask, kw: dict):
+def _as_static(packed, key_mask, kw: dict, book: bool = False):
     """The same layer as a static view: 3 spare block-table entries and 21 spare tail rows of garbage that the
-    device lengths must keep the kernel from reading; the key mask widened to the view's max_tokens."""
+    device lengths must keep the kernel from reading; the key mask widened to the view's max_tokens. With
+    ``book``, the view holds no history tensor: only its address book leads to the pools."""
     from dataclasses import replace
+
+    from hf_adaptive.kv.packed import PoolBook, book_entries
 
     n_blocks, n_tail = packed.block_bits.numel(), packed.tail_k.shape[-2]
     dev = packed.tail_k.device
@@ -87,10 +91,15 @@ def _as_static(packed, key_mask, kw: dict):
         wide = torch.zeros(key_mask.shape[0], max_tokens, dtype=torch.bool, device=dev)
         wide[:, : key_mask.shape[1]] = key_mask
         kw["key_mask"] = wide
-    return replace(packed, block_bits=torch.cat([packed.block_bits, spare]),
+    view = replace(packed, block_bits=torch.cat([packed.block_bits, spare]),
                    block_slot=torch.cat([packed.block_slot, torch.zeros_like(spare)]),
                    tail_k=torch.cat([packed.tail_k, junk], -2), tail_v=torch.cat([packed.tail_v, junk], -2),
                    lengths=lengths, max_tokens=max_tokens)
+    if not book:
+        return view
+    entries = torch.tensor(book_entries(packed.full_k, packed.full_v, packed.pools), dtype=torch.int64, device=dev)
+    empty = packed.tail_k.new_empty(0)
+    return replace(view, full_k=empty, full_v=empty, pools={}, book=PoolBook(entries, tuple(sorted(packed.pools))))
 
 
 def _assert_ok(res: dict) -> None:
@@ -121,6 +130,8 @@ GPU_CASES = [
 ] + [  # static views (device lengths): the compiled cache's read path
     Case(static=True, block_bits=(4,) * 63, tail=65, value_group=64, batch=8, kv_heads=8),
     Case(static=True, block_bits=(16, 8, 4), tail=0), Case(static=True, batch=3, pad=(0, 5, 70)),
+    Case(static=True, book=True, block_bits=(4,) * 63, tail=65, value_group=64, batch=8, kv_heads=8),
+    Case(static=True, book=True, head_dim=128, block_bits=(2, 4, 8, 16), tail=9, batch=3, pad=(0, 5, 70)),
 ]
 
 
@@ -177,6 +188,10 @@ INTERPRETER_CASES = [
          static=True),
     Case(head_dim=32, group=2, block_size=16, block_bits=(2,) * 3, tail=9, value_group=16, dtype="float32",
          window=30),
+    Case(head_dim=16, group=2, batch=2, block_size=16, block_bits=(4, 16, 2, 8), tail=9, value_group=8,
+         dtype="float32", pad=(0, 6), static=True, book=True),
+    Case(head_dim=32, group=4, block_size=16, block_bits=(8, 4), tail=0, value_group=16, dtype="float16",
+         static=True, book=True),  # no 16-bit block: the book's 16-bit entries point at an empty pool
 ]
 
 
@@ -196,7 +211,7 @@ if __name__ == "__main__":  # the interpreter run of test_kernel_under_triton_in
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 @pytest.mark.parametrize("head_dim,value_group,device_lens", [(128, 64, False), (64, 32, False), (64, 64, True),
-                                                              (16, 8, False)])
+                                                              (16, 8, False), (128, 64, "book")])
 def test_kernel_compiles_for_hopper(head_dim, value_group, device_lens):
     """Guards against compile-only failures the interpreter cannot see (branch type mismatches, constexpr
     misuse, layout errors): the kernel with every feature on must compile to an sm_90 cubin without a GPU."""
@@ -209,7 +224,7 @@ def test_kernel_compiles_for_hopper(head_dim, value_group, device_lens):
     fn = triton_decode.kernels.decode_split_kernel
     const = dict(GROUP=4, GP=16, D=head_dim, HD=max(16, head_dim // 2), G=value_group, BS=64, CHUNK=64, HAS8=True,
                  HAS4=True, HAS2=True, HAS_MASK=True, WINDOW=0 if device_lens else 128, SOFTCAP=True,
-                 WHILE_LOOP=False, DEVICE_LENS=device_lens)
+                 WHILE_LOOP=False, DEVICE_LENS=bool(device_lens), BOOK=device_lens == "book")
     sig = {name: _arg_type(name, const) for name in fn.arg_names}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 8})
@@ -228,6 +243,8 @@ def _arg_type(name: str, const: dict) -> str:
         return "*fp32"
     if name == "mask_ptr":
         return "*i8"
+    if name == "book_ptr":
+        return "*i64"
     if len(name) == 3 and name[0] in "kv" and name[1] in "842":  # k8c, v4s, ...: codes or scale/zero
         return "*u8" if name[2] == "c" else "*fp16"
     return "fp32" if name in ("qk_scale", "softcap") else "i32"

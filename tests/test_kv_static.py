@@ -8,7 +8,7 @@ from transformers import CompileConfig, DynamicCache
 
 import hf_adaptive
 from hf_adaptive.kv.cache import generate_cache_kwargs
-from hf_adaptive.kv.pressure import ScriptedPressure
+from hf_adaptive.kv.pressure import PressureReading, ScriptedPressure
 from hf_adaptive.compat import forward_cache_kwargs
 from hf_adaptive.kv.static import AdaptiveStaticKVCache
 
@@ -192,6 +192,54 @@ def test_compiled_static_cache_on_gpu_matches_eager():
     agree = (out == eager).float().mean().item()
     assert agree > 0.97, agree
     assert cache.view_changes == 0
+
+
+class _WalkAfterWarmUp:
+    """Pressure 0 until ``start()``, then 0 for 6 reads, 0.75 for 16, 0.9 after: a 16 -> 8 -> 4 bit walk."""
+
+    def __init__(self) -> None:
+        self.reads, self.started_at = 0, None
+
+    def start(self) -> None:
+        self.started_at = self.reads
+
+    def read(self, projected_kv_bytes: int) -> PressureReading:
+        i = -1 if self.started_at is None else self.reads - self.started_at
+        self.reads += 1
+        fraction = 0.0 if i < 6 else 0.75 if i < 22 else 0.9
+        return PressureReading(fraction, "scripted", projected_kv_bytes, None)
+
+
+@pytest.mark.gpu
+def test_precision_switches_on_gpu_capture_nothing(monkeypatch):
+    """Guards the address book: on CUDA the compiled step reads the pools through one fixed tensor of addresses,
+    so a 16 -> 8 -> 4 walk that creates and releases pools mid-call must neither recompile nor re-capture the
+    CUDA graph of a step captured before (a capture per switch cost a generate call milliseconds per switch)."""
+    captures = []
+    enter = torch.cuda.graph.__enter__
+    monkeypatch.setattr(torch.cuda.graph, "__enter__", lambda g, *a, **k: (captures.append(1), enter(g, *a, **k))[1])
+    model = make_tiny_model("llama", dtype=torch.float32).cuda()
+    hf_adaptive.enable_fused_attention(model)
+    ids = torch.randint(0, 128, (2, 37), generator=torch.Generator().manual_seed(5)).cuda()
+    cc = CompileConfig(fullgraph=False)  # transformers' default: inductor, reduce-overhead (CUDA graphs)
+    torch._dynamo.reset()
+    walk = _WalkAfterWarmUp()
+    cache = AdaptiveStaticKVCache(model.config, max_cache_len=90, pressure=walk, **SMALL)
+    for _ in range(2):  # warm-up: compile, then capture, at 16 bits
+        model.generate(ids, max_new_tokens=40, do_sample=False, compile_config=cc, **generate_cache_kwargs(cache))
+        cache.reset()
+    graphs, n_captures = torch._dynamo.utils.counters["stats"]["unique_graphs"], len(captures)
+    walk.start()
+    out = model.generate(ids, max_new_tokens=40, do_sample=False, compile_config=cc, **generate_cache_kwargs(cache))
+    assert {h["bits"] for h in cache.history} == {16, 8, 4}
+    assert cache.view_changes >= 2  # pools appeared and were released during the call...
+    assert len(captures) == n_captures, "a precision switch re-captured the CUDA graph"  # ...and nothing re-captured
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    eager_walk = _WalkAfterWarmUp()
+    eager_walk.start()
+    eager = _generate(model, ids, AdaptiveStaticKVCache(model.config, max_cache_len=90, pressure=eager_walk, **SMALL),
+                      40)
+    assert (out == eager).float().mean().item() > 0.97
 
 
 def test_demotion_under_pressure_publishes_next_step(tiny):

@@ -21,6 +21,8 @@ A half narrower than 16 channels (D < 32) is padded to 16 columns with zeros for
 import triton
 import triton.language as tl
 
+from hf_adaptive.kv.packed import book_offset
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -236,6 +238,30 @@ def _attend_chunk(c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, f
     return m_i, l_i, acc_lo, acc_hi
 
 
+BOOK8: tl.constexpr = tl.constexpr(book_offset(8))
+BOOK4: tl.constexpr = tl.constexpr(book_offset(4))
+BOOK2: tl.constexpr = tl.constexpr(book_offset(2))
+
+
+@triton.jit
+def _book_rows16(book, like_ptr):
+    """The 16-bit pool's key/value pointers (the model dtype, as ``like_ptr``) and row strides from a book."""
+    ty = tl.pointer_type(like_ptr.dtype.element_ty)
+    return (tl.load(book).to(ty), tl.load(book + 1).to(ty), tl.load(book + 2), tl.load(book + 3),
+            tl.load(book + 4))
+
+
+@triton.jit
+def _book_quant(entry):
+    """One precision's six pool pointers and six strides from its run of book entries (``kv.packed.BOOK_QUANT``)."""
+    u8 = tl.pointer_type(tl.uint8)
+    f16 = tl.pointer_type(tl.float16)
+    return (tl.load(entry).to(u8), tl.load(entry + 1).to(f16), tl.load(entry + 2).to(f16),
+            tl.load(entry + 3).to(u8), tl.load(entry + 4).to(f16), tl.load(entry + 5).to(f16),
+            tl.load(entry + 6), tl.load(entry + 7), tl.load(entry + 8), tl.load(entry + 9), tl.load(entry + 10),
+            tl.load(entry + 11))
+
+
 # Lengths change every decode step; left specializable, each new (==1, %16) pattern of them would JIT-compile
 # a new variant in the middle of generation.
 _PER_STEP_ARGS = ["n_hist_chunks", "n_tail", "n_total", "first_chunk", "chunks_per_split", "n_splits"]
@@ -251,20 +277,30 @@ def decode_split_kernel(
     k4c, k4s, k4z, v4c, v4s, v4z, s4c_b, s4c_h, s4k_b, s4k_h, s4v_b, s4v_h,
     k2c, k2s, k2z, v2c, v2s, v2z, s2c_b, s2c_h, s2k_b, s2k_h, s2v_b, s2v_h,
     mask_ptr, sm_b,
-    acc_ptr, m_ptr, l_ptr, lens_ptr,
+    acc_ptr, m_ptr, l_ptr, lens_ptr, book_ptr,
     n_hist_chunks, n_tail, n_total, first_chunk, chunks_per_split, n_splits, qk_scale, softcap,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, G: tl.constexpr, BS: tl.constexpr,
     CHUNK: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, HAS2: tl.constexpr,
     HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, WHILE_LOOP: tl.constexpr,
-    DEVICE_LENS: tl.constexpr,
+    DEVICE_LENS: tl.constexpr, BOOK: tl.constexpr,
 ):
     """Partial attention of one (split, kv head, batch): the group's query heads over its chunks.
 
     HD: columns of a half tile, max(16, D // 2). DEVICE_LENS: the lengths live on the device (``lens_ptr`` =
     [history blocks, tail tokens], a static cache under CUDA graphs); the host's length arguments are capacities
-    and the chunks are shared out among the ``n_splits`` programs here, from the live lengths.
+    and the chunks are shared out among the ``n_splits`` programs here, from the live lengths. BOOK: the 16-bit
+    and quantized history storage is found through the address book at ``book_ptr`` (``kv.packed.PoolBook``: int64
+    pointers and strides), and the matching pointer and stride arguments are placeholders.
     """
     HALF: tl.constexpr = D // 2
+    if BOOK:
+        fk_ptr, fv_ptr, sf_b, sf_h, sf_r = _book_rows16(book_ptr, tk_ptr)
+        if HAS8:
+            k8c, k8s, k8z, v8c, v8s, v8z, s8c_b, s8c_h, s8k_b, s8k_h, s8v_b, s8v_h = _book_quant(book_ptr + BOOK8)
+        if HAS4:
+            k4c, k4s, k4z, v4c, v4s, v4z, s4c_b, s4c_h, s4k_b, s4k_h, s4v_b, s4v_h = _book_quant(book_ptr + BOOK4)
+        if HAS2:
+            k2c, k2s, k2z, v2c, v2s, v2z, s2c_b, s2c_h, s2k_b, s2k_h, s2v_b, s2v_h = _book_quant(book_ptr + BOOK2)
     if DEVICE_LENS:
         n_hist_chunks = tl.load(lens_ptr) * (BS // CHUNK)
         n_tail = tl.load(lens_ptr + 1)

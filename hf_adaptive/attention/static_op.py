@@ -13,7 +13,7 @@ import torch
 
 from hf_adaptive.attention import triton_decode
 from hf_adaptive.attention.reference import reference_decode_attention
-from hf_adaptive.kv.packed import PackedKV, QuantPool, resolve_static
+from hf_adaptive.kv.packed import PackedKV, PoolBook, QuantPool, resolve_static
 
 _POOL_FIELDS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
 
@@ -21,12 +21,16 @@ _POOL_FIELDS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
 @torch.library.custom_op("hf_adaptive::static_packed_decode", mutates_args=())
 def static_packed_decode(
     query: torch.Tensor, lengths: torch.Tensor, block_bits: torch.Tensor, block_slot: torch.Tensor,
-    full_k: torch.Tensor, full_v: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor,
-    pool_tensors: list[torch.Tensor], pool_bits: list[int], key_mask: torch.Tensor | None,
-    block_size: int, value_group: int, max_tokens: int, scaling: float, softcap: float,
+    tail_k: torch.Tensor, tail_v: torch.Tensor, history: list[torch.Tensor], book: torch.Tensor | None,
+    pool_bits: list[int], key_mask: torch.Tensor | None, block_size: int, value_group: int, max_tokens: int,
+    scaling: float, softcap: float,
 ) -> torch.Tensor:
-    """(B, Hq, 1, D) attention of one decode query per sequence; see :func:`static_decode_attention`."""
-    view = _unflatten(lengths, block_bits, block_slot, full_k, full_v, tail_k, tail_v, pool_tensors, pool_bits,
+    """(B, Hq, 1, D) attention of one decode query per sequence; see :func:`static_decode_attention`.
+
+    ``history`` is [full_k, full_v, then the six tensors of each pool in ``pool_bits``], or empty when ``book``
+    (the view's address book) locates them.
+    """
+    view = _unflatten(query, lengths, block_bits, block_slot, tail_k, tail_v, history, book, pool_bits,
                       block_size, value_group, max_tokens)
     cap = softcap if softcap > 0 else None
     if query.is_cuda and triton_decode.HAS_TRITON:
@@ -45,6 +49,10 @@ def static_decode_attention(query: torch.Tensor, packed: PackedKV, *, scaling: f
                             key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention over a static packed view, traceable by ``torch.compile``.
 
+    On CUDA a view with an address book (``packed.book``) hands the kernel the book instead of its pools, so the
+    compiled step's inputs are the same few fixed tensors whatever storage the cache holds: a precision switch
+    or a grown pool changes no input (no new guard, no CUDA-graph re-capture).
+
     Args:
         query: (B, Hq, 1, D) in the model dtype.
         packed: a static view (``packed.lengths`` set), e.g. from :class:`hf_adaptive.kv.static.AdaptiveStaticKVCache`.
@@ -56,16 +64,26 @@ def static_decode_attention(query: torch.Tensor, packed: PackedKV, *, scaling: f
     if packed.lengths is None:
         raise ValueError("static_decode_attention needs a static view (packed.lengths set); got a dynamic one. "
                          "Fix: use hf_adaptive.attention.interface.decode_attention for dynamic views.")
-    bits = sorted(packed.pools)
-    tensors = [getattr(packed.pools[b], name) for b in bits for name in _POOL_FIELDS]
-    return static_packed_decode(query, packed.lengths, packed.block_bits, packed.block_slot, packed.full_k,
-                                packed.full_v, packed.tail_k, packed.tail_v, tensors, bits, key_mask,
-                                packed.block_size, packed.value_group, packed.max_tokens, float(scaling),
-                                float(softcap or 0.0))
+    by_book = packed.book is not None and query.is_cuda and triton_decode.HAS_TRITON
+    if by_book:
+        history, book, bits = [], packed.book.entries, list(packed.book.bits)
+    else:
+        bits = sorted(packed.pools)
+        history = [packed.full_k, packed.full_v]
+        history += [getattr(packed.pools[b], name) for b in bits for name in _POOL_FIELDS]
+        book = None
+    return static_packed_decode(query, packed.lengths, packed.block_bits, packed.block_slot, packed.tail_k,
+                                packed.tail_v, history, book, bits, key_mask, packed.block_size,
+                                packed.value_group, packed.max_tokens, float(scaling), float(softcap or 0.0))
 
 
-def _unflatten(lengths, block_bits, block_slot, full_k, full_v, tail_k, tail_v, pool_tensors, pool_bits,
-               block_size, value_group, max_tokens) -> PackedKV:
+def _unflatten(query, lengths, block_bits, block_slot, tail_k, tail_v, history, book, pool_bits, block_size,
+               value_group, max_tokens) -> PackedKV:
+    if book is not None:  # the kernel finds the history through the book; no tensor stands for it here
+        empty = query.new_empty(0)
+        return PackedKV(block_size, value_group, block_bits, block_slot, empty, empty, tail_k, tail_v,
+                        lengths=lengths, max_tokens=max_tokens, book=PoolBook(book, tuple(pool_bits)))
+    full_k, full_v, pool_tensors = history[0], history[1], history[2:]
     pools = {bits: QuantPool(bits, *pool_tensors[6 * i: 6 * i + 6]) for i, bits in enumerate(pool_bits)}
     return PackedKV(block_size, value_group, block_bits, block_slot, full_k, full_v, tail_k, tail_v, pools,
                     lengths=lengths, max_tokens=max_tokens)

@@ -19,6 +19,7 @@ importing it to run the kernels on CPU tensors through Triton's interpreter.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -110,6 +111,10 @@ def triton_decode_attention(
     m = torch.empty(B, Hq, plan.splits, device=query.device, dtype=torch.float32)
     lse = torch.empty_like(m)
     q = query[:, :, 0, :]  # (B, Hq, D) view; the kernel reads it with its strides
+    book = packed.book
+    if book is not None:  # the kernel reads the history storage through the book: no tensor of it is passed
+        packed = _without_history(packed)
+    bits = set(book.bits) if book is not None else set(packed.pools)
     mask = _dummy(query.device, torch.int8)
     if key_mask is not None:
         mask = key_mask.to(torch.int8)
@@ -123,18 +128,26 @@ def triton_decode_attention(
         *_pool_args(packed, 2, query.device),
         mask, mask.stride(0) if key_mask is not None else 0,
         acc, m, lse, packed.lengths if packed.lengths is not None else _dummy(query.device, torch.int32),
+        book.entries if book is not None else _dummy(query.device, torch.int64),
         plan.n_hist_chunks, plan.n_tail, packed.num_tokens, plan.first_chunk, plan.per_split, plan.splits,
         float(scaling), float(softcap or 0.0),
         GROUP=plan.group, GP=max(16, triton.next_power_of_2(plan.group)), D=D, HD=max(16, D // 2), G=packed.value_group,
-        BS=packed.block_size, CHUNK=plan.chunk, HAS8=8 in packed.pools, HAS4=4 in packed.pools,
-        HAS2=2 in packed.pools, HAS_MASK=key_mask is not None, WINDOW=plan.window, SOFTCAP=softcap is not None,
-        WHILE_LOOP=_INTERPRETING, DEVICE_LENS=packed.lengths is not None,
+        BS=packed.block_size, CHUNK=plan.chunk, HAS8=8 in bits, HAS4=4 in bits, HAS2=2 in bits,
+        HAS_MASK=key_mask is not None, WINDOW=plan.window, SOFTCAP=softcap is not None,
+        WHILE_LOOP=_INTERPRETING, DEVICE_LENS=packed.lengths is not None, BOOK=book is not None,
         num_warps=plan.num_warps,
     )
     out = torch.empty(B, Hq, 1, D, device=query.device, dtype=query.dtype) if out is None else out
     kernels.merge_splits_kernel[(B * Hq,)](acc, m, lse, out, out.stride(0), out.stride(1), Hq, plan.splits,
                                            SP=triton.next_power_of_2(plan.splits), D=D, num_warps=4)
     return out
+
+
+def _without_history(packed: PackedKV) -> PackedKV:
+    if not packed.pools and not packed.full_k.numel():
+        return packed
+    empty = packed.tail_k.new_empty(0)
+    return dataclasses.replace(packed, full_k=empty, full_v=empty, pools={})
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,8 @@ class PackedKV:
             tail tokens]; ``block_bits``/``block_slot``, the tail and the pools are then capacity-sized and
             only these leading extents are live.
         max_tokens: static views only: the cache's max length (the key length of transformers' masks).
+        book: static views only, optional: the device address book of the history storage (see
+            :class:`PoolBook`). A reader that takes it reads ``full_k``/``full_v`` and the pools through it.
     """
 
     block_size: int
@@ -90,6 +92,7 @@ class PackedKV:
     pools: dict[int, QuantPool] = field(default_factory=dict)
     lengths: torch.Tensor | None = None
     max_tokens: int = 0
+    book: PoolBook | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -97,6 +100,65 @@ class PackedKV:
         if self.lengths is not None:
             return self.max_tokens
         return int(self.block_bits.numel()) * self.block_size + self.tail_k.shape[-2]
+
+
+# Address book layout (int64 entries): the 16-bit pool, then each precision of QUANT_BITS in that order.
+BOOK_FULL = ("full_k", "full_v", "row_stride_b", "row_stride_h", "row_stride_row")
+BOOK_QUANT = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero",
+              "codes_stride_b", "codes_stride_h", "k_scale_stride_b", "k_scale_stride_h", "v_scale_stride_b",
+              "v_scale_stride_h")
+BOOK_SIZE = len(BOOK_FULL) + len(BOOK_QUANT) * len(QUANT_BITS)
+
+
+def book_offset(bits: int) -> int:
+    """First entry of precision ``bits`` in an address book (0 for the 16-bit pool)."""
+    return 0 if bits == 16 else len(BOOK_FULL) + len(BOOK_QUANT) * QUANT_BITS.index(bits)
+
+
+@dataclass(frozen=True)
+class PoolBook:
+    """The history storage of a static view as one small device tensor of addresses and strides.
+
+    A static cache replaces a pool when it creates, grows or releases one. Read as tensors, every replacement
+    would change the inputs of the compiled decode step (new guards, a new CUDA-graph capture). Read through the
+    book, the step sees one fixed int64 tensor whose entries the host rewrites (eagerly, between steps) when
+    storage moves; the kernel loads the addresses at run time.
+
+    Attributes:
+        entries: int64 (``BOOK_SIZE``,) on the storage's device: data pointers and element strides, laid out as
+            ``BOOK_FULL`` then ``BOOK_QUANT`` per precision of ``QUANT_BITS`` (see :func:`book_offset`).
+        bits: the quantized precisions whose entries point at real storage (a pool or a placeholder).
+    """
+
+    entries: torch.Tensor
+    bits: tuple[int, ...]
+
+
+def book_entries(full_k: torch.Tensor, full_v: torch.Tensor, pools: dict[int, QuantPool]) -> list[int]:
+    """The entries of an address book over these tensors (0 for precisions without a pool).
+
+    Every tensor must be row-major in its (rows, channels) plane; keys and values of one kind share strides.
+    """
+    _check_book_pair(full_k, full_v, "full_k/full_v")
+    out = [full_k.data_ptr(), full_v.data_ptr(), *full_k.stride()[:3]]
+    for bits in QUANT_BITS:
+        pool = pools.get(bits)
+        if pool is None:
+            out += [0] * len(BOOK_QUANT)
+            continue
+        _check_book_pair(pool.k_codes, pool.v_codes, f"{bits}-bit codes")
+        _check_book_pair(pool.k_scale, pool.k_zero, f"{bits}-bit key scales")
+        _check_book_pair(pool.v_scale, pool.v_zero, f"{bits}-bit value scales")
+        out += [getattr(pool, name).data_ptr() for name in BOOK_QUANT[:6]]
+        out += [*pool.k_codes.stride()[:2], *pool.k_scale.stride()[:2], *pool.v_scale.stride()[:2]]
+    return out
+
+
+def _check_book_pair(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    if a.stride() != b.stride() or a.stride()[-1] != 1 or a.stride()[-2] != a.shape[-1]:
+        raise ValueError(f"an address book needs {what} row-major with shared strides; got shapes "
+                         f"{tuple(a.shape)}/{tuple(b.shape)}, strides {a.stride()}/{b.stride()}. Allocate pools "
+                         "contiguously (BlockPool does).")
 
 
 def resolve_static(view: PackedKV) -> PackedKV:

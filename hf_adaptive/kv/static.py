@@ -15,10 +15,11 @@ live extents on the device, so ``model.generate`` can ``torch.compile`` the step
   ``max_cache_len`` reuses the compiled step and its CUDA graph;
 - pools are allocated at their capacity when a precision is first used (all ``max_cache_len`` tokens; for
   precisions above the lowest, capped by ``memory_budget``). The view the compiled step reads has a fixed
-  signature: one pool per precision the policy can reach, a 2-slot placeholder until the real pool exists,
-  and the pools' slot extents marked dynamic, so a precision switch (a pool appearing or being released)
-  does not re-trace the step; only the CUDA graph is re-captured, since the pool addresses change.
-  ``view_changes`` counts those steps.
+  signature: one pool per precision the policy can reach, a 2-slot placeholder until the real pool exists.
+  On CUDA the kernel finds the pools through the layer's address book (:class:`~hf_adaptive.kv.packed.PoolBook`,
+  one fixed int64 tensor rewritten between steps), so a precision switch (a pool appearing, growing or being
+  released) changes no input of the compiled step: no re-trace, no CUDA-graph re-capture. Elsewhere (the
+  torch reference) the pools are inputs with dynamic extents: no re-trace. ``view_changes`` counts those steps.
 Full-attention models only (no sliding-window layers); prefill runs eagerly and attends exactly. The layers are
 :class:`~hf_adaptive.kv.static_layer.StaticAdaptiveLayer`.
 """
@@ -59,7 +60,7 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
         text = config.get_text_config(decoder=True) if isinstance(config, PretrainedConfig) else None
         check_max_cache_len(max_cache_len, context_limit(text))
         self._max_cache_len = max_cache_len
-        self.view_changes = 0  # steps whose pools changed (the CUDA graph is re-captured; no re-trace)
+        self.view_changes = 0  # steps whose pools changed (on CUDA read through the address book: no re-capture)
         self._view_changed_step = -1
         self.static = StaticContext(max_cache_len, 0, self.packed_decode_enabled, self.note_host_change,
                                     self.note_view_change, self.write_lengths)

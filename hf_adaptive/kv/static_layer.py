@@ -97,7 +97,7 @@ class StaticContext:
         view_bits: the quantized precisions a view holds a pool (or placeholder) for.
         packed_decode_enabled: whether a decode step reads the packed view now (the model's attention).
         on_host_change: a layer changed its block table, pools, tail or pending demotions.
-        on_view_change: a layer's view now holds other pools (the CUDA graph is re-captured).
+        on_view_change: a layer's view now holds other pools (its address book was rewritten).
         publish_lengths: write the committed counts to the device lengths.
         lengths: the device lengths every layer shares (made by the first layer that initializes).
         hooked_step: True between the step hooks of a forward (the host work of this step is done).
@@ -187,7 +187,8 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self.tail_k = key_states.new_zeros(B, H, self.tail_capacity, D)
         self.tail_v = value_states.new_zeros(B, H, self.tail_capacity, value_states.shape[-1])
         self.table = torch.zeros(2, self.capacity_blocks, dtype=torch.int32, device=self.device)
-        for t in (self.tail_k, self.tail_v, self.table):
+        self.book = torch.zeros(packed.BOOK_SIZE, dtype=torch.int64, device=self.device)
+        for t in (self.tail_k, self.tail_v, self.table, self.book):
             _mark_static(t)
         self._tail_backed = True
         self._set_row_bytes()
@@ -411,9 +412,16 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         # cudagraphs would copy into its input buffers on every replay, and dynamo would specialize)
         pools = {b: packed.QuantPool(b, *(p.tensors[name] for name in _QUANT_FIELDS))
                  for b, p in by_bits.items() if b != 16}
-        self.view = packed.PackedKV(self.shape.block_size, self.shape.value_group, self.table[0], self.table[1],
+        # the kernel reads the pools through the book: rewritten here (eagerly, between steps), it lets a pool be
+        # created, grown or released without the compiled step seeing a new tensor
+        self.book.copy_(torch.tensor(packed.book_entries(full_k, full_v, pools), dtype=torch.int64))
+        bits, slots = self.table[0], self.table[1]
+        for t in (bits, slots):  # views are new tensors: mark them, or CUDA graphs copy them in every replay
+            _mark_static(t)
+        self.view = packed.PackedKV(self.shape.block_size, self.shape.value_group, bits, slots,
                                     full_k, full_v, self.tail_k, self.tail_v, pools,
-                                    lengths=self.static.lengths.lens, max_tokens=self.static.max_cache_len)
+                                    lengths=self.static.lengths.lens, max_tokens=self.static.max_cache_len,
+                                    book=packed.PoolBook(self.book, tuple(sorted(pools))))
         packed.attach_packed_view(self.tail_k, self.view)
         self._view_key = key
 
