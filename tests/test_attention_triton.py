@@ -210,9 +210,10 @@ if __name__ == "__main__":  # the interpreter run of test_kernel_under_triton_in
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-@pytest.mark.parametrize("head_dim,value_group,device_lens", [(128, 64, False), (64, 32, False), (64, 64, True),
-                                                              (16, 8, False), (128, 64, "book")])
-def test_kernel_compiles_for_hopper(head_dim, value_group, device_lens):
+@pytest.mark.parametrize("head_dim,value_group,device_lens,dtype", [
+    (128, 64, False, "bf16"), (64, 32, False, "bf16"), (64, 64, True, "bf16"), (16, 8, False, "bf16"),
+    (128, 64, "book", "bf16"), (64, 64, "book", "fp32")])
+def test_kernel_compiles_for_hopper(head_dim, value_group, device_lens, dtype):
     """Guards against compile-only failures the interpreter cannot see (branch type mismatches, constexpr
     misuse, layout errors): the kernel with every feature on must compile to an sm_90 cubin without a GPU."""
     import triton
@@ -225,18 +226,18 @@ def test_kernel_compiles_for_hopper(head_dim, value_group, device_lens):
     const = dict(GROUP=4, GP=16, D=head_dim, HD=max(16, head_dim // 2), G=value_group, BS=64, CHUNK=64, HAS8=True,
                  HAS4=True, HAS2=True, HAS_MASK=True, WINDOW=0 if device_lens else 128, SOFTCAP=True,
                  WHILE_LOOP=False, DEVICE_LENS=bool(device_lens), BOOK=device_lens == "book")
-    sig = {name: _arg_type(name, const) for name in fn.arg_names}
+    sig = {name: _arg_type(name, const, dtype) for name in fn.arg_names}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 8})
     assert "cubin" in kernel.asm and len(kernel.asm["cubin"]) > 0
 
 
-def _arg_type(name: str, const: dict) -> str:
-    """Triton signature type of a ``decode_split_kernel`` argument, from its name."""
+def _arg_type(name: str, const: dict, dtype: str) -> str:
+    """Triton signature type of a ``decode_split_kernel`` argument, from its name (``dtype``: the model's)."""
     if name in const:
         return "constexpr"
     if name in ("q_ptr", "fk_ptr", "fv_ptr", "tk_ptr", "tv_ptr"):
-        return "*bf16"
+        return f"*{dtype}"
     if name in ("bits_ptr", "slot_ptr", "lens_ptr"):
         return "*i32"
     if name in ("acc_ptr", "m_ptr", "l_ptr"):

@@ -27,6 +27,15 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _mm(a, b):
+    """``tl.dot`` that keeps float32 operands in float32 (IEEE): the default TF32 rounds them to a 10-bit mantissa,
+    which flips near-tied greedy tokens of a float32 model against the same model on an exact cache."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _softmax_fold(s, valid, m_i, l_i, qk_scale, softcap, SOFTCAP: tl.constexpr):
     """Scores (GP, CHUNK) of one tile folded into the running max and sum; returns p, new max, new sum, alpha."""
     s = s * qk_scale
@@ -54,13 +63,13 @@ def _step16(q_lo, q_hi, k_base, v_base, rows, row_ok, stride_row, valid, m_i, l_
     DT = q_lo.dtype
     k_lo = _rows16_half(k_base, rows, row_ok, offs_h, stride_row, 0, HALF, DT)
     k_hi = _rows16_half(k_base, rows, row_ok, offs_h, stride_row, 1, HALF, DT)
-    s = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))
+    s = _mm(q_lo, tl.trans(k_lo)) + _mm(q_hi, tl.trans(k_hi))
     p, m_i, l_i, alpha = _softmax_fold(s, valid, m_i, l_i, qk_scale, softcap, SOFTCAP)
     v_lo = _rows16_half(v_base, rows, row_ok, offs_h, stride_row, 0, HALF, DT)
     v_hi = _rows16_half(v_base, rows, row_ok, offs_h, stride_row, 1, HALF, DT)
     pd = p.to(DT)
-    acc_lo = acc_lo * alpha[:, None] + tl.dot(pd, v_lo)
-    acc_hi = acc_hi * alpha[:, None] + tl.dot(pd, v_hi)
+    acc_lo = acc_lo * alpha[:, None] + _mm(pd, v_lo)
+    acc_hi = acc_hi * alpha[:, None] + _mm(pd, v_hi)
     return m_i, l_i, acc_lo, acc_hi
 
 
@@ -69,7 +78,7 @@ def _dot_split(a, b, DT: tl.constexpr):
     """float32 ``a`` (M, K) times ``b`` (K, N) held exactly in ``DT``: ``a`` split into a DT head and a DT remainder,
     two dots, so the product keeps about twice DT's mantissa (the integer codes in ``b`` are exact in bf16)."""
     head = a.to(DT)
-    return tl.dot(head, b) + tl.dot((a - head.to(tl.float32)).to(DT), b)
+    return _mm(head, b) + _mm((a - head.to(tl.float32)).to(DT), b)
 
 
 @triton.jit
@@ -146,11 +155,11 @@ def _pv_half(p, raw, scale, zero, offs_h, H: tl.constexpr, D: tl.constexpr, G: t
     """p (GP, CHUNK) times half ``H`` of a quantized value tile: (GP, HD) float32."""
     codes = _decode_half(raw, offs_h, H, D, HALF, BITS, DT)
     if G >= HALF:  # the half is one group: its per-token scale folds into p, its zero into a row sum
-        pv = (tl.dot((p * scale.to(tl.float32)[None, :]).to(DT), codes)
+        pv = (_mm((p * scale.to(tl.float32)[None, :]).to(DT), codes)
               + tl.sum(p * zero.to(tl.float32)[None, :], 1)[:, None])
     else:
         v = codes.to(tl.float32) * scale.to(tl.float32) + zero.to(tl.float32)
-        pv = tl.dot(p.to(DT), v.to(DT))
+        pv = _mm(p.to(DT), v.to(DT))
     return pv
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -21,7 +22,13 @@ from typing import Any
 
 
 def git_commit(repo_dir: Path | None = None) -> str:
-    """``HEAD``'s hash (with ``+dirty`` when the tree has changes), or ``"unknown"`` outside git."""
+    """``HEAD``'s hash (with ``+dirty`` when the tree has changes), or ``"unknown"`` outside git.
+
+    ``$HF_ADAPTIVE_GIT_COMMIT``, when set, wins: a tree copied to another machine (a lent GPU host) may carry a
+    stale ``.git``, so the caller names the commit it copied.
+    """
+    if os.environ.get("HF_ADAPTIVE_GIT_COMMIT"):
+        return os.environ["HF_ADAPTIVE_GIT_COMMIT"]
     cwd = repo_dir or Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
