@@ -79,7 +79,7 @@ def adaptive_attention_forward(
         if query.shape[2] != 1 or dropout:
             raise ValueError(f"a static packed view serves decode steps only (q_len 1, no dropout); got q_len "
                              f"{query.shape[2]}, dropout {dropout}. Its layer returns exact keys for prefill.")
-        key_mask = key_mask_from_hf(attention_mask, query.shape[0], packed.num_tokens)
+        key_mask = key_mask_from_hf(attention_mask, query.shape[0], packed.max_tokens)  # a field: one guard
         if key_mask is False:
             raise ValueError("per-head attention masks are not supported over a static packed view; pass a "
                              "(B, 1, 1, N) mask (transformers' default).")

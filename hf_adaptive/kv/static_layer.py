@@ -192,7 +192,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
             _mark_static(t)
         self._tail_backed = True
         self._set_row_bytes()
-        self.static.lengths_for(self.device)
+        self._lens = self.static.lengths_for(self.device).lens  # read directly by the compiled step (one guard)
 
     def drop_tokens(self) -> None:
         """Forget every token but keep the buffers (tail, block table, pools) at their addresses."""
@@ -248,6 +248,17 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         return self._update_unprepared(key_states, value_states)
 
     def _update_compiled(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        # Every Python value read here becomes a guard that dynamo evaluates before each step, for each layer: the
+        # first layer checks the step once for all, and the others read only their own tensors.
+        if self.index == 0:
+            self._check_compiled_step(key_states)
+            self.static.lengths.advance(1)  # the first layer of the step advances the shared lengths for every layer
+        pos = (self._lens[1:2] - 1).long()  # this step's row
+        self.tail_k.index_copy_(2, pos, key_states)
+        self.tail_v.index_copy_(2, pos, value_states)
+        return self.tail_k, self.tail_v
+
+    def _check_compiled_step(self, key_states: torch.Tensor) -> None:
         if not self.context.packed_decode:
             raise ValueError("AdaptiveStaticKVCache: a compiled decode step must read the cache through "
                              "attn_implementation='hf_adaptive'. Fix: hf_adaptive.enable_fused_attention(model).")
@@ -255,12 +266,6 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
             raise ValueError("AdaptiveStaticKVCache: a compiled forward must be a decode step (q_len 1) after an "
                              "eager prefill, with the step hooks installed. Fix: call "
                              "hf_adaptive.enable_fused_attention(model) before generate.")
-        if self.index == 0:  # the first layer of the step advances the shared lengths for every layer
-            self.static.lengths.advance(1)
-        pos = (self.static.lengths.lens[1:2] - 1).long()  # this step's row
-        self.tail_k.index_copy_(2, pos, key_states)
-        self.tail_v.index_copy_(2, pos, value_states)
-        return self.tail_k, self.tail_v
 
     def _decode_unhooked(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """Eager decode without the step hooks (the cache's own per-step bookkeeping ran): the hooks' work for this
