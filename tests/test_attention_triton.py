@@ -97,9 +97,11 @@ def _as_static(packed, key_mask, kw: dict, book: bool = False):
                    lengths=lengths, max_tokens=max_tokens)
     if not book:
         return view
-    entries = torch.tensor(book_entries(packed.full_k, packed.full_v, packed.pools), dtype=torch.int64, device=dev)
-    empty = packed.tail_k.new_empty(0)
-    return replace(view, full_k=empty, full_v=empty, pools={}, book=PoolBook(entries, tuple(sorted(packed.pools))))
+    header = torch.tensor(book_entries(packed.full_k, packed.full_v, packed.pools), dtype=torch.int64, device=dev)
+    entries = torch.cat([header, view.block_bits.long(), view.block_slot.long()])
+    empty, no_table = packed.tail_k.new_empty(0), header.new_empty(0)
+    return replace(view, full_k=empty, full_v=empty, pools={}, block_bits=no_table, block_slot=no_table,
+                   book=PoolBook(entries, tuple(sorted(packed.pools)), view.block_bits.numel()))
 
 
 def _assert_ok(res: dict) -> None:

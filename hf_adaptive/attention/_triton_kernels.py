@@ -21,6 +21,7 @@ A half narrower than 16 channels (D < 32) is padded to 16 columns with zeros for
 import triton
 import triton.language as tl
 
+from hf_adaptive.kv import packed
 from hf_adaptive.kv.packed import book_offset
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -247,6 +248,7 @@ def _attend_chunk(c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, f
     return m_i, l_i, acc_lo, acc_hi
 
 
+BOOK_SIZE: tl.constexpr = tl.constexpr(packed.BOOK_SIZE)
 BOOK8: tl.constexpr = tl.constexpr(book_offset(8))
 BOOK4: tl.constexpr = tl.constexpr(book_offset(4))
 BOOK2: tl.constexpr = tl.constexpr(book_offset(2))
@@ -286,7 +288,7 @@ def decode_split_kernel(
     k4c, k4s, k4z, v4c, v4s, v4z, s4c_b, s4c_h, s4k_b, s4k_h, s4v_b, s4v_h,
     k2c, k2s, k2z, v2c, v2s, v2z, s2c_b, s2c_h, s2k_b, s2k_h, s2v_b, s2v_h,
     mask_ptr, sm_b,
-    acc_ptr, m_ptr, l_ptr, lens_ptr, book_ptr,
+    acc_ptr, m_ptr, l_ptr, lens_ptr, book_ptr, book_blocks,
     n_hist_chunks, n_tail, n_total, first_chunk, chunks_per_split, n_splits, qk_scale, softcap,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, G: tl.constexpr, BS: tl.constexpr,
     CHUNK: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, HAS2: tl.constexpr,
@@ -297,12 +299,15 @@ def decode_split_kernel(
 
     HD: columns of a half tile, max(16, D // 2). DEVICE_LENS: the lengths live on the device (``lens_ptr`` =
     [history blocks, tail tokens], a static cache under CUDA graphs); the host's length arguments are capacities
-    and the chunks are shared out among the ``n_splits`` programs here, from the live lengths. BOOK: the 16-bit
-    and quantized history storage is found through the address book at ``book_ptr`` (``kv.packed.PoolBook``: int64
-    pointers and strides), and the matching pointer and stride arguments are placeholders.
+    and the chunks are shared out among the ``n_splits`` programs here, from the live lengths. BOOK: the block
+    table and the 16-bit and quantized history storage are found through the address book at ``book_ptr``
+    (``kv.packed.PoolBook``: int64 pointers and strides, then ``book_blocks`` precisions and ``book_blocks`` slots),
+    and the matching pointer and stride arguments are placeholders.
     """
     HALF: tl.constexpr = D // 2
     if BOOK:
+        bits_ptr = book_ptr + BOOK_SIZE  # the block table: precisions, then slots
+        slot_ptr = bits_ptr + book_blocks
         fk_ptr, fv_ptr, sf_b, sf_h, sf_r = _book_rows16(book_ptr, tk_ptr)
         if HAS8:
             k8c, k8s, k8z, v8c, v8s, v8z, s8c_b, s8c_h, s8k_b, s8k_h, s8v_b, s8v_h = _book_quant(book_ptr + BOOK8)

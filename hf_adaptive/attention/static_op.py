@@ -20,18 +20,17 @@ _POOL_FIELDS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
 
 @torch.library.custom_op("hf_adaptive::static_packed_decode", mutates_args=())
 def static_packed_decode(
-    query: torch.Tensor, lengths: torch.Tensor, block_bits: torch.Tensor, block_slot: torch.Tensor,
-    tail_k: torch.Tensor, tail_v: torch.Tensor, history: list[torch.Tensor], book: torch.Tensor | None,
-    pool_bits: list[int], key_mask: torch.Tensor | None, block_size: int, value_group: int, max_tokens: int,
-    scaling: float, softcap: float,
+    query: torch.Tensor, lengths: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor,
+    history: list[torch.Tensor], book: torch.Tensor | None, book_blocks: int, pool_bits: list[int],
+    key_mask: torch.Tensor | None, block_size: int, value_group: int, max_tokens: int, scaling: float, softcap: float,
 ) -> torch.Tensor:
     """(B, Hq, 1, D) attention of one decode query per sequence; see :func:`static_decode_attention`.
 
-    ``history`` is [full_k, full_v, then the six tensors of each pool in ``pool_bits``], or empty when ``book``
-    (the view's address book) locates them.
+    ``history`` is [block_bits, block_slot, full_k, full_v, then the six tensors of each pool in ``pool_bits``], or
+    empty when ``book`` (the view's address book, with its block table of ``book_blocks`` entries) locates them.
     """
-    view = _unflatten(query, lengths, block_bits, block_slot, tail_k, tail_v, history, book, pool_bits,
-                      block_size, value_group, max_tokens)
+    view = _unflatten(query, lengths, tail_k, tail_v, history, book, book_blocks, pool_bits, block_size,
+                      value_group, max_tokens)
     cap = softcap if softcap > 0 else None
     if query.is_cuda and triton_decode.HAS_TRITON:
         return triton_decode.triton_decode_attention(query, view, scaling=scaling, softcap=cap, key_mask=key_mask)
@@ -64,26 +63,26 @@ def static_decode_attention(query: torch.Tensor, packed: PackedKV, *, scaling: f
     if packed.lengths is None:
         raise ValueError("static_decode_attention needs a static view (packed.lengths set); got a dynamic one. "
                          "Fix: use hf_adaptive.attention.interface.decode_attention for dynamic views.")
-    by_book = packed.book is not None and query.is_cuda and triton_decode.HAS_TRITON
-    if by_book:
-        history, book, bits = [], packed.book.entries, list(packed.book.bits)
+    book = packed.book
+    if book is not None and query.is_cuda and triton_decode.HAS_TRITON:
+        history, entries, blocks, bits = [], book.entries, book.blocks, list(book.bits)
     else:
         bits = sorted(packed.pools)
-        history = [packed.full_k, packed.full_v]
+        history = [packed.block_bits, packed.block_slot, packed.full_k, packed.full_v]
         history += [getattr(packed.pools[b], name) for b in bits for name in _POOL_FIELDS]
-        book = None
-    return static_packed_decode(query, packed.lengths, packed.block_bits, packed.block_slot, packed.tail_k,
-                                packed.tail_v, history, book, bits, key_mask, packed.block_size,
-                                packed.value_group, packed.max_tokens, float(scaling), float(softcap or 0.0))
+        entries, blocks = None, 0
+    return static_packed_decode(query, packed.lengths, packed.tail_k, packed.tail_v, history, entries, blocks, bits,
+                                key_mask, packed.block_size, packed.value_group, packed.max_tokens, float(scaling),
+                                float(softcap or 0.0))
 
 
-def _unflatten(query, lengths, block_bits, block_slot, tail_k, tail_v, history, book, pool_bits, block_size,
-               value_group, max_tokens) -> PackedKV:
-    if book is not None:  # the kernel finds the history through the book; no tensor stands for it here
-        empty = query.new_empty(0)
-        return PackedKV(block_size, value_group, block_bits, block_slot, empty, empty, tail_k, tail_v,
-                        lengths=lengths, max_tokens=max_tokens, book=PoolBook(book, tuple(pool_bits)))
-    full_k, full_v, pool_tensors = history[0], history[1], history[2:]
+def _unflatten(query, lengths, tail_k, tail_v, history, book, book_blocks, pool_bits, block_size, value_group,
+               max_tokens) -> PackedKV:
+    if book is not None:  # the kernel finds the table and the history through the book; no tensor stands for them
+        empty, no_table = query.new_empty(0), book.new_empty(0)
+        return PackedKV(block_size, value_group, no_table, no_table, empty, empty, tail_k, tail_v,
+                        lengths=lengths, max_tokens=max_tokens, book=PoolBook(book, tuple(pool_bits), book_blocks))
+    block_bits, block_slot, full_k, full_v, pool_tensors = *history[:4], history[4:]
     pools = {bits: QuantPool(bits, *pool_tensors[6 * i: 6 * i + 6]) for i, bits in enumerate(pool_bits)}
     return PackedKV(block_size, value_group, block_bits, block_slot, full_k, full_v, tail_k, tail_v, pools,
                     lengths=lengths, max_tokens=max_tokens)

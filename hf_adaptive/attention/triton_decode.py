@@ -112,7 +112,7 @@ def triton_decode_attention(
     lse = torch.empty_like(m)
     q = query[:, :, 0, :]  # (B, Hq, D) view; the kernel reads it with its strides
     book = packed.book
-    if book is not None:  # the kernel reads the history storage through the book: no tensor of it is passed
+    if book is not None:  # the kernel reads the table and the history storage through the book: none is passed
         packed = _without_history(packed)
     bits = set(book.bits) if book is not None else set(packed.pools)
     mask = _dummy(query.device, torch.int8)
@@ -121,14 +121,14 @@ def triton_decode_attention(
         mask = mask if mask.stride(-1) == 1 else mask.contiguous()
     kernels.decode_split_kernel[(plan.splits, plan.kv_heads, B)](
         q, q.stride(0), q.stride(1),
-        packed.block_bits if packed.block_bits.numel() else _dummy(query.device, torch.int32),
-        packed.block_slot if packed.block_slot.numel() else _dummy(query.device, torch.int32),
+        packed.block_bits if packed.block_bits.numel() and book is None else _dummy(query.device, torch.int32),
+        packed.block_slot if packed.block_slot.numel() and book is None else _dummy(query.device, torch.int32),
         *_rows16_args(packed.full_k, packed.full_v, query), *_rows16_args(packed.tail_k, packed.tail_v, query),
         *_pool_args(packed, 8, query.device), *_pool_args(packed, 4, query.device),
         *_pool_args(packed, 2, query.device),
         mask, mask.stride(0) if key_mask is not None else 0,
         acc, m, lse, packed.lengths if packed.lengths is not None else _dummy(query.device, torch.int32),
-        book.entries if book is not None else _dummy(query.device, torch.int64),
+        book.entries if book is not None else _dummy(query.device, torch.int64), book.blocks if book is not None else 0,
         plan.n_hist_chunks, plan.n_tail, packed.num_tokens, plan.first_chunk, plan.per_split, plan.splits,
         float(scaling), float(softcap or 0.0),
         GROUP=plan.group, GP=max(16, triton.next_power_of_2(plan.group)), D=D, HD=max(16, D // 2), G=packed.value_group,
@@ -144,10 +144,11 @@ def triton_decode_attention(
 
 
 def _without_history(packed: PackedKV) -> PackedKV:
-    if not packed.pools and not packed.full_k.numel():
+    if not packed.pools and not packed.full_k.numel() and not packed.block_bits.numel():
         return packed
     empty = packed.tail_k.new_empty(0)
-    return dataclasses.replace(packed, full_k=empty, full_v=empty, pools={})
+    return dataclasses.replace(packed, full_k=empty, full_v=empty, pools={}, block_bits=empty.new_empty(0, dtype=torch.int64),
+                               block_slot=empty.new_empty(0, dtype=torch.int64))
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ def _plan_launch(query: torch.Tensor, packed: PackedKV, sliding_window: int | No
     B, Hq, _, D = query.shape
     H = packed.tail_k.shape[1]
     chunk = min(config.chunk or (32 if D >= 256 else 64), packed.block_size)
-    n_hist_chunks = packed.block_bits.numel() * (packed.block_size // chunk)
+    n_blocks = packed.book.blocks if packed.book is not None else packed.block_bits.numel()
+    n_hist_chunks = n_blocks * (packed.block_size // chunk)
     n_tail = packed.tail_k.shape[-2]
     n_chunks = n_hist_chunks + -(-n_tail // chunk)
     window = int(sliding_window or 0)
@@ -279,8 +281,8 @@ def _check_inputs(query: torch.Tensor, packed: PackedKV, key_mask: torch.Tensor 
         if t.numel() and (t.dtype != query.dtype or t.device != query.device):
             raise ValueError(f"packed.{name} is {t.dtype} on {t.device}; the query is {query.dtype} on "
                              f"{query.device}. Keep the exact KV in the model dtype, on the query's device.")
-    if packed.block_bits.dtype != torch.int32 or packed.block_slot.dtype != torch.int32:
-        raise ValueError(f"block_bits/block_slot must be int32; got {packed.block_bits.dtype}/"
-                         f"{packed.block_slot.dtype}.")
+    if packed.block_bits.dtype not in (torch.int32, torch.int64) or packed.block_slot.dtype != packed.block_bits.dtype:
+        raise ValueError(f"block_bits/block_slot must both be int32 (or both int64, a static view's); got "
+                         f"{packed.block_bits.dtype}/{packed.block_slot.dtype}.")
     if packed.block_bits.numel() and packed.block_bits.device != query.device:
         raise ValueError(f"block table is on {packed.block_bits.device}, query on {query.device}; keep them together.")

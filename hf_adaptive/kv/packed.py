@@ -67,8 +67,9 @@ class PackedKV:
     Attributes:
         block_size: tokens per history block.
         value_group: channels per value quantization group.
-        block_bits: int32 (N,) precision of each logical history block (16, 8, 4 or 2).
-        block_slot: int32 (N,) slot of each logical block inside the pool of its precision.
+        block_bits: int32 (N,) precision of each logical history block (16, 8, 4 or 2); int64 in a static view,
+            whose table lives in its address book.
+        block_slot: int32 (N,) slot of each logical block inside the pool of its precision (int64 likewise).
         full_k, full_v: (B, H, S16, D) model dtype, the pool of 16-bit history blocks.
         pools: {bits: QuantPool} for each quantized precision present.
         tail_k, tail_v: (B, H, T, D) model dtype, the exact most recent tokens.
@@ -124,14 +125,24 @@ class PoolBook:
     book, the step sees one fixed int64 tensor whose entries the host rewrites (eagerly, between steps) when
     storage moves; the kernel loads the addresses at run time.
 
+    The block table travels in the same tensor, so a layer's whole history is one input of the step.
+
     Attributes:
-        entries: int64 (``BOOK_SIZE``,) on the storage's device: data pointers and element strides, laid out as
-            ``BOOK_FULL`` then ``BOOK_QUANT`` per precision of ``QUANT_BITS`` (see :func:`book_offset`).
+        entries: int64 (``BOOK_SIZE + 2 * blocks``,) on the storage's device: first the data pointers and element
+            strides (:func:`book_entries`: ``BOOK_FULL`` then ``BOOK_QUANT`` per precision of ``QUANT_BITS``, see
+            :func:`book_offset`), then the block table: ``blocks`` precisions, then ``blocks`` slots.
         bits: the quantized precisions whose entries point at real storage (a pool or a placeholder).
+        blocks: capacity of the block table (the live extent is the view's ``lengths[0]``).
     """
 
     entries: torch.Tensor
     bits: tuple[int, ...]
+    blocks: int
+
+    def __post_init__(self) -> None:
+        if self.entries.dtype != torch.int64 or self.entries.shape != (BOOK_SIZE + 2 * self.blocks,):
+            raise ValueError(f"PoolBook.entries must be int64 ({BOOK_SIZE} + 2 * blocks,) = ({BOOK_SIZE + 2 * self.blocks},)"
+                             f" for blocks={self.blocks}; got {self.entries.dtype} {tuple(self.entries.shape)}.")
 
 
 def book_entries(full_k: torch.Tensor, full_v: torch.Tensor, pools: dict[int, QuantPool]) -> list[int]:

@@ -186,9 +186,11 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         B, H, _, D = key_states.shape
         self.tail_k = key_states.new_zeros(B, H, self.tail_capacity, D)
         self.tail_v = value_states.new_zeros(B, H, self.tail_capacity, value_states.shape[-1])
-        self.table = torch.zeros(2, self.capacity_blocks, dtype=torch.int32, device=self.device)
-        self.book = torch.zeros(packed.BOOK_SIZE, dtype=torch.int64, device=self.device)
-        for t in (self.tail_k, self.tail_v, self.table, self.book):
+        # the address book: pool pointers and strides, then the block table [precisions; slots] (one tensor, so a
+        # layer's history is one input of the compiled step)
+        self.book = torch.zeros(packed.BOOK_SIZE + 2 * self.capacity_blocks, dtype=torch.int64, device=self.device)
+        self.table = self.book[packed.BOOK_SIZE:].view(2, self.capacity_blocks)
+        for t in (self.tail_k, self.tail_v, self.book):
             _mark_static(t)
         self._tail_backed = True
         self._set_row_bytes()
@@ -363,7 +365,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
             self._table_dirty = False
             n = len(self.block_bits)
             if n:
-                host = torch.tensor([self.block_bits, self.block_slot], dtype=torch.int32)
+                host = torch.tensor([self.block_bits, self.block_slot], dtype=torch.int64)
                 self.table[:, :n].copy_(to_device(host, self.device))
         self._refresh_view()
 
@@ -419,14 +421,15 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
                  for b, p in by_bits.items() if b != 16}
         # the kernel reads the pools through the book: rewritten here (eagerly, between steps), it lets a pool be
         # created, grown or released without the compiled step seeing a new tensor
-        self.book.copy_(torch.tensor(packed.book_entries(full_k, full_v, pools), dtype=torch.int64))
+        header = torch.tensor(packed.book_entries(full_k, full_v, pools), dtype=torch.int64)
+        self.book[: packed.BOOK_SIZE].copy_(header)
         bits, slots = self.table[0], self.table[1]
         for t in (bits, slots):  # views are new tensors: mark them, or CUDA graphs copy them in every replay
             _mark_static(t)
         self.view = packed.PackedKV(self.shape.block_size, self.shape.value_group, bits, slots,
                                     full_k, full_v, self.tail_k, self.tail_v, pools,
                                     lengths=self.static.lengths.lens, max_tokens=self.static.max_cache_len,
-                                    book=packed.PoolBook(self.book, tuple(sorted(pools))))
+                                    book=packed.PoolBook(self.book, tuple(sorted(pools)), self.capacity_blocks))
         packed.attach_packed_view(self.tail_k, self.view)
         self._view_key = key
 
