@@ -228,13 +228,15 @@ def policy_bands(scores: Sequence[float], policy: Any) -> list[str]:
 def record_verified(tiers: Any, ids: torch.Tensor, n: int, policy: Any, max_draft: int) -> dict:
     """Verified-mode rounds ``[drafted, accepted]`` (and the telemetry report) of ``n`` new tokens after ``ids``."""
     from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
-    from hf_adaptive.precision.verified import VerifiedOptions, generate_verified
+    from hf_adaptive.precision.options import DecodeOptions, DraftOptions
+    from hf_adaptive.precision.verified import generate_verified
 
     engine = GraphDecodeEngine(tiers, GraphDecodeConfig(max_len=ids.shape[1] + n + max_draft + 8,
                                                         verify_len=max_draft + 1))
-    opts = VerifiedOptions(max_new_tokens=n, max_draft=max_draft, policy=policy)
+    draft = DraftOptions(max_draft=max_draft, policy=policy)
+    opts = DecodeOptions(max_new_tokens=n, draft=draft)
     generate_verified(engine, ids, opts)
-    return {"rounds": [list(r) for r in opts.history], "report": opts.telemetry.report()}
+    return {"rounds": [list(r) for r in draft.history], "report": draft.telemetry.report()}
 
 
 def write_schedule(path: str | Path, model: str, records: list[dict], policy: Any, max_draft: int,

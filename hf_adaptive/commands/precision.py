@@ -85,25 +85,27 @@ def _run_lossy(tiers, ids, args):
 
 def _run_graph(tiers, ids, args):
     from hf_adaptive.precision.controller import PrecisionController
-    from hf_adaptive.precision.fused_decode import FusedOptions, FusedStepDecoder, decision_for
+    from hf_adaptive.precision.fused_decode import FusedStepDecoder, decision_for
     from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
+    from hf_adaptive.precision.options import DecodeOptions
 
     with PrecisionController(tiers, read_raw_logits=False) as ctl:
         engine = GraphDecodeEngine(tiers, GraphDecodeConfig(max_len=ids.shape[1] + args.max_new_tokens + 8))
         decoder = FusedStepDecoder(engine, decision_for(ctl), capacity=args.max_new_tokens)
-        out = decoder.generate(ids, FusedOptions(max_new_tokens=args.max_new_tokens, controller=ctl,
-                                                 decision_lag=1))
+        out = decoder.generate(ids, DecodeOptions(max_new_tokens=args.max_new_tokens, controller=ctl,
+                                                  decision_lag=1))
     return out[0], ctl.telemetry
 
 
 def _run_verified(tiers, ids, args):
     from hf_adaptive.precision.controller import default_policy_config
     from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
-    from hf_adaptive.precision.verified import VerifiedOptions, generate_verified
+    from hf_adaptive.precision.options import DecodeOptions, DraftOptions
+    from hf_adaptive.precision.verified import generate_verified
 
     cfg = GraphDecodeConfig(max_len=ids.shape[1] + args.max_new_tokens + args.max_draft + 8,
                             verify_len=args.max_draft + 1)
-    opts = VerifiedOptions(max_new_tokens=args.max_new_tokens, max_draft=args.max_draft,
-                           policy=default_policy_config(tiers))
+    draft = DraftOptions(max_draft=args.max_draft, policy=default_policy_config(tiers))
+    opts = DecodeOptions(max_new_tokens=args.max_new_tokens, draft=draft)
     out = generate_verified(GraphDecodeEngine(tiers, cfg), ids, opts)
-    return out[0], opts.telemetry
+    return out[0], draft.telemetry

@@ -37,7 +37,11 @@ _DETERMINISTIC_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 
 @dataclass(frozen=True)
 class GraphDecodeConfig:
-    """Shapes fixed at capture time."""
+    """The engine's shapes, fixed at capture time for its whole life (one config per engine).
+
+    Not the per-call options: how one decode call picks tiers and tokens is ``options.DecodeOptions``,
+    which may change from call to call on the same engine.
+    """
 
     batch_size: int = 1
     max_len: int = 512
