@@ -12,8 +12,8 @@ multi-token and a one-token forward, as in every speculative decoder). Each roun
    accepted, plus the top tier's own next token. Positions after the accepted ones hold stale KV that
    the mask hides and the next round overwrites, so "cropping" the static cache is a position reset.
 
-Near-ties (``DraftOptions.tie_margin_steps``): the verify forward (Q = max_draft + 1) and a 1-token forward run different
-GEMM shapes, so in bf16 their logits differ by rounding, and where the top-2 gap is that small they can pick
+Near-ties (``DraftOptions.tie_margin_steps``): the verify forward (Q = max_draft + 1) and a 1-token forward run
+different GEMM shapes, so in bf16 their logits differ by rounding, and where the top-2 gap is that small they can pick
 different tokens (measured on an H100 under torch.compile: a gap of one bf16 step flipped a token). A verify row
 whose top-2 gap is within ``tie_margin_steps`` rounding steps decides nothing: the round keeps the drafts
 verified at rows before it and decides that position with a 1-token top-tier forward, the shape greedy uses.
