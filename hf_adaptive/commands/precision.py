@@ -13,9 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from hf_adaptive.commands.common import chat_inputs, load_for_command, sampling_kwargs, wall_clock
-
-from hf_adaptive.devices import device_argument
+from hf_adaptive.commands.common import (
+    add_generation_arguments,
+    chat_inputs,
+    load_for_command,
+    sampling_kwargs,
+    wall_clock,
+)
 from hf_adaptive.validation import arg_number
 
 DEFAULT_PROMPT = "Write a haiku about autumn leaves."
@@ -24,20 +28,16 @@ DEFAULT_PROMPT = "Write a haiku about autumn leaves."
 def precision_command_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("precision", help="generate with confidence-driven precision switching",
                                    description=__doc__.splitlines()[0])
-    parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the user message")
-    parser.add_argument("--model", default=None, help="embedded model name or checkpoint dir (default SmolLM2)")
+    add_generation_arguments(parser, DEFAULT_PROMPT, max_new_tokens=64,
+                             sample_help="lossy mode: sample (temperature 0.7)",
+                             json_help="write the telemetry report here")
     parser.add_argument("--mode", default="lossy", choices=("lossy", "graph", "verified"))
     parser.add_argument("--tiers", default=None,
                         help="comma list from int4,fp8,native,fp32 (default int4,native on CUDA, int4,fp32 on CPU)")
-    parser.add_argument("--max-new-tokens", type=arg_number(minimum=1, integer=True), default=64)
     parser.add_argument("--int4-kernel", default="auto", choices=("auto", "triton", "tinygemm"),
                         help="CUDA int4 kernel (auto = tinygemm, the fastest at one row; triton: ours)")
     parser.add_argument("--max-draft", type=arg_number(minimum=1, integer=True), default=4,
                         help="verified mode: most tokens drafted per round")
-    parser.add_argument("--sample", action="store_true", help="lossy mode: sample (temperature 0.7)")
-    parser.add_argument("--device", default=None, type=device_argument,
-                        help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--json", dest="json_path", default=None, help="write the telemetry report here")
     parser.add_argument("--plot", default=None, help="write the telemetry PNG here")
     parser.set_defaults(func=precision_command)
     return parser
