@@ -21,11 +21,9 @@ while a captured CUDA graph bakes the tier it was captured under (so ``graph_dec
 per tier). Memory: every tier keeps its own copy of the tiered linears; a tier in the model's own dtype
 shares the original weight (counted in ``memory_bytes``: for a tied lm_head that is the embedding
 matrix, which the model holds anyway). int4 costs 0.5 byte per weight plus a bf16 (scale, zero) pair
-per group: ~0.27x of bf16 at g=128, ~0.28x at g=64. ``handle.memory_bytes()`` with lm_head tiered:
-SmolLM2-135M fp32, int4 + fp32: int4 82.4 MB next to 537.9 MB fp32 (+15 %; the fp32 figure includes
-the tied 113 MB embedding); Llama-3.2-1B shape bf16, int4 + native: 0.66 GB int4 next to 2.47 GB
-native (+27 %; computed from the shapes: 0.517 + 0.140 GB, 1.946 + 0.525 GB). Fusion adds nothing: the
-members' weights become views of the fused one.
+per group: (0.5 + 4 / g) / 2 of bf16, ~0.27x at g=128, ~0.28x at g=64. ``handle.memory_bytes()`` gives each
+tier's bytes; a benchmark records them as ``tier_weight_bytes`` (the precision results in
+eval/results/README.md). Fusion adds nothing: the members' weights become views of the fused one.
 """
 
 from __future__ import annotations
