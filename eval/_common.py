@@ -2,7 +2,7 @@
 
 - ``environment(device, **extra)``: the environment card every result carries (card, versions, command, commit),
   built by ``hf_adaptive.evaluation.report.environment_info`` and read back by ``eval/index_results.py``.
-- ``pyplot()``: matplotlib on the Agg backend.
+- ``pyplot()``: matplotlib on the Agg backend; ``save_figure``: lay out, write and free a figure.
 - The KV benchmarks' shared parts (bench_kv, bench_kv_e2e, bench_static_switch, merge_bench_kv_e2e): random-init
   Llama shapes, a prefilled prompt, byte counting, grid arguments and the by-context plot.
 - GPU timing: ``time_op`` (median µs of CUDA-graph replays) and ``copy_bandwidth_bytes_per_us`` (the byte floor).
@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from hf_adaptive.compat import forward_cache_kwargs  # noqa: E402
-from hf_adaptive.evaluation.report import environment_info, headless_pyplot  # noqa: E402
+from hf_adaptive.evaluation.report import environment_info, headless_pyplot, save_figure  # noqa: E402
 from hf_adaptive.parallel.comparison import Targets  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -168,9 +168,7 @@ def plot_by_context(path: Path, rows: list[dict], title: str, series: Sequence[t
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def time_op(fn, inner: int, reps: int) -> float:

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import pyplot  # first: sets the offline default
+from _common import pyplot, save_figure  # first: sets the offline default
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -150,9 +150,7 @@ def plot(path: Path, summary: list[dict], meta: dict) -> None:
     ax.set_ylabel("seconds per switch")
     ax.set_title(f"Re-shard cost, {Path(meta['model']).name} on {meta['device']} x {meta['world_size']}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -130,6 +130,14 @@ def headless_pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Lay ``fig`` out, write it to ``path`` as a PNG and free it (a script that plots in a loop keeps no figures)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    headless_pyplot().close(fig)
+    return Path(path)
+
+
 def plot_pareto(path: str | Path, labels: Sequence[str], speedups: Sequence[float], scores: Sequence[float],
                 title: str, y_label: str = "BLEU",
                 x_label: str = "speedup vs baseline (x, higher is faster)", show_front: bool = True) -> Path:
@@ -152,10 +160,7 @@ def plot_pareto(path: str | Path, labels: Sequence[str], speedups: Sequence[floa
     ax.grid(alpha=0.3)
     if show_front:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_bars(path: str | Path, labels: Sequence[str], values: Sequence[float], title: str,
@@ -170,7 +175,4 @@ def plot_bars(path: str | Path, labels: Sequence[str], values: Sequence[float], 
     ax.set_ylabel(y_label)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
