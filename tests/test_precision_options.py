@@ -9,6 +9,7 @@ from helpers import make_tiny_model
 
 import hf_adaptive
 from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig
+from hf_adaptive.precision.confidence import ConfidenceWeights
 from hf_adaptive.precision.decode import decode
 from hf_adaptive.precision.fused_decode import FusedStepDecoder
 from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
@@ -106,3 +107,16 @@ def test_the_same_options_drive_every_loop(engine):
     verified = generate_verified(engine, _ids(), DecodeOptions(max_new_tokens=6, draft=draft))
     assert torch.equal(eager, fused) and torch.equal(eager, verified)
     assert draft.history and draft.telemetry.tiers
+
+
+@pytest.mark.parametrize("kwargs,field,error", [
+    ({"p_max": -0.5}, "p_max", ValueError),
+    ({"entropy": float("nan")}, "entropy", ValueError),
+    ({"margin": "0.2"}, "margin", TypeError),
+    ({"margin_scale": 0.0}, "margin_scale", ValueError),
+    ({"entropy_scale_nats": -4.0}, "entropy_scale_nats", ValueError),
+])
+def test_confidence_weights_name_the_bad_field(kwargs, field, error):
+    """Guards against a NaN or negative weight turning every confidence score into NaN or a clamp at 0."""
+    with pytest.raises(error, match=rf"ConfidenceWeights\.{field} .*got .*Fix"):
+        ConfidenceWeights(**kwargs)
