@@ -120,3 +120,15 @@ def test_confidence_weights_name_the_bad_field(kwargs, field, error):
     """Guards against a NaN or negative weight turning every confidence score into NaN or a clamp at 0."""
     with pytest.raises(error, match=rf"ConfidenceWeights\.{field} .*got .*Fix"):
         ConfidenceWeights(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,field,error", [
+    ({"batch_size": 0}, "batch_size", ValueError),
+    ({"max_len": 1}, "max_len", ValueError),
+    ({"verify_len": -1}, "verify_len", ValueError),
+    ({"warmup_iters": 1.5}, "warmup_iters", TypeError),
+    ({"use_cuda_graphs": "yes"}, "use_cuda_graphs", TypeError),
+])
+def test_graph_config_names_the_bad_field(kwargs, field, error):
+    with pytest.raises(error, match=rf"GraphDecodeConfig\.{field} .*got .*Fix"):
+        GraphDecodeConfig(**kwargs)
