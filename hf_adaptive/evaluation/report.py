@@ -21,8 +21,13 @@ from typing import Any
 
 
 def git_commit(repo_dir: Path | None = None) -> str:
-    """``HEAD``'s hash (with ``+dirty`` when the tree has changes), or ``"unknown"`` outside git."""
+    """``HEAD``'s hash (with ``+dirty`` when the tree has changes), or ``"unknown"`` outside git.
+
+    Without ``repo_dir``: the checkout this package runs from, and ``"unknown"`` for an installed copy (its
+    site-packages may sit inside another project's repository, whose commit would be a false provenance)."""
     cwd = repo_dir or Path(__file__).resolve().parents[2]
+    if repo_dir is None and not (cwd / "pyproject.toml").is_file():
+        return "unknown"
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                               check=True).stdout.strip()
