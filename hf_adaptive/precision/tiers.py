@@ -186,7 +186,8 @@ def _self_check_int4(handle: PrecisionTiers) -> None:
     """Compare one packed int4 layer with its dequantized reference, so a kernel layout change in a new
     torch release (tinygemm) or a kernel bug on a new card (Triton) fails loudly at prepare time instead of
     producing garbage tokens."""
-    module = next((m for m in handle.modules + [g.fused for g in handle.groups] if "int4" in m.formats), None)
+    owners = handle.modules + [g.fused for g in handle.groups]
+    module = next((m for m in owners if "int4" in m.formats), None)
     if module is None:
         return
     fmt: Int4Format = module.formats["int4"]
