@@ -2,7 +2,7 @@
 
 - ``environment(device, **extra)``: the environment card every result carries (card, versions, command, commit),
   built by ``hf_adaptive.evaluation.report.environment_info`` and read back by ``eval/index_results.py``.
-- ``pyplot()``: matplotlib on the Agg backend.
+- ``pyplot()``: matplotlib on the Agg backend; ``save_figure``: lay out, write and free a figure.
 - The KV benchmarks' shared parts (bench_kv, bench_kv_e2e, bench_static_switch, merge_bench_kv_e2e): random-init
   Llama shapes, a prefilled prompt, byte counting, grid arguments and the by-context plot.
 - GPU timing: ``time_op`` (median µs of CUDA-graph replays) and ``copy_bandwidth_bytes_per_us`` (the byte floor).
@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from hf_adaptive.compat import forward_cache_kwargs  # noqa: E402
-from hf_adaptive.evaluation.report import environment_info, headless_pyplot  # noqa: E402
+from hf_adaptive.evaluation.report import environment_info, headless_pyplot, save_figure  # noqa: E402
 from hf_adaptive.parallel.comparison import Targets  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -168,9 +168,7 @@ def plot_by_context(path: Path, rows: list[dict], title: str, series: Sequence[t
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def time_op(fn, inner: int, reps: int) -> float:
@@ -228,13 +226,15 @@ def policy_bands(scores: Sequence[float], policy: Any) -> list[str]:
 def record_verified(tiers: Any, ids: torch.Tensor, n: int, policy: Any, max_draft: int) -> dict:
     """Verified-mode rounds ``[drafted, accepted]`` (and the telemetry report) of ``n`` new tokens after ``ids``."""
     from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
-    from hf_adaptive.precision.verified import VerifiedOptions, generate_verified
+    from hf_adaptive.precision.options import DecodeOptions, DraftOptions
+    from hf_adaptive.precision.verified import generate_verified
 
     engine = GraphDecodeEngine(tiers, GraphDecodeConfig(max_len=ids.shape[1] + n + max_draft + 8,
                                                         verify_len=max_draft + 1))
-    opts = VerifiedOptions(max_new_tokens=n, max_draft=max_draft, policy=policy)
+    draft = DraftOptions(max_draft=max_draft, policy=policy)
+    opts = DecodeOptions(max_new_tokens=n, draft=draft)
     generate_verified(engine, ids, opts)
-    return {"rounds": [list(r) for r in opts.history], "report": opts.telemetry.report()}
+    return {"rounds": [list(r) for r in draft.history], "report": draft.telemetry.report()}
 
 
 def write_schedule(path: str | Path, model: str, records: list[dict], policy: Any, max_draft: int,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from _common import pyplot
+from _common import pyplot, save_figure
 
 from hf_adaptive.policy.precision_policy import expected_tokens_per_round, verified_speedup
 
@@ -136,6 +136,4 @@ def plot_speed(path: Path, result: dict) -> None:
         ax.set_xticks(range(len(res)), list(res), rotation=40, ha="right", fontsize=7)
         ax.legend(fontsize=7)
     fig.suptitle(f"{result['card']} - {result['weights']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from _common import copy_bandwidth_bytes_per_us, environment, pyplot, time_op  # first: sets the offline default
+from _common import copy_bandwidth_bytes_per_us, environment, pyplot, save_figure, time_op  # first: sets the offline default
 import torch
 from tqdm import tqdm
 
@@ -174,9 +174,7 @@ def write_plot(result: dict, path: Path) -> None:
                title=f"batch {batch} — {result['env']['card']}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from _common import copy_bandwidth_bytes_per_us, environment, pyplot, time_op  # first: sets the offline default
+from _common import copy_bandwidth_bytes_per_us, environment, pyplot, save_figure, time_op  # first: sets the offline default
 import torch
 from tqdm import tqdm
 
@@ -111,9 +111,7 @@ def plot(path: Path, result: dict) -> None:
     ax.set_ylabel("speed vs bf16 (x), 1 row")
     ax.set_title(f"int4 weight-only matmul, {result['card']}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 LAYERS = {"llama-3.1-8b": 32, "llama-3.2-1b": 16, "qwen2.5-1.5b": 28}

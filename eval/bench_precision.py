@@ -53,12 +53,12 @@ from tqdm import tqdm
 
 from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig
 from hf_adaptive.precision.controller import PrecisionController
-from hf_adaptive.precision.decode import DecodeOptions, decode
-from hf_adaptive.precision.fused_decode import FusedOptions, FusedStepDecoder, decision_for
+from hf_adaptive.precision.decode import decode
+from hf_adaptive.precision.fused_decode import FusedStepDecoder, decision_for
 from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
+from hf_adaptive.precision.options import DecodeOptions, DraftOptions
 from hf_adaptive.precision.tiers import prepare_tiers
-from hf_adaptive.precision.verified import (  # noqa: E402
-    VerifiedOptions, generate_verified, greedy_with_logits, mismatch_report)
+from hf_adaptive.precision.verified import generate_verified, greedy_with_logits, mismatch_report
 
 SHAPES = {  # random-init Llama shapes (no weights needed): step times depend on shapes, not values
     "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -199,7 +199,7 @@ class BatchRun:
                                                   capacity=self.args.new_tokens, compile_step=compiled)
         try:
             return self.decoders[key].generate(
-                self.ids, FusedOptions(max_new_tokens=self.args.new_tokens, controller=ctl, **kw))
+                self.ids, DecodeOptions(max_new_tokens=self.args.new_tokens, controller=ctl, **kw))
         finally:
             if ctl is not None:
                 ctl.close()
@@ -226,20 +226,20 @@ def bench_verified(br: BatchRun, native: torch.Tensor, schedules: dict) -> None:
     ref, ref_logits = greedy_with_logits(br.engine, br.ids, n)
     br.res["native"]["reproducible"] = bool(torch.equal(ref, native))
     for mode, adaptive in (("verified", True), ("verified_always_draft", False)):
-        opts = VerifiedOptions(max_new_tokens=n, max_draft=br.args.max_draft, policy=LOSSY, adaptive_draft=adaptive)
+        draft = DraftOptions(max_draft=br.args.max_draft, policy=LOSSY, adaptive=adaptive)
+        opts = DecodeOptions(max_new_tokens=n, draft=draft)
 
         def run(opts=opts):
-            opts.history.clear()  # keep the last run's rounds (and near-tie count) only
-            opts.tie_rounds = 0
+            opts.draft.clear_record()  # keep the last run's rounds (and near-tie count) only
             return generate_verified(br.engine, br.ids, opts)
 
         out = br.run(mode, run)
-        h = opts.history
+        h = draft.history
         br.res[mode].update(mismatch_report(out, ref, ref_logits, torch.bfloat16),
                             rounds=len(h), rounds_with_draft=sum(k > 0 for k, _ in h),
                             drafted_per_round=statistics.mean(k for k, _ in h) if h else 0,
                             accepted_per_round=statistics.mean(a for _, a in h) if h else 0,
-                            near_tie_rounds=opts.tie_rounds)
+                            near_tie_rounds=draft.tie_rounds)
     del ref_logits
     rounds = {f"{key}_{tag}": recorded for tag, (_, by_key) in schedules.items() for key, recorded in by_key.items()}
     for key, recorded in rounds.items():

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 from pathlib import Path
 
-from _common import pyplot  # first: sets the offline default
+from _common import environment, pyplot, save_figure  # first: sets the offline default
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -83,10 +81,8 @@ def main() -> int:
     flag = torch.tensor([int(same is not False)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     if rank == 0:
-        meta = {"world_size": world, "device": device_description(device),
-                "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        meta = {**environment(str(device)), "world_size": world, "device": device_description(device),
                 "model": args.model, "random_weights": args.random_weights, "dtype": args.dtype,
-                "command": " ".join(["python"] + sys.argv), "time": time.strftime("%FT%TZ", time.gmtime()),
                 "pin_seconds": max(pin_s), "pinned_bytes_per_rank": engine.pinned_bytes,
                 "logits_identical_both_modes": None if same is None else bool(flag.item())}
         write(Path(args.out), meta, rows)
@@ -150,9 +146,7 @@ def plot(path: Path, summary: list[dict], meta: dict) -> None:
     ax.set_ylabel("seconds per switch")
     ax.set_title(f"Re-shard cost, {Path(meta['model']).name} on {meta['device']} x {meta['world_size']}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+from _common import environment  # first: sets the offline default
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -126,11 +126,9 @@ def write(args, world: int, device: torch.device, dims: ModelDims, results: dict
     name = device_description(device)
     memory = torch.cuda.get_device_properties(device).total_memory if on_gpu else args.device_memory_gb * 2**30
     tag = args.tag or f"{'gpu' if on_gpu else 'cpu_gloo'}_{world}proc"
-    meta = {"measured_on": "GPU (NCCL)" if on_gpu else "CPU (gloo processes) - NOT a GPU measurement",
-            "device": name, "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-            "model": args.model, "random_weights": args.random_weights, "dtype": args.dtype,
-            "command": " ".join(["python"] + sys.argv),
-            "dims": dims.__dict__, "time": time.strftime("%FT%TZ", time.gmtime()), "switch_s": switch_s}
+    meta = {**environment(str(device)), "measured_on": "GPU (NCCL)" if on_gpu else "CPU (gloo processes) - NOT a "
+            "GPU measurement", "device": name, "model": args.model, "random_weights": args.random_weights,
+            "dtype": args.dtype, "dims": dims.__dict__, "switch_s": switch_s}
     payload = {"world_size": world, "device_memory_bytes": memory, "switch_cost_ms": 1e3 * float(np.mean(switch_s)),
                "plans": {k: {kk: float(vv) for kk, vv in v["coeffs"].items()} for k, v in results.items()},
                "points": {k: v["points"] for k, v in results.items()}, "meta": meta}

@@ -31,10 +31,11 @@ from tqdm import tqdm
 
 from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig
 from hf_adaptive.precision.controller import PrecisionController
-from hf_adaptive.precision.decode import DecodeOptions, decode
+from hf_adaptive.precision.decode import decode
 from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
+from hf_adaptive.precision.options import DecodeOptions, DraftOptions
 from hf_adaptive.precision.tiers import prepare_tiers
-from hf_adaptive.precision.verified import VerifiedOptions, generate_verified, greedy_with_logits, mismatch_report
+from hf_adaptive.precision.verified import generate_verified, greedy_with_logits, mismatch_report
 
 
 def tiny_llama(dtype: torch.dtype):
@@ -87,13 +88,14 @@ def part_b_case(dtype: torch.dtype, top: str, seed: int, n: int) -> dict:
     ids = torch.randint(1, 512, (1, 12), device="cuda", generator=gen)
     engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=1, max_len=128, verify_len=5))
     ref, logits = greedy_with_logits(engine, ids, n)
-    opts = VerifiedOptions(max_new_tokens=n, max_draft=4, adaptive_draft=False,
-                           policy=PrecisionPolicyConfig(fast_tier="int4", mid_tier=top, top_tier=top))
+    draft = DraftOptions(max_draft=4, adaptive=False,
+                         policy=PrecisionPolicyConfig(fast_tier="int4", mid_tier=top, top_tier=top))
+    opts = DecodeOptions(max_new_tokens=n, draft=draft)
     out = generate_verified(engine, ids, opts)
     top2 = logits[0].topk(2, dim=-1).values
     gaps = (top2[:, 0] - top2[:, 1]).tolist()
     row = {"seed": seed, "median_top2_gap": statistics.median(gaps),
-           "accepted_per_round": statistics.mean(a for _, a in opts.history)}
+           "accepted_per_round": statistics.mean(a for _, a in draft.history)}
     row.update(mismatch_report(out, ref, logits, dtype))
     return row
 

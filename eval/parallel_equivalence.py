@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
-import time
 from pathlib import Path
 
+from _common import environment  # first: sets the offline default
 import torch
 import torch.distributed as dist
 
@@ -120,10 +119,8 @@ def bf16_ok(r: dict, tolerance: float) -> bool:
 def main() -> int:
     args = parse_args()
     rank, world, device = init_distributed()
-    report = {"meta": {"world_size": world, "torch": torch.__version__,
-                       "transformers": __import__("transformers").__version__, "model": args.model,
-                       "device": device_description(device), "command": " ".join(["python"] + sys.argv), "bf16_tolerance": args.bf16_tolerance,
-                       "time": time.strftime("%FT%TZ", time.gmtime())}, "results": {}}
+    report = {"meta": {**environment(str(device)), "world_size": world, "model": args.model,
+                       "device": device_description(device), "bf16_tolerance": args.bf16_tolerance}, "results": {}}
     teacher, fp32_logits = None, None
     for dtype in sorted(args.dtypes, key=lambda d: d != "float32"):  # fp32 first: it anchors the others
         model, tokenizer = load_host_model(args.model, dtype)

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import SERVING_TARGETS, pyplot
+from _common import SERVING_TARGETS, pyplot, save_figure
 from tqdm import tqdm
 
 from hf_adaptive.parallel.comparison import compare_with_static, concurrency_lines, verdict_lines
@@ -137,9 +137,7 @@ def plot(path: Path, rows: dict, meta: dict) -> None:
     mode_bars(axes, rows, [("wall_throughput_tok_s", "throughput (tok/s, wall)"), ("latency_p50_s", "p50 latency (s)"),
                            ("latency_p99_s", "p99 latency (s)")])
     fig.suptitle(f"{meta['device']} x {meta['world_size']}: {Path(meta['trace']).name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ from tqdm import tqdm
 from hf_adaptive.models import load_model
 from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig
 from hf_adaptive.precision.controller import PrecisionController
-from hf_adaptive.precision.decode import DecodeOptions, decode
+from hf_adaptive.precision.decode import decode
 from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
+from hf_adaptive.precision.options import DecodeOptions
 from hf_adaptive.precision.tiers import prepare_tiers
 
 PROMPTS = (

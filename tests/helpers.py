@@ -62,20 +62,22 @@ def decode_both_paths(tiers, ids, policy, max_len: int, new_tokens: int, lag: in
     """Greedy decode with a live PrecisionController on the eager graph path (``decode``) and on the fused
     in-graph-decision path (``FusedStepDecoder``): [(tokens, tiers run, scores recorded)] for each, in that order."""
     from hf_adaptive.precision.controller import PrecisionController
-    from hf_adaptive.precision.decode import DecodeOptions, decode
-    from hf_adaptive.precision.fused_decode import FusedOptions, FusedStepDecoder, decision_for
+    from hf_adaptive.precision.decode import decode
+    from hf_adaptive.precision.fused_decode import FusedStepDecoder, decision_for
     from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
+    from hf_adaptive.precision.options import DecodeOptions
 
     runs = []
     for fused in (False, True):
         ctl = PrecisionController(tiers, policy)
+        opts = DecodeOptions(max_new_tokens=new_tokens, controller=ctl, decision_lag=lag)
         engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=ids.shape[0], max_len=max_len))
         if fused:
             dec = FusedStepDecoder(engine, decision_for(ctl), capacity=new_tokens)
-            out = dec.generate(ids, FusedOptions(max_new_tokens=new_tokens, controller=ctl, decision_lag=lag))
+            out = dec.generate(ids, opts)
             assert dec.graphs or ids.device.type != "cuda", "fused path did not capture graphs on CUDA"
         else:
-            out = decode(engine, ids, DecodeOptions(max_new_tokens=new_tokens, controller=ctl, decision_lag=lag))
+            out = decode(engine, ids, opts)
         ctl.close()
         runs.append((out, ctl.telemetry.tiers, ctl.telemetry.scores))
     return runs

@@ -55,3 +55,26 @@ def test_short_label():
 
     assert short_label("kv:bits=4,residual_length=16,block_size=16") == "kv4 r16 b16"
     assert short_label("precision:high=0.9,low=0.6") == "prec h0.9 l0.6"
+
+
+def test_git_commit_names_this_checkout_and_no_other_repository(tmp_path):
+    """Guards against an installed copy whose site-packages lies inside another repository recording that
+    repository's commit as the provenance of a result."""
+    import importlib.util
+    import re
+    import shutil
+    import subprocess
+
+    from hf_adaptive.evaluation.report import git_commit
+
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", git_commit())
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "t"],
+                   cwd=tmp_path, check=True)
+    site = tmp_path / "venv" / "site-packages" / "hf_adaptive" / "evaluation"
+    site.mkdir(parents=True)
+    shutil.copy(importlib.util.find_spec("hf_adaptive.evaluation.report").origin, site / "report.py")
+    spec = importlib.util.spec_from_file_location("installed_report", site / "report.py")
+    installed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(installed)
+    assert installed.git_commit() == "unknown"

@@ -13,12 +13,13 @@ from hf_adaptive.policy.precision_policy import (PrecisionPolicy, PrecisionPolic
                                                  draft_length, tier_for_score)
 from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_metrics, confidence_score
 from hf_adaptive.precision.controller import PrecisionController, default_policy_config
-from hf_adaptive.precision.decode import DecodeOptions, decode
+from hf_adaptive.precision.decode import decode
 from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
 from hf_adaptive.precision.int4 import choose_group_size, dequantize_int4_reference, int4_linear, pack_int4
+from hf_adaptive.precision.options import DecodeOptions, DraftOptions
 from hf_adaptive.precision.telemetry import PrecisionTelemetry
 from hf_adaptive.precision.tiers import TieredLinear, prepare_tiers
-from hf_adaptive.precision.verified import VerifiedOptions, generate_verified, mismatch_report
+from hf_adaptive.precision.verified import generate_verified, mismatch_report
 
 CFG = PrecisionPolicyConfig(fast_tier="int4", mid_tier="native", top_tier="fp32")
 
@@ -233,13 +234,14 @@ def test_verified_mode_token_identical_tiny(arch, adaptive, tmp_path):
     tiers = prepare_tiers(model, ("int4", "fp32"))
     engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=1, max_len=128, verify_len=5))
     policy = PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32", low=0.3)
-    opts = VerifiedOptions(max_new_tokens=40, max_draft=4, policy=policy, adaptive_draft=adaptive)
+    draft = DraftOptions(max_draft=4, policy=policy, adaptive=adaptive)
+    opts = DecodeOptions(max_new_tokens=40, draft=draft)
     out = generate_verified(engine, ids, opts)
     assert torch.equal(out, ref)
-    rep = opts.telemetry.report()
+    rep = draft.telemetry.report()
     checked = sum(b["checked"] for b in rep["confidence_accuracy"])
     assert checked > 0 and rep["tier_steps"].get("int4", 0) > 0
-    opts.telemetry.plot(tmp_path / "t.png")
+    draft.telemetry.plot(tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 1000
 
 
@@ -266,13 +268,13 @@ def test_verified_mode_settles_near_ties_with_one_token_forwards(margin):
     tiers = prepare_tiers(model, ("int4", "fp32"))
     engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=1, max_len=128, verify_len=5))
     policy = PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32", low=0.3)
-    opts = VerifiedOptions(max_new_tokens=40, max_draft=4, policy=policy, adaptive_draft=False,
-                           tie_margin_steps=margin)
+    draft = DraftOptions(max_draft=4, policy=policy, adaptive=False, tie_margin_steps=margin)
+    opts = DecodeOptions(max_new_tokens=40, draft=draft)
     assert torch.equal(generate_verified(engine, ids, opts), ref)
-    assert opts.tie_rounds > 0
-    assert opts.tie_rounds <= sum(1 for k, _ in opts.history if k)  # a draft-less round is never re-run
+    assert draft.tie_rounds > 0
+    assert draft.tie_rounds <= sum(1 for k, _ in draft.history if k)  # a draft-less round is never re-run
     if margin < 1e6:  # some rows clear a moderate margin: their drafts are still accepted
-        assert any(acc > 0 for _, acc in opts.history)
+        assert any(acc > 0 for _, acc in draft.history)
 
 
 @pytest.mark.slow
@@ -286,11 +288,12 @@ def test_verified_mode_compiled_engine_token_identical_tiny():
     tiers = prepare_tiers(model, ("int4", "fp32"))
     engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=1, max_len=96, verify_len=5, compile=True))
     policy = PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32", low=0.3)
-    opts = VerifiedOptions(max_new_tokens=24, max_draft=4, policy=policy)
+    draft = DraftOptions(max_draft=4, policy=policy)
+    opts = DecodeOptions(max_new_tokens=24, draft=draft)
     out = generate_verified(engine, ids, opts)
     assert not dict(torch._dynamo.utils.counters["graph_break"])
     assert torch.equal(out, ref)
-    assert any(k > 0 for k, _ in opts.history)  # the int4 draft graph really ran
+    assert any(k > 0 for k, _ in draft.history)  # the int4 draft graph really ran
 
 
 @pytest.mark.slow
@@ -302,8 +305,9 @@ def test_verified_mode_token_identical_smollm2(smollm2):
     tiers = prepare_tiers(model, ("int4", "fp32"))
     try:
         engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=1, max_len=64, verify_len=4))
-        opts = VerifiedOptions(max_new_tokens=12, max_draft=3,
-                               policy=PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32"))
+        policy = PrecisionPolicyConfig(fast_tier="int4", mid_tier="fp32", top_tier="fp32")
+        draft = DraftOptions(max_draft=3, policy=policy)
+        opts = DecodeOptions(max_new_tokens=12, draft=draft)
         assert torch.equal(generate_verified(engine, ids, opts), ref)
     finally:
         _unprepare(model)

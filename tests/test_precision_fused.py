@@ -12,10 +12,11 @@ from hf_adaptive.policy.precision_policy import (PrecisionPolicy, PrecisionPolic
                                                  expected_tokens_per_round, tier_for_score, verified_speedup)
 from hf_adaptive.precision.confidence import confidence_score
 from hf_adaptive.precision.controller import PrecisionController
-from hf_adaptive.precision.decode import DecodeOptions, decode
+from hf_adaptive.precision.decode import decode
 from hf_adaptive.precision.device_decision import DeviceDecision
-from hf_adaptive.precision.fused_decode import FusedOptions, FusedStepDecoder, decision_for
+from hf_adaptive.precision.fused_decode import FusedStepDecoder, decision_for
 from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
+from hf_adaptive.precision.options import DecodeOptions
 from hf_adaptive.precision.tiers import prepare_tiers
 
 LADDER = ("int4", "native", "fp32")
@@ -78,7 +79,7 @@ def test_fused_decode_dwell_and_fixed_tiers():
     ctl = PrecisionController(tiers, policy)
     engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=1, max_len=64))
     dec = FusedStepDecoder(engine, decision_for(ctl), capacity=32)
-    dec.generate(ids, FusedOptions(max_new_tokens=30, controller=ctl))
+    dec.generate(ids, DecodeOptions(max_new_tokens=30, controller=ctl))
     ran, scores = ctl.telemetry.tiers, ctl.telemetry.scores
     host = PrecisionPolicy(policy)
     assert ran == ["fp32"] + [host.decide([s]) for s in scores[:-1]] and ctl.telemetry.switches >= 1
@@ -86,11 +87,11 @@ def test_fused_decode_dwell_and_fixed_tiers():
     schedule = ("int4", "fp32", "native", "int4")
     for opts in (dict(tier="int4"), dict(schedule=schedule), dict(tier="fp32")):
         ref = decode(engine, ids, DecodeOptions(max_new_tokens=20, **opts))
-        assert torch.equal(plain.generate(ids, FusedOptions(max_new_tokens=20, **opts)), ref)
+        assert torch.equal(plain.generate(ids, DecodeOptions(max_new_tokens=20, **opts)), ref)
     with pytest.raises(ValueError, match="capacity"):
-        plain.generate(ids, FusedOptions(max_new_tokens=33))
+        plain.generate(ids, DecodeOptions(max_new_tokens=33))
     with pytest.raises(ValueError, match="decision_for"):
-        plain.generate(ids, FusedOptions(max_new_tokens=4, controller=ctl))
+        plain.generate(ids, DecodeOptions(max_new_tokens=4, controller=ctl))
     ctl.close()
 
 
@@ -160,7 +161,7 @@ def test_compiled_fused_step_matches_eager_step():
         ctl = PrecisionController(tiers, policy, read_raw_logits=False)
         engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=1, max_len=48))
         dec = FusedStepDecoder(engine, decision_for(ctl), capacity=16, compile_step=compiled)
-        out = dec.generate(ids, FusedOptions(max_new_tokens=16, controller=ctl, schedule=("int4",)))
+        out = dec.generate(ids, DecodeOptions(max_new_tokens=16, controller=ctl, schedule=("int4",)))
         ctl.close()
         runs.append((out, ctl.telemetry.scores))
     breaks = dict(torch._dynamo.utils.counters["graph_break"])
@@ -197,7 +198,7 @@ def test_device_decision_has_no_host_read():
     tiers = _tiers()  # the whole fused step: forward, token pick, position advance, decision
     dec = FusedStepDecoder(GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=2, max_len=32)),
                            DeviceDecision(policy, LADDER), capacity=8)
-    dec.generate(_prompt(2), FusedOptions(max_new_tokens=2))
+    dec.generate(_prompt(2), DecodeOptions(max_new_tokens=2))
     with _Ops() as ops, tiers.use("int4"):
         dec._step()
     assert not host_reads(ops.names) and "index_copy_.default" in ops.names, ops.names
@@ -231,7 +232,7 @@ def test_lazy_capture_warm_up_mid_generation_changes_nothing():
     engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=2, max_len=10 + n + 2))
     plain = FusedStepDecoder(engine, DeviceDecision(PrecisionPolicyConfig(
         fast_tier="int4", mid_tier="native", top_tier="fp32"), LADDER), capacity=n)
-    ref = plain.generate(ids, FusedOptions(max_new_tokens=n, schedule=schedule))
+    ref = plain.generate(ids, DecodeOptions(max_new_tokens=n, schedule=schedule))
     lazy = FusedStepDecoder(engine, plain.decision, capacity=n)
 
     class _EagerGraph:
@@ -249,5 +250,5 @@ def test_lazy_capture_warm_up_mid_generation_changes_nothing():
 
     lazy._capture = capture
     engine.use_graphs, engine.graphs = True, {("unused", 0): None}  # engine's own graphs are not used here
-    out = lazy.generate(ids, FusedOptions(max_new_tokens=n, schedule=schedule))
+    out = lazy.generate(ids, DecodeOptions(max_new_tokens=n, schedule=schedule))
     assert set(lazy.graphs) == set(LADDER) and torch.equal(out, ref)

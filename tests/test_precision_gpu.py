@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig
-from hf_adaptive.precision.decode import DecodeOptions, decode
+from hf_adaptive.precision.decode import decode
 from hf_adaptive.precision.fp8 import fp8_linear, fp8_supported, pack_fp8
 from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
 from hf_adaptive.precision.int4 import dequantize_int4_reference, int4_linear, pack_int4
+from hf_adaptive.precision.options import DecodeOptions, DraftOptions
 from hf_adaptive.precision.tiers import prepare_tiers
-from hf_adaptive.precision.verified import VerifiedOptions, generate_verified, greedy_with_logits, mismatch_report
+from hf_adaptive.precision.verified import generate_verified, greedy_with_logits, mismatch_report
 
 pytestmark = pytest.mark.gpu
 
@@ -109,9 +110,10 @@ def _verified_vs_greedy(dtype: torch.dtype, top: str, seed: int, n: int = 48):
     engine = GraphDecodeEngine(tiers, GraphDecodeConfig(batch_size=1, max_len=128, verify_len=5))
     ref, ref_logits = greedy_with_logits(engine, ids, n)
     policy = PrecisionPolicyConfig(fast_tier="int4", mid_tier=top, top_tier=top)
-    opts = VerifiedOptions(max_new_tokens=n, max_draft=4, policy=policy, adaptive_draft=False)
+    draft = DraftOptions(max_draft=4, policy=policy, adaptive=False)
+    opts = DecodeOptions(max_new_tokens=n, draft=draft)
     out = generate_verified(engine, ids, opts)
-    assert any(a > 0 for _, a in opts.history), "no draft was ever accepted: verify path not exercised"
+    assert any(a > 0 for _, a in draft.history), "no draft was ever accepted: verify path not exercised"
     return out, ref, ref_logits
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_adaptive.precision.decode import DecodeOptions, pick_tokens
+from hf_adaptive.precision.decode import pick_tokens
+from hf_adaptive.precision.options import DecodeOptions
 from hf_adaptive.precision.sampling import sample_tokens
 
 

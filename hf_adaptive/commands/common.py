@@ -1,5 +1,5 @@
-"""What the generating subcommands (``generate``, ``precision``) share: loading the model offline, the chat
-prompt, the sampling switch and a wall clock that waits for the GPU.
+"""What the generating subcommands (``generate``, ``precision``) share: their common arguments, loading the model
+offline, the chat prompt, the sampling switch and a wall clock that waits for the GPU.
 
 Contract: argparse namespaces and plain values in; no printing. Imports torch lazily, so ``hf-adaptive --help``
 stays fast.
@@ -7,12 +7,31 @@ stays fast.
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from hf_adaptive.devices import device_argument
+from hf_adaptive.validation import arg_number
+
 SAMPLING_TEMPERATURE = 0.7  # --sample: mild sampling; greedy otherwise
+MODEL_HELP = ("embedded model name (default smollm2-135m-instruct), checkpoint directory, .gguf file, or a Hugging "
+              "Face Hub id (org/name: fetched when the network allows, else read from the local Hugging Face cache)")
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser, default_prompt: str, max_new_tokens: int,
+                             sample_help: str, json_help: str) -> None:
+    """The arguments every generating subcommand takes: the prompt, ``--model``, ``--max-new-tokens``,
+    ``--sample``, ``--device`` and ``--json`` (read back by ``load_for_command`` and the commands)."""
+    parser.add_argument("prompt", nargs="?", default=default_prompt, help="the user message")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
+    parser.add_argument("--max-new-tokens", type=arg_number(minimum=1, integer=True), default=max_new_tokens)
+    parser.add_argument("--sample", action="store_true", help=sample_help)
+    parser.add_argument("--device", default=None, type=device_argument,
+                        help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--json", dest="json_path", default=None, help=json_help)
 
 
 def load_for_command(args: Any) -> tuple[Any, Any]:

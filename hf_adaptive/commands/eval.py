@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hf_adaptive.commands.common import MODEL_HELP
 from hf_adaptive.devices import device_argument
 from hf_adaptive.evaluation.data import DEFAULT_DEV_SET, DEFAULT_PPL_TEXT
 from hf_adaptive.models import DTYPES, check_device, offline_unless_hub
@@ -28,8 +29,7 @@ POSITIVE_INT = arg_number(minimum=1, integer=True)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="embedded model name, checkpoint dir or .gguf (default smollm2-135m-instruct)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--device", default=None, type=device_argument,
                         help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto (bf16 on CUDA, fp32 on CPU), or a dtype")

@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from hf_adaptive.commands.common import chat_inputs, load_for_command, sampling_kwargs, wall_clock
-
-from hf_adaptive.devices import device_argument
+from hf_adaptive.commands.common import (
+    add_generation_arguments,
+    chat_inputs,
+    load_for_command,
+    sampling_kwargs,
+    wall_clock,
+)
 from hf_adaptive.validation import arg_number
 
 DEFAULT_PROMPT = "Explain in three sentences why a key-value cache makes text generation faster."
@@ -20,10 +24,9 @@ DEFAULT_PROMPT = "Explain in three sentences why a key-value cache makes text ge
 def generate_command_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("generate", help="generate text with the adaptive KV cache",
                                    description=__doc__.splitlines()[0])
-    parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the user message")
-    parser.add_argument("--model", default=None,
-                        help="embedded model name, checkpoint directory or .gguf file "
-                             "(default: the embedded SmolLM2-135M-Instruct)")
+    add_generation_arguments(parser, DEFAULT_PROMPT, max_new_tokens=128,
+                             sample_help="sample (temperature 0.7) instead of greedy",
+                             json_help="also write the full report here")
     parser.add_argument("--memory-budget", default=None,
                         help="KV byte budget, e.g. 256KiB or 2GiB; the cache steps down to 8 and 4 bits to stay under it")
     parser.add_argument("--gpu-memory-fraction", type=arg_number(minimum=0.0, maximum=1.0, min_open=True),
@@ -32,11 +35,6 @@ def generate_command_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--fixed-bits", type=int, default=None, choices=(8, 4, 2),
                         help="store every cold token at this precision, ignoring pressure")
     parser.add_argument("--backend", default="torch", choices=("torch", "hqq"), help="KV quantizer")
-    parser.add_argument("--max-new-tokens", type=arg_number(minimum=1, integer=True), default=128)
-    parser.add_argument("--sample", action="store_true", help="sample (temperature 0.7) instead of greedy")
-    parser.add_argument("--device", default=None, type=device_argument,
-                        help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--json", dest="json_path", default=None, help="also write the full report here")
     parser.set_defaults(func=generate_command)
     return parser
 

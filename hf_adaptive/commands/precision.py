@@ -13,9 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from hf_adaptive.commands.common import chat_inputs, load_for_command, sampling_kwargs, wall_clock
-
-from hf_adaptive.devices import device_argument
+from hf_adaptive.commands.common import (
+    add_generation_arguments,
+    chat_inputs,
+    load_for_command,
+    sampling_kwargs,
+    wall_clock,
+)
 from hf_adaptive.validation import arg_number
 
 DEFAULT_PROMPT = "Write a haiku about autumn leaves."
@@ -24,20 +28,16 @@ DEFAULT_PROMPT = "Write a haiku about autumn leaves."
 def precision_command_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("precision", help="generate with confidence-driven precision switching",
                                    description=__doc__.splitlines()[0])
-    parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the user message")
-    parser.add_argument("--model", default=None, help="embedded model name or checkpoint dir (default SmolLM2)")
+    add_generation_arguments(parser, DEFAULT_PROMPT, max_new_tokens=64,
+                             sample_help="lossy mode: sample (temperature 0.7)",
+                             json_help="write the telemetry report here")
     parser.add_argument("--mode", default="lossy", choices=("lossy", "graph", "verified"))
     parser.add_argument("--tiers", default=None,
                         help="comma list from int4,fp8,native,fp32 (default int4,native on CUDA, int4,fp32 on CPU)")
-    parser.add_argument("--max-new-tokens", type=arg_number(minimum=1, integer=True), default=64)
     parser.add_argument("--int4-kernel", default="auto", choices=("auto", "triton", "tinygemm"),
                         help="CUDA int4 kernel (auto = tinygemm, the fastest at one row; triton: ours)")
     parser.add_argument("--max-draft", type=arg_number(minimum=1, integer=True), default=4,
                         help="verified mode: most tokens drafted per round")
-    parser.add_argument("--sample", action="store_true", help="lossy mode: sample (temperature 0.7)")
-    parser.add_argument("--device", default=None, type=device_argument,
-                        help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--json", dest="json_path", default=None, help="write the telemetry report here")
     parser.add_argument("--plot", default=None, help="write the telemetry PNG here")
     parser.set_defaults(func=precision_command)
     return parser
@@ -85,25 +85,27 @@ def _run_lossy(tiers, ids, args):
 
 def _run_graph(tiers, ids, args):
     from hf_adaptive.precision.controller import PrecisionController
-    from hf_adaptive.precision.fused_decode import FusedOptions, FusedStepDecoder, decision_for
+    from hf_adaptive.precision.fused_decode import FusedStepDecoder, decision_for
     from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
+    from hf_adaptive.precision.options import DecodeOptions
 
     with PrecisionController(tiers, read_raw_logits=False) as ctl:
         engine = GraphDecodeEngine(tiers, GraphDecodeConfig(max_len=ids.shape[1] + args.max_new_tokens + 8))
         decoder = FusedStepDecoder(engine, decision_for(ctl), capacity=args.max_new_tokens)
-        out = decoder.generate(ids, FusedOptions(max_new_tokens=args.max_new_tokens, controller=ctl,
-                                                 decision_lag=1))
+        out = decoder.generate(ids, DecodeOptions(max_new_tokens=args.max_new_tokens, controller=ctl,
+                                                  decision_lag=1))
     return out[0], ctl.telemetry
 
 
 def _run_verified(tiers, ids, args):
     from hf_adaptive.precision.controller import default_policy_config
     from hf_adaptive.precision.graph_decode import GraphDecodeConfig, GraphDecodeEngine
-    from hf_adaptive.precision.verified import VerifiedOptions, generate_verified
+    from hf_adaptive.precision.options import DecodeOptions, DraftOptions
+    from hf_adaptive.precision.verified import generate_verified
 
     cfg = GraphDecodeConfig(max_len=ids.shape[1] + args.max_new_tokens + args.max_draft + 8,
                             verify_len=args.max_draft + 1)
-    opts = VerifiedOptions(max_new_tokens=args.max_new_tokens, max_draft=args.max_draft,
-                           policy=default_policy_config(tiers))
+    draft = DraftOptions(max_draft=args.max_draft, policy=default_policy_config(tiers))
+    opts = DecodeOptions(max_new_tokens=args.max_new_tokens, draft=draft)
     out = generate_verified(GraphDecodeEngine(tiers, cfg), ids, opts)
-    return out[0], opts.telemetry
+    return out[0], draft.telemetry

@@ -24,12 +24,16 @@ from typing import Any
 def git_commit(repo_dir: Path | None = None) -> str:
     """``HEAD``'s hash (with ``+dirty`` when the tree has changes), or ``"unknown"`` outside git.
 
+    Without ``repo_dir``: the checkout this package runs from, and ``"unknown"`` for an installed copy (its
+    site-packages may sit inside another project's repository, whose commit would be a false provenance).
     ``$HF_ADAPTIVE_GIT_COMMIT``, when set, wins: a tree copied to another machine (a lent GPU host) may carry a
     stale ``.git``, so the caller names the commit it copied.
     """
     if os.environ.get("HF_ADAPTIVE_GIT_COMMIT"):
         return os.environ["HF_ADAPTIVE_GIT_COMMIT"]
     cwd = repo_dir or Path(__file__).resolve().parents[2]
+    if repo_dir is None and not (cwd / "pyproject.toml").is_file():
+        return "unknown"
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -137,6 +141,14 @@ def headless_pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Lay ``fig`` out, write it to ``path`` as a PNG and free it (a script that plots in a loop keeps no figures)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    headless_pyplot().close(fig)
+    return Path(path)
+
+
 def plot_pareto(path: str | Path, labels: Sequence[str], speedups: Sequence[float], scores: Sequence[float],
                 title: str, y_label: str = "BLEU",
                 x_label: str = "speedup vs baseline (x, higher is faster)", show_front: bool = True) -> Path:
@@ -159,10 +171,7 @@ def plot_pareto(path: str | Path, labels: Sequence[str], speedups: Sequence[floa
     ax.grid(alpha=0.3)
     if show_front:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_bars(path: str | Path, labels: Sequence[str], values: Sequence[float], title: str,
@@ -177,7 +186,4 @@ def plot_bars(path: str | Path, labels: Sequence[str], values: Sequence[float], 
     ax.set_ylabel(y_label)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

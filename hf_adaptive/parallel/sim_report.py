@@ -73,7 +73,7 @@ def mode_bars(axes: Any, rows: dict[str, dict], panels: list[tuple[str, str]]) -
 
 
 def _plot(trace_name: str, rows: list[dict], adaptive: SimResult, path: Path) -> None:
-    from hf_adaptive.evaluation.report import headless_pyplot
+    from hf_adaptive.evaluation.report import headless_pyplot, save_figure
 
     plt = headless_pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
@@ -86,6 +86,4 @@ def _plot(trace_name: str, rows: list[dict], adaptive: SimResult, path: Path) ->
     axes[3].set_title("adaptive plan over time")
     axes[3].set_xlabel("s")
     fig.suptitle(trace_name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

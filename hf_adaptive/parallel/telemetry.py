@@ -121,7 +121,7 @@ def _markdown(payload: dict[str, Any]) -> str:
 
 
 def _plot(telemetry: Telemetry, path: Path, title: str) -> None:
-    from hf_adaptive.evaluation.report import headless_pyplot
+    from hf_adaptive.evaluation.report import headless_pyplot, save_figure
 
     plt = headless_pyplot()
 
@@ -139,6 +139,4 @@ def _plot(telemetry: Telemetry, path: Path, title: str) -> None:
         ax2.plot([t for t, _ in telemetry.memory], [max(m, default=0.0) for _, m in telemetry.memory])
     ax2.set_ylabel("max memory fraction")
     ax2.set_xlabel("time (s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

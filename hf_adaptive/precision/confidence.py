@@ -6,7 +6,7 @@ batch all host reads of a step into one transfer.
 
 Default score: ``0.5*p_max + 0.3*(1 - entropy/4) + 0.2*margin/10`` clamped to [0, 1], with
 entropy in nats and margin the top-1 minus top-2 logit. Weights and normalisers are configurable
-through ``ConfidenceWeights``; ``variance_weight`` adds ``variance/variance_scale`` (0 by default).
+through ``ConfidenceWeights``; its ``variance`` weight adds ``variance/variance_scale`` (0 by default).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from hf_adaptive.validation import check_number
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,11 @@ class ConfidenceWeights:
     variance_scale: float = 100.0
 
     def __post_init__(self) -> None:
+        for name in ("p_max", "entropy", "margin", "variance"):
+            check_number(getattr(self, name), f"ConfidenceWeights.{name}", minimum=0, fix=f"{name}=0.5 (0: unused)")
         for name in ("entropy_scale_nats", "margin_scale", "variance_scale"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ConfidenceWeights.{name} must be > 0, got {getattr(self, name)}")
+            check_number(getattr(self, name), f"ConfidenceWeights.{name}", minimum=0, min_open=True,
+                         fix=f"{name}=4.0")
 
 
 def confidence_metrics(logits: torch.Tensor, variance: bool = True) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ This is the general loop (sampling, agreement checks) with the controller's conf
 pick run eagerly between graph replays; for greedy decoding ``fused_decode.FusedStepDecoder`` moves
 both into the captured step (measured controller overhead: see eval/bench_precision.py).
 
-Contract: ``decode(engine, input_ids, options)`` returns the new tokens (B, max_new_tokens). The tier of
+Contract: ``decode(engine, input_ids, DecodeOptions(...))`` returns the new tokens (B, max_new_tokens). The tier of
 each step comes from, in this order: a ``PrecisionController`` (decides from the raw logits of the step
 before), a recorded ``schedule`` (tier names, replayed cyclically: for benchmarks on random weights), or
 the fixed ``tier`` (default: the top tier). ``decision_lag=1`` lets the controller decide from the step
@@ -17,29 +17,12 @@ so its KV is what the lossy run keeps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from hf_adaptive.precision.confidence import confidence_score
-from hf_adaptive.precision.controller import PrecisionController
 from hf_adaptive.precision.graph_decode import GraphDecodeEngine
+from hf_adaptive.precision.options import DecodeOptions
 from hf_adaptive.precision.sampling import sample_tokens
-
-
-@dataclass
-class DecodeOptions:
-    """How ``decode`` picks tiers and tokens."""
-
-    max_new_tokens: int = 32
-    controller: PrecisionController | None = None
-    schedule: tuple[str, ...] | None = None
-    tier: str | None = None
-    do_sample: bool = False
-    temperature: float = 1.0
-    generator: torch.Generator | None = None
-    agreement_every: int = 0
-    decision_lag: int = 0  # 1: controller decides from the previous step (no host wait; see observe_lagged)
 
 
 def pick_tokens(logits: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
@@ -75,6 +58,7 @@ def _check_agreement(engine: GraphDecodeEngine, tier: str, tok: torch.Tensor,
 @torch.no_grad()
 def decode(engine: GraphDecodeEngine, input_ids: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
     """Prefill then ``opts.max_new_tokens`` decode steps; returns (B, max_new_tokens) token ids."""
+    opts.refuse("decode", ("draft",), "verified mode runs through generate_verified(engine, input_ids, opts)")
     if opts.controller is not None:
         opts.controller.reset()
     logits = engine.prefill(input_ids)  # (B, V), top tier

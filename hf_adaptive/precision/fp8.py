@@ -25,6 +25,10 @@ class Fp8Weight:
     def nbytes(self) -> int:
         return self.weight.numel() + self.scale.numel() * 4
 
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``fp8_linear(x, self)``: the ``WeightFormat`` call."""
+        return fp8_linear(x, self)
+
 
 def fp8_supported(device: torch.device) -> bool:
     """True where ``_scaled_mm`` with e4m3 runs: CUDA compute capability >= 8.9."""

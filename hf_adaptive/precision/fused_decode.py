@@ -1,13 +1,13 @@
 """Greedy tier-switching decode where each captured step also picks its token and its next tier.
 
-Contract: ``FusedStepDecoder(engine, decision, capacity).generate(input_ids, FusedOptions(...))`` returns
+Contract: ``FusedStepDecoder(engine, decision, capacity).generate(input_ids, DecodeOptions(...))`` returns
 (B, max_new_tokens) greedy tokens. Each tier has ONE captured graph that runs the model forward at the
 engine's static position, takes the argmax, writes it into the next step's input and into the output
 buffer, advances the position, and (with a ``DeviceDecision``) computes the confidences, the batch score
 and the next tier's ladder index into a (1 + B,) ``status`` tensor. The host per step only replays a
 graph, queues one non-blocking copy of ``status`` into a pinned ring buffer and records an event.
 
-Decision lag (``FusedOptions.decision_lag``):
+Decision lag (``DecodeOptions.decision_lag``):
 - 0: before step s the host waits on step s-1's event (one small sync per step, the
   default semantics: each decision applies to the very next forward); the GPU idles for that wake-up, the
   host's decision and the next launch;
@@ -24,32 +24,16 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 
 from hf_adaptive.precision.controller import PrecisionController
 from hf_adaptive.precision.device_decision import DeviceDecision
 from hf_adaptive.precision.graph_decode import GraphDecodeEngine
+from hf_adaptive.precision.options import DecodeOptions
 from hf_adaptive.precision.telemetry import read_with_wait
 
 RING_SLOTS = 4  # pinned status slots; lag <= RING_SLOTS - 2 never overwrites an unread slot
-
-
-@dataclass
-class FusedOptions:
-    """Where the tier of each step comes from (see the module docstring)."""
-
-    max_new_tokens: int = 32
-    controller: PrecisionController | None = None
-    schedule: tuple[str, ...] | None = None
-    tier: str | None = None
-    decision_lag: int = 0
-
-    def __post_init__(self) -> None:
-        if self.decision_lag not in (0, 1):
-            raise ValueError(f"FusedOptions.decision_lag must be 0 or 1, got {self.decision_lag}; "
-                             "0 = decide from the step just run (one event wait), 1 = never wait")
 
 
 def decision_for(controller: PrecisionController) -> DeviceDecision:
@@ -157,8 +141,11 @@ class FusedStepDecoder:
         self._emit(prefill_logits)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, opts: FusedOptions) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
         """Prefill (top tier, eager) then ``max_new_tokens - 1`` captured steps; returns (B, N) tokens."""
+        opts.refuse("FusedStepDecoder.generate", ("do_sample", "agreement_every", "draft"),
+                    "this loop is greedy; sampling and agreement checks run through decode.decode, drafts "
+                    "through generate_verified")
         n = opts.max_new_tokens
         if not 1 <= n <= self.capacity:
             raise ValueError(f"FusedStepDecoder.generate: max_new_tokens must be in [1, {self.capacity}] "
@@ -178,7 +165,7 @@ class FusedStepDecoder:
 class _Loop:
     """The host side of one ``generate``: pick a tier, replay, publish; telemetry per status read."""
 
-    def __init__(self, dec: FusedStepDecoder, opts: FusedOptions) -> None:
+    def __init__(self, dec: FusedStepDecoder, opts: DecodeOptions) -> None:
         self.dec, self.opts, self.ctl = dec, opts, opts.controller
         self.ran = [dec.engine.tiers.top]  # tier that produced status j (0 = prefill)
         self.reads = dec.decision is not None and (self.ctl is not None)

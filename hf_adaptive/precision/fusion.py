@@ -1,8 +1,8 @@
 """Sibling linears that read the same input run as ONE matmul per tier: q/k/v, and gate/up.
 
-Why: a decode step at batch 1 under a CUDA graph is launch- and latency-bound, not byte-bound (the
-Llama-1B graph step measured ~3.6x its byte floor on an H100); k_proj / v_proj at batch 1 are tiny
-kernels that cost nearly what q_proj costs. One matmul over the concatenated weight (N_q + N_k + N_v, K)
+Why: a decode step at batch 1 under a CUDA graph is launch- and latency-bound, not byte-bound: k_proj / v_proj
+at batch 1 are tiny kernels that cost nearly what q_proj costs (per-linear times against their byte floor:
+``precision_int4_kernels_*`` in eval/results/README.md). One matmul over the concatenated weight (N_q + N_k + N_v, K)
 replaces three, and gate/up two; each member returns a column slice (a view, no copy).
 
 Contract: ``fuse_siblings(handle, group_size)`` (called by ``prepare_tiers(..., fuse=True)``) finds, in

@@ -29,6 +29,7 @@ from transformers import StaticCache
 
 from hf_adaptive.compat import cache_kwarg_name
 from hf_adaptive.precision.tiers import PrecisionTiers
+from hf_adaptive.validation import check_number, check_type
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,11 @@ _DETERMINISTIC_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 
 @dataclass(frozen=True)
 class GraphDecodeConfig:
-    """Shapes fixed at capture time."""
+    """The engine's shapes, fixed at capture time for its whole life (one config per engine).
+
+    Not the per-call options: how one decode call picks tiers and tokens is ``options.DecodeOptions``,
+    which may change from call to call on the same engine.
+    """
 
     batch_size: int = 1
     max_len: int = 512
@@ -54,9 +59,12 @@ class GraphDecodeConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.max_len < 2 or self.verify_len < 0:
-            raise ValueError(f"GraphDecodeConfig: need batch_size >= 1, max_len >= 2, verify_len >= 0; got "
-                             f"{self.batch_size}, {self.max_len}, {self.verify_len}")
+        for name, minimum, fix in (("batch_size", 1, "batch_size=1"), ("max_len", 2, "max_len=512"),
+                                   ("verify_len", 0, "verify_len=5 (max_draft + 1), or 0"),
+                                   ("warmup_iters", 0, "warmup_iters=2")):
+            check_number(getattr(self, name), f"GraphDecodeConfig.{name}", minimum=minimum, integer=True, fix=fix)
+        check_type(self.use_cuda_graphs, "GraphDecodeConfig.use_cuda_graphs", (bool, type(None)),
+                   "use_cuda_graphs=None (on when the model is on CUDA)")
 
 
 class GraphDecodeEngine:

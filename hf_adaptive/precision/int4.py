@@ -42,6 +42,22 @@ class Int4Weight:
         return self.packed.numel() * self.packed.element_size() + \
             self.scales_zeros.numel() * self.scales_zeros.element_size()
 
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``int4_linear(x, self)``: the ``WeightFormat`` call."""
+        return int4_linear(x, self)
+
+    @property
+    def kernel(self) -> str:
+        return "tinygemm"
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        return self.scales_zeros.dtype
+
+    def reference_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """The packed layout is the kernel's own, so the reference re-quantizes the original ``weight``."""
+        return dequantize_int4_reference(weight, self.group_size)
+
 
 def choose_group_size(in_features: int, out_features: int, preferred: int = 128,
                       out_multiple: int = OUT_MULTIPLE["cuda"]) -> int | None:

@@ -82,6 +82,22 @@ class TritonInt4Weight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
 
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``int4_triton_linear(x, self)``: the ``WeightFormat`` call."""
+        return int4_triton_linear(x, self)
+
+    @property
+    def kernel(self) -> str:
+        return f"Triton ({self.gemv})"
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    def reference_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """Unpacked from this weight's own codes (``weight``, the original, is not needed)."""
+        return dequantize_triton_int4(self)
+
 
 def triton_group_size(in_features: int, out_features: int, preferred: int = 128) -> int | None:
     """Largest group size <= ``preferred`` this layout accepts (K divisible, N even), else None."""

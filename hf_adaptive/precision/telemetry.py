@@ -105,11 +105,9 @@ class PrecisionTelemetry:
 
     def plot(self, path: str | Path, title: str = "precision switching") -> None:
         """Three panels: tier usage, confidence histogram, agreement with the top tier per bucket."""
-        import matplotlib
+        from hf_adaptive.evaluation.report import headless_pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = headless_pyplot()
         rep = self.report()
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
         tiers = sorted(rep["tier_fraction"])
@@ -126,6 +124,4 @@ class PrecisionTelemetry:
         axes[2].set_title("low-tier token == top-tier token")
         axes[2].set_xlabel("confidence")
         fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_figure(fig, path, dpi=110)

@@ -13,16 +13,17 @@ uses. Tiers, cheapest first:
 - ``"native"``: the 16-bit weight (the model's own if it is bf16/fp16, else a bf16 copy).
 - ``"fp32"``: the fp32 weight; only for models kept in fp32.
 
+Each tier's weight is a ``weight_format.WeightFormat`` (``DenseWeight``, ``Int4Weight``, ``TritonInt4Weight``,
+``Fp8Weight``): ``TieredLinear`` packs it in ``add_format`` and otherwise only calls its ``linear`` and ``nbytes``.
+
 The selector is a plain Python attribute, read when a forward runs: eager code follows it each step,
 while a captured CUDA graph bakes the tier it was captured under (so ``graph_decode`` captures one graph
 per tier). Memory: every tier keeps its own copy of the tiered linears; a tier in the model's own dtype
 shares the original weight (counted in ``memory_bytes``: for a tied lm_head that is the embedding
 matrix, which the model holds anyway). int4 costs 0.5 byte per weight plus a bf16 (scale, zero) pair
-per group: ~0.27x of bf16 at g=128, ~0.28x at g=64. ``handle.memory_bytes()`` with lm_head tiered:
-SmolLM2-135M fp32, int4 + fp32: int4 82.4 MB next to 537.9 MB fp32 (+15 %; the fp32 figure includes
-the tied 113 MB embedding); Llama-3.2-1B shape bf16, int4 + native: 0.66 GB int4 next to 2.47 GB
-native (+27 %; computed from the shapes: 0.517 + 0.140 GB, 1.946 + 0.525 GB). Fusion adds nothing: the
-members' weights become views of the fused one.
+per group: (0.5 + 4 / g) / 2 of bf16, ~0.27x at g=128, ~0.28x at g=64. ``handle.memory_bytes()`` gives each
+tier's bytes; a benchmark records them as ``tier_weight_bytes`` (the precision results in
+eval/results/README.md). Fusion adds nothing: the members' weights become views of the fused one.
 """
 
 from __future__ import annotations
@@ -35,17 +36,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from hf_adaptive.precision.fp8 import Fp8Weight, fp8_linear, pack_fp8
+from hf_adaptive.precision.fp8 import pack_fp8
 from hf_adaptive.precision.fusion import fuse_siblings
-from hf_adaptive.precision.int4 import Int4Weight, choose_group_size, int4_linear, out_multiple_for, pack_int4
-from hf_adaptive.precision.int4_triton import (
-    HAS_TRITON,
-    TritonInt4Weight,
-    dequantize_triton_int4,
-    int4_triton_linear,
-    pack_int4_triton,
-    triton_group_size,
-)
+from hf_adaptive.precision.int4 import choose_group_size, out_multiple_for, pack_int4
+from hf_adaptive.precision.int4_triton import HAS_TRITON, pack_int4_triton, triton_group_size
+from hf_adaptive.precision.weight_format import DenseWeight, Int4Format, WeightFormat
 from hf_adaptive.validation import check_decoder_only, check_number, check_type
 
 logger = logging.getLogger(__name__)
@@ -71,7 +66,7 @@ class TieredLinear(nn.Module):
         self.selector = selector
         self.bias = linear.bias
         self.weight = linear.weight  # the original parameter (keeps state_dict / tying intact)
-        self.formats: dict[str, object] = {}
+        self.formats: dict[str, WeightFormat] = {}  # tier -> this layer's weight in that tier's format
         self.group = None  # a fusion.FusedGroup computing this layer's output with its siblings'
         self.group_index, self.group_slice = 0, slice(None)
 
@@ -79,9 +74,9 @@ class TieredLinear(nn.Module):
         """Prepare ``tier``; returns False (and keeps the 16-bit weight for it) if the shape cannot."""
         w = self.weight.detach()
         if tier == "fp32":
-            self.formats[tier] = w if w.dtype == torch.float32 else w.float()
+            self.formats[tier] = DenseWeight(w if w.dtype == torch.float32 else w.float())
         elif tier == "native":
-            self.formats[tier] = w if w.dtype in (torch.bfloat16, torch.float16) else w.to(torch.bfloat16)
+            self.formats[tier] = DenseWeight(w if w.dtype in (torch.bfloat16, torch.float16) else w.to(torch.bfloat16))
         elif tier == "fp8":
             self.formats[tier] = pack_fp8(w)
         elif tier == "int4" and w.is_cuda and self.selector.int4_kernel == "triton":
@@ -109,15 +104,7 @@ class TieredLinear(nn.Module):
         fmt = self.formats.get(self.selector.active)
         if fmt is None:  # tier not preparable for this shape: fall back to the next slower one present
             fmt = self.formats[self._fallback()]
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if isinstance(fmt, Int4Weight):
-            y = int4_linear(x2, fmt)
-        elif isinstance(fmt, TritonInt4Weight):
-            y = int4_triton_linear(x2, fmt)
-        elif isinstance(fmt, Fp8Weight):
-            y = fp8_linear(x2, fmt)
-        else:
-            y = torch.nn.functional.linear(x2.to(fmt.dtype), fmt)
+        y = fmt.linear(x.reshape(-1, self.in_features))  # (M, K) -> (M, N)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -127,11 +114,7 @@ class TieredLinear(nn.Module):
 
     def format_nbytes(self) -> dict[str, int]:
         """Bytes each tier's weight copy holds (a copy shared with the original counts as the original)."""
-        out = {}
-        for tier, fmt in self.formats.items():
-            out[tier] = fmt.nbytes() if hasattr(fmt, "nbytes") and not isinstance(fmt, torch.Tensor) \
-                else fmt.numel() * fmt.element_size()
-        return out
+        return {tier: fmt.nbytes() for tier, fmt in self.formats.items()}
 
 
 @dataclass
@@ -203,31 +186,22 @@ def _self_check_int4(handle: PrecisionTiers) -> None:
     """Compare one packed int4 layer with its dequantized reference, so a kernel layout change in a new
     torch release (tinygemm) or a kernel bug on a new card (Triton) fails loudly at prepare time instead of
     producing garbage tokens."""
-    from hf_adaptive.precision.int4 import dequantize_int4_reference
-
-    module = next((m for m in handle.modules + [g.fused for g in handle.groups]
-                   if isinstance(m.formats.get("int4"), (Int4Weight, TritonInt4Weight))), None)
+    owners = handle.modules + [g.fused for g in handle.groups]
+    module = next((m for m in owners if "int4" in m.formats), None)
     if module is None:
         return
-    fmt = module.formats["int4"]
-    triton_fmt = isinstance(fmt, TritonInt4Weight)
-    dtype = fmt.scales.dtype if triton_fmt else fmt.scales_zeros.dtype
+    fmt: Int4Format = module.formats["int4"]
+    reference = fmt.reference_matrix(module.weight.detach())  # (N, K) fp32
     gen = torch.Generator().manual_seed(0)  # leave the caller's global RNG untouched
     errs = []
     for rows in (1, 4):  # Triton: the one-row (tuned) kernel and the several-rows kernel
-        x = torch.randn(rows, module.in_features, generator=gen).to(module.weight.device, dtype)
-        if triton_fmt:
-            ref = x.float() @ dequantize_triton_int4(fmt).T
-            y = int4_triton_linear(x, fmt)
-        else:
-            ref = x.float() @ dequantize_int4_reference(module.weight.detach(), fmt.group_size).T
-            y = int4_linear(x, fmt)
-        errs.append((y.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
+        x = torch.randn(rows, module.in_features, generator=gen).to(module.weight.device, fmt.act_dtype)
+        ref = x.float() @ reference.T
+        errs.append((fmt.linear(x).float() - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
     err = max(errs)
     if err > 0.05:  # host read, once per prepare_tiers
-        kernel = f"Triton ({fmt.gemv})" if triton_fmt else "tinygemm"
-        raise RuntimeError(f"prepare_tiers: int4 {kernel} kernel self-check failed (relative error {float(err):.3f} "
-                           f"on {module.weight.device}, torch {torch.__version__}); use int4_kernel='tinygemm' "
+        raise RuntimeError(f"prepare_tiers: int4 {fmt.kernel} kernel self-check failed (relative error "
+                           f"{float(err):.3f} on {module.weight.device}, torch {torch.__version__}); use int4_kernel='tinygemm' "
                            "or drop 'int4' from tiers=, and report it")
 
 

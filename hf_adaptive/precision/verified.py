@@ -1,6 +1,6 @@
 """Verified (lossless) mode: the fast tier drafts, the top tier verifies, output = top-tier greedy.
 
-Contract: ``generate_verified(engine, input_ids, VerifiedOptions(...))`` returns (1, max_new_tokens)
+Contract: ``generate_verified(engine, input_ids, DecodeOptions(draft=DraftOptions(...)))`` returns (1, max_new_tokens)
 tokens identical to greedy decoding in the top tier (up to the floating-point difference between a
 multi-token and a one-token forward, as in every speculative decoder). Each round:
 
@@ -12,8 +12,8 @@ multi-token and a one-token forward, as in every speculative decoder). Each roun
    accepted, plus the top tier's own next token. Positions after the accepted ones hold stale KV that
    the mask hides and the next round overwrites, so "cropping" the static cache is a position reset.
 
-Near-ties (``tie_margin_steps``): the verify forward (Q = max_draft + 1) and a 1-token forward run different
-GEMM shapes, so in bf16 their logits differ by rounding, and where the top-2 gap is that small they can pick
+Near-ties (``DraftOptions.tie_margin_steps``): the verify forward (Q = max_draft + 1) and a 1-token forward run
+different GEMM shapes, so in bf16 their logits differ by rounding, and where the top-2 gap is that small they can pick
 different tokens (measured on an H100 under torch.compile: a gap of one bf16 step flipped a token). A verify row
 whose top-2 gap is within ``tie_margin_steps`` rounding steps decides nothing: the round keeps the drafts
 verified at rows before it and decides that position with a 1-token top-tier forward, the shape greedy uses.
@@ -23,41 +23,29 @@ One host read per round (accepted count, first near-tie row, confidences). Batch
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig, draft_length
-from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
+from hf_adaptive.policy.precision_policy import draft_length
+from hf_adaptive.precision.confidence import confidence_score
 from hf_adaptive.precision.graph_decode import GraphDecodeEngine
-from hf_adaptive.precision.telemetry import PrecisionTelemetry
+from hf_adaptive.precision.options import DecodeOptions, DraftOptions
 
 
-@dataclass
-class VerifiedOptions:
-    """Draft / verify settings; ``engine`` must be built with ``verify_len = max_draft + 1``."""
-
-    max_new_tokens: int = 32
-    max_draft: int = 4
-    policy: PrecisionPolicyConfig = field(default_factory=PrecisionPolicyConfig)
-    weights: ConfidenceWeights = field(default_factory=ConfidenceWeights)
-    telemetry: PrecisionTelemetry = field(default_factory=PrecisionTelemetry)
-    draft_tier: str | None = None  # None: the engine's cheapest tier
-    adaptive_draft: bool = True    # False: draft max_draft every round (QSpec-style), ignoring confidence
-    history: list[tuple[int, int]] = field(default_factory=list)  # per round: (drafted k, accepted)
-    # verify rows whose top-2 logit gap is <= this many rounding steps of the logits' dtype are re-decided by a
-    # 1-token top-tier forward (0: never); ``tie_rounds`` counts the rounds that did
-    tie_margin_steps: float = 2.0
-    tie_rounds: int = 0
-
-
-def _check(engine: GraphDecodeEngine, input_ids: torch.Tensor, opts: VerifiedOptions) -> None:
+def _check(engine: GraphDecodeEngine, input_ids: torch.Tensor, opts: DecodeOptions) -> DraftOptions:
+    """The draft settings of ``opts``, once the call is one verified mode can run."""
+    if opts.draft is None:
+        raise ValueError("generate_verified: DecodeOptions.draft must be a DraftOptions; got None. "
+                         "Fix: DecodeOptions(max_new_tokens=32, draft=DraftOptions(max_draft=4))")
+    opts.refuse("generate_verified", ("controller", "schedule", "tier", "do_sample", "agreement_every",
+                                      "decision_lag"),
+                "verified mode is greedy and picks its own tiers; use decode() or FusedStepDecoder for those")
     if input_ids.shape[0] != 1:
         raise ValueError(f"generate_verified: batch size must be 1, got {input_ids.shape[0]}; "
                          "use decode() with a PrecisionController for batches")
-    if engine.config.verify_len != opts.max_draft + 1:
+    if engine.config.verify_len != opts.draft.max_draft + 1:
         raise ValueError(f"generate_verified: engine verify_len={engine.config.verify_len} must be "
-                         f"max_draft + 1 = {opts.max_draft + 1}; build GraphDecodeConfig(verify_len=...)")
+                         f"max_draft + 1 = {opts.draft.max_draft + 1}; build GraphDecodeConfig(verify_len=...)")
+    return opts.draft
 
 
 def _draft(engine: GraphDecodeEngine, tier: str, last: torch.Tensor, k: int) -> tuple[list, list]:
@@ -72,10 +60,10 @@ def _draft(engine: GraphDecodeEngine, tier: str, last: torch.Tensor, k: int) -> 
     return tokens, logits
 
 
-def _verify_round(engine: GraphDecodeEngine, last: torch.Tensor, k: int, opts: VerifiedOptions):
+def _verify_round(engine: GraphDecodeEngine, last: torch.Tensor, k: int, opts: DraftOptions):
     """One draft + verify round; returns (emitted tokens (n,), new last (1,), next score)."""
     start = engine.position
-    drafts, draft_logits = _draft(engine, opts.draft_tier or engine.tiers.fast, last, k)
+    drafts, draft_logits = _draft(engine, opts.tier or engine.tiers.fast, last, k)
     width = opts.max_draft + 1
     # (1, width) padded to the one captured verify width; with no draft the 1-token top graph does
     seq = torch.cat([last] + drafts + [last] * (width - 1 - k))[None] if k else last[None]
@@ -121,7 +109,7 @@ def _first_near_tie(logits: torch.Tensor, margin_steps: float) -> torch.Tensor:
 
 
 def _settle_tie(engine: GraphDecodeEngine, last: torch.Tensor, drafts: list, start: int, row: int,
-                opts: VerifiedOptions):
+                opts: DraftOptions):
     """Keep the ``row`` drafts verified before the near-tie row, then decide its position with a 1-token top-tier
     forward (the shape greedy decoding uses). Returns (emitted, new last, next score)."""
     opts.tie_rounds += 1
@@ -135,22 +123,23 @@ def _settle_tie(engine: GraphDecodeEngine, last: torch.Tensor, drafts: list, sta
 
 
 @torch.no_grad()
-def generate_verified(engine: GraphDecodeEngine, input_ids: torch.Tensor, opts: VerifiedOptions) -> torch.Tensor:
-    """Lossless draft-and-verify decode; returns (1, max_new_tokens) token ids."""
-    _check(engine, input_ids, opts)
+def generate_verified(engine: GraphDecodeEngine, input_ids: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
+    """Lossless draft-and-verify decode with the settings of ``opts.draft``; returns (1, max_new_tokens) ids.
+    The rounds, near-tie count and telemetry are recorded in ``opts.draft``."""
+    draft = _check(engine, input_ids, opts)
+    n_new = opts.max_new_tokens
     logits = engine.prefill(input_ids)  # (1, V) top tier
     last = logits.argmax(-1)            # (1,)
     out, n_out = [last], 1
-    score = confidence_score(logits, opts.weights).item()  # once per generation
-    while n_out < opts.max_new_tokens:
-        wanted = draft_length(score, opts.max_draft, opts.policy) if opts.adaptive_draft else opts.max_draft
-        k = min(wanted, opts.max_new_tokens - n_out - 1)
-        k = max(k, 0)
-        emitted, last, score = _verify_round(engine, last, k, opts)
-        opts.telemetry.record_step(engine.tiers.fast if k else engine.tiers.top, [score])
+    score = confidence_score(logits, draft.weights).item()  # once per generation
+    while n_out < n_new:
+        wanted = draft_length(score, draft.max_draft, draft.policy) if draft.adaptive else draft.max_draft
+        k = max(min(wanted, n_new - n_out - 1), 0)
+        emitted, last, score = _verify_round(engine, last, k, draft)
+        draft.telemetry.record_step(engine.tiers.fast if k else engine.tiers.top, [score])
         out.append(emitted)
         n_out += emitted.shape[0]
-    return torch.cat(out)[None, :opts.max_new_tokens]
+    return torch.cat(out)[None, :n_new]
 
 
 @torch.no_grad()
