@@ -4,10 +4,10 @@ Per verse (the BLEU eval's prompt and ``max_new_tokens`` rule, batch 1, greedy):
 top tier (fp32 on CPU), then ``model.generate(custom_generate=cascade_decoding, ...)`` with each drafter alone and
 with both (prompt lookup over the prompt and the output so far; the int4 self-draft of ``prepare_tiers``, group
 64 on SmolLM2's hidden 576, 128 on Qwen2.5-Coder-1.5B's 1536), the drafter and length chosen from the top tier's
-confidence (default bands 0.9 / 0.6). It records whether each run is token-identical to greedy (the lossless claim, checked on real text), proposals,
-accepted tokens, acceptance rate and tokens per verify forward per drafter, and every round's (drafter, proposed,
-accepted, emitted, confidence). No speed figures: CPU timings on a shared host are noise; the JSON keeps the host
-draft/verify milliseconds only as a record of the run.
+confidence (default bands 0.9 / 0.6). It records whether each run is token-identical to greedy (the lossless claim,
+checked on real text), proposals, accepted tokens, acceptance rate and tokens per verify forward per drafter, and
+every round's (drafter, proposed, accepted, emitted, confidence). No speed figures: CPU timings on a shared host
+are noise; the JSON keeps the host draft/verify milliseconds only as a record of the run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python eval/record_draft_acceptance.py --limit 8 --stride 40 \
         --out eval/results/quality_draft_acceptance_smollm2_cpu
