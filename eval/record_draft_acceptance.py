@@ -3,16 +3,16 @@
 Per verse (the BLEU eval's prompt and ``max_new_tokens`` rule, batch 1, greedy): plain ``model.generate`` at the
 top tier (fp32 on CPU), then ``model.generate(custom_generate=cascade_decoding, ...)`` with each drafter alone and
 with both (prompt lookup over the prompt and the output so far; the int4 self-draft of ``prepare_tiers``, group
-64 on SmolLM2's hidden 576), the drafter and length chosen from the top tier's confidence (default bands 0.9 / 0.6).
-It records whether each run is token-identical to greedy (the lossless claim, checked on real text), proposals,
-accepted tokens, acceptance rate and tokens per verify forward per drafter, and every round's (drafter, proposed,
-accepted, emitted, confidence). No speed figures: CPU timings on a shared host are noise; the JSON keeps the host
-draft/verify milliseconds only as a record of the run.
+64 on SmolLM2's hidden 576, 128 on Qwen2.5-Coder-1.5B's 1536), the drafter and length chosen from the top tier's
+confidence (default bands 0.9 / 0.6). It records whether each run is token-identical to greedy (the lossless claim,
+checked on real text), proposals, accepted tokens, acceptance rate and tokens per verify forward per drafter, and
+every round's (drafter, proposed, accepted, emitted, confidence). No speed figures: CPU timings on a shared host
+are noise; the JSON keeps the host draft/verify milliseconds only as a record of the run.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python eval/record_draft_acceptance.py --limit 8 \
-        --out eval/results/draft_acceptance_smollm2_cpu
+    HF_HUB_OFFLINE=1 .venv/bin/python eval/record_draft_acceptance.py --limit 8 --stride 40 \
+        --out eval/results/quality_draft_acceptance_smollm2_cpu
     HF_HUB_OFFLINE=1 .venv/bin/python eval/record_draft_acceptance.py --model qwen2.5-coder-1.5b-instruct \
-        --limit 12 --stride 40 --threads 2 --out eval/results/draft_acceptance_qwen1.5b_cpu
+        --limit 24 --stride 40 --out eval/results/quality_draft_acceptance_qwen1.5b_cpu
 
 The report (JSON + Markdown) is rewritten after every verse, so a stopped run keeps the verses it finished
 (``verses_done`` against ``verses_planned``).
@@ -42,7 +42,7 @@ RUNS = {"lookup": ("lookup",), "self": ("self",), "cascade": ("lookup", "self")}
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="eval/results/draft_acceptance_smollm2_cpu", help="output folder")
+    ap.add_argument("--out", default="eval/results/quality_draft_acceptance_smollm2_cpu", help="output folder")
     ap.add_argument("--data", default=str(DEFAULT_DEV_SET))
     ap.add_argument("--limit", type=arg_number(minimum=1, integer=True), default=8, help="verses recorded")
     ap.add_argument("--stride", type=arg_number(minimum=1, integer=True), default=1,
