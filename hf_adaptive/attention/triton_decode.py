@@ -19,7 +19,6 @@ importing it to run the kernels on CPU tensors through Triton's interpreter.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -111,9 +110,7 @@ def triton_decode_attention(
     m = torch.empty(B, Hq, plan.splits, device=query.device, dtype=torch.float32)
     lse = torch.empty_like(m)
     q = query[:, :, 0, :]  # (B, Hq, D) view; the kernel reads it with its strides
-    book = packed.book
-    if book is not None:  # the kernel reads the table and the history storage through the book: none is passed
-        packed = _without_history(packed)
+    book = packed.book  # when set, the kernel reads the table and the history storage through it: none is passed
     bits = set(book.bits) if book is not None else set(packed.pools)
     mask = _dummy(query.device, torch.int8)
     if key_mask is not None:
@@ -123,9 +120,9 @@ def triton_decode_attention(
         q, q.stride(0), q.stride(1),
         packed.block_bits if packed.block_bits.numel() and book is None else _dummy(query.device, torch.int32),
         packed.block_slot if packed.block_slot.numel() and book is None else _dummy(query.device, torch.int32),
-        *_rows16_args(packed.full_k, packed.full_v, query), *_rows16_args(packed.tail_k, packed.tail_v, query),
-        *_pool_args(packed, 8, query.device), *_pool_args(packed, 4, query.device),
-        *_pool_args(packed, 2, query.device),
+        *_rows16_args(*((packed.full_k, packed.full_v) if book is None else (_NONE, _NONE)), query),
+        *_rows16_args(packed.tail_k, packed.tail_v, query),
+        *(a for b in (8, 4, 2) for a in _pool_args(packed if book is None else _NO_POOLS, b, query.device)),
         mask, mask.stride(0) if key_mask is not None else 0,
         acc, m, lse, packed.lengths if packed.lengths is not None else _dummy(query.device, torch.int32),
         book.entries if book is not None else _dummy(query.device, torch.int64), book.blocks if book is not None else 0,
@@ -143,12 +140,14 @@ def triton_decode_attention(
     return out
 
 
-def _without_history(packed: PackedKV) -> PackedKV:
-    if not packed.pools and not packed.full_k.numel() and not packed.block_bits.numel():
-        return packed
-    empty = packed.tail_k.new_empty(0)
-    return dataclasses.replace(packed, full_k=empty, full_v=empty, pools={}, block_bits=empty.new_empty(0, dtype=torch.int64),
-                               block_slot=empty.new_empty(0, dtype=torch.int64))
+_NONE = torch.empty(0)  # a history the kernel reads through the address book instead
+
+
+class _NoPools:
+    pools: dict = {}
+
+
+_NO_POOLS = _NoPools()
 
 
 @dataclass(frozen=True)
