@@ -63,9 +63,10 @@ e2e() {  # NAME CONTEXTS: one run of the end-to-end grid into kv_e2e_CARD/raw/NA
     timeout 540 $PY eval/bench_kv_e2e.py --warmup 16 --repeats 3 --compile-budget-s 900 --profile-steps 8 \
         --caches $E2E_CACHES --time-budget-s 470 --contexts "$2" --batch-sizes 1,8 --out "$out" > "$out/bench_kv_e2e.log" 2>&1
 }
-gen() {  # NAME ARGS...: one slice of the model.generate grid into kv_generate_$CARD (each slice sized for one call)
+gen() {  # NAME ARGS...: one slice of the model.generate grid into kv_generate_$CARD (each slice sized for one call;
+    # GEN_BUDGET_S, default 420: stop starting configurations after this many seconds)
     local o=$R/kv_generate_$CARD n=$1; shift; mkdir -p $o
-    timeout 560 $PY eval/bench_generate.py --name $n --time-budget-s 420 --out $o "$@" > $o/$n.log 2>&1
+    timeout $((${GEN_BUDGET_S:-420} + 140)) $PY eval/bench_generate.py --name $n --time-budget-s ${GEN_BUDGET_S:-420} --out $o "$@" > $o/$n.log 2>&1
 }
 job_kv_generate-1b-short() { gen 1b_short --shape llama-3.2-1b --contexts 64,1024,4096 --batch-sizes 1,8 \
     --caches dynamic,static,adaptive16,adaptive8,adaptive4 --profile --profile-at 64,1; }
