@@ -72,6 +72,8 @@ job_kv_generate-1b-short() { gen 1b_short --shape llama-3.2-1b --contexts 64,102
     --caches dynamic,static,adaptive16,adaptive8,adaptive4 --profile --profile-at 64,1; }
 job_kv_generate-1b-long() { gen 1b_long --shape llama-3.2-1b --contexts 65536,32768,16384 --batch-sizes 8,1 \
     --caches dynamic,static,adaptive16,adaptive4; }
+job_kv_generate-1b-mid() { gen 1b_mid --shape llama-3.2-1b --contexts 16384,4096 --batch-sizes 1,8 \
+    --caches dynamic,static,adaptive16,adaptive4; }
 job_kv_generate-1b-others() { gen 1b_others --shape llama-3.2-1b --contexts 4096 --batch-sizes 1,32 \
     --caches static,adaptive_budget,eager4,quanto4,hqq4 --mixed-calls 20; }
 job_kv_generate-8b() { gen 8b --shape llama-3.1-8b --contexts 64,4096 --batch-sizes 1 \
