@@ -3,10 +3,12 @@
 Per verse (the BLEU eval's prompt and ``max_new_tokens`` rule, batch 1, greedy): plain ``model.generate`` at the
 top tier (fp32 on CPU), then ``model.generate(custom_generate=cascade_decoding, ...)`` with each drafter alone and
 with both (prompt lookup over the prompt and the output so far; the int4 self-draft of ``prepare_tiers``, group
-64 on SmolLM2's hidden 576, 128 on Qwen2.5-Coder-1.5B's 1536), the drafter and length chosen from the top tier's
-confidence (default bands 0.9 / 0.6). It records whether each run is token-identical to greedy (the lossless claim,
+64 on SmolLM2's hidden 576, 128 on Qwen2.5-Coder-1.5B's 1536), the drafter and length chosen per round by the
+draft policy (expected tokens per unit of cost, a self-draft token costing ``--self-draft-cost`` of a native forward,
+capped by the confidence bands 0.9 / 0.6, each drafter's acceptance learned during the verse). It records whether each run is token-identical to greedy (the lossless claim,
 checked on real text), proposals, accepted tokens, acceptance rate and tokens per verify forward per drafter, and
-every round's (drafter, proposed, accepted, emitted, confidence). No speed figures: CPU timings on a shared host
+every round's (drafter, proposed, accepted, emitted, confidence), and ``modelled_speedup``: emitted tokens per
+native-forward cost, (verify forwards + cost x self-drafted tokens), at the stated cost. No speed figures: CPU timings on a shared host
 are noise; the JSON keeps the host draft/verify milliseconds only as a record of the run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python eval/record_draft_acceptance.py --limit 8 --stride 40 \
@@ -49,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="take every N-th verse of the dev set (a mix of passages, not only the first ones)")
     ap.add_argument("--max-lookup-tokens", type=arg_number(minimum=1, integer=True), default=8)
     ap.add_argument("--max-self-draft", type=arg_number(minimum=1, integer=True), default=4)
+    ap.add_argument("--self-draft-cost", type=arg_number(minimum=0.0), default=0.65,
+                    help="one int4 draft forward as a fraction of a native one (0.65: Llama-3.1-8B shape, H200)")
     ap.add_argument("--model", default=None, help="embedded model name or checkpoint dir (default SmolLM2)")
     ap.add_argument("--threads", type=arg_number(minimum=1, integer=True), default=1, help="torch CPU threads")
     return ap
@@ -69,7 +73,7 @@ def _verse_record(tiers, tok, verse: dict, cfg: TranslationConfig, policies: dic
     return record
 
 
-def _totals(records: list[dict]) -> list[dict]:
+def _totals(records: list[dict], cost: float) -> list[dict]:
     """One row per (run, drafter): totals over the verses, and how many verses were token-identical."""
     rows = []
     for run in RUNS:
@@ -77,6 +81,8 @@ def _totals(records: list[dict]) -> list[dict]:
         verifies = sum(r["runs"][run]["verify_forwards"] for r in records)
         emitted = sum(r["runs"][run]["emitted_tokens"] for r in records)
         drafters = sorted({d for r in records for d in r["runs"][run]["drafters"]})
+        self_drafted = sum(r["runs"][run]["drafters"].get("self", {}).get("proposed", 0) for r in records)
+        cost_units = verifies + cost * self_drafted
         for drafter in drafters:
             stats = [r["runs"][run]["drafters"].get(drafter) for r in records]
             proposed = sum(s["proposed"] for s in stats if s)
@@ -85,18 +91,22 @@ def _totals(records: list[dict]) -> list[dict]:
                          "proposed": proposed, "accepted": accepted,
                          "acceptance_rate": accepted / proposed if proposed else None,
                          "run_tokens_per_verify": emitted / verifies if verifies else None,
+                         "modelled_speedup": emitted / cost_units if cost_units else None,
                          "verses_token_identical": f"{identical}/{len(records)}"})
     return rows
 
 
 def _write(args, records: list[dict], planned: int) -> None:
-    rows = _totals(records)
+    rows = _totals(records, args.self_draft_cost)
     payload = {"model": args.model or "smollm2-135m-instruct", "tiers": ["int4", "fp32"], "data": args.data,
                "stride": args.stride, "max_lookup_tokens": args.max_lookup_tokens,
-               "max_self_draft": args.max_self_draft, "verses_planned": planned, "verses_done": len(records),
+               "max_self_draft": args.max_self_draft, "self_draft_cost": args.self_draft_cost,
+               "verses_planned": planned, "verses_done": len(records),
                "totals": rows, "verses": records}
     notes = ("\nCounts only: CPU timings on a shared host are noise. `run_tokens_per_verify` = tokens emitted per "
-             "top-tier forward over the whole run (1.0 = no gain from drafting). Per-round records are in the JSON.\n")
+             "top-tier forward over the whole run (1.0 = no gain from drafting); `modelled_speedup` = emitted tokens "
+             f"per native-forward cost, a self-drafted token costing {args.self_draft_cost} of a native forward. "
+             "Per-round records are in the JSON.\n")
     write_report(args.out, "draft_acceptance", payload, environment("cpu"),
                  markdown_table(rows), "Draft cascade acceptance, Spanish->English dev set", notes)
 
@@ -107,7 +117,8 @@ def main() -> None:
     model, tok = load_model(args.model, device="cpu", dtype="float32")
     tiers = prepare_tiers(model, tiers=("int4", "fp32"))
     policies = {name: DraftPolicyConfig(drafters=d, max_lookup_tokens=args.max_lookup_tokens,
-                                        max_self_draft=args.max_self_draft) for name, d in RUNS.items()}
+                                        max_self_draft=args.max_self_draft, self_draft_cost=args.self_draft_cost)
+                for name, d in RUNS.items()}
     cfg = TranslationConfig()
     lines = Path(args.data).read_text(encoding="utf-8").splitlines()
     verses = [json.loads(line) for line in lines[::args.stride][:args.limit]]

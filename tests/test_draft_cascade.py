@@ -12,7 +12,7 @@ from transformers import DynamicCache, StaticCache
 
 from hf_adaptive.kv.cache import AdaptiveKVCache
 from hf_adaptive.kv.static import AdaptiveStaticKVCache
-from hf_adaptive.policy.draft_policy import DraftChoice, DraftPolicyConfig, choose_draft
+from hf_adaptive.policy.draft_policy import DraftChoice, DrafterRecord, DraftPolicyConfig, choose_draft, round_value
 from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig
 from hf_adaptive.precision.cascade import cascade_decoding
 from hf_adaptive.precision.drafting import CascadeCandidateGenerator
@@ -54,30 +54,67 @@ def _cache(kind: str, model):
 
 
 def _run(tiers, ids, drafters, cache=None, **kw):
-    gen = CascadeCandidateGenerator(tiers, DraftPolicyConfig(drafters=drafters, bands=ALWAYS))
+    # free drafts, full-length bands and a prior held at certainty: the tiny model's zero confidence and its
+    # rejections must not stop the drafter under test (the mechanism, not the policy, is tested here)
+    gen = CascadeCandidateGenerator(tiers, DraftPolicyConfig(drafters=drafters, bands=ALWAYS, self_draft_cost=0.0,
+                                                             self_prior=1.0, prior_acceptance=1.0, prior_weight=1e9))
     extra = {} if cache is None else {"cache": cache}
     out = tiers.model.generate(ids, custom_generate=cascade_decoding, candidate_generator=gen, **extra, **kw)
     return out, gen.telemetry.report()
 
 
 @pytest.mark.parametrize("score, lookup, drafters, expected", [
-    (0.95, 5, ("lookup", "self"), DraftChoice("lookup", 5)),   # a match is free: it runs first
+    (0.95, 5, ("lookup", "self"), DraftChoice("lookup", 5)),   # a free match beats a paid self-draft
     (0.10, 5, ("lookup", "self"), DraftChoice("lookup", 5)),   # ... whatever the confidence
     (0.95, 20, ("lookup", "self"), DraftChoice("lookup", 8)),  # capped at max_lookup_tokens
-    (0.95, 0, ("lookup", "self"), DraftChoice("self", 4)),     # no match, confident: full self-draft
-    (0.70, 0, ("lookup", "self"), DraftChoice("self", 2)),     # mid band: half
+    (0.95, 0, ("lookup", "self"), DraftChoice("self", 3)),     # no match, confident: the most tokens per cost
+    (0.70, 0, ("lookup", "self"), DraftChoice("self", 1)),     # mid band: at a=0.7 a second token does not pay
     (0.50, 0, ("lookup", "self"), DraftChoice("none", 0)),     # unsure: the verifier decodes alone
-    (None, 0, ("lookup", "self"), DraftChoice("self", 4)),     # before the first verify
-    (0.95, 5, ("self",), DraftChoice("self", 4)),              # lookup disabled
+    (None, 0, ("lookup", "self"), DraftChoice("self", 4)),     # before the first verify: confident
+    (0.95, 5, ("self",), DraftChoice("self", 3)),              # lookup disabled
     (0.95, 0, ("lookup",), DraftChoice("none", 0)),            # self disabled, no match
 ])
 def test_choose_draft_table(score, lookup, drafters, expected):
-    """Guards the cascade's decision rules (lookup first, confidence bands for the self-draft)."""
+    """Guards the cascade's decision rule with no history: a free lookup first, the self-draft only where its
+    expected tokens per round beat its cost (0.65 of a native forward per draft token by default)."""
     assert choose_draft(score, lookup, DraftPolicyConfig(drafters=drafters)) == expected
 
 
+def test_round_value_matches_the_closed_form():
+    """Guards the arithmetic the rule rests on: (1 + a + ... + a^k) / (1 + k c)."""
+    assert round_value(3, 0.5, 0.25) == pytest.approx((1 + 0.5 + 0.25 + 0.125) / 1.75)
+    assert round_value(0, 0.9, 0.65) == pytest.approx(1.0)
+    assert round_value(4, 1.0, 0.0) == pytest.approx(5.0)
+
+
+def test_drafter_record_learns_a_geometric_acceptance():
+    """Guards the acceptance estimate: accepted / (accepted + rejections), shrunk toward the prior, and refuses a
+    round that accepted more than it proposed."""
+    rec = DrafterRecord().after(4, 4).after(4, 1).after(3, 0)  # 5 accepted, 2 rounds cut short
+    assert (rec.accepted, rec.rejections) == (5, 2)
+    assert rec.acceptance(0.5, 0.0) == pytest.approx(5 / 7)
+    assert rec.acceptance(0.5, 3.0) == pytest.approx((5 + 1.5) / 10)
+    assert DrafterRecord().acceptance(0.3, 0.0) == 0.3
+    with pytest.raises(ValueError, match="accepted <= proposed"):
+        DrafterRecord().after(2, 3)
+
+
+def test_a_lookup_that_keeps_failing_gives_way_to_the_self_draft():
+    """Guards the point of learning: lookup drafts that the verifier rejects (free-form translation) stop running,
+    and a self-draft whose cost eats its gain never runs while the lookup keeps paying."""
+    config = DraftPolicyConfig()
+    failing = {"lookup": DrafterRecord(accepted=1, rejections=40)}
+    assert choose_draft(0.95, 6, config, failing).drafter == "self"
+    assert choose_draft(0.95, 6, config).drafter == "lookup"
+    dear = DraftPolicyConfig(self_draft_cost=2.0)
+    assert choose_draft(0.99, 0, dear) == DraftChoice("none", 0)
+    rejected = {"self": DrafterRecord(accepted=2, rejections=30)}
+    assert choose_draft(0.95, 0, config, rejected) == DraftChoice("none", 0)
+
+
 @pytest.mark.parametrize("kwargs", [{"drafters": ("lookup", "eagle")}, {"drafters": ()}, {"max_self_draft": 0},
-                                    {"bands": 0.9}])
+                                    {"bands": 0.9}, {"self_draft_cost": -0.1}, {"prior_acceptance": 1.5},
+                                    {"prior_weight": float("nan")}, {"self_prior": -1.0}])
 def test_draft_policy_config_refuses_bad_values(kwargs):
     with pytest.raises((ValueError, TypeError)):
         DraftPolicyConfig(**kwargs)
@@ -212,7 +249,8 @@ def test_self_draft_needs_a_cheaper_tier():
 
 
 def test_record_draft_acceptance_totals():
-    """Guards the eval script's table: totals per (run, drafter) and the identical-verse count."""
+    """Guards the eval script's table: totals per (run, drafter), the identical-verse count and the modelled
+    speed-up (emitted tokens per verify forward plus the self-draft's cost)."""
     from helpers import load_eval_script
 
     script = load_eval_script("record_draft_acceptance")
@@ -225,8 +263,28 @@ def test_record_draft_acceptance_totals():
 
     records = [{"runs": {name: run(True, (4, 2), (2, 2), 3, 9) for name in script.RUNS}},
                {"runs": {name: run(name != "self", (6, 0), (4, 1), 5, 7) for name in script.RUNS}}]
-    rows = {(r["run"], r["drafter"]): r for r in script._totals(records)}
+    rows = {(r["run"], r["drafter"]): r for r in script._totals(records, 0.5)}
     assert rows[("cascade", "lookup")]["proposed"] == 10 and rows[("cascade", "lookup")]["accepted"] == 2
     assert rows[("cascade", "self")]["acceptance_rate"] == 0.5
     assert rows[("cascade", "self")]["run_tokens_per_verify"] == 2.0
+    assert rows[("cascade", "self")]["modelled_speedup"] == pytest.approx(16 / (8 + 0.5 * 6))  # 6 self drafts
     assert rows[("self", "self")]["verses_token_identical"] == "1/2"
+
+
+def test_generator_feeds_the_policy_what_the_verifier_kept(repeated_prompt):
+    """Guards the loop the policy learns from: the generator's history holds exactly the accepted tokens and the
+    cut-short rounds of its telemetry (qwen2's tiny model rejects some drafts), and a new generation starts fresh."""
+    tiers = _tiers("qwen2")
+    config = DraftPolicyConfig(drafters=("lookup", "self"), bands=ALWAYS, self_draft_cost=0.0, self_prior=1.0,
+                               prior_acceptance=1.0, prior_weight=1e9)
+    gen = CascadeCandidateGenerator(tiers, config)
+    tiers.model.generate(repeated_prompt, custom_generate=cascade_decoding, candidate_generator=gen,
+                         max_new_tokens=NEW_TOKENS)
+    rounds = [r for r in gen.telemetry.rounds if r.proposed]
+    for name in {r.drafter for r in rounds}:
+        mine = [r for r in rounds if r.drafter == name]
+        assert gen.history[name] == DrafterRecord(sum(r.accepted for r in mine),
+                                                  sum(r.accepted < r.proposed for r in mine))
+    assert any(rec.rejections for rec in gen.history.values())
+    gen.bind(None, None, 64)
+    assert gen.history == {}

@@ -1,23 +1,30 @@
 """Which drafter proposes the next tokens of a draft cascade, and how many: a pure decision (no torch).
 
-Contract: ``choose_draft(score, lookup_tokens, config)`` takes the top tier's confidence in the token it just
-emitted (a float in [0, 1], or None before the first verify) and how many tokens a prompt-lookup match offers
-(0: no match), and returns a ``DraftChoice`` (drafter name, draft length). Rules, in order:
+Contract: ``choose_draft(score, lookup_tokens, config, history)`` takes the top tier's confidence in the token it
+just emitted (a float in [0, 1], or None before the first verify), how many tokens a prompt-lookup match offers
+(0: no match) and what each drafter has achieved so far (``DraftHistory``), and returns a ``DraftChoice``
+(drafter name, draft length). It picks the option that emits the most tokens per unit of cost:
 
-1. a prompt-lookup match runs first: its drafts cost no forward, so confidence does not veto them; its length is
-   ``min(lookup_tokens, max_lookup_tokens)``;
-2. else the self-draft (the model's own int4 tier) runs with ``draft_length(score, max_self_draft, bands)`` tokens
-   (the verified mode's band rule: full length above ``high``, half in the mid band, none below ``low``);
-3. else nothing is drafted and the verifier decodes one token alone.
+- a round's cost, in native forwards: the verify forward (1) plus ``k * cost`` of a k-token draft, where ``cost``
+  is ``lookup_cost`` (about 0: an n-gram match runs no forward) or ``self_draft_cost`` (one forward of the int4
+  tier, as a fraction of a native one);
+- its tokens: the accepted prefix plus the verifier's own token, ``expected_tokens_per_round(k, a)`` with ``a``
+  the drafter's per-token acceptance so far, shrunk toward a prior (``prior_weight`` pseudo-tokens): the score for
+  the self-draft (the top tier's confidence predicts whether its int4 copy agrees; ``self_prior`` overrides it),
+  ``prior_acceptance`` for lookup;
+- the self-draft tries every length from 1 up to the confidence band's ``draft_length(score, max_self_draft)``,
+  a lookup offers ``min(lookup_tokens, max_lookup_tokens)``; "none" (the verifier decodes alone) is worth 1.
 
-A drafter missing from ``config.drafters`` is skipped.
+So a drafter whose drafts keep being rejected stops running (lookup on free-form translation), and a self-draft that
+costs too much of a native step is not run at all. A drafter missing from ``config.drafters`` is skipped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig, draft_length
+from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig, draft_length, expected_tokens_per_round
 from hf_adaptive.validation import check_number, check_type
 
 DRAFTERS = ("lookup", "self")
@@ -26,11 +33,30 @@ NO_DRAFT = "none"
 
 @dataclass(frozen=True)
 class DraftPolicyConfig:
-    """Drafters enabled, their length caps, and the confidence bands of the self-draft."""
+    """Drafters enabled, their length caps and costs, the acceptance prior, and the self-draft's confidence bands.
+
+    Attributes:
+        drafters: which drafters may run, a subset of ``("lookup", "self")``.
+        max_lookup_tokens: longest prompt-lookup draft.
+        max_self_draft: longest self-draft (the confidence bands may shorten it).
+        self_draft_cost: one int4 draft forward as a fraction of a native forward (0.65 for the Llama-3.1-8B shape
+            on an H200; see the results index). Measure it for the model and card at hand.
+        lookup_cost: one lookup draft token as a fraction of a native forward (0: no forward runs).
+        prior_acceptance: the lookup's per-token acceptance before it has proposed anything.
+        self_prior: the self-draft's per-token acceptance before evidence (e.g. measured for this model on similar
+            text); None: the top tier's confidence in its last token.
+        prior_weight: how many draft tokens of evidence the prior (and the score, for the self-draft) counts as.
+        bands: the confidence bands that cap the self-draft's length.
+    """
 
     drafters: tuple[str, ...] = DRAFTERS
     max_lookup_tokens: int = 8
     max_self_draft: int = 4
+    self_draft_cost: float = 0.65
+    lookup_cost: float = 0.0
+    prior_acceptance: float = 0.5
+    self_prior: float | None = None
+    prior_weight: float = 4.0
     bands: PrecisionPolicyConfig = field(default_factory=PrecisionPolicyConfig)
 
     def __post_init__(self) -> None:
@@ -41,6 +67,14 @@ class DraftPolicyConfig:
         for name in ("max_lookup_tokens", "max_self_draft"):
             check_number(getattr(self, name), f"DraftPolicyConfig.{name}", minimum=1, integer=True,
                          fix=f"{name}=4")
+        for name, fix in (("self_draft_cost", "self_draft_cost=0.65"), ("lookup_cost", "lookup_cost=0.0"),
+                          ("prior_weight", "prior_weight=4.0")):
+            check_number(getattr(self, name), f"DraftPolicyConfig.{name}", minimum=0.0, fix=fix)
+        check_number(self.prior_acceptance, "DraftPolicyConfig.prior_acceptance", minimum=0.0, maximum=1.0,
+                     fix="prior_acceptance=0.5")
+        if self.self_prior is not None:
+            check_number(self.self_prior, "DraftPolicyConfig.self_prior", minimum=0.0, maximum=1.0,
+                         fix="self_prior=None (use the confidence) or a rate such as 0.8")
         check_type(self.bands, "DraftPolicyConfig.bands", PrecisionPolicyConfig,
                    "bands=PrecisionPolicyConfig(high=0.9, low=0.6)")
 
@@ -53,23 +87,65 @@ class DraftChoice:
     length: int
 
 
-def choose_draft(score: float | None, lookup_tokens: int, config: DraftPolicyConfig) -> DraftChoice:
-    """Drafter and draft length for the next round (see the module docstring for the rules).
+@dataclass(frozen=True)
+class DrafterRecord:
+    """What one drafter achieved so far: draft tokens the verifier accepted, and rounds where it rejected one."""
+
+    accepted: int = 0
+    rejections: int = 0
+
+    def after(self, proposed: int, accepted: int) -> DrafterRecord:
+        """This record plus one round that proposed ``proposed`` tokens and kept the first ``accepted``."""
+        if not 0 <= accepted <= proposed:
+            raise ValueError(f"DrafterRecord.after: need 0 <= accepted <= proposed, got {accepted}, {proposed}")
+        return DrafterRecord(self.accepted + accepted, self.rejections + int(accepted < proposed))
+
+    def acceptance(self, prior: float, weight: float) -> float:
+        """Per-token acceptance: accepted / (accepted + rejections), the maximum-likelihood rate of a geometric
+        accepted prefix, shrunk toward ``prior`` by ``weight`` pseudo-tokens."""
+        seen = self.accepted + self.rejections
+        if seen + weight == 0:
+            return prior
+        return (self.accepted + weight * prior) / (seen + weight)
+
+
+DraftHistory = Mapping[str, DrafterRecord]
+
+
+def round_value(length: int, acceptance: float, cost_per_token: float) -> float:
+    """Expected tokens a round emits per native forward it costs (the verifier decoding alone is worth 1)."""
+    return expected_tokens_per_round(length, acceptance) / (1.0 + length * cost_per_token)
+
+
+def choose_draft(score: float | None, lookup_tokens: int, config: DraftPolicyConfig,
+                 history: DraftHistory | None = None) -> DraftChoice:
+    """Drafter and draft length for the next round (see the module docstring for the rule).
 
     Args:
         score: the top tier's confidence in its last token, in [0, 1]; None before the first verify (treated as
             confident: the prefill's token is as good a start as any).
         lookup_tokens: tokens a prompt-lookup match offers (0: none).
-        config: drafters, caps and confidence bands.
+        config: drafters, caps, costs, prior and confidence bands.
+        history: each drafter's record so far in this generation (missing: nothing recorded yet).
     Returns:
-        ``DraftChoice``; its length is 0 exactly when its drafter is ``"none"``.
+        ``DraftChoice``; its length is 0 exactly when its drafter is ``"none"``. Ties go to the cheaper option.
     """
     if lookup_tokens < 0:
         raise ValueError(f"choose_draft: lookup_tokens must be >= 0, got {lookup_tokens}")
+    history = history or {}
+    score = 1.0 if score is None else score
+    best, best_value = DraftChoice(NO_DRAFT, 0), 1.0
     if "lookup" in config.drafters and lookup_tokens:
-        return DraftChoice("lookup", min(lookup_tokens, config.max_lookup_tokens))
+        k = min(lookup_tokens, config.max_lookup_tokens)
+        a = history.get("lookup", DrafterRecord()).acceptance(config.prior_acceptance, config.prior_weight)
+        value = round_value(k, a, config.lookup_cost)
+        if value > best_value:
+            best, best_value = DraftChoice("lookup", k), value
     if "self" in config.drafters:
-        k = draft_length(1.0 if score is None else score, config.max_self_draft, config.bands)
-        if k:
-            return DraftChoice("self", k)
-    return DraftChoice(NO_DRAFT, 0)
+        prior = score if config.self_prior is None else config.self_prior
+        a = history.get("self", DrafterRecord()).acceptance(prior, config.prior_weight)
+        for k in range(1, draft_length(score, config.max_self_draft, config.bands) + 1):
+            value = round_value(k, a, config.self_draft_cost)
+            if value > best_value:
+                best, best_value = DraftChoice("self", k), value
+    return best

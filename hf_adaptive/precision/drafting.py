@@ -2,7 +2,8 @@
 
 Contract: ``CascadeCandidateGenerator(tiers, DraftPolicyConfig(...))`` proposes draft tokens for a verifier that
 runs the model at its top tier. Per round, ``get_candidates(input_ids)`` returns ``(input_ids + drafts, None)``
-(batch 1) from one of two drafters, chosen by the pure ``choose_draft`` policy from the last confidence:
+(batch 1) from one of two drafters, chosen by the pure ``choose_draft`` policy from the last confidence and what
+each drafter achieved so far in this generation (expected tokens per unit of cost):
 
 - ``"lookup"``: transformers' own ``PromptLookupCandidateGenerator`` (n-gram match over the prompt and the output
   so far); no forward, so the drafts are free;
@@ -11,7 +12,7 @@ runs the model at its top tier. Per round, ``get_candidates(input_ids)`` returns
   before returning, and the tier switched back, so the verifier writes its own KV at those positions.
 
 ``update_candidate_strategy`` hears how many drafts the verifier kept and its confidence in the next token, and
-records the round in ``telemetry``. The decoding loop that calls both is ``cascade.cascade_decoding``.
+records the round in ``history`` (what the policy reads) and ``telemetry``. The decoding loop that calls both is ``cascade.cascade_decoding``.
 Knows nothing about acceptance or logits processors: the verifier decides.
 """
 
@@ -23,7 +24,7 @@ import torch
 from transformers.generation.candidate_generator import CandidateGenerator, PromptLookupCandidateGenerator
 
 from hf_adaptive.compat import forward_cache_kwargs
-from hf_adaptive.policy.draft_policy import NO_DRAFT, DraftChoice, DraftPolicyConfig, choose_draft
+from hf_adaptive.policy.draft_policy import NO_DRAFT, DraftChoice, DrafterRecord, DraftPolicyConfig, choose_draft
 from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
 from hf_adaptive.precision.draft_telemetry import DraftTelemetry, RoundRecord
 from hf_adaptive.precision.tiers import PrecisionTiers
@@ -60,12 +61,13 @@ class CascadeCandidateGenerator(CandidateGenerator):
         self.cache = None
         self.score: float | None = None
         self.choice = DraftChoice(NO_DRAFT, 0)
+        self.history: dict[str, DrafterRecord] = {}
         self.draft_ns = 0
         self._lookup: PromptLookupCandidateGenerator | None = None
 
     def bind(self, cache, eos_token_id: torch.Tensor | None, max_length: int) -> None:
         """Start a generation: the cache the verifier fills, the stop tokens and the length limit of ``generate``."""
-        self.cache, self.score = cache, None
+        self.cache, self.score, self.history = cache, None, {}
         self._lookup = PromptLookupCandidateGenerator(
             eos_token_id=eos_token_id, num_output_tokens=self.config.max_lookup_tokens,
             max_matching_ngram_size=self.max_matching_ngram_size, max_length=max_length)
@@ -86,7 +88,7 @@ class CascadeCandidateGenerator(CandidateGenerator):
         begin = time.perf_counter_ns()
         room = self._lookup.max_length - input_ids.shape[1] - 1  # the verifier adds one token of its own
         drafts = self._lookup_drafts(input_ids) if "lookup" in self.config.drafters else input_ids[:, :0]
-        self.choice = choose_draft(self.score, drafts.shape[1], self.config)
+        self.choice = choose_draft(self.score, drafts.shape[1], self.config, self.history)
         k = max(0, min(self.choice.length, room))
         if self.choice.drafter == "self" and k:
             drafts = self._self_drafts(input_ids, k)
@@ -132,6 +134,9 @@ class CascadeCandidateGenerator(CandidateGenerator):
         if confidence is None:
             confidence = float(confidence_score(scores[:, num_matches], self.weights)[0])
         proposed = scores.shape[1] - 1
+        if proposed:
+            drafter = self.choice.drafter
+            self.history[drafter] = self.history.get(drafter, DrafterRecord()).after(proposed, int(num_matches))
         self.telemetry.record_round(
             RoundRecord(self.choice.drafter if proposed else NO_DRAFT, proposed, int(num_matches),
                         int(num_matches) + 1, self.score), self.draft_ns, verify_ns)
