@@ -164,9 +164,10 @@ def _prompt(vocab: int, batch: int, tokens: int, seed: int, device: str) -> torc
 
 
 def _fresh(cache_obj, name, model, max_cache_len, context, batch, args):
-    """The cache for the next call: compiled caches are reused through ``reset()`` (as static caches are meant
-    to be: same buffers, no re-capture), the others are built anew."""
-    if name in ("static",) or (name.startswith("adaptive") and name != "adaptive_budget"):
+    """The cache for the next call: compiled caches (the budgeted one included: its budget is set once, as a
+    user's would be) are reused through ``reset()``, as static caches are meant to be (same buffers, so no
+    re-capture from new addresses); the others are built anew."""
+    if name == "static" or name.startswith("adaptive"):
         cache_obj.reset()
         return cache_obj
     return make_cache(name, model, max_cache_len, context, batch, args)[0]

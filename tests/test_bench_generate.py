@@ -37,7 +37,8 @@ def test_cli_refuses_unknown_caches(bench):
 
 def test_budget_cache_switches_precision_within_one_call(bench):
     """Guards the adaptive_budget configuration: its budget must move the ladder during a call (it is the row
-    that measures switches under pressure), and a reused static cache must keep its buffers across calls."""
+    that measures switches under pressure), again after the reset that reuses it for the next call, and a reused
+    static cache must keep its buffers across calls."""
     import torch
 
     model = bench.build_model("tiny", "cpu", torch.float32)
@@ -46,7 +47,12 @@ def test_budget_cache_switches_precision_within_one_call(bench):
     bench.set_attention(model, impl)
     ids = torch.randint(10, 500, (1, 600), generator=torch.Generator().manual_seed(0))
     bench.generate_once(model, ids, cache, 40, "cpu")
-    assert bench._bits_path(cache).count("->") >= 1, bench._bits_path(cache)
+    first = bench._bits_path(cache)
+    assert first.count("->") >= 1, first
+    again = bench._fresh(cache, "adaptive_budget", model, 700, 600, 1, args)  # reused, so no new buffers
+    assert again is cache
+    bench.generate_once(model, ids, cache, 40, "cpu")
+    assert bench._bits_path(cache) == first  # reset: the next call starts at 16 bits and walks the ladder again
     static, _ = bench.make_cache("adaptive4", model, 700, 600, 1, args)
     bench.generate_once(model, ids, static, 3, "cpu")
     before = static.layers[0].tail_k.data_ptr()
