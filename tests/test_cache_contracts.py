@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache
 
 import hf_adaptive
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from hf_adaptive.kv.cache import AdaptiveKVCache, generate_cache_kwargs
 from hf_adaptive.kv.static import AdaptiveStaticKVCache, CacheFullError
 

@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from hf_adaptive.cli import main as cli_main
 from hf_adaptive.kv.cache import AdaptiveKVCache, generate_cache_kwargs
 from hf_adaptive.kv.config import KVCacheConfig

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from hf_adaptive.parallel.engine import Engine
 from hf_adaptive.parallel.http_app import HttpSettings, build_app
 from hf_adaptive.parallel.http_schema import GenerateRequest, RequestRefused, ServeLimits, parse_generate

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 300  # long enough (about a second on CPU) that the signal lands while the request runs

@@ -20,7 +20,7 @@ import httpx
 import torch
 import torch.multiprocessing as mp
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from hf_adaptive.parallel.requests import Request, tokenize_request
 from hf_adaptive.policy.parallel_policy import percentile
 
