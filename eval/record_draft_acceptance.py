@@ -96,9 +96,18 @@ def _totals(records: list[dict], cost: float) -> list[dict]:
     return rows
 
 
+def _shown(path: str) -> str:
+    """A data path as results record it: relative to the repository when inside it (no machine's paths)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return path
+
+
 def _write(args, records: list[dict], planned: int) -> None:
     rows = _totals(records, args.self_draft_cost)
-    payload = {"model": args.model or "smollm2-135m-instruct", "tiers": ["int4", "fp32"], "data": args.data,
+    payload = {"model": args.model or "smollm2-135m-instruct", "tiers": ["int4", "fp32"], "data": _shown(args.data),
                "stride": args.stride, "max_lookup_tokens": args.max_lookup_tokens,
                "max_self_draft": args.max_self_draft, "self_draft_cost": args.self_draft_cost,
                "verses_planned": planned, "verses_done": len(records),
