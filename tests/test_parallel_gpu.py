@@ -1,6 +1,6 @@
 """Multi-GPU checks (skipped without >= 2 CUDA GPUs): every plan vs one GPU on SmolLM2's real weights.
 
-Runs ``eval/parallel_equivalence.py`` under torchrun on all visible GPUs (NCCL) and asserts its verdicts.
+Runs ``eval/parallel_equivalence.py`` through the package's launcher on all visible GPUs (NCCL) and asserts its verdicts.
 Set ``HF_ADAPTIVE_TEST_MODEL`` to a local checkpoint dir (default: the embedded SmolLM2).
 """
 
@@ -28,7 +28,7 @@ def test_plans_match_one_gpu_fp32_tokens_and_bf16_logits(tmp_path):
     model = os.environ.get("HF_ADAPTIVE_TEST_MODEL", "smollm2-135m-instruct")
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", HF_HUB_OFFLINE="1",
                PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", "29671",
+    cmd = [sys.executable, "-m", "hf_adaptive.parallel.run_script", "--processes", str(n),
            str(REPO / "eval/parallel_equivalence.py"), "--model", model, "--out", str(tmp_path), "--new-tokens", "32"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert (tmp_path / "equivalence.json").exists(), proc.stderr[-4000:]

@@ -88,7 +88,8 @@ def test_build_launch_single_node_gpu():
 
 
 def test_build_launch_multi_node_and_cpu():
-    """Guards multi-node rendezvous flags (total processes = gpus x machines) and the CPU/gloo switch."""
+    """Guards multi-node rendezvous flags (total processes = gpus x machines), the CPU/gloo switch, and Hub access
+    only for a Hub id."""
     base = {"HOME": "/h"}
     cmd, env = build_launch(LaunchConfig(model="m", gpus=8, num_machines=2, machine_rank=1,
                                          main_process_ip="10.0.0.1", main_process_port=1234, plan="tp2xpp4",
@@ -100,8 +101,12 @@ def test_build_launch_multi_node_and_cpu():
     assert base == {"HOME": "/h"}  # pure: the caller's mapping is not modified
     cmd, env = build_launch(LaunchConfig(model="m", gpus=2, cpu=True, python="py"), base)
     assert env["HF_ADAPTIVE_BACKEND"] == "gloo" and env["CUDA_VISIBLE_DEVICES"] == "" and "--multi_gpu" in cmd
-    cmd, _ = build_launch(LaunchConfig(model="m", gpus=1, python="py"), base)
-    assert "--multi_gpu" not in cmd
+    cmd, env = build_launch(LaunchConfig(model="m", gpus=1, python="py"), base)
+    assert "--multi_gpu" not in cmd and env["HF_HUB_OFFLINE"] == "1"  # an embedded name: no Hub traffic
+    _, env = build_launch(LaunchConfig(model="HuggingFaceTB/SmolLM2-135M-Instruct", gpus=1, python="py"), base)
+    assert "HF_HUB_OFFLINE" not in env  # a Hub id: the workers may fetch it
+    _, env = build_launch(LaunchConfig(model="m", gpus=1, python="py"), {"HF_HUB_OFFLINE": "0"})
+    assert env["HF_HUB_OFFLINE"] == "0"  # the caller's choice stands
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -123,9 +123,9 @@ serve_equal() {  # FOLDER CALIBRATION MODES...: memory-phase serving at 8 rows p
         --out $o -- $SERVE_ARGS --calibration $cal > $o/serve.log 2>&1
 }
 equivalence() { local o=$R/parallel_equivalence_smollm2_${CARD}x$NGPU; mkdir -p $o; smol_model
-    timeout 240 torchrun --nproc_per_node $NGPU eval/parallel_equivalence.py --model $SMOL --out $o > $o/parallel_equivalence.log 2>&1; }
+    $PY -m hf_adaptive.parallel.run_script --processes $NGPU --timeout-s 240 eval/parallel_equivalence.py --model $SMOL --out $o > $o/parallel_equivalence.log 2>&1; }
 reshard() { local o=$R/parallel_reshard_qwen7b_$CARD/${CARD}x$NGPU; mkdir -p $o
-    timeout 300 torchrun --nproc_per_node $NGPU eval/bench_reshard.py --model .gpu/qwen7b_cfg --random-weights --rounds 2 \
+    $PY -m hf_adaptive.parallel.run_script --processes $NGPU --timeout-s 300 eval/bench_reshard.py --model .gpu/qwen7b_cfg --random-weights --rounds 2 \
         --out $o > $o/bench_reshard.log 2>&1; }
 smol_piece() { mkdir -p /tmp/gguf && cp .gpu/smol/p$1/* /tmp/gguf/ && ls -la /tmp/gguf; }
 job_parallel-2gpu_smol-piece() { smol_piece "$1"; }

@@ -19,7 +19,7 @@ from hf_adaptive.parallel.launch import LaunchConfig, StopTimes, build_launch, c
 def launch_command_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("launch", help="run the parallel engine on N devices (accelerate launch)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint directory or embedded model name")
+    p.add_argument("--model", required=True, help="checkpoint directory, embedded model name, or Hub id (org/name)")
     p.add_argument("--gpus", type=int, required=True, help="processes (devices) per machine")
     p.add_argument("--plan", default="auto", help="auto | tp | pp | dp | hybrid | e.g. tp2xpp2")
     p.add_argument("--cpu", action="store_true", help="gloo processes on CPU instead of NCCL on GPUs")

@@ -20,12 +20,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import psutil
 
+from hf_adaptive.models import looks_like_hub_id
 from hf_adaptive.parallel.plans import ParallelPlan
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,7 @@ PLAN_CHOICES: tuple[str, ...] = ("auto", "tp", "pp", "dp", "hybrid")
 
 # NVLink SHARP multicast and symmetric-memory multicast are unavailable on the lent machines; NCCL must
 # not try them. OMP threads: one per process unless the caller set it.
-FIXED_ENV: dict[str, str] = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                             "HF_HUB_OFFLINE": "1"}
+FIXED_ENV: dict[str, str] = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 # One machine: the agent rendezvouses through a file, hosts no TCP store, and gloo talks over loopback.
 SINGLE_MACHINE_ENV: dict[str, str] = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
@@ -45,7 +45,8 @@ class LaunchConfig:
     """What to launch and where.
 
     Args:
-        model: checkpoint directory or embedded model name.
+        model: checkpoint directory, embedded model name, or Hugging Face Hub id (``org/name``; the workers may
+            then reach the Hub, every other model runs with ``HF_HUB_OFFLINE=1`` unless the caller set it).
         gpus: processes (devices) per machine.
         plan: ``auto`` (the adaptive policy) or a fixed strategy, or a plan name such as ``tp2xpp2``.
         cpu: run gloo processes on CPU instead of NCCL on GPUs.
@@ -102,8 +103,9 @@ def check_devices(config: LaunchConfig, cuda_devices: int) -> None:
                          f"--gpus {cuda_devices} or fewer")
 
 
-def build_launch(config: LaunchConfig, base_env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-    """The ``accelerate launch`` command line and environment for ``config``. Pure."""
+def _accelerate(config: LaunchConfig, base_env: Mapping[str, str], hub: bool) -> tuple[list[str], dict[str, str]]:
+    """``accelerate launch`` and its options for ``config`` (up to the program it starts), and the environment
+    (``hub``: the processes may reach the Hugging Face Hub; otherwise ``HF_HUB_OFFLINE=1`` unless already set)."""
     cmd = [config.python, "-m", "accelerate.commands.launch"]
     if config.world_size > 1:
         # --multi_gpu selects accelerate's torchrun launcher, which is also the only one that starts several
@@ -117,10 +119,10 @@ def build_launch(config: LaunchConfig, base_env: Mapping[str, str]) -> tuple[lis
     elif config.world_size > 1:
         cmd += ["--rdzv_backend", "c10d", "--rdzv_conf", "store_type=file"]
     cmd += ["--main_process_port", str(config.main_process_port)]
-    cmd += ["-m", "hf_adaptive.parallel.worker", "--model", config.model, "--plan", config.plan]
-    cmd += list(config.worker_args)
     env = dict(base_env)
     env.update(FIXED_ENV)
+    if not hub:
+        env.setdefault("HF_HUB_OFFLINE", "1")
     if config.num_machines == 1:
         env.update(SINGLE_MACHINE_ENV)
     env["HF_ADAPTIVE_BACKEND"] = "gloo" if config.cpu else "nccl"
@@ -128,6 +130,32 @@ def build_launch(config: LaunchConfig, base_env: Mapping[str, str]) -> tuple[lis
         env["CUDA_VISIBLE_DEVICES"] = ""
         env.setdefault("OMP_NUM_THREADS", "1")
     return cmd, env
+
+
+def build_launch(config: LaunchConfig, base_env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The ``accelerate launch`` command line and environment for ``config``. Pure."""
+    cmd, env = _accelerate(config, base_env, hub=looks_like_hub_id(config.model))
+    cmd += ["-m", "hf_adaptive.parallel.worker", "--model", config.model, "--plan", config.plan]
+    return cmd + list(config.worker_args), env
+
+
+def build_script_launch(script: str, script_args: Sequence[str], processes: int, base_env: Mapping[str, str], *,
+                        cpu: bool = False, python: str = sys.executable) -> tuple[list[str], dict[str, str]]:
+    """The same launcher for a script of ours (``eval/parallel_equivalence.py``, ``eval/bench_reshard.py``): one
+    process per device on this machine, a free port, the same environment as the workers (offline unless the
+    caller's environment says otherwise). Pure.
+
+    Args:
+        script: path of the Python script every process runs.
+        script_args: its arguments.
+        processes: processes (devices) on this machine.
+        base_env: the environment to start from (``os.environ``).
+        cpu: gloo processes on CPU instead of NCCL on GPUs.
+        python: the interpreter that runs accelerate.
+    """
+    config = LaunchConfig(model=script, gpus=processes, cpu=cpu, python=python)
+    cmd, env = _accelerate(config, base_env, hub=False)
+    return cmd + [script, *script_args], env
 
 
 @dataclass(frozen=True)

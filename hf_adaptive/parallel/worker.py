@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hf_adaptive.parallel.worker", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="checkpoint dir or embedded model name")
+    p.add_argument("--model", required=True, help="checkpoint dir, embedded model name, or Hub id (org/name)")
     p.add_argument("--random-weights", action="store_true",
                    help="the model's architecture (config.json) with seeded random weights, same on every rank")
     p.add_argument("--plan", default="auto", help="auto | tp | pp | dp | hybrid | a plan name like tp2xpp2")
