@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-lookup-tokens", type=arg_number(minimum=1, integer=True), default=8)
     ap.add_argument("--max-self-draft", type=arg_number(minimum=1, integer=True), default=4)
     ap.add_argument("--self-draft-cost", type=arg_number(minimum=0.0), default=0.65,
-                    help="one int4 draft forward as a fraction of a native one (0.65: Llama-3.1-8B shape, H200)")
+                    help="one int4 draft forward as a fraction of a native one (default: the 8B shape's, see the results index)")
     ap.add_argument("--model", default=None, help="embedded model name or checkpoint dir (default SmolLM2)")
     ap.add_argument("--threads", type=arg_number(minimum=1, integer=True), default=1, help="torch CPU threads")
     return ap

@@ -1,8 +1,8 @@
 """A real `hf-adaptive launch` on CPU (accelerate -> 2 gloo workers, the tiny random-weights model), stopped by a
 signal: the request in flight is answered, the report is written, and no process of the launch is left.
 
-Guards the orphans the launcher used to leave: it ran accelerate in a session of its own and did not handle
-SIGTERM or SIGINT, so it died alone and its workers kept serving ``/generate``.
+Guards against orphans: a launcher that runs accelerate in a session of its own without handling SIGTERM or
+SIGINT dies alone while its workers keep serving ``/generate``.
 """
 
 from __future__ import annotations

@@ -205,7 +205,7 @@ def test_worker_limits_and_serve_settings_are_checked():
 
 def test_run_results_map_back_by_position_not_by_id():
     """Guards crossed answers at the rank protocol: two requests with one id in two replicas each get their own
-    replica's row (results used to be a dict keyed by request id)."""
+    replica's row (a dict keyed by request id would hand both the same one)."""
     from hf_adaptive.parallel.protocol import RunResult, tokens_by_request
     from hf_adaptive.parallel.requests import Request
 

@@ -39,8 +39,9 @@ class DraftPolicyConfig:
         drafters: which drafters may run, a subset of ``("lookup", "self")``.
         max_lookup_tokens: longest prompt-lookup draft.
         max_self_draft: longest self-draft (the confidence bands may shorten it).
-        self_draft_cost: one int4 draft forward as a fraction of a native forward (0.65 for the Llama-3.1-8B shape
-            on an H200; see the results index). Measure it for the model and card at hand.
+        self_draft_cost: one int4 draft forward as a fraction of a native forward. The default is the int4 tier's
+            step time over native on the Llama-3.1-8B shape (the precision area of eval/results/README.md);
+            measure it for the model and card at hand.
         lookup_cost: one lookup draft token as a fraction of a native forward (0: no forward runs).
         prior_acceptance: the lookup's per-token acceptance before it has proposed anything.
         self_prior: the self-draft's per-token acceptance before evidence (e.g. measured for this model on similar
