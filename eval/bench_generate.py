@@ -37,20 +37,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import time
 from pathlib import Path
 
-from _common import environment, plot_by_context, sync  # first: sets the offline default
+from _common import environment, plot_by_context  # first: sets the offline default
+from _generate_timing import (SHAPES, CaptureCounter, add_run_arguments, build_model, choice_list, generate_once,
+                              int_list, prepare_run, prompt, timed_calls)
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache  # noqa: E402
+from transformers import DynamicCache, StaticCache  # noqa: E402
 
 import hf_adaptive  # noqa: E402
-from hf_adaptive.compat import generate_cache_kwargs  # noqa: E402
 from hf_adaptive.evaluation.report import markdown_table, write_report  # noqa: E402
 from hf_adaptive.kv.cache import AdaptiveKVCache  # noqa: E402
 from hf_adaptive.kv.static import AdaptiveStaticKVCache  # noqa: E402
@@ -58,45 +58,7 @@ from hf_adaptive.kv.static import AdaptiveStaticKVCache  # noqa: E402
 CACHES = ("dynamic", "static", "adaptive16", "adaptive8", "adaptive4", "adaptive_budget", "eager4", "quanto4",
           "hqq4")
 OURS_FUSED = ("adaptive16", "adaptive8", "adaptive4", "adaptive_budget", "eager4")
-SHAPES = {
-    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=64, intermediate_size=8192, vocab_size=128256),
-    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=128, intermediate_size=14336, vocab_size=128256),
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                 intermediate_size=256, vocab_size=512),
-}
 BUDGET_FRACTION_OF_PROMPT = 0.55  # adaptive_budget: the prompt's KV in the model dtype is 1.8x this budget
-
-
-class CaptureCounter:
-    """Counts CUDA graph captures (``torch.cuda.graph`` entries, which cudagraph trees use) and dynamo graphs."""
-
-    def __init__(self) -> None:
-        self.captures = 0
-        original = torch.cuda.graph.__enter__
-
-        def counting_enter(graph_self, *a, **k):
-            self.captures += 1
-            return original(graph_self, *a, **k)
-
-        torch.cuda.graph.__enter__ = counting_enter
-
-    @staticmethod
-    def dynamo_graphs() -> int:
-        return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-
-
-def build_model(shape: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
-    """Random-init Llama of ``shape`` (seeded), eval mode, on ``device`` in ``dtype``."""
-    torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None  # random weights: never stop early
-    hf_adaptive.register_attention()
-    return model
 
 
 def prompt_kv_bytes(model, tokens: int, batch: int) -> int:
@@ -137,32 +99,6 @@ def set_attention(model, impl: str) -> None:
 
 
 @torch.no_grad()
-def generate_once(model, ids: torch.Tensor, cache, new_tokens: int, device: str) -> dict:
-    """One plain generate call (synchronized around it); returns its wall time and the new tokens."""
-    sync(device)
-    t0 = time.perf_counter()
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, **generate_cache_kwargs(cache))
-    sync(device)
-    return {"wall_s": time.perf_counter() - t0, "tokens": out[:, ids.shape[1]:].cpu()}
-
-
-def timed_calls(model, ids, cache_for_call, new_tokens: int, repeats: int, device: str) -> dict:
-    """Median wall time of ``repeats`` calls of 1 and of ``new_tokens`` new tokens; decode ms/token from both."""
-    one, many = [], []
-    for _ in range(repeats):
-        one.append(generate_once(model, ids, cache_for_call(), 1, device)["wall_s"])
-        many.append(generate_once(model, ids, cache_for_call(), new_tokens, device)["wall_s"])
-    t1, tn = statistics.median(one), statistics.median(many)
-    return {"decode_ms_per_token": 1000 * (tn - t1) / (new_tokens - 1), "prefill_s": t1,
-            "ms_runs": [round(1000 * (n - o) / (new_tokens - 1), 4) for o, n in zip(one, many)]}
-
-
-def _prompt(vocab: int, batch: int, tokens: int, seed: int, device: str) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(10, vocab, (batch, tokens), generator=g).to(device)
-
-
 def _fresh(cache_obj, name, model, max_cache_len, context, batch, args):
     """The cache for the next call: compiled caches (the budgeted one included: its budget is set once, as a
     user's would be) are reused through ``reset()``, as static caches are meant to be (same buffers, so no
@@ -192,7 +128,7 @@ def bench_config(model, name: str, context: int, batch: int, args, counter: Capt
     max_cache_len = args.max_cache_len or context + args.new_tokens + 16
     cache, impl = make_cache(name, model, max_cache_len, context, batch, args)
     set_attention(model, impl)
-    ids = _prompt(model.config.vocab_size, batch, context, context * 31 + batch, args.device)
+    ids = prompt(model.config.vocab_size, batch, context, context * 31 + batch, args.device)
     state = {"cache": cache}
 
     def cache_for_call():
@@ -263,7 +199,7 @@ def _mixed_calls(model, name, cache, max_cache_len, context, batch, args, counte
         n_new = rng.randint(1, args.new_tokens)
         n_prompt = rng.randint(max(1, context // 2), max_cache_len - n_new - 1)
         cache = _fresh(cache, name, model, max_cache_len, n_prompt, batch, args)
-        ids = _prompt(model.config.vocab_size, batch, n_prompt, 1000 + i, args.device)
+        ids = prompt(model.config.vocab_size, batch, n_prompt, 1000 + i, args.device)
         ms.append(1000 * generate_once(model, ids, cache, n_new, args.device)["wall_s"])
     return {"mixed_recompiles": counter.dynamo_graphs() - graphs0, "mixed_captures": counter.captures - captures0,
             "mixed_call_ms_median": statistics.median(ms)}
@@ -285,7 +221,7 @@ def tokens_identical_at_16_bits(args) -> dict:
     """
     model = build_model(args.shape, args.device, torch.float32)
     context, batch = 64, 1  # float32 sdpa may take its math path: keep the score matrix small
-    ids = _prompt(model.config.vocab_size, batch, context, 7, args.device)
+    ids = prompt(model.config.vocab_size, batch, context, 7, args.device)
     set_attention(model, "sdpa")
     ref = generate_once(model, ids, DynamicCache(config=model.config), args.new_tokens, args.device)["tokens"]
     cache, impl = make_cache("adaptive16", model, context + args.new_tokens + 16, context, batch, args)
@@ -365,15 +301,11 @@ def ratios(rows: list[dict]) -> list[dict]:
 GENERATE_SERIES = [("decode_ms_per_token", "ms / decoded token (model.generate)", True), ("kv_gib", "KV GiB", True)]
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b", help="random-init Llama shape")
-    p.add_argument("--contexts", type=_ints, default=_ints("64,1024,4096,16384,32768,65536"))
-    p.add_argument("--batch-sizes", type=_ints, default=_ints("1,8,32"))
+    p.add_argument("--contexts", type=int_list, default=int_list("64,1024,4096,16384,32768,65536"))
+    p.add_argument("--batch-sizes", type=int_list, default=int_list("1,8,32"))
     p.add_argument("--caches", default=",".join(CACHES), help=f"comma-separated subset of {CACHES}")
     p.add_argument("--new-tokens", type=int, default=33, help="max_new_tokens of every timed call")
     p.add_argument("--repeats", type=int, default=2, help="timed calls per configuration (median)")
@@ -384,24 +316,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-kv-gib", type=float, default=60.0, help="skip bf16 caches whose KV exceeds this")
     p.add_argument("--time-budget-s", type=float, default=500.0, help="stop starting configurations after this")
     p.add_argument("--profile", action="store_true", help="profile one call of static/adaptive16/adaptive4")
-    p.add_argument("--profile-at", type=_ints, default=[64, 1], help="context,batch of the profiled calls")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
-    p.add_argument("--name", default=None, help="file stem of the result (default bench_generate_SHAPE)")
-    p.add_argument("--out", default="eval/results/kv_generate")
+    p.add_argument("--profile-at", type=int_list, default=[64, 1], help="context,batch of the profiled calls")
+    add_run_arguments(p, "eval/results/kv_generate", "bench_generate")
     args = p.parse_args(argv)
-    args.caches = [c for c in args.caches.split(",") if c]
+    args.caches = choice_list(p, args.caches, CACHES, "--caches")
     args.profile_at = tuple(args.profile_at)
-    bad = sorted(set(args.caches) - set(CACHES))
-    if bad:
-        p.error(f"--caches: unknown {bad}; choose from {CACHES}")
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    card = prepare_run(args.device)
     t0 = time.perf_counter()
     identity = tokens_identical_at_16_bits(args)
     model = build_model(args.shape, args.device, getattr(torch, args.dtype))

@@ -18,6 +18,8 @@
 #                  Carry .whl/ (hqq, optimum-quanto, gguf, termcolor wheels: the QuantizedCache baselines).
 #   precision      1 GPU per job; about 9 min on 2 GPUs (8B jobs ~7 min each). Carry .whl/ and .gpu/qwen_cfg
 #                  (scripts/export_model_config.py qwen2.5-coder-1.5b-instruct .gpu/qwen_cfg; config + tokenizer).
+#                  generate-8b (the controller inside model.generate, StaticCache and AdaptiveStaticKVCache) needs
+#                  neither and stops starting configurations after 7 min.
 #   parallel-2gpu  2 GPUs per job; each serving job ~8 min, so one job per call. Carry .whl/, .gpu/qwen7b_cfg
 #                  (the Qwen2.5-7B shape: export_model_config.py ... --set, see that script) and, for the SmolLM2
 #                  jobs (equivalence, serve-mixed), its GGUF in pieces under .gpu/smol/p0 .. p2
@@ -110,6 +112,9 @@ job_precision_qwen() { precision precision_qwen1.5b_$CARD --config-dir .gpu/qwen
     --high 0.9 0.75 0.5 --schedule $SCHED; }
 job_precision_qwen-triton() { precision precision_qwen1.5b_triton_$CARD --config-dir .gpu/qwen_cfg --int4-kernel triton \
     --skip-controller --high 0.9 0.75 0.5 --schedule $SCHED; }
+job_precision_generate-8b() { local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 560 $PY \
+    eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 64,4096 --time-budget-s 420 --name 8b --out $o \
+    > $o/8b.log 2>&1; }
 job_precision_int4-kernels() { local o=$R/precision_int4_kernels_$CARD; mkdir -p $o; timeout 300 $PY \
     eval/bench_int4_kernels.py --out $o > $o/bench_int4_kernels.log 2>&1; }
 

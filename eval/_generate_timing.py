@@ -1,0 +1,120 @@
+"""Timing through plain ``model.generate``, shared by the generate-level benchmarks (KV caches, precision tiers).
+
+decode ms/token = (t(N new tokens) - t(1 new token)) / (N - 1), each t the median wall time of a few calls
+synchronized before and after: the prefill cancels out and every decode step's host and device work is in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+from _common import sync  # first: sets the offline default
+
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import hf_adaptive  # noqa: E402
+from hf_adaptive.compat import generate_cache_kwargs  # noqa: E402
+
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=64, intermediate_size=8192, vocab_size=128256),
+    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=128, intermediate_size=14336, vocab_size=128256),
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                 intermediate_size=256, vocab_size=512),
+}
+
+
+class CaptureCounter:
+    """Counts CUDA graph captures (``torch.cuda.graph`` entries, which cudagraph trees use) and dynamo graphs."""
+
+    def __init__(self) -> None:
+        self.captures = 0
+        original = torch.cuda.graph.__enter__
+
+        def counting_enter(graph_self, *a, **k):
+            self.captures += 1
+            return original(graph_self, *a, **k)
+
+        torch.cuda.graph.__enter__ = counting_enter
+
+    @staticmethod
+    def dynamo_graphs() -> int:
+        return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    """Random-init Llama of ``shape`` (seeded), eval mode, on ``device`` in ``dtype``."""
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    hf_adaptive.register_attention()
+    return model
+
+
+def prompt(vocab: int, batch: int, tokens: int, seed: int, device: str) -> torch.Tensor:
+    """(batch, tokens) random token ids in [10, vocab), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab, (batch, tokens), generator=g).to(device)
+
+
+def generate_once(model, ids: torch.Tensor, cache, new_tokens: int, device: str, **generate_kwargs) -> dict:
+    """One plain greedy generate call (synchronized around it); returns its wall time and the new tokens.
+    ``generate_kwargs`` go to ``generate`` as they are (e.g. ``logits_processor=[controller]``)."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, **generate_cache_kwargs(cache),
+                         **generate_kwargs)
+    sync(device)
+    return {"wall_s": time.perf_counter() - t0, "tokens": out[:, ids.shape[1]:].cpu()}
+
+
+def timed_calls(model, ids, cache_for_call, new_tokens: int, repeats: int, device: str,
+                before_call=None, **generate_kwargs) -> dict:
+    """Median wall time of ``repeats`` calls of 1 and of ``new_tokens`` new tokens; decode ms/token from both.
+    ``before_call()`` runs before each call, outside the timing (e.g. a controller's reset)."""
+    one, many = [], []
+    for _ in range(repeats):
+        for n, into in ((1, one), (new_tokens, many)):
+            if before_call is not None:
+                before_call()
+            into.append(generate_once(model, ids, cache_for_call(), n, device, **generate_kwargs)["wall_s"])
+    t1, tn = statistics.median(one), statistics.median(many)
+    return {"decode_ms_per_token": 1000 * (tn - t1) / (new_tokens - 1), "prefill_s": t1,
+            "ms_runs": [round(1000 * (n - o) / (new_tokens - 1), 4) for o, n in zip(one, many)]}
+
+
+def add_run_arguments(p: argparse.ArgumentParser, default_out: str, stem: str) -> None:
+    """``--device``, ``--dtype``, ``--name`` and ``--out``, as every generate-level benchmark takes them."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    p.add_argument("--name", default=None, help=f"file stem of the result (default {stem}_SHAPE)")
+    p.add_argument("--out", default=default_out)
+
+
+def choice_list(p: argparse.ArgumentParser, text: str, choices: tuple[str, ...], flag: str) -> list[str]:
+    """A comma-separated subset of ``choices`` (``p.error`` naming ``flag`` otherwise)."""
+    out = [c for c in text.split(",") if c]
+    bad = sorted(set(out) - set(choices))
+    if bad:
+        p.error(f"{flag}: unknown {bad}; choose from {choices}")
+    return out
+
+
+def prepare_run(device: str) -> str:
+    """Room for every compiled configuration of a run in dynamo's cache; returns the card's name."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+
+
+def int_list(text: str) -> list[int]:
+    """``"64,1024"`` -> ``[64, 1024]`` (an argparse ``type=``)."""
+    return [int(x) for x in text.split(",") if x.strip()]

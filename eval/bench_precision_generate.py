@@ -1,0 +1,262 @@
+"""Precision switching through plain ``model.generate``: the int4 tier's step, the controller's overhead, a switch's cost.
+
+Each configuration (shape x context x batch x cache) prepares the tiers once (``prepare_tiers(model, ("int4",
+"native"))``) and times plain greedy ``model.generate`` calls, decode ms/token as in ``bench_generate.py``:
+
+- native: the top tier, no controller;
+- int4: the int4 tier for the whole call, no controller (the tier's own step);
+- never: ``PrecisionController`` whose bands never choose int4 (``high=1``): the controller's cost when it never
+  switches (its confidence, one host read per step, telemetry);
+- f=0.25 / 0.5 / 0.75: the same controller, every step's work done, but the tier of the next step taken from an
+  evenly spread pattern with a fraction f of int4 steps instead of its bands, so the cost of switching is measured
+  against ``predicted = (1 - f) * native + f * int4`` (``vs_predicted``; goal within 3 %).
+
+Caches: ``static`` (``StaticCache``, sdpa) and ``adaptive16`` (``AdaptiveStaticKVCache`` at 16 bits, fused
+attention); on CUDA generate compiles the decode step for both. One warm-up call per mode runs first (every tier's
+step compiled and captured), then ``captures_after_warmup`` / ``recompiles_after_warmup`` count what the timed calls
+still compile or capture (goal 0: a switch should re-capture nothing). ``controller_overhead_us`` is the
+controller's own host time per step from its telemetry (the wait of its host read reported apart).
+
+GPU (one H200; about 2 min per configuration at the 8B shape):
+    python eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 64,4096 --out eval/results/precision_generate_h200
+CPU smoke size (no compile, seconds):
+    python eval/bench_precision_generate.py --device cpu --dtype float32 --shape tiny --contexts 32 --new-tokens 6 \
+        --out /tmp/bench_precision_generate_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _common import environment, pyplot, save_figure  # first: sets the offline default
+from _generate_timing import (SHAPES, CaptureCounter, add_run_arguments, build_model, choice_list, generate_once,
+                              int_list, prepare_run, prompt, timed_calls)
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import StaticCache  # noqa: E402
+
+import hf_adaptive  # noqa: E402
+from hf_adaptive.evaluation.report import markdown_table, write_report  # noqa: E402
+from hf_adaptive.kv.static import AdaptiveStaticKVCache  # noqa: E402
+from hf_adaptive.precision.controller import PrecisionController, default_policy_config  # noqa: E402
+from hf_adaptive.precision.tiers import PrecisionTiers, prepare_tiers  # noqa: E402
+from hf_adaptive.validation import arg_number  # noqa: E402
+
+CACHES = ("static", "adaptive16")
+FRACTIONS = (0.25, 0.5, 0.75)
+
+
+@dataclass
+class SpreadPattern:
+    """A stand-in for ``PrecisionPolicy`` with a fixed answer: decode step i runs the fast tier exactly when
+    ``floor((i + 1) f) > floor(i f)``, so a fraction ``f`` of the steps, spread evenly (f = 0.5 alternates)."""
+
+    fraction: float
+    fast: str
+    top: str
+    step: int = 0
+    current: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.current = self.top
+
+    def reset(self) -> None:
+        self.step, self.current = 0, self.top
+
+    def decide(self, scores: list[float]) -> str:
+        i, f = self.step, self.fraction
+        self.step += 1
+        self.current = self.fast if int((i + 1) * f) > int(i * f) else self.top
+        return self.current
+
+
+def make_cache(name: str, model, max_cache_len: int):
+    """A fresh cache of kind ``name`` with the attention implementation it runs with."""
+    if name == "static":
+        model.set_attn_implementation("sdpa")
+        return StaticCache(config=model.config, max_cache_len=max_cache_len)
+    hf_adaptive.enable_fused_attention(model)
+    return AdaptiveStaticKVCache(model.config, max_cache_len=max_cache_len)
+
+
+def mode_specs(fractions: list[float]) -> dict[str, str | float | None]:
+    """Mode name -> what :func:`run_mode` builds for it: None (no controller), "never", or an int4 fraction."""
+    modes: dict = {"native": None, "int4": None, "never": "never"}
+    modes.update({f"f={f:g}": f for f in fractions})
+    return modes
+
+
+def _controller(tiers: PrecisionTiers, spec: str | float) -> PrecisionController:
+    if spec == "never":  # no score exceeds 1: the bands never pick the fast tier
+        return PrecisionController(tiers, default_policy_config(tiers, high=1.0, low=0.0))
+    ctl = PrecisionController(tiers)
+    ctl.policy = SpreadPattern(float(spec), tiers.fast, tiers.top)
+    return ctl
+
+
+def run_mode(model, tiers: PrecisionTiers, mode: str, spec, ids, cache_for_call, args, counter) -> dict:
+    """Warm-up call, then the timed calls of one mode; the controller (if any) is closed after."""
+    ctl = None if spec is None else _controller(tiers, spec)
+    tier = tiers.fast if mode == "int4" else tiers.top
+
+    def before_call():
+        if ctl is not None:
+            ctl.reset()
+            ctl.telemetry.reset()
+        else:
+            tiers.set(tier)
+
+    kwargs = {} if ctl is None else {"logits_processor": [ctl]}
+    try:
+        before_call()
+        generate_once(model, ids, cache_for_call(), args.new_tokens, args.device, **kwargs)  # warm-up
+        graphs0 = counter.dynamo_graphs() if counter else 0
+        captures0 = counter.captures if counter else 0
+        row = timed_calls(model, ids, cache_for_call, args.new_tokens, args.repeats, args.device,
+                          before_call=before_call, **kwargs)
+        if counter:
+            row.update(recompiles_after_warmup=counter.dynamo_graphs() - graphs0,
+                       captures_after_warmup=counter.captures - captures0)
+        if ctl is not None:
+            report = ctl.telemetry.report()  # the last timed call's steps
+            row.update(int4_fraction=report["tier_fraction"].get(tiers.fast, 0.0), switches=report["switches"],
+                       controller_overhead_us=report["controller_overhead_us"],
+                       host_read_wait_us=report["host_read_wait_us"])
+        else:
+            row["int4_fraction"] = 1.0 if mode == "int4" else 0.0
+        return row
+    finally:
+        if ctl is not None:
+            ctl.close()
+        tiers.set(tiers.top)
+
+
+def bench_config(model, tiers, cache_name: str, context: int, batch: int, args, counter) -> list[dict]:
+    max_cache_len = context + args.new_tokens + 16
+    cache = make_cache(cache_name, model, max_cache_len)
+    ids = prompt(model.config.vocab_size, batch, context, context * 31 + batch, args.device)
+
+    def cache_for_call():
+        cache.reset()  # same buffers every call: a new cache would bring new addresses and new captures
+        return cache
+
+    base = {"shape": args.shape, "cache": cache_name, "context": context, "batch": batch}
+    rows = []
+    for mode, spec in mode_specs(args.fractions).items():
+        rows.append(base | {"mode": mode} | run_mode(model, tiers, mode, spec, ids, cache_for_call, args, counter))
+    return rows
+
+
+def add_predictions(rows: list[dict]) -> list[dict]:
+    """Per configuration: every mode over native, and the switching modes against (1 - f) native + f int4."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if "decode_ms_per_token" in r:
+            groups.setdefault((r["shape"], r["cache"], r["context"], r["batch"]), {})[r["mode"]] = r
+    for modes in groups.values():
+        native, int4 = modes.get("native"), modes.get("int4")
+        if native is None:
+            continue
+        t_n = native["decode_ms_per_token"]
+        for r in modes.values():
+            r["vs_native"] = r["decode_ms_per_token"] / t_n
+            if int4 is not None and r["mode"].startswith("f="):
+                f = float(r["mode"][2:])
+                r["predicted_ms"] = (1 - f) * t_n + f * int4["decode_ms_per_token"]
+                r["vs_predicted"] = r["decode_ms_per_token"] / r["predicted_ms"]
+    return rows
+
+
+def plot(path: Path, rows: list[dict], title: str) -> None:
+    """ms/token against the int4 fraction per (cache, context, batch), with the linear prediction."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = sorted({(r["cache"], r["context"], r["batch"]) for r in rows if "decode_ms_per_token" in r})
+    for key in keys:
+        pts = {r["mode"]: r for r in rows if (r["cache"], r["context"], r["batch"]) == key and "decode_ms_per_token" in r}
+        if "native" not in pts or "int4" not in pts:
+            continue
+        xs = [0.0] + [float(m[2:]) for m in pts if m.startswith("f=")] + [1.0]
+        ys = [pts["native"]["decode_ms_per_token"]] + [pts[m]["decode_ms_per_token"] for m in pts if m.startswith("f=")]
+        ys.append(pts["int4"]["decode_ms_per_token"])
+        line = ax.plot(xs, ys, "o-", label=f"{key[0]} n={key[1]} b={key[2]}")[0]
+        ax.plot([0, 1], [ys[0], ys[-1]], "--", color=line.get_color(), alpha=0.5)
+        if "never" in pts:
+            ax.plot([0], [pts["never"]["decode_ms_per_token"]], "x", color=line.get_color())
+    ax.set_xlabel("fraction of decode steps in int4 (x at 0: controller that never switches)")
+    ax.set_ylabel("ms per decoded token")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def _fractions(text: str) -> list[float]:
+    out = [float(x) for x in text.split(",") if x]
+    if any(not 0.0 < f < 1.0 for f in out):
+        raise argparse.ArgumentTypeError(f"every fraction must lie strictly between 0 and 1, got {text!r}")
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b", help="random-init Llama shape")
+    p.add_argument("--contexts", type=int_list, default=int_list("64,4096"))
+    p.add_argument("--batch-sizes", type=int_list, default=int_list("1"))
+    p.add_argument("--caches", default=",".join(CACHES), help=f"comma-separated subset of {CACHES}")
+    p.add_argument("--fractions", type=_fractions, default=list(FRACTIONS), help="int4 fractions of the patterns")
+    p.add_argument("--new-tokens", type=arg_number(minimum=3, integer=True), default=33)
+    p.add_argument("--repeats", type=arg_number(minimum=1, integer=True), default=2)
+    p.add_argument("--int4-kernel", default="auto", help="prepare_tiers(int4_kernel=...)")
+    p.add_argument("--time-budget-s", type=arg_number(minimum=0.0, min_open=True), default=500.0,
+                   help="stop starting configurations after this")
+    add_run_arguments(p, "eval/results/precision_generate", "bench_precision_generate")
+    args = p.parse_args(argv)
+    args.caches = choice_list(p, args.caches, CACHES, "--caches")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    card = prepare_run(args.device)
+    on_gpu = args.device.startswith("cuda")
+    t0 = time.perf_counter()
+    model = build_model(args.shape, args.device, getattr(torch, args.dtype))
+    tiers = prepare_tiers(model, tiers=("int4", "native"), int4_kernel=args.int4_kernel)
+    counter = CaptureCounter() if on_gpu else None
+    rows: list[dict] = []
+    grid = [(c, n, b) for n in args.contexts for b in args.batch_sizes for c in args.caches]
+    for cache_name, context, batch in tqdm(grid, desc=f"precision generate {args.shape}"):
+        base = {"shape": args.shape, "cache": cache_name, "context": context, "batch": batch}
+        if time.perf_counter() - t0 > args.time_budget_s:
+            rows.append(base | {"skipped": f"--time-budget-s={args.time_budget_s} spent"})
+            continue
+        try:
+            rows.extend(bench_config(model, tiers, cache_name, context, batch, args, counter))
+        except Exception as err:  # noqa: BLE001  (OOM, missing kernel: recorded with the reason, grid goes on)
+            rows.append(base | {"skipped": f"{type(err).__name__}: {str(err)[:160]}"})
+            if on_gpu:
+                torch.cuda.empty_cache()
+    add_predictions(rows)
+    env = environment(args.device, card=card, model=f"random-init {args.shape}", dtype=args.dtype,
+                      new_tokens=args.new_tokens, repeats=args.repeats, tiers=list(tiers.ladder),
+                      wall_s=round(time.perf_counter() - t0, 1))
+    columns = ["cache", "context", "batch", "mode", "decode_ms_per_token", "vs_native", "predicted_ms", "vs_predicted",
+               "int4_fraction", "switches", "controller_overhead_us", "recompiles_after_warmup",
+               "captures_after_warmup", "skipped"]
+    table = [{k: (r.get(k).get("mean") if isinstance(r.get(k), dict) else r.get(k)) for k in columns} for r in rows]
+    stem = args.name or f"bench_precision_generate_{args.shape}"
+    notes = (f"Timed through model.generate only ({args.repeats} calls after one warm-up per mode, {args.new_tokens} "
+             "new tokens). `vs_predicted` = ms/token over (1 - f) native + f int4, both measured in this run. "
+             "`controller_overhead_us`: the controller's own host time per step (mean).\n")
+    write_report(args.out, stem, {"rows": rows, "args": vars(args)}, env, markdown_table(table, columns),
+                 f"Precision switching through model.generate: random-init {args.shape} on {card}", notes)
+    plot(Path(args.out) / f"{stem}.png", rows, f"model.generate, {args.shape} {args.dtype} on {card}")
+    print(markdown_table(table, columns))
+
+
+if __name__ == "__main__":
+    main()

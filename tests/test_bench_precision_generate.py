@@ -1,0 +1,65 @@
+"""eval/bench_precision_generate.py: precision switching timed through plain model.generate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import load_eval_script
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_eval_script("bench_precision_generate")
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
+def test_spread_pattern_runs_the_fraction_evenly(bench, fraction):
+    """Guards the switching modes' schedule: exactly a fraction f of the steps in the fast tier, never two runs of
+    fast steps where one would do (f = 0.5 alternates), and a reset starts the pattern over."""
+    pattern = bench.SpreadPattern(fraction, "int4", "native")
+    tiers = [pattern.decide([0.5]) for _ in range(40)]
+    assert tiers.count("int4") == int(40 * fraction)
+    if fraction == 0.5:
+        assert tiers[:4] == ["native", "int4", "native", "int4"]
+    pattern.reset()
+    assert pattern.current == "native" and [pattern.decide([0.5]) for _ in range(40)] == tiers
+
+
+def test_cpu_run_reports_every_mode_and_leaves_the_model_clean(bench, tmp_path):
+    """Guards the benchmark end to end on CPU: every (cache, mode) row is measured, the switching modes ran their
+    int4 fraction through the real controller (its telemetry), predictions are computed, the report is written."""
+    args = ["--device", "cpu", "--dtype", "float32", "--shape", "tiny", "--contexts", "24", "--new-tokens", "9",
+            "--repeats", "1", "--fractions", "0.5", "--out", str(tmp_path)]
+    bench.main(args)
+    report = json.loads((tmp_path / "bench_precision_generate_tiny.json").read_text())
+    rows = {(r["cache"], r["mode"]): r for r in report["rows"]}
+    assert set(rows) == {(c, m) for c in ("static", "adaptive16") for m in ("native", "int4", "never", "f=0.5")}
+    for cache in ("static", "adaptive16"):
+        assert rows[(cache, "never")]["int4_fraction"] == 0.0 and rows[(cache, "never")]["switches"] == 0
+        half = rows[(cache, "f=0.5")]
+        assert 0.4 <= half["int4_fraction"] <= 0.5 and half["switches"] >= 6
+        assert half["predicted_ms"] > 0 and half["vs_predicted"] > 0
+        assert rows[(cache, "native")]["vs_native"] == 1.0
+    assert (tmp_path / "bench_precision_generate_tiny.png").stat().st_size > 0
+    assert "vs_predicted" in (tmp_path / "bench_precision_generate_tiny.md").read_text()
+
+
+def test_a_mode_leaves_no_controller_hook_and_the_top_tier_on(bench, tmp_path):
+    """Guards the modes against each other: after a switching mode, the model carries no controller hook and runs
+    its top tier, so the next mode (native) measures the plain model."""
+    import torch
+
+    from hf_adaptive.precision.tiers import prepare_tiers
+
+    args = bench.parse_args(["--device", "cpu", "--dtype", "float32", "--shape", "tiny", "--new-tokens", "5",
+                             "--repeats", "1", "--out", str(tmp_path)])
+    model = bench.build_model("tiny", "cpu", torch.float32)
+    hooks = (len(model._forward_pre_hooks), len(model.lm_head._forward_hooks))
+    tiers = prepare_tiers(model, tiers=("int4", "native"))
+    cache = bench.make_cache("static", model, 64)
+    ids = bench.prompt(model.config.vocab_size, 1, 16, 0, "cpu")
+    row = bench.run_mode(model, tiers, "f=0.5", 0.5, ids, lambda: (cache.reset(), cache)[1], args, None)
+    assert row["switches"] > 0 and tiers.active == tiers.top
+    assert (len(model._forward_pre_hooks), len(model.lm_head._forward_hooks)) == hooks
