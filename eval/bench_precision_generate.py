@@ -1,4 +1,4 @@
-"""Precision switching through plain ``model.generate``: the int4 tier's step, the controller's overhead, a switch's cost.
+"""Precision switching through plain ``model.generate``: the int4 step, the controller's overhead, a switch's cost.
 
 Each configuration (shape x context x batch x cache) prepares the tiers once (``prepare_tiers(model, ("int4",
 "native"))``) and times plain greedy ``model.generate`` calls, decode ms/token as in ``bench_generate.py``:
@@ -18,7 +18,8 @@ still compile or capture (goal 0: a switch should re-capture nothing). ``control
 controller's own host time per step from its telemetry (the wait of its host read reported apart).
 
 GPU (one H200; about 2 min per configuration at the 8B shape):
-    python eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 64,4096 --out eval/results/precision_generate_h200
+    python eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 64,4096 \
+        --out eval/results/precision_generate_h200
 CPU smoke size (no compile, seconds):
     python eval/bench_precision_generate.py --device cpu --dtype float32 --shape tiny --contexts 32 --new-tokens 6 \
         --out /tmp/bench_precision_generate_cpu
@@ -177,7 +178,8 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     keys = sorted({(r["cache"], r["context"], r["batch"]) for r in rows if "decode_ms_per_token" in r})
     for key in keys:
-        pts = {r["mode"]: r for r in rows if (r["cache"], r["context"], r["batch"]) == key and "decode_ms_per_token" in r}
+        pts = {r["mode"]: r for r in rows
+               if (r["cache"], r["context"], r["batch"]) == key and "decode_ms_per_token" in r}
         if "native" not in pts or "int4" not in pts:
             continue
         xs = [0.0] + [float(m[2:]) for m in pts if m.startswith("f=")] + [1.0]

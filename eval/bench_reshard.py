@@ -1,7 +1,8 @@
 """Switch cost: how long the engine takes to re-shard between plans, from a pageable and from a page-locked host copy.
 
 Run one process per device, e.g. on 4 GPUs with the Qwen2.5-7B shape (random weights):
-    python -m hf_adaptive.parallel.run_script --processes 4 eval/bench_reshard.py --model .gpu/qwen7b_cfg --random-weights --out runs/reshard
+    python -m hf_adaptive.parallel.run_script --processes 4 eval/bench_reshard.py --model .gpu/qwen7b_cfg --random-weights \
+        --out runs/reshard
 
 One engine, one host copy. It first cycles through every valid plan with the host copy pageable, then page-locks it
 (``Engine.pin``, timed), then cycles again. Each switch is timed to the point where every rank holds its new shard
@@ -65,7 +66,8 @@ def main() -> int:
     model, _ = load_host_model(args.model, args.dtype, args.random_weights, device)
     plans = all_plans(world, ModelDims.from_config(model.config))
     if not plans:
-        raise SystemExit(f"no valid plan for {world} processes; launch it with --processes >= 2 (python -m hf_adaptive.parallel.run_script)")
+        raise SystemExit(f"no valid plan for {world} processes; launch it with --processes >= 2 "
+                         "(python -m hf_adaptive.parallel.run_script)")
     engine = Engine(model, rank, world, device, plans, pin_host=False)
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(3, vocab, (1, 16), generator=torch.Generator().manual_seed(0))

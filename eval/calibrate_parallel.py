@@ -1,7 +1,8 @@
 """Measure per-plan latency/memory on N processes and fit the simulator's cost model.
 
 Run one process per device (GPU: NCCL; CPU: gloo), e.g.
-    python -m hf_adaptive.parallel.run_script --processes 2 eval/calibrate_parallel.py --model PATH --out runs/calib_h100x2
+    python -m hf_adaptive.parallel.run_script --processes 2 eval/calibrate_parallel.py --model PATH \
+        --out runs/calib_h100x2
     python -m hf_adaptive.parallel.run_script --processes 2 --cpu eval/calibrate_parallel.py --model PATH \
         --dtype float32 --batches 1 4 --prompt-lens 32 256 --new-tokens 8 --out eval/calibration
 

@@ -1,8 +1,10 @@
 """Every parallel plan vs one device for the same model: greedy tokens (fp32) and logits (bf16).
 
 Run one process per device, e.g. on 2 or 4 GPUs:
-    python -m hf_adaptive.parallel.run_script --processes 2 eval/parallel_equivalence.py --model PATH --out runs/equiv_2gpu
-(CPU check: python -m hf_adaptive.parallel.run_script --processes 2 --cpu eval/parallel_equivalence.py ... --dtypes float32.)
+    python -m hf_adaptive.parallel.run_script --processes 2 eval/parallel_equivalence.py --model PATH \
+        --out runs/equiv_2gpu
+(CPU check: python -m hf_adaptive.parallel.run_script --processes 2 --cpu eval/parallel_equivalence.py \
+    ... --dtypes float32.)
 
 For each dtype the reference is ``model.generate`` (greedy) and one teacher-forced forward of the full
 model on rank 0's device. For each valid plan (TP, PP, DP, TP x PP) it reports: greedy tokens identical

@@ -1,15 +1,17 @@
 """Record the lossless draft cascade's acceptance per drafter and per round on the Spanish->English dev set (CPU).
 
-Per verse (the BLEU eval's prompt and ``max_new_tokens`` rule, batch 1, greedy): plain ``model.generate`` at the
-top tier (fp32 on CPU), then ``model.generate(custom_generate=cascade_decoding, ...)`` with each drafter alone and
-with both (prompt lookup over the prompt and the output so far; the int4 self-draft of ``prepare_tiers``, group
-64 on SmolLM2's hidden 576, 128 on Qwen2.5-Coder-1.5B's 1536), the drafter and length chosen per round by the
-draft policy (expected tokens per unit of cost, a self-draft token costing ``--self-draft-cost`` of a native forward,
-capped by the confidence bands 0.9 / 0.6, each drafter's acceptance learned during the verse). It records whether each run is token-identical to greedy (the lossless claim,
-checked on real text), proposals, accepted tokens, acceptance rate and tokens per verify forward per drafter, and
-every round's (drafter, proposed, accepted, emitted, confidence), and ``modelled_speedup``: emitted tokens per
-native-forward cost, (verify forwards + cost x self-drafted tokens), at the stated cost. No speed figures: CPU timings on a shared host
-are noise; the JSON keeps the host draft/verify milliseconds only as a record of the run.
+Per verse (the BLEU eval's prompt and ``max_new_tokens`` rule, batch 1, greedy): plain ``model.generate`` at the top
+tier (fp32 on CPU), then ``model.generate(custom_generate=cascade_decoding, ...)`` with each drafter alone and with
+both (prompt lookup over the prompt and the output so far; the int4 self-draft of ``prepare_tiers``, group 64 on
+SmolLM2's hidden 576, 128 on Qwen2.5-Coder-1.5B's 1536), the drafter and length chosen per round by the draft policy
+(expected tokens per unit of cost, a self-draft token costing ``--self-draft-cost`` of a native forward, capped by
+the confidence bands 0.9 / 0.6, each drafter's acceptance learned over the run: one generator per run, its records
+carried from verse to verse at the policy's share). It records whether each run is token-identical to greedy (the
+lossless claim, checked on real text), proposals, accepted tokens, acceptance rate and tokens per verify forward per
+drafter, and every round's (drafter, proposed, accepted, emitted, confidence), and ``modelled_speedup``: emitted
+tokens per native-forward cost, (verify forwards + cost x self-drafted tokens), at the stated cost. No speed
+figures: CPU timings on a shared host are noise; the JSON keeps the host draft/verify milliseconds only as a record
+of the run.
 
     HF_HUB_OFFLINE=1 .venv/bin/python eval/record_draft_acceptance.py --limit 8 --stride 40 \
         --out eval/results/quality_draft_acceptance_smollm2_cpu
@@ -52,22 +54,24 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-lookup-tokens", type=arg_number(minimum=1, integer=True), default=8)
     ap.add_argument("--max-self-draft", type=arg_number(minimum=1, integer=True), default=4)
     ap.add_argument("--self-draft-cost", type=arg_number(minimum=0.0), default=0.65,
-                    help="one int4 draft forward as a fraction of a native one (default: the 8B shape's, see the results index)")
+                    help="one int4 draft forward as a fraction of a native one (default: the 8B shape's; see the "
+                         "results index)")
     ap.add_argument("--model", default=None, help="embedded model name or checkpoint dir (default SmolLM2)")
     ap.add_argument("--threads", type=arg_number(minimum=1, integer=True), default=1, help="torch CPU threads")
     return ap
 
 
-def _verse_record(tiers, tok, verse: dict, cfg: TranslationConfig, policies: dict) -> dict:
-    """Greedy and every cascade run of one verse: identity with greedy, telemetry and rounds per run."""
+def _verse_record(tiers, tok, verse: dict, cfg: TranslationConfig, generators: dict) -> dict:
+    """Greedy and every cascade run of one verse: identity with greedy, telemetry and rounds per run. Each run keeps
+    one generator over the verses, as a user would, so its drafters' records carry from verse to verse."""
     model = tiers.model
     ids = tok(build_prompt(tok, verse["es"], cfg), return_tensors="pt", add_special_tokens=False).input_ids
     src = len(tok(verse["es"], add_special_tokens=False).input_ids)
     gen_kwargs = greedy_generation_kwargs(tok, max(cfg.min_new_tokens_cap, round(cfg.new_tokens_factor * src)))
     ref = model.generate(ids, **gen_kwargs)
     record = {"id": verse["id"], "prompt_tokens": ids.shape[1], "new_tokens": ref.shape[1] - ids.shape[1], "runs": {}}
-    for name, policy in policies.items():
-        gen = CascadeCandidateGenerator(tiers, policy)
+    for name, gen in generators.items():
+        gen.telemetry.reset()
         out = model.generate(ids, custom_generate=cascade_decoding, candidate_generator=gen, **gen_kwargs)
         record["runs"][name] = {"token_identical": bool(torch.equal(out, ref)), **gen.telemetry.report()}
     return record
@@ -125,16 +129,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, device="cpu", dtype="float32")
     tiers = prepare_tiers(model, tiers=("int4", "fp32"))
-    policies = {name: DraftPolicyConfig(drafters=d, max_lookup_tokens=args.max_lookup_tokens,
-                                        max_self_draft=args.max_self_draft, self_draft_cost=args.self_draft_cost)
-                for name, d in RUNS.items()}
+    generators = {name: CascadeCandidateGenerator(tiers, DraftPolicyConfig(
+        drafters=d, max_lookup_tokens=args.max_lookup_tokens, max_self_draft=args.max_self_draft,
+        self_draft_cost=args.self_draft_cost)) for name, d in RUNS.items()}
     cfg = TranslationConfig()
     lines = Path(args.data).read_text(encoding="utf-8").splitlines()
     verses = [json.loads(line) for line in lines[::args.stride][:args.limit]]
     records: list[dict] = []
     with torch.no_grad():
         for i, verse in enumerate(verses):
-            records.append(_verse_record(tiers, tok, verse, cfg, policies))
+            records.append(_verse_record(tiers, tok, verse, cfg, generators))
             _write(args, records, len(verses))  # after every verse: a stopped run keeps what it finished
             print(f"verse {i + 1}/{len(verses)} {verse['id']}: "
                   + ", ".join(f"{k} identical={v['token_identical']} tokens/verify={v['tokens_per_verify']:.2f}"

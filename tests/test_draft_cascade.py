@@ -12,7 +12,8 @@ from transformers import DynamicCache, StaticCache
 
 from hf_adaptive.kv.cache import AdaptiveKVCache
 from hf_adaptive.kv.static import AdaptiveStaticKVCache
-from hf_adaptive.policy.draft_policy import DraftChoice, DrafterRecord, DraftPolicyConfig, choose_draft, round_value
+from hf_adaptive.policy.draft_policy import (DraftChoice, DrafterRecord, DraftPolicyConfig, carry_history, choose_draft,
+                                             round_value)
 from hf_adaptive.policy.precision_policy import PrecisionPolicyConfig
 from hf_adaptive.precision.cascade import cascade_decoding
 from hf_adaptive.precision.drafting import CascadeCandidateGenerator
@@ -99,6 +100,16 @@ def test_drafter_record_learns_a_geometric_acceptance():
         DrafterRecord().after(2, 3)
 
 
+def test_carried_evidence_keeps_the_rate_and_loses_weight():
+    """Guards the carry-over: a record weighed by a share keeps its acceptance rate but counts less against the
+    prior, and carry_history drops everything at share 0."""
+    rec = DrafterRecord(accepted=1, rejections=40)
+    half = rec.carried(0.5)
+    assert half.acceptance(0.5, 0.0) == pytest.approx(rec.acceptance(0.5, 0.0))
+    assert rec.acceptance(0.5, 4.0) < half.acceptance(0.5, 4.0) < 0.5
+    assert carry_history({"lookup": rec}, 0.0) == {} and carry_history({"lookup": rec}, 1.0) == {"lookup": rec}
+
+
 def test_a_lookup_that_keeps_failing_gives_way_to_the_self_draft():
     """Guards the point of learning: lookup drafts that the verifier rejects (free-form translation) stop running,
     and a self-draft whose cost eats its gain never runs while the lookup keeps paying."""
@@ -114,7 +125,8 @@ def test_a_lookup_that_keeps_failing_gives_way_to_the_self_draft():
 
 @pytest.mark.parametrize("kwargs", [{"drafters": ("lookup", "eagle")}, {"drafters": ()}, {"max_self_draft": 0},
                                     {"bands": 0.9}, {"self_draft_cost": -0.1}, {"prior_acceptance": 1.5},
-                                    {"prior_weight": float("nan")}, {"self_prior": -1.0}])
+                                    {"prior_weight": float("nan")}, {"self_prior": -1.0},
+                                    {"carry": 1.5}])
 def test_draft_policy_config_refuses_bad_values(kwargs):
     with pytest.raises((ValueError, TypeError)):
         DraftPolicyConfig(**kwargs)
@@ -273,7 +285,8 @@ def test_record_draft_acceptance_totals():
 
 def test_generator_feeds_the_policy_what_the_verifier_kept(repeated_prompt):
     """Guards the loop the policy learns from: the generator's history holds exactly the accepted tokens and the
-    cut-short rounds of its telemetry (qwen2's tiny model rejects some drafts), and a new generation starts fresh."""
+    cut-short rounds of its telemetry (qwen2's tiny model rejects some drafts), and a new generation keeps the share
+    ``carry`` of it (none at 0)."""
     tiers = _tiers("qwen2")
     config = DraftPolicyConfig(drafters=("lookup", "self"), bands=ALWAYS, self_draft_cost=0.0, self_prior=1.0,
                                prior_acceptance=1.0, prior_weight=1e9)
@@ -286,5 +299,10 @@ def test_generator_feeds_the_policy_what_the_verifier_kept(repeated_prompt):
         assert gen.history[name] == DrafterRecord(sum(r.accepted for r in mine),
                                                   sum(r.accepted < r.proposed for r in mine))
     assert any(rec.rejections for rec in gen.history.values())
-    gen.bind(None, None, 64)
-    assert gen.history == {}
+    before = dict(gen.history)
+    gen.bind(None, None, 64)  # the next generation starts from half the evidence (carry=0.5)
+    assert gen.history == {name: DrafterRecord(r.accepted / 2, r.rejections / 2) for name, r in before.items()}
+    fresh = CascadeCandidateGenerator(tiers, DraftPolicyConfig(carry=0.0))
+    fresh.history = dict(before)
+    fresh.bind(None, None, 64)
+    assert fresh.history == {}

@@ -16,7 +16,8 @@ just emitted (a float in [0, 1], or None before the first verify), how many toke
   a lookup offers ``min(lookup_tokens, max_lookup_tokens)``; "none" (the verifier decodes alone) is worth 1.
 
 So a drafter whose drafts keep being rejected stops running (lookup on free-form translation), and a self-draft that
-costs too much of a native step is not run at all. A drafter missing from ``config.drafters`` is skipped.
+costs too much of a native step is not run at all. ``carry_history`` keeps a share of each record for the next
+generation of the same generator (``DraftPolicyConfig.carry``). A drafter missing from ``config.drafters`` is skipped.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class DraftPolicyConfig:
         self_prior: the self-draft's per-token acceptance before evidence (e.g. measured for this model on similar
             text); None: the top tier's confidence in its last token.
         prior_weight: how many draft tokens of evidence the prior (and the score, for the self-draft) counts as.
+        carry: the share of a drafter's evidence a generator keeps into its next generation (0: every generation
+            starts from the priors; 1: all of it), so a drafter that failed on the last prompts starts out doubted.
         bands: the confidence bands that cap the self-draft's length.
     """
 
@@ -58,6 +61,7 @@ class DraftPolicyConfig:
     prior_acceptance: float = 0.5
     self_prior: float | None = None
     prior_weight: float = 4.0
+    carry: float = 0.5
     bands: PrecisionPolicyConfig = field(default_factory=PrecisionPolicyConfig)
 
     def __post_init__(self) -> None:
@@ -71,8 +75,8 @@ class DraftPolicyConfig:
         for name, fix in (("self_draft_cost", "self_draft_cost=0.65"), ("lookup_cost", "lookup_cost=0.0"),
                           ("prior_weight", "prior_weight=4.0")):
             check_number(getattr(self, name), f"DraftPolicyConfig.{name}", minimum=0.0, fix=fix)
-        check_number(self.prior_acceptance, "DraftPolicyConfig.prior_acceptance", minimum=0.0, maximum=1.0,
-                     fix="prior_acceptance=0.5")
+        for name, fix in (("prior_acceptance", "prior_acceptance=0.5"), ("carry", "carry=0.5")):
+            check_number(getattr(self, name), f"DraftPolicyConfig.{name}", minimum=0.0, maximum=1.0, fix=fix)
         if self.self_prior is not None:
             check_number(self.self_prior, "DraftPolicyConfig.self_prior", minimum=0.0, maximum=1.0,
                          fix="self_prior=None (use the confidence) or a rate such as 0.8")
@@ -90,16 +94,21 @@ class DraftChoice:
 
 @dataclass(frozen=True)
 class DrafterRecord:
-    """What one drafter achieved so far: draft tokens the verifier accepted, and rounds where it rejected one."""
+    """What one drafter achieved so far: draft tokens the verifier accepted, and rounds where it rejected one
+    (weights, not counts, once evidence is carried across generations at a share: see :meth:`carried`)."""
 
-    accepted: int = 0
-    rejections: int = 0
+    accepted: float = 0
+    rejections: float = 0
 
     def after(self, proposed: int, accepted: int) -> DrafterRecord:
         """This record plus one round that proposed ``proposed`` tokens and kept the first ``accepted``."""
         if not 0 <= accepted <= proposed:
             raise ValueError(f"DrafterRecord.after: need 0 <= accepted <= proposed, got {accepted}, {proposed}")
         return DrafterRecord(self.accepted + accepted, self.rejections + int(accepted < proposed))
+
+    def carried(self, share: float) -> DrafterRecord:
+        """This evidence weighed by ``share``, as the next generation starts from it."""
+        return DrafterRecord(self.accepted * share, self.rejections * share)
 
     def acceptance(self, prior: float, weight: float) -> float:
         """Per-token acceptance: accepted / (accepted + rejections), the maximum-likelihood rate of a geometric
@@ -111,6 +120,11 @@ class DrafterRecord:
 
 
 DraftHistory = Mapping[str, DrafterRecord]
+
+
+def carry_history(history: DraftHistory, share: float) -> dict[str, DrafterRecord]:
+    """Each drafter's record weighed by ``share`` (``DraftPolicyConfig.carry``) for the next generation."""
+    return {name: record.carried(share) for name, record in history.items()} if share else {}
 
 
 def round_value(length: int, acceptance: float, cost_per_token: float) -> float:

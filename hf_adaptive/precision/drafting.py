@@ -12,7 +12,8 @@ each drafter achieved so far in this generation (expected tokens per unit of cos
   before returning, and the tier switched back, so the verifier writes its own KV at those positions.
 
 ``update_candidate_strategy`` hears how many drafts the verifier kept and its confidence in the next token, and
-records the round in ``history`` (what the policy reads) and ``telemetry``. The decoding loop that calls both is ``cascade.cascade_decoding``.
+records the round in ``history`` (what the policy reads) and ``telemetry``. The decoding loop that calls both is
+``cascade.cascade_decoding``.
 Knows nothing about acceptance or logits processors: the verifier decides.
 """
 
@@ -24,7 +25,8 @@ import torch
 from transformers.generation.candidate_generator import CandidateGenerator, PromptLookupCandidateGenerator
 
 from hf_adaptive.compat import forward_cache_kwargs
-from hf_adaptive.policy.draft_policy import NO_DRAFT, DraftChoice, DrafterRecord, DraftPolicyConfig, choose_draft
+from hf_adaptive.policy.draft_policy import (NO_DRAFT, DraftChoice, DrafterRecord, DraftPolicyConfig, carry_history,
+                                             choose_draft)
 from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
 from hf_adaptive.precision.draft_telemetry import DraftTelemetry, RoundRecord
 from hf_adaptive.precision.tiers import PrecisionTiers
@@ -66,8 +68,10 @@ class CascadeCandidateGenerator(CandidateGenerator):
         self._lookup: PromptLookupCandidateGenerator | None = None
 
     def bind(self, cache, eos_token_id: torch.Tensor | None, max_length: int) -> None:
-        """Start a generation: the cache the verifier fills, the stop tokens and the length limit of ``generate``."""
-        self.cache, self.score, self.history = cache, None, {}
+        """Start a generation: the cache the verifier fills, the stop tokens and the length limit of ``generate``;
+        the drafters' records so far are kept at the share ``config.carry``."""
+        self.cache, self.score = cache, None
+        self.history = carry_history(self.history, self.config.carry)
         self._lookup = PromptLookupCandidateGenerator(
             eos_token_id=eos_token_id, num_output_tokens=self.config.max_lookup_tokens,
             max_matching_ngram_size=self.max_matching_ngram_size, max_length=max_length)
