@@ -36,7 +36,6 @@ CPU smoke size (no compile, seconds):
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -243,7 +242,8 @@ def feasible(model, name: str, context: int, batch: int, args) -> str | None:
     return None
 
 
-def bench(model, args) -> list[dict]:
+def bench(model, args, on_row=None) -> list[dict]:
+    """Every configuration of the grid in turn; ``on_row(rows)`` after each one (the report so far)."""
     counter = CaptureCounter() if args.device.startswith("cuda") else None
     rows, start = [], time.perf_counter()
     grid = [(n, b) for n in args.contexts for b in args.batch_sizes]
@@ -264,17 +264,11 @@ def bench(model, args) -> list[dict]:
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
             rows.append(row)
-            _save_partial(rows, args.out)
+            if on_row is not None:
+                on_row(rows)
             bar.update()
     bar.close()
     return rows
-
-
-def _save_partial(rows: list[dict], out: str) -> None:
-    """Rows so far, so a run stopped by an outer time limit keeps what it measured."""
-    path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "partial_rows.json").write_text(json.dumps(rows, indent=1, default=str))
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -324,30 +318,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    card = prepare_run(args.device)
-    t0 = time.perf_counter()
-    identity = tokens_identical_at_16_bits(args)
-    model = build_model(args.shape, args.device, getattr(torch, args.dtype))
-    rows = bench(model, args)
+COLUMNS = ["shape", "cache", "context", "batch", "decode_ms_per_token", "prefill_s", "kv_gib", "kv_reserved_gib",
+           "peak_gib", "transient_gib", "view_changes", "host_us_per_step", "bits_path", "mixed_recompiles",
+           "mixed_captures", "cudagraph_skips", "skipped"]
+
+
+def write_results(rows: list[dict], args, card: str, identity: dict, wall_s: float, planned: int) -> None:
+    """JSON, Markdown and PNG of the rows so far (rewritten after every configuration, so a run stopped by an outer
+    time limit leaves a report of what it measured: ``configurations_done`` against ``configurations_planned``)."""
     env = environment(args.device, card=card, model=f"random-init {args.shape}", dtype=args.dtype,
-                      new_tokens=args.new_tokens, repeats=args.repeats, wall_s=round(time.perf_counter() - t0, 1))
-    columns = ["shape", "cache", "context", "batch", "decode_ms_per_token", "prefill_s", "kv_gib", "kv_reserved_gib",
-               "peak_gib", "transient_gib", "view_changes", "host_us_per_step", "bits_path", "mixed_recompiles",
-               "mixed_captures", "cudagraph_skips", "skipped"]
+                      new_tokens=args.new_tokens, repeats=args.repeats, wall_s=round(wall_s, 1),
+                      configurations_done=len(rows), configurations_planned=planned)
     ratio_rows = ratios(rows)
     stem = args.name or f"bench_generate_{args.shape}"
     notes = (f"Timed through model.generate only ({args.repeats} calls after one warm-up per configuration, "
              f"{args.new_tokens} new tokens). Ratios below are measured in this run. Tokens at 16 bits vs "
              f"DynamicCache: {identity}.\n\n" + markdown_table(ratio_rows))
     write_report(args.out, stem, {"rows": rows, "ratios": ratio_rows, "identity_16bit": identity, "args": vars(args)},
-                 env, markdown_table(rows, columns), f"model.generate decode: random-init {args.shape} on {card}",
+                 env, markdown_table(rows, COLUMNS), f"model.generate decode: random-init {args.shape} on {card}",
                  notes)
     plot_by_context(Path(args.out) / f"{stem}.png", [r for r in rows if "decode_ms_per_token" in r],
                     f"model.generate, {args.shape} {args.dtype} on {card}", GENERATE_SERIES)
-    print(markdown_table(rows, columns))
-    print(markdown_table(ratio_rows))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    card = prepare_run(args.device)
+    t0 = time.perf_counter()
+    identity = tokens_identical_at_16_bits(args)
+    model = build_model(args.shape, args.device, getattr(torch, args.dtype))
+    planned = len(args.contexts) * len(args.batch_sizes) * len(args.caches)
+    rows = bench(model, args, lambda rows: write_results(rows, args, card, identity, time.perf_counter() - t0,
+                                                         planned))
+    write_results(rows, args, card, identity, time.perf_counter() - t0, planned)
+    print(markdown_table(rows, COLUMNS))
+    print(markdown_table(ratios(rows)))
     print("identity_16bit", identity)
 
 

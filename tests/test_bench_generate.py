@@ -58,3 +58,26 @@ def test_budget_cache_switches_precision_within_one_call(bench):
     before = static.layers[0].tail_k.data_ptr()
     assert bench._fresh(static, "adaptive4", model, 700, 600, 1, args) is static
     assert static.layers[0].tail_k.data_ptr() == before
+
+
+def test_report_is_written_after_every_configuration(bench, tmp_path):
+    """Guards what a run cut by an outer time limit leaves: the report is rewritten after each configuration, with
+    how many of the planned ones it holds."""
+    import json
+
+    import torch
+
+    args = bench.parse_args(["--device", "cpu", "--dtype", "float32", "--shape", "tiny", "--contexts", "32",
+                             "--batch-sizes", "1", "--caches", "dynamic,adaptive4", "--new-tokens", "4",
+                             "--repeats", "1", "--out", str(tmp_path)])
+    model = bench.build_model("tiny", "cpu", torch.float32)
+    done = []
+
+    def on_row(rows):
+        bench.write_results(rows, args, "cpu", {"identical": True}, 1.0, 2)
+        report = json.loads((tmp_path / "bench_generate_tiny.json").read_text())
+        done.append((report["environment"]["configurations_done"], len(report["rows"])))
+
+    bench.bench(model, args, on_row)
+    assert done == [(1, 1), (2, 2)]
+    assert (tmp_path / "bench_generate_tiny.png").stat().st_size > 0
