@@ -221,6 +221,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+COLUMNS = ["cache", "context", "batch", "mode", "decode_ms_per_token", "vs_native", "predicted_ms", "vs_predicted",
+           "int4_fraction", "switches", "controller_overhead_us", "recompiles_after_warmup", "captures_after_warmup",
+           "skipped"]
+
+
+def write_results(rows: list[dict], args, card: str, tiers: PrecisionTiers, wall_s: float, planned: int) -> list[dict]:
+    """JSON, Markdown and PNG of the rows so far (rewritten after every configuration, so a run stopped by an outer
+    time limit leaves a report of what it measured); returns the table's rows."""
+    add_predictions(rows)
+    done = len({(r["cache"], r["context"], r["batch"]) for r in rows})
+    env = environment(args.device, card=card, model=f"random-init {args.shape}", dtype=args.dtype,
+                      new_tokens=args.new_tokens, repeats=args.repeats, tiers=list(tiers.ladder),
+                      wall_s=round(wall_s, 1), configurations_done=done, configurations_planned=planned)
+    table = [{k: (r.get(k).get("mean") if isinstance(r.get(k), dict) else r.get(k)) for k in COLUMNS} for r in rows]
+    stem = args.name or f"bench_precision_generate_{args.shape}"
+    notes = (f"Timed through model.generate only ({args.repeats} calls after one warm-up per mode, {args.new_tokens} "
+             "new tokens). `vs_predicted` = ms/token over (1 - f) native + f int4, both measured in this run. "
+             "`controller_overhead_us`: the controller's own host time per step (mean).\n")
+    write_report(args.out, stem, {"rows": rows, "args": vars(args)}, env, markdown_table(table, COLUMNS),
+                 f"Precision switching through model.generate: random-init {args.shape} on {card}", notes)
+    plot(Path(args.out) / f"{stem}.png", rows, f"model.generate, {args.shape} {args.dtype} on {card}")
+    return table
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     card = prepare_run(args.device)
@@ -242,22 +266,8 @@ def main(argv=None) -> None:
             rows.append(base | {"skipped": f"{type(err).__name__}: {str(err)[:160]}"})
             if on_gpu:
                 torch.cuda.empty_cache()
-    add_predictions(rows)
-    env = environment(args.device, card=card, model=f"random-init {args.shape}", dtype=args.dtype,
-                      new_tokens=args.new_tokens, repeats=args.repeats, tiers=list(tiers.ladder),
-                      wall_s=round(time.perf_counter() - t0, 1))
-    columns = ["cache", "context", "batch", "mode", "decode_ms_per_token", "vs_native", "predicted_ms", "vs_predicted",
-               "int4_fraction", "switches", "controller_overhead_us", "recompiles_after_warmup",
-               "captures_after_warmup", "skipped"]
-    table = [{k: (r.get(k).get("mean") if isinstance(r.get(k), dict) else r.get(k)) for k in columns} for r in rows]
-    stem = args.name or f"bench_precision_generate_{args.shape}"
-    notes = (f"Timed through model.generate only ({args.repeats} calls after one warm-up per mode, {args.new_tokens} "
-             "new tokens). `vs_predicted` = ms/token over (1 - f) native + f int4, both measured in this run. "
-             "`controller_overhead_us`: the controller's own host time per step (mean).\n")
-    write_report(args.out, stem, {"rows": rows, "args": vars(args)}, env, markdown_table(table, columns),
-                 f"Precision switching through model.generate: random-init {args.shape} on {card}", notes)
-    plot(Path(args.out) / f"{stem}.png", rows, f"model.generate, {args.shape} {args.dtype} on {card}")
-    print(markdown_table(table, columns))
+        write_results(rows, args, card, tiers, time.perf_counter() - t0, len(grid))
+    print(markdown_table(write_results(rows, args, card, tiers, time.perf_counter() - t0, len(grid)), COLUMNS))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def test_cpu_run_reports_every_mode_and_leaves_the_model_clean(bench, tmp_path):
         assert 0.4 <= half["int4_fraction"] <= 0.5 and half["switches"] >= 6
         assert half["predicted_ms"] > 0 and half["vs_predicted"] > 0
         assert rows[(cache, "native")]["vs_native"] == 1.0
+    assert report["environment"]["configurations_done"] == report["environment"]["configurations_planned"] == 2
     assert (tmp_path / "bench_precision_generate_tiny.png").stat().st_size > 0
     assert "vs_predicted" in (tmp_path / "bench_precision_generate_tiny.md").read_text()
 
