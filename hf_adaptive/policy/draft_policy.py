@@ -141,7 +141,8 @@ def choose_draft(score: float | None, lookup_tokens: int, config: DraftPolicyCon
             confident: the prefill's token is as good a start as any).
         lookup_tokens: tokens a prompt-lookup match offers (0: none).
         config: drafters, caps, costs, prior and confidence bands.
-        history: each drafter's record so far in this generation (missing: nothing recorded yet).
+        history: each drafter's record so far (this generation's rounds plus the share carried from earlier ones;
+            missing: nothing recorded yet).
     Returns:
         ``DraftChoice``; its length is 0 exactly when its drafter is ``"none"``. Ties go to the cheaper option.
     """

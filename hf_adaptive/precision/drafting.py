@@ -3,7 +3,7 @@
 Contract: ``CascadeCandidateGenerator(tiers, DraftPolicyConfig(...))`` proposes draft tokens for a verifier that
 runs the model at its top tier. Per round, ``get_candidates(input_ids)`` returns ``(input_ids + drafts, None)``
 (batch 1) from one of two drafters, chosen by the pure ``choose_draft`` policy from the last confidence and what
-each drafter achieved so far in this generation (expected tokens per unit of cost):
+each drafter achieved so far (expected tokens per unit of cost; a share carries over between generations):
 
 - ``"lookup"``: transformers' own ``PromptLookupCandidateGenerator`` (n-gram match over the prompt and the output
   so far); no forward, so the drafts are free;
