@@ -227,7 +227,7 @@ def test_kernel_compiles_for_hopper(head_dim, value_group, device_lens, dtype):
     fn = triton_decode.kernels.decode_split_kernel
     const = dict(GROUP=4, GP=16, D=head_dim, HD=max(16, head_dim // 2), G=value_group, BS=64, CHUNK=64, HAS8=True,
                  HAS4=True, HAS2=True, HAS_MASK=True, WINDOW=0 if device_lens else 128, SOFTCAP=True,
-                 WHILE_LOOP=False, DEVICE_LENS=bool(device_lens), BOOK=device_lens == "book")
+                 F32_DOTS=False, DEVICE_LENS=bool(device_lens), BOOK=device_lens == "book")
     sig = {name: _arg_type(name, const, dtype) for name in fn.arg_names}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 8})
@@ -276,3 +276,5 @@ def test_kernel_input_checks_name_the_problem():
         _check_inputs(q, odd, None, None)
     with pytest.raises(ValueError, match="chunk=48"):
         DecodeKernelConfig(chunk=48)
+    with pytest.raises(ValueError, match="num_stages=0"):
+        DecodeKernelConfig(num_stages=0)

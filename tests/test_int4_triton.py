@@ -99,10 +99,10 @@ def test_kernels_compile_for_hopper(kernel):
 
     if kernel == "mm":
         fn = kernels.int4_mm_kernel
-        const = dict(G=128, BLOCK_M=16, BLOCK_K=32, BLOCK_J=64, DOT_DT=triton.language.bfloat16, WHILE_LOOP=False)
+        const = dict(G=128, BLOCK_M=16, BLOCK_K=32, BLOCK_J=64, DOT_DT=triton.language.bfloat16)
     else:
         fn = kernels.int4_gemv_kernel
-        const = dict(G=128, BLOCK_K=32, BLOCK_J=128, ATOMIC=kernel == "gemv_atomic", WHILE_LOOP=False)
+        const = dict(G=128, BLOCK_K=32, BLOCK_J=128, ATOMIC=kernel == "gemv_atomic")
     y_type = "*fp32" if kernel == "gemv_atomic" else "*bf16"
     types = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": y_type}
     sig = {name: "constexpr" if name in const else types.get(name, "i32") for name in fn.arg_names}

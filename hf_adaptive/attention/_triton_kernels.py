@@ -3,7 +3,7 @@
 Imported only where triton is installed. Stage 1 (``decode_split_kernel``) computes, per (split, kv head,
 batch), partial softmax statistics of the KV group's query heads over a contiguous range of logical
 chunks; stage 2 (``merge_splits_kernel``) merges the splits with log-sum-exp weights. Under
-``TRITON_INTERPRET=1`` the host passes ``WHILE_LOOP=True`` (see the kernel) and float32 dots.
+``TRITON_INTERPRET=1`` the host passes ``F32_DOTS=True``: the interpreter's bf16 dot is broken.
 
 Every tile is handled as two halves of the head dim, channels ``[0, D/2)`` and ``[D/2, D)``, because the packed
 layout puts channel j and channel j + D/2 in the same byte (4 bits; 2 bits: j + k·D/4): a half is then one
@@ -292,7 +292,7 @@ def decode_split_kernel(
     n_hist_chunks, n_tail, n_total, first_chunk, chunks_per_split, n_splits, qk_scale, softcap,
     GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, HD: tl.constexpr, G: tl.constexpr, BS: tl.constexpr,
     CHUNK: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr, HAS2: tl.constexpr,
-    HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    HAS_MASK: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, F32_DOTS: tl.constexpr,
     DEVICE_LENS: tl.constexpr, BOOK: tl.constexpr,
 ):
     """Partial attention of one (split, kv head, batch): the group's query heads over its chunks.
@@ -331,7 +331,7 @@ def decode_split_kernel(
     q_off = b * sq_b + (h * GROUP + offs_g)[:, None] * sq_h + offs_h[None, :]
     q_lo = tl.load(q_ptr + q_off, mask=q_ok, other=0.0)
     q_hi = tl.load(q_ptr + q_off + HALF, mask=q_ok, other=0.0)
-    if WHILE_LOOP:  # on GPU the dots run in the model dtype; the interpreter's bf16 dot is broken
+    if F32_DOTS:  # on GPU the dots run in the model dtype; the interpreter's bf16 dot is broken
         q_lo = q_lo.to(tl.float32)
         q_hi = q_hi.to(tl.float32)
     m_i = tl.full([GP], -1.0e30, tl.float32)  # finite: a fully masked chunk then adds exp2(-inf) = 0
@@ -353,23 +353,12 @@ def decode_split_kernel(
     # splits tile [first_chunk, n_chunks): chunks before a sliding window's start are never read
     c_lo = first_chunk + split * chunks_per_split
     c_hi = tl.minimum(c_lo + chunks_per_split, n_hist_chunks + tl.cdiv(n_tail, CHUNK))
-    # the interpreter's range() over tensors fails with numpy >= 2.4: it walks the same chunks with a while loop
-    c = c_lo
-    if WHILE_LOOP:
-        while c < c_hi:
-            m_i, l_i, acc_lo, acc_hi = _attend_chunk(
-                c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, fk, fv, sf_r, tk, tv, st_r,
-                k8c, k8s, k8z, v8c, v8s, v8z, k4c, k4s, k4z, v4c, v4s, v4z, k2c, k2s, k2z, v2c, v2s, v2z,
-                mask_row, n_hist_chunks, n_tail, n_total, qk_scale, softcap, offs_n, offs_h,
-                D, G, HALF, BS, CHUNK, HAS8, HAS4, HAS2, HAS_MASK, WINDOW, SOFTCAP)
-            c += 1
-    else:
-        for c in range(c_lo, c_hi):
-            m_i, l_i, acc_lo, acc_hi = _attend_chunk(
-                c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, fk, fv, sf_r, tk, tv, st_r,
-                k8c, k8s, k8z, v8c, v8s, v8z, k4c, k4s, k4z, v4c, v4s, v4z, k2c, k2s, k2z, v2c, v2s, v2z,
-                mask_row, n_hist_chunks, n_tail, n_total, qk_scale, softcap, offs_n, offs_h,
-                D, G, HALF, BS, CHUNK, HAS8, HAS4, HAS2, HAS_MASK, WINDOW, SOFTCAP)
+    for c in range(c_lo, c_hi):
+        m_i, l_i, acc_lo, acc_hi = _attend_chunk(
+            c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, fk, fv, sf_r, tk, tv, st_r,
+            k8c, k8s, k8z, v8c, v8s, v8z, k4c, k4s, k4z, v4c, v4s, v4z, k2c, k2s, k2z, v2c, v2s, v2z,
+            mask_row, n_hist_chunks, n_tail, n_total, qk_scale, softcap, offs_n, offs_h,
+            D, G, HALF, BS, CHUNK, HAS8, HAS4, HAS2, HAS_MASK, WINDOW, SOFTCAP)
 
     row = (b * (tl.num_programs(1) * GROUP) + h * GROUP + offs_g) * n_splits + split  # (B, Hq, splits)
     ok = offs_g < GROUP

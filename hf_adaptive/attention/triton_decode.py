@@ -57,18 +57,22 @@ class DecodeKernelConfig:
         num_warps: warps per program; default 4, 8 for D >= 128.
         waves: target number of programs per SM when choosing the number of splits.
         max_splits: upper bound on splits per (batch, kv head).
+        num_stages: Triton software-pipelining stages of the launch (3 is Triton's CUDA default).
     """
 
     chunk: int | None = None
     num_warps: int | None = None
     waves: int = 2
     max_splits: int = 64
+    num_stages: int = 3
 
     def __post_init__(self) -> None:
         if self.chunk is not None and (self.chunk < 16 or self.chunk & (self.chunk - 1)):
             raise ValueError(f"chunk={self.chunk} must be a power of two >= 16 (or None for the default).")
         if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16 (or None).")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages} must be >= 1.")
         if self.waves < 1 or self.max_splits < 1:
             raise ValueError(f"waves={self.waves} and max_splits={self.max_splits} must be >= 1.")
 
@@ -131,8 +135,8 @@ def triton_decode_attention(
         GROUP=plan.group, GP=max(16, triton.next_power_of_2(plan.group)), D=D, HD=max(16, D // 2), G=packed.value_group,
         BS=packed.block_size, CHUNK=plan.chunk, HAS8=8 in bits, HAS4=4 in bits, HAS2=2 in bits,
         HAS_MASK=key_mask is not None, WINDOW=plan.window, SOFTCAP=softcap is not None,
-        WHILE_LOOP=_INTERPRETING, DEVICE_LENS=packed.lengths is not None, BOOK=book is not None,
-        num_warps=plan.num_warps,
+        F32_DOTS=_INTERPRETING, DEVICE_LENS=packed.lengths is not None, BOOK=book is not None,
+        num_warps=plan.num_warps, num_stages=config.num_stages,
     )
     out = torch.empty(B, Hq, 1, D, device=query.device, dtype=query.dtype) if out is None else out
     kernels.merge_splits_kernel[(B * Hq,)](acc, m, lse, out, out.stride(0), out.stride(1), Hq, plan.splits,

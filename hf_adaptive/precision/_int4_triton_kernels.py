@@ -10,8 +10,7 @@ load is coalesced along N and each byte is read once for both of its columns.
   then stores, or atomically adds when K is split.
 - ``int4_mm_kernel`` (several rows): dequantizes the tile in registers and uses ``tl.dot``.
 
-Under ``TRITON_INTERPRET=1`` the host passes ``WHILE_LOOP=True`` (the interpreter's ``range()`` over a runtime
-bound fails with numpy >= 2.4) and float32 dots.
+Under ``TRITON_INTERPRET=1`` the host passes float32 dots (``DOT_DT``): the interpreter's bf16 dot is broken.
 """
 
 import triton
@@ -43,8 +42,7 @@ def _gemv_tile(x_ptr, q_ptr, s_ptr, z_ptr, k0, offs_k, offs_j, j_ok, n_half, str
 
 @triton.jit
 def int4_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, n_half, iters_per_split, stride_q, stride_s,
-                     G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr, ATOMIC: tl.constexpr,
-                     WHILE_LOOP: tl.constexpr):
+                     G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr, ATOMIC: tl.constexpr):
     """y (1, N) = x (1, K) @ W.T for one row; ATOMIC: y is float32 zeros and K is split over programs."""
     pid_j = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -54,16 +52,9 @@ def int4_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, n_half, iters_per_split,
     acc_lo = tl.zeros([BLOCK_K, BLOCK_J], dtype=tl.float32)
     acc_hi = tl.zeros([BLOCK_K, BLOCK_J], dtype=tl.float32)
     k_first = pid_s * iters_per_split * BLOCK_K
-    if WHILE_LOOP:
-        k0 = k_first
-        while k0 < k_first + iters_per_split * BLOCK_K:
-            acc_lo, acc_hi = _gemv_tile(x_ptr, q_ptr, s_ptr, z_ptr, k0, offs_k, offs_j, j_ok, n_half, stride_q,
-                                        stride_s, acc_lo, acc_hi, G)
-            k0 += BLOCK_K
-    else:
-        for i in range(iters_per_split):
-            acc_lo, acc_hi = _gemv_tile(x_ptr, q_ptr, s_ptr, z_ptr, k_first + i * BLOCK_K, offs_k, offs_j, j_ok,
-                                        n_half, stride_q, stride_s, acc_lo, acc_hi, G)
+    for i in range(iters_per_split):
+        acc_lo, acc_hi = _gemv_tile(x_ptr, q_ptr, s_ptr, z_ptr, k_first + i * BLOCK_K, offs_k, offs_j, j_ok,
+                                    n_half, stride_q, stride_s, acc_lo, acc_hi, G)
     y_lo = tl.sum(acc_lo, axis=0)
     y_hi = tl.sum(acc_hi, axis=0)
     if ATOMIC:
@@ -86,7 +77,7 @@ def _mm_tile(x_ptr, q_ptr, s_ptr, z_ptr, k0, offs_m, m_ok, offs_k, offs_j, j_ok,
 @triton.jit
 def int4_mm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, n_half, iters, stride_xm, stride_ym, stride_q, stride_s,
                    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
-                   DOT_DT: tl.constexpr, WHILE_LOOP: tl.constexpr):
+                   DOT_DT: tl.constexpr):
     """y (M, N) = x (M, K) @ W.T; grid (pair blocks, row blocks); DOT_DT: the tl.dot input dtype."""
     pid_j = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -97,16 +88,9 @@ def int4_mm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, n_half, iters, stride_x
     offs_k = tl.arange(0, BLOCK_K)
     acc_lo = tl.zeros([BLOCK_M, BLOCK_J], dtype=tl.float32)
     acc_hi = tl.zeros([BLOCK_M, BLOCK_J], dtype=tl.float32)
-    if WHILE_LOOP:
-        k0 = 0
-        while k0 < iters * BLOCK_K:
-            acc_lo, acc_hi = _mm_tile(x_ptr, q_ptr, s_ptr, z_ptr, k0, offs_m, m_ok, offs_k, offs_j, j_ok, n_half,
-                                      stride_xm, stride_q, stride_s, acc_lo, acc_hi, G, DOT_DT)
-            k0 += BLOCK_K
-    else:
-        for i in range(iters):
-            acc_lo, acc_hi = _mm_tile(x_ptr, q_ptr, s_ptr, z_ptr, i * BLOCK_K, offs_m, m_ok, offs_k, offs_j, j_ok,
-                                      n_half, stride_xm, stride_q, stride_s, acc_lo, acc_hi, G, DOT_DT)
+    for i in range(iters):
+        acc_lo, acc_hi = _mm_tile(x_ptr, q_ptr, s_ptr, z_ptr, i * BLOCK_K, offs_m, m_ok, offs_k, offs_j, j_ok,
+                                  n_half, stride_xm, stride_q, stride_s, acc_lo, acc_hi, G, DOT_DT)
     out = y_ptr + offs_m[:, None] * stride_ym + offs_j[None, :]
     ok = m_ok[:, None] & j_ok[None, :]
     tl.store(out, acc_lo.to(y_ptr.dtype.element_ty), mask=ok)

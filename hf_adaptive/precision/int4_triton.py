@@ -163,7 +163,7 @@ def int4_triton_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     kernels.int4_mm_kernel[grid](x, qweight, scales, zeros, y, m, n_half, k // bk, x.stride(0), y.stride(0),
                                  qweight.stride(0), scales.stride(0), G=group_size, BLOCK_M=16, BLOCK_K=bk,
                                  BLOCK_J=64, DOT_DT=kernels.tl.float32 if interpreting else kernels.tl.bfloat16,
-                                 WHILE_LOOP=interpreting, num_warps=4)
+                                 num_warps=4)
     return y
 
 
@@ -182,7 +182,7 @@ def _launch_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     grid = (_cdiv(n_half, cfg.block_j), cfg.split_k)
     _kernels().int4_gemv_kernel[grid](x, qweight, scales, zeros, y, n_half, iters, qweight.stride(0),
                                       scales.stride(0), G=group_size, BLOCK_K=cfg.block_k, BLOCK_J=cfg.block_j,
-                                      ATOMIC=atomic, WHILE_LOOP=_interpreting(), num_warps=cfg.num_warps)
+                                      ATOMIC=atomic, num_warps=cfg.num_warps)
     return y.to(x.dtype) if atomic else y
 
 
