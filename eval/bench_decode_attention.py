@@ -158,6 +158,7 @@ def sweep_configs(args) -> list[dict]:
                          "num_warps": cfg.num_warps, "waves": cfg.waves, "max_splits": cfg.max_splits,
                          "num_stages": cfg.num_stages, "us": time_op(fn, args.inner, args.reps) / len(copies)})
             rows[-1]["GBps"] = n_bytes / rows[-1]["us"] / 1e3
+            logger.info("sweep row %s", json.dumps(rows[-1]))
         best = min((r for r in rows if r["context"] == context and r["batch"] == batch and r["bits"] == bits
                     and r["mixed"] == mixed), key=lambda r: r["us"])
         logger.info("sweep best at %s: %s", (batch, context, bits, mixed), best)

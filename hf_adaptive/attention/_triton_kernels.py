@@ -83,37 +83,60 @@ def _dot_split(a, b, DT: tl.constexpr):
 
 
 @triton.jit
-def _load_code_halves(base, rows, ok, offs_h, D: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr):
-    """Raw uint8 loads behind both halves of a packed (CHUNK, D) tile; :func:`_decode_half` finishes them.
+def _word_codes(BITS: tl.constexpr, HALF: tl.constexpr, HD: tl.constexpr):
+    """Whether a tile of ``BITS``-bit codes is read as int32 words (4 and 8 bits, a half of >= 4 channels that
+    fills the tile): a thread then holds four code bytes per register until it unpacks them."""
+    return (BITS == 4 or BITS == 8) and HALF == HD and HALF % 4 == 0
 
-    4 bits: one load, byte j = channel j | channel j + D/2 << 4 (both halves are the same bytes). 8 bits: the two
-    halves' bytes. 2 bits: byte j holds channels j + k·D/4; each half gathers the bytes of its channels.
+
+@triton.jit
+def _load_code_halves(base, rows, ok, on, offs_h, D: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr):
+    """Raw loads behind both halves of a packed (CHUNK, D) tile; :func:`_decode_half` finishes them.
+
+    4 bits: byte j = channel j | channel j + D/2 << 4, both halves are the same bytes. 8 bits: each half its own
+    bytes. These two load (CHUNK, HALF / 4) int32 words (see :func:`_word_codes`). 2 bits (uint8): byte j holds
+    channels j + k·D/4; each half gathers the bytes of its channels.
     """
     ROW_BYTES: tl.constexpr = D * BITS // 8
-    row_off = rows[:, None] * ROW_BYTES
-    if BITS == 4:
-        lo = tl.load(base + row_off + offs_h[None, :], mask=ok, other=0)
+    if _word_codes(BITS, HALF, offs_h.shape[0]):
+        W: tl.constexpr = HALF // 4
+        words = base.to(tl.pointer_type(tl.int32)) + rows[:, None] * (ROW_BYTES // 4)
+        offs_w = tl.arange(0, W)
+        w_ok = (offs_w < W * on)[None, :]
+        lo = tl.load(words + offs_w[None, :], mask=w_ok, other=0)
         hi = lo
-    elif BITS == 8:
-        lo = tl.load(base + row_off + offs_h[None, :], mask=ok, other=0)
-        hi = tl.load(base + row_off + HALF + offs_h[None, :], mask=ok, other=0)
+        if BITS == 8:
+            hi = tl.load(words + W + offs_w[None, :], mask=w_ok, other=0)
     else:
+        row_off = rows[:, None] * ROW_BYTES
         lo = tl.load(base + row_off + (offs_h % ROW_BYTES)[None, :], mask=ok, other=0)
         hi = tl.load(base + row_off + ((HALF + offs_h) % ROW_BYTES)[None, :], mask=ok, other=0)
     return lo, hi
 
 
 @triton.jit
+def _word_columns(words, SHIFT: tl.constexpr, MASK: tl.constexpr, HD: tl.constexpr):
+    """(CHUNK, HD / 4) int32 words to (CHUNK, HD) codes: column 4w + i is the ``MASK`` field at bit ``SHIFT`` of
+    byte i of word w (little-endian bytes)."""
+    u = words.to(tl.uint32, bitcast=True)
+    b0 = (u >> SHIFT) & MASK
+    b1 = (u >> (SHIFT + 8)) & MASK
+    b2 = (u >> (SHIFT + 16)) & MASK
+    b3 = (u >> (SHIFT + 24)) & MASK
+    # join appends a last axis: (w, inner, outer) flattens to 4w + 2·inner + outer, so b1 / b2 go inner / outer
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (words.shape[0], HD))
+
+
+@triton.jit
 def _decode_half(raw, offs_h, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr,
                  DT: tl.constexpr):
-    """Codes of half ``H`` (channels ``H * HALF + offs_h``) from its raw bytes, in ``DT`` (exact integers)."""
+    """Codes of half ``H`` (channels ``H * HALF + offs_h``) from its raw loads, in ``DT`` (exact integers)."""
     MASK: tl.constexpr = (1 << BITS) - 1
     ROW_BYTES: tl.constexpr = D * BITS // 8
-    codes = raw.to(tl.int32)
-    if BITS == 4:
-        codes = (codes >> (4 * H)) & MASK
-    if BITS == 2:
-        codes = (codes >> (((H * HALF + offs_h) // ROW_BYTES) * BITS)[None, :]) & MASK
+    if _word_codes(BITS, HALF, offs_h.shape[0]):
+        codes = _word_columns(raw, 4 * H if BITS == 4 else 0, MASK, offs_h.shape[0]).to(tl.int32)
+    else:
+        codes = (raw.to(tl.int32) >> (((H * HALF + offs_h) // ROW_BYTES) * BITS)[None, :]) & MASK
     return codes.to(DT)
 
 
@@ -128,8 +151,8 @@ def _load_quant(kc, ks, kz, vc, vs, vz, slot, rows, on, offs_h, D: tl.constexpr,
     col_ok = offs_h < HALF * on
     ok = col_ok[None, :]
     row_ok = rows * 0 < on
-    k_lo, k_hi = _load_code_halves(kc, rows, ok, offs_h, D, HALF, BITS)
-    v_lo, v_hi = _load_code_halves(vc, rows, ok, offs_h, D, HALF, BITS)
+    k_lo, k_hi = _load_code_halves(kc, rows, ok, on, offs_h, D, HALF, BITS)
+    v_lo, v_hi = _load_code_halves(vc, rows, ok, on, offs_h, D, HALF, BITS)
     ks_lo = tl.load(ks + slot * D + offs_h, mask=col_ok, other=0.0)
     ks_hi = tl.load(ks + slot * D + HALF + offs_h, mask=col_ok, other=0.0)
     kz_lo = tl.load(kz + slot * D + offs_h, mask=col_ok, other=0.0)
