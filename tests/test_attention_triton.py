@@ -228,29 +228,10 @@ def test_kernel_compiles_for_hopper(head_dim, value_group, device_lens, dtype):
     const = dict(GROUP=4, GP=16, D=head_dim, HD=max(16, head_dim // 2), G=value_group, BS=64, CHUNK=64, HAS8=True,
                  HAS4=True, HAS2=True, HAS_MASK=True, WINDOW=0 if device_lens else 128, SOFTCAP=True,
                  F32_DOTS=False, DEVICE_LENS=bool(device_lens), BOOK=device_lens == "book")
-    sig = {name: _arg_type(name, const, dtype) for name in fn.arg_names}
+    sig = triton_decode.kernel_signature(const, dtype)
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 8})
     assert "cubin" in kernel.asm and len(kernel.asm["cubin"]) > 0
-
-
-def _arg_type(name: str, const: dict, dtype: str) -> str:
-    """Triton signature type of a ``decode_split_kernel`` argument, from its name (``dtype``: the model's)."""
-    if name in const:
-        return "constexpr"
-    if name in ("q_ptr", "fk_ptr", "fv_ptr", "tk_ptr", "tv_ptr"):
-        return f"*{dtype}"
-    if name in ("bits_ptr", "slot_ptr", "lens_ptr"):
-        return "*i32"
-    if name in ("acc_ptr", "m_ptr", "l_ptr"):
-        return "*fp32"
-    if name == "mask_ptr":
-        return "*i8"
-    if name == "book_ptr":
-        return "*i64"
-    if len(name) == 3 and name[0] in "kv" and name[1] in "842":  # k8c, v4s, ...: codes or scale/zero
-        return "*u8" if name[2] == "c" else "*fp16"
-    return "fp32" if name in ("qk_scale", "softcap") else "i32"
 
 
 def test_kernel_input_checks_name_the_problem():

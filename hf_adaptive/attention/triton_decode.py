@@ -204,6 +204,33 @@ def _choose_splits(n_chunks: int, programs: int, device: torch.device, config: D
     return 1 << (want - 1).bit_length() if want > 1 else 1
 
 
+def kernel_signature(constexprs: dict, model_dtype: str = "bf16") -> dict[str, str]:
+    """Triton signature of ``decode_split_kernel`` for an ahead-of-time ``triton.compile`` (no GPU needed): every
+    argument named in ``constexprs`` is a constexpr, the rest typed from its name (``model_dtype``: the query's and
+    the 16-bit pool's Triton type, e.g. ``"bf16"``)."""
+    if not HAS_TRITON:
+        raise RuntimeError("kernel_signature needs triton (pip install triton).")
+    return {name: _arg_type(name, constexprs, model_dtype) for name in kernels.decode_split_kernel.arg_names}
+
+
+def _arg_type(name: str, constexprs: dict, model_dtype: str) -> str:
+    if name in constexprs:
+        return "constexpr"
+    if name in ("q_ptr", "fk_ptr", "fv_ptr", "tk_ptr", "tv_ptr"):
+        return f"*{model_dtype}"
+    if name in ("bits_ptr", "slot_ptr", "lens_ptr"):
+        return "*i32"
+    if name in ("acc_ptr", "m_ptr", "l_ptr"):
+        return "*fp32"
+    if name == "mask_ptr":
+        return "*i8"
+    if name == "book_ptr":
+        return "*i64"
+    if len(name) == 3 and name[0] in "kv" and name[1] in "842":  # k8c, v4s, ...: codes or scale/zero
+        return "*u8" if name[2] == "c" else "*fp16"
+    return "fp32" if name in ("qk_scale", "softcap") else "i32"
+
+
 @functools.lru_cache(maxsize=32)
 def _dummy_cached(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(16, device=device, dtype=dtype)

@@ -1,0 +1,103 @@
+"""Registers per thread of the fused decode kernel, compiled ahead of time for a GPU target on any machine.
+
+The kernel's speed at long context is set by how many programs an SM holds (registers per thread x threads per
+program against the SM's 64K registers) and by the bytes each has in flight, not by arithmetic. This script builds
+the kernel for ``--arch`` (default sm_90) with ``triton.compile`` (no GPU needed), reads the cubin's resource usage
+with the ``cuobjdump`` that ships with Triton, and prints registers, spills, shared memory and the resulting programs
+per SM for the configurations the caches launch:
+
+- ``adaptive``: 16/8/4-bit paths, the address book and device lengths (``AdaptiveStaticKVCache``);
+- ``fixed4`` / ``fixed8`` / ``fixed16``: one quantized precision (or none) beside the 16-bit path, tables passed
+  directly (``pack_dense_kv`` with one precision, as in ``bench_decode_attention.py``).
+
+Run:  python eval/kernel_registers.py [--arch 90] [--chunks 32,64] [--warps 4,8] [--json out.json]
+The numbers belong to the installed Triton version (they move between releases); compare configurations in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CONFIGS = {
+    "adaptive": dict(HAS8=True, HAS4=True, DEVICE_LENS=True, BOOK=True),
+    "fixed4": dict(HAS4=True),
+    "fixed8": dict(HAS8=True),
+    "fixed16": dict(),
+}
+SM_REGISTERS = 65536
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability to build for (90 = Hopper)")
+    p.add_argument("--chunks", default="32,64", help="comma-separated DecodeKernelConfig.chunk values")
+    p.add_argument("--warps", default="4", help="comma-separated num_warps values")
+    p.add_argument("--head-dim", type=int, default=64, help="head dim D (the Llama-3.2-1B shape: 64)")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    return p.parse_args(argv)
+
+
+def resource_usage(constexprs: dict, arch: int, num_warps: int) -> dict:
+    """Registers, spill/stack bytes and shared memory of one build of the kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hf_adaptive.attention import triton_decode
+
+    fn = triton_decode.kernels.decode_split_kernel
+    kernel = triton.compile(ASTSource(fn=fn, signature=triton_decode.kernel_signature(constexprs), constexprs=constexprs),
+                            target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        text = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    if match is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output:\n{text}")
+    regs, stack = int(match.group(1)), int(match.group(2))
+    return {"registers": regs, "stack_bytes": stack, "shared_bytes": kernel.metadata.shared,
+            "programs_per_sm_by_registers": SM_REGISTERS // (regs * 32 * num_warps)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    from tqdm import tqdm
+
+    d = args.head_dim
+    base = dict(GROUP=4, GP=16, D=d, HD=max(16, d // 2), G=64, BS=64, HAS8=False, HAS4=False, HAS2=False,
+                HAS_MASK=False, WINDOW=0, SOFTCAP=False, F32_DOTS=False, DEVICE_LENS=False, BOOK=False)
+    jobs = [(name, chunk, warps) for name in CONFIGS for chunk in _ints(args.chunks) for warps in _ints(args.warps)]
+    rows = []
+    for name, chunk, warps in tqdm(jobs, desc="builds"):
+        constexprs = {**base, **CONFIGS[name], "CHUNK": chunk}
+        rows.append({"config": name, "chunk": chunk, "num_warps": warps, "arch": args.arch,
+                     **resource_usage(constexprs, args.arch, warps)})
+    print("| config | chunk | warps | registers | stack B | shared B | programs/SM (registers) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['chunk']} | {r['num_warps']} | {r['registers']} | {r['stack_bytes']} | "
+              f"{r['shared_bytes']} | {r['programs_per_sm_by_registers']} |")
+    if args.json:
+        import triton
+
+        args.json.write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1))
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
