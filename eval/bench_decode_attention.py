@@ -6,7 +6,7 @@ Timing: each op is captured ``--inner`` times in a CUDA graph and replayed; the 
 replays divided by ``--inner`` is reported (falls back to ``triton.testing.do_bench`` medians if capture
 fails). The fused kernel and bf16 sdpa rotate through enough copies of their inputs to exceed twice the L2 cache,
 so their bytes come from HBM as in a model. The byte floor of each config is (bytes the op must read) / (measured
-device-copy bandwidth). ``--sweep-only`` times launch configurations (chunk, warps, waves, max splits, stages)
+device-copy bandwidth). ``--sweep-only`` times launch configurations (chunk, waves, max splits, register cap)
 instead of the grid.
 
 Run:  python eval/bench_decode_attention.py --out results/decode_attention   (eval/gpu/run.sh kv attention)
@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inner", type=int, default=20, help="ops per captured graph")
     p.add_argument("--reps", type=int, default=30, help="graph replays timed (median taken)")
     p.add_argument("--sweep", action="store_true",
-                   help="also time kernel launch configs (chunk, warps, waves, max splits, stages)")
+                   help="also time kernel launch configs (chunk, waves, max splits, max registers)")
     p.add_argument("--sweep-only", action="store_true", help="time only the launch-config sweep (implies --sweep)")
     return p.parse_args(argv)
 
@@ -143,8 +143,8 @@ def sweep_configs(args) -> list[dict]:
     rows = []
     shapes = [(1, 16384, 4, False), (1, 65536, 4, False), (1, 65536, 4, True), (8, 4096, 4, True),
               (8, 32768, 4, False), (8, 32768, 4, True), (8, 32768, 8, False), (8, 32768, 16, False)]
-    configs = [DecodeKernelConfig(chunk=c, num_warps=w, waves=s, max_splits=m, num_stages=st)
-               for c in (32, 64) for w in (4, 8) for s in (2, 4, 8) for m in (64, 256) for st in (1, 3)]
+    configs = [DecodeKernelConfig(chunk=c, waves=s, max_splits=m, max_registers=r)
+               for c in (32, 64) for s in (2, 4, 8) for m in (64, 256) for r in (None, 168, 128)]
     for batch, context, bits, mixed in tqdm(shapes, desc="sweep"):
         q, _, _, packed = make_inputs(batch, context, bits, mixed=mixed)
         out = torch.empty_like(q)
@@ -156,7 +156,8 @@ def sweep_configs(args) -> list[dict]:
                            for c in copies])
             rows.append({"batch": batch, "context": context, "bits": bits, "mixed": mixed, "chunk": cfg.chunk,
                          "num_warps": cfg.num_warps, "waves": cfg.waves, "max_splits": cfg.max_splits,
-                         "num_stages": cfg.num_stages, "us": time_op(fn, args.inner, args.reps) / len(copies)})
+                         "num_stages": cfg.num_stages, "max_registers": cfg.max_registers,
+                         "us": time_op(fn, args.inner, args.reps) / len(copies)})
             rows[-1]["GBps"] = n_bytes / rows[-1]["us"] / 1e3
             logger.info("sweep row %s", json.dumps(rows[-1]))
         best = min((r for r in rows if r["context"] == context and r["batch"] == batch and r["bits"] == bits
@@ -187,10 +188,10 @@ def write_markdown(result: dict, path: Path) -> None:
                      f"{r['bf16_sdpa_eager_us']:.0f} |")
     if result["sweep"]:
         lines += ["", "## Launch-config sweep (fused kernel, µs)", "",
-                  "| batch | context | bits | mixed | chunk | warps | waves | max splits | stages | µs | GB/s |",
+                  "| batch | context | bits | mixed | chunk | warps | waves | max splits | max registers | µs | GB/s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['batch']} | {r['context']} | {r['bits']} | {r['mixed']} | {r['chunk']} | {r['num_warps']} | "
-                  f"{r['waves']} | {r['max_splits']} | {r['num_stages']} | {r['us']:.1f} | {r['GBps']:.0f} |"
+                  f"{r['waves']} | {r['max_splits']} | {r['max_registers']} | {r['us']:.1f} | {r['GBps']:.0f} |"
                   for r in result["sweep"]]
     path.write_text("\n".join(lines) + "\n")
 

@@ -37,6 +37,7 @@ class Case:
     pad: tuple[int, ...] = field(default_factory=tuple)  # left padding per sequence -> key mask
     seed: int = 0
     chunk: int | None = None  # DecodeKernelConfig.chunk
+    max_registers: int | None = None  # DecodeKernelConfig.max_registers
     static: bool = False  # read through a static view: capacity-sized tensors with garbage past the device lengths
     book: bool = False  # static views only: the history storage reachable only through the view's address book
 
@@ -62,7 +63,7 @@ def run_case(case: Case, device: str) -> dict:
     kw = dict(scaling=case.head_dim**-0.5, softcap=case.softcap, sliding_window=case.window, key_mask=key_mask)
     out = torch.full_like(q, float("nan"))  # poison: any row the kernel fails to write stays NaN
     view = _as_static(packed, key_mask, kw, case.book) if case.static else packed
-    got = triton_decode_attention(q, view, out=out, config=DecodeKernelConfig(chunk=case.chunk), **kw)
+    got = triton_decode_attention(q, view, out=out, config=DecodeKernelConfig(chunk=case.chunk, max_registers=case.max_registers), **kw)
     kw["key_mask"] = key_mask
     want = reference_decode_attention(q, packed, **kw)
     err = (got.float() - want.float()).abs().max().item()
@@ -134,7 +135,9 @@ GPU_CASES = [
     Case(static=True, block_bits=(16, 8, 4), tail=0), Case(static=True, batch=3, pad=(0, 5, 70)),
     Case(static=True, book=True, block_bits=(4,) * 63, tail=65, value_group=64, batch=8, kv_heads=8),
     Case(static=True, book=True, head_dim=128, block_bits=(2, 4, 8, 16), tail=9, batch=3, pad=(0, 5, 70)),
-]
+] + [  # a register cap (spills) must not change results
+    Case(static=True, book=True, block_bits=(16, 8, 4, 4), tail=9, batch=2, max_registers=r) for r in (128, 96)
+] + [Case(block_bits=(8, 4, 2, 16), tail=9, chunk=32, max_registers=64)]
 
 
 @pytest.mark.gpu
@@ -179,7 +182,7 @@ INTERPRETER_CASES = [
     Case(head_dim=16, group=2, block_size=16, block_bits=(4, 8, 8, 16, 4), tail=5, value_group=8, window=40,
          dtype="float32"),
     Case(head_dim=32, group=4, block_size=32, block_bits=(2, 4, 16, 8), tail=3, value_group=16, dtype="float16",
-         chunk=16),  # two chunks per block
+         chunk=16, max_registers=128),  # two chunks per block
     Case(head_dim=16, group=2, batch=2, block_size=16, block_bits=(4, 16, 8), tail=9, value_group=8,
          dtype="float32", pad=(0, 6), static=True),
     Case(head_dim=16, group=2, block_size=16, block_bits=(16, 8, 4), tail=0, value_group=8, dtype="float32",
@@ -259,3 +262,5 @@ def test_kernel_input_checks_name_the_problem():
         DecodeKernelConfig(chunk=48)
     with pytest.raises(ValueError, match="num_stages=0"):
         DecodeKernelConfig(num_stages=0)
+    with pytest.raises(ValueError, match="max_registers=300"):
+        DecodeKernelConfig(max_registers=300)

@@ -230,15 +230,20 @@ def _valid_keys(pos, n_total, mask_row, HAS_MASK: tl.constexpr, WINDOW: tl.const
 
 
 @triton.jit
-def _attend_chunk(c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, fk, fv, sf_r, tk, tv, st_r,
-                  k8c, k8s, k8z, v8c, v8s, v8z, k4c, k4s, k4z, v4c, v4s, v4z, k2c, k2s, k2z, v2c, v2s, v2z,
+def _attend_chunk(c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, book_ptr, b, h, tk, tv, st_r,
+                  fk, fv, sf_b, sf_h, sf_r,
+                  k8c, k8s, k8z, v8c, v8s, v8z, s8c_b, s8c_h, s8k_b, s8k_h, s8v_b, s8v_h,
+                  k4c, k4s, k4z, v4c, v4s, v4z, s4c_b, s4c_h, s4k_b, s4k_h, s4v_b, s4v_h,
+                  k2c, k2s, k2z, v2c, v2s, v2z, s2c_b, s2c_h, s2k_b, s2k_h, s2v_b, s2v_h,
                   mask_row, n_hist_chunks, n_tail, n_total, qk_scale, softcap, offs_n, offs_h,
                   D: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
                   HAS8: tl.constexpr, HAS4: tl.constexpr, HAS2: tl.constexpr, HAS_MASK: tl.constexpr,
-                  WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+                  WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BOOK: tl.constexpr):
     """Fold logical chunk ``c``: a history chunk through the block table, or the exact tail.
 
-    All pointers are already offset to this program's (batch, kv head) plane.
+    ``tk``/``tv`` are offset to this program's (batch ``b``, kv head ``h``) plane; a history pool's pointers are
+    resolved (read from the address book when ``BOOK``, then offset to the plane) only inside the branch of the
+    chunk's precision, so no pool's pointers occupy registers across the loop.
     """
     valid = _valid_keys(c * CHUNK + offs_n, n_total, mask_row, HAS_MASK, WINDOW)
     CPB: tl.constexpr = BS // CHUNK
@@ -247,28 +252,55 @@ def _attend_chunk(c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, f
         slot = tl.load(slot_ptr + c // CPB)
         rows = slot * BS + (c % CPB) * CHUNK + offs_n
         if bits == 16:
-            m_i, l_i, acc_lo, acc_hi = _step16(q_lo, q_hi, fk, fv, rows, offs_n < CHUNK, sf_r, valid, m_i, l_i,
-                                               acc_lo, acc_hi, offs_h, qk_scale, softcap, HALF, SOFTCAP)
+            m_i, l_i, acc_lo, acc_hi = _step16_pool(q_lo, q_hi, book_ptr, b, h, tk, fk, fv, sf_b, sf_h, sf_r, rows,
+                                                    offs_n < CHUNK, valid, m_i, l_i, acc_lo, acc_hi, offs_h,
+                                                    qk_scale, softcap, HALF, SOFTCAP, BOOK)
         if HAS8:
             if bits == 8:
-                m_i, l_i, acc_lo, acc_hi = _step_quant(q_lo, q_hi, k8c, k8s, k8z, v8c, v8s, v8z, slot, rows, valid,
-                                                       m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap,
-                                                       D, G, HALF, 8, SOFTCAP)
+                m_i, l_i, acc_lo, acc_hi = _step_pool(
+                    q_lo, q_hi, book_ptr + BOOK8, b, h, k8c, k8s, k8z, v8c, v8s, v8z, s8c_b, s8c_h, s8k_b, s8k_h,
+                    s8v_b, s8v_h, slot, rows, valid, m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap,
+                    D, G, HALF, 8, SOFTCAP, BOOK)
         if HAS4:
             if bits == 4:
-                m_i, l_i, acc_lo, acc_hi = _step_quant(q_lo, q_hi, k4c, k4s, k4z, v4c, v4s, v4z, slot, rows, valid,
-                                                       m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap,
-                                                       D, G, HALF, 4, SOFTCAP)
+                m_i, l_i, acc_lo, acc_hi = _step_pool(
+                    q_lo, q_hi, book_ptr + BOOK4, b, h, k4c, k4s, k4z, v4c, v4s, v4z, s4c_b, s4c_h, s4k_b, s4k_h,
+                    s4v_b, s4v_h, slot, rows, valid, m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap,
+                    D, G, HALF, 4, SOFTCAP, BOOK)
         if HAS2:
             if bits == 2:
-                m_i, l_i, acc_lo, acc_hi = _step_quant(q_lo, q_hi, k2c, k2s, k2z, v2c, v2s, v2z, slot, rows, valid,
-                                                       m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap,
-                                                       D, G, HALF, 2, SOFTCAP)
+                m_i, l_i, acc_lo, acc_hi = _step_pool(
+                    q_lo, q_hi, book_ptr + BOOK2, b, h, k2c, k2s, k2z, v2c, v2s, v2z, s2c_b, s2c_h, s2k_b, s2k_h,
+                    s2v_b, s2v_h, slot, rows, valid, m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap,
+                    D, G, HALF, 2, SOFTCAP, BOOK)
     else:
         t_rows = (c - n_hist_chunks) * CHUNK + offs_n
         m_i, l_i, acc_lo, acc_hi = _step16(q_lo, q_hi, tk, tv, t_rows, t_rows < n_tail, st_r, valid, m_i, l_i,
                                            acc_lo, acc_hi, offs_h, qk_scale, softcap, HALF, SOFTCAP)
     return m_i, l_i, acc_lo, acc_hi
+
+
+@triton.jit
+def _step16_pool(q_lo, q_hi, book, b, h, like_ptr, fk, fv, sf_b, sf_h, sf_r, rows, row_ok, valid, m_i, l_i, acc_lo,
+                 acc_hi, offs_h, qk_scale, softcap, HALF: tl.constexpr, SOFTCAP: tl.constexpr, BOOK: tl.constexpr):
+    """:func:`_step16` on the 16-bit history pool, found in the ``book`` when ``BOOK``, offset to the plane."""
+    if BOOK:
+        fk, fv, sf_b, sf_h, sf_r = _book_rows16(book, like_ptr)
+    return _step16(q_lo, q_hi, fk + b * sf_b + h * sf_h, fv + b * sf_b + h * sf_h, rows, row_ok, sf_r, valid, m_i,
+                   l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap, HALF, SOFTCAP)
+
+
+@triton.jit
+def _step_pool(q_lo, q_hi, entry, b, h, kc, ks, kz, vc, vs, vz, sc_b, sc_h, sk_b, sk_h, sv_b, sv_h, slot, rows,
+               valid, m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap, D: tl.constexpr, G: tl.constexpr,
+               HALF: tl.constexpr, BITS: tl.constexpr, SOFTCAP: tl.constexpr, BOOK: tl.constexpr):
+    """:func:`_step_quant` on one precision's pool, its pointers taken from the book ``entry`` when ``BOOK`` (the
+    arguments are placeholders then) and offset to the (``b``, ``h``) plane."""
+    if BOOK:
+        kc, ks, kz, vc, vs, vz, sc_b, sc_h, sk_b, sk_h, sv_b, sv_h = _book_quant(entry)
+    return _step_quant(q_lo, q_hi, kc + b * sc_b + h * sc_h, ks + b * sk_b + h * sk_h, kz + b * sk_b + h * sk_h,
+                       vc + b * sc_b + h * sc_h, vs + b * sv_b + h * sv_h, vz + b * sv_b + h * sv_h, slot, rows,
+                       valid, m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap, D, G, HALF, BITS, SOFTCAP)
 
 
 BOOK_SIZE: tl.constexpr = tl.constexpr(packed.BOOK_SIZE)
@@ -331,13 +363,6 @@ def decode_split_kernel(
     if BOOK:
         bits_ptr = book_ptr + BOOK_SIZE  # the block table: precisions, then slots
         slot_ptr = bits_ptr + book_blocks
-        fk_ptr, fv_ptr, sf_b, sf_h, sf_r = _book_rows16(book_ptr, tk_ptr)
-        if HAS8:
-            k8c, k8s, k8z, v8c, v8s, v8z, s8c_b, s8c_h, s8k_b, s8k_h, s8v_b, s8v_h = _book_quant(book_ptr + BOOK8)
-        if HAS4:
-            k4c, k4s, k4z, v4c, v4s, v4z, s4c_b, s4c_h, s4k_b, s4k_h, s4v_b, s4v_h = _book_quant(book_ptr + BOOK4)
-        if HAS2:
-            k2c, k2s, k2z, v2c, v2s, v2z, s2c_b, s2c_h, s2k_b, s2k_h, s2v_b, s2v_h = _book_quant(book_ptr + BOOK2)
     if DEVICE_LENS:
         n_hist_chunks = tl.load(lens_ptr) * (BS // CHUNK)
         n_tail = tl.load(lens_ptr + 1)
@@ -361,27 +386,20 @@ def decode_split_kernel(
     l_i = tl.zeros([GP], tl.float32)
     acc_lo = tl.zeros([GP, HD], tl.float32)
     acc_hi = tl.zeros([GP, HD], tl.float32)
-    fk, fv = fk_ptr + b * sf_b + h * sf_h, fv_ptr + b * sf_b + h * sf_h
     tk, tv = tk_ptr + b * st_b + h * st_h, tv_ptr + b * st_b + h * st_h
-    k8c, v8c = k8c + b * s8c_b + h * s8c_h, v8c + b * s8c_b + h * s8c_h
-    k8s, k8z = k8s + b * s8k_b + h * s8k_h, k8z + b * s8k_b + h * s8k_h
-    v8s, v8z = v8s + b * s8v_b + h * s8v_h, v8z + b * s8v_b + h * s8v_h
-    k4c, v4c = k4c + b * s4c_b + h * s4c_h, v4c + b * s4c_b + h * s4c_h
-    k4s, k4z = k4s + b * s4k_b + h * s4k_h, k4z + b * s4k_b + h * s4k_h
-    v4s, v4z = v4s + b * s4v_b + h * s4v_h, v4z + b * s4v_b + h * s4v_h
-    k2c, v2c = k2c + b * s2c_b + h * s2c_h, v2c + b * s2c_b + h * s2c_h
-    k2s, k2z = k2s + b * s2k_b + h * s2k_h, k2z + b * s2k_b + h * s2k_h
-    v2s, v2z = v2s + b * s2v_b + h * s2v_h, v2z + b * s2v_b + h * s2v_h
     mask_row = mask_ptr + b * sm_b
     # splits tile [first_chunk, n_chunks): chunks before a sliding window's start are never read
     c_lo = first_chunk + split * chunks_per_split
     c_hi = tl.minimum(c_lo + chunks_per_split, n_hist_chunks + tl.cdiv(n_tail, CHUNK))
     for c in range(c_lo, c_hi):
         m_i, l_i, acc_lo, acc_hi = _attend_chunk(
-            c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, fk, fv, sf_r, tk, tv, st_r,
-            k8c, k8s, k8z, v8c, v8s, v8z, k4c, k4s, k4z, v4c, v4s, v4z, k2c, k2s, k2z, v2c, v2s, v2z,
+            c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, book_ptr, b, h, tk, tv, st_r,
+            fk_ptr, fv_ptr, sf_b, sf_h, sf_r,
+            k8c, k8s, k8z, v8c, v8s, v8z, s8c_b, s8c_h, s8k_b, s8k_h, s8v_b, s8v_h,
+            k4c, k4s, k4z, v4c, v4s, v4z, s4c_b, s4c_h, s4k_b, s4k_h, s4v_b, s4v_h,
+            k2c, k2s, k2z, v2c, v2s, v2z, s2c_b, s2c_h, s2k_b, s2k_h, s2v_b, s2v_h,
             mask_row, n_hist_chunks, n_tail, n_total, qk_scale, softcap, offs_n, offs_h,
-            D, G, HALF, BS, CHUNK, HAS8, HAS4, HAS2, HAS_MASK, WINDOW, SOFTCAP)
+            D, G, HALF, BS, CHUNK, HAS8, HAS4, HAS2, HAS_MASK, WINDOW, SOFTCAP, BOOK)
 
     row = (b * (tl.num_programs(1) * GROUP) + h * GROUP + offs_g) * n_splits + split  # (B, Hq, splits)
     ok = offs_g < GROUP

@@ -58,6 +58,9 @@ class DecodeKernelConfig:
         waves: target number of programs per SM when choosing the number of splits.
         max_splits: upper bound on splits per (batch, kv head).
         num_stages: Triton software-pipelining stages of the launch (3 is Triton's CUDA default).
+        max_registers: cap on registers per thread (Triton's ``maxnreg``; None: the compiler's choice). Programs per
+            SM are bound by registers (65536 / (registers x 32 x warps)); a cap trades a few spilled bytes for more
+            programs, hence more bytes in flight. ``eval/kernel_registers.py`` reports both.
     """
 
     chunk: int | None = None
@@ -65,12 +68,15 @@ class DecodeKernelConfig:
     waves: int = 2
     max_splits: int = 64
     num_stages: int = 3
+    max_registers: int | None = None
 
     def __post_init__(self) -> None:
         if self.chunk is not None and (self.chunk < 16 or self.chunk & (self.chunk - 1)):
             raise ValueError(f"chunk={self.chunk} must be a power of two >= 16 (or None for the default).")
         if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16 (or None).")
+        if self.max_registers is not None and not 24 <= self.max_registers <= 255:
+            raise ValueError(f"max_registers={self.max_registers} must be in 24..255 (or None for the compiler's choice).")
         if self.num_stages < 1:
             raise ValueError(f"num_stages={self.num_stages} must be >= 1.")
         if self.waves < 1 or self.max_splits < 1:
@@ -136,7 +142,7 @@ def triton_decode_attention(
         BS=packed.block_size, CHUNK=plan.chunk, HAS8=8 in bits, HAS4=4 in bits, HAS2=2 in bits,
         HAS_MASK=key_mask is not None, WINDOW=plan.window, SOFTCAP=softcap is not None,
         F32_DOTS=_INTERPRETING, DEVICE_LENS=packed.lengths is not None, BOOK=book is not None,
-        num_warps=plan.num_warps, num_stages=config.num_stages,
+        num_warps=plan.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers,
     )
     out = torch.empty(B, Hq, 1, D, device=query.device, dtype=query.dtype) if out is None else out
     kernels.merge_splits_kernel[(B * Hq,)](acc, m, lse, out, out.stride(0), out.stride(1), Hq, plan.splits,
