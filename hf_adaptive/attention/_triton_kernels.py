@@ -83,22 +83,17 @@ def _dot_split(a, b, DT: tl.constexpr):
 
 
 @triton.jit
-def _word_codes(BITS: tl.constexpr, HALF: tl.constexpr, HD: tl.constexpr):
-    """Whether a tile of ``BITS``-bit codes is read as int32 words (4 and 8 bits, a half of >= 4 channels that
-    fills the tile): a thread then holds four code bytes per register until it unpacks them."""
-    return (BITS == 4 or BITS == 8) and HALF == HD and HALF % 4 == 0
-
-
-@triton.jit
 def _load_code_halves(base, rows, ok, on, offs_h, D: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr):
     """Raw loads behind both halves of a packed (CHUNK, D) tile; :func:`_decode_half` finishes them.
 
     4 bits: byte j = channel j | channel j + D/2 << 4, both halves are the same bytes. 8 bits: each half its own
-    bytes. These two load (CHUNK, HALF / 4) int32 words (see :func:`_word_codes`). 2 bits (uint8): byte j holds
-    channels j + k·D/4; each half gathers the bytes of its channels.
+    bytes. These two load (CHUNK, HALF / 4) int32 words when a half fills the tile and holds a multiple of 4
+    channels, so a thread keeps four code bytes per register until it unpacks them (the test is written inline:
+    Triton 3.6 treats a jit helper's boolean as a runtime value). 2 bits (uint8): byte j holds channels j + k·D/4;
+    each half gathers the bytes of its channels.
     """
     ROW_BYTES: tl.constexpr = D * BITS // 8
-    if _word_codes(BITS, HALF, offs_h.shape[0]):
+    if (BITS == 4 or BITS == 8) and HALF == offs_h.shape[0] and HALF % 4 == 0:  # words (a constexpr test)
         W: tl.constexpr = HALF // 4
         words = base.to(tl.pointer_type(tl.int32)) + rows[:, None] * (ROW_BYTES // 4)
         offs_w = tl.arange(0, W)
@@ -133,7 +128,7 @@ def _decode_half(raw, offs_h, H: tl.constexpr, D: tl.constexpr, HALF: tl.constex
     """Codes of half ``H`` (channels ``H * HALF + offs_h``) from its raw loads, in ``DT`` (exact integers)."""
     MASK: tl.constexpr = (1 << BITS) - 1
     ROW_BYTES: tl.constexpr = D * BITS // 8
-    if _word_codes(BITS, HALF, offs_h.shape[0]):
+    if (BITS == 4 or BITS == 8) and HALF == offs_h.shape[0] and HALF % 4 == 0:  # words (a constexpr test)
         codes = _word_columns(raw, 4 * H if BITS == 4 else 0, MASK, offs_h.shape[0]).to(tl.int32)
     else:
         codes = (raw.to(tl.int32) >> (((H * HALF + offs_h) // ROW_BYTES) * BITS)[None, :]) & MASK
