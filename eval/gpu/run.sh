@@ -96,7 +96,11 @@ job_kv_oom() { local o=$R/kv_oom_survival_$CARD; mkdir -p $o; PYTORCH_CUDA_ALLOC
 job_kv_attention() { local o=$R/kv_decode_attention_$CARD; mkdir -p $o; timeout 420 $PY eval/bench_decode_attention.py \
     --contexts 4096,16384,32768,65536 --batches 1,8 --bits 16,8,4 --out $o > $o/bench_decode_attention.log 2>&1; }
 job_kv_attention-sweep() { local o=$R/kv_decode_attention_sweep_$CARD; mkdir -p $o; timeout 420 $PY \
-    eval/bench_decode_attention.py --contexts 4096 --batches 8 --bits 4 --sweep --out $o > $o/bench_decode_attention.log 2>&1; }
+    eval/bench_decode_attention.py --sweep-only --inner 10 --reps 20 --out $o > $o/bench_decode_attention.log 2>&1; }
+job_kv_attention-variants() {  # KERNEL_BASE: an older kernel source (git show REV:hf_adaptive/attention/_triton_kernels.py)
+    local o=$R/kv_decode_kernel_variants_$CARD; mkdir -p $o; timeout 420 $PY eval/bench_kernel_variants.py \
+    --variants base=${KERNEL_BASE:?set KERNEL_BASE to a kernel source file},new=hf_adaptive/attention/_triton_kernels.py \
+    --out $o > $o/bench_kernel_variants.log 2>&1; }
 
 # --- precision: one GPU each --------------------------------------------------------------------------------------
 SCHED=eval/data/precision_schedule_qwen2.5-coder-1.5b_translate_stride40.json

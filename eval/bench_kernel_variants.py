@@ -1,0 +1,147 @@
+"""GPU A/B of decode-kernel sources: the same launcher, several versions of ``_triton_kernels.py``, one run.
+
+A kernel change is judged on the path the caches launch, not only on the benchmark's: each shape is timed through a
+plain packed view (tables passed to the kernel, as ``bench_decode_attention.py`` does) and, for a history that mixes
+8- and 4-bit blocks, through a static view that reaches its pools through an address book with device lengths (what
+``AdaptiveStaticKVCache`` hands the kernel inside ``model.generate``). Every (variant, view, chunk, register cap)
+is timed with CUDA-graph replays over inputs rotated past the L2 cache (``bench_decode_attention.cold_copies``),
+and checked against dequantize + sdpa.
+
+Make a variant file from git history, e.g. the kernel before a change:
+    git show <rev>:hf_adaptive/attention/_triton_kernels.py > /tmp/k_base.py
+Run (GPU):
+    python eval/bench_kernel_variants.py --variants base=/tmp/k_base.py,new=hf_adaptive/attention/_triton_kernels.py \
+        --out eval/results/kv_decode_kernel_variants_h100
+Re-render the report of a finished run:  python eval/bench_kernel_variants.py --render DIR/results.json --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from _common import environment, pyplot, save_figure, time_op  # first: sets the offline default
+
+SHAPES = [(1, 65536, 4, True), (1, 65536, 4, False), (8, 4096, 4, True), (8, 32768, 4, True), (8, 32768, 4, False),
+          (8, 32768, 8, True)]  # (batch, context, bits, mixed: one block at 8 bits among the others)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default="", help="comma-separated NAME=PATH of kernel sources (_triton_kernels.py)")
+    p.add_argument("--out", type=Path, required=True, help="directory for results.json / results.md / variants.png")
+    p.add_argument("--chunks", default="32,64", help="DecodeKernelConfig.chunk values")
+    p.add_argument("--max-registers", default="none,168,128", help="DecodeKernelConfig.max_registers values")
+    p.add_argument("--render", type=Path, default=None, help="only re-render the report of this results.json")
+    return p.parse_args(argv)
+
+
+def load_variant(name: str, path: Path):
+    """A kernel module from a source file (its own Triton JIT cache, so variants never share a build)."""
+    spec = importlib.util.spec_from_file_location(f"kernel_variant_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(args) -> dict:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import bench_decode_attention as bda
+    from test_attention_triton import _as_static  # the static view with an address book, as the tests build it
+
+    from hf_adaptive.attention import triton_decode
+    from hf_adaptive.attention.reference import gather_packed_kv
+
+    variants = dict(item.split("=", 1) for item in args.variants.split(",") if item)
+    if not variants:
+        raise SystemExit("--variants is empty: give NAME=PATH pairs, e.g. base=/tmp/k_base.py,new=hf_adaptive/...")
+    modules = {name: load_variant(name, Path(path)) for name, path in variants.items()}
+    caps = [None if c.strip().lower() == "none" else int(c) for c in args.max_registers.split(",")]
+    chunks = [int(c) for c in args.chunks.split(",")]
+    rows = []
+    for batch, context, bits, mixed in SHAPES:
+        q, _, _, packed = bda.make_inputs(batch, context, bits, mixed=mixed)
+        n_bytes = bda.packed_bytes(packed)
+        copies = [(q, packed)] + [bda.make_inputs(batch, context, bits, seed=i, mixed=mixed)[::3]
+                                  for i in range(1, bda.cold_copies(n_bytes))]
+        views = {"plain": copies}
+        if mixed:
+            views["book"] = [(c[0], _as_static(c[1], None, {}, True)) for c in copies]
+        want = torch.nn.functional.scaled_dot_product_attention(q, *gather_packed_kv(packed, q.dtype), scale=0.125,
+                                                                enable_gqa=True).float()
+        out = torch.empty_like(q)
+        for name, module in modules.items():
+            triton_decode.kernels = module
+            for view, inputs in views.items():
+                got = triton_decode.triton_decode_attention(inputs[0][0], inputs[0][1], scaling=0.125).float()
+                rel_err = ((got - want).abs().max() / want.abs().max()).item()
+                for chunk in chunks:
+                    for cap in caps:
+                        cfg = triton_decode.DecodeKernelConfig(chunk=chunk, max_registers=cap)
+                        fn = bda.rotating([lambda c=c, cfg=cfg: triton_decode.triton_decode_attention(
+                            c[0], c[1], scaling=0.125, out=out, config=cfg) for c in inputs])
+                        us = time_op(fn, 10, 20) / len(inputs)
+                        rows.append(dict(variant=name, view=view, batch=batch, context=context, bits=bits,
+                                         mixed=mixed, chunk=chunk, maxreg=cap, us=us, GBps=n_bytes / us / 1e3,
+                                         rel_err=rel_err))
+                        print(json.dumps(rows[-1]), flush=True)
+        del copies, views
+        torch.cuda.empty_cache()
+    sources = {name: {"path": path, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+               for name, path in variants.items()}
+    return {"env": environment("cuda"), "variants": sources, "rows": rows}
+
+
+def write_report(result: dict, out: Path) -> None:
+    """results.md: per shape and view, µs and GB/s of every variant at every launch setting; a PNG of the defaults."""
+    env = result["env"]
+    lines = [f"# Decode-kernel variants — {env['card']}", "",
+             f"torch {env['torch']}, triton {env['triton']}; command: `{env['command']}`", "",
+             "Variants: " + ", ".join(f"`{n}` = {v['path']} (sha256 {v['sha256'][:12]})"
+                                      for n, v in result["variants"].items()), "",
+             "µs per call (CUDA-graph replays over inputs rotated past L2); GB/s = packed bytes / time. "
+             "`book`: the static view with an address book and device lengths (the adaptive caches' path).", "",
+             "| batch | context | bits | mixed | view | variant | chunk | max registers | µs | GB/s | rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['batch']} | {r['context']} | {r['bits']} | {r['mixed']} | {r['view']} | {r['variant']} | "
+                     f"{r['chunk']} | {r['maxreg'] or '-'} | {r['us']:.1f} | {r['GBps']:.0f} | {r['rel_err']:.1e} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plt = pyplot()
+    default = [r for r in result["rows"] if r["chunk"] == 64 and r["maxreg"] is None]
+    labels = sorted({(r["batch"], r["context"], r["bits"], r["mixed"], r["view"]) for r in default})
+    names = list(result["variants"])
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(labels)), 4.5))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        us = {(r["batch"], r["context"], r["bits"], r["mixed"], r["view"]): r["us"] for r in default
+              if r["variant"] == name}
+        ax.bar([j + i * width for j in range(len(labels))], [us.get(lab, 0) for lab in labels], width, label=name)
+    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(labels))])
+    ax.set_xticklabels([f"{b}x{c // 1024}k {bits}b{' mixed' if m else ''}\n{v}" for b, c, bits, m, v in labels],
+                       fontsize=7)
+    ax.set(ylabel="µs per decode call (chunk 64, no register cap)", title=f"decode-kernel variants — {env['card']}")
+    ax.legend()
+    save_figure(fig, out / "variants.png")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        result = json.loads(args.render.read_text())
+    else:
+        result = run(args)
+        (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    write_report(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

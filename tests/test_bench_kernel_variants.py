@@ -1,0 +1,40 @@
+"""The decode-kernel A/B report (the GPU timing itself runs on a device; its report is checked here on CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import load_eval_script
+
+
+def _result() -> dict:
+    env = {"card": "test card", "torch": "t", "triton": "x", "command": "bench_kernel_variants.py --variants ..."}
+    rows = [dict(variant=v, view=view, batch=8, context=32768, bits=4, mixed=True, chunk=c, maxreg=r, us=us,
+                 GBps=134e6 / us / 1e3, rel_err=4e-3)
+            for v, base_us in (("base", 425.0), ("new", 291.0)) for view in ("plain", "book")
+            for c in (32, 64) for r, us in ((None, base_us), (128, base_us * 0.9))]
+    return {"env": env, "variants": {"base": {"path": "a.py", "sha256": "0" * 64},
+                                     "new": {"path": "b.py", "sha256": "1" * 64}}, "rows": rows}
+
+
+def test_report_lists_every_row_and_plots_the_defaults(tmp_path):
+    """Guards against a report that drops configurations or mislabels the register cap: every timed row appears
+    once, an uncapped row reads '-', and the PNG of the default launch is written."""
+    pytest.importorskip("matplotlib")
+    script = load_eval_script("bench_kernel_variants")
+    result = _result()
+    (tmp_path / "results.json").write_text(json.dumps(result))
+    assert script.main(["--render", str(tmp_path / "results.json"), "--out", str(tmp_path)]) == 0
+    table = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| 8 |")]
+    assert len(table) == len(result["rows"])
+    assert sum("| - | 291.0 |" in line for line in table) == 4  # new, two views, two chunks, uncapped
+    assert (tmp_path / "variants.png").stat().st_size > 0
+
+
+def test_empty_variant_list_is_refused(tmp_path):
+    """Guards against a run that times nothing: --variants must name at least one kernel source."""
+    script = load_eval_script("bench_kernel_variants")
+    with pytest.raises(SystemExit, match="--variants is empty"):
+        script.run(script.parse_args(["--out", str(tmp_path)]))
