@@ -10,7 +10,8 @@ per SM for the configurations the caches launch:
 - ``fixed4`` / ``fixed8`` / ``fixed16``: one quantized precision (or none) beside the 16-bit path, tables passed
   directly (``pack_dense_kv`` with one precision, as in ``bench_decode_attention.py``).
 
-Run:  python eval/kernel_registers.py [--arch 90] [--chunks 32,64] [--warps 4,8] [--json out.json]
+Run:  python eval/kernel_registers.py [--arch 90] [--chunks 32,64] [--warps 4,8] [--out DIR]
+      [--kernel-source NAME=PATH ...]   (also build older kernel sources, e.g. from `git show REV:...`)
 The numbers belong to the installed Triton version (they move between releases); compare configurations in one run.
 """
 
@@ -40,19 +41,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunks", default="32,64", help="comma-separated DecodeKernelConfig.chunk values")
     p.add_argument("--warps", default="4", help="comma-separated num_warps values")
     p.add_argument("--head-dim", type=int, default=64, help="head dim D (the Llama-3.2-1B shape: 64)")
-    p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    p.add_argument("--kernel-source", action="append", default=[],
+                   help="NAME=PATH of another _triton_kernels.py to build beside the installed one (repeatable)")
+    p.add_argument("--out", type=Path, default=None, help="also write registers.json and registers.md here")
     return p.parse_args(argv)
 
 
-def resource_usage(constexprs: dict, arch: int, num_warps: int) -> dict:
-    """Registers, spill/stack bytes and shared memory of one build of the kernel."""
+def resource_usage(constexprs: dict, arch: int, num_warps: int, kernels=None) -> dict:
+    """Registers, spill/stack bytes and shared memory of one build of the kernel (of ``kernels``, a kernel module;
+    default the installed one)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from hf_adaptive.attention import triton_decode
 
-    fn = triton_decode.kernels.decode_split_kernel
+    fn = (kernels or triton_decode.kernels).decode_split_kernel
     kernel = triton.compile(ASTSource(fn=fn, signature=triton_decode.kernel_signature(constexprs), constexprs=constexprs),
                             target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -72,26 +76,41 @@ def resource_usage(constexprs: dict, arch: int, num_warps: int) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import importlib.util
+
     from tqdm import tqdm
 
+    sources = {"installed": None}
+    for item in args.kernel_source:
+        name, _, path = item.partition("=")
+        spec = importlib.util.spec_from_file_location(f"kernel_source_{name}", path)
+        sources[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sources[name])
     d = args.head_dim
     base = dict(GROUP=4, GP=16, D=d, HD=max(16, d // 2), G=64, BS=64, HAS8=False, HAS4=False, HAS2=False,
                 HAS_MASK=False, WINDOW=0, SOFTCAP=False, F32_DOTS=False, DEVICE_LENS=False, BOOK=False)
-    jobs = [(name, chunk, warps) for name in CONFIGS for chunk in _ints(args.chunks) for warps in _ints(args.warps)]
+    jobs = [(src, name, chunk, warps) for src in sources for name in CONFIGS for chunk in _ints(args.chunks)
+            for warps in _ints(args.warps)]
     rows = []
-    for name, chunk, warps in tqdm(jobs, desc="builds"):
+    for src, name, chunk, warps in tqdm(jobs, desc="builds"):
         constexprs = {**base, **CONFIGS[name], "CHUNK": chunk}
-        rows.append({"config": name, "chunk": chunk, "num_warps": warps, "arch": args.arch,
-                     **resource_usage(constexprs, args.arch, warps)})
-    print("| config | chunk | warps | registers | stack B | shared B | programs/SM (registers) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['config']} | {r['chunk']} | {r['num_warps']} | {r['registers']} | {r['stack_bytes']} | "
-              f"{r['shared_bytes']} | {r['programs_per_sm_by_registers']} |")
-    if args.json:
-        import triton
+        rows.append({"source": src, "config": name, "chunk": chunk, "num_warps": warps, "arch": args.arch,
+                     **resource_usage(constexprs, args.arch, warps, sources[src])})
+    lines = ["| kernel | config | chunk | warps | registers | stack B | shared B | programs/SM (registers) |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['source']} | {r['config']} | {r['chunk']} | {r['num_warps']} | {r['registers']} | "
+              f"{r['stack_bytes']} | {r['shared_bytes']} | {r['programs_per_sm_by_registers']} |" for r in rows]
+    print("\n".join(lines))
+    if args.out:
+        from _common import environment
 
-        args.json.write_text(json.dumps({"triton": triton.__version__, "rows": rows}, indent=1))
+        args.out.mkdir(parents=True, exist_ok=True)
+        env = environment("cpu", arch=f"sm_{args.arch}", kernel_sources={k: v.__file__ if v else "installed"
+                                                                          for k, v in sources.items()})
+        (args.out / "registers.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        (args.out / "registers.md").write_text(
+            f"# Decode-kernel registers, built for sm_{args.arch} (no GPU)\n\nTriton {env.get('triton')}; command: "
+            f"`{env['command']}`\n\n" + "\n".join(lines) + "\n")
     return 0
 
 
