@@ -101,6 +101,9 @@ job_kv_attention-variants() {  # KERNEL_BASE: an older kernel source (git show R
     local o=$R/kv_decode_kernel_variants_$CARD; mkdir -p $o; timeout 420 $PY eval/bench_kernel_variants.py \
     --variants base=${KERNEL_BASE:?set KERNEL_BASE to a kernel source file},new=hf_adaptive/attention/_triton_kernels.py \
     --out $o > $o/bench_kernel_variants.log 2>&1; }
+job_kv_registers() {  # CPU only (sm_90 builds, no GPU); KERNEL_BASE as for attention-variants
+    $PY eval/kernel_registers.py --warps 4 --kernel-source before=${KERNEL_BASE:?set KERNEL_BASE to a kernel source file} \
+    --out $R/kv_decode_registers_cpu; }
 
 # --- precision: one GPU each --------------------------------------------------------------------------------------
 SCHED=eval/data/precision_schedule_qwen2.5-coder-1.5b_translate_stride40.json
