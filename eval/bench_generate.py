@@ -155,7 +155,10 @@ def bench_config(model, name: str, context: int, batch: int, args, counter: Capt
         row.update(_mixed_calls(model, name, cache, max_cache_len, context, batch, args, counter))
     if args.profile and name in ("static", "adaptive16", "adaptive4") and (context, batch) == args.profile_at:
         cache = _fresh(cache, name, model, max_cache_len, context, batch, args)
-        row["profile"] = profile_call(model, ids, cache, args, Path(args.out) / f"profile_{name}_n{context}_b{batch}")
+        stem = Path(args.out) / f"profile_{name}_n{context}_b{batch}"
+        row["profile"] = profile_call(model, ids, cache, args, stem)
+        cache = _fresh(cache, name, model, max_cache_len, context, batch, args)
+        row["host_profile"] = host_profile_call(model, ids, cache, args, stem)
     return row
 
 
@@ -179,6 +182,27 @@ def profile_call(model, ids: torch.Tensor, cache, args, stem: Path) -> dict:
     n = args.new_tokens
     return {"gpu_ms_per_token": gpu_us / 1000 / n, "kernel_launches_per_token": launches / n,
             "graph_launches_per_token": graph_launches / n}
+
+
+def host_profile_call(model, ids: torch.Tensor, cache, args, stem: Path) -> dict:
+    """cProfile over one generate call: where the host's time per decoded token goes, by Python function (the
+    C++ parts, e.g. dynamo's guards or a CUDA graph launch, inside the function that calls them)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    generate_once(model, ids, cache, args.new_tokens, args.device)
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text).strip_dirs()  # no machine paths in the result
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumulative").print_stats(45)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".host.txt").write_text(text.getvalue())
+    n = args.new_tokens
+    return {"host_ms_per_token": stats.total_tt * 1000 / n, "python_calls_per_token": stats.total_calls / n}
 
 
 def _bits_path(cache: AdaptiveStaticKVCache) -> str:
@@ -309,7 +333,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens-in-flight", type=int, default=262144, help="skip context x batch above this")
     p.add_argument("--max-kv-gib", type=float, default=60.0, help="skip bf16 caches whose KV exceeds this")
     p.add_argument("--time-budget-s", type=float, default=500.0, help="stop starting configurations after this")
-    p.add_argument("--profile", action="store_true", help="profile one call of static/adaptive16/adaptive4")
+    p.add_argument("--profile", action="store_true", help="profile one call of static/adaptive16/adaptive4 (torch.profiler, then cProfile)")
     p.add_argument("--profile-at", type=int_list, default=[64, 1], help="context,batch of the profiled calls")
     add_run_arguments(p, "eval/results/kv_generate", "bench_generate")
     args = p.parse_args(argv)

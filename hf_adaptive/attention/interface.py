@@ -83,7 +83,8 @@ def adaptive_attention_forward(
         if key_mask is False:
             raise ValueError("per-head attention masks are not supported over a static packed view; pass a "
                              "(B, 1, 1, N) mask (transformers' default).")
-        out = static_decode_attention(query, packed, scaling=scaling, softcap=softcap, key_mask=key_mask)
+        out = static_decode_attention(query, packed, scaling=scaling, softcap=softcap, key_mask=key_mask,
+                                      tail_k=key, tail_v=value)
         return out.transpose(1, 2).contiguous(), None
     if packed is not None and query.shape[2] == 1 and not dropout:
         out = decode_attention(query, packed, scaling=scaling, softcap=softcap, sliding_window=sliding_window,

@@ -45,7 +45,8 @@ def _static_packed_decode_fake(query, *args, **kwargs) -> torch.Tensor:
 
 
 def static_decode_attention(query: torch.Tensor, packed: PackedKV, *, scaling: float, softcap: float | None = None,
-                            key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                            key_mask: torch.Tensor | None = None, tail_k: torch.Tensor | None = None,
+                            tail_v: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention over a static packed view, traceable by ``torch.compile``.
 
     On CUDA a view with an address book (``packed.book``) hands the kernel the book instead of its pools, so the
@@ -57,6 +58,9 @@ def static_decode_attention(query: torch.Tensor, packed: PackedKV, *, scaling: f
         packed: a static view (``packed.lengths`` set), e.g. from :class:`hf_adaptive.kv.static.AdaptiveStaticKVCache`.
         scaling: multiplier of q·k. softcap: Gemma-2 style score cap, or None.
         key_mask: optional (B, ``packed.max_tokens``) bool, True where a key may be attended (left padding).
+        tail_k, tail_v: ``packed.tail_k`` / ``packed.tail_v`` as the caller already holds them (the key and value its
+            cache layer returned). Under ``torch.compile`` a tensor read through two objects costs an aliasing guard
+            evaluated before every step; None reads them from ``packed``.
     Returns:
         (B, Hq, 1, D) in the query's dtype.
     """
@@ -71,7 +75,9 @@ def static_decode_attention(query: torch.Tensor, packed: PackedKV, *, scaling: f
         history = [packed.block_bits, packed.block_slot, packed.full_k, packed.full_v]
         history += [getattr(packed.pools[b], name) for b in bits for name in _POOL_FIELDS]
         entries, blocks = None, 0
-    return static_packed_decode(query, packed.lengths, packed.tail_k, packed.tail_v, history, entries, blocks, bits,
+    tail_k = packed.tail_k if tail_k is None else tail_k
+    tail_v = packed.tail_v if tail_v is None else tail_v
+    return static_packed_decode(query, packed.lengths, tail_k, tail_v, history, entries, blocks, bits,
                                 key_mask, packed.block_size, packed.value_group, packed.max_tokens, float(scaling),
                                 float(softcap or 0.0))
 

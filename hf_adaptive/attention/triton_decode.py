@@ -124,8 +124,9 @@ def triton_decode_attention(
     bits = set(book.bits) if book is not None else set(packed.pools)
     mask = _dummy(query.device, torch.int8)
     if key_mask is not None:
-        mask = key_mask.to(torch.int8)
-        mask = mask if mask.stride(-1) == 1 else mask.contiguous()
+        # the bool mask is read as it is (one byte per key): converting it would add a copy kernel per layer and step
+        # to the captured graph
+        mask = key_mask if key_mask.stride(-1) == 1 else key_mask.contiguous()
     kernels.decode_split_kernel[(plan.splits, plan.kv_heads, B)](
         q, q.stride(0), q.stride(1),
         packed.block_bits if packed.block_bits.numel() and book is None else _dummy(query.device, torch.int32),
@@ -229,7 +230,7 @@ def _arg_type(name: str, constexprs: dict, model_dtype: str) -> str:
     if name in ("acc_ptr", "m_ptr", "l_ptr"):
         return "*fp32"
     if name == "mask_ptr":
-        return "*i8"
+        return "*i1"  # the caches pass transformers' bool mask
     if name == "book_ptr":
         return "*i64"
     if len(name) == 3 and name[0] in "kv" and name[1] in "842":  # k8c, v4s, ...: codes or scale/zero

@@ -8,7 +8,7 @@ ONCE per forward step by the cache (when layer 0 is updated) so every layer agre
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -40,7 +40,9 @@ class PressureReading:
     limit_bytes: int | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # flat fields of plain values: no deep copy (this runs once per decode step, in the cache's history)
+        return {"fraction": self.fraction, "source": self.source, "used_bytes": self.used_bytes,
+                "limit_bytes": self.limit_bytes}
 
 
 @runtime_checkable
