@@ -81,3 +81,23 @@ def test_report_is_written_after_every_configuration(bench, tmp_path):
     bench.bench(model, args, on_row)
     assert done == [(1, 1), (2, 2)]
     assert (tmp_path / "bench_generate_tiny.png").stat().st_size > 0
+
+
+def test_rounds_time_every_configuration_again_and_keep_the_median(bench, tmp_path):
+    """Guards --rounds: each measured configuration is timed once per round, in grid order, and its ms/token is the
+    median of its rounds."""
+    import statistics
+
+    import torch
+
+    args = bench.parse_args(["--device", "cpu", "--dtype", "float32", "--shape", "tiny", "--contexts", "32",
+                             "--batch-sizes", "1", "--caches", "dynamic,adaptive4", "--new-tokens", "4",
+                             "--repeats", "1", "--rounds", "3", "--max-tokens-in-flight", "1000",
+                             "--out", str(tmp_path)])
+    model = bench.build_model("tiny", "cpu", torch.float32)
+    rows = bench.bench(model, args)
+    for row in rows:
+        assert len(row["round_ms"]) == 3 and all(ms > 0 for ms in row["round_ms"])
+        assert row["decode_ms_per_token"] == pytest.approx(statistics.median(row["round_ms"]))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rounds", "0"])
