@@ -389,8 +389,10 @@ def write_results(rows: list[dict], args, card: str, identity: dict, wall_s: flo
                       configurations_done=len(rows), configurations_planned=planned)
     ratio_rows = ratios(rows)
     stem = args.name or f"bench_generate_{args.shape}"
-    rounds = f"; the grid timed {args.rounds} times in order, the median round kept (round_ms)" \
-        if args.rounds > 1 else ""
+    done = max((len(r.get("round_ms", ())) for r in rows), default=0)
+    rounds = "" if args.rounds == 1 else (
+        f"; --rounds {args.rounds}: the grid timed again in order, each configuration's median round kept (round_ms)"
+        if done > 1 else f"; --rounds {args.rounds} asked, but --time-budget-s was spent before a second round")
     notes = (f"Timed through model.generate only ({args.repeats} calls after one warm-up per configuration, "
              f"{args.new_tokens} new tokens{rounds}). Ratios below are measured in this run. Tokens at 16 bits vs "
              f"DynamicCache: {identity}.\n\n" + markdown_table(ratio_rows))
