@@ -178,3 +178,19 @@ def test_model_decode_through_triton_kernel_on_gpu(bits):
     err = (steps[1] - steps[0]).abs().max().item()
     tol = (0.02 if bits == 16 else 0.05) * steps[0].abs().max().item()
     assert torch.isfinite(steps[1]).all() and err <= tol, (err, tol)
+
+
+def test_static_decode_attention_refuses_tails_that_are_not_the_views():
+    """Guards the tails a caller hands in to skip an aliasing guard under compile: eagerly, they must be the view's."""
+    import pytest
+    import torch
+
+    from hf_adaptive.attention.static_op import static_decode_attention
+    from hf_adaptive.kv.packed import PackedKV
+
+    tail = torch.zeros(1, 1, 16, 16)
+    empty = torch.zeros(0, dtype=torch.int32)
+    view = PackedKV(16, 8, empty, empty, torch.zeros(0), torch.zeros(0), tail, tail.clone(),
+                    lengths=torch.tensor([0, 1], dtype=torch.int32), max_tokens=16)
+    with pytest.raises(ValueError, match="tail_k/tail_v"):
+        static_decode_attention(torch.zeros(1, 1, 1, 16), view, scaling=0.25, tail_k=tail.clone(), tail_v=view.tail_v)

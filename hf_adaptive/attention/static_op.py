@@ -77,6 +77,10 @@ def static_decode_attention(query: torch.Tensor, packed: PackedKV, *, scaling: f
         entries, blocks = None, 0
     tail_k = packed.tail_k if tail_k is None else tail_k
     tail_v = packed.tail_v if tail_v is None else tail_v
+    if not torch.compiler.is_compiling() and (tail_k is not packed.tail_k or tail_v is not packed.tail_v):
+        # checked eagerly only: under compile the identity check would itself be the guard the arguments avoid
+        raise ValueError("static_decode_attention: tail_k/tail_v must be the view's own tails (the key and value its "
+                         "cache layer returned); got other tensors. Fix: pass the layer's key/value, or None.")
     return static_packed_decode(query, packed.lengths, tail_k, tail_v, history, entries, blocks, bits,
                                 key_mask, packed.block_size, packed.value_group, packed.max_tokens, float(scaling),
                                 float(softcap or 0.0))
