@@ -84,3 +84,73 @@ def test_controller_records_a_wait_per_step():
     t = ctl.telemetry
     assert len(t.wait_ns) == len(t.overhead_ns) == len(t.tiers) == 6
     assert all(w >= 0 for w in t.wait_ns) and all(o > 0 for o in t.overhead_ns)
+
+
+def _compiled_generate_runs():
+    """The same controller run through eager and through compiled (inductor, CPU) generate over one StaticCache."""
+    import torch._dynamo.utils as dynamo_utils
+    from helpers import make_tiny_model
+    from transformers import StaticCache
+    from transformers.generation.configuration_utils import CompileConfig
+
+    from hf_adaptive.precision.controller import PrecisionController
+    from hf_adaptive.precision.tiers import prepare_tiers
+
+    torch._dynamo.reset()
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60)  # confidences spread over all three bands
+    tiers = prepare_tiers(model, tiers=("int4", "native", "fp32"))
+    ids = torch.randint(1, 128, (1, 10), generator=torch.Generator().manual_seed(0))
+    compile_config = CompileConfig(fullgraph=False, mode="default", dynamic=False)
+    compile_config._compile_all_devices = True  # generate compiles on CUDA only unless told
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    runs = {}
+    for name, kwargs in (("eager", {"disable_compile": True}), ("warm-up", {"compile_config": compile_config}),
+                         ("compiled", {"compile_config": compile_config})):
+        graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+        cache.reset()
+        with PrecisionController(tiers) as ctl:
+            out = model.generate(ids, max_new_tokens=20, do_sample=False, logits_processor=[ctl], cache=cache,
+                                 **kwargs)
+        runs[name] = (out, list(ctl.telemetry.tiers), dynamo_utils.counters["stats"]["unique_graphs"] - graphs)
+    return runs, dict(dynamo_utils.counters["graph_break"])
+
+
+def test_controller_in_compiled_generate_decides_like_eager_without_recompiles():
+    """Guards the compiled generate path: the decision taken at the next forward's start (eagerly, outside the
+    compiled graph) gives the same tiers and tokens as eager generate; each tier compiles once and switching
+    between them afterwards compiles nothing; the only graph break is that settle."""
+    runs, breaks = _compiled_generate_runs()
+    (eager, eager_tiers, _), (warm, _, warm_graphs), (out, tiers, graphs) = runs["eager"], runs["warm-up"], runs[
+        "compiled"]
+    assert len(set(eager_tiers)) == 3 and len(eager_tiers) == 20
+    assert tiers == eager_tiers and torch.equal(out, eager) and torch.equal(warm, eager)
+    assert warm_graphs == 3 and graphs == 0  # one graph per tier, then none
+    assert len(breaks) == 1 and "_settle" in next(iter(breaks))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_controller_call_makes_no_host_sync_on_cuda():
+    """Guards the no-extra-sync contract: __call__ only queues the scores' copy; the next forward's start reads it
+    without waiting once the device caught up (as generate's own stopping read makes it)."""
+    from helpers import make_tiny_model
+
+    from hf_adaptive.precision.controller import PrecisionController
+    from hf_adaptive.precision.tiers import prepare_tiers
+
+    model = make_tiny_model("llama", dtype=torch.bfloat16).cuda()
+    tiers = prepare_tiers(model, tiers=("int4", "native"))
+    ids = torch.randint(1, 128, (1, 8), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    with PrecisionController(tiers) as ctl:
+        logits = model(ids).logits[:, -1].float()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            assert ctl(ids, logits) is logits
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()  # what generate's stopping read amounts to
+        model(ids[:, -1:])  # its pre-hook settles the queued step
+        assert ctl._queued is None and len(ctl._telemetry.tiers) == 1
+        assert ctl._telemetry.wait_ns[0] < 1_000_000

@@ -18,8 +18,8 @@
 #                  Carry .whl/ (hqq, optimum-quanto, gguf, termcolor wheels: the QuantizedCache baselines).
 #   precision      1 GPU per job; about 9 min on 2 GPUs (8B jobs ~7 min each). Carry .whl/ and .gpu/qwen_cfg
 #                  (scripts/export_model_config.py qwen2.5-coder-1.5b-instruct .gpu/qwen_cfg; config + tokenizer).
-#                  generate-8b (the controller inside model.generate, StaticCache and AdaptiveStaticKVCache) needs
-#                  neither and stops starting configurations after 7 min.
+#                  generate-8b and generate-8b-4k (the controller inside model.generate, StaticCache and
+#                  AdaptiveStaticKVCache; 64- and 4096-token prompts) need neither, one call each.
 #   parallel-2gpu  2 GPUs per job; each serving job ~8 min, so one job per call. Carry .whl/, .gpu/qwen7b_cfg
 #                  (the Qwen2.5-7B shape: export_model_config.py ... --set, see that script) and, for the SmolLM2
 #                  jobs (equivalence, serve-mixed), its GGUF in pieces under .gpu/smol/p0 .. p2
@@ -78,6 +78,8 @@ job_kv_generate-1b-mid() { gen 1b_mid --shape llama-3.2-1b --contexts 16384,4096
     --caches dynamic,static,adaptive16,adaptive4; }
 job_kv_generate-1b-others() { gen 1b_others --shape llama-3.2-1b --contexts 4096 --batch-sizes 1,32 \
     --caches static,adaptive_budget,eager4,quanto4,hqq4 --mixed-calls 20; }
+job_kv_generate-1b-mixed() { gen 1b_mixed --shape llama-3.2-1b --contexts 4096 --batch-sizes 1 \
+    --caches static,adaptive16,adaptive4,adaptive_budget --mixed-calls 20 --repeats 2; }
 job_kv_generate-8b() { gen 8b --shape llama-3.1-8b --contexts 64,4096 --batch-sizes 1 \
     --caches dynamic,static,adaptive16,adaptive4 --mixed-calls 20; }
 job_kv_storage() { local o=$R/kv_storage_$CARD; mkdir -p $o; timeout 420 $PY eval/bench_kv.py --random-shape llama-1b \
@@ -119,9 +121,12 @@ job_precision_qwen() { precision precision_qwen1.5b_$CARD --config-dir .gpu/qwen
     --high 0.9 0.75 0.5 --schedule $SCHED; }
 job_precision_qwen-triton() { precision precision_qwen1.5b_triton_$CARD --config-dir .gpu/qwen_cfg --int4-kernel triton \
     --skip-controller --high 0.9 0.75 0.5 --schedule $SCHED; }
-job_precision_generate-8b() { local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 560 $PY \
-    eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 64,4096 --time-budget-s 420 --name 8b --out $o \
+job_precision_generate-8b() { local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 440 $PY \
+    eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 64 --time-budget-s 300 --name 8b --out $o \
     > $o/8b.log 2>&1; }
+job_precision_generate-8b-4k() { local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 560 $PY \
+    eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 4096 --time-budget-s 420 --name 8b_4k --out $o \
+    > $o/8b_4k.log 2>&1; }
 job_precision_int4-kernels() { local o=$R/precision_int4_kernels_$CARD; mkdir -p $o; timeout 300 $PY \
     eval/bench_int4_kernels.py --out $o > $o/bench_int4_kernels.log 2>&1; }
 
@@ -180,6 +185,8 @@ job_quality_bleu-kv() { bleu quality_bleu_kv_qwen1.5b_cpu $QWEN --threads 1 --li
     --settings "baseline;kv8;kv4;kv:bits=8,$W16;kv:bits=4,$W16;precision"; }
 job_quality_bleu-precision() { bleu quality_bleu_precision_qwen1.5b_cpu $QWEN --threads 2 --limit 48 --batch-size 1 \
     --settings baseline --precision-thresholds 0.5,0.75; }
+job_quality_bleu-precision-96verses() { bleu quality_bleu_precision_96verses_qwen1.5b_cpu $QWEN --threads 2 --limit 96 \
+    --batch-size 1 --settings baseline --precision-thresholds 0.75; }
 job_quality_bleu-48verses() { bleu quality_bleu_48verses_qwen1.5b_cpu $QWEN --threads 2 --limit 48 --batch-size 1 \
     --settings "baseline;kv:bits=4,$W16" --precision-thresholds 0.9; }
 job_quality_bleu-kv-budgets() { bleu quality_bleu_kv_budgets_qwen1.5b_cpu $QWEN --threads 1 --limit 16 --batch-size 16 \

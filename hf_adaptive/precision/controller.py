@@ -21,7 +21,13 @@ Contract:
   ``combine`` option says how per-sequence confidences merge).
 - Prefill (a forward of more than one token) always runs in the top tier: int4 tinygemm has no gain
   at many rows, and the prompt's KV should be exact.
-- One host read per step (the B confidences): needed because the tier is a host-side dispatch.
+- One host read per step (the B confidences), and it adds no sync of its own: the confidence is computed in the
+  lm_head hook (so under ``torch.compile`` it is part of the captured decode step), ``__call__`` only queues its
+  copy to pinned host memory, and the decision is taken when the NEXT forward starts (the model's forward
+  pre-hook, which ``torch.compile`` leaves to run eagerly). By then ``generate`` has made its own per-step read
+  (the stopping check), so the copy is complete and the read does not wait; the decision still applies to the
+  very next forward, as if it were taken in ``__call__``. The step pending at the end of a call is settled when
+  ``telemetry`` is read, or by ``reset`` / ``close``.
 
 This eager path is what ``generate`` uses. On the CUDA-graph path, ``fused_decode.FusedStepDecoder``
 takes a controller and computes the same confidence, band and next-tier index INSIDE each captured
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor
@@ -44,6 +51,16 @@ from hf_adaptive.precision.tiers import PrecisionTiers
 from hf_adaptive.validation import check_type
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _QueuedStep:
+    """One step's scores on their way to the host, not yet decided on."""
+
+    tier: str  # the tier whose forward produced the scores
+    host: torch.Tensor  # (B,) scores: a pinned host copy on CUDA (complete once ``event`` fired), else the tensor
+    event: torch.cuda.Event | None
+    queue_ns: int  # host time ``__call__`` spent on the step
 
 
 def default_policy_config(tiers: PrecisionTiers, **overrides) -> PrecisionPolicyConfig:
@@ -87,9 +104,14 @@ class PrecisionController(LogitsProcessor):
         self.policy = PrecisionPolicy(config)
         self.weights = check_type(weights or ConfidenceWeights(), "PrecisionController: weights", ConfidenceWeights,
                                   "weights=ConfidenceWeights() or None")
-        self.telemetry = check_type(telemetry if telemetry is not None else PrecisionTelemetry(),
-                                    "PrecisionController: telemetry", PrecisionTelemetry, "telemetry=None")
-        self._raw: torch.Tensor | None = None
+        self._telemetry = check_type(telemetry if telemetry is not None else PrecisionTelemetry(),
+                                     "PrecisionController: telemetry", PrecisionTelemetry, "telemetry=None")
+        self._score: torch.Tensor | None = None  # (B,) confidence of the last forward, from the lm_head hook
+        self._queued: _QueuedStep | None = None  # __call__'s step, decided on when the next forward starts
+        self._host_scores: dict[int, torch.Tensor] = {}  # batch size -> pinned buffer the scores are copied to
+        self._copied: torch.cuda.Event | None = None
+        self._settle_due = False  # == (self._queued is not None), as a bool torch.compile can specialise on
+        self._settle_eagerly = torch.compiler.disable(self._settle)
         self._pending = None  # observe_lagged: (host scores, copy-done event) of the previous step
         self._forwarded = False  # a forward of tiers.model ran since the last __call__
         self._hooks = []
@@ -102,7 +124,18 @@ class PrecisionController(LogitsProcessor):
         if read_raw_logits:
             self._hooks.append(model.get_output_embeddings().register_forward_hook(self._on_logits))
 
+    @property
+    def telemetry(self) -> PrecisionTelemetry:
+        """What the controller did, every step of the last call included (reading it settles the pending step)."""
+        self._settle()
+        return self._telemetry
+
     def _on_forward(self, module, args) -> None:
+        # a plain bool, so torch.compile specialises on it: where a step is queued (generate's decode) the settle
+        # runs eagerly (it reads the host copy and switches the tier, which the compiled forward then guards on:
+        # one graph per tier); where none is (engines that capture their own step) nothing breaks the graph
+        if self._settle_due:
+            self._settle_eagerly()
         self._forwarded = True
 
     def _on_embed(self, module, args) -> None:
@@ -112,14 +145,16 @@ class PrecisionController(LogitsProcessor):
             self.tiers.set(self.tiers.top)
 
     def _on_logits(self, module, args, output) -> None:
-        self._raw = output[:, -1, :]  # a reference, no copy and no sync
+        # device work only (no host read): inside generate's compiled forward it is part of the captured step
+        self._score = confidence_score(output[:, -1, :], self.weights)
 
     def close(self) -> None:
         """Remove the hooks this controller installed and put the model back on the top tier (idempotent)."""
+        self._settle()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        self._raw = self._pending = None
+        self._score = self._pending = None
         self.tiers.set(self.tiers.top)
 
     def __enter__(self) -> PrecisionController:
@@ -130,12 +165,15 @@ class PrecisionController(LogitsProcessor):
 
     def reset(self) -> None:
         """Start a new generation: initial tier active, telemetry kept (call ``telemetry.reset()``)."""
+        self._settle()
         self.policy.reset()
         self._pending = None
         self.tiers.set(self.policy.current)
 
     def observe(self, logits: torch.Tensor) -> str:
         """Record one step from its (B, V) raw logits, switch the tier for the next forward, return it."""
+        self._settle()
+        self._score = None  # the hook's score of this forward: the caller hands its logits instead
         start = time.perf_counter_ns()
         ran = self.tiers.active
         score = confidence_score(logits, self.weights)
@@ -144,7 +182,7 @@ class PrecisionController(LogitsProcessor):
         scores, wait = read_with_wait(score.tolist)
         decision = self.policy.decide(scores)
         self.tiers.set(decision)
-        self.telemetry.record_step(ran, scores, time.perf_counter_ns() - start - wait, wait)
+        self._telemetry.record_step(ran, scores, time.perf_counter_ns() - start - wait, wait)
         return decision
 
     def observe_lagged(self, logits: torch.Tensor) -> str:
@@ -154,6 +192,8 @@ class PrecisionController(LogitsProcessor):
         last step's copy, long finished, so the GPU keeps running ahead (the decision then applies one
         forward later than with ``observe``). For the graph engine, where one sync per step is visible.
         """
+        self._settle()
+        self._score = None  # the hook's score of this forward: the caller hands its logits instead
         start = time.perf_counter_ns()
         ran = self.tiers.active
         pending, self._pending = self._pending, self._queue_scores(confidence_score(logits, self.weights))
@@ -165,8 +205,35 @@ class PrecisionController(LogitsProcessor):
                 _, wait = read_with_wait(event.synchronize)
             scores = host.tolist()
             self.tiers.set(self.policy.decide(scores))
-        self.telemetry.record_step(ran, scores, time.perf_counter_ns() - start - wait, wait)
+        self._telemetry.record_step(ran, scores, time.perf_counter_ns() - start - wait, wait)
         return self.tiers.active
+
+    def _queue(self, score: torch.Tensor, start_ns: int) -> _QueuedStep:
+        """Start the copy of this step's (B,) scores to the host; nothing waits for it here."""
+        if not score.is_cuda:
+            return _QueuedStep(self.tiers.active, score, None, time.perf_counter_ns() - start_ns)
+        host = self._host_scores.get(score.shape[0])
+        if host is None:
+            host = self._host_scores[score.shape[0]] = torch.empty(score.shape, dtype=score.dtype, pin_memory=True)
+            self._copied = self._copied or torch.cuda.Event()
+        host.copy_(score, non_blocking=True)
+        self._copied.record()
+        return _QueuedStep(self.tiers.active, host, self._copied, time.perf_counter_ns() - start_ns)
+
+    def _settle(self) -> None:
+        """Decide on the queued step: read its scores (on CUDA the copy is done once generate read its stopping
+        flag, so this does not wait), pick the next forward's tier, record the step."""
+        queued, self._queued = self._queued, None
+        self._settle_due = False
+        if queued is None:
+            return
+        start = time.perf_counter_ns()
+        wait = 0
+        if queued.event is not None:
+            _, wait = read_with_wait(queued.event.synchronize)
+        scores = queued.host.tolist()
+        self.tiers.set(self.policy.decide(scores))
+        self._telemetry.record_step(queued.tier, scores, queued.queue_ns + time.perf_counter_ns() - start - wait, wait)
 
     @staticmethod
     def _queue_scores(scores: torch.Tensor):
@@ -188,9 +255,13 @@ class PrecisionController(LogitsProcessor):
                              f"{id(self.tiers.model):#x}); its tiers would switch a model that is not generating. "
                              "Fix: generate with tiers.model, or prepare_tiers(this_model) and a new controller.")
         self._forwarded = False
-        raw, self._raw = self._raw, None
-        use_raw = raw is not None and raw.shape[0] == scores.shape[0]
-        self.observe(raw if use_raw else scores)
+        start = time.perf_counter_ns()
+        self._settle()  # the forward's pre-hook settled the previous step already; this keeps it so
+        score, self._score = self._score, None
+        if score is None or score.shape[0] != scores.shape[0]:  # no lm_head hook output for these rows
+            score = confidence_score(scores, self.weights)
+        self._queued = self._queue(score, start)
+        self._settle_due = True
         return scores
 
 
