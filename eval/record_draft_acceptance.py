@@ -1,4 +1,8 @@
-"""Record the lossless draft cascade's acceptance per drafter and per round on the Spanish->English dev set (CPU).
+"""Record the lossless draft cascade's acceptance per drafter and per round on the dev set's verses (CPU).
+
+Tasks (``--task``): ``translate`` (the Spanish verse into English, the BLEU eval's prompt) and ``modernize`` (the
+King James verse rewritten in modern English, keeping the words that can stay: an input-grounded task, where much of
+the output copies the prompt, the case prompt lookup is built for).
 
 Per verse (the BLEU eval's prompt and ``max_new_tokens`` rule, batch 1, greedy): plain ``model.generate`` at the top
 tier (fp32 on CPU), then ``model.generate(custom_generate=cascade_decoding, ...)`` with each drafter alone and with
@@ -17,6 +21,8 @@ of the run.
         --out eval/results/quality_draft_acceptance_smollm2_cpu
     HF_HUB_OFFLINE=1 .venv/bin/python eval/record_draft_acceptance.py --model qwen2.5-coder-1.5b-instruct \
         --limit 24 --stride 40 --out eval/results/quality_draft_acceptance_qwen1.5b_cpu
+    HF_HUB_OFFLINE=1 .venv/bin/python eval/record_draft_acceptance.py --model qwen2.5-coder-1.5b-instruct \
+        --task modernize --limit 16 --stride 40 --threads 2 --out eval/results/quality_draft_acceptance_modernize_qwen1.5b_cpu
 
 The report (JSON + Markdown) is rewritten after every verse, so a stopped run keeps the verses it finished
 (``verses_done`` against ``verses_planned``).
@@ -42,6 +48,12 @@ from hf_adaptive.precision.tiers import prepare_tiers
 from hf_adaptive.validation import arg_number
 
 RUNS = {"lookup": ("lookup",), "self": ("self",), "cascade": ("lookup", "self")}
+# task -> (the verse field the prompt holds, the prompt; TranslationConfig names its one field {es} whatever the text)
+TASKS = {
+    "translate": ("es", TranslationConfig().prompt),
+    "modernize": ("en_kjv", "Rewrite this verse of the King James Bible in modern English. Keep every word that can "
+                            "stay as it is. Reply with the verse only.\n\n{es}"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,18 +70,21 @@ def _parser() -> argparse.ArgumentParser:
                          "results index)")
     ap.add_argument("--model", default=None, help="embedded model name or checkpoint dir (default SmolLM2)")
     ap.add_argument("--threads", type=arg_number(minimum=1, integer=True), default=1, help="torch CPU threads")
+    ap.add_argument("--task", choices=sorted(TASKS), default="translate",
+                    help="translate: Spanish -> English; modernize: King James English -> modern English (the "
+                         "output copies much of the input)")
     return ap
 
 
-def _verse_record(tiers, tok, verse: dict, cfg: TranslationConfig, generators: dict) -> dict:
+def _verse_record(tiers, tok, source: str, verse_id: str, cfg: TranslationConfig, generators: dict) -> dict:
     """Greedy and every cascade run of one verse: identity with greedy, telemetry and rounds per run. Each run keeps
     one generator over the verses, as a user would, so its drafters' records carry from verse to verse."""
     model = tiers.model
-    ids = tok(build_prompt(tok, verse["es"], cfg), return_tensors="pt", add_special_tokens=False).input_ids
-    src = len(tok(verse["es"], add_special_tokens=False).input_ids)
+    ids = tok(build_prompt(tok, source, cfg), return_tensors="pt", add_special_tokens=False).input_ids
+    src = len(tok(source, add_special_tokens=False).input_ids)
     gen_kwargs = greedy_generation_kwargs(tok, max(cfg.min_new_tokens_cap, round(cfg.new_tokens_factor * src)))
     ref = model.generate(ids, **gen_kwargs)
-    record = {"id": verse["id"], "prompt_tokens": ids.shape[1], "new_tokens": ref.shape[1] - ids.shape[1], "runs": {}}
+    record = {"id": verse_id, "prompt_tokens": ids.shape[1], "new_tokens": ref.shape[1] - ids.shape[1], "runs": {}}
     for name, gen in generators.items():
         gen.telemetry.reset()
         out = model.generate(ids, custom_generate=cascade_decoding, candidate_generator=gen, **gen_kwargs)
@@ -112,6 +127,7 @@ def _shown(path: str) -> str:
 def _write(args, records: list[dict], planned: int) -> None:
     rows = _totals(records, args.self_draft_cost)
     payload = {"model": args.model or "smollm2-135m-instruct", "tiers": ["int4", "fp32"], "data": _shown(args.data),
+               "task": args.task, "prompt": TASKS[args.task][1],
                "stride": args.stride, "max_lookup_tokens": args.max_lookup_tokens,
                "max_self_draft": args.max_self_draft, "self_draft_cost": args.self_draft_cost,
                "verses_planned": planned, "verses_done": len(records),
@@ -121,7 +137,7 @@ def _write(args, records: list[dict], planned: int) -> None:
              f"per native-forward cost, a self-drafted token costing {args.self_draft_cost} of a native forward. "
              "Per-round records are in the JSON.\n")
     write_report(args.out, "draft_acceptance", payload, environment("cpu"),
-                 markdown_table(rows), "Draft cascade acceptance, Spanish->English dev set", notes)
+                 markdown_table(rows), f"Draft cascade acceptance, dev set, task {args.task}", notes)
 
 
 def main() -> None:
@@ -132,13 +148,14 @@ def main() -> None:
     generators = {name: CascadeCandidateGenerator(tiers, DraftPolicyConfig(
         drafters=d, max_lookup_tokens=args.max_lookup_tokens, max_self_draft=args.max_self_draft,
         self_draft_cost=args.self_draft_cost)) for name, d in RUNS.items()}
-    cfg = TranslationConfig()
+    field, prompt = TASKS[args.task]
+    cfg = TranslationConfig(prompt=prompt)
     lines = Path(args.data).read_text(encoding="utf-8").splitlines()
     verses = [json.loads(line) for line in lines[::args.stride][:args.limit]]
     records: list[dict] = []
     with torch.no_grad():
         for i, verse in enumerate(verses):
-            records.append(_verse_record(tiers, tok, verse, cfg, generators))
+            records.append(_verse_record(tiers, tok, verse[field], verse["id"], cfg, generators))
             _write(args, records, len(verses))  # after every verse: a stopped run keeps what it finished
             print(f"verse {i + 1}/{len(verses)} {verse['id']}: "
                   + ", ".join(f"{k} identical={v['token_identical']} tokens/verify={v['tokens_per_verify']:.2f}"

@@ -306,3 +306,19 @@ def test_generator_feeds_the_policy_what_the_verifier_kept(repeated_prompt):
     fresh.history = dict(before)
     fresh.bind(None, None, 64)
     assert fresh.history == {}
+
+
+def test_record_draft_acceptance_tasks_read_their_own_field():
+    """Guards the input-grounded task: `modernize` puts the King James verse (not the Spanish one) in its prompt,
+    and every task's prompt keeps the one field the translation config fills."""
+    from helpers import load_eval_script
+
+    from hf_adaptive.evaluation.translate import TranslationConfig
+
+    script = load_eval_script("record_draft_acceptance")
+    assert script.TASKS["modernize"][0] == "en_kjv" and script.TASKS["translate"][0] == "es"
+    for field, prompt in script.TASKS.values():
+        assert TranslationConfig(prompt=prompt).prompt.format(es="VERSE").count("VERSE") == 1
+    assert script._parser().parse_args(["--task", "modernize"]).task == "modernize"
+    with pytest.raises(SystemExit):
+        script._parser().parse_args(["--task", "summarise"])

@@ -179,6 +179,12 @@ job_quality_draft-acceptance() { local o=$R/quality_draft_acceptance_smollm2_cpu
 job_quality_draft-acceptance-qwen() { local o=$R/quality_draft_acceptance_qwen1.5b_cpu; mkdir -p $o; HF_HUB_OFFLINE=1 \
     $PY eval/record_draft_acceptance.py $QWEN --limit 24 --stride 40 --threads 1 --out $o \
     > $o/record_draft_acceptance.log 2>&1; }
+job_quality_draft-acceptance-modernize() { local o=$R/quality_draft_acceptance_modernize_smollm2_cpu; mkdir -p $o; \
+    HF_HUB_OFFLINE=1 $PY eval/record_draft_acceptance.py --task modernize --limit 16 --stride 40 --out $o \
+    > $o/record_draft_acceptance.log 2>&1; }
+job_quality_draft-acceptance-modernize-qwen() { local o=$R/quality_draft_acceptance_modernize_qwen1.5b_cpu; mkdir -p $o
+    HF_HUB_OFFLINE=1 $PY eval/record_draft_acceptance.py $QWEN --task modernize --limit 16 --stride 40 --threads 2 \
+    --out $o > $o/record_draft_acceptance.log 2>&1; }
 job_quality_kv() { mkdir -p $R/quality_kv_smollm2_cpu; HF_HUB_OFFLINE=1 $PY eval/kv_quality.py \
     --out $R/quality_kv_smollm2_cpu > $R/quality_kv_smollm2_cpu/kv_quality.log 2>&1; }
 job_quality_bleu-kv() { bleu quality_bleu_kv_qwen1.5b_cpu $QWEN --threads 1 --limit 24 --batch-size 12 \
