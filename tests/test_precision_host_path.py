@@ -97,6 +97,7 @@ def _compiled_generate_runs():
     from hf_adaptive.precision.tiers import prepare_tiers
 
     torch._dynamo.reset()
+    dynamo_utils.counters.clear()  # graph breaks counted by earlier tests are not this run's
     model = make_tiny_model("llama")
     with torch.no_grad():
         model.lm_head.weight.mul_(60)  # confidences spread over all three bands
@@ -114,7 +115,9 @@ def _compiled_generate_runs():
             out = model.generate(ids, max_new_tokens=20, do_sample=False, logits_processor=[ctl], cache=cache,
                                  **kwargs)
         runs[name] = (out, list(ctl.telemetry.tiers), dynamo_utils.counters["stats"]["unique_graphs"] - graphs)
-    return runs, dict(dynamo_utils.counters["graph_break"])
+    breaks = dict(dynamo_utils.counters["graph_break"])
+    dynamo_utils.counters.clear()  # nor are this run's breaks the next test's
+    return runs, breaks
 
 
 def test_controller_in_compiled_generate_decides_like_eager_without_recompiles():

@@ -217,7 +217,7 @@ class PrecisionController(LogitsProcessor):
             host = self._host_scores[score.shape[0]] = torch.empty(score.shape, dtype=score.dtype, pin_memory=True)
             self._copied = self._copied or torch.cuda.Event()
         host.copy_(score, non_blocking=True)
-        self._copied.record()
+        self._copied.record(torch.cuda.current_stream(score.device))  # the scores' device, not the current one
         return _QueuedStep(self.tiers.active, host, self._copied, time.perf_counter_ns() - start_ns)
 
     def _settle(self) -> None:
