@@ -63,6 +63,33 @@ class _QueuedStep:
     queue_ns: int  # host time ``__call__`` spent on the step
 
 
+class _HostCopies:
+    """Pinned host buffers the (B,) scores are copied to without waiting, reused step after step.
+
+    Two slots per (device, batch size), taken in turn: a copy may still be unread while the next one starts (the
+    lagged decision reads the previous step's after queueing this one's), never two. On CPU the tensor is its own
+    host copy.
+    """
+
+    def __init__(self) -> None:
+        self._slots: dict[tuple, list] = {}  # (device, B) -> [[host, event], [host, event]], next slot first
+
+    def start(self, score: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Queue the copy of ``score``; returns (host tensor, event that fires once it is complete)."""
+        if not score.is_cuda:
+            return score, None
+        key = (score.device, score.shape[0])
+        slots = self._slots.get(key)
+        if slots is None:
+            slots = self._slots[key] = [[torch.empty(score.shape, dtype=score.dtype, pin_memory=True),
+                                         torch.cuda.Event()] for _ in range(2)]
+        slots.append(slots.pop(0))
+        host, event = slots[-1]
+        host.copy_(score, non_blocking=True)
+        event.record(torch.cuda.current_stream(score.device))  # the scores' device, not the current one
+        return host, event
+
+
 def default_policy_config(tiers: PrecisionTiers, **overrides) -> PrecisionPolicyConfig:
     """The confidence bands on a prepared ladder: a step scoring above ``high`` (0.9) runs the cheapest tier,
     one between ``low`` (0.6) and ``high`` runs native (or the top tier when native is not prepared), one below
@@ -108,8 +135,7 @@ class PrecisionController(LogitsProcessor):
                                      "PrecisionController: telemetry", PrecisionTelemetry, "telemetry=None")
         self._score: torch.Tensor | None = None  # (B,) confidence of the last forward, from the lm_head hook
         self._queued: _QueuedStep | None = None  # __call__'s step, decided on when the next forward starts
-        self._host_scores: dict[int, torch.Tensor] = {}  # batch size -> pinned buffer the scores are copied to
-        self._copied: torch.cuda.Event | None = None
+        self._host = _HostCopies()
         self._settle_due = False  # == (self._queued is not None), as a bool torch.compile can specialise on
         self._settle_eagerly = torch.compiler.disable(self._settle)
         self._pending = None  # observe_lagged: (host scores, copy-done event) of the previous step
@@ -196,7 +222,7 @@ class PrecisionController(LogitsProcessor):
         self._score = None  # the hook's score of this forward: the caller hands its logits instead
         start = time.perf_counter_ns()
         ran = self.tiers.active
-        pending, self._pending = self._pending, self._queue_scores(confidence_score(logits, self.weights))
+        pending, self._pending = self._pending, self._host.start(confidence_score(logits, self.weights))
         scores: list[float] = []
         wait = 0
         if pending is not None:
@@ -207,18 +233,6 @@ class PrecisionController(LogitsProcessor):
             self.tiers.set(self.policy.decide(scores))
         self._telemetry.record_step(ran, scores, time.perf_counter_ns() - start - wait, wait)
         return self.tiers.active
-
-    def _queue(self, score: torch.Tensor, start_ns: int) -> _QueuedStep:
-        """Start the copy of this step's (B,) scores to the host; nothing waits for it here."""
-        if not score.is_cuda:
-            return _QueuedStep(self.tiers.active, score, None, time.perf_counter_ns() - start_ns)
-        host = self._host_scores.get(score.shape[0])
-        if host is None:
-            host = self._host_scores[score.shape[0]] = torch.empty(score.shape, dtype=score.dtype, pin_memory=True)
-            self._copied = self._copied or torch.cuda.Event()
-        host.copy_(score, non_blocking=True)
-        self._copied.record(torch.cuda.current_stream(score.device))  # the scores' device, not the current one
-        return _QueuedStep(self.tiers.active, host, self._copied, time.perf_counter_ns() - start_ns)
 
     def _settle(self) -> None:
         """Decide on the queued step: read its scores (on CUDA the copy is done once generate read its stopping
@@ -235,16 +249,6 @@ class PrecisionController(LogitsProcessor):
         self.tiers.set(self.policy.decide(scores))
         self._telemetry.record_step(queued.tier, scores, queued.queue_ns + time.perf_counter_ns() - start - wait, wait)
 
-    @staticmethod
-    def _queue_scores(scores: torch.Tensor):
-        if not scores.is_cuda:
-            return scores, None
-        host = torch.empty(scores.shape, dtype=scores.dtype, pin_memory=True)
-        host.copy_(scores, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
-
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self._hooks:
             raise ValueError("PrecisionController was called after close(). Fix: create a new controller per "
@@ -260,7 +264,8 @@ class PrecisionController(LogitsProcessor):
         score, self._score = self._score, None
         if score is None or score.shape[0] != scores.shape[0]:  # no lm_head hook output for these rows
             score = confidence_score(scores, self.weights)
-        self._queued = self._queue(score, start)
+        host, event = self._host.start(score)
+        self._queued = _QueuedStep(self.tiers.active, host, event, time.perf_counter_ns() - start)
         self._settle_due = True
         return scores
 
