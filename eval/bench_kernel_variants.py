@@ -1,9 +1,9 @@
 """GPU A/B of decode-kernel sources: the same launcher, several versions of ``_triton_kernels.py``, one run.
 
 A kernel change is judged on the path the caches launch, not only on the benchmark's: each shape is timed through a
-plain packed view (tables passed to the kernel, as ``bench_decode_attention.py`` does) and, for a history that mixes
-8- and 4-bit blocks, through a static view that reaches its pools through an address book with device lengths (what
-``AdaptiveStaticKVCache`` hands the kernel inside ``model.generate``). Every (variant, view, chunk, register cap)
+plain packed view (tables passed to the kernel, as ``bench_decode_attention.py`` does) and through a static view that
+reaches its pools through an address book with device lengths (what ``AdaptiveStaticKVCache`` hands the kernel inside
+``model.generate``), for a history of one precision and for one that mixes 8- and 4-bit blocks. Every (variant, view, chunk, register cap)
 is timed with CUDA-graph replays over inputs rotated past the L2 cache (``bench_decode_attention.cold_copies``),
 and checked against dequantize + sdpa.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import importlib.util
 import json
 import sys
@@ -36,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="directory for results.json / results.md / variants.png")
     p.add_argument("--chunks", default="32,64", help="DecodeKernelConfig.chunk values")
     p.add_argument("--max-registers", default="none,168,128", help="DecodeKernelConfig.max_registers values")
+    p.add_argument("--stages", default="3", help="DecodeKernelConfig.num_stages values (Triton's pipelining depth)")
     p.add_argument("--render", type=Path, default=None, help="only re-render the report of this results.json")
     return p.parse_args(argv)
 
@@ -64,15 +66,14 @@ def run(args) -> dict:
     modules = {name: load_variant(name, Path(path)) for name, path in variants.items()}
     caps = [None if c.strip().lower() == "none" else int(c) for c in args.max_registers.split(",")]
     chunks = [int(c) for c in args.chunks.split(",")]
+    stages = [int(s) for s in args.stages.split(",")]
     rows = []
     for batch, context, bits, mixed in SHAPES:
         q, _, _, packed = bda.make_inputs(batch, context, bits, mixed=mixed)
         n_bytes = bda.packed_bytes(packed)
         copies = [(q, packed)] + [bda.make_inputs(batch, context, bits, seed=i, mixed=mixed)[::3]
                                   for i in range(1, bda.cold_copies(n_bytes))]
-        views = {"plain": copies}
-        if mixed:
-            views["book"] = [(c[0], _as_static(c[1], None, {}, True)) for c in copies]
+        views = {"plain": copies, "book": [(c[0], _as_static(c[1], None, {}, True)) for c in copies]}
         want = torch.nn.functional.scaled_dot_product_attention(q, *gather_packed_kv(packed, q.dtype), scale=0.125,
                                                                 enable_gqa=True).float()
         out = torch.empty_like(q)
@@ -81,16 +82,15 @@ def run(args) -> dict:
             for view, inputs in views.items():
                 got = triton_decode.triton_decode_attention(inputs[0][0], inputs[0][1], scaling=0.125).float()
                 rel_err = ((got - want).abs().max() / want.abs().max()).item()
-                for chunk in chunks:
-                    for cap in caps:
-                        cfg = triton_decode.DecodeKernelConfig(chunk=chunk, max_registers=cap)
-                        fn = bda.rotating([lambda c=c, cfg=cfg: triton_decode.triton_decode_attention(
-                            c[0], c[1], scaling=0.125, out=out, config=cfg) for c in inputs])
-                        us = time_op(fn, 10, 20) / len(inputs)
-                        rows.append(dict(variant=name, view=view, batch=batch, context=context, bits=bits,
-                                         mixed=mixed, chunk=chunk, maxreg=cap, us=us, GBps=n_bytes / us / 1e3,
-                                         rel_err=rel_err))
-                        print(json.dumps(rows[-1]), flush=True)
+                for chunk, cap, stage in itertools.product(chunks, caps, stages):
+                    cfg = triton_decode.DecodeKernelConfig(chunk=chunk, max_registers=cap, num_stages=stage)
+                    fn = bda.rotating([lambda c=c, cfg=cfg: triton_decode.triton_decode_attention(
+                        c[0], c[1], scaling=0.125, out=out, config=cfg) for c in inputs])
+                    us = time_op(fn, 10, 20) / len(inputs)
+                    rows.append(dict(variant=name, view=view, batch=batch, context=context, bits=bits,
+                                     mixed=mixed, chunk=chunk, maxreg=cap, stages=stage, us=us,
+                                     GBps=n_bytes / us / 1e3, rel_err=rel_err))
+                    print(json.dumps(rows[-1]), flush=True)
         del copies, views
         torch.cuda.empty_cache()
     sources = {name: {"path": path, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
@@ -107,14 +107,15 @@ def write_report(result: dict, out: Path) -> None:
                                       for n, v in result["variants"].items()), "",
              "µs per call (CUDA-graph replays over inputs rotated past L2); GB/s = packed bytes / time. "
              "`book`: the static view with an address book and device lengths (the adaptive caches' path).", "",
-             "| batch | context | bits | mixed | view | variant | chunk | max registers | µs | GB/s | rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| batch | context | bits | mixed | view | variant | chunk | max registers | stages | µs | GB/s | rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['batch']} | {r['context']} | {r['bits']} | {r['mixed']} | {r['view']} | {r['variant']} | "
-                     f"{r['chunk']} | {r['maxreg'] or '-'} | {r['us']:.1f} | {r['GBps']:.0f} | {r['rel_err']:.1e} |")
+                     f"{r['chunk']} | {r['maxreg'] or '-'} | {r.get('stages', 3)} | {r['us']:.1f} | {r['GBps']:.0f} | "
+                     f"{r['rel_err']:.1e} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plt = pyplot()
-    default = [r for r in result["rows"] if r["chunk"] == 64 and r["maxreg"] is None]
+    default = [r for r in result["rows"] if r["chunk"] == 64 and r["maxreg"] is None and r.get("stages", 3) == 3]
     labels = sorted({(r["batch"], r["context"], r["bits"], r["mixed"], r["view"]) for r in default})
     names = list(result["variants"])
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(labels)), 4.5))

@@ -79,7 +79,7 @@ def _as_static(packed, key_mask, kw: dict, book: bool = False):
     ``book``, the view holds no history tensor: only its address book leads to the pools."""
     from dataclasses import replace
 
-    from hf_adaptive.kv.packed import PoolBook, book_entries
+    from hf_adaptive.kv.packed import PoolBook, book_entries, book_table
 
     n_blocks, n_tail = packed.block_bits.numel(), packed.tail_k.shape[-2]
     dev = packed.tail_k.device
@@ -99,7 +99,10 @@ def _as_static(packed, key_mask, kw: dict, book: bool = False):
     if not book:
         return view
     header = torch.tensor(book_entries(packed.full_k, packed.full_v, packed.pools), dtype=torch.int64, device=dev)
-    entries = torch.cat([header, view.block_bits.long(), view.block_slot.long()])
+    rows, starts = book_table(packed.block_bits.tolist(), packed.block_slot.tolist())
+    spare_rows = [spare.tolist(), [0] * 3, [0] * 3, [0] * 3]  # past the live table: never read
+    table = torch.tensor([r + sr for r, sr in zip(rows, spare_rows)], dtype=torch.int64, device=dev).view(-1)
+    entries = torch.cat([header, table, torch.tensor(starts, dtype=torch.int64, device=dev)])
     empty, no_table = packed.tail_k.new_empty(0), header.new_empty(0)
     return replace(view, full_k=empty, full_v=empty, pools={}, block_bits=no_table, block_slot=no_table,
                    book=PoolBook(entries, tuple(sorted(packed.pools)), view.block_bits.numel()))
@@ -197,6 +200,10 @@ INTERPRETER_CASES = [
          dtype="float32", pad=(0, 6), static=True, book=True),
     Case(head_dim=32, group=4, block_size=16, block_bits=(8, 4), tail=0, value_group=16, dtype="float16",
          static=True, book=True),  # no 16-bit block: the book's 16-bit entries point at an empty pool
+    Case(head_dim=32, group=4, block_size=32, block_bits=(2, 4, 16, 8, 4, 16, 2), tail=3, value_group=16,
+         dtype="float16", chunk=16, pad=(21,), static=True, book=True),  # two chunks per block, groups out of order
+    Case(head_dim=64, group=4, batch=2, block_size=16, block_bits=(4,) * 9, tail=11, value_group=64,
+         dtype="float32", static=True, book=True),  # one precision: splits cut through the 4-bit group
 ]
 
 

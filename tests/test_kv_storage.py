@@ -225,3 +225,26 @@ def test_packed_view_read_by_attention_reference():
     k_ref, v_ref = reference.gather_packed_kv(view, torch.bfloat16)
     k_out, v_out = cache.update(*_kv(1, 99), 0)
     assert torch.equal(k_out[..., :-1, :], k_ref) and torch.equal(v_out[..., :-1, :], v_ref)
+
+
+def test_book_table_groups_blocks_by_precision():
+    """Guards the grouped walk's table: each precision's blocks in one run (16, 8, 4, 2), logical order inside a
+    run, slots carried with their blocks, starts delimiting the runs and ending at the block count."""
+    bits, slots = [4, 16, 8, 4, 2, 16], [0, 3, 1, 5, 2, 7]
+    rows, starts = packed.book_table(bits, slots)
+    assert rows[:2] == [bits, slots]
+    assert rows[3] == [1, 5, 2, 0, 3, 4] and rows[2] == [3, 7, 1, 0, 5, 2]
+    assert starts == [0, 2, 3, 5, 6]
+    with pytest.raises(ValueError, match="not among"):
+        packed.book_table([3], [0])
+
+
+def test_book_refuses_storage_the_kernel_cannot_read_aligned():
+    """Guards against misaligned reads: the kernel declares book addresses 16-byte aligned, so a pool that is an
+    offset view of a larger tensor must be refused with a clear error, not read."""
+    full = torch.zeros(1, 2, 64, D, dtype=torch.bfloat16)
+    assert len(packed.book_entries(full, full.clone(), {})) == packed.BOOK_SIZE
+    base = torch.zeros(1 * 2 * 64 * D + 1, dtype=torch.bfloat16)
+    shifted = base[1:].view(1, 2, 64, D)  # 2 bytes past an aligned address
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        packed.book_entries(shifted, full, {})

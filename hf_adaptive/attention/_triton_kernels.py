@@ -25,6 +25,8 @@ from hf_adaptive.kv import packed
 from hf_adaptive.kv.packed import book_offset
 
 LOG2E = tl.constexpr(1.4426950408889634)
+MAGIC = tl.constexpr(8388608.0)  # 2**23
+MAGIC_BITS = tl.constexpr(0x4B000000)  # its float32 bit pattern
 
 
 @triton.jit
@@ -129,10 +131,12 @@ def _decode_half(raw, offs_h, H: tl.constexpr, D: tl.constexpr, HALF: tl.constex
     MASK: tl.constexpr = (1 << BITS) - 1
     ROW_BYTES: tl.constexpr = D * BITS // 8
     if (BITS == 4 or BITS == 8) and HALF == offs_h.shape[0] and HALF % 4 == 0:  # words (a constexpr test)
-        codes = _word_columns(raw, 4 * H if BITS == 4 else 0, MASK, offs_h.shape[0]).to(tl.int32)
+        codes = _word_columns(raw, 4 * H if BITS == 4 else 0, MASK, offs_h.shape[0])
     else:
-        codes = (raw.to(tl.int32) >> (((H * HALF + offs_h) // ROW_BYTES) * BITS)[None, :]) & MASK
-    return codes.to(DT)
+        codes = (raw.to(tl.uint32) >> (((H * HALF + offs_h) // ROW_BYTES) * BITS)[None, :]) & MASK
+    # integer to float without a conversion instruction (those issue at a quarter of the ALU rate): a code c < 2**23
+    # ORed into the mantissa of 2**23 is the float 2**23 + c, and one subtraction leaves c exactly
+    return ((codes | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC).to(DT)
 
 
 @triton.jit
@@ -148,10 +152,16 @@ def _load_quant(kc, ks, kz, vc, vs, vz, slot, rows, on, offs_h, D: tl.constexpr,
     row_ok = rows * 0 < on
     k_lo, k_hi = _load_code_halves(kc, rows, ok, on, offs_h, D, HALF, BITS)
     v_lo, v_hi = _load_code_halves(vc, rows, ok, on, offs_h, D, HALF, BITS)
-    ks_lo = tl.load(ks + slot * D + offs_h, mask=col_ok, other=0.0)
-    ks_hi = tl.load(ks + slot * D + HALF + offs_h, mask=col_ok, other=0.0)
-    kz_lo = tl.load(kz + slot * D + offs_h, mask=col_ok, other=0.0)
-    kz_hi = tl.load(kz + slot * D + HALF + offs_h, mask=col_ok, other=0.0)
+    if HALF == offs_h.shape[0] and on == 1:  # whole halves, no padding: unmasked loads (Triton pipelines these)
+        ks_lo = tl.load(ks + slot * D + offs_h)
+        ks_hi = tl.load(ks + slot * D + HALF + offs_h)
+        kz_lo = tl.load(kz + slot * D + offs_h)
+        kz_hi = tl.load(kz + slot * D + HALF + offs_h)
+    else:
+        ks_lo = tl.load(ks + slot * D + offs_h, mask=col_ok, other=0.0)
+        ks_hi = tl.load(ks + slot * D + HALF + offs_h, mask=col_ok, other=0.0)
+        kz_lo = tl.load(kz + slot * D + offs_h, mask=col_ok, other=0.0)
+        kz_hi = tl.load(kz + slot * D + HALF + offs_h, mask=col_ok, other=0.0)
     if G >= HALF:
         g_off = rows * (D // G)
         vs_lo = tl.load(vs + g_off, mask=row_ok, other=0.0)
@@ -225,7 +235,7 @@ def _valid_keys(pos, n_total, mask_row, HAS_MASK: tl.constexpr, WINDOW: tl.const
 
 
 @triton.jit
-def _attend_chunk(c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, book_ptr, b, h, tk, tv, st_r,
+def _attend_chunk(c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, b, h, tk, tv, st_r,
                   fk, fv, sf_b, sf_h, sf_r,
                   k8c, k8s, k8z, v8c, v8s, v8z, s8c_b, s8c_h, s8k_b, s8k_h, s8v_b, s8v_h,
                   k4c, k4s, k4z, v4c, v4s, v4z, s4c_b, s4c_h, s4k_b, s4k_h, s4v_b, s4v_h,
@@ -233,12 +243,12 @@ def _attend_chunk(c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, b
                   mask_row, n_hist_chunks, n_tail, n_total, qk_scale, softcap, offs_n, offs_h,
                   D: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
                   HAS8: tl.constexpr, HAS4: tl.constexpr, HAS2: tl.constexpr, HAS_MASK: tl.constexpr,
-                  WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, BOOK: tl.constexpr):
-    """Fold logical chunk ``c``: a history chunk through the block table, or the exact tail.
+                  WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Fold logical chunk ``c`` of a view without a book: a history chunk through the block table, or the exact tail.
 
     ``tk``/``tv`` are offset to this program's (batch ``b``, kv head ``h``) plane; a history pool's pointers are
-    resolved (read from the address book when ``BOOK``, then offset to the plane) only inside the branch of the
-    chunk's precision, so no pool's pointers occupy registers across the loop.
+    offset to the plane only inside the branch of the chunk's precision, so no pool's pointers occupy registers
+    across the loop.
     """
     valid = _valid_keys(c * CHUNK + offs_n, n_total, mask_row, HAS_MASK, WINDOW)
     CPB: tl.constexpr = BS // CHUNK
@@ -247,27 +257,27 @@ def _attend_chunk(c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, b
         slot = tl.load(slot_ptr + c // CPB)
         rows = slot * BS + (c % CPB) * CHUNK + offs_n
         if bits == 16:
-            m_i, l_i, acc_lo, acc_hi = _step16_pool(q_lo, q_hi, book_ptr, b, h, tk, fk, fv, sf_b, sf_h, sf_r, rows,
-                                                    offs_n < CHUNK, valid, m_i, l_i, acc_lo, acc_hi, offs_h,
-                                                    qk_scale, softcap, HALF, SOFTCAP, BOOK)
+            m_i, l_i, acc_lo, acc_hi = _step16(q_lo, q_hi, fk + b * sf_b + h * sf_h, fv + b * sf_b + h * sf_h, rows,
+                                               offs_n < CHUNK, sf_r, valid, m_i, l_i, acc_lo, acc_hi, offs_h,
+                                               qk_scale, softcap, HALF, SOFTCAP)
         if HAS8:
             if bits == 8:
                 m_i, l_i, acc_lo, acc_hi = _step_pool(
-                    q_lo, q_hi, book_ptr + BOOK8, b, h, k8c, k8s, k8z, v8c, v8s, v8z, s8c_b, s8c_h, s8k_b, s8k_h,
+                    q_lo, q_hi, b, h, k8c, k8s, k8z, v8c, v8s, v8z, s8c_b, s8c_h, s8k_b, s8k_h,
                     s8v_b, s8v_h, slot, rows, valid, m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap,
-                    D, G, HALF, 8, SOFTCAP, BOOK)
+                    D, G, HALF, 8, SOFTCAP)
         if HAS4:
             if bits == 4:
                 m_i, l_i, acc_lo, acc_hi = _step_pool(
-                    q_lo, q_hi, book_ptr + BOOK4, b, h, k4c, k4s, k4z, v4c, v4s, v4z, s4c_b, s4c_h, s4k_b, s4k_h,
+                    q_lo, q_hi, b, h, k4c, k4s, k4z, v4c, v4s, v4z, s4c_b, s4c_h, s4k_b, s4k_h,
                     s4v_b, s4v_h, slot, rows, valid, m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap,
-                    D, G, HALF, 4, SOFTCAP, BOOK)
+                    D, G, HALF, 4, SOFTCAP)
         if HAS2:
             if bits == 2:
                 m_i, l_i, acc_lo, acc_hi = _step_pool(
-                    q_lo, q_hi, book_ptr + BOOK2, b, h, k2c, k2s, k2z, v2c, v2s, v2z, s2c_b, s2c_h, s2k_b, s2k_h,
+                    q_lo, q_hi, b, h, k2c, k2s, k2z, v2c, v2s, v2z, s2c_b, s2c_h, s2k_b, s2k_h,
                     s2v_b, s2v_h, slot, rows, valid, m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap,
-                    D, G, HALF, 2, SOFTCAP, BOOK)
+                    D, G, HALF, 2, SOFTCAP)
     else:
         t_rows = (c - n_hist_chunks) * CHUNK + offs_n
         m_i, l_i, acc_lo, acc_hi = _step16(q_lo, q_hi, tk, tv, t_rows, t_rows < n_tail, st_r, valid, m_i, l_i,
@@ -276,51 +286,131 @@ def _attend_chunk(c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, b
 
 
 @triton.jit
-def _step16_pool(q_lo, q_hi, book, b, h, like_ptr, fk, fv, sf_b, sf_h, sf_r, rows, row_ok, valid, m_i, l_i, acc_lo,
-                 acc_hi, offs_h, qk_scale, softcap, HALF: tl.constexpr, SOFTCAP: tl.constexpr, BOOK: tl.constexpr):
-    """:func:`_step16` on the 16-bit history pool, found in the ``book`` when ``BOOK``, offset to the plane."""
-    if BOOK:
-        fk, fv, sf_b, sf_h, sf_r = _book_rows16(book, like_ptr)
-    return _step16(q_lo, q_hi, fk + b * sf_b + h * sf_h, fv + b * sf_b + h * sf_h, rows, row_ok, sf_r, valid, m_i,
-                   l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap, HALF, SOFTCAP)
-
-
-@triton.jit
-def _step_pool(q_lo, q_hi, entry, b, h, kc, ks, kz, vc, vs, vz, sc_b, sc_h, sk_b, sk_h, sv_b, sv_h, slot, rows,
+def _step_pool(q_lo, q_hi, b, h, kc, ks, kz, vc, vs, vz, sc_b, sc_h, sk_b, sk_h, sv_b, sv_h, slot, rows,
                valid, m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap, D: tl.constexpr, G: tl.constexpr,
-               HALF: tl.constexpr, BITS: tl.constexpr, SOFTCAP: tl.constexpr, BOOK: tl.constexpr):
-    """:func:`_step_quant` on one precision's pool, its pointers taken from the book ``entry`` when ``BOOK`` (the
-    arguments are placeholders then) and offset to the (``b``, ``h``) plane."""
-    if BOOK:
-        kc, ks, kz, vc, vs, vz, sc_b, sc_h, sk_b, sk_h, sv_b, sv_h = _book_quant(entry)
+               HALF: tl.constexpr, BITS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """:func:`_step_quant` on one precision's pool, offset to the (``b``, ``h``) plane."""
     return _step_quant(q_lo, q_hi, kc + b * sc_b + h * sc_h, ks + b * sk_b + h * sk_h, kz + b * sk_b + h * sk_h,
                        vc + b * sc_b + h * sc_h, vs + b * sv_b + h * sv_h, vz + b * sv_b + h * sv_h, slot, rows,
                        valid, m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap, D, G, HALF, BITS, SOFTCAP)
 
 
 BOOK_SIZE: tl.constexpr = tl.constexpr(packed.BOOK_SIZE)
+TABLE_ROWS: tl.constexpr = tl.constexpr(packed.BOOK_TABLE_ROWS)
+GROUP16: tl.constexpr = tl.constexpr(packed.BOOK_GROUPS.index(16))
+GROUP8: tl.constexpr = tl.constexpr(packed.BOOK_GROUPS.index(8))
+GROUP4: tl.constexpr = tl.constexpr(packed.BOOK_GROUPS.index(4))
+GROUP2: tl.constexpr = tl.constexpr(packed.BOOK_GROUPS.index(2))
 BOOK8: tl.constexpr = tl.constexpr(book_offset(8))
 BOOK4: tl.constexpr = tl.constexpr(book_offset(4))
 BOOK2: tl.constexpr = tl.constexpr(book_offset(2))
 
 
 @triton.jit
-def _book_rows16(book, like_ptr):
-    """The 16-bit pool's key/value pointers (the model dtype, as ``like_ptr``) and row strides from a book."""
-    ty = tl.pointer_type(like_ptr.dtype.element_ty)
-    return (tl.load(book).to(ty), tl.load(book + 1).to(ty), tl.load(book + 2), tl.load(book + 3),
-            tl.load(book + 4))
+def _group_range(starts, g, c_lo, c_hi, n_hist_chunks, CPB: tl.constexpr):
+    """The chunks of precision group ``g`` (virtual indices: grouped entry x chunks per block) inside [c_lo, c_hi)."""
+    g_lo = tl.minimum(tl.load(starts + g) * CPB, n_hist_chunks)
+    g_hi = tl.minimum(tl.load(starts + g + 1) * CPB, n_hist_chunks)
+    return tl.maximum(g_lo, c_lo), tl.minimum(g_hi, c_hi)
 
 
 @triton.jit
-def _book_quant(entry):
-    """One precision's six pool pointers and six strides from its run of book entries (``kv.packed.BOOK_QUANT``)."""
+def _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS: tl.constexpr, CHUNK: tl.constexpr,
+                  HAS_MASK: tl.constexpr):
+    """Slot and pool rows of virtual chunk ``c`` of a precision group, and which of its keys are attended (history blocks are
+    full: only a padding mask, read at the block's logical positions, leaves keys out)."""
+    CPB: tl.constexpr = BS // CHUNK
+    within = (c % CPB) * CHUNK + offs_n
+    slot = tl.load(gslot + c // CPB)
+    if HAS_MASK:
+        valid = _valid_keys(tl.load(glog + c // CPB) * BS + within, n_total, mask_row, HAS_MASK, 0)
+    else:
+        valid = offs_n < CHUNK
+    return slot, slot * BS + within, valid
+
+
+@triton.jit
+def _walk_quant_group(lo, hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, entry, b, h, gslot, glog, mask_row, n_total,
+                      qk_scale, softcap, offs_n, offs_h, D: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr,
+                      BS: tl.constexpr, CHUNK: tl.constexpr, BITS: tl.constexpr, HAS_MASK: tl.constexpr,
+                      SOFTCAP: tl.constexpr):
+    """Fold chunks [lo, hi) of one quantized precision: one pool, no branch in the loop (Triton pipelines its loads)."""
+    kc, ks, kz, vc, vs, vz = _book_quant(entry, b, h)
+    for c in range(lo, hi):
+        slot, rows, valid = _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS, CHUNK, HAS_MASK)
+        m_i, l_i, acc_lo, acc_hi = _step_quant(q_lo, q_hi, kc, ks, kz, vc, vs, vz, slot, rows, valid, m_i,
+                                               l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap, D, G, HALF, BITS,
+                                               SOFTCAP)
+    return m_i, l_i, acc_lo, acc_hi
+
+
+@triton.jit
+def _walk_groups(c_lo, c_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, book, book_blocks, b, h, like_ptr, mask_row,
+                 n_hist_chunks, n_total, qk_scale, softcap, offs_n, offs_h, D: tl.constexpr, G: tl.constexpr,
+                 HALF: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr, HAS8: tl.constexpr, HAS4: tl.constexpr,
+                 HAS2: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr):
+    """The history chunks of [c_lo, c_hi) through the book's grouped table (``kv.packed.book_table``): each precision
+    present in its own loop, 16 bits first (virtual chunk order: the groups one after another)."""
+    CPB: tl.constexpr = BS // CHUNK
+    gslot = book + BOOK_SIZE + 2 * book_blocks
+    glog = gslot + book_blocks
+    starts = book + BOOK_SIZE + TABLE_ROWS * book_blocks
+    lo, hi = _group_range(starts, GROUP16, c_lo, c_hi, n_hist_chunks, CPB)
+    fk, fv, sf_r = _book_rows16(book, like_ptr, b, h)
+    for c in range(lo, hi):
+        _, rows, valid = _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS, CHUNK, HAS_MASK)
+        m_i, l_i, acc_lo, acc_hi = _step16(q_lo, q_hi, fk, fv, rows, offs_n < CHUNK, sf_r, valid, m_i, l_i, acc_lo,
+                                           acc_hi, offs_h, qk_scale, softcap, HALF, SOFTCAP)
+    if HAS8:
+        lo, hi = _group_range(starts, GROUP8, c_lo, c_hi, n_hist_chunks, CPB)
+        m_i, l_i, acc_lo, acc_hi = _walk_quant_group(lo, hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, book + BOOK8, b, h,
+                                                     gslot, glog, mask_row, n_total, qk_scale, softcap, offs_n,
+                                                     offs_h, D, G, HALF, BS, CHUNK, 8, HAS_MASK, SOFTCAP)
+    if HAS4:
+        lo, hi = _group_range(starts, GROUP4, c_lo, c_hi, n_hist_chunks, CPB)
+        m_i, l_i, acc_lo, acc_hi = _walk_quant_group(lo, hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, book + BOOK4, b, h,
+                                                     gslot, glog, mask_row, n_total, qk_scale, softcap, offs_n,
+                                                     offs_h, D, G, HALF, BS, CHUNK, 4, HAS_MASK, SOFTCAP)
+    if HAS2:
+        lo, hi = _group_range(starts, GROUP2, c_lo, c_hi, n_hist_chunks, CPB)
+        m_i, l_i, acc_lo, acc_hi = _walk_quant_group(lo, hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, book + BOOK2, b, h,
+                                                     gslot, glog, mask_row, n_total, qk_scale, softcap, offs_n,
+                                                     offs_h, D, G, HALF, BS, CHUNK, 2, HAS_MASK, SOFTCAP)
+    return m_i, l_i, acc_lo, acc_hi
+
+
+@triton.jit
+def _aligned(ptr, stride_b, stride_h, b, h, ALIGN: tl.constexpr):
+    """``ptr`` offset to the (``b``, ``h``) plane, with the 16-byte alignment the book's writer checked
+    (``kv.packed.book_entries``) made known to Triton: a pointer read from memory carries no alignment, and without it
+    every load is split into element-wide accesses that Triton's pipeliner also declines to prefetch."""
+    return tl.multiple_of(ptr + tl.multiple_of(stride_b, ALIGN) * b + tl.multiple_of(stride_h, ALIGN) * h, 16)
+
+
+@triton.jit
+def _book_rows16(book, like_ptr, b, h):
+    """The 16-bit pool's key/value planes (the model dtype, as ``like_ptr``) and row stride from a book."""
+    ty = tl.pointer_type(like_ptr.dtype.element_ty)
+    ALIGN: tl.constexpr = 128 // like_ptr.dtype.element_ty.primitive_bitwidth  # elements per 16 bytes
+    sf_b, sf_h = tl.load(book + 2), tl.load(book + 3)
+    return (_aligned(tl.load(book).to(ty), sf_b, sf_h, b, h, ALIGN),
+            _aligned(tl.load(book + 1).to(ty), sf_b, sf_h, b, h, ALIGN), tl.multiple_of(tl.load(book + 4), ALIGN))
+
+
+@triton.jit
+def _book_quant(entry, b, h):
+    """One precision's six pool planes from its run of book entries (``kv.packed.BOOK_QUANT``): key codes, scales and
+    zeros, value codes, scales and zeros, offset to the (``b``, ``h``) plane."""
     u8 = tl.pointer_type(tl.uint8)
     f16 = tl.pointer_type(tl.float16)
-    return (tl.load(entry).to(u8), tl.load(entry + 1).to(f16), tl.load(entry + 2).to(f16),
-            tl.load(entry + 3).to(u8), tl.load(entry + 4).to(f16), tl.load(entry + 5).to(f16),
-            tl.load(entry + 6), tl.load(entry + 7), tl.load(entry + 8), tl.load(entry + 9), tl.load(entry + 10),
-            tl.load(entry + 11))
+    sc_b, sc_h, sk_b, sk_h, sv_b, sv_h = (tl.load(entry + 6), tl.load(entry + 7), tl.load(entry + 8),
+                                          tl.load(entry + 9), tl.load(entry + 10), tl.load(entry + 11))
+    return (_aligned(tl.load(entry).to(u8), sc_b, sc_h, b, h, 16),
+            _aligned(tl.load(entry + 1).to(f16), sk_b, sk_h, b, h, 8),
+            _aligned(tl.load(entry + 2).to(f16), sk_b, sk_h, b, h, 8),
+            _aligned(tl.load(entry + 3).to(u8), sc_b, sc_h, b, h, 16),
+            _aligned(tl.load(entry + 4).to(f16), sv_b, sv_h, b, h, 8),
+            _aligned(tl.load(entry + 5).to(f16), sv_b, sv_h, b, h, 8))
 
 
 # Lengths change every decode step; left specializable, each new (==1, %16) pattern of them would JIT-compile
@@ -351,13 +441,12 @@ def decode_split_kernel(
     [history blocks, tail tokens], a static cache under CUDA graphs); the host's length arguments are capacities
     and the chunks are shared out among the ``n_splits`` programs here, from the live lengths. BOOK: the block
     table and the 16-bit and quantized history storage are found through the address book at ``book_ptr``
-    (``kv.packed.PoolBook``: int64 pointers and strides, then ``book_blocks`` precisions and ``book_blocks`` slots),
-    and the matching pointer and stride arguments are placeholders.
+    (``kv.packed.PoolBook``: int64 pointers and strides, then the ``book_blocks``-long table rows and the group
+    starts, ``kv.packed.book_table``), and the matching pointer and stride arguments are placeholders. A book's
+    history is walked by precision group (:func:`_walk_groups`, loops without branches whose loads Triton pipelines);
+    a view without one in logical order, branching per chunk on its precision (:func:`_attend_chunk`).
     """
     HALF: tl.constexpr = D // 2
-    if BOOK:
-        bits_ptr = book_ptr + BOOK_SIZE  # the block table: precisions, then slots
-        slot_ptr = bits_ptr + book_blocks
     if DEVICE_LENS:
         n_hist_chunks = tl.load(lens_ptr) * (BS // CHUNK)
         n_tail = tl.load(lens_ptr + 1)
@@ -386,15 +475,27 @@ def decode_split_kernel(
     # splits tile [first_chunk, n_chunks): chunks before a sliding window's start are never read
     c_lo = first_chunk + split * chunks_per_split
     c_hi = tl.minimum(c_lo + chunks_per_split, n_hist_chunks + tl.cdiv(n_tail, CHUNK))
-    for c in range(c_lo, c_hi):
-        m_i, l_i, acc_lo, acc_hi = _attend_chunk(
-            c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, book_ptr, b, h, tk, tv, st_r,
-            fk_ptr, fv_ptr, sf_b, sf_h, sf_r,
-            k8c, k8s, k8z, v8c, v8s, v8z, s8c_b, s8c_h, s8k_b, s8k_h, s8v_b, s8v_h,
-            k4c, k4s, k4z, v4c, v4s, v4z, s4c_b, s4c_h, s4k_b, s4k_h, s4v_b, s4v_h,
-            k2c, k2s, k2z, v2c, v2s, v2z, s2c_b, s2c_h, s2k_b, s2k_h, s2v_b, s2v_h,
-            mask_row, n_hist_chunks, n_tail, n_total, qk_scale, softcap, offs_n, offs_h,
-            D, G, HALF, BS, CHUNK, HAS8, HAS4, HAS2, HAS_MASK, WINDOW, SOFTCAP, BOOK)
+    if BOOK:  # precision groups, each walked without branches, then the tail
+        m_i, l_i, acc_lo, acc_hi = _walk_groups(
+            c_lo, c_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, book_ptr, book_blocks, b, h, fk_ptr, mask_row,
+            n_hist_chunks, n_total, qk_scale, softcap, offs_n, offs_h, D, G, HALF, BS, CHUNK, HAS8, HAS4, HAS2,
+            HAS_MASK, SOFTCAP)
+        for c in range(tl.maximum(c_lo, n_hist_chunks), c_hi):
+            t_rows = (c - n_hist_chunks) * CHUNK + offs_n
+            m_i, l_i, acc_lo, acc_hi = _step16(
+                q_lo, q_hi, tk, tv, t_rows, t_rows < n_tail, st_r, _valid_keys(c * CHUNK + offs_n, n_total, mask_row,
+                                                                                HAS_MASK, 0),
+                m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap, HALF, SOFTCAP)
+    else:
+        for c in range(c_lo, c_hi):
+            m_i, l_i, acc_lo, acc_hi = _attend_chunk(
+                c, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, bits_ptr, slot_ptr, b, h, tk, tv, st_r,
+                fk_ptr, fv_ptr, sf_b, sf_h, sf_r,
+                k8c, k8s, k8z, v8c, v8s, v8z, s8c_b, s8c_h, s8k_b, s8k_h, s8v_b, s8v_h,
+                k4c, k4s, k4z, v4c, v4s, v4z, s4c_b, s4c_h, s4k_b, s4k_h, s4v_b, s4v_h,
+                k2c, k2s, k2z, v2c, v2s, v2z, s2c_b, s2c_h, s2k_b, s2k_h, s2v_b, s2v_h,
+                mask_row, n_hist_chunks, n_tail, n_total, qk_scale, softcap, offs_n, offs_h,
+                D, G, HALF, BS, CHUNK, HAS8, HAS4, HAS2, HAS_MASK, WINDOW, SOFTCAP)
 
     row = (b * (tl.num_programs(1) * GROUP) + h * GROUP + offs_g) * n_splits + split  # (B, Hq, splits)
     ok = offs_g < GROUP

@@ -109,6 +109,38 @@ BOOK_QUANT = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero",
               "codes_stride_b", "codes_stride_h", "k_scale_stride_b", "k_scale_stride_h", "v_scale_stride_b",
               "v_scale_stride_h")
 BOOK_SIZE = len(BOOK_FULL) + len(BOOK_QUANT) * len(QUANT_BITS)
+# The block table after the header: four rows of ``blocks`` entries, then the group starts. Rows 0-1 are in logical
+# order (each block's precision and slot); rows 2-3 list the same blocks grouped by precision, in the order of
+# BOOK_GROUPS (slot, logical index), so the kernel walks each precision in a loop without branches (attention
+# sums over keys in any order); the starts give each group's first entry and, last, the number of blocks.
+BOOK_GROUPS = (16, *QUANT_BITS)
+BOOK_TABLE_ROWS = 4
+
+
+def book_length(blocks: int) -> int:
+    """Entries of an address book whose block table holds ``blocks`` blocks."""
+    return BOOK_SIZE + BOOK_TABLE_ROWS * blocks + len(BOOK_GROUPS) + 1
+
+
+def book_table(block_bits: list[int], block_slot: list[int]) -> tuple[list[list[int]], list[int]]:
+    """The block-table rows of an address book (each as long as the table) and the group starts.
+
+    Returns ``([bits, slots, grouped slots, grouped logical indices], starts)``: ``starts[g]`` is the first grouped
+    entry of precision ``BOOK_GROUPS[g]`` and ``starts[-1]`` the number of blocks.
+    """
+    if len(block_bits) != len(block_slot):
+        raise ValueError(f"block_bits and block_slot must be equally long; got {len(block_bits)} and {len(block_slot)}.")
+    unknown = set(block_bits) - set(BOOK_GROUPS)
+    if unknown:
+        raise ValueError(f"block precisions {sorted(unknown)} are not among {BOOK_GROUPS}.")
+    order = sorted(range(len(block_bits)), key=lambda i: BOOK_GROUPS.index(block_bits[i]))  # stable: logical order
+    starts, first = [], 0
+    for bits in BOOK_GROUPS:
+        starts.append(first)
+        first += block_bits.count(bits)
+    starts.append(first)
+    rows = [list(block_bits), list(block_slot), [block_slot[i] for i in order], order]
+    return rows, starts
 
 
 def book_offset(bits: int) -> int:
@@ -128,9 +160,11 @@ class PoolBook:
     The block table travels in the same tensor, so a layer's whole history is one input of the step.
 
     Attributes:
-        entries: int64 (``BOOK_SIZE + 2 * blocks``,) on the storage's device: first the data pointers and element
-            strides (:func:`book_entries`: ``BOOK_FULL`` then ``BOOK_QUANT`` per precision of ``QUANT_BITS``, see
-            :func:`book_offset`), then the block table: ``blocks`` precisions, then ``blocks`` slots.
+        entries: int64 (:func:`book_length` ``(blocks)``,) on the storage's device: first the data pointers and
+            element strides (:func:`book_entries`: ``BOOK_FULL`` then ``BOOK_QUANT`` per precision of
+            ``QUANT_BITS``, see :func:`book_offset`), then the block table (:func:`book_table`): ``blocks``
+            precisions, ``blocks`` slots, ``blocks`` slots grouped by precision, their ``blocks`` logical indices,
+            and the ``len(BOOK_GROUPS) + 1`` group starts.
         bits: the quantized precisions whose entries point at real storage (a pool or a placeholder).
         blocks: capacity of the block table (the live extent is the view's ``lengths[0]``).
     """
@@ -140,9 +174,9 @@ class PoolBook:
     blocks: int
 
     def __post_init__(self) -> None:
-        if self.entries.dtype != torch.int64 or self.entries.shape != (BOOK_SIZE + 2 * self.blocks,):
-            raise ValueError(f"PoolBook.entries must be int64 ({BOOK_SIZE} + 2 * blocks,) = ({BOOK_SIZE + 2 * self.blocks},)"
-                             f" for blocks={self.blocks}; got {self.entries.dtype} {tuple(self.entries.shape)}.")
+        if self.entries.dtype != torch.int64 or self.entries.shape != (book_length(self.blocks),):
+            raise ValueError(f"PoolBook.entries must be int64 (book_length(blocks),) = ({book_length(self.blocks)},) "
+                             f"for blocks={self.blocks}; got {self.entries.dtype} {tuple(self.entries.shape)}.")
 
 
 def book_entries(full_k: torch.Tensor, full_v: torch.Tensor, pools: dict[int, QuantPool]) -> list[int]:
@@ -165,11 +199,23 @@ def book_entries(full_k: torch.Tensor, full_v: torch.Tensor, pools: dict[int, Qu
     return out
 
 
+BOOK_ALIGN = 16  # bytes: the kernel declares every address and plane stride it reads from a book to be multiples
+
+
 def _check_book_pair(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     if a.stride() != b.stride() or a.stride()[-1] != 1 or a.stride()[-2] != a.shape[-1]:
         raise ValueError(f"an address book needs {what} row-major with shared strides; got shapes "
                          f"{tuple(a.shape)}/{tuple(b.shape)}, strides {a.stride()}/{b.stride()}. Allocate pools "
                          "contiguously (BlockPool does).")
+    size = a.element_size()
+    offsets = [t.data_ptr() for t in (a, b)] + [s * size for s in a.stride()[:2]]
+    if a.dim() == 4 and a.shape[-1] * size % BOOK_ALIGN == 0:  # rows of whole 16-byte units: the row stride too
+        offsets.append(a.stride(2) * size)
+    if any(o % BOOK_ALIGN for o in offsets):
+        raise ValueError(f"an address book needs {what} at {BOOK_ALIGN}-byte aligned addresses with batch/head strides "
+                         f"of whole {BOOK_ALIGN}-byte units; got data pointers {a.data_ptr():#x}/{b.data_ptr():#x}, "
+                         f"strides {a.stride()} of {size}-byte elements. Allocate pools as whole tensors (BlockPool "
+                         "does), not as offset views.")
 
 
 def resolve_static(view: PackedKV) -> PackedKV:

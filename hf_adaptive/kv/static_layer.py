@@ -186,10 +186,12 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         B, H, _, D = key_states.shape
         self.tail_k = key_states.new_zeros(B, H, self.tail_capacity, D)
         self.tail_v = value_states.new_zeros(B, H, self.tail_capacity, value_states.shape[-1])
-        # the address book: pool pointers and strides, then the block table [precisions; slots] (one tensor, so a
-        # layer's history is one input of the compiled step)
-        self.book = torch.zeros(packed.BOOK_SIZE + 2 * self.capacity_blocks, dtype=torch.int64, device=self.device)
-        self.table = self.book[packed.BOOK_SIZE:].view(2, self.capacity_blocks)
+        # the address book: pool pointers and strides, then the block table (rows, group starts; packed.book_table)
+        # in one tensor, so a layer's history is one input of the compiled step
+        cap = self.capacity_blocks
+        self.book = torch.zeros(packed.book_length(cap), dtype=torch.int64, device=self.device)
+        self.table = self.book[packed.BOOK_SIZE: packed.BOOK_SIZE + packed.BOOK_TABLE_ROWS * cap].view(-1, cap)
+        self.group_starts = self.book[packed.BOOK_SIZE + packed.BOOK_TABLE_ROWS * cap:]
         for t in (self.tail_k, self.tail_v, self.book):
             _mark_static(t)
         self._tail_backed = True
@@ -209,6 +211,7 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         self.lossy_crop_tokens = 0
         self._gather = self._full = None
         self._table_dirty = False
+        self.group_starts.zero_()  # no block in any precision group
         self._refresh_view()
 
     def _fits(self, key_states: torch.Tensor) -> bool:
@@ -364,9 +367,10 @@ class StaticAdaptiveLayer(AdaptiveFullLayer):
         if self._table_dirty:  # the block table changed: refresh its device copy
             self._table_dirty = False
             n = len(self.block_bits)
+            rows, starts = packed.book_table(self.block_bits, self.block_slot)
             if n:
-                host = torch.tensor([self.block_bits, self.block_slot], dtype=torch.int64)
-                self.table[:, :n].copy_(to_device(host, self.device))
+                self.table[:, :n].copy_(to_device(torch.tensor(rows, dtype=torch.int64), self.device))
+            self.group_starts.copy_(to_device(torch.tensor(starts, dtype=torch.int64), self.device))
         self._refresh_view()
 
     # ------------------------------------------------------------------ storage
