@@ -254,6 +254,21 @@ def test_demotion_under_pressure_publishes_next_step(tiny):
     assert stats["layers"][0]["tokens_by_bits"]["16"] <= SMALL["residual_length"] + SMALL["block_size"]
     assert 16 not in cache.layers[0].pools  # emptied by demotion, released as a whole
     assert (out[:, ids.shape[1]:] == ref[:, ids.shape[1]:]).float().mean() > 0.5
+    _assert_book_table_matches_host(cache)
+    cache.reset()
+    assert all(int(layer.group_starts.abs().sum()) == 0 for layer in cache.layers)  # no block left in any group
+
+
+def _assert_book_table_matches_host(cache):
+    """Every layer's device copy of the block table (logical rows, grouped rows, group starts) is the host table's."""
+    from hf_adaptive.kv import packed
+
+    for layer in cache.layers:
+        n = len(layer.block_bits)
+        rows, starts = packed.book_table(layer.block_bits, layer.block_slot)
+        assert layer.table[:, :n].tolist() == rows
+        assert layer.group_starts.tolist() == starts
+        assert starts[-1] == n and n > 0
 
 
 def test_decode_without_step_hooks_matches_hooked():
