@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
 import pytest
@@ -242,6 +243,31 @@ def test_kernel_compiles_for_hopper(head_dim, value_group, device_lens, dtype):
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 8})
     assert "cubin" in kernel.asm and len(kernel.asm["cubin"]) > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_book_walk_pipelines_its_loads():
+    """Guards the caches' decode speed against a change Triton's pipeliner silently declines: on the book path (the
+    static caches' build for sm_90) each precision's loop must copy its code tiles ahead with cp.async and load them
+    as 16-byte vectors. A branch per chunk or an address without known alignment (what the kernel had before) builds
+    fine but reads one chunk at a time, element by element."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hf_adaptive.attention import triton_decode
+
+    const = dict(GROUP=4, GP=16, D=64, HD=32, G=64, BS=64, CHUNK=64, HAS8=True, HAS4=True, HAS2=False,
+                 HAS_MASK=False, WINDOW=0, SOFTCAP=False, F32_DOTS=False, DEVICE_LENS=True, BOOK=True)
+    kernel = triton.compile(ASTSource(fn=triton_decode.kernels.decode_split_kernel,
+                                      signature=triton_decode.kernel_signature(const), constexprs=const),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    ir = kernel.asm["ttgir"]
+    copies = re.findall(r"async_copy_global_to_local .*tensor<64x(\d+)x!tt.ptr<(\w+)>", ir)
+    assert ("8", "i32") in copies, "4/8-bit code words (64 rows x 8 words) are not copied ahead"  # D=64 4-bit
+    assert ("32", "bf16") in copies, "16-bit history halves are not copied ahead"
+    assert re.search(r"cp\.async\.c[ag]\.shared\.global \[[^]]+\], \[[^]]+\], (0x10|16)\b", kernel.asm["ptx"]), \
+        "no 16-byte cp.async: the book's addresses lost their alignment"
 
 
 def test_kernel_input_checks_name_the_problem():
