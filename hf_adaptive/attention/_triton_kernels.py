@@ -330,17 +330,52 @@ def _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS: tl.constexpr, C
 
 
 @triton.jit
+def _scales(ks, kz, vs, vz, slot, rows, offs_h, D: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr):
+    ks_lo = tl.load(ks + slot * D + offs_h)
+    ks_hi = tl.load(ks + slot * D + HALF + offs_h)
+    kz_lo = tl.load(kz + slot * D + offs_h)
+    kz_hi = tl.load(kz + slot * D + HALF + offs_h)
+    g_off = rows * (D // G)
+    vs_lo = tl.load(vs + g_off)
+    vz_lo = tl.load(vz + g_off)
+    vs_hi = tl.load(vs + g_off + HALF // G)
+    vz_hi = tl.load(vz + g_off + HALF // G)
+    return ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi
+
+
+@triton.jit
 def _walk_quant_group(lo, hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, entry, b, h, gslot, glog, mask_row, n_total,
                       qk_scale, softcap, offs_n, offs_h, D: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr,
                       BS: tl.constexpr, CHUNK: tl.constexpr, BITS: tl.constexpr, HAS_MASK: tl.constexpr,
                       SOFTCAP: tl.constexpr):
-    """Fold chunks [lo, hi) of one quantized precision: one pool, no branch in the loop (Triton pipelines its loads)."""
     kc, ks, kz, vc, vs, vz = _book_quant(entry, b, h)
-    for c in range(lo, hi):
-        slot, rows, valid = _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS, CHUNK, HAS_MASK)
-        m_i, l_i, acc_lo, acc_hi = _step_quant(q_lo, q_hi, kc, ks, kz, vc, vs, vz, slot, rows, valid, m_i,
-                                               l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap, D, G, HALF, BITS,
-                                               SOFTCAP)
+    CPB: tl.constexpr = BS // CHUNK
+    if (G >= HALF) and (HALF == offs_h.shape[0]):
+        if lo < hi:
+            slot = tl.load(gslot + lo // CPB)
+            slot_n = tl.load(gslot + tl.minimum(lo + 1, hi - 1) // CPB)
+            ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi = _scales(
+                ks, kz, vs, vz, slot, slot * BS + (lo % CPB) * CHUNK + offs_n, offs_h, D, G, HALF)
+            for c in range(lo, hi):
+                slot_nn = tl.load(gslot + tl.minimum(c + 2, hi - 1) // CPB)
+                cn = tl.minimum(c + 1, hi - 1)
+                nks_lo, nks_hi, nkz_lo, nkz_hi, nvs_lo, nvz_lo, nvs_hi, nvz_hi = _scales(
+                    ks, kz, vs, vz, slot_n, slot_n * BS + (cn % CPB) * CHUNK + offs_n, offs_h, D, G, HALF)
+                slot_c, rows, valid = _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS, CHUNK, HAS_MASK)
+                k_lo, k_hi = _load_code_halves(kc, rows, offs_h[None, :] < HALF, 1, offs_h, D, HALF, BITS)
+                v_lo, v_hi = _load_code_halves(vc, rows, offs_h[None, :] < HALF, 1, offs_h, D, HALF, BITS)
+                m_i, l_i, acc_lo, acc_hi = _fold_quant(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi,
+                                                       vs_lo, vz_lo, vs_hi, vz_hi, valid, m_i, l_i, acc_lo, acc_hi,
+                                                       offs_h, qk_scale, softcap, D, G, HALF, BITS, SOFTCAP)
+                ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi = (nks_lo, nks_hi, nkz_lo, nkz_hi, nvs_lo,
+                                                                          nvz_lo, nvs_hi, nvz_hi)
+                slot_n = slot_nn
+    else:
+        for c in range(lo, hi):
+            slot, rows, valid = _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS, CHUNK, HAS_MASK)
+            m_i, l_i, acc_lo, acc_hi = _step_quant(q_lo, q_hi, kc, ks, kz, vc, vs, vz, slot, rows, valid, m_i,
+                                                   l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap, D, G, HALF, BITS,
+                                                   SOFTCAP)
     return m_i, l_i, acc_lo, acc_hi
 
 

@@ -67,7 +67,7 @@ class DecodeKernelConfig:
     num_warps: int | None = None
     waves: int = 2
     max_splits: int = 64
-    num_stages: int = 3
+    num_stages: int = 5
     max_registers: int | None = None
 
     def __post_init__(self) -> None:
