@@ -115,15 +115,17 @@ def write_report(result: dict, out: Path) -> None:
                      f"{r['rel_err']:.1e} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plt = pyplot()
-    default = [r for r in result["rows"] if r["chunk"] == 64 and r["maxreg"] is None and r.get("stages", 3) == 3]
+    default = [r for r in result["rows"] if r["chunk"] == 64 and r["maxreg"] is None]
     labels = sorted({(r["batch"], r["context"], r["bits"], r["mixed"], r["view"]) for r in default})
-    names = list(result["variants"])
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(labels)), 4.5))
+    stages = sorted({r.get("stages", 3) for r in default})
+    names = [(v, st) for v in result["variants"] for st in stages]  # one bar per variant and pipelining depth
+    fig, ax = plt.subplots(figsize=(min(18, max(8, 1.3 * len(labels))), 5))
     width = 0.8 / max(len(names), 1)
-    for i, name in enumerate(names):
+    for i, (name, st) in enumerate(names):
         us = {(r["batch"], r["context"], r["bits"], r["mixed"], r["view"]): r["us"] for r in default
-              if r["variant"] == name}
-        ax.bar([j + i * width for j in range(len(labels))], [us.get(lab, 0) for lab in labels], width, label=name)
+              if r["variant"] == name and r.get("stages", 3) == st}
+        ax.bar([j + i * width for j in range(len(labels))], [us.get(lab, 0) for lab in labels], width,
+               label=name if len(stages) == 1 else f"{name}, {st} stages")
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(labels))])
     ax.set_xticklabels([f"{b}x{c // 1024}k {bits}b{' mixed' if m else ''}\n{v}" for b, c, bits, m, v in labels],
                        fontsize=7)

@@ -261,7 +261,8 @@ def test_book_walk_pipelines_its_loads():
                  HAS_MASK=False, WINDOW=0, SOFTCAP=False, F32_DOTS=False, DEVICE_LENS=True, BOOK=True)
     kernel = triton.compile(ASTSource(fn=triton_decode.kernels.decode_split_kernel,
                                       signature=triton_decode.kernel_signature(const), constexprs=const),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4, "num_stages": triton_decode.DecodeKernelConfig().num_stages})
     ir = kernel.asm["ttgir"]
     copies = re.findall(r"async_copy_global_to_local .*tensor<64x(\d+)x!tt.ptr<(\w+)>", ir)
     assert ("8", "i32") in copies, "4/8-bit code words (64 rows x 8 words) are not copied ahead"  # D=64 4-bit

@@ -331,6 +331,8 @@ def _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS: tl.constexpr, C
 
 @triton.jit
 def _scales(ks, kz, vs, vz, slot, rows, offs_h, D: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr):
+    """Key scale/zero halves (HD,) of block ``slot`` and per-token value scale/zero halves (CHUNK,) of ``rows``: the
+    loads of a quantized tile besides its codes, for whole halves (HD == D/2) each one value group (G >= D/2)."""
     ks_lo = tl.load(ks + slot * D + offs_h)
     ks_hi = tl.load(ks + slot * D + HALF + offs_h)
     kz_lo = tl.load(kz + slot * D + offs_h)
@@ -348,6 +350,13 @@ def _walk_quant_group(lo, hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, entry, b, h,
                       qk_scale, softcap, offs_n, offs_h, D: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr,
                       BS: tl.constexpr, CHUNK: tl.constexpr, BITS: tl.constexpr, HAS_MASK: tl.constexpr,
                       SOFTCAP: tl.constexpr):
+    """Fold chunks [lo, hi) of one quantized precision: one pool, no branch in the loop.
+
+    Triton pipelines the code tiles (copied ahead to shared memory). The scales and zeros it declines (they feed
+    dot operands through a layout change, or row sums), so the loop carries them itself: chunk c + 1's are loaded
+    while chunk c is folded, from a slot looked up one more chunk ahead. Halves narrower than a tile or split into
+    several value groups take the per-chunk loads of :func:`_step_quant`.
+    """
     kc, ks, kz, vc, vs, vz = _book_quant(entry, b, h)
     CPB: tl.constexpr = BS // CHUNK
     if (G >= HALF) and (HALF == offs_h.shape[0]):

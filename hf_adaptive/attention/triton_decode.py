@@ -57,7 +57,8 @@ class DecodeKernelConfig:
         num_warps: warps per program; default 4, 8 for D >= 128.
         waves: target number of programs per SM when choosing the number of splits.
         max_splits: upper bound on splits per (batch, kv head).
-        num_stages: Triton software-pipelining stages of the launch (3 is Triton's CUDA default).
+        num_stages: Triton software-pipelining stages of the launch. The default 5 copies a static view's code tiles
+            two chunks ahead (the block's slot, looked up first, takes one stage); Triton's own default, 3, one.
         max_registers: cap on registers per thread (Triton's ``maxnreg``; None: the compiler's choice). Programs per
             SM are bound by registers (65536 / (registers x 32 x warps)); a cap trades a few spilled bytes for more
             programs, hence more bytes in flight. ``eval/kernel_registers.py`` reports both.
