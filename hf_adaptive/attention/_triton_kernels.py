@@ -152,16 +152,10 @@ def _load_quant(kc, ks, kz, vc, vs, vz, slot, rows, on, offs_h, D: tl.constexpr,
     row_ok = rows * 0 < on
     k_lo, k_hi = _load_code_halves(kc, rows, ok, on, offs_h, D, HALF, BITS)
     v_lo, v_hi = _load_code_halves(vc, rows, ok, on, offs_h, D, HALF, BITS)
-    if HALF == offs_h.shape[0] and on == 1:  # whole halves, no padding: unmasked loads (Triton pipelines these)
-        ks_lo = tl.load(ks + slot * D + offs_h)
-        ks_hi = tl.load(ks + slot * D + HALF + offs_h)
-        kz_lo = tl.load(kz + slot * D + offs_h)
-        kz_hi = tl.load(kz + slot * D + HALF + offs_h)
-    else:
-        ks_lo = tl.load(ks + slot * D + offs_h, mask=col_ok, other=0.0)
-        ks_hi = tl.load(ks + slot * D + HALF + offs_h, mask=col_ok, other=0.0)
-        kz_lo = tl.load(kz + slot * D + offs_h, mask=col_ok, other=0.0)
-        kz_hi = tl.load(kz + slot * D + HALF + offs_h, mask=col_ok, other=0.0)
+    ks_lo = tl.load(ks + slot * D + offs_h, mask=col_ok, other=0.0)
+    ks_hi = tl.load(ks + slot * D + HALF + offs_h, mask=col_ok, other=0.0)
+    kz_lo = tl.load(kz + slot * D + offs_h, mask=col_ok, other=0.0)
+    kz_hi = tl.load(kz + slot * D + HALF + offs_h, mask=col_ok, other=0.0)
     if G >= HALF:
         g_off = rows * (D // G)
         vs_lo = tl.load(vs + g_off, mask=row_ok, other=0.0)
@@ -370,7 +364,7 @@ def _walk_quant_group(lo, hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, entry, b, h,
                 cn = tl.minimum(c + 1, hi - 1)
                 nks_lo, nks_hi, nkz_lo, nkz_hi, nvs_lo, nvz_lo, nvs_hi, nvz_hi = _scales(
                     ks, kz, vs, vz, slot_n, slot_n * BS + (cn % CPB) * CHUNK + offs_n, offs_h, D, G, HALF)
-                slot_c, rows, valid = _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS, CHUNK, HAS_MASK)
+                _, rows, valid = _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS, CHUNK, HAS_MASK)
                 k_lo, k_hi = _load_code_halves(kc, rows, offs_h[None, :] < HALF, 1, offs_h, D, HALF, BITS)
                 v_lo, v_hi = _load_code_halves(vc, rows, offs_h[None, :] < HALF, 1, offs_h, D, HALF, BITS)
                 m_i, l_i, acc_lo, acc_hi = _fold_quant(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi,

@@ -199,7 +199,7 @@ def book_entries(full_k: torch.Tensor, full_v: torch.Tensor, pools: dict[int, Qu
     return out
 
 
-BOOK_ALIGN = 16  # bytes: the kernel declares every address and plane stride it reads from a book to be multiples
+BOOK_ALIGN = 16  # bytes: the kernel declares every address and plane stride it reads from a book a multiple of this
 
 
 def _check_book_pair(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
