@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunks", default="32,64", help="DecodeKernelConfig.chunk values")
     p.add_argument("--max-registers", default="none,168,128", help="DecodeKernelConfig.max_registers values")
     p.add_argument("--stages", default="3", help="DecodeKernelConfig.num_stages values (Triton's pipelining depth)")
+    p.add_argument("--warps", default="none", help="DecodeKernelConfig.num_warps values (none: the head dim's default)")
     p.add_argument("--render", type=Path, default=None, help="only re-render the report of this results.json")
     return p.parse_args(argv)
 
@@ -67,6 +68,7 @@ def run(args) -> dict:
     caps = [None if c.strip().lower() == "none" else int(c) for c in args.max_registers.split(",")]
     chunks = [int(c) for c in args.chunks.split(",")]
     stages = [int(s) for s in args.stages.split(",")]
+    warps = [None if w.strip().lower() == "none" else int(w) for w in args.warps.split(",")]
     rows = []
     for batch, context, bits, mixed in SHAPES:
         q, _, _, packed = bda.make_inputs(batch, context, bits, mixed=mixed)
@@ -82,13 +84,14 @@ def run(args) -> dict:
             for view, inputs in views.items():
                 got = triton_decode.triton_decode_attention(inputs[0][0], inputs[0][1], scaling=0.125).float()
                 rel_err = ((got - want).abs().max() / want.abs().max()).item()
-                for chunk, cap, stage in itertools.product(chunks, caps, stages):
-                    cfg = triton_decode.DecodeKernelConfig(chunk=chunk, max_registers=cap, num_stages=stage)
+                for chunk, cap, stage, warp in itertools.product(chunks, caps, stages, warps):
+                    cfg = triton_decode.DecodeKernelConfig(chunk=chunk, max_registers=cap, num_stages=stage,
+                                                           num_warps=warp)
                     fn = bda.rotating([lambda c=c, cfg=cfg: triton_decode.triton_decode_attention(
                         c[0], c[1], scaling=0.125, out=out, config=cfg) for c in inputs])
                     us = time_op(fn, 10, 20) / len(inputs)
                     rows.append(dict(variant=name, view=view, batch=batch, context=context, bits=bits,
-                                     mixed=mixed, chunk=chunk, maxreg=cap, stages=stage, us=us,
+                                     mixed=mixed, chunk=chunk, maxreg=cap, stages=stage, warps=warp, us=us,
                                      GBps=n_bytes / us / 1e3, rel_err=rel_err))
                     print(json.dumps(rows[-1]), flush=True)
         del copies, views
@@ -107,25 +110,25 @@ def write_report(result: dict, out: Path) -> None:
                                       for n, v in result["variants"].items()), "",
              "µs per call (CUDA-graph replays over inputs rotated past L2); GB/s = packed bytes / time. "
              "`book`: the static view with an address book and device lengths (the adaptive caches' path).", "",
-             "| batch | context | bits | mixed | view | variant | chunk | max registers | stages | µs | GB/s | rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| batch | context | bits | mixed | view | variant | chunk | max registers | stages | warps | µs | GB/s | "
+             "rel err |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['batch']} | {r['context']} | {r['bits']} | {r['mixed']} | {r['view']} | {r['variant']} | "
-                     f"{r['chunk']} | {r['maxreg'] or '-'} | {r.get('stages', 3)} | {r['us']:.1f} | {r['GBps']:.0f} | "
+                     f"{r['chunk']} | {r['maxreg'] or '-'} | {r.get('stages', 3)} | {r.get('warps') or '-'} | {r['us']:.1f} | {r['GBps']:.0f} | "
                      f"{r['rel_err']:.1e} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plt = pyplot()
     default = [r for r in result["rows"] if r["chunk"] == 64 and r["maxreg"] is None]
     labels = sorted({(r["batch"], r["context"], r["bits"], r["mixed"], r["view"]) for r in default})
-    stages = sorted({r.get("stages", 3) for r in default})
-    names = [(v, st) for v in result["variants"] for st in stages]  # one bar per variant and pipelining depth
+    stages = sorted({(r.get("stages", 3), r.get("warps") or 0) for r in default})
+    names = [(v, st) for v in result["variants"] for st in stages]  # one bar per variant and launch setting
     fig, ax = plt.subplots(figsize=(min(18, max(8, 1.3 * len(labels))), 5))
     width = 0.8 / max(len(names), 1)
     for i, (name, st) in enumerate(names):
         us = {(r["batch"], r["context"], r["bits"], r["mixed"], r["view"]): r["us"] for r in default
-              if r["variant"] == name and r.get("stages", 3) == st}
+              if r["variant"] == name and (r.get("stages", 3), r.get("warps") or 0) == st}
         ax.bar([j + i * width for j in range(len(labels))], [us.get(lab, 0) for lab in labels], width,
-               label=name if len(stages) == 1 else f"{name}, {st} stages")
+               label=name if len(stages) == 1 else f"{name}, {st[0]} stages" + (f", {st[1]} warps" if st[1] else ""))
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(labels))])
     ax.set_xticklabels([f"{b}x{c // 1024}k {bits}b{' mixed' if m else ''}\n{v}" for b, c, bits, m, v in labels],
                        fontsize=7)

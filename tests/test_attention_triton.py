@@ -153,6 +153,34 @@ def test_kernel_matches_reference_on_gpu(case):
     _assert_ok(run_case(case, "cuda"))
 
 
+if importlib.util.find_spec("triton") is not None:
+    import triton
+    import triton.language as tl
+
+    from hf_adaptive.attention import _triton_kernels
+
+    @triton.jit
+    def _decode_bytes(src, dst, H: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
+        offs = tl.arange(0, 64)[:, None] * 32 + tl.arange(0, 32)[None, :]
+        tl.store(dst + offs, _triton_kernels._codes16(tl.load(src + offs), H, BITS, DT))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,half", [(4, 0), (4, 1), (8, 0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_code_bytes_decode_exactly_on_gpu(bits, half, dtype):
+    """Guards the PTX decode of packed code bytes (lane order, nibble choice, the exponent trick): every byte value, at
+    every position of a (64, 32) tile, must decode to its code exactly: 4 bits the low (half 0) or high (half 1)
+    nibble, 8 bits the byte."""
+    import triton.language as tl
+
+    src = (torch.arange(64 * 32, device="cuda") * 7 % 256).to(torch.uint8).reshape(64, 32)
+    dst = torch.empty(64, 32, dtype=dtype, device="cuda")
+    _decode_bytes[(1,)](src, dst, half, bits, tl.bfloat16 if dtype == torch.bfloat16 else tl.float16)
+    want = src.int() if bits == 8 else (src.int() >> (4 * half)) & 15
+    assert torch.equal(dst.float(), want.float())
+
+
 @pytest.mark.gpu
 def test_kernel_is_cuda_graph_capturable():
     """Guards against host syncs or per-call host state in the kernel wrapper: a captured graph replayed
@@ -265,7 +293,7 @@ def test_book_walk_pipelines_its_loads():
                             options={"num_warps": 4, "num_stages": triton_decode.DecodeKernelConfig().num_stages})
     ir = kernel.asm["ttgir"]
     copies = re.findall(r"async_copy_global_to_local .*tensor<64x(\d+)x!tt.ptr<(\w+)>", ir)
-    assert ("8", "i32") in copies, "4/8-bit code words (64 rows x 8 words) are not copied ahead"  # D=64 4-bit
+    assert ("32", "i8") in copies, "4/8-bit code bytes (64 rows x 32 bytes) are not copied ahead"  # D=64 4-bit
     assert ("32", "bf16") in copies, "16-bit history halves are not copied ahead"
     assert re.search(r"cp\.async\.c[ag]\.shared\.global \[[^]]+\], \[[^]]+\], (0x10|16)\b", kernel.asm["ptx"]), \
         "no 16-byte cp.async: the book's addresses lost their alignment"

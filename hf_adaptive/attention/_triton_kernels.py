@@ -85,17 +85,25 @@ def _dot_split(a, b, DT: tl.constexpr):
 
 
 @triton.jit
-def _load_code_halves(base, rows, ok, on, offs_h, D: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr):
+def _load_code_halves(base, rows, ok, on, offs_h, D: tl.constexpr, HALF: tl.constexpr, BITS: tl.constexpr,
+                      DT: tl.constexpr):
     """Raw loads behind both halves of a packed (CHUNK, D) tile; :func:`_decode_half` finishes them.
 
     4 bits: byte j = channel j | channel j + D/2 << 4, both halves are the same bytes. 8 bits: each half its own
-    bytes. These two load (CHUNK, HALF / 4) int32 words when a half fills the tile and holds a multiple of 4
-    channels, so a thread keeps four code bytes per register until it unpacks them (the test is written inline:
-    Triton 3.6 treats a jit helper's boolean as a runtime value). 2 bits (uint8): byte j holds channels j + k·D/4;
-    each half gathers the bytes of its channels.
+    bytes. When a half fills the tile and holds a multiple of 4 channels, a 16-bit ``DT`` loads the (CHUNK, HALF)
+    bytes as they are (decoded four at a time, :func:`_codes16`) and a float32 one loads (CHUNK, HALF / 4) int32
+    words (the test is written inline: Triton 3.6 treats a jit helper's boolean as a runtime value). 2 bits (uint8):
+    byte j holds channels j + k·D/4; each half gathers the bytes of its channels.
     """
     ROW_BYTES: tl.constexpr = D * BITS // 8
-    if (BITS == 4 or BITS == 8) and HALF == offs_h.shape[0] and HALF % 4 == 0:  # words (a constexpr test)
+    if (BITS == 4 or BITS == 8) and HALF == offs_h.shape[0] and HALF % 4 == 0 and DT != tl.float32:  # bytes
+        row_bytes = base + rows[:, None] * ROW_BYTES
+        b_ok = (offs_h < HALF * on)[None, :]
+        lo = tl.load(row_bytes + offs_h[None, :], mask=b_ok, other=0)
+        hi = lo
+        if BITS == 8:
+            hi = tl.load(row_bytes + HALF + offs_h[None, :], mask=b_ok, other=0)
+    elif (BITS == 4 or BITS == 8) and HALF == offs_h.shape[0] and HALF % 4 == 0:  # words (a constexpr test)
         W: tl.constexpr = HALF // 4
         words = base.to(tl.pointer_type(tl.int32)) + rows[:, None] * (ROW_BYTES // 4)
         offs_w = tl.arange(0, W)
@@ -109,6 +117,74 @@ def _load_code_halves(base, rows, ok, on, offs_h, D: tl.constexpr, HALF: tl.cons
         lo = tl.load(base + row_off + (offs_h % ROW_BYTES)[None, :], mask=ok, other=0)
         hi = tl.load(base + row_off + ((HALF + offs_h) % ROW_BYTES)[None, :], mask=ok, other=0)
     return lo, hi
+
+
+@triton.jit
+def _codes16(raw, H: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
+    """(CHUNK, HALF) uint8 code bytes to the codes of half ``H`` in the 16-bit ``DT``, four bytes per instruction
+    group (PTX; GPU builds only, the interpreter takes the float32 path).
+
+    4 bits: two bytes are spread to the two 16-bit lanes of a register (``prmt``); one ``lop3`` keeps a nibble and
+    writes the exponent of 128 (bf16 ``0x43``; fp16: 1024, ``0x64``) over it, so each lane is 128 + c exactly; one
+    packed ``fma`` subtracts 128: about 1.5 instructions per code instead of a shift, mask, OR, float subtraction
+    and conversion each. 8 bits: ``prmt`` writes the byte into the mantissa of 2**23 (float32), a subtraction leaves
+    c, and one conversion packs two lanes.
+    """
+    if BITS == 4:
+        if DT == tl.bfloat16:
+            if H == 0:
+                codes = tl.inline_asm_elementwise(
+                    "{.reg .b32 t, u, one, off;\n"
+                    "mov.b32 one, 0x3F803F80;\nmov.b32 off, 0xC300C300;\n"
+                    "prmt.b32 t, $2, 0, 0x4140;\nprmt.b32 u, $2, 0, 0x4342;\n"
+                    "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea;\nlop3.b32 $1, u, 0x000F000F, 0x43004300, 0xea;\n"
+                    "fma.rn.bf16x2 $0, $0, one, off;\nfma.rn.bf16x2 $1, $1, one, off;}",
+                    "=r,=r,r", [raw], dtype=tl.bfloat16, is_pure=True, pack=4)
+            else:
+                codes = tl.inline_asm_elementwise(
+                    "{.reg .b32 t, u, one, off;\n"
+                    "mov.b32 one, 0x3F803F80;\nmov.b32 off, 0xC300C300;\n"
+                    "prmt.b32 t, $2, 0, 0x4140;\nprmt.b32 u, $2, 0, 0x4342;\nshr.u32 t, t, 4;\nshr.u32 u, u, 4;\n"
+                    "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea;\nlop3.b32 $1, u, 0x000F000F, 0x43004300, 0xea;\n"
+                    "fma.rn.bf16x2 $0, $0, one, off;\nfma.rn.bf16x2 $1, $1, one, off;}",
+                    "=r,=r,r", [raw], dtype=tl.bfloat16, is_pure=True, pack=4)
+        else:
+            if H == 0:
+                codes = tl.inline_asm_elementwise(
+                    "{.reg .b32 t, u, one, off;\n"
+                    "mov.b32 one, 0x3C003C00;\nmov.b32 off, 0xE400E400;\n"
+                    "prmt.b32 t, $2, 0, 0x4140;\nprmt.b32 u, $2, 0, 0x4342;\n"
+                    "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xea;\nlop3.b32 $1, u, 0x000F000F, 0x64006400, 0xea;\n"
+                    "fma.rn.f16x2 $0, $0, one, off;\nfma.rn.f16x2 $1, $1, one, off;}",
+                    "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+            else:
+                codes = tl.inline_asm_elementwise(
+                    "{.reg .b32 t, u, one, off;\n"
+                    "mov.b32 one, 0x3C003C00;\nmov.b32 off, 0xE400E400;\n"
+                    "prmt.b32 t, $2, 0, 0x4140;\nprmt.b32 u, $2, 0, 0x4342;\nshr.u32 t, t, 4;\nshr.u32 u, u, 4;\n"
+                    "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xea;\nlop3.b32 $1, u, 0x000F000F, 0x64006400, 0xea;\n"
+                    "fma.rn.f16x2 $0, $0, one, off;\nfma.rn.f16x2 $1, $1, one, off;}",
+                    "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        if DT == tl.bfloat16:
+            codes = tl.inline_asm_elementwise(
+                "{.reg .b32 m, f0, f1, f2, f3;\nmov.b32 m, 0x4B000000;\n"
+                "prmt.b32 f0, $2, m, 0x7440;\nprmt.b32 f1, $2, m, 0x7441;\n"
+                "prmt.b32 f2, $2, m, 0x7442;\nprmt.b32 f3, $2, m, 0x7443;\n"
+                "sub.f32 f0, f0, 0f4B000000;\nsub.f32 f1, f1, 0f4B000000;\n"
+                "sub.f32 f2, f2, 0f4B000000;\nsub.f32 f3, f3, 0f4B000000;\n"
+                "cvt.rn.bf16x2.f32 $0, f1, f0;\ncvt.rn.bf16x2.f32 $1, f3, f2;}",
+                "=r,=r,r", [raw], dtype=tl.bfloat16, is_pure=True, pack=4)
+        else:
+            codes = tl.inline_asm_elementwise(
+                "{.reg .b32 m, f0, f1, f2, f3;\nmov.b32 m, 0x4B000000;\n"
+                "prmt.b32 f0, $2, m, 0x7440;\nprmt.b32 f1, $2, m, 0x7441;\n"
+                "prmt.b32 f2, $2, m, 0x7442;\nprmt.b32 f3, $2, m, 0x7443;\n"
+                "sub.f32 f0, f0, 0f4B000000;\nsub.f32 f1, f1, 0f4B000000;\n"
+                "sub.f32 f2, f2, 0f4B000000;\nsub.f32 f3, f3, 0f4B000000;\n"
+                "cvt.rn.f16x2.f32 $0, f1, f0;\ncvt.rn.f16x2.f32 $1, f3, f2;}",
+                "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+    return codes
 
 
 @triton.jit
@@ -130,18 +206,22 @@ def _decode_half(raw, offs_h, H: tl.constexpr, D: tl.constexpr, HALF: tl.constex
     """Codes of half ``H`` (channels ``H * HALF + offs_h``) from its raw loads, in ``DT`` (exact integers)."""
     MASK: tl.constexpr = (1 << BITS) - 1
     ROW_BYTES: tl.constexpr = D * BITS // 8
-    if (BITS == 4 or BITS == 8) and HALF == offs_h.shape[0] and HALF % 4 == 0:  # words (a constexpr test)
-        codes = _word_columns(raw, 4 * H if BITS == 4 else 0, MASK, offs_h.shape[0])
+    if (BITS == 4 or BITS == 8) and HALF == offs_h.shape[0] and HALF % 4 == 0 and DT != tl.float32:  # bytes
+        out = _codes16(raw, H, BITS, DT)
     else:
-        codes = (raw.to(tl.uint32) >> (((H * HALF + offs_h) // ROW_BYTES) * BITS)[None, :]) & MASK
-    # integer to float without a conversion instruction (those issue at a quarter of the ALU rate): a code c < 2**23
-    # ORed into the mantissa of 2**23 is the float 2**23 + c, and one subtraction leaves c exactly
-    return ((codes | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC).to(DT)
+        if (BITS == 4 or BITS == 8) and HALF == offs_h.shape[0] and HALF % 4 == 0:  # words (a constexpr test)
+            codes = _word_columns(raw, 4 * H if BITS == 4 else 0, MASK, offs_h.shape[0])
+        else:
+            codes = (raw.to(tl.uint32) >> (((H * HALF + offs_h) // ROW_BYTES) * BITS)[None, :]) & MASK
+        # integer to float without a conversion instruction (those issue at a quarter of the ALU rate): a code
+        # c < 2**23 ORed into the mantissa of 2**23 is the float 2**23 + c, and one subtraction leaves c exactly
+        out = ((codes | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC).to(DT)
+    return out
 
 
 @triton.jit
 def _load_quant(kc, ks, kz, vc, vs, vz, slot, rows, on, offs_h, D: tl.constexpr, G: tl.constexpr,
-                HALF: tl.constexpr, BITS: tl.constexpr):
+                HALF: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
     """Every load of one quantized tile, issued together (``on`` 0 instead of 1: no memory is touched).
 
     Returns raw key/value code halves, key scale/zero halves (HD,) and the value scales/zeros: per token (CHUNK,)
@@ -150,8 +230,8 @@ def _load_quant(kc, ks, kz, vc, vs, vz, slot, rows, on, offs_h, D: tl.constexpr,
     col_ok = offs_h < HALF * on
     ok = col_ok[None, :]
     row_ok = rows * 0 < on
-    k_lo, k_hi = _load_code_halves(kc, rows, ok, on, offs_h, D, HALF, BITS)
-    v_lo, v_hi = _load_code_halves(vc, rows, ok, on, offs_h, D, HALF, BITS)
+    k_lo, k_hi = _load_code_halves(kc, rows, ok, on, offs_h, D, HALF, BITS, DT)
+    v_lo, v_hi = _load_code_halves(vc, rows, ok, on, offs_h, D, HALF, BITS, DT)
     ks_lo = tl.load(ks + slot * D + offs_h, mask=col_ok, other=0.0)
     ks_hi = tl.load(ks + slot * D + HALF + offs_h, mask=col_ok, other=0.0)
     kz_lo = tl.load(kz + slot * D + offs_h, mask=col_ok, other=0.0)
@@ -212,7 +292,7 @@ def _step_quant(q_lo, q_hi, kc, ks, kz, vc, vs, vz, slot, rows, valid, m_i, l_i,
                 SOFTCAP: tl.constexpr):
     """Fold one tile of a quantized history block: its loads, then :func:`_fold_quant`."""
     k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi = _load_quant(
-        kc, ks, kz, vc, vs, vz, slot, rows, 1, offs_h, D, G, HALF, BITS)
+        kc, ks, kz, vc, vs, vz, slot, rows, 1, offs_h, D, G, HALF, BITS, q_lo.dtype)
     return _fold_quant(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi,
                        valid, m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap, D, G, HALF, BITS, SOFTCAP)
 
@@ -365,8 +445,8 @@ def _walk_quant_group(lo, hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, entry, b, h,
                 nks_lo, nks_hi, nkz_lo, nkz_hi, nvs_lo, nvz_lo, nvs_hi, nvz_hi = _scales(
                     ks, kz, vs, vz, slot_n, slot_n * BS + (cn % CPB) * CHUNK + offs_n, offs_h, D, G, HALF)
                 _, rows, valid = _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS, CHUNK, HAS_MASK)
-                k_lo, k_hi = _load_code_halves(kc, rows, offs_h[None, :] < HALF, 1, offs_h, D, HALF, BITS)
-                v_lo, v_hi = _load_code_halves(vc, rows, offs_h[None, :] < HALF, 1, offs_h, D, HALF, BITS)
+                k_lo, k_hi = _load_code_halves(kc, rows, offs_h[None, :] < HALF, 1, offs_h, D, HALF, BITS, q_lo.dtype)
+                v_lo, v_hi = _load_code_halves(vc, rows, offs_h[None, :] < HALF, 1, offs_h, D, HALF, BITS, q_lo.dtype)
                 m_i, l_i, acc_lo, acc_hi = _fold_quant(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi,
                                                        vs_lo, vz_lo, vs_hi, vz_hi, valid, m_i, l_i, acc_lo, acc_hi,
                                                        offs_h, qk_scale, softcap, D, G, HALF, BITS, SOFTCAP)
