@@ -160,25 +160,29 @@ if importlib.util.find_spec("triton") is not None:
     from hf_adaptive.attention import _triton_kernels
 
     @triton.jit
-    def _decode_bytes(src, dst, H: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
+    def _decode_bytes(src, scale, zero, codes, values, H: tl.constexpr, BITS: tl.constexpr):
         offs = tl.arange(0, 64)[:, None] * 32 + tl.arange(0, 32)[None, :]
-        tl.store(dst + offs, _triton_kernels._codes16(tl.load(src + offs), H, BITS, DT))
+        raw = tl.load(src + offs)
+        tl.store(codes + offs, _triton_kernels._f16_codes(raw, H, BITS))
+        tl.store(values + offs, _triton_kernels._f16_values(raw, tl.load(scale + offs), tl.load(zero + offs), H, BITS))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits,half", [(4, 0), (4, 1), (8, 0)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_code_bytes_decode_exactly_on_gpu(bits, half, dtype):
-    """Guards the PTX decode of packed code bytes (lane order, nibble choice, the exponent trick): every byte value, at
-    every position of a (64, 32) tile, must decode to its code exactly: 4 bits the low (half 0) or high (half 1)
-    nibble, 8 bits the byte."""
-    import triton.language as tl
-
+def test_code_bytes_decode_exactly_on_gpu(bits, half):
+    """Guards the PTX decode of packed code bytes (lane order, nibble choice, the exponent trick, the packed fma):
+    every byte value, at every position of a (64, 32) tile, must decode to its code exactly (4 bits: the low nibble
+    for half 0, the high one for half 1; 8 bits: the byte), and code x scale + zero must be the float16 of the exact
+    value (one rounding)."""
+    g = torch.Generator(device="cuda").manual_seed(bits + half)
     src = (torch.arange(64 * 32, device="cuda") * 7 % 256).to(torch.uint8).reshape(64, 32)
-    dst = torch.empty(64, 32, dtype=dtype, device="cuda")
-    _decode_bytes[(1,)](src, dst, half, bits, tl.bfloat16 if dtype == torch.bfloat16 else tl.float16)
+    scale = (torch.rand(64, 32, device="cuda", generator=g) * 0.1).half()
+    zero = (torch.randn(64, 32, device="cuda", generator=g)).half()
+    codes, values = (torch.empty(64, 32, dtype=torch.float16, device="cuda") for _ in range(2))
+    _decode_bytes[(1,)](src, scale, zero, codes, values, half, bits)
     want = src.int() if bits == 8 else (src.int() >> (4 * half)) & 15
-    assert torch.equal(dst.float(), want.float())
+    assert torch.equal(codes.float(), want.float())
+    assert torch.equal(values, (want.double() * scale.double() + zero.double()).half())
 
 
 @pytest.mark.gpu

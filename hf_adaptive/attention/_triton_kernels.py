@@ -91,7 +91,7 @@ def _load_code_halves(base, rows, ok, on, offs_h, D: tl.constexpr, HALF: tl.cons
 
     4 bits: byte j = channel j | channel j + D/2 << 4, both halves are the same bytes. 8 bits: each half its own
     bytes. When a half fills the tile and holds a multiple of 4 channels, a 16-bit ``DT`` loads the (CHUNK, HALF)
-    bytes as they are (decoded four at a time, :func:`_codes16`) and a float32 one loads (CHUNK, HALF / 4) int32
+    bytes as they are (decoded four at a time, :func:`_f16_codes`) and a float32 one loads (CHUNK, HALF / 4) int32
     words (the test is written inline: Triton 3.6 treats a jit helper's boolean as a runtime value). 2 bits (uint8):
     byte j holds channels j + k·D/4; each half gathers the bytes of its channels.
     """
@@ -119,72 +119,54 @@ def _load_code_halves(base, rows, ok, on, offs_h, D: tl.constexpr, HALF: tl.cons
     return lo, hi
 
 
-@triton.jit
-def _codes16(raw, H: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr):
-    """(CHUNK, HALF) uint8 code bytes to the codes of half ``H`` in the 16-bit ``DT``, four bytes per instruction
-    group (PTX; GPU builds only, the interpreter takes the float32 path).
+def _f16_asm(shift: int, mask: int, dequant: bool) -> tl.constexpr:
+    """PTX for :func:`_f16_codes`: four code bytes ($2) to four float16 lanes ($0, $1), optionally times the scale lanes
+    ($3, $4) plus the zero lanes ($5, $6)."""
+    spread = "prmt.b32 t, $2, 0, 0x4140;\nprmt.b32 u, $2, 0, 0x4342;\n"  # bytes 0, 1 / 2, 3 to the 16-bit lanes
+    if shift:
+        spread += f"shr.u32 t, t, {shift};\nshr.u32 u, u, {shift};\n"
+    field = mask | mask << 16
+    code = (f"lop3.b32 t, t, {field:#010x}, 0x64006400, 0xea;\nlop3.b32 u, u, {field:#010x}, 0x64006400, 0xea;\n"
+            "add.f16x2 t, t, off;\nadd.f16x2 u, u, off;\n")
+    last = ("fma.rn.f16x2 $0, t, $3, $5;\nfma.rn.f16x2 $1, u, $4, $6;" if dequant else "mov.b32 $0, t;\nmov.b32 $1, u;")
+    return tl.constexpr("{.reg .b32 t, u, off;\nmov.b32 off, 0xE400E400;\n" + spread + code + last + "}")
 
-    4 bits: two bytes are spread to the two 16-bit lanes of a register (``prmt``); one ``lop3`` keeps a nibble and
-    writes the exponent of 128 (bf16 ``0x43``; fp16: 1024, ``0x64``) over it, so each lane is 128 + c exactly; one
-    packed ``fma`` subtracts 128: about 1.5 instructions per code instead of a shift, mask, OR, float subtraction
-    and conversion each. 8 bits: ``prmt`` writes the byte into the mantissa of 2**23 (float32), a subtraction leaves
-    c, and one conversion packs two lanes.
+
+F16_CODES_4LO = _f16_asm(0, 0xF, False)
+F16_CODES_4HI = _f16_asm(4, 0xF, False)
+F16_CODES_8 = _f16_asm(0, 0xFF, False)
+F16_VALUES_4LO = _f16_asm(0, 0xF, True)
+F16_VALUES_4HI = _f16_asm(4, 0xF, True)
+F16_VALUES_8 = _f16_asm(0, 0xFF, True)
+
+
+@triton.jit
+def _f16_codes(raw, H: tl.constexpr, BITS: tl.constexpr):
+    """(CHUNK, HALF) uint8 code bytes to the float16 codes of half ``H``, four bytes per PTX group (GPU builds only;
+    the interpreter takes the float32 path).
+
+    Two bytes are spread over the two 16-bit lanes of a register (``prmt``; 4 bits, half 1: shifted down a nibble);
+    one ``lop3`` keeps the code field and writes the exponent of 1024 over it, so each lane is the float16 1024 + c
+    exactly (c < 1024), and a packed add leaves c: 1.5 instructions per code, where a shift, mask, OR, float
+    subtraction and conversion each took 4.5.
     """
     if BITS == 4:
-        if DT == tl.bfloat16:
-            if H == 0:
-                codes = tl.inline_asm_elementwise(
-                    "{.reg .b32 t, u, one, off;\n"
-                    "mov.b32 one, 0x3F803F80;\nmov.b32 off, 0xC300C300;\n"
-                    "prmt.b32 t, $2, 0, 0x4140;\nprmt.b32 u, $2, 0, 0x4342;\n"
-                    "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea;\nlop3.b32 $1, u, 0x000F000F, 0x43004300, 0xea;\n"
-                    "fma.rn.bf16x2 $0, $0, one, off;\nfma.rn.bf16x2 $1, $1, one, off;}",
-                    "=r,=r,r", [raw], dtype=tl.bfloat16, is_pure=True, pack=4)
-            else:
-                codes = tl.inline_asm_elementwise(
-                    "{.reg .b32 t, u, one, off;\n"
-                    "mov.b32 one, 0x3F803F80;\nmov.b32 off, 0xC300C300;\n"
-                    "prmt.b32 t, $2, 0, 0x4140;\nprmt.b32 u, $2, 0, 0x4342;\nshr.u32 t, t, 4;\nshr.u32 u, u, 4;\n"
-                    "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea;\nlop3.b32 $1, u, 0x000F000F, 0x43004300, 0xea;\n"
-                    "fma.rn.bf16x2 $0, $0, one, off;\nfma.rn.bf16x2 $1, $1, one, off;}",
-                    "=r,=r,r", [raw], dtype=tl.bfloat16, is_pure=True, pack=4)
-        else:
-            if H == 0:
-                codes = tl.inline_asm_elementwise(
-                    "{.reg .b32 t, u, one, off;\n"
-                    "mov.b32 one, 0x3C003C00;\nmov.b32 off, 0xE400E400;\n"
-                    "prmt.b32 t, $2, 0, 0x4140;\nprmt.b32 u, $2, 0, 0x4342;\n"
-                    "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xea;\nlop3.b32 $1, u, 0x000F000F, 0x64006400, 0xea;\n"
-                    "fma.rn.f16x2 $0, $0, one, off;\nfma.rn.f16x2 $1, $1, one, off;}",
-                    "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
-            else:
-                codes = tl.inline_asm_elementwise(
-                    "{.reg .b32 t, u, one, off;\n"
-                    "mov.b32 one, 0x3C003C00;\nmov.b32 off, 0xE400E400;\n"
-                    "prmt.b32 t, $2, 0, 0x4140;\nprmt.b32 u, $2, 0, 0x4342;\nshr.u32 t, t, 4;\nshr.u32 u, u, 4;\n"
-                    "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xea;\nlop3.b32 $1, u, 0x000F000F, 0x64006400, 0xea;\n"
-                    "fma.rn.f16x2 $0, $0, one, off;\nfma.rn.f16x2 $1, $1, one, off;}",
-                    "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+        asm: tl.constexpr = F16_CODES_4LO if H == 0 else F16_CODES_4HI
     else:
-        if DT == tl.bfloat16:
-            codes = tl.inline_asm_elementwise(
-                "{.reg .b32 m, f0, f1, f2, f3;\nmov.b32 m, 0x4B000000;\n"
-                "prmt.b32 f0, $2, m, 0x7440;\nprmt.b32 f1, $2, m, 0x7441;\n"
-                "prmt.b32 f2, $2, m, 0x7442;\nprmt.b32 f3, $2, m, 0x7443;\n"
-                "sub.f32 f0, f0, 0f4B000000;\nsub.f32 f1, f1, 0f4B000000;\n"
-                "sub.f32 f2, f2, 0f4B000000;\nsub.f32 f3, f3, 0f4B000000;\n"
-                "cvt.rn.bf16x2.f32 $0, f1, f0;\ncvt.rn.bf16x2.f32 $1, f3, f2;}",
-                "=r,=r,r", [raw], dtype=tl.bfloat16, is_pure=True, pack=4)
-        else:
-            codes = tl.inline_asm_elementwise(
-                "{.reg .b32 m, f0, f1, f2, f3;\nmov.b32 m, 0x4B000000;\n"
-                "prmt.b32 f0, $2, m, 0x7440;\nprmt.b32 f1, $2, m, 0x7441;\n"
-                "prmt.b32 f2, $2, m, 0x7442;\nprmt.b32 f3, $2, m, 0x7443;\n"
-                "sub.f32 f0, f0, 0f4B000000;\nsub.f32 f1, f1, 0f4B000000;\n"
-                "sub.f32 f2, f2, 0f4B000000;\nsub.f32 f3, f3, 0f4B000000;\n"
-                "cvt.rn.f16x2.f32 $0, f1, f0;\ncvt.rn.f16x2.f32 $1, f3, f2;}",
-                "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
-    return codes
+        asm: tl.constexpr = F16_CODES_8
+    return tl.inline_asm_elementwise(asm, "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _f16_values(raw, scale, zero, H: tl.constexpr, BITS: tl.constexpr):
+    """:func:`_f16_codes` times ``scale`` plus ``zero`` (float16 tiles like ``raw``) in one packed fma per two codes,
+    one rounding: the float16 of the stored scale and zero exactly."""
+    if BITS == 4:
+        asm: tl.constexpr = F16_VALUES_4LO if H == 0 else F16_VALUES_4HI
+    else:
+        asm: tl.constexpr = F16_VALUES_8
+    return tl.inline_asm_elementwise(asm, "=r,=r,r,r,r,r,r", [raw, scale, zero], dtype=tl.float16, is_pure=True,
+                                     pack=4)
 
 
 @triton.jit
@@ -206,17 +188,13 @@ def _decode_half(raw, offs_h, H: tl.constexpr, D: tl.constexpr, HALF: tl.constex
     """Codes of half ``H`` (channels ``H * HALF + offs_h``) from its raw loads, in ``DT`` (exact integers)."""
     MASK: tl.constexpr = (1 << BITS) - 1
     ROW_BYTES: tl.constexpr = D * BITS // 8
-    if (BITS == 4 or BITS == 8) and HALF == offs_h.shape[0] and HALF % 4 == 0 and DT != tl.float32:  # bytes
-        out = _codes16(raw, H, BITS, DT)
+    if (BITS == 4 or BITS == 8) and HALF == offs_h.shape[0] and HALF % 4 == 0:  # words (a constexpr test)
+        codes = _word_columns(raw, 4 * H if BITS == 4 else 0, MASK, offs_h.shape[0])
     else:
-        if (BITS == 4 or BITS == 8) and HALF == offs_h.shape[0] and HALF % 4 == 0:  # words (a constexpr test)
-            codes = _word_columns(raw, 4 * H if BITS == 4 else 0, MASK, offs_h.shape[0])
-        else:
-            codes = (raw.to(tl.uint32) >> (((H * HALF + offs_h) // ROW_BYTES) * BITS)[None, :]) & MASK
-        # integer to float without a conversion instruction (those issue at a quarter of the ALU rate): a code
-        # c < 2**23 ORed into the mantissa of 2**23 is the float 2**23 + c, and one subtraction leaves c exactly
-        out = ((codes | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC).to(DT)
-    return out
+        codes = (raw.to(tl.uint32) >> (((H * HALF + offs_h) // ROW_BYTES) * BITS)[None, :]) & MASK
+    # integer to float without a conversion instruction (those issue at a quarter of the ALU rate): a code c < 2**23
+    # ORed into the mantissa of 2**23 is the float 2**23 + c, and one subtraction leaves c exactly
+    return ((codes | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC).to(DT)
 
 
 @triton.jit
@@ -267,22 +245,67 @@ def _pv_half(p, raw, scale, zero, offs_h, H: tl.constexpr, D: tl.constexpr, G: t
 
 
 @triton.jit
-def _fold_quant(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi,
-                valid, m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap, D: tl.constexpr, G: tl.constexpr,
-                HALF: tl.constexpr, BITS: tl.constexpr, SOFTCAP: tl.constexpr):
-    """Fold one quantized tile from its loads (see :func:`_load_quant`): keys per channel of the block (scale
-    folded into the query, zero into a per-row constant), values per token group."""
-    DT = q_lo.dtype
+def _per_token(x, like, G: tl.constexpr, HALF: tl.constexpr):
+    """Value scales/zeros as a float16 tile shaped ``like``: per token (CHUNK,) broadcast over the half's channels when a
+    half lies in one group (G >= D/2), else already (CHUNK, HD)."""
+    if G >= HALF:
+        out = tl.broadcast_to(x.to(tl.float16)[:, None], like.shape)
+    else:
+        out = x.to(tl.float16)
+    return out
+
+
+@triton.jit
+def _fold_dequant16(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi,
+                    valid, m_i, l_i, acc_lo, acc_hi, qk_scale, softcap, G: tl.constexpr, HALF: tl.constexpr,
+                    BITS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """:func:`_fold_quant` for 16-bit models, float16 dots: the key scales fold into the query (one float16 dot per
+    half; float16 keeps 11 bits of q · s, more than the bf16 keys of a dequantized cache), the key zeros into a
+    per-row constant; the values are dequantized per token in registers (:func:`_f16_values`)."""
+    F16: tl.constexpr = tl.float16
+    HI: tl.constexpr = 1 if BITS == 4 else 0
     qf_lo = q_lo.to(tl.float32)
     qf_hi = q_hi.to(tl.float32)
     qz = tl.sum(qf_lo * kz_lo.to(tl.float32)[None, :], 1) + tl.sum(qf_hi * kz_hi.to(tl.float32)[None, :], 1)
-    c_lo = tl.trans(_decode_half(k_lo, offs_h, 0, D, HALF, BITS, DT))
-    c_hi = tl.trans(_decode_half(k_hi, offs_h, 1, D, HALF, BITS, DT))
-    s = (_dot_split(qf_lo * ks_lo.to(tl.float32)[None, :], c_lo, DT)
-         + _dot_split(qf_hi * ks_hi.to(tl.float32)[None, :], c_hi, DT))
+    s = (tl.dot((qf_lo * ks_lo.to(tl.float32)[None, :]).to(F16), tl.trans(_f16_codes(k_lo, 0, BITS)))
+         + tl.dot((qf_hi * ks_hi.to(tl.float32)[None, :]).to(F16), tl.trans(_f16_codes(k_hi, HI, BITS))))
     p, m_i, l_i, alpha = _softmax_fold(s + qz[:, None], valid, m_i, l_i, qk_scale, softcap, SOFTCAP)
-    acc_lo = acc_lo * alpha[:, None] + _pv_half(p, v_lo, vs_lo, vz_lo, offs_h, 0, D, G, HALF, BITS, DT)
-    acc_hi = acc_hi * alpha[:, None] + _pv_half(p, v_hi, vs_hi, vz_hi, offs_h, 1, D, G, HALF, BITS, DT)
+    pd = p.to(F16)
+    vf_lo = _f16_values(v_lo, _per_token(vs_lo, v_lo, G, HALF), _per_token(vz_lo, v_lo, G, HALF), 0, BITS)
+    vf_hi = _f16_values(v_hi, _per_token(vs_hi, v_hi, G, HALF), _per_token(vz_hi, v_hi, G, HALF), HI, BITS)
+    acc_lo = acc_lo * alpha[:, None] + tl.dot(pd, vf_lo)
+    acc_hi = acc_hi * alpha[:, None] + tl.dot(pd, vf_hi)
+    return m_i, l_i, acc_lo, acc_hi
+
+
+@triton.jit
+def _fold_quant(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi,
+                valid, m_i, l_i, acc_lo, acc_hi, offs_h, qk_scale, softcap, D: tl.constexpr, G: tl.constexpr,
+                HALF: tl.constexpr, BITS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Fold one quantized tile from its loads (see :func:`_load_quant`): keys per channel of the block, values per
+    token group.
+
+    16-bit models, whole halves of 4/8-bit bytes (:func:`_fold_dequant16`): float16 dots, one per half for the keys,
+    values dequantized in registers. Otherwise (float32 models, the interpreter, 2 bits, narrow halves) the integer
+    codes go into the dots: the key scale folds into the query (split in two for twice the dtype's mantissa), the
+    key zero into a per-row constant, and the value scale/zero into p and a row sum (:func:`_pv_half`).
+    """
+    DT = q_lo.dtype
+    if (BITS == 4 or BITS == 8) and HALF == offs_h.shape[0] and HALF % 4 == 0 and DT != tl.float32:
+        m_i, l_i, acc_lo, acc_hi = _fold_dequant16(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi,
+                                                   vs_lo, vz_lo, vs_hi, vz_hi, valid, m_i, l_i, acc_lo, acc_hi,
+                                                   qk_scale, softcap, G, HALF, BITS, SOFTCAP)
+    else:
+        qf_lo = q_lo.to(tl.float32)
+        qf_hi = q_hi.to(tl.float32)
+        qz = tl.sum(qf_lo * kz_lo.to(tl.float32)[None, :], 1) + tl.sum(qf_hi * kz_hi.to(tl.float32)[None, :], 1)
+        c_lo = tl.trans(_decode_half(k_lo, offs_h, 0, D, HALF, BITS, DT))
+        c_hi = tl.trans(_decode_half(k_hi, offs_h, 1, D, HALF, BITS, DT))
+        s = (_dot_split(qf_lo * ks_lo.to(tl.float32)[None, :], c_lo, DT)
+             + _dot_split(qf_hi * ks_hi.to(tl.float32)[None, :], c_hi, DT))
+        p, m_i, l_i, alpha = _softmax_fold(s + qz[:, None], valid, m_i, l_i, qk_scale, softcap, SOFTCAP)
+        acc_lo = acc_lo * alpha[:, None] + _pv_half(p, v_lo, vs_lo, vz_lo, offs_h, 0, D, G, HALF, BITS, DT)
+        acc_hi = acc_hi * alpha[:, None] + _pv_half(p, v_hi, vs_hi, vz_hi, offs_h, 1, D, G, HALF, BITS, DT)
     return m_i, l_i, acc_lo, acc_hi
 
 
