@@ -54,7 +54,9 @@ class DecodeKernelConfig:
 
     Attributes:
         chunk: tokens per inner-loop tile (power of two, 16..block_size); default 64, 32 for D = 256.
-        num_warps: warps per program; default 4, 8 for D >= 128.
+        num_warps: warps per program; default 8 for D >= 128, else 2 for 16-bit models (their quantized tiles fold
+            through float16 dots; on an H100 two warps beat four at every measured shape,
+            ``eval/results/kv_decode_kernel_f16_fold_h100``) and 4 for float32 ones.
         waves: target number of programs per SM when choosing the number of splits.
         max_splits: upper bound on splits per (batch, kv head).
         num_stages: Triton software-pipelining stages of the launch. The default 5 copies a static view's code tiles
@@ -195,7 +197,7 @@ def _plan_launch(query: torch.Tensor, packed: PackedKV, sliding_window: int | No
     splits = _choose_splits(n_chunks - first_chunk, B * H, query.device, config)
     per_split = max(1, -(-(n_chunks - first_chunk) // splits))
     return _LaunchPlan(Hq // H, H, chunk, n_hist_chunks, n_tail, window, first_chunk, splits, per_split,
-                       config.num_warps or (8 if D >= 128 else 4))
+                       config.num_warps or (8 if D >= 128 else 4 if query.dtype == torch.float32 else 2))
 
 
 @functools.lru_cache(maxsize=8)
