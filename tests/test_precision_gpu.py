@@ -178,3 +178,55 @@ def test_fused_graph_decode_equals_eager_controller_path(lag):
     assert torch.equal(runs[0][0], runs[1][0])
     assert runs[0][1] == runs[1][1] and runs[0][2] == runs[1][2]
     assert len(set(runs[1][1])) == 2, runs[1][1]
+
+
+def test_graph_capture_collects_first_and_never_inside():
+    """Guards the decoders' captures against Python's garbage collector: dead CUDA objects of earlier work (pinned
+    buffers, events held by reference cycles) are collected before the capture, no collection runs inside it however
+    often the captured code allocates, the collector is back on afterwards, and the captured work replays exactly."""
+    import gc
+    import weakref
+
+    from hf_adaptive.precision.capture import graph_capture
+
+    class Holder:
+        pass
+
+    x = torch.ones(1024, device="cuda")
+    threshold = gc.get_threshold()
+    collections: list[str] = []
+    inside = False
+
+    def watch(phase: str, info: dict) -> None:
+        if phase == "start" and inside:
+            collections.append(f"generation {info['generation']}")
+
+    try:
+        gc.disable()
+        holder = Holder()
+        holder.host, holder.event, holder.self = torch.empty(1024, pin_memory=True), torch.cuda.Event(), holder
+        holder.host.copy_(x, non_blocking=True)
+        holder.event.record()
+        dead = weakref.ref(holder)
+        del holder
+        gc.enable()
+        gc.set_threshold(1)
+        gc.callbacks.append(watch)
+        graph = torch.cuda.CUDAGraph()
+        with graph_capture(graph):
+            inside = True
+            assert dead() is None, "the dead cycle must be collected before the capture starts"
+            y = x
+            for _ in range(50):
+                y = y * 2 - x
+                _ = [Holder() for _ in range(20)]  # container allocations: what triggers a collection
+            inside = False
+        assert gc.isenabled()
+        graph.replay()
+        assert torch.equal(y, x)
+        assert collections == []
+    finally:
+        if watch in gc.callbacks:
+            gc.callbacks.remove(watch)
+        gc.set_threshold(*threshold)
+        gc.enable()

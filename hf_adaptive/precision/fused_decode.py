@@ -27,6 +27,7 @@ from contextlib import nullcontext
 
 import torch
 
+from hf_adaptive.precision.capture import graph_capture
 from hf_adaptive.precision.controller import PrecisionController
 from hf_adaptive.precision.device_decision import DeviceDecision
 from hf_adaptive.precision.graph_decode import GraphDecodeEngine
@@ -108,7 +109,7 @@ class FusedStepDecoder:
         with self.engine.tiers.use(tier):
             self._warm_up()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), self.engine.attention_backends():
+            with graph_capture(graph), self.engine.attention_backends():
                 self._step_fn()
         self.graphs[tier] = graph
 

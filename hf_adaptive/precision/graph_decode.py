@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import StaticCache
 
 from hf_adaptive.compat import cache_kwarg_name
+from hf_adaptive.precision.capture import graph_capture
 from hf_adaptive.precision.tiers import PrecisionTiers
 from hf_adaptive.validation import check_number, check_type
 
@@ -178,7 +179,7 @@ class GraphDecodeEngine:
     def _capture(self, q: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         self._warm_up(q)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), self.attention_backends():
+        with graph_capture(graph), self.attention_backends():
             out = self._step_forward(self.ids[:, :q])
         return graph, out
 
