@@ -126,6 +126,8 @@ def run_mode(model, tiers: PrecisionTiers, mode: str, spec, ids, cache_for_call,
             report = ctl.telemetry.report()  # the last timed call's steps
             row.update(int4_fraction=report["tier_fraction"].get(tiers.fast, 0.0), switches=report["switches"],
                        controller_overhead_us=report["controller_overhead_us"],
+                       controller_queue_us=report["controller_queue_us"],
+                       controller_decide_us=report["controller_decide_us"],
                        host_read_wait_us=report["host_read_wait_us"])
         else:
             row["int4_fraction"] = 1.0 if mode == "int4" else 0.0
@@ -222,7 +224,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 COLUMNS = ["cache", "context", "batch", "mode", "decode_ms_per_token", "vs_native", "predicted_ms", "vs_predicted",
-           "int4_fraction", "switches", "controller_overhead_us", "recompiles_after_warmup", "captures_after_warmup",
+           "int4_fraction", "switches", "controller_overhead_us", "controller_queue_us",
+           "controller_decide_us", "controller_overhead_p50_us", "recompiles_after_warmup", "captures_after_warmup",
            "skipped"]
 
 
@@ -235,10 +238,15 @@ def write_results(rows: list[dict], args, card: str, tiers: PrecisionTiers, wall
                       new_tokens=args.new_tokens, repeats=args.repeats, tiers=list(tiers.ladder),
                       wall_s=round(wall_s, 1), configurations_done=done, configurations_planned=planned)
     table = [{k: (r.get(k).get("mean") if isinstance(r.get(k), dict) else r.get(k)) for k in COLUMNS} for r in rows]
+    for line, r in zip(table, rows):
+        if isinstance(r.get("controller_overhead_us"), dict):
+            line["controller_overhead_p50_us"] = r["controller_overhead_us"]["p50"]
     stem = args.name or f"bench_precision_generate_{args.shape}"
     notes = (f"Timed through model.generate only ({args.repeats} calls after one warm-up per mode, {args.new_tokens} "
              "new tokens). `vs_predicted` = ms/token over (1 - f) native + f int4, both measured in this run. "
-             "`controller_overhead_us`: the controller's own host time per step (mean).\n")
+             "`controller_overhead_us`: the controller's own host time per step (mean; p50 beside it), split into "
+             "`controller_queue_us` (queueing the scores' copy in `__call__`, while the device still runs the "
+             "forward) and `controller_decide_us` (reading it and deciding, in the next forward's pre-hook).\n")
     write_report(args.out, stem, {"rows": rows, "args": vars(args)}, env, markdown_table(table, COLUMNS),
                  f"Precision switching through model.generate: random-init {args.shape} on {card}", notes)
     plot(Path(args.out) / f"{stem}.png", rows, f"model.generate, {args.shape} {args.dtype} on {card}")

@@ -82,8 +82,23 @@ def test_controller_records_a_wait_per_step():
     with PrecisionController(tiers) as ctl:
         tiers.model.generate(ids, max_new_tokens=6, do_sample=False, logits_processor=[ctl])
     t = ctl.telemetry
-    assert len(t.wait_ns) == len(t.overhead_ns) == len(t.tiers) == 6
+    assert len(t.wait_ns) == len(t.overhead_ns) == len(t.queue_ns) == len(t.tiers) == 6
     assert all(w >= 0 for w in t.wait_ns) and all(o > 0 for o in t.overhead_ns)
+    # every step was queued by __call__ and decided later: both halves are timed and add up to the overhead
+    assert all(0 < q < o for q, o in zip(t.queue_ns, t.overhead_ns))
+    rep = t.report()
+    total = rep["controller_queue_us"]["mean"] + rep["controller_decide_us"]["mean"]
+    assert abs(total - rep["controller_overhead_us"]["mean"]) < 1e-6
+
+
+def test_telemetry_refuses_a_queue_half_larger_than_the_step():
+    """Guards the split of the controller's host time: the queue half is part of the step's overhead, never more."""
+    from hf_adaptive.precision.telemetry import PrecisionTelemetry
+
+    t = PrecisionTelemetry()
+    with pytest.raises(ValueError, match="queue_ns must be within"):
+        t.record_step("int4", [0.5], overhead_ns=1_000, queue_ns=2_000)
+    assert t.tiers == [] and t.queue_ns == []
 
 
 def _compiled_generate_runs():

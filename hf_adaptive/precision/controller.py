@@ -247,7 +247,8 @@ class PrecisionController(LogitsProcessor):
             _, wait = read_with_wait(queued.event.synchronize)
         scores = queued.host.tolist()
         self.tiers.set(self.policy.decide(scores))
-        self._telemetry.record_step(queued.tier, scores, queued.queue_ns + time.perf_counter_ns() - start - wait, wait)
+        self._telemetry.record_step(queued.tier, scores, queued.queue_ns + time.perf_counter_ns() - start - wait, wait,
+                                    queue_ns=queued.queue_ns)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self._hooks:

@@ -53,6 +53,7 @@ class PrecisionTelemetry:
     scores: list[float] = field(default_factory=list)     # every per-sequence confidence seen
     overhead_ns: list[int] = field(default_factory=list)  # controller's own host time per step (waits excluded)
     wait_ns: list[int] = field(default_factory=list)      # time its host read waited for the device per step
+    queue_ns: list[int] = field(default_factory=list)     # the part of overhead_ns spent queueing the scores' copy
     switches: int = 0
     agree: list[int] = field(default_factory=lambda: [0] * N_BUCKETS)
     checked: list[int] = field(default_factory=lambda: [0] * N_BUCKETS)
@@ -60,15 +61,22 @@ class PrecisionTelemetry:
     def reset(self) -> None:
         self.__init__()
 
-    def record_step(self, tier: str, scores: list[float], overhead_ns: int = 0, wait_ns: int = 0) -> None:
+    def record_step(self, tier: str, scores: list[float], overhead_ns: int = 0, wait_ns: int = 0,
+                    queue_ns: int = 0) -> None:
         """One decode step: the tier its forward ran in, the confidences it produced, the controller's own host
-        time and (apart) the time its host read waited for the device."""
+        time, the part of it spent queueing the scores' copy (a controller that decides later, inside the next
+        forward's pre-hook, splits its time in two halves; the queue half overlaps the device's work) and, apart,
+        the time its host read waited for the device."""
+        if not 0 <= queue_ns <= max(overhead_ns, 0):
+            raise ValueError(f"PrecisionTelemetry.record_step: queue_ns must be within [0, overhead_ns="
+                             f"{overhead_ns}], got {queue_ns}; pass the queue half of the step's own host time")
         if self.tiers and self.tiers[-1] != tier:
             self.switches += 1
         self.tiers.append(tier)
         self.scores.extend(scores)
         self.overhead_ns.append(int(overhead_ns))
         self.wait_ns.append(int(wait_ns))
+        self.queue_ns.append(int(queue_ns))
 
     def record_agreement(self, score: float, agreed: bool) -> None:
         """A low-tier token was compared with the top tier's; ``score`` is the low tier's confidence."""
@@ -78,7 +86,9 @@ class PrecisionTelemetry:
 
     def report(self) -> dict:
         """JSON-serializable summary (fractions in [0, 1], times in µs). ``controller_overhead_us`` is the
-        controller's own host time per step; ``host_read_wait_us`` the time its host read waited for the device."""
+        controller's own host time per step; ``controller_queue_us`` the part of it spent queueing the scores' copy
+        (in ``LogitsProcessor.__call__``), the rest deciding (``controller_decide_us``); ``host_read_wait_us`` the
+        time its host read waited for the device."""
         n = len(self.tiers)
         counts = Counter(self.tiers)
         hist = [0] * N_BUCKETS
@@ -92,6 +102,8 @@ class PrecisionTelemetry:
             "confidence_histogram": {"bucket_edges": [i / N_BUCKETS for i in range(N_BUCKETS + 1)],
                                      "counts": hist},
             "controller_overhead_us": _micros(self.overhead_ns),
+            "controller_queue_us": _micros(self.queue_ns),
+            "controller_decide_us": _micros([o - q for o, q in zip(self.overhead_ns, self.queue_ns)]),
             "host_read_wait_us": _micros(self.wait_ns),
             "confidence_accuracy": [
                 {"bucket": [i / N_BUCKETS, (i + 1) / N_BUCKETS], "checked": c,
