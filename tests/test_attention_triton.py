@@ -237,6 +237,9 @@ INTERPRETER_CASES = [
          dtype="float16", chunk=16, pad=(21,), static=True, book=True),  # two chunks per block, groups out of order
     Case(head_dim=64, group=4, batch=2, block_size=16, block_bits=(4,) * 9, tail=11, value_group=64,
          dtype="float32", static=True, book=True),  # one precision: splits cut through the 4-bit group
+    Case(head_dim=32, group=4, batch=2, block_size=32, block_bits=(4, 16, 4, 8, 4, 16, 4, 4), tail=5, value_group=16,
+         dtype="float16", chunk=16, pad=(0, 150), static=True, book=True),  # padding ends mid-chunk, deep in a
+    # precision group: each chunk's mask bytes are prefetched a chunk ahead, through the block's logical index
 ]
 
 
@@ -275,6 +278,42 @@ def test_kernel_compiles_for_hopper(head_dim, value_group, device_lens, dtype):
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": 8})
     assert "cubin" in kernel.asm and len(kernel.asm["cubin"]) > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_book_walk_prefetches_the_key_mask():
+    """Guards the speed of the caches' path inside ``model.generate``, which always passes a key mask: Triton's
+    pipeliner does not copy the mask ahead (it feeds no dot), so each history walk loads a chunk's mask bytes one chunk
+    early and carries them into the next iteration. A mask load whose bytes are compared in the iteration that loads
+    them waits a memory round trip per chunk; only the exact tail's loop (one or two chunks) may do that."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hf_adaptive.attention import triton_decode
+
+    const = dict(GROUP=4, GP=16, D=64, HD=32, G=64, BS=64, CHUNK=64, HAS8=True, HAS4=True, HAS2=False,
+                 HAS_MASK=True, WINDOW=0, SOFTCAP=False, F32_DOTS=False, DEVICE_LENS=True, BOOK=True)
+    kernel = triton.compile(ASTSource(fn=triton_decode.kernels.decode_split_kernel,
+                                      signature=triton_decode.kernel_signature(const), constexprs=const),
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 2, "num_stages": triton_decode.DecodeKernelConfig().num_stages})
+    lines = kernel.asm["ttgir"].splitlines()
+    carried, compared = 0, 0
+    for i, line in enumerate(lines):
+        load = re.search(r"(%[\w.]+) = tt\.load .*tensor<64x!tt\.ptr<i8>,", line)
+        if load is None:
+            continue
+        used = re.compile(re.escape(load.group(1)) + r"\b")
+        for later in lines[i + 1:]:  # up to the loop that takes the bytes in, or the end of the loop that loads them
+            if "scf.yield" in later or "scf.for" in later:
+                carried += 1
+                break
+            if used.search(later):
+                compared += 1
+                break
+    assert carried >= 3, f"the 16-, 8- and 4-bit walks should carry prefetched mask bytes; {carried} do"
+    assert compared <= 1, f"{compared} mask loads are compared in the iteration that loads them (the tail's may)"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")

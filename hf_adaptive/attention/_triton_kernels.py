@@ -427,6 +427,44 @@ def _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS: tl.constexpr, C
 
 
 @triton.jit
+def _block_keys(log_block, c, mask_row, n_total, offs_n, BS: tl.constexpr, CHUNK: tl.constexpr):
+    """The padding mask's bytes behind virtual chunk ``c`` (given its block's logical index), 0 past ``n_total``: raw
+    int8, so a prefetch carries the load itself and the comparison waits for it only where the keys are used."""
+    pos = log_block * BS + (c % (BS // CHUNK)) * CHUNK + offs_n
+    return tl.load(mask_row.to(tl.pointer_type(tl.int8)) + pos, mask=pos < n_total, other=0)
+
+
+@triton.jit
+def _first_keys(lo, hi, glog, mask_row, n_total, offs_n, BS: tl.constexpr, CHUNK: tl.constexpr,
+                HAS_MASK: tl.constexpr):
+    """Start of a walk's mask prefetch over chunks [lo, hi): chunk ``lo``'s mask bytes (nonzero = attended) and the
+    logical block of chunk ``lo + 1`` (clamped to the range). Without a mask every key of a history chunk is attended."""
+    CPB: tl.constexpr = BS // CHUNK
+    keys = (offs_n < CHUNK).to(tl.int8)
+    log_n = lo * 0
+    if HAS_MASK:  # indices clamped into the table: an empty range still reads inside the book
+        keys = _block_keys(tl.load(glog + tl.maximum(tl.minimum(lo, hi - 1), 0) // CPB), lo, mask_row, n_total,
+                           offs_n, BS, CHUNK)
+        log_n = tl.load(glog + tl.maximum(tl.minimum(lo + 1, hi - 1), 0) // CPB)
+    return keys, log_n
+
+
+@triton.jit
+def _next_keys(c, hi, log_n, keys, glog, mask_row, n_total, offs_n, BS: tl.constexpr, CHUNK: tl.constexpr,
+               HAS_MASK: tl.constexpr):
+    """One step of the mask prefetch, issued while chunk ``c`` is folded: chunk ``c + 1``'s mask bytes (from the block
+    index loaded a step earlier) and the logical block of chunk ``c + 2``.
+
+    Triton's pipeliner copies the code tiles ahead but not the mask (it feeds no dot); loaded and compared in the
+    chunk that reads it, every chunk of a masked walk (``model.generate`` always passes a mask) would wait a memory
+    round trip."""
+    if HAS_MASK:
+        keys = _block_keys(log_n, tl.minimum(c + 1, hi - 1), mask_row, n_total, offs_n, BS, CHUNK)
+        log_n = tl.load(glog + tl.minimum(c + 2, hi - 1) // (BS // CHUNK))
+    return keys, log_n
+
+
+@triton.jit
 def _scales(ks, kz, vs, vz, slot, rows, offs_h, D: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr):
     """Key scale/zero halves (HD,) of block ``slot`` and per-token value scale/zero halves (CHUNK,) of ``rows``: the
     loads of a quantized tile besides its codes, for whole halves (HD == D/2) each one value group (G >= D/2)."""
@@ -462,12 +500,16 @@ def _walk_quant_group(lo, hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, entry, b, h,
             slot_n = tl.load(gslot + tl.minimum(lo + 1, hi - 1) // CPB)
             ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi = _scales(
                 ks, kz, vs, vz, slot, slot * BS + (lo % CPB) * CHUNK + offs_n, offs_h, D, G, HALF)
+            keys, log_n = _first_keys(lo, hi, glog, mask_row, n_total, offs_n, BS, CHUNK, HAS_MASK)
             for c in range(lo, hi):
                 slot_nn = tl.load(gslot + tl.minimum(c + 2, hi - 1) // CPB)
                 cn = tl.minimum(c + 1, hi - 1)
                 nks_lo, nks_hi, nkz_lo, nkz_hi, nvs_lo, nvz_lo, nvs_hi, nvz_hi = _scales(
                     ks, kz, vs, vz, slot_n, slot_n * BS + (cn % CPB) * CHUNK + offs_n, offs_h, D, G, HALF)
-                _, rows, valid = _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS, CHUNK, HAS_MASK)
+                keys_n, log_n = _next_keys(c, hi, log_n, keys, glog, mask_row, n_total, offs_n, BS, CHUNK,
+                                           HAS_MASK)
+                _, rows, _ = _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS, CHUNK, False)
+                valid = keys != 0
                 k_lo, k_hi = _load_code_halves(kc, rows, offs_h[None, :] < HALF, 1, offs_h, D, HALF, BITS, q_lo.dtype)
                 v_lo, v_hi = _load_code_halves(vc, rows, offs_h[None, :] < HALF, 1, offs_h, D, HALF, BITS, q_lo.dtype)
                 m_i, l_i, acc_lo, acc_hi = _fold_quant(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, ks_lo, ks_hi, kz_lo, kz_hi,
@@ -476,6 +518,7 @@ def _walk_quant_group(lo, hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, entry, b, h,
                 ks_lo, ks_hi, kz_lo, kz_hi, vs_lo, vz_lo, vs_hi, vz_hi = (nks_lo, nks_hi, nkz_lo, nkz_hi, nvs_lo,
                                                                           nvz_lo, nvs_hi, nvz_hi)
                 slot_n = slot_nn
+                keys = keys_n
     else:
         for c in range(lo, hi):
             slot, rows, valid = _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS, CHUNK, HAS_MASK)
@@ -498,10 +541,13 @@ def _walk_groups(c_lo, c_hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, book, book_bl
     starts = book + BOOK_SIZE + TABLE_ROWS * book_blocks
     lo, hi = _group_range(starts, GROUP16, c_lo, c_hi, n_hist_chunks, CPB)
     fk, fv, sf_r = _book_rows16(book, like_ptr, b, h)
+    keys, log_n = _first_keys(lo, hi, glog, mask_row, n_total, offs_n, BS, CHUNK, HAS_MASK)
     for c in range(lo, hi):
-        _, rows, valid = _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS, CHUNK, HAS_MASK)
-        m_i, l_i, acc_lo, acc_hi = _step16(q_lo, q_hi, fk, fv, rows, offs_n < CHUNK, sf_r, valid, m_i, l_i, acc_lo,
-                                           acc_hi, offs_h, qk_scale, softcap, HALF, SOFTCAP)
+        keys_n, log_n = _next_keys(c, hi, log_n, keys, glog, mask_row, n_total, offs_n, BS, CHUNK, HAS_MASK)
+        _, rows, _ = _grouped_rows(c, gslot, glog, mask_row, n_total, offs_n, BS, CHUNK, False)
+        m_i, l_i, acc_lo, acc_hi = _step16(q_lo, q_hi, fk, fv, rows, offs_n < CHUNK, sf_r, keys != 0, m_i, l_i,
+                                           acc_lo, acc_hi, offs_h, qk_scale, softcap, HALF, SOFTCAP)
+        keys = keys_n
     if HAS8:
         lo, hi = _group_range(starts, GROUP8, c_lo, c_hi, n_hist_chunks, CPB)
         m_i, l_i, acc_lo, acc_hi = _walk_quant_group(lo, hi, q_lo, q_hi, m_i, l_i, acc_lo, acc_hi, book + BOOK8, b, h,
