@@ -1,9 +1,11 @@
 """GPU A/B of decode-kernel sources: the same launcher, several versions of ``_triton_kernels.py``, one run.
 
 A kernel change is judged on the path the caches launch, not only on the benchmark's: each shape is timed through a
-plain packed view (tables passed to the kernel, as ``bench_decode_attention.py`` does) and through a static view that
-reaches its pools through an address book with device lengths (what ``AdaptiveStaticKVCache`` hands the kernel inside
-``model.generate``), for a history of one precision and for one that mixes 8- and 4-bit blocks. Every (variant, view, chunk, register cap)
+plain packed view (tables passed to the kernel, as ``bench_decode_attention.py`` does), through a static view that
+reaches its pools through an address book with device lengths (``book``), and through that view with the key mask
+``model.generate`` always passes (``book_mask``: every key attended, the mask padded to the view's capacity, exactly what
+``AdaptiveStaticKVCache`` hands the kernel inside ``generate``), for a history of one precision and for one that mixes
+8- and 4-bit blocks. Every (variant, view, chunk, register cap)
 is timed with CUDA-graph replays over inputs rotated past the L2 cache (``bench_decode_attention.cold_copies``),
 and checked against dequantize + sdpa.
 
@@ -29,6 +31,7 @@ from _common import environment, pyplot, save_figure, time_op  # first: sets the
 
 SHAPES = [(1, 65536, 4, True), (1, 65536, 4, False), (8, 4096, 4, True), (8, 32768, 4, True), (8, 32768, 4, False),
           (8, 32768, 8, True)]  # (batch, context, bits, mixed: one block at 8 bits among the others)
+VIEWS = ("plain", "book", "book_mask")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,8 +42,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-registers", default="none,168,128", help="DecodeKernelConfig.max_registers values")
     p.add_argument("--stages", default="3", help="DecodeKernelConfig.num_stages values (Triton's pipelining depth)")
     p.add_argument("--warps", default="none", help="DecodeKernelConfig.num_warps values (none: the head dim's default)")
+    p.add_argument("--views", default=",".join(VIEWS), help=f"comma-separated subset of {VIEWS}")
     p.add_argument("--render", type=Path, default=None, help="only re-render the report of this results.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.views = [v.strip() for v in args.views.split(",") if v.strip()]
+    unknown = sorted(set(args.views) - set(VIEWS))
+    if unknown or not args.views:
+        p.error(f"--views={','.join(args.views)}: each must be one of {VIEWS} (at least one); unknown {unknown}")
+    return args
 
 
 def load_variant(name: str, path: Path):
@@ -75,20 +84,21 @@ def run(args) -> dict:
         n_bytes = bda.packed_bytes(packed)
         copies = [(q, packed)] + [bda.make_inputs(batch, context, bits, seed=i, mixed=mixed)[::3]
                                   for i in range(1, bda.cold_copies(n_bytes))]
-        views = {"plain": copies, "book": [(c[0], _as_static(c[1], None, {}, True)) for c in copies]}
+        views = {view: [(c[0], *_view(view, c[1], _as_static)) for c in copies] for view in args.views}
         want = torch.nn.functional.scaled_dot_product_attention(q, *gather_packed_kv(packed, q.dtype), scale=0.125,
                                                                 enable_gqa=True).float()
         out = torch.empty_like(q)
         for name, module in modules.items():
             triton_decode.kernels = module
             for view, inputs in views.items():
-                got = triton_decode.triton_decode_attention(inputs[0][0], inputs[0][1], scaling=0.125).float()
+                got = triton_decode.triton_decode_attention(inputs[0][0], inputs[0][1], scaling=0.125,
+                                                            key_mask=inputs[0][2]).float()
                 rel_err = ((got - want).abs().max() / want.abs().max()).item()
                 for chunk, cap, stage, warp in itertools.product(chunks, caps, stages, warps):
                     cfg = triton_decode.DecodeKernelConfig(chunk=chunk, max_registers=cap, num_stages=stage,
                                                            num_warps=warp)
                     fn = bda.rotating([lambda c=c, cfg=cfg: triton_decode.triton_decode_attention(
-                        c[0], c[1], scaling=0.125, out=out, config=cfg) for c in inputs])
+                        c[0], c[1], scaling=0.125, out=out, config=cfg, key_mask=c[2]) for c in inputs])
                     us = time_op(fn, 10, 20) / len(inputs)
                     rows.append(dict(variant=name, view=view, batch=batch, context=context, bits=bits,
                                      mixed=mixed, chunk=chunk, maxreg=cap, stages=stage, warps=warp, us=us,
@@ -101,6 +111,20 @@ def run(args) -> dict:
     return {"env": environment("cuda"), "variants": sources, "rows": rows}
 
 
+def _view(view: str, packed, as_static) -> tuple:
+    """(packed view, key mask or None) of one input copy as ``view`` reads it."""
+    import torch
+
+    if view == "plain":
+        return packed, None
+    if view == "book":
+        return as_static(packed, None, {}, True), None
+    kw: dict = {}  # book_mask: every key attended; as_static widens the mask to the view's capacity (False past it)
+    static = as_static(packed, torch.ones(packed.tail_k.shape[0], packed.num_tokens, dtype=torch.bool,
+                                          device=packed.tail_k.device), kw, True)
+    return static, kw["key_mask"]
+
+
 def write_report(result: dict, out: Path) -> None:
     """results.md: per shape and view, µs and GB/s of every variant at every launch setting; a PNG of the defaults."""
     env = result["env"]
@@ -109,7 +133,8 @@ def write_report(result: dict, out: Path) -> None:
              "Variants: " + ", ".join(f"`{n}` = {v['path']} (sha256 {v['sha256'][:12]})"
                                       for n, v in result["variants"].items()), "",
              "µs per call (CUDA-graph replays over inputs rotated past L2); GB/s = packed bytes / time. "
-             "`book`: the static view with an address book and device lengths (the adaptive caches' path).", "",
+             "`book`: the static view with an address book and device lengths; `book_mask`: the same with the key "
+             "mask `model.generate` passes (the adaptive caches' path inside `generate`).", "",
              "| batch | context | bits | mixed | view | variant | chunk | max registers | stages | warps | µs | GB/s | "
              "rel err |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

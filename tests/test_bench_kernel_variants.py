@@ -39,3 +39,24 @@ def test_empty_variant_list_is_refused(tmp_path):
     script = load_eval_script("bench_kernel_variants")
     with pytest.raises(SystemExit, match="--variants is empty"):
         script.run(script.parse_args(["--out", str(tmp_path)]))
+
+
+def test_book_mask_view_is_the_mask_generate_passes():
+    """Guards the A/B against timing a path generate never takes: the ``book_mask`` view must carry a key mask over
+    the static view's whole capacity, attending every stored key and none past them (as the static cache's padded
+    mask does), while ``plain`` and ``book`` carry none."""
+    import torch
+
+    from hf_adaptive.kv.build import pack_dense_kv
+    from test_attention_triton import _as_static
+
+    script = load_eval_script("bench_kernel_variants")
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 2, 83, 32, generator=g), torch.randn(2, 2, 83, 32, generator=g)
+    packed = pack_dense_kv(k, v, [4, 8, 4, 16, 4], block_size=16, value_group=16, spare_slots=2, seed=0)
+    assert script._view("plain", packed, _as_static)[1] is None
+    assert script._view("book", packed, _as_static)[1] is None
+    view, mask = script._view("book_mask", packed, _as_static)
+    assert view.book is not None and mask.dtype == torch.bool
+    assert mask.shape == (2, view.max_tokens) and view.max_tokens > packed.num_tokens
+    assert mask[:, : packed.num_tokens].all() and not mask[:, packed.num_tokens:].any()
