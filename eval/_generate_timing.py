@@ -2,6 +2,13 @@
 
 decode ms/token = (t(N new tokens) - t(1 new token)) / (N - 1), each t the median wall time of a few calls
 synchronized before and after: the prefill cancels out and every decode step's host and device work is in.
+
+The prefill cancels only on average: at long context it is most of a call (about 1 s at 64k tokens against ~0.1 s of
+33 decode steps), so a few per cent of prefill jitter moves that estimate by a millisecond per token. The N-token
+calls therefore also carry a streamer (:class:`StepClock`, the hook any streaming user passes) that stamps when
+``generate`` hands out each new token: ``decode_ms_streamed`` = (stamp of token N - stamp of token 1) / (N - 1), decode
+steps only. ``generate`` copies each token to the host for a streamer; it already synchronizes every step to test for
+finished sequences, so the copy adds a few microseconds per step to the calls (and to both estimates).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from _common import sync  # first: sets the offline default
 
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 import hf_adaptive  # noqa: E402
 from hf_adaptive.compat import generate_cache_kwargs  # noqa: E402
@@ -45,6 +53,25 @@ class CaptureCounter:
     @staticmethod
     def dynamo_graphs() -> int:
         return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+class StepClock(BaseStreamer):
+    """A ``generate`` streamer that only notes the host time at which each batch of tokens is handed to it (the
+    prompt first, then one put per new token), touching no tensor."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def decode_ms_per_token(self) -> float | None:
+        """ms between the first and the last new token, per step; None with fewer than two new tokens."""
+        new = self.stamps[1:]  # stamps[0]: the prompt, put before the prefill runs
+        return 1000 * (new[-1] - new[0]) / (len(new) - 1) if len(new) >= 2 else None
 
 
 def build_model(shape: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -79,17 +106,25 @@ def generate_once(model, ids: torch.Tensor, cache, new_tokens: int, device: str,
 
 def timed_calls(model, ids, cache_for_call, new_tokens: int, repeats: int, device: str,
                 before_call=None, **generate_kwargs) -> dict:
-    """Median wall time of ``repeats`` calls of 1 and of ``new_tokens`` new tokens; decode ms/token from both.
+    """Median wall time of ``repeats`` calls of 1 and of ``new_tokens`` new tokens; decode ms/token from both, and
+    from the N-token calls' token stamps alone (:class:`StepClock`, see the module's docstring).
     ``before_call()`` runs before each call, outside the timing (e.g. a controller's reset)."""
-    one, many = [], []
+    one, many, streamed = [], [], []
     for _ in range(repeats):
         for n, into in ((1, one), (new_tokens, many)):
             if before_call is not None:
                 before_call()
-            into.append(generate_once(model, ids, cache_for_call(), n, device, **generate_kwargs)["wall_s"])
+            clock = StepClock() if n > 1 else None
+            kwargs = {**generate_kwargs, "streamer": clock} if clock is not None else generate_kwargs
+            into.append(generate_once(model, ids, cache_for_call(), n, device, **kwargs)["wall_s"])
+            if clock is not None and clock.decode_ms_per_token() is not None:
+                streamed.append(round(clock.decode_ms_per_token(), 4))
     t1, tn = statistics.median(one), statistics.median(many)
-    return {"decode_ms_per_token": 1000 * (tn - t1) / (new_tokens - 1), "prefill_s": t1,
-            "ms_runs": [round(1000 * (n - o) / (new_tokens - 1), 4) for o, n in zip(one, many)]}
+    out = {"decode_ms_per_token": 1000 * (tn - t1) / (new_tokens - 1), "prefill_s": t1,
+           "ms_runs": [round(1000 * (n - o) / (new_tokens - 1), 4) for o, n in zip(one, many)]}
+    if streamed:
+        out.update(decode_ms_streamed=statistics.median(streamed), ms_runs_streamed=streamed)
+    return out
 
 
 def add_run_arguments(p: argparse.ArgumentParser, default_out: str, stem: str) -> None:

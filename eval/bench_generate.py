@@ -376,7 +376,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-COLUMNS = ["shape", "cache", "context", "batch", "decode_ms_per_token", "prefill_s", "kv_gib", "kv_reserved_gib",
+COLUMNS = ["shape", "cache", "context", "batch", "decode_ms_per_token", "decode_ms_streamed", "prefill_s", "kv_gib", "kv_reserved_gib",
            "peak_gib", "transient_gib", "view_changes", "host_us_per_step", "bits_path", "mixed_recompiles",
            "mixed_captures", "cudagraph_skips", "round_ms", "skipped"]
 

@@ -223,7 +223,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-COLUMNS = ["cache", "context", "batch", "mode", "decode_ms_per_token", "vs_native", "predicted_ms", "vs_predicted",
+COLUMNS = ["cache", "context", "batch", "mode", "decode_ms_per_token", "decode_ms_streamed", "vs_native", "predicted_ms", "vs_predicted",
            "int4_fraction", "switches", "controller_overhead_us", "controller_queue_us",
            "controller_decide_us", "controller_overhead_p50_us", "recompiles_after_warmup", "captures_after_warmup",
            "skipped"]

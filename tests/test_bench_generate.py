@@ -99,5 +99,35 @@ def test_rounds_time_every_configuration_again_and_keep_the_median(bench, tmp_pa
     for row in rows:
         assert len(row["round_ms"]) == 3 and all(ms > 0 for ms in row["round_ms"])
         assert row["decode_ms_per_token"] == pytest.approx(statistics.median(row["round_ms"]))
+        assert len(row["ms_runs_streamed"]) == 1 and row["decode_ms_streamed"] > 0  # the first round's timed call
     with pytest.raises(SystemExit):
         bench.parse_args(["--rounds", "0"])
+
+
+@pytest.fixture(scope="module")
+def timing():
+    return load_eval_script("_generate_timing")
+
+
+def test_step_clock_times_decode_steps_only(timing):
+    """Guards decode_ms_streamed: the streamer's first put is the prompt (before the prefill), so the estimate spans
+    the first to the last new token, per step; with fewer than two new tokens there is nothing to time."""
+    clock = timing.StepClock()
+    for stamp in (0.0, 1.0, 1.004, 1.008, 1.012):  # prompt at 0 s, a 1 s prefill, then three 4 ms steps
+        clock.stamps.append(stamp)
+    assert clock.decode_ms_per_token() == pytest.approx(4.0)
+    short = timing.StepClock()
+    short.stamps += [0.0, 1.0]
+    assert short.decode_ms_per_token() is None
+
+
+def test_stamps_are_the_prompt_then_each_new_token(timing):
+    """Guards what the stamps mean on a real generate call: a streamer sees the prompt once, before the prefill, and
+    each new token once, so a call of N new tokens leaves N + 1 stamps and the estimate skips the prefill."""
+    import torch
+
+    model = timing.build_model("tiny", "cpu", torch.float32)
+    clock = timing.StepClock()
+    ids = torch.randint(10, 500, (1, 48), generator=torch.Generator().manual_seed(0))
+    timing.generate_once(model, ids, None, 6, "cpu", streamer=clock)
+    assert len(clock.stamps) == 7 and clock.decode_ms_per_token() > 0
