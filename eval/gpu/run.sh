@@ -193,6 +193,8 @@ job_quality_bleu-precision() { bleu quality_bleu_precision_qwen1.5b_cpu $QWEN --
     --settings baseline --precision-thresholds 0.5,0.75; }
 job_quality_bleu-precision-96verses() { bleu quality_bleu_precision_96verses_qwen1.5b_cpu $QWEN --threads 2 --limit 96 \
     --batch-size 1 --settings baseline --precision-thresholds 0.75; }
+job_quality_bleu-precision-t065() { bleu quality_bleu_precision_t065_96verses_qwen1.5b_cpu $QWEN --threads 2 --limit 96 \
+    --batch-size 1 --settings baseline --precision-thresholds 0.65; }
 job_quality_bleu-48verses() { bleu quality_bleu_48verses_qwen1.5b_cpu $QWEN --threads 2 --limit 48 --batch-size 1 \
     --settings "baseline;kv:bits=4,$W16" --precision-thresholds 0.9; }
 job_quality_bleu-kv-budgets() { bleu quality_bleu_kv_budgets_qwen1.5b_cpu $QWEN --threads 1 --limit 16 --batch-size 16 \
