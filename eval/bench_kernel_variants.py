@@ -3,11 +3,11 @@
 A kernel change is judged on the path the caches launch, not only on the benchmark's: each shape is timed through a
 plain packed view (tables passed to the kernel, as ``bench_decode_attention.py`` does), through a static view that
 reaches its pools through an address book with device lengths (``book``), and through that view with the key mask
-``model.generate`` always passes (``book_mask``: every key attended, the mask padded to the view's capacity, exactly what
-``AdaptiveStaticKVCache`` hands the kernel inside ``generate``), for a history of one precision and for one that mixes
-8- and 4-bit blocks. Every (variant, view, chunk, register cap)
-is timed with CUDA-graph replays over inputs rotated past the L2 cache (``bench_decode_attention.cold_copies``),
-and checked against dequantize + sdpa.
+``model.generate`` always passes (``book_mask``: every key attended, the mask padded to the view's capacity,
+exactly what ``AdaptiveStaticKVCache`` hands the kernel inside ``generate``), for a history of one precision and
+for one that mixes 8- and 4-bit blocks. Every (variant, view, chunk, register cap) is timed with CUDA-graph replays
+over inputs rotated past the L2 cache (``bench_decode_attention.cold_copies``), and checked against dequantize +
+sdpa.
 
 Make a variant file from git history, e.g. the kernel before a change:
     git show <rev>:hf_adaptive/attention/_triton_kernels.py > /tmp/k_base.py

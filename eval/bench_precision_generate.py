@@ -223,8 +223,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-COLUMNS = ["cache", "context", "batch", "mode", "decode_ms_per_token", "decode_ms_streamed", "vs_native", "predicted_ms", "vs_predicted",
-           "int4_fraction", "switches", "controller_overhead_us", "controller_queue_us",
+COLUMNS = ["cache", "context", "batch", "mode", "decode_ms_per_token", "decode_ms_streamed", "vs_native",
+           "predicted_ms", "vs_predicted", "int4_fraction", "switches", "controller_overhead_us", "controller_queue_us",
            "controller_decide_us", "controller_overhead_p50_us", "recompiles_after_warmup", "captures_after_warmup",
            "skipped"]
 
@@ -246,7 +246,7 @@ def write_results(rows: list[dict], args, card: str, tiers: PrecisionTiers, wall
              "new tokens). `vs_predicted` = ms/token over (1 - f) native + f int4, both measured in this run. "
              "`controller_overhead_us`: the controller's own host time per step (mean; p50 beside it), split into "
              "`controller_queue_us` (queueing the scores' copy in `__call__`, while the device still runs the "
-             "forward) and `controller_decide_us` (reading it and deciding, in the next forward's pre-hook).\n")
+             "forward) and `controller_decide_us` (reading it and deciding, before the next forward).\n")
     write_report(args.out, stem, {"rows": rows, "args": vars(args)}, env, markdown_table(table, COLUMNS),
                  f"Precision switching through model.generate: random-init {args.shape} on {card}", notes)
     plot(Path(args.out) / f"{stem}.png", rows, f"model.generate, {args.shape} {args.dtype} on {card}")

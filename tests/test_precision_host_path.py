@@ -136,16 +136,47 @@ def _compiled_generate_runs():
 
 
 def test_controller_in_compiled_generate_decides_like_eager_without_recompiles():
-    """Guards the compiled generate path: the decision taken at the next forward's start (eagerly, outside the
-    compiled graph) gives the same tiers and tokens as eager generate; each tier compiles once and switching
-    between them afterwards compiles nothing; the only graph break is that settle."""
+    """Guards the compiled generate path: the decision taken when generate prepares the next forward's inputs
+    (eagerly, outside the compiled graph) gives the same tiers and tokens as eager generate; each tier compiles once
+    and switching between them afterwards compiles nothing; the compiled step has no graph break (a settle inside
+    the forward's pre-hook would be one per step)."""
     runs, breaks = _compiled_generate_runs()
     (eager, eager_tiers, _), (warm, _, warm_graphs), (out, tiers, graphs) = runs["eager"], runs["warm-up"], runs[
         "compiled"]
     assert len(set(eager_tiers)) == 3 and len(eager_tiers) == 20
     assert tiers == eager_tiers and torch.equal(out, eager) and torch.equal(warm, eager)
     assert warm_graphs == 3 and graphs == 0  # one graph per tier, then none
-    assert len(breaks) == 1 and "_settle" in next(iter(breaks))
+    assert breaks == {}, breaks
+
+
+def test_controller_restores_prepare_inputs_on_close():
+    """Guards the settle point the controller adds to ``prepare_inputs_for_generation``: it settles a queued step
+    before the inputs are prepared, and close() puts back exactly what the model had (its class method, or an
+    instance attribute of its own), so a model outlives its controllers unchanged."""
+    from helpers import make_tiny_model
+
+    from hf_adaptive.precision.controller import PrecisionController
+    from hf_adaptive.precision.tiers import prepare_tiers
+
+    model = make_tiny_model("llama")
+    tiers = prepare_tiers(model, tiers=("int4", "native"))
+    ids = torch.randint(1, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    with PrecisionController(tiers) as ctl:
+        assert "prepare_inputs_for_generation" in vars(model)
+        ctl._forwarded = True
+        ctl(ids, model(ids).logits[:, -1].float())
+        assert ctl._queued is not None
+        model.prepare_inputs_for_generation(ids[:, -1:])
+        assert ctl._queued is None and len(ctl._telemetry.tiers) == 1
+    assert "prepare_inputs_for_generation" not in vars(model)
+
+    def own(*args, **kwargs):
+        return {"input_ids": args[0]}
+
+    model.prepare_inputs_for_generation = own
+    with PrecisionController(tiers):
+        assert model.prepare_inputs_for_generation is not own
+    assert model.prepare_inputs_for_generation is own
 
 
 @pytest.mark.gpu

@@ -438,7 +438,8 @@ def _block_keys(log_block, c, mask_row, n_total, offs_n, BS: tl.constexpr, CHUNK
 def _first_keys(lo, hi, glog, mask_row, n_total, offs_n, BS: tl.constexpr, CHUNK: tl.constexpr,
                 HAS_MASK: tl.constexpr):
     """Start of a walk's mask prefetch over chunks [lo, hi): chunk ``lo``'s mask bytes (nonzero = attended) and the
-    logical block of chunk ``lo + 1`` (clamped to the range). Without a mask every key of a history chunk is attended."""
+    logical block of chunk ``lo + 1`` (clamped to the range). Without a mask every key of a history chunk is
+    attended."""
     CPB: tl.constexpr = BS // CHUNK
     keys = (offs_n < CHUNK).to(tl.int8)
     log_n = lo * 0

@@ -23,8 +23,9 @@ Contract:
   at many rows, and the prompt's KV should be exact.
 - One host read per step (the B confidences), and it adds no sync of its own: the confidence is computed in the
   lm_head hook (so under ``torch.compile`` it is part of the captured decode step), ``__call__`` only queues its
-  copy to pinned host memory, and the decision is taken when the NEXT forward starts (the model's forward
-  pre-hook, which ``torch.compile`` leaves to run eagerly). By then ``generate`` has made its own per-step read
+  copy to pinned host memory, and the decision is taken before the NEXT forward, when ``generate`` prepares its
+  inputs (outside the compiled forward, so that forward has no graph break; the model's forward pre-hook settles
+  for callers that skip that step). By then ``generate`` has made its own per-step read
   (the stopping check), so the copy is complete and the read does not wait; the decision still applies to the
   very next forward, as if it were taken in ``__call__``. The step pending at the end of a call is settled when
   ``telemetry`` is read, or by ``reset`` / ``close``.
@@ -90,6 +91,33 @@ class _HostCopies:
         return host, event
 
 
+class _SettleBeforeInputs:
+    """Settles the queued step when ``generate`` prepares the next forward's inputs: after its per-step stopping read
+    (the scores' copy is complete, nothing waits) and outside the compiled forward. The forward pre-hook then finds
+    nothing queued, so the compiled step has no graph break; the pre-hook stays the fallback for callers that do not
+    prepare inputs this way. Removed like a hook handle (``remove``), restoring the model's own method."""
+
+    def __init__(self, model, settle) -> None:
+        self.model = model
+        self.had_own = "prepare_inputs_for_generation" in vars(model)
+        self.original = model.prepare_inputs_for_generation
+
+        def prepare_inputs_for_generation(*args, **kwargs):
+            settle()
+            return self.original(*args, **kwargs)
+
+        self.wrapper = prepare_inputs_for_generation
+        model.prepare_inputs_for_generation = prepare_inputs_for_generation
+
+    def remove(self) -> None:
+        if vars(self.model).get("prepare_inputs_for_generation") is not self.wrapper:
+            return  # another wrapper sits on top: leave the chain (settling a closed controller does nothing)
+        if self.had_own:
+            self.model.prepare_inputs_for_generation = self.original
+        else:
+            del self.model.prepare_inputs_for_generation
+
+
 def default_policy_config(tiers: PrecisionTiers, **overrides) -> PrecisionPolicyConfig:
     """The confidence bands on a prepared ladder: a step scoring above ``high`` (0.9) runs the cheapest tier,
     one between ``low`` (0.6) and ``high`` runs native (or the top tier when native is not prepared), one below
@@ -149,6 +177,8 @@ class PrecisionController(LogitsProcessor):
         self._hooks.append(model.get_input_embeddings().register_forward_pre_hook(self._on_embed))
         if read_raw_logits:
             self._hooks.append(model.get_output_embeddings().register_forward_hook(self._on_logits))
+        if callable(getattr(model, "prepare_inputs_for_generation", None)):
+            self._hooks.append(_SettleBeforeInputs(model, self._settle))
 
     @property
     def telemetry(self) -> PrecisionTelemetry:
@@ -261,7 +291,7 @@ class PrecisionController(LogitsProcessor):
                              "Fix: generate with tiers.model, or prepare_tiers(this_model) and a new controller.")
         self._forwarded = False
         start = time.perf_counter_ns()
-        self._settle()  # the forward's pre-hook settled the previous step already; this keeps it so
+        self._settle()  # generate's input preparation (or the forward's pre-hook) settled it already
         score, self._score = self._score, None
         if score is None or score.shape[0] != scores.shape[0]:  # no lm_head hook output for these rows
             score = confidence_score(scores, self.weights)

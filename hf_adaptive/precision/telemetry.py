@@ -64,9 +64,9 @@ class PrecisionTelemetry:
     def record_step(self, tier: str, scores: list[float], overhead_ns: int = 0, wait_ns: int = 0,
                     queue_ns: int = 0) -> None:
         """One decode step: the tier its forward ran in, the confidences it produced, the controller's own host
-        time, the part of it spent queueing the scores' copy (a controller that decides later, inside the next
-        forward's pre-hook, splits its time in two halves; the queue half overlaps the device's work) and, apart,
-        the time its host read waited for the device."""
+        time, the part of it spent queueing the scores' copy (a controller that decides later, when the next
+        forward's inputs are prepared, splits its time in two halves; the queue half overlaps the device's work)
+        and, apart, the time its host read waited for the device."""
         if not 0 <= queue_ns <= max(overhead_ns, 0):
             raise ValueError(f"PrecisionTelemetry.record_step: queue_ns must be within [0, overhead_ns="
                              f"{overhead_ns}], got {queue_ns}; pass the queue half of the step's own host time")
