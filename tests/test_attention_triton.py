@@ -280,12 +280,9 @@ def test_kernel_compiles_for_hopper(head_dim, value_group, device_lens, dtype):
     assert "cubin" in kernel.asm and len(kernel.asm["cubin"]) > 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-def test_book_walk_prefetches_the_key_mask():
-    """Guards the speed of the caches' path inside ``model.generate``, which always passes a key mask: Triton's
-    pipeliner does not copy the mask ahead (it feeds no dot), so each history walk loads a chunk's mask bytes one chunk
-    early and carries them into the next iteration. A mask load whose bytes are compared in the iteration that loads
-    them waits a memory round trip per chunk; only the exact tail's loop (one or two chunks) may do that."""
+def _book_build(has_mask: bool, num_warps: int):
+    """The sm_90 build of the static caches' path (address book, device lengths, 16/8/4 bits, D 64) at the launch's
+    pipelining depth; no GPU needed."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -293,12 +290,20 @@ def test_book_walk_prefetches_the_key_mask():
     from hf_adaptive.attention import triton_decode
 
     const = dict(GROUP=4, GP=16, D=64, HD=32, G=64, BS=64, CHUNK=64, HAS8=True, HAS4=True, HAS2=False,
-                 HAS_MASK=True, WINDOW=0, SOFTCAP=False, F32_DOTS=False, DEVICE_LENS=True, BOOK=True)
-    kernel = triton.compile(ASTSource(fn=triton_decode.kernels.decode_split_kernel,
-                                      signature=triton_decode.kernel_signature(const), constexprs=const),
-                            target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": 2, "num_stages": triton_decode.DecodeKernelConfig().num_stages})
-    lines = kernel.asm["ttgir"].splitlines()
+                 HAS_MASK=has_mask, WINDOW=0, SOFTCAP=False, F32_DOTS=False, DEVICE_LENS=True, BOOK=True)
+    return triton.compile(ASTSource(fn=triton_decode.kernels.decode_split_kernel,
+                                    signature=triton_decode.kernel_signature(const), constexprs=const),
+                          target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": triton_decode.DecodeKernelConfig().num_stages})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_book_walk_prefetches_the_key_mask():
+    """Guards the speed of the caches' path inside ``model.generate``, which always passes a key mask: Triton's
+    pipeliner does not copy the mask ahead (it feeds no dot), so each history walk loads a chunk's mask bytes one chunk
+    early and carries them into the next iteration. A mask load whose bytes are compared in the iteration that loads
+    them waits a memory round trip per chunk; only the exact tail's loop (one or two chunks) may do that."""
+    lines = _book_build(has_mask=True, num_warps=2).asm["ttgir"].splitlines()
     carried, compared = 0, 0
     for i, line in enumerate(lines):
         load = re.search(r"(%[\w.]+) = tt\.load .*tensor<64x!tt\.ptr<i8>,", line)
@@ -322,18 +327,7 @@ def test_book_walk_pipelines_its_loads():
     static caches' build for sm_90) each precision's loop must copy its code tiles ahead with cp.async and load them
     as 16-byte vectors. A branch per chunk or an address without known alignment (what the kernel had before) builds
     fine but reads one chunk at a time, element by element."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from hf_adaptive.attention import triton_decode
-
-    const = dict(GROUP=4, GP=16, D=64, HD=32, G=64, BS=64, CHUNK=64, HAS8=True, HAS4=True, HAS2=False,
-                 HAS_MASK=False, WINDOW=0, SOFTCAP=False, F32_DOTS=False, DEVICE_LENS=True, BOOK=True)
-    kernel = triton.compile(ASTSource(fn=triton_decode.kernels.decode_split_kernel,
-                                      signature=triton_decode.kernel_signature(const), constexprs=const),
-                            target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": 4, "num_stages": triton_decode.DecodeKernelConfig().num_stages})
+    kernel = _book_build(has_mask=False, num_warps=4)
     ir = kernel.asm["ttgir"]
     copies = re.findall(r"async_copy_global_to_local .*tensor<64x(\d+)x!tt.ptr<(\w+)>", ir)
     assert ("32", "i8") in copies, "4/8-bit code bytes (64 rows x 32 bytes) are not copied ahead"  # D=64 4-bit

@@ -95,7 +95,11 @@ class _SettleBeforeInputs:
     """Settles the queued step when ``generate`` prepares the next forward's inputs: after its per-step stopping read
     (the scores' copy is complete, nothing waits) and outside the compiled forward. The forward pre-hook then finds
     nothing queued, so the compiled step has no graph break; the pre-hook stays the fallback for callers that do not
-    prepare inputs this way. Removed like a hook handle (``remove``), restoring the model's own method."""
+    prepare inputs this way. Removed like a hook handle (``remove``), restoring the model's own method.
+
+    Not a pre-hook excluded from compilation as a whole (as the KV caches' step hooks are): engines that compile a
+    function calling the model would then break their graph at every call (the fused-step test counts 3 such
+    breaks)."""
 
     def __init__(self, model, settle) -> None:
         self.model = model
