@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-registers", default="none,168,128", help="DecodeKernelConfig.max_registers values")
     p.add_argument("--stages", default="3", help="DecodeKernelConfig.num_stages values (Triton's pipelining depth)")
     p.add_argument("--warps", default="none", help="DecodeKernelConfig.num_warps values (none: the head dim's default)")
+    p.add_argument("--waves", default="2", help="DecodeKernelConfig.waves values (programs per SM the splits aim "
+                   "at)")
     p.add_argument("--views", default=",".join(VIEWS), help=f"comma-separated subset of {VIEWS}")
     p.add_argument("--render", type=Path, default=None, help="only re-render the report of this results.json")
     args = p.parse_args(argv)
@@ -78,6 +80,7 @@ def run(args) -> dict:
     chunks = [int(c) for c in args.chunks.split(",")]
     stages = [int(s) for s in args.stages.split(",")]
     warps = [None if w.strip().lower() == "none" else int(w) for w in args.warps.split(",")]
+    waves = [int(w) for w in args.waves.split(",")]
     rows = []
     for batch, context, bits, mixed in SHAPES:
         q, _, _, packed = bda.make_inputs(batch, context, bits, mixed=mixed)
@@ -94,15 +97,15 @@ def run(args) -> dict:
                 got = triton_decode.triton_decode_attention(inputs[0][0], inputs[0][1], scaling=0.125,
                                                             key_mask=inputs[0][2]).float()
                 rel_err = ((got - want).abs().max() / want.abs().max()).item()
-                for chunk, cap, stage, warp in itertools.product(chunks, caps, stages, warps):
+                for chunk, cap, stage, warp, wave in itertools.product(chunks, caps, stages, warps, waves):
                     cfg = triton_decode.DecodeKernelConfig(chunk=chunk, max_registers=cap, num_stages=stage,
-                                                           num_warps=warp)
+                                                           num_warps=warp, waves=wave)
                     fn = bda.rotating([lambda c=c, cfg=cfg: triton_decode.triton_decode_attention(
                         c[0], c[1], scaling=0.125, out=out, config=cfg, key_mask=c[2]) for c in inputs])
                     us = time_op(fn, 10, 20) / len(inputs)
                     rows.append(dict(variant=name, view=view, batch=batch, context=context, bits=bits,
-                                     mixed=mixed, chunk=chunk, maxreg=cap, stages=stage, warps=warp, us=us,
-                                     GBps=n_bytes / us / 1e3, rel_err=rel_err))
+                                     mixed=mixed, chunk=chunk, maxreg=cap, stages=stage, warps=warp, waves=wave,
+                                     us=us, GBps=n_bytes / us / 1e3, rel_err=rel_err))
                     print(json.dumps(rows[-1]), flush=True)
         del copies, views
         torch.cuda.empty_cache()
@@ -135,25 +138,26 @@ def write_report(result: dict, out: Path) -> None:
              "µs per call (CUDA-graph replays over inputs rotated past L2); GB/s = packed bytes / time. "
              "`book`: the static view with an address book and device lengths; `book_mask`: the same with the key "
              "mask `model.generate` passes (the adaptive caches' path inside `generate`).", "",
-             "| batch | context | bits | mixed | view | variant | chunk | max registers | stages | warps | µs | GB/s | "
-             "rel err |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| batch | context | bits | mixed | view | variant | chunk | max registers | stages | warps | waves | µs | "
+             "GB/s | rel err |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['batch']} | {r['context']} | {r['bits']} | {r['mixed']} | {r['view']} | {r['variant']} | "
-                     f"{r['chunk']} | {r['maxreg'] or '-'} | {r.get('stages', 3)} | {r.get('warps') or '-'} | {r['us']:.1f} | {r['GBps']:.0f} | "
-                     f"{r['rel_err']:.1e} |")
+                     f"{r['chunk']} | {r['maxreg'] or '-'} | {r.get('stages', 3)} | {r.get('warps') or '-'} | "
+                     f"{r.get('waves', 2)} | {r['us']:.1f} | {r['GBps']:.0f} | {r['rel_err']:.1e} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plt = pyplot()
     default = [r for r in result["rows"] if r["chunk"] == 64 and r["maxreg"] is None]
     labels = sorted({(r["batch"], r["context"], r["bits"], r["mixed"], r["view"]) for r in default})
-    stages = sorted({(r.get("stages", 3), r.get("warps") or 0) for r in default})
+    stages = sorted({(r.get("stages", 3), r.get("warps") or 0, r.get("waves", 2)) for r in default})
     names = [(v, st) for v in result["variants"] for st in stages]  # one bar per variant and launch setting
     fig, ax = plt.subplots(figsize=(min(18, max(8, 1.3 * len(labels))), 5))
     width = 0.8 / max(len(names), 1)
     for i, (name, st) in enumerate(names):
         us = {(r["batch"], r["context"], r["bits"], r["mixed"], r["view"]): r["us"] for r in default
-              if r["variant"] == name and (r.get("stages", 3), r.get("warps") or 0) == st}
+              if r["variant"] == name and (r.get("stages", 3), r.get("warps") or 0, r.get("waves", 2)) == st}
         ax.bar([j + i * width for j in range(len(labels))], [us.get(lab, 0) for lab in labels], width,
-               label=name if len(stages) == 1 else f"{name}, {st[0]} stages" + (f", {st[1]} warps" if st[1] else ""))
+               label=name if len(stages) == 1 else f"{name}, {st[0]} stages" + (f", {st[1]} warps" if st[1] else "")
+               + (f", {st[2]} waves" if st[2] != 2 else ""))
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(labels))])
     ax.set_xticklabels([f"{b}x{c // 1024}k {bits}b{' mixed' if m else ''}\n{v}" for b, c, bits, m, v in labels],
                        fontsize=7)

@@ -29,8 +29,9 @@ def test_report_lists_every_row_and_plots_the_defaults(tmp_path):
     assert script.main(["--render", str(tmp_path / "results.json"), "--out", str(tmp_path)]) == 0
     table = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| 8 |")]
     assert len(table) == len(result["rows"])
-    # new, two views, two chunks, uncapped; an older row without stages or warps fields reads 3 stages, '-' warps
-    assert sum("| - | 3 | - | 291.0 |" in line for line in table) == 4
+    # new, two views, two chunks, uncapped; an older row without stages, warps or waves fields reads 3 stages,
+    # '-' warps and the launcher's default of 2 waves
+    assert sum("| - | 3 | - | 2 | 291.0 |" in line for line in table) == 4
     assert (tmp_path / "variants.png").stat().st_size > 0
 
 
