@@ -45,13 +45,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--waves", default="2", help="DecodeKernelConfig.waves values (programs per SM the splits aim "
                    "at)")
     p.add_argument("--views", default=",".join(VIEWS), help=f"comma-separated subset of {VIEWS}")
+    p.add_argument("--shapes", default=None, help="comma-separated BATCHxCONTEXTxBITS[m] (m: mixed) subset of "
+                   f"the default shapes, e.g. 8x32768x4,1x65536x4 (default: all {len(SHAPES)})")
     p.add_argument("--render", type=Path, default=None, help="only re-render the report of this results.json")
     args = p.parse_args(argv)
+    args.shapes = SHAPES if args.shapes is None else [_shape(p, text) for text in args.shapes.split(",") if text]
     args.views = [v.strip() for v in args.views.split(",") if v.strip()]
     unknown = sorted(set(args.views) - set(VIEWS))
     if unknown or not args.views:
         p.error(f"--views={','.join(args.views)}: each must be one of {VIEWS} (at least one); unknown {unknown}")
     return args
+
+
+def _shape(parser: argparse.ArgumentParser, text: str) -> tuple[int, int, int, bool]:
+    """BATCHxCONTEXTxBITS[m] -> (batch, context, bits, mixed)."""
+    parts = text.strip().rstrip("m").split("x")
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        parser.error(f"--shapes: {text!r} is not BATCHxCONTEXTxBITS[m], e.g. 8x32768x4 or 8x32768x8m")
+    return int(parts[0]), int(parts[1]), int(parts[2]), text.strip().endswith("m")
 
 
 def load_variant(name: str, path: Path):
@@ -82,7 +93,7 @@ def run(args) -> dict:
     warps = [None if w.strip().lower() == "none" else int(w) for w in args.warps.split(",")]
     waves = [int(w) for w in args.waves.split(",")]
     rows = []
-    for batch, context, bits, mixed in SHAPES:
+    for batch, context, bits, mixed in args.shapes:
         q, _, _, packed = bda.make_inputs(batch, context, bits, mixed=mixed)
         n_bytes = bda.packed_bytes(packed)
         copies = [(q, packed)] + [bda.make_inputs(batch, context, bits, seed=i, mixed=mixed)[::3]

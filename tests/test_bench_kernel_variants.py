@@ -61,3 +61,14 @@ def test_book_mask_view_is_the_mask_generate_passes():
     assert view.book is not None and mask.dtype == torch.bool
     assert mask.shape == (2, view.max_tokens) and view.max_tokens > packed.num_tokens
     assert mask[:, : packed.num_tokens].all() and not mask[:, packed.num_tokens:].any()
+
+
+def test_shapes_option_parses_and_refuses_bad_text():
+    """Guards the --shapes subset: BATCHxCONTEXTxBITS with an optional m for a mixed history, and a clear error
+    naming the option for anything else."""
+    script = load_eval_script("bench_kernel_variants")
+    args = script.parse_args(["--out", "x", "--shapes", "8x32768x4,8x32768x8m"])
+    assert args.shapes == [(8, 32768, 4, False), (8, 32768, 8, True)]
+    assert script.parse_args(["--out", "x"]).shapes == script.SHAPES
+    with pytest.raises(SystemExit):
+        script.parse_args(["--out", "x", "--shapes", "8x32k"])

@@ -26,3 +26,17 @@ def test_register_report_builds_the_caches_kernel_and_counts_programs(tmp_path):
     for r in rows:
         assert 1 <= r["registers"] <= 255
         assert r["programs_per_sm_by_registers"] == 65536 // (r["registers"] * 32 * 4)
+    # the adaptive build walks 16-, 8- and 4-bit history and the tail in four loops; every loop folds a chunk
+    adaptive = next(r for r in rows if r["config"] == "adaptive")
+    assert len(adaptive["loop_instructions"]) == 4 and min(adaptive["loop_instructions"]) >= 64
+
+
+def test_loop_instructions_reads_backward_branches():
+    """Guards the SASS loop count against miscounting: a backward branch closes a loop of the instructions since its
+    label, a forward branch closes none, and short loops are left out."""
+    script = load_eval_script("kernel_registers")
+    body = "\n".join(f"        /*{0x100 + 16 * i:04x}*/                   FADD R1, R1, R2 ;" for i in range(70))
+    sass = (".L_x_0:\n" + body + "\n        /*1000*/                   BRA `(.L_x_1) ;\n"
+            "        /*1010*/              @P0 BRA `(.L_x_0) ;\n.L_x_1:\n        /*1020*/     EXIT ;\n"
+            ".L_x_2:\n        /*1030*/     IADD3 R1, R1, 1, RZ ;\n        /*1040*/  @P1 BRA `(.L_x_2) ;\n")
+    assert script.loop_instructions(sass) == [72]
