@@ -100,12 +100,14 @@ job_kv_attention() { local o=$R/kv_decode_attention_$CARD; mkdir -p $o; timeout 
 job_kv_attention-sweep() { local o=$R/kv_decode_attention_sweep_$CARD; mkdir -p $o; timeout 420 $PY \
     eval/bench_decode_attention.py --sweep-only --inner 10 --reps 20 --out $o > $o/bench_decode_attention.log 2>&1; }
 job_kv_attention-variants() {  # KERNEL_BASE: an older kernel source (git show REV:hf_adaptive/attention/_triton_kernels.py)
+    # the path generate takes (book + key mask), chunk 64, 5 stages; WARPS / WAVES / SHAPES narrow or widen the sweep
     local o=$R/kv_decode_kernel_variants_$CARD; mkdir -p $o; timeout 420 $PY eval/bench_kernel_variants.py \
     --variants base=${KERNEL_BASE:?set KERNEL_BASE to a kernel source file},new=hf_adaptive/attention/_triton_kernels.py \
-    --out $o > $o/bench_kernel_variants.log 2>&1; }
+    --chunks 64 --max-registers none --stages 5 --warps ${WARPS:-1,2} --waves ${WAVES:-2,4} --views book_mask \
+    --shapes ${SHAPES:-8x32768x4,1x65536x4,8x4096x4m,8x32768x8m} --out $o > $o/bench_kernel_variants.log 2>&1; }
 job_kv_registers() {  # CPU only (sm_90 builds, no GPU); KERNEL_BASE as for attention-variants
-    $PY eval/kernel_registers.py --warps 4 --kernel-source before=${KERNEL_BASE:?set KERNEL_BASE to a kernel source file} \
-    --out $R/kv_decode_registers_cpu; }
+    $PY eval/kernel_registers.py --mask --stages 5 --chunks 32,64 --warps 1,2,4 \
+    --kernel-source before=${KERNEL_BASE:?set KERNEL_BASE to a kernel source file} --out $R/kv_decode_instructions_cpu; }
 
 # --- precision: one GPU each --------------------------------------------------------------------------------------
 SCHED=eval/data/precision_schedule_qwen2.5-coder-1.5b_translate_stride40.json
