@@ -363,3 +363,31 @@ def test_kernel_input_checks_name_the_problem():
         DecodeKernelConfig(num_stages=0)
     with pytest.raises(ValueError, match="max_registers=300"):
         DecodeKernelConfig(max_registers=300)
+
+
+HOPPER_SHARED_BYTES = 232448  # the most shared memory one block may use on an sm_90 SM (227 KiB)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@pytest.mark.parametrize("head_dim,dtype", [(64, "bf16"), (128, "bf16"), (256, "bf16"), (128, "fp32"), (256, "fp32")])
+def test_static_path_fits_hopper_shared_memory(head_dim, dtype):
+    """Guards against a launch that cannot start on an H100/H200 (``OutOfResources`` inside ``model.generate``): the
+    static caches' build (address book, key mask, 16/8/4 bits) at the launch's own chunk, warps and pipelining depth
+    must fit an sm_90 block's shared memory, float32 models (twice the tile bytes) included."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hf_adaptive.attention import triton_decode
+
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    config = triton_decode.DecodeKernelConfig()
+    chunk = 32 if head_dim >= 256 else 64
+    const = dict(GROUP=4, GP=16, D=head_dim, HD=head_dim // 2, G=64, BS=64, CHUNK=chunk, HAS8=True, HAS4=True,
+                 HAS2=False, HAS_MASK=True, WINDOW=0, SOFTCAP=False, F32_DOTS=False, DEVICE_LENS=True, BOOK=True)
+    warps = 8 if head_dim >= 128 else 4 if dtype == "fp32" else 2
+    kernel = triton.compile(ASTSource(fn=triton_decode.kernels.decode_split_kernel,
+                                      signature=triton_decode.kernel_signature(const, dtype), constexprs=const),
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": warps, "num_stages": triton_decode.launch_stages(config, torch_dtype)})
+    assert kernel.metadata.shared <= HOPPER_SHARED_BYTES, (head_dim, dtype, kernel.metadata.shared)

@@ -57,10 +57,13 @@ class DecodeKernelConfig:
         num_warps: warps per program; default 8 for D >= 128, else 2 for 16-bit models (their quantized tiles fold
             through float16 dots; on an H100 two warps beat four at every measured shape,
             ``eval/results/kv_decode_kernel_f16_fold_h100``) and 4 for float32 ones.
-        waves: target number of programs per SM when choosing the number of splits.
+        waves: target number of programs per SM when choosing the number of splits; 4 by default (on an H100 it
+            beat 2 at every long-context shape of ``eval/results/kv_decode_launch_waves_h100``, e.g. 8 x 32k at 4
+            bits 155 against 180 µs, and tied at 1 x 64k and 8 x 4k).
         max_splits: upper bound on splits per (batch, kv head).
         num_stages: Triton software-pipelining stages of the launch. The default 5 copies a static view's code tiles
             two chunks ahead (the block's slot, looked up first, takes one stage); Triton's own default, 3, one.
+            Float32 models launch with at most 4 (:func:`launch_stages`): their tiles are twice as large.
         max_registers: cap on registers per thread (Triton's ``maxnreg``; None: the compiler's choice). Programs per
             SM are bound by registers (65536 / (registers x 32 x warps)); a cap trades a few spilled bytes for more
             programs, hence more bytes in flight. ``eval/kernel_registers.py`` reports both.
@@ -68,7 +71,7 @@ class DecodeKernelConfig:
 
     chunk: int | None = None
     num_warps: int | None = None
-    waves: int = 2
+    waves: int = 4
     max_splits: int = 64
     num_stages: int = 5
     max_registers: int | None = None
@@ -146,7 +149,7 @@ def triton_decode_attention(
         BS=packed.block_size, CHUNK=plan.chunk, HAS8=8 in bits, HAS4=4 in bits, HAS2=2 in bits,
         HAS_MASK=key_mask is not None, WINDOW=plan.window, SOFTCAP=softcap is not None,
         F32_DOTS=_INTERPRETING, DEVICE_LENS=packed.lengths is not None, BOOK=book is not None,
-        num_warps=plan.num_warps, num_stages=config.num_stages, maxnreg=config.max_registers,
+        num_warps=plan.num_warps, num_stages=launch_stages(config, query.dtype), maxnreg=config.max_registers,
     )
     out = torch.empty(B, Hq, 1, D, device=query.device, dtype=query.dtype) if out is None else out
     kernels.merge_splits_kernel[(B * Hq,)](acc, m, lse, out, out.stride(0), out.stride(1), Hq, plan.splits,
@@ -205,6 +208,16 @@ def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # the interpreter on CPU: any small number of splits exercises the merge
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch_stages(config: DecodeKernelConfig, dtype: torch.dtype) -> int:
+    """Pipelining depth of a launch: ``config.num_stages``, at most ``FLOAT32_MAX_STAGES`` for float32 models, whose
+    tiles take twice the shared memory (at 5 stages the D = 128 build needs 268 KiB, over the 227 KiB of a Hopper
+    SM; ``triton.runtime.errors.OutOfResources`` inside ``model.generate``)."""
+    return config.num_stages if dtype.itemsize <= 2 else min(config.num_stages, FLOAT32_MAX_STAGES)
+
+
+FLOAT32_MAX_STAGES = 4
 
 
 def _choose_splits(n_chunks: int, programs: int, device: torch.device, config: DecodeKernelConfig) -> int:
