@@ -57,9 +57,9 @@ class DecodeKernelConfig:
         num_warps: warps per program; default 8 for D >= 128, else 2 for 16-bit models (their quantized tiles fold
             through float16 dots; on an H100 two warps beat four at every measured shape,
             ``eval/results/kv_decode_kernel_f16_fold_h100``) and 4 for float32 ones.
-        waves: target number of programs per SM when choosing the number of splits; 4 by default (on an H100 it
-            beat 2 at every long-context shape of ``eval/results/kv_decode_launch_waves_h100``, e.g. 8 x 32k at 4
-            bits 155 against 180 µs, and tied at 1 x 64k and 8 x 4k).
+        waves: target number of programs per SM when choosing the number of splits; 4 by default (on an H100,
+            ``eval/results/kv_decode_launch_waves_h100``, it beat 2 by 10-14 % at 8 x 32k with 4-, 8- and 16-bit
+            history, e.g. 155 against 180 µs at 4 bits, and tied at 1 x 64k and 8 x 4k).
         max_splits: upper bound on splits per (batch, kv head).
         num_stages: Triton software-pipelining stages of the launch. The default 5 copies a static view's code tiles
             two chunks ahead (the block's slot, looked up first, takes one stage); Triton's own default, 3, one.
