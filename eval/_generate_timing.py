@@ -17,6 +17,7 @@ import argparse
 import os
 import statistics
 import time
+from pathlib import Path
 
 from _common import sync  # first: sets the offline default
 
@@ -102,6 +103,50 @@ def generate_once(model, ids: torch.Tensor, cache, new_tokens: int, device: str,
                          **generate_kwargs)
     sync(device)
     return {"wall_s": time.perf_counter() - t0, "tokens": out[:, ids.shape[1]:].cpu()}
+
+
+def profile_call(model, ids: torch.Tensor, cache, new_tokens: int, device: str, stem: Path,
+                 **generate_kwargs) -> dict:
+    """torch.profiler over one generate call: device time, kernel launches and CUDA-graph launches per decoded token;
+    the top ops by host and by device time to ``stem``.cpu.txt / .cuda.txt. ``generate_kwargs`` go to generate."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        generate_once(model, ids, cache, new_tokens, device, **generate_kwargs)
+    events = prof.key_averages()
+    dev_attr = "self_device_time_total"
+    gpu_us = sum(getattr(e, dev_attr, 0) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    graph_launches = sum(e.count for e in events if e.key == "cudaGraphLaunch")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".cpu.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=40,
+                                                         max_name_column_width=80))
+    if device.startswith("cuda"):
+        stem.with_suffix(".cuda.txt").write_text(events.table(sort_by=dev_attr, row_limit=30, max_name_column_width=80))
+    return {"gpu_ms_per_token": gpu_us / 1000 / new_tokens, "kernel_launches_per_token": launches / new_tokens,
+            "graph_launches_per_token": graph_launches / new_tokens}
+
+
+def host_profile_call(model, ids: torch.Tensor, cache, new_tokens: int, device: str, stem: Path,
+                      **generate_kwargs) -> dict:
+    """cProfile over one generate call: where the host's time per decoded token goes, by Python function (the
+    C++ parts, e.g. dynamo's guards or a CUDA graph launch, inside the function that calls them), to ``stem``.host.txt."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    generate_once(model, ids, cache, new_tokens, device, **generate_kwargs)
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text).strip_dirs()  # no machine paths in the result
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumulative").print_stats(45)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".host.txt").write_text(text.getvalue())
+    return {"host_ms_per_token": stats.total_tt * 1000 / new_tokens, "python_calls_per_token": stats.total_calls / new_tokens}
 
 
 def timed_calls(model, ids, cache_for_call, new_tokens: int, repeats: int, device: str,

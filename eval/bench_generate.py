@@ -43,7 +43,7 @@ from pathlib import Path
 
 from _common import environment, plot_by_context  # first: sets the offline default
 from _generate_timing import (SHAPES, CaptureCounter, add_run_arguments, build_model, choice_list, generate_once,
-                              int_list, prepare_run, prompt, timed_calls)
+                              host_profile_call, int_list, prepare_run, profile_call, prompt, timed_calls)
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -170,53 +170,10 @@ def bench_config(model, name: str, context: int, batch: int, args, counter: Capt
     if args.profile and name in ("static", "adaptive16", "adaptive4") and (context, batch) == args.profile_at:
         cache = _fresh(cache, name, model, max_cache_len, context, batch, args)
         stem = Path(args.out) / f"profile_{name}_n{context}_b{batch}"
-        row["profile"] = profile_call(model, ids, cache, args, stem)
+        row["profile"] = profile_call(model, ids, cache, args.new_tokens, args.device, stem)
         cache = _fresh(cache, name, model, max_cache_len, context, batch, args)
-        row["host_profile"] = host_profile_call(model, ids, cache, args, stem)
+        row["host_profile"] = host_profile_call(model, ids, cache, args.new_tokens, args.device, stem)
     return row
-
-
-def profile_call(model, ids: torch.Tensor, cache, args, stem: Path) -> dict:
-    """torch.profiler over one generate call: host (CPU) and device time per decoded token, top ops to a file."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
-    with profile(activities=acts) as prof:
-        generate_once(model, ids, cache, args.new_tokens, args.device)
-    events = prof.key_averages()
-    dev_attr = "self_device_time_total"
-    gpu_us = sum(getattr(e, dev_attr, 0) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-    graph_launches = sum(e.count for e in events if e.key == "cudaGraphLaunch")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".cpu.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=40,
-                                                         max_name_column_width=80))
-    if args.device.startswith("cuda"):
-        stem.with_suffix(".cuda.txt").write_text(events.table(sort_by=dev_attr, row_limit=30, max_name_column_width=80))
-    n = args.new_tokens
-    return {"gpu_ms_per_token": gpu_us / 1000 / n, "kernel_launches_per_token": launches / n,
-            "graph_launches_per_token": graph_launches / n}
-
-
-def host_profile_call(model, ids: torch.Tensor, cache, args, stem: Path) -> dict:
-    """cProfile over one generate call: where the host's time per decoded token goes, by Python function (the
-    C++ parts, e.g. dynamo's guards or a CUDA graph launch, inside the function that calls them)."""
-    import cProfile
-    import io
-    import pstats
-
-    prof = cProfile.Profile()
-    prof.enable()
-    generate_once(model, ids, cache, args.new_tokens, args.device)
-    prof.disable()
-    text = io.StringIO()
-    stats = pstats.Stats(prof, stream=text).strip_dirs()  # no machine paths in the result
-    stats.sort_stats("tottime").print_stats(45)
-    stats.sort_stats("cumulative").print_stats(45)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".host.txt").write_text(text.getvalue())
-    n = args.new_tokens
-    return {"host_ms_per_token": stats.total_tt * 1000 / n, "python_calls_per_token": stats.total_calls / n}
 
 
 def _bits_path(cache: AdaptiveStaticKVCache) -> str:

@@ -15,7 +15,10 @@ Caches: ``static`` (``StaticCache``, sdpa) and ``adaptive16`` (``AdaptiveStaticK
 attention); on CUDA generate compiles the decode step for both. One warm-up call per mode runs first (every tier's
 step compiled and captured), then ``captures_after_warmup`` / ``recompiles_after_warmup`` count what the timed calls
 still compile or capture (goal 0: a switch should re-capture nothing). ``controller_overhead_us`` is the
-controller's own host time per step from its telemetry (the wait of its host read reported apart).
+controller's own host time per step from its telemetry (the wait of its host read reported apart). ``--profile``
+then profiles one call of ``native`` and of ``never`` at the first context and batch (device ms, kernel and CUDA-graph
+launches, host ms per token, op tables beside the result): whether a never-switching controller costs device work,
+launches or host time the device waits for.
 
 GPU (one H200; about 2 min per configuration at the 8B shape):
     python eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 64,4096 \
@@ -34,7 +37,7 @@ from pathlib import Path
 
 from _common import environment, pyplot, save_figure  # first: sets the offline default
 from _generate_timing import (SHAPES, CaptureCounter, add_run_arguments, build_model, choice_list, generate_once,
-                              int_list, prepare_run, prompt, timed_calls)
+                              host_profile_call, int_list, prepare_run, profile_call, prompt, timed_calls)
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -49,6 +52,7 @@ from hf_adaptive.validation import arg_number  # noqa: E402
 
 CACHES = ("static", "adaptive16")
 FRACTIONS = (0.25, 0.5, 0.75)
+PROFILED_MODES = ("native", "never")  # what a controller that never switches adds, profiled
 
 
 @dataclass
@@ -99,8 +103,10 @@ def _controller(tiers: PrecisionTiers, spec: str | float) -> PrecisionController
     return ctl
 
 
-def run_mode(model, tiers: PrecisionTiers, mode: str, spec, ids, cache_for_call, args, counter) -> dict:
-    """Warm-up call, then the timed calls of one mode; the controller (if any) is closed after."""
+def run_mode(model, tiers: PrecisionTiers, mode: str, spec, ids, cache_for_call, args, counter,
+             profile_stem: Path | None = None) -> dict:
+    """Warm-up call, then the timed calls of one mode; with ``profile_stem``, one profiled call under torch.profiler
+    and one under cProfile after them (their tables beside the result); the controller (if any) is closed after."""
     ctl = None if spec is None else _controller(tiers, spec)
     tier = tiers.fast if mode == "int4" else tiers.top
 
@@ -131,6 +137,12 @@ def run_mode(model, tiers: PrecisionTiers, mode: str, spec, ids, cache_for_call,
                        host_read_wait_us=report["host_read_wait_us"])
         else:
             row["int4_fraction"] = 1.0 if mode == "int4" else 0.0
+        if profile_stem is not None:
+            before_call()
+            row.update(profile_call(model, ids, cache_for_call(), args.new_tokens, args.device, profile_stem, **kwargs))
+            before_call()
+            row.update(host_profile_call(model, ids, cache_for_call(), args.new_tokens, args.device, profile_stem,
+                                         **kwargs))
         return row
     finally:
         if ctl is not None:
@@ -149,8 +161,12 @@ def bench_config(model, tiers, cache_name: str, context: int, batch: int, args, 
 
     base = {"shape": args.shape, "cache": cache_name, "context": context, "batch": batch}
     rows = []
+    profiled = args.profile and (context, batch) == (args.contexts[0], args.batch_sizes[0])
     for mode, spec in mode_specs(args.fractions).items():
-        rows.append(base | {"mode": mode} | run_mode(model, tiers, mode, spec, ids, cache_for_call, args, counter))
+        stem = (Path(args.out) / f"profile_{cache_name}_{mode.replace('=', '')}_n{context}_b{batch}"
+                if profiled and mode in PROFILED_MODES else None)
+        rows.append(base | {"mode": mode} | run_mode(model, tiers, mode, spec, ids, cache_for_call, args, counter,
+                                                     stem))
     return rows
 
 
@@ -215,6 +231,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=arg_number(minimum=3, integer=True), default=33)
     p.add_argument("--repeats", type=arg_number(minimum=1, integer=True), default=2)
     p.add_argument("--int4-kernel", default="auto", help="prepare_tiers(int4_kernel=...)")
+    p.add_argument("--profile", action="store_true",
+                   help=f"after timing, profile one call of the modes {', '.join(PROFILED_MODES)} of the first context "
+                        "and batch (torch.profiler, then cProfile): device ms, kernel and graph launches and host ms "
+                        "per token, the top ops beside the result")
     p.add_argument("--time-budget-s", type=arg_number(minimum=0.0, min_open=True), default=500.0,
                    help="stop starting configurations after this")
     add_run_arguments(p, "eval/results/precision_generate", "bench_precision_generate")
@@ -226,7 +246,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 COLUMNS = ["cache", "context", "batch", "mode", "decode_ms_per_token", "decode_ms_streamed", "vs_native",
            "predicted_ms", "vs_predicted", "int4_fraction", "switches", "controller_overhead_us", "controller_queue_us",
            "controller_decide_us", "controller_overhead_p50_us", "recompiles_after_warmup", "captures_after_warmup",
-           "skipped"]
+           "gpu_ms_per_token", "kernel_launches_per_token", "graph_launches_per_token", "host_ms_per_token", "skipped"]
 
 
 def write_results(rows: list[dict], args, card: str, tiers: PrecisionTiers, wall_s: float, planned: int) -> list[dict]:

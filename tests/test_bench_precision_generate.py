@@ -49,6 +49,23 @@ def test_cpu_run_reports_every_mode_and_leaves_the_model_clean(bench, tmp_path):
     assert "vs_predicted" in (tmp_path / "bench_precision_generate_tiny.md").read_text()
 
 
+def test_profile_covers_the_mode_with_and_the_mode_without_a_controller(bench, tmp_path):
+    """Guards --profile: native and never-switching calls of the first configuration are profiled (device ms, launches
+    and host ms per token in their rows, op tables beside the result); other modes and configurations are not."""
+    args = ["--device", "cpu", "--dtype", "float32", "--shape", "tiny", "--contexts", "24,32", "--new-tokens", "5",
+            "--repeats", "1", "--fractions", "0.5", "--caches", "static", "--profile", "--out", str(tmp_path)]
+    bench.main(args)
+    report = json.loads((tmp_path / "bench_precision_generate_tiny.json").read_text())
+    profiled = {(r["context"], r["mode"]) for r in report["rows"] if "host_ms_per_token" in r}
+    assert profiled == {(24, "native"), (24, "never")}
+    for r in report["rows"]:
+        if (r["context"], r["mode"]) in profiled:
+            assert r["kernel_launches_per_token"] >= 0 and r["host_ms_per_token"] > 0
+    for mode in ("native", "never"):
+        assert (tmp_path / f"profile_static_{mode}_n24_b1.cpu.txt").stat().st_size > 0
+        assert "cumulative" in (tmp_path / f"profile_static_{mode}_n24_b1.host.txt").read_text()
+
+
 def test_a_mode_leaves_no_controller_hook_and_the_top_tier_on(bench, tmp_path):
     """Guards the modes against each other: after a switching mode, the model carries no controller hook and runs
     its top tier, so the next mode (native) measures the plain model."""

@@ -19,7 +19,8 @@
 #   precision      1 GPU per job; about 9 min on 2 GPUs (8B jobs ~7 min each). Carry .whl/ and .gpu/qwen_cfg
 #                  (scripts/export_model_config.py qwen2.5-coder-1.5b-instruct .gpu/qwen_cfg; config + tokenizer).
 #                  generate-8b and generate-8b-4k (the controller inside model.generate, StaticCache and
-#                  AdaptiveStaticKVCache; 64- and 4096-token prompts) need neither, one call each.
+#                  AdaptiveStaticKVCache; 64- and 4096-token prompts) need neither, one call each; generate-8b also
+#                  profiles a native and a never-switching call (--profile).
 #   parallel-2gpu  2 GPUs per job; each serving job ~8 min, so one job per call. Carry .whl/, .gpu/qwen7b_cfg
 #                  (the Qwen2.5-7B shape: export_model_config.py ... --set, see that script) and, for the SmolLM2
 #                  jobs (equivalence, serve-mixed), its GGUF in pieces under .gpu/smol/p0 .. p2
@@ -124,8 +125,8 @@ job_precision_qwen() { precision precision_qwen1.5b_$CARD --config-dir .gpu/qwen
 job_precision_qwen-triton() { precision precision_qwen1.5b_triton_$CARD --config-dir .gpu/qwen_cfg --int4-kernel triton \
     --skip-controller --high 0.9 0.75 0.5 --schedule $SCHED; }
 job_precision_generate-8b() { local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 440 $PY \
-    eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 64 --time-budget-s 300 --name 8b --out $o \
-    > $o/8b.log 2>&1; }
+    eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 64 --time-budget-s 300 --profile --name 8b \
+    --out $o > $o/8b.log 2>&1; }
 job_precision_generate-8b-4k() { local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 560 $PY \
     eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 4096 --time-budget-s 420 --name 8b_4k --out $o \
     > $o/8b_4k.log 2>&1; }
