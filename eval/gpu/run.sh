@@ -20,7 +20,8 @@
 #                  (scripts/export_model_config.py qwen2.5-coder-1.5b-instruct .gpu/qwen_cfg; config + tokenizer).
 #                  generate-8b and generate-8b-4k (the controller inside model.generate, StaticCache and
 #                  AdaptiveStaticKVCache; 64- and 4096-token prompts) need neither, one call each; generate-8b also
-#                  profiles a native and a never-switching call (--profile).
+#                  profiles a native and a never-switching call (--profile); cascade-replay-8b times the lossless
+#                  cascade through generate on recorded acceptance (one call).
 #   parallel-2gpu  2 GPUs per job; each serving job ~8 min, so one job per call. Carry .whl/, .gpu/qwen7b_cfg
 #                  (the Qwen2.5-7B shape: export_model_config.py ... --set, see that script) and, for the SmolLM2
 #                  jobs (equivalence, serve-mixed), its GGUF in pieces under .gpu/smol/p0 .. p2
@@ -130,6 +131,10 @@ job_precision_generate-8b() { local o=$R/precision_generate_$CARD; mkdir -p $o; 
 job_precision_generate-8b-4k() { local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 560 $PY \
     eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 4096 --time-budget-s 420 --name 8b_4k --out $o \
     > $o/8b_4k.log 2>&1; }
+job_precision_cascade-replay-8b() {  # the lossless cascade in generate, replaying the modernize task's recorded rounds
+    local o=$R/precision_cascade_replay_$CARD; mkdir -p $o; timeout 560 $PY eval/bench_cascade_replay.py \
+    --shape llama-3.1-8b --contexts 64,4096 --new-tokens 64 --out $o --name 8b_modernize \
+    --schedule eval/results/quality_draft_acceptance_modernize_qwen1.5b_cpu/draft_acceptance.json > $o/8b_modernize.log 2>&1; }
 job_precision_int4-kernels() { local o=$R/precision_int4_kernels_$CARD; mkdir -p $o; timeout 300 $PY \
     eval/bench_int4_kernels.py --out $o > $o/bench_int4_kernels.log 2>&1; }
 

@@ -1,0 +1,222 @@
+"""The lossless draft cascade through ``model.generate``, replaying acceptance recorded on real text, against greedy.
+
+Speed of the cascade depends on how many drafts the verifier keeps, which random weights cannot show. So the rounds
+come from ``eval/record_draft_acceptance.py`` (a real model on the dev set, CPU): every round's drafter, draft length
+and accepted count. Here, on a random-init model of a real shape, ``ReplayCandidateGenerator`` runs each recorded
+round for real, through ``model.generate(custom_generate=cascade_decoding, candidate_generator=...)``:
+
+- the round's drafter does its work (a self-draft runs its k int4 forwards from the shared cache and crops them; a
+  lookup runs the n-gram match), so the draft costs what it costs;
+- the proposed tokens are then replaced by greedy's own next tokens for the recorded accepted count, and a wrong token
+  after them, so the verifier (one real top-tier forward over k + 1 tokens) keeps exactly the recorded count.
+
+Greedy's tokens come from a plain ``model.generate`` of the same prompt first (the reference). The cascade is lossless,
+so its output must equal the reference (``identical``); ``accepted_as_scheduled`` is the share of the recorded accepted
+tokens the verifier kept (1.0 unless a near-tie flips between the verify forward's and greedy's matmul shapes: the
+random model's head is scaled by ``--head-scale`` so its top-2 margins are wide, as a trained model's mostly are).
+Timing as ``bench_generate.py``: decode ms/token = (t(N new) - t(1 new)) / (N - 1), median of ``--repeats`` calls
+after a warm-up of each mode; ``native_eager`` (DynamicCache, the cascade's own forwards are eager) and, on CUDA,
+``native_compiled`` (StaticCache, generate's compiled step) are the baselines, measured in the same run.
+
+GPU (Llama-3.1-8B shape, the modernize schedule of Qwen2.5-Coder-1.5B, a 64- and a 4096-token prompt):
+    python eval/bench_cascade_replay.py --shape llama-3.1-8b --contexts 64,4096 \
+        --schedule eval/results/quality_draft_acceptance_modernize_qwen1.5b_cpu/draft_acceptance.json \
+        --out eval/results/precision_cascade_replay_h100
+CPU smoke size (float32, exact):
+    python eval/bench_cascade_replay.py --device cpu --dtype float32 --shape tiny --contexts 24 --new-tokens 12 \
+        --schedule eval/results/quality_draft_acceptance_smollm2_cpu/draft_acceptance.json --out /tmp/cascade_replay
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from _common import environment, pyplot, save_figure  # first: sets the offline default
+from _generate_timing import SHAPES, add_run_arguments, build_model, generate_once, int_list, prepare_run, prompt
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import DynamicCache, StaticCache  # noqa: E402
+
+from hf_adaptive.evaluation.report import markdown_table, write_report  # noqa: E402
+from hf_adaptive.policy.draft_policy import NO_DRAFT, DraftChoice, DraftPolicyConfig  # noqa: E402
+from hf_adaptive.precision.cascade import cascade_decoding  # noqa: E402
+from hf_adaptive.precision.drafting import CascadeCandidateGenerator  # noqa: E402
+from hf_adaptive.precision.tiers import PrecisionTiers, prepare_tiers  # noqa: E402
+from hf_adaptive.validation import arg_number  # noqa: E402
+
+RUNS = ("lookup", "self", "cascade")  # the recorded runs: each drafter alone, and both under the policy
+
+
+def load_rounds(path: Path, run: str) -> list[tuple[str, int, int]]:
+    """Every recorded round (drafter, proposed, accepted) of ``run``, verse after verse, from a
+    ``record_draft_acceptance.py`` JSON."""
+    data = json.loads(Path(path).read_text())
+    rounds = []
+    for verse in data.get("verses", []):
+        recorded = verse.get("runs", {}).get(run)
+        if recorded is None:
+            continue
+        cols = recorded["rounds_columns"]
+        for r in recorded["rounds"]:
+            row = dict(zip(cols, r))
+            rounds.append((row["drafter"], int(row["proposed"]), int(row["accepted"])))
+    if not rounds:
+        raise ValueError(f"--schedule {path}: no rounds of run {run!r}; record them with eval/record_draft_acceptance.py "
+                         f"(runs: {', '.join(RUNS)})")
+    return rounds
+
+
+class ReplayCandidateGenerator(CascadeCandidateGenerator):
+    """Drafts that follow recorded rounds: each round's drafter does its real work, then the proposal is greedy's
+    next ``accepted`` tokens from ``reference`` and one wrong token, so the verifier keeps the recorded count.
+
+    Args:
+        tiers: as for ``CascadeCandidateGenerator`` (its cheapest tier self-drafts).
+        reference: (1, N) the tokens greedy decoding emits after the prompt.
+        rounds: (drafter, proposed, accepted) per round, replayed in order, from the start at every generation.
+    """
+
+    def __init__(self, tiers: PrecisionTiers, reference: torch.Tensor, rounds: list[tuple[str, int, int]]) -> None:
+        longest = max(k for _, k, _ in rounds)
+        super().__init__(tiers, DraftPolicyConfig(max_lookup_tokens=max(longest, 1), max_self_draft=max(longest, 1)))
+        self.reference = reference
+        self.rounds = rounds
+        self.scheduled_accepted = 0
+        self.diverged_at: int | None = None
+        self._next = 0
+        self._prompt_len: int | None = None
+
+    def bind(self, cache, eos_token_id: torch.Tensor | None, max_length: int) -> None:
+        super().bind(cache, eos_token_id, max_length)
+        self._next, self._prompt_len, self.scheduled_accepted, self.diverged_at = 0, None, 0, None
+
+    def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
+        begin = time.perf_counter_ns()
+        if self._prompt_len is None:  # the first round follows the prefill's token
+            self._prompt_len = input_ids.shape[1] - 1
+        done = input_ids.shape[1] - self._prompt_len  # tokens emitted so far
+        if self.diverged_at is None and not torch.equal(input_ids[0, self._prompt_len:],
+                                                        self.reference[0, :done].to(input_ids.device)):
+            self.diverged_at = done
+        drafter, k, accepted = self.rounds[self._next % len(self.rounds)]
+        self._next += 1
+        k = max(0, min(k, self._lookup.max_length - input_ids.shape[1] - 1, self.reference.shape[1] - done))
+        accepted = min(accepted, k)
+        if drafter == "self" and k:
+            self._self_drafts(input_ids, k)  # the draft's real cost: k int4 forwards, cropped
+        elif drafter == "lookup":
+            self._lookup_drafts(input_ids)
+        drafts = self.reference[:, done:done + k].to(input_ids.device).clone()
+        if accepted < k:  # the verifier rejects here: any token but greedy's
+            drafts[0, accepted] = (drafts[0, accepted] + 1) % self.tiers.model.config.vocab_size
+        self.scheduled_accepted += accepted
+        self.choice = DraftChoice(drafter if k else NO_DRAFT, k)
+        self.draft_ns = time.perf_counter_ns() - begin
+        return torch.cat([input_ids, drafts], dim=1), None
+
+
+def decode_ms(model, ids, cache_for_call, new_tokens: int, repeats: int, device: str, **kwargs) -> dict:
+    """(t(N new) - t(1 new)) / (N - 1), medians of ``repeats`` calls each, after one warm-up call of N."""
+    generate_once(model, ids, cache_for_call(), new_tokens, device, **kwargs)  # warm-up (compiles, captures)
+    one, many = [], []
+    for _ in range(repeats):
+        one.append(generate_once(model, ids, cache_for_call(), 1, device, **kwargs)["wall_s"])
+        many.append(generate_once(model, ids, cache_for_call(), new_tokens, device, **kwargs)["wall_s"])
+    return {"decode_ms_per_token": 1000 * (statistics.median(many) - statistics.median(one)) / (new_tokens - 1)}
+
+
+def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args) -> dict:
+    """The reference, the baselines and the replayed cascade at one prompt length."""
+    ids = prompt(model.config.vocab_size, 1, context, context * 31 + 1, args.device)
+    max_len = context + args.new_tokens + 1
+    reference = generate_once(model, ids, DynamicCache(), args.new_tokens, args.device,
+                              disable_compile=True)["tokens"]
+    row = {"context": context, "new_tokens": args.new_tokens}
+    row["native_eager_ms"] = decode_ms(model, ids, DynamicCache, args.new_tokens, args.repeats, args.device,
+                                       disable_compile=True)["decode_ms_per_token"]
+    if args.device.startswith("cuda"):
+        static = StaticCache(config=model.config, max_cache_len=max_len)
+
+        def reset_static():
+            static.reset()
+            return static
+
+        row["native_compiled_ms"] = decode_ms(model, ids, reset_static, args.new_tokens, args.repeats,
+                                              args.device)["decode_ms_per_token"]
+    gen = ReplayCandidateGenerator(tiers, reference, rounds)
+    kwargs = {"custom_generate": cascade_decoding, "candidate_generator": gen, "disable_compile": True}
+    row["cascade_ms"] = decode_ms(model, ids, DynamicCache, args.new_tokens, args.repeats, args.device,
+                                  **kwargs)["decode_ms_per_token"]
+    gen.telemetry.reset()
+    out = generate_once(model, ids, DynamicCache(), args.new_tokens, args.device, **kwargs)["tokens"]
+    report = gen.telemetry.report()
+    kept = sum(d["accepted"] for d in report["drafters"].values())
+    row.update(identical=bool(torch.equal(out, reference)), diverged_at=gen.diverged_at,
+               verify_forwards=report["verify_forwards"], tokens_per_verify=report["tokens_per_verify"],
+               accepted_as_scheduled=kept / gen.scheduled_accepted if gen.scheduled_accepted else None)
+    for base in ("native_eager", "native_compiled"):
+        if f"{base}_ms" in row:
+            row[f"speedup_vs_{base}"] = row[f"{base}_ms"] / row["cascade_ms"]
+    return row
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b", help="random-init Llama shape")
+    p.add_argument("--contexts", type=int_list, default=int_list("64,4096"), help="prompt lengths (batch 1)")
+    p.add_argument("--schedule", type=Path, required=True, help="a record_draft_acceptance.py JSON")
+    p.add_argument("--run", choices=RUNS, default="cascade", help="which recorded run's rounds to replay")
+    p.add_argument("--new-tokens", type=arg_number(minimum=3, integer=True), default=64)
+    p.add_argument("--repeats", type=arg_number(minimum=1, integer=True), default=2)
+    p.add_argument("--head-scale", type=arg_number(minimum=0.0, min_open=True), default=30.0,
+                   help="multiplies the random lm_head: wide top-2 margins, so no near-tie flips a replayed token")
+    add_run_arguments(p, "eval/results/precision_cascade_replay", "bench_cascade_replay")
+    return p.parse_args(argv)
+
+
+COLUMNS = ["context", "new_tokens", "native_eager_ms", "native_compiled_ms", "cascade_ms", "speedup_vs_native_eager",
+           "speedup_vs_native_compiled", "tokens_per_verify", "verify_forwards", "accepted_as_scheduled", "identical",
+           "diverged_at"]
+
+
+def plot(path: Path, rows: list[dict], title: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    modes = [m for m in ("native_eager", "native_compiled", "cascade") if any(f"{m}_ms" in r for r in rows)]
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        ax.bar([j + i * width for j in range(len(rows))], [r.get(f"{mode}_ms", 0) for r in rows], width, label=mode)
+    ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(rows))])
+    ax.set_xticklabels([f"{r['context']} tokens" for r in rows])
+    ax.set(ylabel="ms per decoded token", title=title)
+    ax.legend()
+    save_figure(fig, path)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    card = prepare_run(args.device)
+    rounds = load_rounds(args.schedule, args.run)
+    model = build_model(args.shape, args.device, getattr(torch, args.dtype))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(args.head_scale)
+    tiers = prepare_tiers(model, tiers=("int4", "native"))
+    rows = [bench_context(model, tiers, rounds, c, args) for c in tqdm(args.contexts, desc="cascade replay")]
+    name = args.name or f"bench_cascade_replay_{args.shape}"
+    env = environment(args.device, model=f"random-init {args.shape}", dtype=args.dtype, schedule=str(args.schedule),
+                      run=args.run, rounds=len(rounds), head_scale=args.head_scale)
+    write_report(args.out, name, {"rows": rows}, env, markdown_table(rows, COLUMNS),
+                 f"Draft cascade replayed through model.generate: random-init {args.shape} on {card}",
+                 notes="Each round's drafter runs for real; the proposal then carries greedy's next tokens for the "
+                       "recorded accepted count (see the script's docstring). ms per decoded token; speedups against "
+                       "the baselines of the same run.")
+    plot(Path(args.out) / f"{name}.png", rows, f"cascade replay, {args.shape}, {card}")
+
+
+if __name__ == "__main__":
+    main()

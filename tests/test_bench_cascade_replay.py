@@ -1,0 +1,49 @@
+"""eval/bench_cascade_replay.py: the draft cascade replaying recorded acceptance through model.generate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import load_eval_script
+
+ROUNDS = [["self", 3, 2, 3, 0.9], ["lookup", 4, 4, 5, 0.8], ["none", 0, 0, 1, 0.5], ["self", 2, 0, 1, 0.7]]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_eval_script("bench_cascade_replay")
+
+
+def _schedule(path, runs=("cascade",)):
+    verse = {"runs": {run: {"rounds": ROUNDS, "rounds_columns": ["drafter", "proposed", "accepted", "emitted", "score"]}
+                      for run in runs}}
+    path.write_text(json.dumps({"verses": [verse, verse]}))
+    return path
+
+
+def test_rounds_load_in_order_and_a_missing_run_is_refused(bench, tmp_path):
+    """Guards the schedule reader: every verse's rounds of the chosen run, in order, as (drafter, proposed, accepted);
+    a run the file does not hold names the flag and the recorder."""
+    path = _schedule(tmp_path / "acc.json")
+    assert bench.load_rounds(path, "cascade") == [(r[0], r[1], r[2]) for r in ROUNDS] * 2
+    with pytest.raises(ValueError, match="no rounds of run 'self'.*record_draft_acceptance"):
+        bench.load_rounds(path, "self")
+
+
+def test_replay_keeps_the_recorded_counts_and_greedys_tokens(bench, tmp_path):
+    """Guards the replay end to end on CPU (float32, exact): through generate's cascade loop the verifier keeps
+    exactly the recorded accepted counts (self-drafts and lookups doing their real work), the output equals greedy
+    decoding's, and the report carries both baselines' and the cascade's ms per token."""
+    out = tmp_path / "out"
+    bench.main(["--device", "cpu", "--dtype", "float32", "--shape", "tiny", "--contexts", "24", "--new-tokens", "14",
+                "--repeats", "1", "--schedule", str(_schedule(tmp_path / "acc.json")), "--out", str(out)])
+    report = json.loads((out / "bench_cascade_replay_tiny.json").read_text())
+    (row,) = report["rows"]
+    assert row["identical"] is True and row["diverged_at"] is None
+    assert row["accepted_as_scheduled"] == 1.0
+    # 13 tokens after the prefill's: rounds of 3, 5, 1, 1 emitted tokens, then 3: 5 verify forwards
+    assert row["verify_forwards"] == 5 and row["tokens_per_verify"] == pytest.approx(13 / 5)
+    assert {"native_eager_ms", "cascade_ms", "speedup_vs_native_eager"} <= set(row)
+    assert (out / "bench_cascade_replay_tiny.png").stat().st_size > 0
