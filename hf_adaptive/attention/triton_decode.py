@@ -210,14 +210,14 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+FLOAT32_MAX_STAGES = 4  # float32 tiles take twice the shared memory: the D = 128 build fits at 4
+
+
 def launch_stages(config: DecodeKernelConfig, dtype: torch.dtype) -> int:
     """Pipelining depth of a launch: ``config.num_stages``, at most ``FLOAT32_MAX_STAGES`` for float32 models, whose
     tiles take twice the shared memory (at 5 stages the D = 128 build needs 268 KiB, over the 227 KiB of a Hopper
     SM; ``triton.runtime.errors.OutOfResources`` inside ``model.generate``)."""
     return config.num_stages if dtype.itemsize <= 2 else min(config.num_stages, FLOAT32_MAX_STAGES)
-
-
-FLOAT32_MAX_STAGES = 4
 
 
 def _choose_splits(n_chunks: int, programs: int, device: torch.device, config: DecodeKernelConfig) -> int:
