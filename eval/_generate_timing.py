@@ -131,7 +131,8 @@ def profile_call(model, ids: torch.Tensor, cache, new_tokens: int, device: str, 
 def host_profile_call(model, ids: torch.Tensor, cache, new_tokens: int, device: str, stem: Path,
                       **generate_kwargs) -> dict:
     """cProfile over one generate call: where the host's time per decoded token goes, by Python function (the
-    C++ parts, e.g. dynamo's guards or a CUDA graph launch, inside the function that calls them), to ``stem``.host.txt."""
+    C++ parts, e.g. dynamo's guards or a CUDA graph launch, inside the function that calls them), to
+    ``stem``.host.txt."""
     import cProfile
     import io
     import pstats
@@ -146,7 +147,8 @@ def host_profile_call(model, ids: torch.Tensor, cache, new_tokens: int, device: 
     stats.sort_stats("cumulative").print_stats(45)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".host.txt").write_text(text.getvalue())
-    return {"host_ms_per_token": stats.total_tt * 1000 / new_tokens, "python_calls_per_token": stats.total_calls / new_tokens}
+    return {"host_ms_per_token": stats.total_tt * 1000 / new_tokens,
+            "python_calls_per_token": stats.total_calls / new_tokens}
 
 
 def timed_calls(model, ids, cache_for_call, new_tokens: int, repeats: int, device: str,

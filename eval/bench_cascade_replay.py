@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 from _common import environment, pyplot, save_figure  # first: sets the offline default
-from _generate_timing import SHAPES, add_run_arguments, build_model, generate_once, int_list, prepare_run, prompt
+from _generate_timing import (SHAPES, add_run_arguments, build_model, generate_once, int_list, prepare_run,
+                              prompt, timed_calls)
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -66,8 +66,8 @@ def load_rounds(path: Path, run: str) -> list[tuple[str, int, int]]:
             row = dict(zip(cols, r))
             rounds.append((row["drafter"], int(row["proposed"]), int(row["accepted"])))
     if not rounds:
-        raise ValueError(f"--schedule {path}: no rounds of run {run!r}; record them with eval/record_draft_acceptance.py "
-                         f"(runs: {', '.join(RUNS)})")
+        raise ValueError(f"--schedule {path}: no rounds of run {run!r}; record them with "
+                         f"eval/record_draft_acceptance.py (runs: {', '.join(RUNS)})")
     return rounds
 
 
@@ -120,14 +120,10 @@ class ReplayCandidateGenerator(CascadeCandidateGenerator):
         return torch.cat([input_ids, drafts], dim=1), None
 
 
-def decode_ms(model, ids, cache_for_call, new_tokens: int, repeats: int, device: str, **kwargs) -> dict:
-    """(t(N new) - t(1 new)) / (N - 1), medians of ``repeats`` calls each, after one warm-up call of N."""
+def decode_ms(model, ids, cache_for_call, new_tokens: int, repeats: int, device: str, **kwargs) -> float:
+    """Decode ms/token of ``timed_calls`` (the project's one timing rule) after one warm-up call of N tokens."""
     generate_once(model, ids, cache_for_call(), new_tokens, device, **kwargs)  # warm-up (compiles, captures)
-    one, many = [], []
-    for _ in range(repeats):
-        one.append(generate_once(model, ids, cache_for_call(), 1, device, **kwargs)["wall_s"])
-        many.append(generate_once(model, ids, cache_for_call(), new_tokens, device, **kwargs)["wall_s"])
-    return {"decode_ms_per_token": 1000 * (statistics.median(many) - statistics.median(one)) / (new_tokens - 1)}
+    return timed_calls(model, ids, cache_for_call, new_tokens, repeats, device, **kwargs)["decode_ms_per_token"]
 
 
 def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args) -> dict:
@@ -138,7 +134,7 @@ def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args) -> d
                               disable_compile=True)["tokens"]
     row = {"context": context, "new_tokens": args.new_tokens}
     row["native_eager_ms"] = decode_ms(model, ids, DynamicCache, args.new_tokens, args.repeats, args.device,
-                                       disable_compile=True)["decode_ms_per_token"]
+                                       disable_compile=True)
     if args.device.startswith("cuda"):
         static = StaticCache(config=model.config, max_cache_len=max_len)
 
@@ -147,11 +143,11 @@ def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args) -> d
             return static
 
         row["native_compiled_ms"] = decode_ms(model, ids, reset_static, args.new_tokens, args.repeats,
-                                              args.device)["decode_ms_per_token"]
+                                              args.device)
     gen = ReplayCandidateGenerator(tiers, reference, rounds)
     kwargs = {"custom_generate": cascade_decoding, "candidate_generator": gen, "disable_compile": True}
     row["cascade_ms"] = decode_ms(model, ids, DynamicCache, args.new_tokens, args.repeats, args.device,
-                                  **kwargs)["decode_ms_per_token"]
+                                  **kwargs)
     gen.telemetry.reset()
     out = generate_once(model, ids, DynamicCache(), args.new_tokens, args.device, **kwargs)["tokens"]
     report = gen.telemetry.report()

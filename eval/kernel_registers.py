@@ -12,8 +12,9 @@ per SM for the configurations the caches launch:
 
 It also counts the SASS instructions of each loop of the build (``nvdisasm``, also shipped with Triton): one iteration
 folds one chunk, and every warp of the program issues it, so instructions per iteration x warps is what an SM issues
-per chunk. The adaptive build's loops are its 16-, 8- and 4-bit history walks and the exact tail, in that order. Where
-the walk is bound by instruction issue rather than bytes (4-bit codes at long context), this count predicts its time.
+per chunk. The adaptive build's loops are its 16-, 8- and 4-bit history walks and the exact tail, in that order. The
+count is not a time: on an H100 a build issuing fewer instructions per chunk ran slower (the walk waits on latency
+at ~8 warps per SM, ``eval/results/kv_decode_launch_waves_h100``), so time kernel changes on a GPU.
 ``--mask`` builds with the key mask ``model.generate`` always passes; ``--stages`` is the launch's pipelining depth.
 
 Run:  python eval/kernel_registers.py [--arch 90] [--chunks 32,64] [--warps 4,8] [--mask] [--stages 5] [--out DIR]

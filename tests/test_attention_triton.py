@@ -280,21 +280,23 @@ def test_kernel_compiles_for_hopper(head_dim, value_group, device_lens, dtype):
     assert "cubin" in kernel.asm and len(kernel.asm["cubin"]) > 0
 
 
-def _book_build(has_mask: bool, num_warps: int):
-    """The sm_90 build of the static caches' path (address book, device lengths, 16/8/4 bits, D 64) at the launch's
-    pipelining depth; no GPU needed."""
+def _book_build(has_mask: bool, num_warps: int, head_dim: int = 64, dtype: str = "bf16",
+                num_stages: int | None = None):
+    """The sm_90 build of the static caches' path (address book, device lengths, 16/8/4 bits) at the launch's chunk
+    for ``head_dim`` and, unless given, the default pipelining depth; no GPU needed."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from hf_adaptive.attention import triton_decode
 
-    const = dict(GROUP=4, GP=16, D=64, HD=32, G=64, BS=64, CHUNK=64, HAS8=True, HAS4=True, HAS2=False,
-                 HAS_MASK=has_mask, WINDOW=0, SOFTCAP=False, F32_DOTS=False, DEVICE_LENS=True, BOOK=True)
+    const = dict(GROUP=4, GP=16, D=head_dim, HD=head_dim // 2, G=64, BS=64, CHUNK=32 if head_dim >= 256 else 64,
+                 HAS8=True, HAS4=True, HAS2=False, HAS_MASK=has_mask, WINDOW=0, SOFTCAP=False, F32_DOTS=False,
+                 DEVICE_LENS=True, BOOK=True)
+    stages = num_stages or triton_decode.DecodeKernelConfig().num_stages
     return triton.compile(ASTSource(fn=triton_decode.kernels.decode_split_kernel,
-                                    signature=triton_decode.kernel_signature(const), constexprs=const),
-                          target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": triton_decode.DecodeKernelConfig().num_stages})
+                                    signature=triton_decode.kernel_signature(const, dtype), constexprs=const),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": stages})
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
@@ -369,25 +371,17 @@ HOPPER_SHARED_BYTES = 232448  # the most shared memory one block may use on an s
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-@pytest.mark.parametrize("head_dim,dtype", [(64, "bf16"), (128, "bf16"), (256, "bf16"), (128, "fp32"), (256, "fp32")])
+@pytest.mark.parametrize("head_dim,dtype", [(64, "bf16"), (128, "bf16"), (256, "bf16"), (64, "fp32"), (128, "fp32"),
+                                            (256, "fp32")])
 def test_static_path_fits_hopper_shared_memory(head_dim, dtype):
     """Guards against a launch that cannot start on an H100/H200 (``OutOfResources`` inside ``model.generate``): the
     static caches' build (address book, key mask, 16/8/4 bits) at the launch's own chunk, warps and pipelining depth
     must fit an sm_90 block's shared memory, float32 models (twice the tile bytes) included."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from hf_adaptive.attention import triton_decode
 
     torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-    config = triton_decode.DecodeKernelConfig()
-    chunk = 32 if head_dim >= 256 else 64
-    const = dict(GROUP=4, GP=16, D=head_dim, HD=head_dim // 2, G=64, BS=64, CHUNK=chunk, HAS8=True, HAS4=True,
-                 HAS2=False, HAS_MASK=True, WINDOW=0, SOFTCAP=False, F32_DOTS=False, DEVICE_LENS=True, BOOK=True)
-    warps = 8 if head_dim >= 128 else 4 if dtype == "fp32" else 2
-    kernel = triton.compile(ASTSource(fn=triton_decode.kernels.decode_split_kernel,
-                                      signature=triton_decode.kernel_signature(const, dtype), constexprs=const),
-                            target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": warps, "num_stages": triton_decode.launch_stages(config, torch_dtype)})
+    warps = 8 if head_dim >= 128 else 4 if dtype == "fp32" else 2  # the launch's defaults (_plan_launch)
+    chunk = 32 if head_dim >= 256 else 64  # the launch's default chunk, as _book_build builds it
+    kernel = _book_build(True, warps, head_dim, dtype,
+                         triton_decode.launch_stages(triton_decode.DecodeKernelConfig(), torch_dtype, chunk, head_dim))
     assert kernel.metadata.shared <= HOPPER_SHARED_BYTES, (head_dim, dtype, kernel.metadata.shared)

@@ -58,12 +58,13 @@ class DecodeKernelConfig:
             through float16 dots; on an H100 two warps beat four at every measured shape,
             ``eval/results/kv_decode_kernel_f16_fold_h100``) and 4 for float32 ones.
         waves: target number of programs per SM when choosing the number of splits; 4 by default (on an H100,
-            ``eval/results/kv_decode_launch_waves_h100``, it beat 2 by 10-14 % at 8 x 32k with 4-, 8- and 16-bit
+            ``eval/results/kv_decode_launch_waves_h100``, it beat 2 by 9-14 % at 8 x 32k with 4-, 8- and 16-bit
             history, e.g. 155 against 180 µs at 4 bits, and tied at 1 x 64k and 8 x 4k).
         max_splits: upper bound on splits per (batch, kv head).
         num_stages: Triton software-pipelining stages of the launch. The default 5 copies a static view's code tiles
             two chunks ahead (the block's slot, looked up first, takes one stage); Triton's own default, 3, one.
-            Float32 models launch with at most 4 (:func:`launch_stages`): their tiles are twice as large.
+            Launches whose model-dtype tiles exceed 16 KiB (float32 at D >= 128) use at most 4
+            (:func:`launch_stages`), so their copies fit a Hopper SM's shared memory.
         max_registers: cap on registers per thread (Triton's ``maxnreg``; None: the compiler's choice). Programs per
             SM are bound by registers (65536 / (registers x 32 x warps)); a cap trades a few spilled bytes for more
             programs, hence more bytes in flight. ``eval/kernel_registers.py`` reports both.
@@ -149,7 +150,8 @@ def triton_decode_attention(
         BS=packed.block_size, CHUNK=plan.chunk, HAS8=8 in bits, HAS4=4 in bits, HAS2=2 in bits,
         HAS_MASK=key_mask is not None, WINDOW=plan.window, SOFTCAP=softcap is not None,
         F32_DOTS=_INTERPRETING, DEVICE_LENS=packed.lengths is not None, BOOK=book is not None,
-        num_warps=plan.num_warps, num_stages=launch_stages(config, query.dtype), maxnreg=config.max_registers,
+        num_warps=plan.num_warps, num_stages=launch_stages(config, query.dtype, plan.chunk, D),
+        maxnreg=config.max_registers,
     )
     out = torch.empty(B, Hq, 1, D, device=query.device, dtype=query.dtype) if out is None else out
     kernels.merge_splits_kernel[(B * Hq,)](acc, m, lse, out, out.stride(0), out.stride(1), Hq, plan.splits,
@@ -210,14 +212,17 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-FLOAT32_MAX_STAGES = 4  # float32 tiles take twice the shared memory: the D = 128 build fits at 4
+WIDE_TILE_BYTES = 16384  # a model-dtype tile (chunk x head dim) above this is wide; bf16 at 64 x 128 fits 5 stages
+WIDE_TILE_MAX_STAGES = 4
 
 
-def launch_stages(config: DecodeKernelConfig, dtype: torch.dtype) -> int:
-    """Pipelining depth of a launch: ``config.num_stages``, at most ``FLOAT32_MAX_STAGES`` for float32 models, whose
-    tiles take twice the shared memory (at 5 stages the D = 128 build needs 268 KiB, over the 227 KiB of a Hopper
-    SM; ``triton.runtime.errors.OutOfResources`` inside ``model.generate``)."""
-    return config.num_stages if dtype.itemsize <= 2 else min(config.num_stages, FLOAT32_MAX_STAGES)
+def launch_stages(config: DecodeKernelConfig, dtype: torch.dtype, chunk: int, head_dim: int) -> int:
+    """Pipelining depth of a launch: ``config.num_stages``, at most ``WIDE_TILE_MAX_STAGES`` when one model-dtype tile
+    (``chunk`` x ``head_dim``) exceeds ``WIDE_TILE_BYTES``: every stage holds copies of such tiles in shared memory,
+    and at 5 stages a float32 D = 128 build needs 268 KiB, over the 227 KiB of a Hopper SM
+    (``triton.runtime.errors.OutOfResources`` inside ``model.generate``)."""
+    wide = chunk * head_dim * dtype.itemsize > WIDE_TILE_BYTES
+    return min(config.num_stages, WIDE_TILE_MAX_STAGES) if wide else config.num_stages
 
 
 def _choose_splits(n_chunks: int, programs: int, device: torch.device, config: DecodeKernelConfig) -> int:
