@@ -15,8 +15,11 @@ so its output must equal the reference (``identical``); ``accepted_as_scheduled`
 tokens the verifier kept (1.0 unless a near-tie flips between the verify forward's and greedy's matmul shapes: the
 random model's head is scaled by ``--head-scale`` so its top-2 margins are wide, as a trained model's mostly are).
 Timing as ``bench_generate.py``: decode ms/token = (t(N new) - t(1 new)) / (N - 1), median of ``--repeats`` calls
-after a warm-up of each mode; ``native_eager`` (DynamicCache, the cascade's own forwards are eager) and, on CUDA,
-``native_compiled`` (StaticCache, generate's compiled step) are the baselines, measured in the same run.
+after a warm-up of each mode. Modes: ``native_eager`` (DynamicCache, compile disabled) and ``cascade_eager`` (the
+cascade on DynamicCache, every forward eager); on CUDA (or with ``--compile-on-cpu``) also ``native_compiled``
+(StaticCache, generate's compiled step) and ``cascade_compiled`` (the cascade on StaticCache: its verify forwards at
+one fixed width and its int4 draft steps through generate's compiled call, each a captured graph). Every ratio is
+taken in the same run; identity and ``accepted_as_scheduled`` are reported per cascade mode.
 
 GPU (Llama-3.1-8B shape, the modernize schedule of Qwen2.5-Coder-1.5B, a 64- and a 4096-token prompt):
     python eval/bench_cascade_replay.py --shape llama-3.1-8b --contexts 64,4096 \
@@ -40,7 +43,7 @@ from _generate_timing import (SHAPES, add_run_arguments, build_model, generate_o
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-from transformers import DynamicCache, StaticCache  # noqa: E402
+from transformers import CompileConfig, DynamicCache, StaticCache  # noqa: E402
 
 from hf_adaptive.evaluation.report import markdown_table, write_report  # noqa: E402
 from hf_adaptive.policy.draft_policy import NO_DRAFT, DraftChoice, DraftPolicyConfig  # noqa: E402
@@ -91,8 +94,8 @@ class ReplayCandidateGenerator(CascadeCandidateGenerator):
         self._next = 0
         self._prompt_len: int | None = None
 
-    def bind(self, cache, eos_token_id: torch.Tensor | None, max_length: int) -> None:
-        super().bind(cache, eos_token_id, max_length)
+    def bind(self, cache, eos_token_id: torch.Tensor | None, max_length: int, forward=None) -> None:
+        super().bind(cache, eos_token_id, max_length, forward)
         self._next, self._prompt_len, self.scheduled_accepted, self.diverged_at = 0, None, 0, None
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
@@ -126,38 +129,53 @@ def decode_ms(model, ids, cache_for_call, new_tokens: int, repeats: int, device:
     return timed_calls(model, ids, cache_for_call, new_tokens, repeats, device, **kwargs)["decode_ms_per_token"]
 
 
+def _compile_kwargs(args) -> dict:
+    """generate's compile arguments: its defaults on CUDA; ``--compile-on-cpu`` compiles on the CPU too (with
+    ``--compile-backend``, e.g. ``eager`` for dynamo's tracing and guards without code generation)."""
+    if args.device.startswith("cuda") and args.compile_backend == "inductor":
+        return {}
+    config = CompileConfig(backend=args.compile_backend)
+    config._compile_all_devices = args.compile_on_cpu  # transformers' switch for compiling on any device
+    return {"compile_config": config}
+
+
 def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args) -> dict:
-    """The reference, the baselines and the replayed cascade at one prompt length."""
+    """The reference, the baselines and the replayed cascade (eager and compiled) at one prompt length."""
     ids = prompt(model.config.vocab_size, 1, context, context * 31 + 1, args.device)
-    max_len = context + args.new_tokens + 1
     reference = generate_once(model, ids, DynamicCache(), args.new_tokens, args.device,
                               disable_compile=True)["tokens"]
     row = {"context": context, "new_tokens": args.new_tokens}
     row["native_eager_ms"] = decode_ms(model, ids, DynamicCache, args.new_tokens, args.repeats, args.device,
                                        disable_compile=True)
-    if args.device.startswith("cuda"):
-        static = StaticCache(config=model.config, max_cache_len=max_len)
-
-        def reset_static():
-            static.reset()
-            return static
-
-        row["native_compiled_ms"] = decode_ms(model, ids, reset_static, args.new_tokens, args.repeats,
-                                              args.device)
+    compiled = args.device.startswith("cuda") or args.compile_on_cpu
     gen = ReplayCandidateGenerator(tiers, reference, rounds)
-    kwargs = {"custom_generate": cascade_decoding, "candidate_generator": gen, "disable_compile": True}
-    row["cascade_ms"] = decode_ms(model, ids, DynamicCache, args.new_tokens, args.repeats, args.device,
-                                  **kwargs)
-    gen.telemetry.reset()
-    out = generate_once(model, ids, DynamicCache(), args.new_tokens, args.device, **kwargs)["tokens"]
-    report = gen.telemetry.report()
-    kept = sum(d["accepted"] for d in report["drafters"].values())
-    row.update(identical=bool(torch.equal(out, reference)), diverged_at=gen.diverged_at,
-               verify_forwards=report["verify_forwards"], tokens_per_verify=report["tokens_per_verify"],
-               accepted_as_scheduled=kept / gen.scheduled_accepted if gen.scheduled_accepted else None)
-    for base in ("native_eager", "native_compiled"):
-        if f"{base}_ms" in row:
-            row[f"speedup_vs_{base}"] = row[f"{base}_ms"] / row["cascade_ms"]
+    # room for the fixed-width verify of the last round: every round of the compiled cascade runs its graph
+    static = StaticCache(config=model.config, max_cache_len=context + args.new_tokens + 1 + gen.num_drafting_tokens)
+
+    def reset_static():
+        static.reset()
+        return static
+
+    if compiled:
+        row["native_compiled_ms"] = decode_ms(model, ids, reset_static, args.new_tokens, args.repeats, args.device,
+                                              **_compile_kwargs(args))
+    modes = {"cascade_eager": (DynamicCache, {"disable_compile": True})}
+    if compiled:
+        modes["cascade_compiled"] = (reset_static, _compile_kwargs(args))
+    for mode, (cache_for_call, extra) in modes.items():
+        kwargs = {"custom_generate": cascade_decoding, "candidate_generator": gen, **extra}
+        row[f"{mode}_ms"] = decode_ms(model, ids, cache_for_call, args.new_tokens, args.repeats, args.device,
+                                      **kwargs)
+        gen.telemetry.reset()
+        out = generate_once(model, ids, cache_for_call(), args.new_tokens, args.device, **kwargs)["tokens"]
+        report = gen.telemetry.report()
+        kept = sum(d["accepted"] for d in report["drafters"].values())
+        row.update({f"{mode}_identical": bool(torch.equal(out, reference)), f"{mode}_diverged_at": gen.diverged_at,
+                    f"{mode}_accepted_as_scheduled": kept / gen.scheduled_accepted if gen.scheduled_accepted else None},
+                   verify_forwards=report["verify_forwards"], tokens_per_verify=report["tokens_per_verify"])
+        for base in ("native_eager", "native_compiled"):
+            if f"{base}_ms" in row:
+                row[f"{mode}_vs_{base}"] = row[f"{base}_ms"] / row[f"{mode}_ms"]
     return row
 
 
@@ -171,19 +189,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=arg_number(minimum=1, integer=True), default=2)
     p.add_argument("--head-scale", type=arg_number(minimum=0.0, min_open=True), default=30.0,
                    help="multiplies the random lm_head: wide top-2 margins, so no near-tie flips a replayed token")
+    p.add_argument("--compile-on-cpu", action="store_true",
+                   help="also time the compiled modes off CUDA (generate compiles on accelerators only by default)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compiled modes (eager: dynamo's tracing without code generation)")
     add_run_arguments(p, "eval/results/precision_cascade_replay", "bench_cascade_replay")
     return p.parse_args(argv)
 
 
-COLUMNS = ["context", "new_tokens", "native_eager_ms", "native_compiled_ms", "cascade_ms", "speedup_vs_native_eager",
-           "speedup_vs_native_compiled", "tokens_per_verify", "verify_forwards", "accepted_as_scheduled", "identical",
-           "diverged_at"]
+COLUMNS = ["context", "new_tokens", "native_eager_ms", "native_compiled_ms", "cascade_eager_ms", "cascade_compiled_ms",
+           "cascade_eager_vs_native_eager", "cascade_compiled_vs_native_compiled", "cascade_compiled_vs_native_eager",
+           "tokens_per_verify", "verify_forwards", "cascade_eager_accepted_as_scheduled",
+           "cascade_compiled_accepted_as_scheduled", "cascade_eager_identical", "cascade_compiled_identical"]
 
 
 def plot(path: Path, rows: list[dict], title: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    modes = [m for m in ("native_eager", "native_compiled", "cascade") if any(f"{m}_ms" in r for r in rows)]
+    modes = [m for m in ("native_eager", "native_compiled", "cascade_eager", "cascade_compiled")
+             if any(f"{m}_ms" in r for r in rows)]
     width = 0.8 / len(modes)
     for i, mode in enumerate(modes):
         ax.bar([j + i * width for j in range(len(rows))], [r.get(f"{mode}_ms", 0) for r in rows], width, label=mode)

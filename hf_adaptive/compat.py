@@ -40,3 +40,44 @@ def generate_cache_kwargs(cache: Any) -> dict[str, Any]:
 def forward_cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     """The cache keyword of ``model.forward`` bound to ``cache``: ``model(ids, **forward_cache_kwargs(model, c))``."""
     return {cache_kwarg_name(model.forward): cache}
+
+
+def _rewindable(layer: Any) -> bool:
+    """A full-attention static layer of a release whose ``StaticLayer`` has no ``crop`` (before 5.18): its length is
+    one device counter, and the entries past it are masked until a later forward overwrites them."""
+    import torch
+
+    return (not getattr(layer, "is_sliding", False) and not callable(getattr(layer, "crop", None))
+            and isinstance(getattr(layer, "cumulative_length", None), torch.Tensor))
+
+
+def cache_is_croppable(cache: Any) -> bool:
+    """Whether ``crop_cache`` can take tokens back off ``cache`` (a rollback that leaves no trace)."""
+    layers = getattr(cache, "layers", None)
+    if layers and all(_rewindable(layer) for layer in layers):
+        return True
+    return bool(getattr(cache, "is_croppable", True))
+
+
+def crop_cache(cache: Any, tokens_to_remove: int) -> None:
+    """Remove the last ``tokens_to_remove`` (>= 0) tokens of ``cache``: its own ``crop`` where it has one, else
+    (``StaticCache`` of transformers < 5.18) the static layers' device lengths are rewound, as later releases do."""
+    if tokens_to_remove < 0:
+        raise ValueError(f"crop_cache: tokens_to_remove must be >= 0 (a count), got {tokens_to_remove}")
+    layers = getattr(cache, "layers", None)
+    if layers and all(_rewindable(layer) for layer in layers):
+        for layer in layers:
+            if getattr(layer, "is_initialized", True) and tokens_to_remove:
+                layer.cumulative_length.sub_(tokens_to_remove)
+        return
+    cache.crop(-tokens_to_remove)
+
+
+def activate_past_recording(cache: Any, states_to_keep: int) -> None:
+    """Make ``cache``'s sliding-window (and recurrent) layers keep what a later crop may restore, for up to
+    ``states_to_keep`` tokens where the release takes that count (later 5.x), else all of it (5.17)."""
+    method = cache.activate_past_recording
+    if "recurrent_states_to_keep" in inspect.signature(method).parameters:
+        method(recurrent_states_to_keep=states_to_keep)
+    else:
+        method()

@@ -33,17 +33,21 @@ def test_rounds_load_in_order_and_a_missing_run_is_refused(bench, tmp_path):
 
 
 def test_replay_keeps_the_recorded_counts_and_greedys_tokens(bench, tmp_path):
-    """Guards the replay end to end on CPU (float32, exact): through generate's cascade loop the verifier keeps
-    exactly the recorded accepted counts (self-drafts and lookups doing their real work), the output equals greedy
-    decoding's, and the report carries both baselines' and the cascade's ms per token."""
+    """Guards the replay end to end on CPU (float32, exact), eager and compiled (dynamo's eager backend): through
+    generate's cascade loop the verifier keeps exactly the recorded accepted counts (self-drafts and lookups doing
+    their real work), each mode's output equals greedy decoding's, and the report carries the baselines' and both
+    cascades' ms per token."""
     out = tmp_path / "out"
     bench.main(["--device", "cpu", "--dtype", "float32", "--shape", "tiny", "--contexts", "24", "--new-tokens", "14",
-                "--repeats", "1", "--schedule", str(_schedule(tmp_path / "acc.json")), "--out", str(out)])
+                "--repeats", "1", "--schedule", str(_schedule(tmp_path / "acc.json")), "--out", str(out),
+                "--compile-on-cpu", "--compile-backend", "eager"])
     report = json.loads((out / "bench_cascade_replay_tiny.json").read_text())
     (row,) = report["rows"]
-    assert row["identical"] is True and row["diverged_at"] is None
-    assert row["accepted_as_scheduled"] == 1.0
+    for mode in ("cascade_eager", "cascade_compiled"):
+        assert row[f"{mode}_identical"] is True and row[f"{mode}_diverged_at"] is None, mode
+        assert row[f"{mode}_accepted_as_scheduled"] == 1.0, mode
     # 13 tokens after the prefill's: rounds of 3, 5, 1, 1 emitted tokens, then 3: 5 verify forwards
     assert row["verify_forwards"] == 5 and row["tokens_per_verify"] == pytest.approx(13 / 5)
-    assert {"native_eager_ms", "cascade_ms", "speedup_vs_native_eager"} <= set(row)
+    assert {"native_eager_ms", "native_compiled_ms", "cascade_eager_ms", "cascade_compiled_ms",
+            "cascade_compiled_vs_native_compiled"} <= set(row)
     assert (out / "bench_cascade_replay_tiny.png").stat().st_size > 0

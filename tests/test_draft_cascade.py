@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 from helpers import make_tiny_model
-from transformers import DynamicCache, StaticCache
+from transformers import CompileConfig, DynamicCache, StaticCache
 
+import hf_adaptive
 from hf_adaptive.kv.cache import AdaptiveKVCache
 from hf_adaptive.kv.static import AdaptiveStaticKVCache
 from hf_adaptive.policy.draft_policy import (DraftChoice, DrafterRecord, DraftPolicyConfig, carry_history, choose_draft,
@@ -164,6 +165,54 @@ def test_cascade_is_greedy_on_static_caches(repeated_prompt, arch, rejects, cach
                        max_new_tokens=NEW_TOKENS)
     assert torch.equal(out, ref)
     assert 0 < report["acceptance_rate"] and (report["acceptance_rate"] < 1) == rejects
+
+
+def _cpu_compile():
+    """generate's compile settings, compiling on the CPU too with dynamo's eager backend (its tracing and guards,
+    no code generation), so the compiled cascade's shapes and graph count are checked without a GPU."""
+    config = CompileConfig(backend="eager")
+    config._compile_all_devices = True
+    return config
+
+
+@pytest.mark.parametrize("cache_kind, verify_width", [("static", 9), ("adaptive_static", None)])
+@pytest.mark.parametrize("arch, rejects", [("llama", False), ("qwen2", True)], ids=["llama", "qwen2-rejects"])
+def test_compiled_cascade_is_greedy_at_fixed_shapes(repeated_prompt, arch, rejects, cache_kind, verify_width,
+                                                    monkeypatch):
+    """Guards the compiled cascade: where generate compiles its step, the cascade's decode forwards go through
+    that compiled call at fixed shapes: on StaticCache every verify feeds num_drafting_tokens + 1 tokens (padded),
+    on AdaptiveStaticKVCache (a one-token compiled step) the verifies run eagerly at their own widths and draft-less
+    rounds take the step. Either way the output is greedy's, and a second call compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    from hf_adaptive.precision import cascade
+
+    if cache_kind == "static":
+        tiers = _tiers(arch)
+    else:  # its compiled step reads the cache through the fused attention: a model of its own
+        tiers = prepare_tiers(hf_adaptive.enable_fused_attention(make_tiny_model(arch)), tiers=("int4", "fp32"))
+    model = tiers.model
+    fed = []
+    forward = cascade._forward
+    monkeypatch.setattr(cascade, "_forward", lambda call, m, *a: fed.append((a[1].shape[1], call is not m)) or
+                        forward(call, m, *a))
+    ref = model.generate(repeated_prompt, do_sample=False, max_new_tokens=NEW_TOKENS, cache=_cache(cache_kind, model),
+                         disable_compile=True)
+    for call in range(2):
+        fed.clear()
+        counters.clear()
+        out, report = _run(tiers, repeated_prompt, ("lookup", "self"), _cache(cache_kind, model),
+                           max_new_tokens=NEW_TOKENS, compile_config=_cpu_compile())
+        assert torch.equal(out, ref)
+        assert 0 < report["acceptance_rate"] and (report["acceptance_rate"] < 1) == rejects
+        decode = fed[1:]  # the first forward is the eager prefill
+        assert fed[0] == (repeated_prompt.shape[1], False)
+        if verify_width:
+            assert set(decode) == {(verify_width, True)}
+        else:
+            assert all(width > 1 for width, compiled in decode if not compiled)
+        if call:
+            assert counters["stats"]["unique_graphs"] == 0  # nothing traced again
 
 
 @pytest.mark.parametrize("cache_kind", ["dynamic", "adaptive"])

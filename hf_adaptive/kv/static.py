@@ -55,6 +55,8 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
         out = model.generate(**inputs, max_new_tokens=256, **generate_cache_kwargs(cache))  # compiled on CUDA
     """
 
+    compiled_step_tokens = 1  # the compiled step is a one-token decode step; longer forwards run eagerly
+
     def __init__(self, config: PretrainedConfig, max_cache_len: int, kv_config=None, *, pressure=None,
                  **overrides):
         text = config.get_text_config(decoder=True) if isinstance(config, PretrainedConfig) else None

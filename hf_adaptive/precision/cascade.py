@@ -7,10 +7,9 @@ Contract: with ``tiers = prepare_tiers(model, ...)`` and ``gen = CascadeCandidat
 returns the same tokens as ``model.generate(ids, do_sample=False, max_new_tokens=64)`` with the top tier active and
 the same cache settings (batch 1, greedy). ``generate`` prepares the inputs, the cache (``DynamicCache``, or the one
 passed as ``cache=`` / ``past_key_values=``: ``StaticCache``, ``AdaptiveKVCache``, ``AdaptiveStaticKVCache``), the
-logits processors and the stopping criteria, then calls this loop. Its forwards run eagerly (no compiled step): the
-draft and verify forwards change their query length every round. transformers' assisted path builds its candidate generator itself (prompt lookup, assistant model, early
-exit) with no argument to pass one in, hence its documented ``custom_generate`` callable hosts this loop, which
-mirrors that path for greedy decoding:
+logits processors and the stopping criteria, then calls this loop. transformers' assisted path builds its candidate
+generator itself (prompt lookup, assistant model, early exit) with no argument to pass one in, hence its documented
+``custom_generate`` callable hosts this loop, which mirrors that path for greedy decoding:
 
 1. prefill at the top tier: the first token, as greedy decoding makes it;
 2. per round the generator drafts k >= 0 tokens (prompt lookup, or the int4 self-draft from the same cache);
@@ -19,6 +18,16 @@ mirrors that path for greedy decoding:
 4. the cache entries of the rejected drafts are cropped; the kept count and the top tier's confidence in the
    emitted token come back in one host read (the EOS and stop checks after it read tensors already computed);
    EOS and ``max_length`` cut the kept tokens as in greedy decoding.
+
+Compiled rounds: where ``generate`` would compile its decode step (a compileable cache such as ``StaticCache`` or
+``AdaptiveStaticKVCache`` on an accelerator, ``disable_compile`` not set; ``compile_config`` is honoured), the
+cascade runs its decode forwards through that same compiled call (``model.get_compiled_call``), at fixed shapes so
+that each is one captured graph: every verify feeds ``num_drafting_tokens + 1`` tokens (a shorter draft is padded
+with its last token; the padded rows are computed and ignored: at batch 1 a step reads the weights once however
+many rows it has), and the self-draft's one-token steps run the int4 tier's own graph. A verify that would not fit
+the cache's ``max_cache_len`` at the fixed width runs eagerly at its own width (size the cache at prompt + new
+tokens + ``num_drafting_tokens`` to keep every round compiled). The prefill runs eagerly, as in ``generate``.
+Elsewhere every forward runs eagerly at the draft's own width.
 
 The top tier's forward over k + 1 tokens and greedy's one-token forwards run different matmul shapes; in fp32 their
 logits agree to ~1e-6 (any token difference is a bug), in 16-bit a near-tie can flip as in every speculative decoder.
@@ -30,10 +39,13 @@ than greedy decoding, so there the output is the cascade's own, not greedy's (ex
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from hf_adaptive.compat import cache_kwarg_name, forward_cache_kwargs
+from hf_adaptive.compat import (activate_past_recording, cache_is_croppable, cache_kwarg_name, crop_cache,
+                                forward_cache_kwargs)
 from hf_adaptive.precision.confidence import confidence_score
 from hf_adaptive.precision.drafting import CascadeCandidateGenerator
 
@@ -60,23 +72,58 @@ def _check(model, input_ids: torch.Tensor, generation_config, generator, cache) 
                          "before generate")
 
 
-def _forward(model, cache, tokens: torch.Tensor, start: int, keep: int) -> torch.Tensor:
-    """Top-tier logits (1, keep, V) of the last ``keep`` positions of ``tokens`` (1, q) fed at ``start``."""
+@dataclass(frozen=True)
+class _Forwards:
+    """How the loop runs its forwards: ``step`` for the one-token self-draft steps (``generate``'s compiled call, or
+    the model), and each verify through ``step`` at ``width`` tokens while that fits ``room`` cache slots (width 0:
+    every verify runs eagerly at its draft's own width)."""
+
+    model: torch.nn.Module
+    step: Callable
+    width: int = 0
+    room: int | None = None
+
+
+def _forwards(model, cache, generator: CascadeCandidateGenerator, generation_config, model_kwargs) -> _Forwards:
+    """Compiled fixed-width rounds where ``generate`` would compile its decode step, eager rounds elsewhere. A cache
+    whose compiled step takes one token only (``compiled_step_tokens = 1``: ``AdaptiveStaticKVCache``) compiles the
+    self-draft's steps and verifies eagerly."""
+    if not (getattr(cache, "is_compileable", False)
+            and model._valid_auto_compile_criteria(model_kwargs, generation_config)):
+        return _Forwards(model, model)
+    step = model.get_compiled_call(generation_config.compile_config)
+    if getattr(cache, "compiled_step_tokens", None) == 1:
+        return _Forwards(model, step)
+    room = getattr(cache, "max_cache_len", None)
+    return _Forwards(model, step, generator.num_drafting_tokens + 1, int(room) if room is not None else None)
+
+
+def _forward(call, model, cache, tokens: torch.Tensor, start: int, keep: int) -> torch.Tensor:
+    """Top-tier logits (1, keep, V) of the last ``keep`` positions of ``tokens`` (1, q) fed at ``start``,
+    through ``call`` (the model, or its compiled call)."""
     pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]  # (1, q)
-    return model(input_ids=tokens, position_ids=pos, use_cache=True, logits_to_keep=keep,
-                 **forward_cache_kwargs(model, cache)).logits
+    return call(input_ids=tokens, position_ids=pos, use_cache=True, logits_to_keep=keep,
+                **forward_cache_kwargs(model, cache)).logits
 
 
-def _verify(model, cache, candidates: torch.Tensor, cur_len: int, logits_processor) -> tuple[torch.Tensor, ...]:
-    """One forward over [last, drafts]; returns (raw logits (1, k+1, V) fp32, greedy tokens (1, k+1), matches 0-d)."""
+def _verify(forwards: _Forwards, cache, candidates: torch.Tensor, cur_len: int,
+            logits_processor) -> tuple[torch.Tensor, ...]:
+    """One forward over [last, drafts] (padded to the fixed width where it fits); returns (raw logits (1, k+1, V)
+    fp32 of the drafts' rows, greedy tokens (1, k+1), matches 0-d, tokens fed)."""
     k = candidates.shape[1] - cur_len
-    raw = _forward(model, cache, candidates[:, cur_len - 1:], cur_len - 1, k + 1).float()  # (1, k+1, V)
+    fed = candidates[:, cur_len - 1:]  # (1, k + 1)
+    call = forwards.step if k == 0 else forwards.model  # no draft: a plain decode step
+    if forwards.width and (forwards.room is None or cur_len - 1 + forwards.width <= forwards.room):
+        call = forwards.step
+        fed = torch.cat([fed, fed[:, -1:].expand(1, forwards.width - k - 1)], dim=1)  # (1, width)
+    logits = _forward(call, forwards.model, cache, fed, cur_len - 1, fed.shape[1])  # (1, q, V)
+    raw = logits[:, :k + 1].to(torch.float32, copy=True)  # a copy: a captured graph's output is reused by its next replay
     processed = raw.clone()
     for i in range(k + 1):  # row i picks the token after candidates[:, :cur_len + i]
         processed[:, i] = logits_processor(candidates[:, :cur_len + i], processed[:, i])
     greedy = processed.argmax(-1)  # (1, k+1)
     matches = (candidates[0, cur_len:] == greedy[0, :k]).int().cumprod(0).sum()  # 0-d, on device
-    return raw, greedy, matches
+    return raw, greedy, matches, fed.shape[1]
 
 
 def _eos(generation_config) -> torch.Tensor | None:
@@ -95,18 +142,17 @@ def _cut(tokens: torch.Tensor, room: int, eos: torch.Tensor | None) -> torch.Ten
     return tokens
 
 
-def _round(model, cache, generator: CascadeCandidateGenerator, input_ids: torch.Tensor, logits_processor,
-           generation_config) -> torch.Tensor:
+def _round(forwards: _Forwards, cache, generator: CascadeCandidateGenerator, input_ids: torch.Tensor,
+           logits_processor, generation_config) -> torch.Tensor:
     """One draft + verify round; returns ``input_ids`` with the emitted tokens appended."""
     cur_len = input_ids.shape[1]
     candidates, _ = generator.get_candidates(input_ids)
     begin = time.perf_counter_ns()
-    raw, greedy, matches = _verify(model, cache, candidates, cur_len, logits_processor)
+    raw, greedy, matches, fed = _verify(forwards, cache, candidates, cur_len, logits_processor)
     score = confidence_score(raw[0], generator.weights)[matches]  # the top tier's confidence in its own token
     n, confidence = torch.stack([matches.float(), score]).tolist()  # the round's one host read
     kept = _cut(greedy[:, :int(n) + 1], generation_config.max_length - cur_len, _eos(generation_config))
-    k = candidates.shape[1] - cur_len
-    cache.crop(-(k - (kept.shape[1] - 1)))  # drop the rejected drafts' KV (and the tail past an EOS)
+    crop_cache(cache, fed - kept.shape[1])  # drop the KV of the rejected drafts, the padding and the tail past an EOS
     generator.update_candidate_strategy(input_ids, raw, kept.shape[1] - 1, confidence=confidence,
                                         verify_ns=time.perf_counter_ns() - begin)
     return torch.cat([input_ids, kept], dim=1)
@@ -133,18 +179,20 @@ def cascade_decoding(model, input_ids: torch.LongTensor, logits_processor, stopp
     if mask is not None and not bool(mask.all()):
         raise ValueError("cascade_decoding: the attention_mask masks prompt tokens (padding); the cascade feeds the "
                          "prompt unpadded. Fix: pass the prompt without padding (batch 1 needs none)")
-    if cache is None or not getattr(cache, "is_croppable", True):
+    if cache is None or not cache_is_croppable(cache):
         raise ValueError("cascade_decoding: needs a croppable cache; got "
                          f"{type(cache).__name__}. Fix: use_cache=True and a DynamicCache, StaticCache, "
                          "AdaptiveKVCache or AdaptiveStaticKVCache")
     if hasattr(cache, "activate_past_recording"):  # sliding-window layers keep what a crop may restore
-        cache.activate_past_recording(recurrent_states_to_keep=candidate_generator.num_drafting_tokens)
-    candidate_generator.bind(cache, _eos(generation_config), generation_config.max_length)
-    prompt = input_ids[:, cache.get_seq_length():]  # a cache carried over from an earlier call holds a prefix
-    logits = _forward(model, cache, prompt, cache.get_seq_length(), 1)[:, -1].float()  # (1, V)
+        activate_past_recording(cache, candidate_generator.num_drafting_tokens)
+    forwards = _forwards(model, cache, candidate_generator, generation_config, model_kwargs)
+    candidate_generator.bind(cache, _eos(generation_config), generation_config.max_length,
+                             forward=forwards.step)
+    past = int(cache.get_seq_length())  # a cache carried over from an earlier call holds a prefix
+    logits = _forward(model, model, cache, input_ids[:, past:], past, 1)[:, -1].float()  # (1, V)
     first = logits_processor(input_ids, logits).argmax(-1, keepdim=True)  # (1, 1)
     input_ids = torch.cat([input_ids, first], dim=1)
     candidate_generator.score = float(confidence_score(logits, candidate_generator.weights)[0])
     while not bool(stopping_criteria(input_ids, None).all()):
-        input_ids = _round(model, cache, candidate_generator, input_ids, logits_processor, generation_config)
+        input_ids = _round(forwards, cache, candidate_generator, input_ids, logits_processor, generation_config)
     return input_ids

@@ -24,7 +24,7 @@ import time
 import torch
 from transformers.generation.candidate_generator import CandidateGenerator, PromptLookupCandidateGenerator
 
-from hf_adaptive.compat import forward_cache_kwargs
+from hf_adaptive.compat import crop_cache, forward_cache_kwargs
 from hf_adaptive.policy.draft_policy import (NO_DRAFT, DraftChoice, DrafterRecord, DraftPolicyConfig, carry_history,
                                              choose_draft)
 from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
@@ -61,16 +61,20 @@ class CascadeCandidateGenerator(CandidateGenerator):
         self.weights = weights or ConfidenceWeights()
         self.telemetry = DraftTelemetry()
         self.cache = None
+        self.forward = None  # what the self-draft's one-token forwards call (bind sets it)
         self.score: float | None = None
         self.choice = DraftChoice(NO_DRAFT, 0)
         self.history: dict[str, DrafterRecord] = {}
         self.draft_ns = 0
         self._lookup: PromptLookupCandidateGenerator | None = None
 
-    def bind(self, cache, eos_token_id: torch.Tensor | None, max_length: int) -> None:
+    def bind(self, cache, eos_token_id: torch.Tensor | None, max_length: int, forward=None) -> None:
         """Start a generation: the cache the verifier fills, the stop tokens and the length limit of ``generate``;
-        the drafters' records so far are kept at the share ``config.carry``."""
+        the drafters' records so far are kept at the share ``config.carry``. ``forward`` runs the self-draft's
+        one-token steps: ``generate``'s compiled step where the cascade runs compiled (each tier's step then is a
+        captured graph), else the model itself (None)."""
         self.cache, self.score = cache, None
+        self.forward = forward if forward is not None else self.tiers.model
         self.history = carry_history(self.history, self.config.carry)
         self._lookup = PromptLookupCandidateGenerator(
             eos_token_id=eos_token_id, num_output_tokens=self.config.max_lookup_tokens,
@@ -111,17 +115,19 @@ class CascadeCandidateGenerator(CandidateGenerator):
     @torch.no_grad()
     def _self_drafts(self, input_ids: torch.LongTensor, k: int) -> torch.LongTensor:
         """k greedy tokens of the cheapest tier, decoded from the shared cache, whose entries are then cropped."""
-        model, start = self.tiers.model, self.cache.get_seq_length()
-        tok, drafts = input_ids[:, -1:], []
+        model, start = self.tiers.model, input_ids.shape[1] - 1  # the cache holds input_ids[:, :-1]: no host read
+        # one buffer: [last token, drafts]; every step feeds a (1, 1) view of it, so a compiled step sees the same
+        # strides at every step (as generate's own input slices) and is not compiled twice
+        tokens = input_ids.new_empty(1, k + 1)
+        tokens[:, :1] = input_ids[:, -1:]
         with self.tiers.use(self.tiers.fast):
             for i in range(k):
                 pos = torch.arange(start + i, start + i + 1, device=input_ids.device)[None]  # (1, 1)
-                logits = model(input_ids=tok, position_ids=pos, use_cache=True, logits_to_keep=1,
-                               **forward_cache_kwargs(model, self.cache)).logits[:, -1]  # (1, V)
-                tok = logits.argmax(-1, keepdim=True)  # (1, 1)
-                drafts.append(tok)
-        self.cache.crop(-k)  # the draft's int4 KV must not reach the verifier
-        return torch.cat(drafts, dim=1)
+                logits = self.forward(input_ids=tokens[:, i:i + 1], position_ids=pos, use_cache=True,
+                                      logits_to_keep=1, **forward_cache_kwargs(model, self.cache)).logits[:, -1]
+                tokens[:, i + 1] = logits.argmax(-1)  # (1,) from (1, V)
+        crop_cache(self.cache, k)  # the draft's int4 KV must not reach the verifier
+        return tokens[:, 1:]
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int,
                                   confidence: float | None = None, verify_ns: int = 0) -> None:

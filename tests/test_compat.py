@@ -1,0 +1,52 @@
+"""hf_adaptive.compat: cropping caches across the transformers releases the package supports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
+
+from hf_adaptive.compat import cache_is_croppable, crop_cache, forward_cache_kwargs
+from helpers import make_tiny_model
+
+
+class _StaticLayerWithoutCrop(StaticLayer):
+    """``StaticLayer`` as transformers < 5.18 ships it: a device length counter, no ``crop``."""
+
+    crop = None
+    is_croppable = False
+
+
+def _filled_static_cache(model, tokens: int, layer_type=None) -> StaticCache:
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    if layer_type is not None:
+        for layer in cache.layers:
+            layer.__class__ = layer_type
+    model(torch.arange(3, 3 + tokens)[None], use_cache=True, **forward_cache_kwargs(model, cache))
+    return cache
+
+
+@pytest.mark.parametrize("layer_type", [None, _StaticLayerWithoutCrop], ids=["current", "before-5.18"])
+def test_crop_cache_rolls_a_static_cache_back(layer_type):
+    """Guards the cascade's rollback of StaticCache on every supported release: the length drops by the count
+    (the layers' own crop, or the rewound device counter where the release has none), and the next forward's
+    logits equal those of a cache that never held the cropped tokens."""
+    model = make_tiny_model("llama")
+    cache = _filled_static_cache(model, 10, layer_type)
+    assert cache_is_croppable(cache)
+    crop_cache(cache, 4)
+    crop_cache(cache, 0)  # a count of 0 removes nothing
+    assert int(cache.get_seq_length()) == 6
+    fresh = _filled_static_cache(model, 6)
+    nxt = torch.tensor([[50]])
+    pos = torch.tensor([[6]])
+    rolled, never = (model(nxt, position_ids=pos, use_cache=True, **forward_cache_kwargs(model, c)).logits
+                     for c in (cache, fresh))
+    torch.testing.assert_close(rolled, never)
+
+
+def test_crop_cache_refuses_a_negative_count():
+    cache = _filled_static_cache(make_tiny_model("llama"), 4)
+    with pytest.raises(ValueError, match="tokens_to_remove must be >= 0"):
+        crop_cache(cache, -2)
