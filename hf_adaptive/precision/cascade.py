@@ -117,7 +117,7 @@ def _verify(forwards: _Forwards, cache, candidates: torch.Tensor, cur_len: int,
         call = forwards.step
         fed = torch.cat([fed, fed[:, -1:].expand(1, forwards.width - k - 1)], dim=1)  # (1, width)
     logits = _forward(call, forwards.model, cache, fed, cur_len - 1, fed.shape[1])  # (1, q, V)
-    raw = logits[:, :k + 1].to(torch.float32, copy=True)  # a copy: a captured graph's output is reused by its next replay
+    raw = logits[:, :k + 1].to(torch.float32, copy=True)  # a copy: a graph's output is reused by its next replay
     processed = raw.clone()
     for i in range(k + 1):  # row i picks the token after candidates[:, :cur_len + i]
         processed[:, i] = logits_processor(candidates[:, :cur_len + i], processed[:, i])
