@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 
 from _common import environment, pyplot, save_figure  # first: sets the offline default
-from _generate_timing import (SHAPES, add_run_arguments, build_model, generate_once, int_list, prepare_run,
-                              prompt, timed_calls)
+from _generate_timing import (SHAPES, CaptureCounter, add_run_arguments, build_model, generate_once, int_list,
+                              prepare_run, prompt, timed_calls)
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -123,10 +123,22 @@ class ReplayCandidateGenerator(CascadeCandidateGenerator):
         return torch.cat([input_ids, drafts], dim=1), None
 
 
-def decode_ms(model, ids, cache_for_call, new_tokens: int, repeats: int, device: str, **kwargs) -> float:
-    """Decode ms/token of ``timed_calls`` (the project's one timing rule) after one warm-up call of N tokens."""
+def decode_ms(model, ids, cache_for_call, new_tokens: int, repeats: int, device: str, counter=None,
+              **kwargs) -> dict:
+    """Decode ms/token of ``timed_calls`` (the project's one timing rule) after one warm-up call of N tokens; with a
+    ``CaptureCounter``, also the dynamo graphs and CUDA-graph captures the timed calls still made (goal 0)."""
     generate_once(model, ids, cache_for_call(), new_tokens, device, **kwargs)  # warm-up (compiles, captures)
-    return timed_calls(model, ids, cache_for_call, new_tokens, repeats, device, **kwargs)["decode_ms_per_token"]
+    graphs0, captures0 = (counter.dynamo_graphs(), counter.captures) if counter else (0, 0)
+    out = {"ms": timed_calls(model, ids, cache_for_call, new_tokens, repeats, device, **kwargs)["decode_ms_per_token"]}
+    if counter:
+        out.update(recompiles=counter.dynamo_graphs() - graphs0, captures=counter.captures - captures0)
+    return out
+
+
+def _record(row: dict, mode: str, timing: dict) -> None:
+    """``timing`` of ``decode_ms`` into ``row`` as MODE_ms (and MODE_recompiles / MODE_captures after warm-up)."""
+    row[f"{mode}_ms"] = timing["ms"]
+    row.update({f"{mode}_{k}": v for k, v in timing.items() if k != "ms"})
 
 
 def _compile_kwargs(args) -> dict:
@@ -139,14 +151,14 @@ def _compile_kwargs(args) -> dict:
     return {"compile_config": config}
 
 
-def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args) -> dict:
+def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args, counter=None) -> dict:
     """The reference, the baselines and the replayed cascade (eager and compiled) at one prompt length."""
     ids = prompt(model.config.vocab_size, 1, context, context * 31 + 1, args.device)
     reference = generate_once(model, ids, DynamicCache(), args.new_tokens, args.device,
                               disable_compile=True)["tokens"]
     row = {"context": context, "new_tokens": args.new_tokens}
-    row["native_eager_ms"] = decode_ms(model, ids, DynamicCache, args.new_tokens, args.repeats, args.device,
-                                       disable_compile=True)
+    _record(row, "native_eager", decode_ms(model, ids, DynamicCache, args.new_tokens, args.repeats, args.device,
+                                           disable_compile=True))
     compiled = args.device.startswith("cuda") or args.compile_on_cpu
     gen = ReplayCandidateGenerator(tiers, reference, rounds)
     # room for the fixed-width verify of the last round: every round of the compiled cascade runs its graph
@@ -157,15 +169,15 @@ def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args) -> d
         return static
 
     if compiled:
-        row["native_compiled_ms"] = decode_ms(model, ids, reset_static, args.new_tokens, args.repeats, args.device,
-                                              **_compile_kwargs(args))
+        _record(row, "native_compiled", decode_ms(model, ids, reset_static, args.new_tokens, args.repeats,
+                                                  args.device, counter, **_compile_kwargs(args)))
     modes = {"cascade_eager": (DynamicCache, {"disable_compile": True})}
     if compiled:
         modes["cascade_compiled"] = (reset_static, _compile_kwargs(args))
     for mode, (cache_for_call, extra) in modes.items():
         kwargs = {"custom_generate": cascade_decoding, "candidate_generator": gen, **extra}
-        row[f"{mode}_ms"] = decode_ms(model, ids, cache_for_call, args.new_tokens, args.repeats, args.device,
-                                      **kwargs)
+        _record(row, mode, decode_ms(model, ids, cache_for_call, args.new_tokens, args.repeats, args.device,
+                                     counter if mode == "cascade_compiled" else None, **kwargs))
         gen.telemetry.reset()
         out = generate_once(model, ids, cache_for_call(), args.new_tokens, args.device, **kwargs)["tokens"]
         report = gen.telemetry.report()
@@ -200,7 +212,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 COLUMNS = ["context", "new_tokens", "native_eager_ms", "native_compiled_ms", "cascade_eager_ms", "cascade_compiled_ms",
            "cascade_eager_vs_native_eager", "cascade_compiled_vs_native_compiled", "cascade_compiled_vs_native_eager",
            "tokens_per_verify", "verify_forwards", "cascade_eager_accepted_as_scheduled",
-           "cascade_compiled_accepted_as_scheduled", "cascade_eager_identical", "cascade_compiled_identical"]
+           "cascade_compiled_accepted_as_scheduled", "cascade_eager_identical", "cascade_compiled_identical",
+           "native_compiled_recompiles", "native_compiled_captures", "cascade_compiled_recompiles",
+           "cascade_compiled_captures"]
 
 
 def plot(path: Path, rows: list[dict], title: str) -> None:
@@ -226,7 +240,8 @@ def main(argv=None) -> None:
     with torch.no_grad():
         model.lm_head.weight.mul_(args.head_scale)
     tiers = prepare_tiers(model, tiers=("int4", "native"))
-    rows = [bench_context(model, tiers, rounds, c, args) for c in tqdm(args.contexts, desc="cascade replay")]
+    counter = CaptureCounter() if args.device.startswith("cuda") else None
+    rows = [bench_context(model, tiers, rounds, c, args, counter) for c in tqdm(args.contexts, desc="cascade replay")]
     name = args.name or f"bench_cascade_replay_{args.shape}"
     env = environment(args.device, model=f"random-init {args.shape}", dtype=args.dtype, schedule=str(args.schedule),
                       run=args.run, rounds=len(rounds), head_scale=args.head_scale)
