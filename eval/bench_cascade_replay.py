@@ -12,13 +12,18 @@ round for real, through ``model.generate(custom_generate=cascade_decoding, candi
 
 Greedy's tokens come from a plain ``model.generate`` of the same prompt first (the reference). The cascade is lossless,
 so its output must equal the reference (``identical``); ``accepted_as_scheduled`` is the share of the recorded accepted
-tokens the verifier kept (1.0 unless a near-tie flips between the verify forward's and greedy's matmul shapes: the
-random model's head is scaled by ``--head-scale`` so its top-2 margins are wide, as a trained model's mostly are).
+tokens the verifier kept (1.0 unless a near-tie flips between the verify forward's and greedy's matmul shapes). A
+random-init model's top-2 logits are near-ties (among 128k Gaussian logits the gap is a few % of the top one, and
+scaling the head scales both), so in 16 bits a flip came within 3 to 12 tokens on the 8B shape and the replay lost its
+alignment. So the replay model's margins are made wide (``widen_margins``): its input embedding is scaled by
+``--embed-scale`` and the head set to it, so the residual stream is dominated by the token's own embedding and greedy
+decoding repeats its token by a margin of ~60 standard deviations of the other logits. The work per step (shapes,
+bytes, kernels) is that of the real shape; only the values that pick the tokens differ.
 Timing as ``bench_generate.py``: decode ms/token = (t(N new) - t(1 new)) / (N - 1), median of ``--repeats`` calls
 after a warm-up of each mode. Modes: ``native_eager`` (DynamicCache, compile disabled) and ``cascade_eager`` (the
 cascade on DynamicCache, every forward eager); on CUDA (or with ``--compile-on-cpu``) also ``native_compiled``
 (StaticCache, generate's compiled step) and ``cascade_compiled`` (the cascade on StaticCache: its verify forwards at
-one fixed width and its int4 draft steps through generate's compiled call, each a captured graph). Every ratio is
+fixed widths and its int4 draft steps through generate's compiled call, each a captured graph). Every ratio is
 taken in the same run; identity and ``accepted_as_scheduled`` are reported per cascade mode.
 
 GPU (Llama-3.1-8B shape, the modernize schedule of Qwen2.5-Coder-1.5B, a 64- and a 4096-token prompt):
@@ -123,6 +128,18 @@ class ReplayCandidateGenerator(CascadeCandidateGenerator):
         return torch.cat([input_ids, drafts], dim=1), None
 
 
+@torch.no_grad()
+def widen_margins(model, scale: float) -> None:
+    """Scale the input embedding by ``scale`` and set the output head to it, so greedy decoding of a random-init model
+    picks its next token (the current one) by a margin no 16-bit rounding difference between the verify's and
+    greedy's matmul shapes can flip: the embedding (|e| ~ 0.02 sqrt(D) scale) outweighs the layers' updates."""
+    embedding = model.get_input_embeddings().weight
+    embedding.mul_(scale)
+    head = model.get_output_embeddings().weight
+    if head.data_ptr() != embedding.data_ptr():
+        head.copy_(embedding)
+
+
 def decode_ms(model, ids, cache_for_call, new_tokens: int, repeats: int, device: str, counter=None,
               **kwargs) -> dict:
     """Decode ms/token of ``timed_calls`` (the project's one timing rule) after one warm-up call of N tokens; with a
@@ -199,8 +216,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--run", choices=RUNS, default="cascade", help="which recorded run's rounds to replay")
     p.add_argument("--new-tokens", type=arg_number(minimum=3, integer=True), default=64)
     p.add_argument("--repeats", type=arg_number(minimum=1, integer=True), default=2)
-    p.add_argument("--head-scale", type=arg_number(minimum=0.0, min_open=True), default=30.0,
-                   help="multiplies the random lm_head: wide top-2 margins, so no near-tie flips a replayed token")
+    p.add_argument("--embed-scale", type=arg_number(minimum=0.0, min_open=True), default=100.0,
+                   help="widen_margins' factor: the input embedding's (and so the head's) scale")
     p.add_argument("--compile-on-cpu", action="store_true",
                    help="also time the compiled modes off CUDA (generate compiles on accelerators only by default)")
     p.add_argument("--compile-backend", default="inductor",
@@ -237,14 +254,13 @@ def main(argv=None) -> None:
     card = prepare_run(args.device)
     rounds = load_rounds(args.schedule, args.run)
     model = build_model(args.shape, args.device, getattr(torch, args.dtype))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(args.head_scale)
+    widen_margins(model, args.embed_scale)
     tiers = prepare_tiers(model, tiers=("int4", "native"))
     counter = CaptureCounter() if args.device.startswith("cuda") else None
     rows = [bench_context(model, tiers, rounds, c, args, counter) for c in tqdm(args.contexts, desc="cascade replay")]
     name = args.name or f"bench_cascade_replay_{args.shape}"
     env = environment(args.device, model=f"random-init {args.shape}", dtype=args.dtype, schedule=str(args.schedule),
-                      run=args.run, rounds=len(rounds), head_scale=args.head_scale)
+                      run=args.run, rounds=len(rounds), embed_scale=args.embed_scale)
     write_report(args.out, name, {"rows": rows}, env, markdown_table(rows, COLUMNS),
                  f"Draft cascade replayed through model.generate: random-init {args.shape} on {card}",
                  notes="Each round's drafter runs for real; the proposal then carries greedy's next tokens for the "

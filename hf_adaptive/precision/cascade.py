@@ -22,12 +22,13 @@ generator itself (prompt lookup, assistant model, early exit) with no argument t
 Compiled rounds: where ``generate`` would compile its decode step (a compileable cache such as ``StaticCache`` or
 ``AdaptiveStaticKVCache`` on an accelerator, ``disable_compile`` not set; ``compile_config`` is honoured), the
 cascade runs its decode forwards through that same compiled call (``model.get_compiled_call``), at fixed shapes so
-that each is one captured graph: every verify feeds ``num_drafting_tokens + 1`` tokens (a shorter draft is padded
-with its last token; the padded rows are computed and ignored: at batch 1 a step reads the weights once however
-many rows it has), and the self-draft's one-token steps run the int4 tier's own graph. A verify that would not fit
-the cache's ``max_cache_len`` at the fixed width runs eagerly at its own width (size the cache at prompt + new
-tokens + ``num_drafting_tokens`` to keep every round compiled). The prefill runs eagerly, as in ``generate``.
-Elsewhere every forward runs eagerly at the draft's own width.
+that each is one captured graph: a verify feeds one of ``verify_widths(num_drafting_tokens)`` tokens (1 for a
+draft-less round, i.e. generate's own decode step; a draft is padded with its last token up to the next width, the
+padded rows computed and ignored: at batch 1 a step reads the weights once however many rows it has), and the
+self-draft's one-token steps run the int4 tier's own graph. A verify that would not fit the cache's
+``max_cache_len`` at its width runs eagerly at its own width (size the cache at prompt + new tokens +
+``num_drafting_tokens`` to keep every round compiled). The prefill runs eagerly, as in ``generate``. Elsewhere every
+forward runs eagerly at the draft's own width.
 
 The top tier's forward over k + 1 tokens and greedy's one-token forwards run different matmul shapes; in fp32 their
 logits agree to ~1e-6 (any token difference is a bug), in 16-bit a near-tie can flip as in every speculative decoder.
@@ -74,28 +75,43 @@ def _check(model, input_ids: torch.Tensor, generation_config, generator, cache) 
 
 @dataclass(frozen=True)
 class _Forwards:
-    """How the loop runs its forwards: ``step`` for the one-token self-draft steps (``generate``'s compiled call, or
-    the model), and each verify through ``step`` at ``width`` tokens while that fits ``room`` cache slots (width 0:
-    every verify runs eagerly at its draft's own width)."""
+    """How the loop runs its decode forwards: through ``step`` (``generate``'s compiled call, or the model) at one of
+    ``widths`` tokens while that fits ``room`` cache slots, eagerly at the draft's own width otherwise (no widths:
+    every forward eager). The self-draft's one-token steps always go through ``step``."""
 
     model: torch.nn.Module
     step: Callable
-    width: int = 0
+    widths: tuple[int, ...] = ()
     room: int | None = None
+
+    def pick(self, tokens: int, start: int) -> int | None:
+        """The compiled width for ``tokens`` real tokens fed at position ``start`` (None: run them eagerly)."""
+        for width in self.widths:
+            if width >= tokens and (self.room is None or start + width <= self.room):
+                return width
+        return None
+
+
+def verify_widths(longest_draft: int) -> tuple[int, ...]:
+    """The fixed verify widths of a compiled cascade whose drafts reach ``longest_draft`` tokens: one token (a
+    draft-less round is a plain decode step), half of (longest + 2) and longest + 1 (8 -> 1, 5, 9: the default
+    self-draft of at most 4 fits the middle one). Each is one captured graph; a draft is padded up to the next."""
+    return tuple(sorted({1, (longest_draft + 2) // 2, longest_draft + 1}))
 
 
 def _forwards(model, cache, generator: CascadeCandidateGenerator, generation_config, model_kwargs) -> _Forwards:
     """Compiled fixed-width rounds where ``generate`` would compile its decode step, eager rounds elsewhere. A cache
     whose compiled step takes one token only (``compiled_step_tokens = 1``: ``AdaptiveStaticKVCache``) compiles the
-    self-draft's steps and verifies eagerly."""
+    self-draft's steps and the draft-less rounds, and verifies drafts eagerly."""
     if not (getattr(cache, "is_compileable", False)
             and model._valid_auto_compile_criteria(model_kwargs, generation_config)):
         return _Forwards(model, model)
     step = model.get_compiled_call(generation_config.compile_config)
-    if getattr(cache, "compiled_step_tokens", None) == 1:
-        return _Forwards(model, step)
     room = getattr(cache, "max_cache_len", None)
-    return _Forwards(model, step, generator.num_drafting_tokens + 1, int(room) if room is not None else None)
+    room = int(room) if room is not None else None
+    if getattr(cache, "compiled_step_tokens", None) == 1:
+        return _Forwards(model, step, (1,), room)
+    return _Forwards(model, step, verify_widths(generator.num_drafting_tokens), room)
 
 
 def _forward(call, model, cache, tokens: torch.Tensor, start: int, keep: int) -> torch.Tensor:
@@ -108,14 +124,14 @@ def _forward(call, model, cache, tokens: torch.Tensor, start: int, keep: int) ->
 
 def _verify(forwards: _Forwards, cache, candidates: torch.Tensor, cur_len: int,
             logits_processor) -> tuple[torch.Tensor, ...]:
-    """One forward over [last, drafts] (padded to the fixed width where it fits); returns (raw logits (1, k+1, V)
+    """One forward over [last, drafts] (padded to a compiled width where one fits); returns (raw logits (1, k+1, V)
     fp32 of the drafts' rows, greedy tokens (1, k+1), matches 0-d, tokens fed)."""
     k = candidates.shape[1] - cur_len
     fed = candidates[:, cur_len - 1:]  # (1, k + 1)
-    call = forwards.step if k == 0 else forwards.model  # no draft: a plain decode step
-    if forwards.width and (forwards.room is None or cur_len - 1 + forwards.width <= forwards.room):
-        call = forwards.step
-        fed = torch.cat([fed, fed[:, -1:].expand(1, forwards.width - k - 1)], dim=1)  # (1, width)
+    width = forwards.pick(k + 1, cur_len - 1)
+    call = forwards.model if width is None else forwards.step
+    if width is not None and width > k + 1:
+        fed = torch.cat([fed, fed[:, -1:].expand(1, width - k - 1)], dim=1)  # (1, width): padded, rows ignored
     logits = _forward(call, forwards.model, cache, fed, cur_len - 1, fed.shape[1])  # (1, q, V)
     raw = logits[:, :k + 1].to(torch.float32, copy=True)  # a copy: a graph's output is reused by its next replay
     processed = raw.clone()
