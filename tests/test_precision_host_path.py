@@ -149,6 +149,52 @@ def test_controller_in_compiled_generate_decides_like_eager_without_recompiles()
     assert breaks == {}, breaks
 
 
+def test_controller_built_after_generate_compiled_scores_inside_the_step(monkeypatch):
+    """Guards the score's place: a controller built after generate has compiled its decode step (as after any earlier
+    call without one) still gets each step's confidence from inside the compiled step, so __call__ never recomputes
+    it eagerly from the scores (a module hook added then would be skipped by the step compiled before it, and every
+    step would pay about 17 kernel launches); turning the scores on compiles the step once, the next controller
+    reuses it, and close() turns them off."""
+    import torch._dynamo.utils as dynamo_utils
+    from helpers import make_tiny_model
+    from transformers import StaticCache
+    from transformers.generation.configuration_utils import CompileConfig
+
+    from hf_adaptive.precision import controller as controller_module
+    from hf_adaptive.precision.controller import PrecisionController, default_policy_config
+    from hf_adaptive.precision.tiers import prepare_tiers
+
+    torch._dynamo.reset()
+    model = make_tiny_model("llama")
+    tiers = prepare_tiers(model, tiers=("int4", "native", "fp32"))
+    ids = torch.randint(1, 128, (1, 10), generator=torch.Generator().manual_seed(0))
+    config = CompileConfig(backend="eager")
+    config._compile_all_devices = True  # generate compiles on CUDA only unless told
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    eager_scores = []
+
+    def counting(logits, weights=None):
+        eager_scores.append(logits.shape)
+        return score(logits, weights)
+
+    score = controller_module.confidence_score
+    monkeypatch.setattr(controller_module, "confidence_score", counting)
+    model.generate(ids, max_new_tokens=8, do_sample=False, cache=cache, compile_config=config)  # no controller
+    graphs = []
+    for _ in range(2):
+        cache.reset()
+        before = dynamo_utils.counters["stats"]["unique_graphs"]
+        policy = default_policy_config(tiers, high=1.0, low=0.0)  # never switches: one tier, one step
+        with PrecisionController(tiers, policy) as ctl:
+            model.generate(ids, max_new_tokens=8, do_sample=False, cache=cache, compile_config=config,
+                           logits_processor=[ctl])
+        graphs.append(dynamo_utils.counters["stats"]["unique_graphs"] - before)
+        assert len(ctl.telemetry.scores) == 8 and all(0.0 <= s <= 1.0 for s in ctl.telemetry.scores)
+    assert eager_scores == []
+    assert graphs == [1, 0]
+    assert tiers.selector.output_scores.weights is None  # close() turned them off
+
+
 def test_controller_restores_prepare_inputs_on_close():
     """Guards the settle point the controller adds to ``prepare_inputs_for_generation``: it settles a queued step
     before the inputs are prepared, and close() puts back exactly what the model had (its class method, or an

@@ -9,10 +9,12 @@ Usage::
 Contract:
 - It NEVER changes the scores: ``__call__`` returns the very tensor it was given.
 - Confidence comes from the RAW logits. ``generate`` runs its own processors (repetition penalty,
-  temperature, top-k...) BEFORE user ones, so the controller does not trust ``scores``: it keeps a
-  forward hook on the model's output embedding (lm_head) that holds a reference to the last
-  position's raw logits, and falls back to ``scores`` only where no hook output is present (then
-  put it first / use it without other processors).
+  temperature, top-k...) BEFORE user ones, so the controller does not trust ``scores``: the tiered output
+  projection (lm_head) computes the score in its own forward while a controller is open
+  (``TierSelector.output_scores``; a value the compiled step guards on, so a step compiled before the controller
+  existed is recompiled once with the score inside it); an untiered head gets a forward hook instead. Only where
+  neither produced a score for these rows does it fall back to ``scores`` (then put it first / use it without
+  other processors).
 - ``close()`` (or leaving ``with PrecisionController(tiers) as ctl:``) removes its hooks and puts the model back
   on the top tier, so a later plain ``generate`` is not left on the lossy tier of the last step.
 - It serves the model its tiers were prepared on, and refuses a call whose logits did not come from a forward
@@ -22,7 +24,7 @@ Contract:
 - Prefill (a forward of more than one token) always runs in the top tier: int4 tinygemm has no gain
   at many rows, and the prompt's KV should be exact.
 - One host read per step (the B confidences), and it adds no sync of its own: the confidence is computed in the
-  lm_head hook (so under ``torch.compile`` it is part of the captured decode step), ``__call__`` only queues its
+  output projection's forward (so under ``torch.compile`` it is part of the captured decode step), ``__call__`` only queues its
   copy to pinned host memory, and the decision is taken before the NEXT forward, when ``generate`` prepares its
   inputs (outside the compiled forward, so that forward has no graph break; the model's forward pre-hook settles
   for callers that skip that step). By then ``generate`` has made its own per-step read
@@ -122,6 +124,16 @@ class _SettleBeforeInputs:
             del self.model.prepare_inputs_for_generation
 
 
+class _ScoresOff:
+    """Turns the tiered output projection's scores off again, like removing a hook handle."""
+
+    def __init__(self, sink) -> None:
+        self.sink = sink
+
+    def remove(self) -> None:
+        self.sink.disable()
+
+
 def default_policy_config(tiers: PrecisionTiers, **overrides) -> PrecisionPolicyConfig:
     """The confidence bands on a prepared ladder: a step scoring above ``high`` (0.9) runs the cheapest tier,
     one between ``low`` (0.6) and ``high`` runs native (or the top tier when native is not prepared), one below
@@ -165,7 +177,7 @@ class PrecisionController(LogitsProcessor):
                                   "weights=ConfidenceWeights() or None")
         self._telemetry = check_type(telemetry if telemetry is not None else PrecisionTelemetry(),
                                      "PrecisionController: telemetry", PrecisionTelemetry, "telemetry=None")
-        self._score: torch.Tensor | None = None  # (B,) confidence of the last forward, from the lm_head hook
+        self._score: torch.Tensor | None = None  # (B,) confidence of the last forward, from the head's hook
         self._queued: _QueuedStep | None = None  # __call__'s step, decided on when the next forward starts
         self._host = _HostCopies()
         self._settle_due = False  # == (self._queued is not None), as a bool torch.compile can specialise on
@@ -179,8 +191,13 @@ class PrecisionController(LogitsProcessor):
         model = self.tiers.model
         self._hooks.append(model.register_forward_pre_hook(self._on_forward))
         self._hooks.append(model.get_input_embeddings().register_forward_pre_hook(self._on_embed))
-        if read_raw_logits:
-            self._hooks.append(model.get_output_embeddings().register_forward_hook(self._on_logits))
+        head = model.get_output_embeddings()
+        if read_raw_logits and getattr(head, "is_output", False) and head.selector is self.tiers.selector:
+            # the tiered output projection computes the score in its own forward (compiled steps included)
+            self.tiers.selector.output_scores.enable(self.weights)
+            self._hooks.append(_ScoresOff(self.tiers.selector.output_scores))
+        elif read_raw_logits:  # an untiered head: a hook (a step compiled before it was added does not run it)
+            self._hooks.append(head.register_forward_hook(self._on_logits))
         if callable(getattr(model, "prepare_inputs_for_generation", None)):
             self._hooks.append(_SettleBeforeInputs(model, self._settle))
 
@@ -208,6 +225,12 @@ class PrecisionController(LogitsProcessor):
         # device work only (no host read): inside generate's compiled forward it is part of the captured step
         self._score = confidence_score(output[:, -1, :], self.weights)
 
+    def _take_score(self) -> torch.Tensor | None:
+        """The last forward's (B,) score, from the tiered output projection or the hook (None: neither ran)."""
+        score, self._score = self._score, None
+        tiered = self.tiers.selector.output_scores.take()
+        return tiered if score is None else score
+
     def close(self) -> None:
         """Remove the hooks this controller installed and put the model back on the top tier (idempotent)."""
         self._settle()
@@ -233,7 +256,7 @@ class PrecisionController(LogitsProcessor):
     def observe(self, logits: torch.Tensor) -> str:
         """Record one step from its (B, V) raw logits, switch the tier for the next forward, return it."""
         self._settle()
-        self._score = None  # the hook's score of this forward: the caller hands its logits instead
+        self._take_score()  # this forward's own score: the caller hands its logits instead
         start = time.perf_counter_ns()
         ran = self.tiers.active
         score = confidence_score(logits, self.weights)
@@ -253,7 +276,7 @@ class PrecisionController(LogitsProcessor):
         forward later than with ``observe``). For the graph engine, where one sync per step is visible.
         """
         self._settle()
-        self._score = None  # the hook's score of this forward: the caller hands its logits instead
+        self._take_score()  # this forward's own score: the caller hands its logits instead
         start = time.perf_counter_ns()
         ran = self.tiers.active
         pending, self._pending = self._pending, self._host.start(confidence_score(logits, self.weights))
@@ -296,8 +319,8 @@ class PrecisionController(LogitsProcessor):
         self._forwarded = False
         start = time.perf_counter_ns()
         self._settle()  # generate's input preparation (or the forward's pre-hook) settled it already
-        score, self._score = self._score, None
-        if score is None or score.shape[0] != scores.shape[0]:  # no lm_head hook output for these rows
+        score = self._take_score()
+        if score is None or score.shape[0] != scores.shape[0]:  # no output-projection score for these rows
             score = confidence_score(scores, self.weights)
         host, event = self._host.start(score)
         self._queued = _QueuedStep(self.tiers.active, host, event, time.perf_counter_ns() - start)

@@ -36,6 +36,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
 from hf_adaptive.precision.fp8 import pack_fp8
 from hf_adaptive.precision.fusion import fuse_siblings
 from hf_adaptive.precision.int4 import choose_group_size, out_multiple_for, pack_int4
@@ -49,12 +50,44 @@ TIER_RANK = {"int4": 0, "fp8": 1, "native": 2, "fp32": 3}
 INT4_KERNELS = ("auto", "triton", "tinygemm")
 
 
+class OutputScores:
+    """The confidence of each forward, computed by the tiered output projection for a ``PrecisionController``.
+
+    Why not a forward hook on the output projection: a hook added after ``generate`` compiled its decode step is not
+    part of that step (dynamo does not guard on module hooks), so a controller built after a first ``generate`` found
+    no score and computed it eagerly from the scores on every step (about 17 kernel launches and 0.3-0.5 ms of host
+    time per token on the 8B shape). The output ``TieredLinear`` reads ``weights`` (None: off) in its forward, a
+    value the compiled step guards on: switching the scores on compiles the step once more, with the confidence
+    inside it; equal weights keep the guarded object, so the next controller reuses that step.
+    """
+
+    def __init__(self) -> None:
+        self.weights: ConfidenceWeights | None = None
+        self.score: torch.Tensor | None = None  # (B,) of the last forward that ran the output projection
+
+    def enable(self, weights: ConfidenceWeights) -> None:
+        """Compute the confidence with ``weights`` in every forward from now on."""
+        if self.weights != weights:
+            self.weights = weights
+        self.score = None
+
+    def disable(self) -> None:
+        """Stop computing it (the step compiled without it is used again)."""
+        self.weights = self.score = None
+
+    def take(self) -> torch.Tensor | None:
+        """The last forward's (B,) scores, once (None if no forward computed them since)."""
+        score, self.score = self.score, None
+        return score
+
+
 @dataclass
 class TierSelector:
     """The tier every ``TieredLinear`` of one model runs; shared, so one assignment switches them all."""
 
     active: str = "native"
     int4_kernel: str = "auto"  # CUDA int4 format: "tinygemm" ("auto"), or "triton"
+    output_scores: OutputScores = field(default_factory=OutputScores)
 
 
 class TieredLinear(nn.Module):
@@ -69,6 +102,7 @@ class TieredLinear(nn.Module):
         self.formats: dict[str, WeightFormat] = {}  # tier -> this layer's weight in that tier's format
         self.group = None  # a fusion.FusedGroup computing this layer's output with its siblings'
         self.group_index, self.group_slice = 0, slice(None)
+        self.is_output = False  # the model's output projection: computes selector.output_scores when they are on
 
     def add_format(self, tier: str, group_size: int) -> bool:
         """Prepare ``tier``; returns False (and keeps the 16-bit weight for it) if the shape cannot."""
@@ -106,7 +140,11 @@ class TieredLinear(nn.Module):
             fmt = self.formats[self._fallback()]
         y = fmt.linear(x.reshape(-1, self.in_features))  # (M, K) -> (M, N)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        if self.is_output and self.selector.output_scores.weights is not None:
+            sink = self.selector.output_scores
+            sink.score = confidence_score(y if y.dim() == 2 else y[:, -1, :], sink.weights)
+        return y
 
     def _fallback(self) -> str:
         rank = TIER_RANK[self.selector.active]
@@ -257,16 +295,18 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
         check_decoder_only(config, "prepare_tiers")
     ladder = tuple(sorted(set(tiers), key=TIER_RANK.get))
     targets = _decoder_linears(model)
-    if targets and lm_head:
-        targets += _output_linear(model)
+    head = _output_linear(model) if targets and lm_head else []
+    targets += head
     if not targets:
         raise ValueError("prepare_tiers: found no nn.Linear under a `layers` ModuleList in model; "
                          "is it already prepared, or not a decoder-only transformers model?")
     selector = TierSelector(active=ladder[-1], int4_kernel=int4_kernel)
     handle = PrecisionTiers(model, ladder, selector)
+    output = head[0][2] if head else None
     with torch.no_grad():
         for parent, attr, linear in targets:
             tiered = TieredLinear(linear, selector)
+            tiered.is_output = linear is output
             for tier in ladder:
                 if not tiered.add_format(tier, group_size):
                     handle.unsupported[tier] = handle.unsupported.get(tier, 0) + 1
