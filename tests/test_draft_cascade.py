@@ -181,8 +181,8 @@ def test_compiled_cascade_is_greedy_at_fixed_shapes(repeated_prompt, arch, rejec
     """Guards the compiled cascade: where generate compiles its step, the cascade's decode forwards go through
     that compiled call at fixed shapes: on StaticCache every verify feeds one of verify_widths (1, 5, 9 for drafts of
     up to 8, padded), on AdaptiveStaticKVCache (a one-token compiled step) the verifies run eagerly at their own
-    widths and draft-less rounds take the step. Either way the output is greedy's, and a second call compiles
-    nothing new."""
+    widths and draft-less rounds take the step. Either way the output is greedy's, a second call compiles nothing
+    new, and each compiled forward starts a new cudagraph-trees step (interleaved graphs record no new tree paths)."""
     from torch._dynamo.utils import counters
 
     from hf_adaptive.precision import cascade
@@ -192,14 +192,16 @@ def test_compiled_cascade_is_greedy_at_fixed_shapes(repeated_prompt, arch, rejec
     else:  # its compiled step reads the cache through the fused attention: a model of its own
         tiers = prepare_tiers(hf_adaptive.enable_fused_attention(make_tiny_model(arch)), tiers=("int4", "fp32"))
     model = tiers.model
-    fed = []
+    fed, marks = [], []
     forward = cascade._forward
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     monkeypatch.setattr(cascade, "_forward", lambda call, m, *a: fed.append((a[1].shape[1], call is not m)) or
                         forward(call, m, *a))
     ref = model.generate(repeated_prompt, do_sample=False, max_new_tokens=NEW_TOKENS, cache=_cache(cache_kind, model),
                          disable_compile=True)
     for call in range(2):
         fed.clear()
+        marks.clear()
         counters.clear()
         out, report = _run(tiers, repeated_prompt, ("lookup", "self"), _cache(cache_kind, model),
                            max_new_tokens=NEW_TOKENS, compile_config=_cpu_compile())
@@ -209,6 +211,9 @@ def test_compiled_cascade_is_greedy_at_fixed_shapes(repeated_prompt, arch, rejec
         assert fed[0] == (repeated_prompt.shape[1], False)
         if cache_kind == "static":  # room for every width: no verify runs eagerly
             assert all(compiled for _, compiled in decode)
+        # every compiled forward (verifies and int4 draft steps), and only those, starts a new cudagraph-trees step
+        self_steps = report["drafters"].get("self", {}).get("proposed", 0)
+        assert len(marks) == sum(compiled for _, compiled in decode) + self_steps > 0
         assert {width for width, compiled in decode if compiled} <= widths
         assert all(width > max(widths) for width, compiled in decode if not compiled)  # wider than any graph
         if call:

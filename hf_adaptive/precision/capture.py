@@ -30,3 +30,17 @@ def graph_capture(graph: torch.cuda.CUDAGraph) -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def begin_graph_step(call, model) -> None:
+    """Before a forward through ``call``: where it is a compiled call (not ``model`` itself), tell cudagraph trees a
+    new step begins, so the graph it replays is a root of its tree whatever graph ran before it.
+
+    Without the mark, cudagraph trees record a graph invoked after a different graph as that graph's child: a loop
+    that interleaves several graphs (the cascade's verify widths and its int4 draft step) in an order that changes
+    from round to round records a new path whenever an order is new, and the H100 replay of the cascade counted 10
+    captures inside its timed calls. The mark allows the outputs of earlier replays to be overwritten, so a caller
+    copies what it keeps of a forward's output before the next one (the cascade does).
+    """
+    if call is not model:
+        torch.compiler.cudagraph_mark_step_begin()

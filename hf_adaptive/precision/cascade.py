@@ -47,6 +47,7 @@ import torch
 
 from hf_adaptive.compat import (activate_past_recording, cache_is_croppable, cache_kwarg_name, crop_cache,
                                 forward_cache_kwargs)
+from hf_adaptive.precision.capture import begin_graph_step
 from hf_adaptive.precision.confidence import confidence_score
 from hf_adaptive.precision.drafting import CascadeCandidateGenerator
 
@@ -118,6 +119,7 @@ def _forward(call, model, cache, tokens: torch.Tensor, start: int, keep: int) ->
     """Top-tier logits (1, keep, V) of the last ``keep`` positions of ``tokens`` (1, q) fed at ``start``,
     through ``call`` (the model, or its compiled call)."""
     pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]  # (1, q)
+    begin_graph_step(call, model)
     return call(input_ids=tokens, position_ids=pos, use_cache=True, logits_to_keep=keep,
                 **forward_cache_kwargs(model, cache)).logits
 

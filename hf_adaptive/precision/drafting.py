@@ -27,6 +27,7 @@ from transformers.generation.candidate_generator import CandidateGenerator, Prom
 from hf_adaptive.compat import crop_cache, forward_cache_kwargs
 from hf_adaptive.policy.draft_policy import (NO_DRAFT, DraftChoice, DrafterRecord, DraftPolicyConfig, carry_history,
                                              choose_draft)
+from hf_adaptive.precision.capture import begin_graph_step
 from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
 from hf_adaptive.precision.draft_telemetry import DraftTelemetry, RoundRecord
 from hf_adaptive.precision.tiers import PrecisionTiers
@@ -123,6 +124,7 @@ class CascadeCandidateGenerator(CandidateGenerator):
         with self.tiers.use(self.tiers.fast):
             for i in range(k):
                 pos = torch.arange(start + i, start + i + 1, device=input_ids.device)[None]  # (1, 1)
+                begin_graph_step(self.forward, model)
                 logits = self.forward(input_ids=tokens[:, i:i + 1], position_ids=pos, use_cache=True,
                                       logits_to_keep=1, **forward_cache_kwargs(model, self.cache)).logits[:, -1]
                 tokens[:, i + 1] = logits.argmax(-1)  # (1,) from (1, V)
