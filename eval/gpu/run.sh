@@ -133,7 +133,7 @@ job_precision_generate-8b-4k() { local o=$R/precision_generate_$CARD; mkdir -p $
     > $o/8b_4k.log 2>&1; }
 job_precision_cascade-replay-8b() {  # the lossless cascade in generate, replaying the modernize task's recorded rounds
     local o=$R/precision_cascade_replay_$CARD; mkdir -p $o; timeout 560 $PY eval/bench_cascade_replay.py \
-    --shape llama-3.1-8b --contexts 64,4096 --new-tokens 64 --out $o --name 8b_modernize \
+    --shape llama-3.1-8b --contexts 64,4096 --new-tokens 192 --out $o --name 8b_modernize \
     --schedule eval/results/quality_draft_acceptance_modernize_qwen1.5b_cpu/draft_acceptance.json > $o/8b_modernize.log 2>&1; }
 job_precision_int4-kernels() { local o=$R/precision_int4_kernels_$CARD; mkdir -p $o; timeout 300 $PY \
     eval/bench_int4_kernels.py --out $o > $o/bench_int4_kernels.log 2>&1; }
