@@ -134,7 +134,7 @@ def run_mode(model, tiers: PrecisionTiers, mode: str, spec, ids, cache_for_call,
                        controller_overhead_us=report["controller_overhead_us"],
                        controller_queue_us=report["controller_queue_us"],
                        controller_decide_us=report["controller_decide_us"],
-                       host_read_wait_us=report["host_read_wait_us"])
+                       host_read_wait_us=report["host_read_wait_us"], eager_score_steps=report["eager_score_steps"])
         else:
             row["int4_fraction"] = 1.0 if mode == "int4" else 0.0
         if profile_stem is not None:
@@ -245,7 +245,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 COLUMNS = ["cache", "context", "batch", "mode", "decode_ms_per_token", "decode_ms_streamed", "vs_native",
            "predicted_ms", "vs_predicted", "int4_fraction", "switches", "controller_overhead_us", "controller_queue_us",
-           "controller_decide_us", "controller_overhead_p50_us", "recompiles_after_warmup", "captures_after_warmup",
+           "controller_decide_us", "controller_overhead_p50_us", "eager_score_steps", "recompiles_after_warmup", "captures_after_warmup",
            "gpu_ms_per_token", "kernel_launches_per_token", "graph_launches_per_token", "host_ms_per_token", "skipped"]
 
 

@@ -190,9 +190,27 @@ def test_controller_built_after_generate_compiled_scores_inside_the_step(monkeyp
                            logits_processor=[ctl])
         graphs.append(dynamo_utils.counters["stats"]["unique_graphs"] - before)
         assert len(ctl.telemetry.scores) == 8 and all(0.0 <= s <= 1.0 for s in ctl.telemetry.scores)
+        assert ctl.telemetry.report()["eager_score_steps"] == 0
     assert eager_scores == []
     assert graphs == [1, 0]
     assert tiers.selector.output_scores.weights is None  # close() turned them off
+
+
+def test_controller_counts_the_steps_it_scores_eagerly():
+    """Guards the telemetry that tells where the score came from: without the head's score (read_raw_logits=False)
+    every step is scored from the processed scores and counted; with it, none is."""
+    from helpers import make_tiny_model
+
+    from hf_adaptive.precision.controller import PrecisionController
+    from hf_adaptive.precision.tiers import prepare_tiers
+
+    tiers = prepare_tiers(make_tiny_model("llama"), tiers=("int4", "native"))
+    ids = torch.randint(1, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    for raw, expected in ((False, 5), (True, 0)):
+        with PrecisionController(tiers, read_raw_logits=raw) as ctl:
+            tiers.model.generate(ids, max_new_tokens=5, do_sample=False, logits_processor=[ctl])
+            report = ctl.telemetry.report()
+        assert report["steps"] == 5 and report["eager_score_steps"] == expected
 
 
 def test_controller_restores_prepare_inputs_on_close():

@@ -322,6 +322,7 @@ class PrecisionController(LogitsProcessor):
         score = self._take_score()
         if score is None or score.shape[0] != scores.shape[0]:  # no output-projection score for these rows
             score = confidence_score(scores, self.weights)
+            self._telemetry.eager_score_steps += 1
         host, event = self._host.start(score)
         self._queued = _QueuedStep(self.tiers.active, host, event, time.perf_counter_ns() - start)
         self._settle_due = True

@@ -55,6 +55,7 @@ class PrecisionTelemetry:
     wait_ns: list[int] = field(default_factory=list)      # time its host read waited for the device per step
     queue_ns: list[int] = field(default_factory=list)     # the part of overhead_ns spent queueing the scores' copy
     switches: int = 0
+    eager_score_steps: int = 0  # steps whose score the controller computed from the scores, outside the forward
     agree: list[int] = field(default_factory=lambda: [0] * N_BUCKETS)
     checked: list[int] = field(default_factory=lambda: [0] * N_BUCKETS)
 
@@ -88,7 +89,9 @@ class PrecisionTelemetry:
         """JSON-serializable summary (fractions in [0, 1], times in µs). ``controller_overhead_us`` is the
         controller's own host time per step; ``controller_queue_us`` the part of it spent queueing the scores' copy
         (in ``LogitsProcessor.__call__``), the rest deciding (``controller_decide_us``); ``host_read_wait_us`` the
-        time its host read waited for the device."""
+        time its host read waited for the device; ``eager_score_steps`` the steps whose confidence no forward
+        computed, so the controller computed it from the processed scores (eager kernels; 0 in compiled generate
+        with a tiered head)."""
         n = len(self.tiers)
         counts = Counter(self.tiers)
         hist = [0] * N_BUCKETS
@@ -105,6 +108,7 @@ class PrecisionTelemetry:
             "controller_queue_us": _micros(self.queue_ns),
             "controller_decide_us": _micros([o - q for o, q in zip(self.overhead_ns, self.queue_ns)]),
             "host_read_wait_us": _micros(self.wait_ns),
+            "eager_score_steps": self.eager_score_steps,
             "confidence_accuracy": [
                 {"bucket": [i / N_BUCKETS, (i + 1) / N_BUCKETS], "checked": c,
                  "agree_fraction": (a / c) if c else None}
