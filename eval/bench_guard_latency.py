@@ -105,7 +105,8 @@ def measure(variant: str, layers: int, new_tokens: int) -> dict:
     lookup_us = lookups[0].cpu_time_total / lookups[0].count if lookups and lookups[0].count else None
     return {"variant": variant, "layers": layers, "guards": log.lines,
             "guard_eval_us": round(statistics.median(log.latencies), 1) if log.latencies else None,
-            "cache_entries": len(log.latencies), "lookup_us_per_step": None if lookup_us is None else round(lookup_us, 1)}
+            "cache_entries": len(log.latencies),
+            "lookup_us_per_step": None if lookup_us is None else round(lookup_us, 1)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -245,8 +245,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 COLUMNS = ["cache", "context", "batch", "mode", "decode_ms_per_token", "decode_ms_streamed", "vs_native",
            "predicted_ms", "vs_predicted", "int4_fraction", "switches", "controller_overhead_us", "controller_queue_us",
-           "controller_decide_us", "controller_overhead_p50_us", "eager_score_steps", "recompiles_after_warmup", "captures_after_warmup",
-           "gpu_ms_per_token", "kernel_launches_per_token", "graph_launches_per_token", "host_ms_per_token", "skipped"]
+           "controller_decide_us", "controller_overhead_p50_us", "eager_score_steps", "recompiles_after_warmup",
+           "captures_after_warmup", "gpu_ms_per_token", "kernel_launches_per_token", "graph_launches_per_token", "host_ms_per_token", "skipped"]
 
 
 def write_results(rows: list[dict], args, card: str, tiers: PrecisionTiers, wall_s: float, planned: int) -> list[dict]:

@@ -24,10 +24,10 @@ Contract:
 - Prefill (a forward of more than one token) always runs in the top tier: int4 tinygemm has no gain
   at many rows, and the prompt's KV should be exact.
 - One host read per step (the B confidences), and it adds no sync of its own: the confidence is computed in the
-  output projection's forward (so under ``torch.compile`` it is part of the captured decode step), ``__call__`` only queues its
-  copy to pinned host memory, and the decision is taken before the NEXT forward, when ``generate`` prepares its
-  inputs (outside the compiled forward, so that forward has no graph break; the model's forward pre-hook settles
-  for callers that skip that step). By then ``generate`` has made its own per-step read
+  output projection's forward (so under ``torch.compile`` it is part of the captured decode step), ``__call__``
+  only queues its copy to pinned host memory, and the decision is taken before the NEXT forward, when ``generate``
+  prepares its inputs (outside the compiled forward, so that forward has no graph break; the model's forward
+  pre-hook settles for callers that skip that step). By then ``generate`` has made its own per-step read
   (the stopping check), so the copy is complete and the read does not wait; the decision still applies to the
   very next forward, as if it were taken in ``__call__``. The step pending at the end of a call is settled when
   ``telemetry`` is read, or by ``reset`` / ``close``.
