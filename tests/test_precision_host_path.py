@@ -213,6 +213,30 @@ def test_controller_counts_the_steps_it_scores_eagerly():
         assert report["steps"] == 5 and report["eager_score_steps"] == expected
 
 
+def test_a_second_controller_takes_the_heads_scores_and_the_first_scores_its_own():
+    """Guards the shared score slot of the tiered head: the controller opened last gets the head's scores (made with
+    its weights); one opened earlier on the same tiers computes its own from the scores (counted as eager steps), so
+    neither reads a score made with the other's weights, and closing the earlier one leaves the later one's on."""
+    from helpers import make_tiny_model
+
+    from hf_adaptive.precision.confidence import ConfidenceWeights
+    from hf_adaptive.precision.controller import PrecisionController
+    from hf_adaptive.precision.tiers import prepare_tiers
+
+    tiers = prepare_tiers(make_tiny_model("llama"), tiers=("int4", "native"))
+    ids = torch.randint(1, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    first = PrecisionController(tiers)
+    second = PrecisionController(tiers, weights=ConfidenceWeights(p_max=1.0, entropy=0.0, margin=0.0))
+    for ctl in (first, second):
+        tiers.model.generate(ids, max_new_tokens=4, do_sample=False, logits_processor=[ctl])
+    assert first.telemetry.report()["eager_score_steps"] == 4
+    assert second.telemetry.report()["eager_score_steps"] == 0
+    first.close()
+    assert tiers.selector.output_scores.weights == second.weights
+    second.close()
+    assert tiers.selector.output_scores.weights is None
+
+
 def test_controller_restores_prepare_inputs_on_close():
     """Guards the settle point the controller adds to ``prepare_inputs_for_generation``: it settles a queued step
     before the inputs are prepared, and close() puts back exactly what the model had (its class method, or an

@@ -125,13 +125,13 @@ class _SettleBeforeInputs:
 
 
 class _ScoresOff:
-    """Turns the tiered output projection's scores off again, like removing a hook handle."""
+    """Turns the tiered output projection's scores off again for their owner, like removing a hook handle."""
 
-    def __init__(self, sink) -> None:
-        self.sink = sink
+    def __init__(self, sink, owner) -> None:
+        self.sink, self.owner = sink, owner
 
     def remove(self) -> None:
-        self.sink.disable()
+        self.sink.disable(self.owner)
 
 
 def default_policy_config(tiers: PrecisionTiers, **overrides) -> PrecisionPolicyConfig:
@@ -194,8 +194,8 @@ class PrecisionController(LogitsProcessor):
         head = model.get_output_embeddings()
         if read_raw_logits and getattr(head, "is_output", False) and head.selector is self.tiers.selector:
             # the tiered output projection computes the score in its own forward (compiled steps included)
-            self.tiers.selector.output_scores.enable(self.weights)
-            self._hooks.append(_ScoresOff(self.tiers.selector.output_scores))
+            self.tiers.selector.output_scores.enable(self.weights, self)
+            self._hooks.append(_ScoresOff(self.tiers.selector.output_scores, self))
         elif read_raw_logits:  # an untiered head: a hook (a step compiled before it was added does not run it)
             self._hooks.append(head.register_forward_hook(self._on_logits))
         if callable(getattr(model, "prepare_inputs_for_generation", None)):
@@ -228,7 +228,7 @@ class PrecisionController(LogitsProcessor):
     def _take_score(self) -> torch.Tensor | None:
         """The last forward's (B,) score, from the tiered output projection or the hook (None: neither ran)."""
         score, self._score = self._score, None
-        tiered = self.tiers.selector.output_scores.take()
+        tiered = self.tiers.selector.output_scores.take(self)
         return tiered if score is None else score
 
     def close(self) -> None:

@@ -64,19 +64,27 @@ class OutputScores:
     def __init__(self) -> None:
         self.weights: ConfidenceWeights | None = None
         self.score: torch.Tensor | None = None  # (B,) of the last forward that ran the output projection
+        self._owner: object | None = None  # the controller the scores are computed for (the last one enabled)
 
-    def enable(self, weights: ConfidenceWeights) -> None:
-        """Compute the confidence with ``weights`` in every forward from now on."""
+    def enable(self, weights: ConfidenceWeights, owner: object) -> None:
+        """Compute the confidence with ``weights`` for ``owner`` in every forward from now on. A controller opened
+        earlier on the same tiers loses the scores (it computes its own, counted as eager steps), so no controller
+        reads a score made with another's weights."""
         if self.weights != weights:
             self.weights = weights
-        self.score = None
+        self.score, self._owner = None, owner
 
-    def disable(self) -> None:
-        """Stop computing it (the step compiled without it is used again)."""
-        self.weights = self.score = None
+    def disable(self, owner: object) -> None:
+        """``owner`` stops using the scores: off if it is the one they are computed for (the step compiled without
+        them is used again)."""
+        if self._owner is owner:
+            self.weights = self.score = self._owner = None
 
-    def take(self) -> torch.Tensor | None:
-        """The last forward's (B,) scores, once (None if no forward computed them since)."""
+    def take(self, owner: object) -> torch.Tensor | None:
+        """The last forward's (B,) scores for ``owner``, once (None if no forward computed them since, or if they
+        are computed for another controller)."""
+        if self._owner is not owner:
+            return None
         score, self.score = self.score, None
         return score
 
