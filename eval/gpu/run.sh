@@ -21,7 +21,8 @@
 #                  generate-8b and generate-8b-4k (the controller inside model.generate, StaticCache and
 #                  AdaptiveStaticKVCache; 64- and 4096-token prompts) need neither, one call each; generate-8b also
 #                  profiles a native and a never-switching call (--profile); cascade-replay-8b times the lossless
-#                  cascade through generate on recorded acceptance (one call).
+#                  cascade through generate on recorded acceptance (one call; -translate and -long: the translation
+#                  rounds, and 16k / 32k-token prompts, one call each).
 #   parallel-2gpu  2 GPUs per job; each serving job ~8 min, so one job per call. Carry .whl/, .gpu/qwen7b_cfg
 #                  (the Qwen2.5-7B shape: export_model_config.py ... --set, see that script) and, for the SmolLM2
 #                  jobs (equivalence, serve-mixed), its GGUF in pieces under .gpu/smol/p0 .. p2
@@ -135,6 +136,15 @@ job_precision_cascade-replay-8b() {  # the lossless cascade in generate, replayi
     local o=$R/precision_cascade_replay_$CARD; mkdir -p $o; timeout 560 $PY eval/bench_cascade_replay.py \
     --shape llama-3.1-8b --contexts 64,4096 --new-tokens 192 --out $o --name 8b_modernize \
     --schedule eval/results/quality_draft_acceptance_modernize_qwen1.5b_cpu/draft_acceptance.json > $o/8b_modernize.log 2>&1; }
+job_precision_cascade-replay-8b-translate() {  # the same on the translation task's rounds (free-form: few accepted)
+    local o=$R/precision_cascade_replay_$CARD; mkdir -p $o; timeout 560 $PY eval/bench_cascade_replay.py \
+    --shape llama-3.1-8b --contexts 64,4096 --new-tokens 192 --out $o --name 8b_translate \
+    --schedule eval/results/quality_draft_acceptance_qwen1.5b_cpu/draft_acceptance.json > $o/8b_translate.log 2>&1; }
+job_precision_cascade-replay-8b-long() {  # the modernize rounds after 16k and 32k-token prompts (one timed call each)
+    local o=$R/precision_cascade_replay_$CARD; mkdir -p $o; timeout 580 $PY eval/bench_cascade_replay.py \
+    --shape llama-3.1-8b --contexts 16384,32768 --new-tokens 128 --repeats 1 --out $o --name 8b_modernize_long \
+    --schedule eval/results/quality_draft_acceptance_modernize_qwen1.5b_cpu/draft_acceptance.json \
+    > $o/8b_modernize_long.log 2>&1; }
 job_precision_int4-kernels() { local o=$R/precision_int4_kernels_$CARD; mkdir -p $o; timeout 300 $PY \
     eval/bench_int4_kernels.py --out $o > $o/bench_int4_kernels.log 2>&1; }
 
