@@ -5,7 +5,8 @@ tier selector...) on the host. The GPU waits for that check once per step: on th
 compiled ``generate`` shows about 1.6 ms of "TorchDynamo Cache Lookup" per step against 6.4 ms of device time
 (``precision_generate_h100/score_fallback_profile``). This script measures the guard set of the decode step for
 the plain model and for the same model after ``prepare_tiers`` (the tiered linears, their formats and fused
-groups), with and without an open ``PrecisionController``:
+groups), with an open ``PrecisionController`` that never switches, and with the tiers switched at every step
+(``tiers+alternating``: one graph per tier, a step's tier never the previous step's):
 
 - ``guards``: guard lines dynamo logs for the compiled step (its "guards" log artifact), all cache entries;
 - ``guard_eval_us``: the latency dynamo measures when it builds each entry's guard check (its own figure);
@@ -38,7 +39,7 @@ from hf_adaptive.precision.controller import PrecisionController, default_policy
 from hf_adaptive.precision.tiers import prepare_tiers  # noqa: E402
 from hf_adaptive.validation import arg_number  # noqa: E402
 
-VARIANTS = ("plain", "tiers", "tiers+controller")
+VARIANTS = ("plain", "tiers", "tiers+controller", "tiers+alternating")
 LATENCY = re.compile(r"Guard eval latency = ([0-9.]+) us")
 
 
@@ -54,6 +55,18 @@ class _GuardLog(logging.Handler):
         text = record.getMessage()
         self.lines += text.count("\n") + 1
         self.latencies += [float(x) for x in LATENCY.findall(text)]
+
+
+class _Alternate:
+    """A logits processor that switches the tiers every step (int4, native, int4, ...), as a controller's decision
+    does, without scoring: the guard checks of a step whose tier is not the last compiled graph's."""
+
+    def __init__(self, tiers) -> None:
+        self.tiers = tiers
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.tiers.set(self.tiers.fast if self.tiers.active == self.tiers.top else self.tiers.top)
+        return scores
 
 
 def _model(layers: int, variant: str):
@@ -80,6 +93,8 @@ def measure(variant: str, layers: int, new_tokens: int) -> dict:
         if variant == "tiers+controller":  # never switches: the guards of the tier and the score, not a switch
             controller = PrecisionController(tiers, default_policy_config(tiers, high=1.0, low=0.0))
         kwargs = {"logits_processor": [controller]} if controller else {}
+        if variant == "tiers+alternating":
+            kwargs = {"logits_processor": [_Alternate(tiers)]}
         try:
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, compile_config=compile_config,
@@ -87,6 +102,8 @@ def measure(variant: str, layers: int, new_tokens: int) -> dict:
         finally:
             if controller is not None:
                 controller.close()
+            if tiers is not None:
+                tiers.set(tiers.top)
 
     log = _GuardLog()
     logger = logging.getLogger("torch._dynamo.guards")
