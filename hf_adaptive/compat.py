@@ -66,9 +66,11 @@ def crop_cache(cache: Any, tokens_to_remove: int) -> None:
         raise ValueError(f"crop_cache: tokens_to_remove must be >= 0 (a count), got {tokens_to_remove}")
     layers = getattr(cache, "layers", None)
     if layers and all(_rewindable(layer) for layer in layers):
-        for layer in layers:
-            if getattr(layer, "is_initialized", True) and tokens_to_remove:
-                layer.cumulative_length.sub_(tokens_to_remove)
+        lengths = [layer.cumulative_length for layer in layers if getattr(layer, "is_initialized", True)]
+        if tokens_to_remove and lengths:
+            import torch
+
+            torch._foreach_sub_(lengths, tokens_to_remove)  # one launch for every layer, not one per layer
         return
     cache.crop(-tokens_to_remove)
 
