@@ -5,13 +5,19 @@ max_new_tokens=N, cache=...)`` (``past_key_values=`` before transformers 5.23), 
 public constructor, compiled decode left to generate's own auto-compile, nothing inside the call instrumented.
 decode ms/token = (t(N new tokens) - t(1 new token)) / (N - 1), each t the median wall time of ``--repeats`` calls
 (synchronized before and after): the prefill cancels out, every decode step (a precision switch's host work
-included) is in, and it holds whether or not generate syncs with the device every step (transformers >= 5.2x defers
-that check). prefill_s = t(1). One warm-up call of each length per configuration compiles and captures first.
+included) is in, and it holds whether or not generate syncs with the device every step (``stop_check_deferred``
+per row: whether the timed calls read the stop flag one step late, see ``hf_adaptive.overlap``). prefill_s = t(1). One warm-up call of each length per configuration compiles and captures first.
 
 Caches (``--caches``):
 - dynamic: ``DynamicCache`` (sdpa, eager decode).
 - static: ``StaticCache`` (sdpa); generate compiles its decode step (CUDA graphs).
-- adaptive16 / adaptive8 / adaptive4: ``AdaptiveStaticKVCache`` with ``fixed_bits`` (none for 16), fused attention.
+- static_deferred: the same, opted into overlapped decoding (``hf_adaptive.overlap.defer_stop_checks``): generate
+  reads its stop flag one step late, so the host queues the next step while the device runs this one. It takes
+  effect where the release can crop a ``StaticCache`` (transformers >= 5.18); ``stop_check_deferred`` says.
+- adaptive16 / adaptive8 / adaptive4: ``AdaptiveStaticKVCache`` with ``fixed_bits`` (none for 16), fused attention;
+  it opts into overlapped decoding by itself.
+- adaptive16_per_step: adaptive16 opted out of it (``defer_stop_checks(cache, False)``): the stop flag read every step,
+  as transformers does on CUDA; against adaptive16 it is what the overlap alone gains.
 - adaptive_budget: ``AdaptiveStaticKVCache`` under ``memory_budget`` = 0.55 x the prompt's 16-bit KV bytes: the
   ladder drops to 4 bits at the prefill and steps back up as the stored bytes relax the pressure, so one call
   switches precision several times (re-captures after the warm-up are counted in ``mixed_captures``).
@@ -53,9 +59,11 @@ import hf_adaptive  # noqa: E402
 from hf_adaptive.evaluation.report import markdown_table, write_report  # noqa: E402
 from hf_adaptive.kv.cache import AdaptiveKVCache  # noqa: E402
 from hf_adaptive.kv.static import AdaptiveStaticKVCache  # noqa: E402
+from hf_adaptive.overlap import defer_stop_checks, stop_check_deferred  # noqa: E402
 
-CACHES = ("dynamic", "static", "adaptive16", "adaptive8", "adaptive4", "adaptive_budget", "eager4", "quanto4",
-          "hqq4")
+CACHES = ("dynamic", "static", "static_deferred", "adaptive16", "adaptive16_per_step", "adaptive8", "adaptive4",
+          "adaptive_budget", "eager4", "quanto4", "hqq4")
+REUSED = ("static", "adaptive")  # name prefixes of the caches reused through reset() (compiled, fixed buffers)
 OURS_FUSED = ("adaptive16", "adaptive8", "adaptive4", "adaptive_budget", "eager4")
 BUDGET_FRACTION_OF_PROMPT = 0.55  # adaptive_budget: the prompt's KV in the model dtype is 1.8x this budget
 
@@ -70,8 +78,11 @@ def make_cache(name: str, model, max_cache_len: int, prompt_tokens: int, batch: 
     """A fresh cache of kind ``name`` and the attention implementation it runs with."""
     if name == "dynamic":
         return DynamicCache(config=model.config), "sdpa"
-    if name == "static":
-        return StaticCache(config=model.config, max_cache_len=max_cache_len), "sdpa"
+    if name in ("static", "static_deferred"):
+        cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        if name == "static_deferred":
+            defer_stop_checks(cache)
+        return cache, "sdpa"
     if name in ("quanto4", "hqq4"):
         from transformers import QuantizedCache
 
@@ -85,9 +96,12 @@ def make_cache(name: str, model, max_cache_len: int, prompt_tokens: int, batch: 
         budget = int(BUDGET_FRACTION_OF_PROMPT * prompt_kv_bytes(model, prompt_tokens, batch))
         return AdaptiveStaticKVCache(model.config, max_cache_len=max_cache_len, memory_budget=budget,
                                      residual_length=args.residual_length), "hf_adaptive"
-    bits = int(name.removeprefix("adaptive"))
-    return AdaptiveStaticKVCache(model.config, max_cache_len=max_cache_len, fixed_bits=None if bits == 16 else bits,
-                                 residual_length=args.residual_length), "hf_adaptive"
+    bits = int(name.removeprefix("adaptive").removesuffix("_per_step"))
+    cache = AdaptiveStaticKVCache(model.config, max_cache_len=max_cache_len, fixed_bits=None if bits == 16 else bits,
+                                  residual_length=args.residual_length)
+    if name.endswith("_per_step"):
+        defer_stop_checks(cache, False)
+    return cache, "hf_adaptive"
 
 
 def set_attention(model, impl: str) -> None:
@@ -102,7 +116,7 @@ def _fresh(cache_obj, name, model, max_cache_len, context, batch, args):
     """The cache for the next call: compiled caches (the budgeted one included: its budget is set once, as a
     user's would be) are reused through ``reset()``, as static caches are meant to be (same buffers, so no
     re-capture from new addresses); the others are built anew."""
-    if name == "static" or name.startswith("adaptive"):
+    if name.startswith(REUSED):
         cache_obj.reset()
         return cache_obj
     return make_cache(name, model, max_cache_len, context, batch, args)[0]
@@ -154,6 +168,7 @@ def bench_config(model, name: str, context: int, batch: int, args, counter: Capt
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     row = config.time()
+    row["stop_check_deferred"] = stop_check_deferred()  # as generate decided in the last timed call
     row["peak_gib"] = (_peak(args.device) - before) / 2**30
     cache = config.cache
     live, reserved = _kv_bytes(cache)
@@ -165,7 +180,7 @@ def bench_config(model, name: str, context: int, batch: int, args, counter: Capt
         stats = cache.stats()
         row.update(view_changes=stats["view_changes"], host_us_per_step=stats.get("host_us_per_step"),
                    bits_path=_bits_path(cache))
-    if args.mixed_calls and counter is not None and (name == "static" or name.startswith("adaptive")):
+    if args.mixed_calls and counter is not None and name.startswith(REUSED):
         row.update(_mixed_calls(model, name, cache, max_cache_len, context, batch, args, counter))
     if args.profile and name in ("static", "adaptive16", "adaptive4") and (context, batch) == args.profile_at:
         cache = _fresh(cache, name, model, max_cache_len, context, batch, args)
@@ -232,7 +247,7 @@ def feasible(model, name: str, context: int, batch: int, args) -> str | None:
     """Why a configuration is skipped before it runs (memory), or None."""
     if context * batch > args.max_tokens_in_flight:
         return f"context x batch {context * batch} > --max-tokens-in-flight {args.max_tokens_in_flight}"
-    if name in ("dynamic", "static") and prompt_kv_bytes(model, context, batch) > args.max_kv_gib * 2**30:
+    if name in ("dynamic", "static", "static_deferred") and prompt_kv_bytes(model, context, batch) > args.max_kv_gib * 2**30:
         return f"KV {prompt_kv_bytes(model, context, batch) / 2**30:.1f} GiB > --max-kv-gib {args.max_kv_gib}"
     return None
 
@@ -283,7 +298,7 @@ def retime(model, row: dict, args) -> float:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Per (context, batch): every adaptive cache's ms/token over static and dynamic, measured in this run."""
+    """Per (context, batch): every adaptive cache's ms/token over the baselines measured in this run."""
     out = []
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
@@ -293,7 +308,9 @@ def ratios(rows: list[dict]) -> list[dict]:
         line = {"shape": shape, "context": context, "batch": batch}
         for name in ("adaptive16", "adaptive8", "adaptive4"):
             ours = caches.get(name)
-            for ref in ("static", "dynamic"):
+            for ref in ("static", "static_deferred", "dynamic", "adaptive16_per_step"):
+                if ref == "adaptive16_per_step" and name != "adaptive16":
+                    continue
                 if ours and ref in caches:
                     line[f"{name}/{ref}"] = ours["decode_ms_per_token"] / caches[ref]["decode_ms_per_token"]
         if "adaptive4" in caches and "adaptive16" in caches:

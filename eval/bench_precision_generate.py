@@ -12,7 +12,10 @@ Each configuration (shape x context x batch x cache) prepares the tiers once (``
   against ``predicted = (1 - f) * native + f * int4`` (``vs_predicted``; goal within 3 %).
 
 Caches: ``static`` (``StaticCache``, sdpa) and ``adaptive16`` (``AdaptiveStaticKVCache`` at 16 bits, fused
-attention); on CUDA generate compiles the decode step for both. One warm-up call per mode runs first (every tier's
+attention); on CUDA generate compiles the decode step for both. ``adaptive16`` opts into overlapped decoding
+(``hf_adaptive.overlap``: generate reads its stop flag one step late and the controller decides from the step before
+the last); ``adaptive16_per_step`` opts it out, ``static_deferred`` opts a ``StaticCache`` in (where the release can
+crop one, transformers >= 5.18). ``stop_check_deferred`` per row says what generate did. One warm-up call per mode runs first (every tier's
 step compiled and captured), then ``captures_after_warmup`` / ``recompiles_after_warmup`` count what the timed calls
 still compile or capture (goal 0: a switch should re-capture nothing). ``controller_overhead_us`` is the
 controller's own host time per step from its telemetry (the wait of its host read reported apart). ``--profile``
@@ -46,11 +49,13 @@ from transformers import StaticCache  # noqa: E402
 import hf_adaptive  # noqa: E402
 from hf_adaptive.evaluation.report import markdown_table, write_report  # noqa: E402
 from hf_adaptive.kv.static import AdaptiveStaticKVCache  # noqa: E402
+from hf_adaptive.overlap import defer_stop_checks, stop_check_deferred  # noqa: E402
 from hf_adaptive.precision.controller import PrecisionController, default_policy_config  # noqa: E402
 from hf_adaptive.precision.tiers import PrecisionTiers, prepare_tiers  # noqa: E402
 from hf_adaptive.validation import arg_number  # noqa: E402
 
-CACHES = ("static", "adaptive16")
+CACHES = ("static", "static_deferred", "adaptive16", "adaptive16_per_step")
+DEFAULT_CACHES = ("static", "adaptive16")
 FRACTIONS = (0.25, 0.5, 0.75)
 PROFILED_MODES = ("native", "never")  # what a controller that never switches adds, profiled
 
@@ -81,11 +86,17 @@ class SpreadPattern:
 
 def make_cache(name: str, model, max_cache_len: int):
     """A fresh cache of kind ``name`` with the attention implementation it runs with."""
-    if name == "static":
+    if name.startswith("static"):
         model.set_attn_implementation("sdpa")
-        return StaticCache(config=model.config, max_cache_len=max_cache_len)
+        cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        if name == "static_deferred":
+            defer_stop_checks(cache)
+        return cache
     hf_adaptive.enable_fused_attention(model)
-    return AdaptiveStaticKVCache(model.config, max_cache_len=max_cache_len)
+    cache = AdaptiveStaticKVCache(model.config, max_cache_len=max_cache_len)
+    if name == "adaptive16_per_step":
+        defer_stop_checks(cache, False)
+    return cache
 
 
 def mode_specs(fractions: list[float]) -> dict[str, str | float | None]:
@@ -125,6 +136,7 @@ def run_mode(model, tiers: PrecisionTiers, mode: str, spec, ids, cache_for_call,
         captures0 = counter.captures if counter else 0
         row = timed_calls(model, ids, cache_for_call, args.new_tokens, args.repeats, args.device,
                           before_call=before_call, **kwargs)
+        row["stop_check_deferred"] = stop_check_deferred()  # as generate decided in the last timed call
         if counter:
             row.update(recompiles_after_warmup=counter.dynamo_graphs() - graphs0,
                        captures_after_warmup=counter.captures - captures0)
@@ -226,7 +238,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b", help="random-init Llama shape")
     p.add_argument("--contexts", type=int_list, default=int_list("64,4096"))
     p.add_argument("--batch-sizes", type=int_list, default=int_list("1"))
-    p.add_argument("--caches", default=",".join(CACHES), help=f"comma-separated subset of {CACHES}")
+    p.add_argument("--caches", default=",".join(DEFAULT_CACHES), help=f"comma-separated subset of {CACHES}")
     p.add_argument("--fractions", type=_fractions, default=list(FRACTIONS), help="int4 fractions of the patterns")
     p.add_argument("--new-tokens", type=arg_number(minimum=3, integer=True), default=33)
     p.add_argument("--repeats", type=arg_number(minimum=1, integer=True), default=2)

@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "ScriptedPressure": "hf_adaptive.kv.pressure",
     "KVBudgetExceededError": "hf_adaptive.kv.pressure",
     "parse_bytes": "hf_adaptive.units",
+    "enable_overlapped_decoding": "hf_adaptive.overlap",
     "PrecisionController": "hf_adaptive.precision.controller",
     "prepare_tiers": "hf_adaptive.precision.tiers",
     "GraphDecodeEngine": "hf_adaptive.precision.graph_decode",

@@ -253,9 +253,9 @@ def test_controller_restores_prepare_inputs_on_close():
         assert "prepare_inputs_for_generation" in vars(model)
         ctl._forwarded = True
         ctl(ids, model(ids).logits[:, -1].float())
-        assert ctl._queued is not None
+        assert len(ctl._queued) == 1
         model.prepare_inputs_for_generation(ids[:, -1:])
-        assert ctl._queued is None and len(ctl._telemetry.tiers) == 1
+        assert not ctl._queued and len(ctl._telemetry.tiers) == 1
     assert "prepare_inputs_for_generation" not in vars(model)
 
     def own(*args, **kwargs):
@@ -289,5 +289,5 @@ def test_controller_call_makes_no_host_sync_on_cuda():
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()  # what generate's stopping read amounts to
         model(ids[:, -1:])  # its pre-hook settles the queued step
-        assert ctl._queued is None and len(ctl._telemetry.tiers) == 1
+        assert not ctl._queued and len(ctl._telemetry.tiers) == 1
         assert ctl._telemetry.wait_ns[0] < 1_000_000

@@ -32,6 +32,7 @@ import time
 import torch
 from transformers import PretrainedConfig
 
+from hf_adaptive import overlap
 from hf_adaptive.kv.cache import AdaptiveKVCache
 from hf_adaptive.kv.config import check_max_cache_len, context_limit
 from hf_adaptive.kv.static_layer import (  # noqa: F401  (CacheFullError, StaticLengths: part of this module's API)
@@ -56,6 +57,9 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
     """
 
     compiled_step_tokens = 1  # the compiled step is a one-token decode step; longer forwards run eagerly
+    # generate on CUDA reads its stop flag one step late (hf_adaptive.overlap): the host queues the next step while
+    # the device runs this one; the extra step after the last token is cropped off the tail, exactly
+    defers_stop_check = True
 
     def __init__(self, config: PretrainedConfig, max_cache_len: int, kv_config=None, *, pressure=None,
                  **overrides):
@@ -71,6 +75,7 @@ class AdaptiveStaticKVCache(AdaptiveKVCache):
         self._host_ns = 0  # host time spent in the step hooks
         self._host_steps = 0
         super().__init__(config, kv_config, pressure=pressure, packed_attention="auto", **overrides)
+        overlap.install()
         stages = (self.settings.fixed_bits,) if self.settings.fixed_bits is not None \
             else tuple(s.bits for s in self.settings.policy.stages)
         self.view_bits = tuple(sorted({b for b in stages if b < 16}, reverse=True))  # quantized pools a view holds

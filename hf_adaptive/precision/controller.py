@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor
 
+from hf_adaptive.overlap import stop_check_deferred
 from hf_adaptive.policy.precision_policy import PrecisionPolicy, PrecisionPolicyConfig
 from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
 from hf_adaptive.precision.telemetry import PrecisionTelemetry, read_with_wait
@@ -153,11 +155,15 @@ class PrecisionController(LogitsProcessor):
         weights: confidence score weights.
         telemetry: where steps are recorded (a fresh ``PrecisionTelemetry`` by default).
         read_raw_logits: hook lm_head for raw logits (default True); False trusts ``scores``.
+        decision_lag: how many steps back the decision for the next forward looks in ``generate``: 0 decides from
+            the step just run, 1 from the one before it. None (default) takes 1 exactly where the ``generate`` call
+            reads its stop flag one step late (``hf_adaptive.overlap``: there, reading the step just run would wait
+            for the device and undo the overlap), else 0.
     """
 
     def __init__(self, tiers: PrecisionTiers, policy: PrecisionPolicyConfig | None = None,
                  weights: ConfidenceWeights | None = None, telemetry: PrecisionTelemetry | None = None,
-                 read_raw_logits: bool = True) -> None:
+                 read_raw_logits: bool = True, decision_lag: int | None = None) -> None:
         if not isinstance(tiers, PrecisionTiers):
             raise TypeError(f"PrecisionController: tiers must be the handle prepare_tiers returns; got "
                             f"{type(tiers).__name__}. Fix: PrecisionController(prepare_tiers(model))")
@@ -177,10 +183,14 @@ class PrecisionController(LogitsProcessor):
                                   "weights=ConfidenceWeights() or None")
         self._telemetry = check_type(telemetry if telemetry is not None else PrecisionTelemetry(),
                                      "PrecisionController: telemetry", PrecisionTelemetry, "telemetry=None")
+        if decision_lag is not None and (isinstance(decision_lag, bool) or decision_lag not in (0, 1)):
+            raise ValueError(f"PrecisionController: decision_lag must be None, 0 or 1; got {decision_lag!r}. Fix: "
+                             "None (follow generate), 0 (decide from the step just run) or 1 (from the one before)")
+        self.decision_lag = decision_lag
         self._score: torch.Tensor | None = None  # (B,) confidence of the last forward, from the head's hook
-        self._queued: _QueuedStep | None = None  # __call__'s step, decided on when the next forward starts
+        self._queued: deque[_QueuedStep] = deque()  # __call__'s steps, oldest first, decided on before a forward
         self._host = _HostCopies()
-        self._settle_due = False  # == (self._queued is not None), as a bool torch.compile can specialise on
+        self._settle_due = False  # == (len(self._queued) > lag), as a bool torch.compile can specialise on
         self._settle_eagerly = torch.compiler.disable(self._settle)
         self._pending = None  # observe_lagged: (host scores, copy-done event) of the previous step
         self._forwarded = False  # a forward of tiers.model ran since the last __call__
@@ -203,8 +213,8 @@ class PrecisionController(LogitsProcessor):
 
     @property
     def telemetry(self) -> PrecisionTelemetry:
-        """What the controller did, every step of the last call included (reading it settles the pending step)."""
-        self._settle()
+        """What the controller did, every step of the last call included (reading it settles the pending steps)."""
+        self._settle(flush=True)
         return self._telemetry
 
     def _on_forward(self, module, args) -> None:
@@ -233,7 +243,7 @@ class PrecisionController(LogitsProcessor):
 
     def close(self) -> None:
         """Remove the hooks this controller installed and put the model back on the top tier (idempotent)."""
-        self._settle()
+        self._settle(flush=True)
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -248,14 +258,14 @@ class PrecisionController(LogitsProcessor):
 
     def reset(self) -> None:
         """Start a new generation: initial tier active, telemetry kept (call ``telemetry.reset()``)."""
-        self._settle()
+        self._settle(flush=True)
         self.policy.reset()
         self._pending = None
         self.tiers.set(self.policy.current)
 
     def observe(self, logits: torch.Tensor) -> str:
         """Record one step from its (B, V) raw logits, switch the tier for the next forward, return it."""
-        self._settle()
+        self._settle(flush=True)
         self._take_score()  # this forward's own score: the caller hands its logits instead
         start = time.perf_counter_ns()
         ran = self.tiers.active
@@ -275,7 +285,7 @@ class PrecisionController(LogitsProcessor):
         last step's copy, long finished, so the GPU keeps running ahead (the decision then applies one
         forward later than with ``observe``). For the graph engine, where one sync per step is visible.
         """
-        self._settle()
+        self._settle(flush=True)
         self._take_score()  # this forward's own score: the caller hands its logits instead
         start = time.perf_counter_ns()
         ran = self.tiers.active
@@ -291,21 +301,25 @@ class PrecisionController(LogitsProcessor):
         self._telemetry.record_step(ran, scores, time.perf_counter_ns() - start - wait, wait)
         return self.tiers.active
 
-    def _settle(self) -> None:
-        """Decide on the queued step: read its scores (on CUDA the copy is done once generate read its stopping
-        flag, so this does not wait), pick the next forward's tier, record the step."""
-        queued, self._queued = self._queued, None
+    def _lag(self) -> int:
+        return self.decision_lag if self.decision_lag is not None else int(stop_check_deferred())
+
+    def _settle(self, flush: bool = False) -> None:
+        """Decide on the queued steps but the ``decision_lag`` newest (all of them with ``flush``): read each one's
+        scores (on CUDA its copy is complete once generate read its stopping flag for that step, so this does not
+        wait), pick the next forward's tier, record the step."""
+        keep = 0 if flush else self._lag()
+        while len(self._queued) > keep:
+            queued = self._queued.popleft()
+            start = time.perf_counter_ns()
+            wait = 0
+            if queued.event is not None:
+                _, wait = read_with_wait(queued.event.synchronize)
+            scores = queued.host.tolist()
+            self.tiers.set(self.policy.decide(scores))
+            self._telemetry.record_step(queued.tier, scores, queued.queue_ns + time.perf_counter_ns() - start - wait,
+                                        wait, queue_ns=queued.queue_ns)
         self._settle_due = False
-        if queued is None:
-            return
-        start = time.perf_counter_ns()
-        wait = 0
-        if queued.event is not None:
-            _, wait = read_with_wait(queued.event.synchronize)
-        scores = queued.host.tolist()
-        self.tiers.set(self.policy.decide(scores))
-        self._telemetry.record_step(queued.tier, scores, queued.queue_ns + time.perf_counter_ns() - start - wait, wait,
-                                    queue_ns=queued.queue_ns)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self._hooks:
@@ -324,8 +338,8 @@ class PrecisionController(LogitsProcessor):
             score = confidence_score(scores, self.weights)
             self._telemetry.eager_score_steps += 1
         host, event = self._host.start(score)
-        self._queued = _QueuedStep(self.tiers.active, host, event, time.perf_counter_ns() - start)
-        self._settle_due = True
+        self._queued.append(_QueuedStep(self.tiers.active, host, event, time.perf_counter_ns() - start))
+        self._settle_due = len(self._queued) > self._lag()
         return scores
 
 
