@@ -12,8 +12,8 @@ Caches (``--caches``):
 - dynamic: ``DynamicCache`` (sdpa, eager decode).
 - static: ``StaticCache`` (sdpa); generate compiles its decode step (CUDA graphs).
 - static_deferred: the same, opted into overlapped decoding (``hf_adaptive.overlap.defer_stop_checks``): generate
-  reads its stop flag one step late, so the host queues the next step while the device runs this one. It takes
-  effect where the release can crop a ``StaticCache`` (transformers >= 5.18); ``stop_check_deferred`` says.
+  reads its stop flag one step late, so the host queues the next step while the device runs this one (before
+  transformers 5.18 the cache gets a crop that rewinds its device lengths); ``stop_check_deferred`` says.
 - adaptive16 / adaptive8 / adaptive4: ``AdaptiveStaticKVCache`` with ``fixed_bits`` (none for 16), fused attention;
   it opts into overlapped decoding by itself.
 - adaptive16_per_step: adaptive16 opted out of it (``defer_stop_checks(cache, False)``): the stop flag read every step,

@@ -14,8 +14,8 @@ Each configuration (shape x context x batch x cache) prepares the tiers once (``
 Caches: ``static`` (``StaticCache``, sdpa) and ``adaptive16`` (``AdaptiveStaticKVCache`` at 16 bits, fused
 attention); on CUDA generate compiles the decode step for both. ``adaptive16`` opts into overlapped decoding
 (``hf_adaptive.overlap``: generate reads its stop flag one step late and the controller decides from the step before
-the last); ``adaptive16_per_step`` opts it out, ``static_deferred`` opts a ``StaticCache`` in (where the release can
-crop one, transformers >= 5.18). ``stop_check_deferred`` per row says what generate did. One warm-up call per mode runs first (every tier's
+the last); ``adaptive16_per_step`` opts it out, ``static_deferred`` opts a ``StaticCache`` in (given a crop before
+transformers 5.18). ``stop_check_deferred`` per row says what generate did. One warm-up call per mode runs first (every tier's
 step compiled and captured), then ``captures_after_warmup`` / ``recompiles_after_warmup`` count what the timed calls
 still compile or capture (goal 0: a switch should re-capture nothing). ``controller_overhead_us`` is the
 controller's own host time per step from its telemetry (the wait of its host read reported apart). ``--profile``

@@ -75,6 +75,32 @@ def crop_cache(cache: Any, tokens_to_remove: int) -> None:
     cache.crop(-tokens_to_remove)
 
 
+def ensure_croppable(cache: Any) -> bool:
+    """Whether ``cache.crop(-n)`` can take tokens back off ``cache``, giving it that ability where only the release
+    lacks it: a ``StaticCache`` of transformers < 5.18 gets an instance-level ``crop`` that rewinds its layers' device
+    lengths (``crop_cache``), and ``is_croppable`` reads True through ``cache_can_crop``."""
+    if bool(getattr(cache, "is_croppable", False)):
+        return True
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(_rewindable(layer) for layer in layers):
+        return False
+    if "crop" not in vars(cache):
+
+        def crop(tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0:
+                raise ValueError(f"crop: tokens_to_remove must be <= 0 (minus the tokens to take off), got "
+                                 f"{tokens_to_remove}")
+            crop_cache(cache, -tokens_to_remove)
+
+        cache.crop = crop
+    return True
+
+
+def cache_can_crop(cache: Any) -> bool:
+    """``cache.is_croppable``, or a crop that ``ensure_croppable`` gave it."""
+    return bool(getattr(cache, "is_croppable", False)) or "crop" in vars(cache)
+
+
 def activate_past_recording(cache: Any, states_to_keep: int) -> None:
     """Make ``cache``'s sliding-window (and recurrent) layers keep what a later crop may restore, for up to
     ``states_to_keep`` tokens where the release takes that count (later 5.x), else all of it (5.17)."""

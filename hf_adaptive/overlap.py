@@ -8,8 +8,9 @@ one step late, and the one extra forward it may run after the last token is undo
 Up to the releases this package supports, transformers turns it on for Apple's ``mps`` device only.
 
 This module lets it run on CUDA as well, for the caches that opt in (class attribute ``defers_stop_check = True``:
-``AdaptiveStaticKVCache``) and, after ``enable_overlapped_decoding()``, for every cache that can undo a step (the
-condition transformers itself applies: no cache, a croppable cache, or one that is not handed back). A step then
+``AdaptiveStaticKVCache``; ``defer_stop_checks(cache)`` opts any cache object in) and, after
+``enable_overlapped_decoding()``, for every cache that can undo a step (the condition transformers itself applies: no
+cache, a croppable cache, or one that is not handed back). A step then
 costs about max(host, device) instead of their sum. Tokens are unchanged: the stopping decision is the same, one step
 later, and the extra step leaves no trace.
 
@@ -24,7 +25,11 @@ wrapped once, on first use; the wrapper adds the CUDA case and otherwise answers
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+from hf_adaptive.compat import cache_can_crop, ensure_croppable
 
 _DEVICES = ("cuda",)  # where a deferred check needs the pinned copies and events it records
 _state = threading.local()  # .deferred: whether the generate call running on this thread defers its stop check
@@ -49,7 +54,7 @@ def overlap_available() -> bool:
 
 def _cache_can_undo(cache: Any, cache_is_returned: bool) -> bool:
     """transformers' own condition: the extra forward can be undone, or nobody sees the cache it wrote."""
-    return cache is None or not cache_is_returned or bool(getattr(cache, "is_croppable", False))
+    return cache is None or not cache_is_returned or cache_can_crop(cache)
 
 
 def _is_supported(device: Any, cache: Any, cache_is_returned: bool, is_assistant: bool) -> bool:
@@ -78,8 +83,9 @@ def install() -> bool:
 
 
 def enable_overlapped_decoding(enabled: bool = True) -> bool:
-    """Let ``model.generate`` on CUDA defer its stop check for every cache that can undo a step (``StaticCache`` on
-    transformers >= 5.18, ``DynamicCache``, ``cache_implementation="static"``), not only for the caches that opt in.
+    """Let ``model.generate`` on CUDA defer its stop check for every cache that can undo a step (``DynamicCache``,
+    ``StaticCache`` from transformers 5.18 on, generate's own caches), not only for the caches that opt in
+    (``defer_stop_checks`` opts in a ``StaticCache`` of an older release).
 
     Args:
         enabled: False goes back to the opted-in caches only.
@@ -99,6 +105,22 @@ def enable_overlapped_decoding(enabled: bool = True) -> bool:
     return available
 
 
+@contextmanager
+def overlapped_decoding(enabled: bool = True) -> Iterator[bool]:
+    """``enable_overlapped_decoding(enabled)`` for the duration of a block, then the previous setting back (a
+    process-wide setting: do not interleave blocks with different values across threads).
+
+    Yields:
+        Whether the installed transformers can defer its stop check at all.
+    """
+    previous = _enabled_for_all
+    available = enable_overlapped_decoding(enabled)
+    try:
+        yield available
+    finally:
+        enable_overlapped_decoding(previous)
+
+
 def defer_stop_checks(cache: Any, enabled: bool = True) -> bool:
     """Opt one cache object in (or out) of overlapped decoding, whatever its class says.
 
@@ -107,8 +129,9 @@ def defer_stop_checks(cache: Any, enabled: bool = True) -> bool:
         enabled: False makes generate read the stop flag every step with this cache, as transformers does.
 
     Returns:
-        Whether generate on CUDA will defer with it: overlap is available and the cache can undo a step
-        (``StaticCache`` can from transformers 5.18 on).
+        Whether generate on CUDA will defer with it: overlap is available and the cache can undo a step. A
+        ``StaticCache`` of transformers < 5.18, which has no ``crop``, gets one that rewinds its device lengths
+        (``compat.ensure_croppable``), as later releases do.
 
     Raises:
         TypeError: ``enabled`` is not a bool, or ``cache`` is None.
@@ -121,7 +144,7 @@ def defer_stop_checks(cache: Any, enabled: bool = True) -> bool:
                         "enable_overlapped_decoding() for generate's own caches")
     available = install()
     cache.defers_stop_check = enabled
-    return available and enabled and _cache_can_undo(cache, True)
+    return available and enabled and ensure_croppable(cache)
 
 
 def stop_check_deferred() -> bool:

@@ -7,7 +7,7 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
-from hf_adaptive.compat import cache_is_croppable, crop_cache, forward_cache_kwargs
+from hf_adaptive.compat import cache_can_crop, cache_is_croppable, crop_cache, ensure_croppable, forward_cache_kwargs
 from helpers import make_tiny_model
 
 
@@ -50,3 +50,32 @@ def test_crop_cache_refuses_a_negative_count():
     cache = _filled_static_cache(make_tiny_model("llama"), 4)
     with pytest.raises(ValueError, match="tokens_to_remove must be >= 0"):
         crop_cache(cache, -2)
+
+
+@pytest.mark.parametrize("layer_type", [None, _StaticLayerWithoutCrop], ids=["current", "before-5.18"])
+def test_ensure_croppable_gives_an_old_static_cache_a_crop(layer_type):
+    """Guards what generate's deferred stop check calls on an opted-in StaticCache: ``crop(0)`` every step and
+    ``crop(-1)`` after an extra step, on every supported release (an instance-level crop where the release has
+    none), with the next forward's logits those of a cache that never held the cropped token."""
+    model = make_tiny_model("llama")
+    cache = _filled_static_cache(model, 7, layer_type)
+    assert ensure_croppable(cache) and cache_can_crop(cache)
+    assert ("crop" in vars(cache)) == (layer_type is not None)  # the class's own crop where there is one
+    cache.crop(0)
+    cache.crop(-1)
+    assert int(cache.get_seq_length()) == 6
+    if layer_type is not None:
+        with pytest.raises(ValueError, match="tokens_to_remove must be <= 0"):
+            cache.crop(2)
+    fresh = _filled_static_cache(model, 6)
+    nxt, pos = torch.tensor([[50]]), torch.tensor([[6]])
+    rolled, never = (model(nxt, position_ids=pos, use_cache=True, **forward_cache_kwargs(model, c)).logits
+                     for c in (cache, fresh))
+    torch.testing.assert_close(rolled, never)
+
+
+def test_ensure_croppable_leaves_other_caches_alone():
+    from transformers import DynamicCache
+
+    assert ensure_croppable(DynamicCache()) and "crop" not in vars(DynamicCache())
+    assert not ensure_croppable(object())

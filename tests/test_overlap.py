@@ -137,26 +137,34 @@ def _cuda_model():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_deferred_generate_matches_the_per_step_read_and_leaves_the_cache_as_long():
+@pytest.mark.parametrize("kind", ["adaptive_static", "static"])
+def test_deferred_generate_matches_the_per_step_read_and_leaves_the_cache_as_long(kind):
     """Guards the identity of overlapped decoding: the same tokens as the per-step read, and after an EOS stop the
-    extra forward is cropped off, so the returned cache holds exactly as many tokens."""
+    extra forward is cropped off, so the returned cache holds exactly as many tokens (a StaticCache of a release
+    without crop included)."""
     from hf_adaptive.compat import generate_cache_kwargs
     from hf_adaptive.kv.static import AdaptiveStaticKVCache
 
     model = _cuda_model()
+    if kind == "static":
+        model.set_attn_implementation("sdpa")
+
+    def cache_for(defer: bool):
+        cache = (AdaptiveStaticKVCache(model.config, max_cache_len=64) if kind == "adaptive_static"
+                 else StaticCache(config=model.config, max_cache_len=64))
+        assert overlap.defer_stop_checks(cache, defer) == defer
+        return cache
+
     ids = torch.randint(1, 128, (1, 12), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     out, lengths = {}, {}
     for defer in (False, True):
-        cache = AdaptiveStaticKVCache(model.config, max_cache_len=64)
-        cache.defers_stop_check = defer
-        first = model.generate(ids, max_new_tokens=24, do_sample=False, **generate_cache_kwargs(cache))
+        first = model.generate(ids, max_new_tokens=24, do_sample=False, **generate_cache_kwargs(cache_for(defer)))
         assert overlap.stop_check_deferred() == defer
         eos = int(first[0, ids.shape[1] + 9])  # stop at the tenth new token
-        cache = AdaptiveStaticKVCache(model.config, max_cache_len=64)
-        cache.defers_stop_check = defer
+        cache = cache_for(defer)
         out[defer] = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=eos,
                                     **generate_cache_kwargs(cache))
-        lengths[defer] = cache.get_seq_length()
+        lengths[defer] = int(cache.get_seq_length())
     assert torch.equal(out[True], out[False])
     assert lengths[True] == lengths[False] == out[False].shape[1] - 1
 
@@ -194,8 +202,17 @@ def test_defer_stop_checks_opts_one_cache_in_and_out(predicate):
     assert overlap.defer_stop_checks(cache) and predicate(CUDA, cache, True, False)
     assert not overlap.defer_stop_checks(cache, False) and not predicate(CUDA, cache, True, False)
     static = StaticCache(config=_tiny_config(), max_cache_len=8)
-    assert overlap.defer_stop_checks(static) == bool(static.is_croppable)  # False before transformers 5.18
+    assert overlap.defer_stop_checks(static) and predicate(CUDA, static, True, False)  # a crop of its own before 5.18
     with pytest.raises(TypeError, match="cache is None"):
         overlap.defer_stop_checks(None)
     with pytest.raises(TypeError, match="enabled must be a bool"):
         overlap.defer_stop_checks(cache, 1)
+
+
+def test_overlapped_decoding_block_restores_the_previous_setting(predicate):
+    with overlap.overlapped_decoding() as available:
+        assert available and predicate(CUDA, DynamicCache(), True, False)
+        with overlap.overlapped_decoding(False):
+            assert not predicate(CUDA, DynamicCache(), True, False)
+        assert predicate(CUDA, DynamicCache(), True, False)
+    assert not predicate(CUDA, DynamicCache(), True, False)

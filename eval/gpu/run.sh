@@ -19,8 +19,9 @@
 #   precision      1 GPU per job; about 9 min on 2 GPUs (8B jobs ~7 min each). Carry .whl/ and .gpu/qwen_cfg
 #                  (scripts/export_model_config.py qwen2.5-coder-1.5b-instruct .gpu/qwen_cfg; config + tokenizer).
 #                  generate-8b and generate-8b-4k (the controller inside model.generate, StaticCache and
-#                  AdaptiveStaticKVCache; 64- and 4096-token prompts) need neither, one call each; generate-8b also
-#                  profiles a native and a never-switching call (--profile); cascade-replay-8b times the lossless
+#                  AdaptiveStaticKVCache, each with the stop flag read per step and one step late; 64- and 4096-token
+#                  prompts) need neither, one call each; generate-8b-profile profiles a native and a never-switching
+#                  call (--profile); cascade-replay-8b times the lossless
 #                  cascade through generate on recorded acceptance (one call; -translate and -long: the translation
 #                  rounds, and 16k / 32k-token prompts, one call each).
 #   parallel-2gpu  2 GPUs per job; each serving job ~8 min, so one job per call. Carry .whl/, .gpu/qwen7b_cfg
@@ -74,9 +75,9 @@ gen() {  # NAME ARGS...: one slice of the model.generate grid into kv_generate_$
     timeout $((${GEN_BUDGET_S:-420} + 140)) $PY eval/bench_generate.py --name $n --time-budget-s ${GEN_BUDGET_S:-420} --out $o "$@" > $o/$n.log 2>&1
 }
 job_kv_generate-1b-short() { gen 1b_short --shape llama-3.2-1b --contexts 64,1024,4096 --batch-sizes 1,8 \
-    --caches dynamic,static,adaptive16,adaptive8,adaptive4 --profile --profile-at 64,1; }
+    --caches static,static_deferred,adaptive16,adaptive16_per_step,adaptive4,dynamic --profile --profile-at 64,1; }
 job_kv_generate-1b-long() { gen 1b_long --shape llama-3.2-1b --contexts 65536,32768,16384 --batch-sizes 8,1 \
-    --caches dynamic,static,adaptive16,adaptive4; }
+    --caches dynamic,static,static_deferred,adaptive16,adaptive4; }
 job_kv_generate-1b-mid() { gen 1b_mid --shape llama-3.2-1b --contexts 16384,4096 --batch-sizes 1,8 \
     --caches dynamic,static,adaptive16,adaptive4; }
 job_kv_generate-1b-others() { gen 1b_others --shape llama-3.2-1b --contexts 4096 --batch-sizes 1,32 \
@@ -84,7 +85,7 @@ job_kv_generate-1b-others() { gen 1b_others --shape llama-3.2-1b --contexts 4096
 job_kv_generate-1b-mixed() { gen 1b_mixed --shape llama-3.2-1b --contexts 4096 --batch-sizes 1 \
     --caches static,adaptive16,adaptive4,adaptive_budget --mixed-calls 20 --repeats 2; }
 job_kv_generate-8b() { gen 8b --shape llama-3.1-8b --contexts 64,4096 --batch-sizes 1 \
-    --caches dynamic,static,adaptive16,adaptive4 --mixed-calls 20; }
+    --caches static,static_deferred,adaptive16,adaptive16_per_step,adaptive4,dynamic --mixed-calls 20; }
 job_kv_storage() { local o=$R/kv_storage_$CARD; mkdir -p $o; timeout 420 $PY eval/bench_kv.py --random-shape llama-1b \
     --contexts 1024,4096,8192 --batch-sizes 1,8 --new-tokens 64 --repeats 3 --warmup 1 --device cuda --dtype bfloat16 \
     --out $o > $o/bench_kv.log 2>&1; }
@@ -126,9 +127,13 @@ job_precision_qwen() { precision precision_qwen1.5b_$CARD --config-dir .gpu/qwen
     --high 0.9 0.75 0.5 --schedule $SCHED; }
 job_precision_qwen-triton() { precision precision_qwen1.5b_triton_$CARD --config-dir .gpu/qwen_cfg --int4-kernel triton \
     --skip-controller --high 0.9 0.75 0.5 --schedule $SCHED; }
-job_precision_generate-8b() { local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 440 $PY \
-    eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 64 --time-budget-s 300 --profile --name 8b \
-    --out $o > $o/8b.log 2>&1; }
+job_precision_generate-8b() {  # per-step and deferred stop checks, both caches (~100 s per cache)
+    local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 560 $PY eval/bench_precision_generate.py \
+    --shape llama-3.1-8b --contexts 64 --time-budget-s 420 --caches static,static_deferred,adaptive16,adaptive16_per_step \
+    --repeats 3 --name 8b --out $o > $o/8b.log 2>&1; }
+job_precision_generate-8b-profile() { local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 440 $PY \
+    eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 64 --time-budget-s 300 --profile \
+    --caches adaptive16,static --name 8b_profile --out $o > $o/8b_profile.log 2>&1; }
 job_precision_generate-8b-4k() { local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 560 $PY \
     eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 4096 --time-budget-s 420 --name 8b_4k --out $o \
     > $o/8b_4k.log 2>&1; }
