@@ -151,3 +151,9 @@ def stop_check_deferred() -> bool:
     """Whether the ``generate`` call in progress on this thread reads its stop flag one step late (set once per call,
     after the prefill; the value of the last call once it returned)."""
     return bool(getattr(_state, "deferred", False))
+
+
+def forget_stop_check() -> None:
+    """Clear ``stop_check_deferred`` on this thread: a new call's prefill runs before generate decides, and decoding
+    modes that never ask (beam search, assisted decoding) read their stop flag every step."""
+    _state.deferred = False

@@ -216,3 +216,11 @@ def test_overlapped_decoding_block_restores_the_previous_setting(predicate):
             assert not predicate(CUDA, DynamicCache(), True, False)
         assert predicate(CUDA, DynamicCache(), True, False)
     assert not predicate(CUDA, DynamicCache(), True, False)
+
+
+def test_a_new_calls_prefill_forgets_the_last_calls_deferral(predicate):
+    """Guards the automatic lag against a stale flag: a deferred call leaves ``stop_check_deferred`` set, and the
+    next call's prefill clears it before generate decides again (here on CPU, where it never defers)."""
+    assert predicate(CUDA, _OptedIn(), True, False) and overlap.stop_check_deferred()
+    assert _tiers_run(None) == _tiers_run(0)
+    assert not overlap.stop_check_deferred()

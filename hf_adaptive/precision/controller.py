@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
-from hf_adaptive.overlap import stop_check_deferred
+from hf_adaptive.overlap import forget_stop_check, stop_check_deferred
 from hf_adaptive.policy.precision_policy import PrecisionPolicy, PrecisionPolicyConfig
 from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
 from hf_adaptive.precision.telemetry import PrecisionTelemetry, read_with_wait
@@ -230,6 +230,7 @@ class PrecisionController(LogitsProcessor):
         if ids is not None and ids.dim() == 2 and ids.shape[1] > 1:  # prefill / multi-token forward
             self.policy.reset()
             self.tiers.set(self.tiers.top)
+            forget_stop_check()  # generate decides after the prefill; a mode that never asks reads every step
 
     def _on_logits(self, module, args, output) -> None:
         # device work only (no host read): inside generate's compiled forward it is part of the captured step
