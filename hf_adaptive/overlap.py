@@ -10,9 +10,9 @@ Up to the releases this package supports, transformers turns it on for Apple's `
 This module lets it run on CUDA as well, for the caches that opt in (class attribute ``defers_stop_check = True``:
 ``AdaptiveStaticKVCache``; ``defer_stop_checks(cache)`` opts any cache object in) and, after
 ``enable_overlapped_decoding()``, for every cache that can undo a step (the condition transformers itself applies: no
-cache, a croppable cache, or one that is not handed back). A step then
-costs about max(host, device) instead of their sum. Tokens are unchanged: the stopping decision is the same, one step
-later, and the extra step leaves no trace.
+cache, a croppable cache, or one that is not handed back). A step then costs about max(host, device) instead of their
+sum. Tokens are unchanged: the stopping decision is the same, one step later, and the extra step leaves no trace in
+the output or the cache (logits processors do see it).
 
 Where the stop check is deferred, a ``PrecisionController`` decides each forward's tier from the step before the last
 (``stop_check_deferred`` tells it), since reading the last step's confidence would wait for the device again.

@@ -31,6 +31,10 @@ Contract:
   (the stopping check), so the copy is complete and the read does not wait; the decision still applies to the
   very next forward, as if it were taken in ``__call__``. The step pending at the end of a call is settled when
   ``telemetry`` is read, or by ``reset`` / ``close``.
+- Where ``generate`` reads its stop flag one step late (``hf_adaptive.overlap``, e.g. with
+  ``AdaptiveStaticKVCache`` on CUDA), the last step's copy is not complete when the next forward is prepared, so the
+  decision comes from the step before it (``decision_lag``): still no wait. A call that stops on EOS there runs one
+  extra forward, which generate undoes; the telemetry records it as a step.
 
 This eager path is what ``generate`` uses. On the CUDA-graph path, ``fused_decode.FusedStepDecoder``
 takes a controller and computes the same confidence, band and next-tier index INSIDE each captured
