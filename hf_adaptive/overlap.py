@@ -134,14 +134,17 @@ def defer_stop_checks(cache: Any, enabled: bool = True) -> bool:
         (``compat.ensure_croppable``), as later releases do.
 
     Raises:
-        TypeError: ``enabled`` is not a bool, or ``cache`` is None.
+        TypeError: ``enabled`` is not a bool, or ``cache`` is not a ``transformers.Cache``.
     """
+    from transformers import Cache
+
     if not isinstance(enabled, bool):
         raise TypeError(f"defer_stop_checks: enabled must be a bool, got {type(enabled).__name__}. "
                         "Fix: defer_stop_checks(cache, True) or defer_stop_checks(cache, False)")
-    if cache is None:
-        raise TypeError("defer_stop_checks: cache is None. Fix: pass the cache object you give generate, or call "
-                        "enable_overlapped_decoding() for generate's own caches")
+    if not isinstance(cache, Cache):
+        raise TypeError(f"defer_stop_checks: cache must be a transformers Cache, got {type(cache).__name__}. Fix: "
+                        "pass the cache object you give generate, or call enable_overlapped_decoding() for "
+                        "generate's own caches")
     available = install()
     cache.defers_stop_check = enabled
     return available and enabled and ensure_croppable(cache)

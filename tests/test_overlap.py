@@ -203,8 +203,9 @@ def test_defer_stop_checks_opts_one_cache_in_and_out(predicate):
     assert not overlap.defer_stop_checks(cache, False) and not predicate(CUDA, cache, True, False)
     static = StaticCache(config=_tiny_config(), max_cache_len=8)
     assert overlap.defer_stop_checks(static) and predicate(CUDA, static, True, False)  # a crop of its own before 5.18
-    with pytest.raises(TypeError, match="cache is None"):
-        overlap.defer_stop_checks(None)
+    for bad in (None, object(), (1, 2)):
+        with pytest.raises(TypeError, match="cache must be a transformers Cache"):
+            overlap.defer_stop_checks(bad)
     with pytest.raises(TypeError, match="enabled must be a bool"):
         overlap.defer_stop_checks(cache, 1)
 
