@@ -27,6 +27,7 @@ from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 import hf_adaptive  # noqa: E402
 from hf_adaptive.compat import generate_cache_kwargs  # noqa: E402
+from hf_adaptive.overlap import defer_stop_checks  # noqa: E402
 
 SHAPES = {
     "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -91,6 +92,17 @@ def prompt(vocab: int, batch: int, tokens: int, seed: int, device: str) -> torch
     """(batch, tokens) random token ids in [10, vocab), seeded."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(10, vocab, (batch, tokens), generator=g).to(device)
+
+
+def stop_check_variant(cache, name: str):
+    """``cache`` as the cache name asks for generate's stop check: ``..._deferred`` opts it into overlapped decoding
+    (``hf_adaptive.overlap``), ``..._per_step`` opts it out (the flag read every step); any other name keeps what
+    the cache's class does. Returns the cache."""
+    if name.endswith("_deferred"):
+        defer_stop_checks(cache)
+    elif name.endswith("_per_step"):
+        defer_stop_checks(cache, False)
+    return cache
 
 
 def generate_once(model, ids: torch.Tensor, cache, new_tokens: int, device: str, **generate_kwargs) -> dict:

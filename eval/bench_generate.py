@@ -49,7 +49,8 @@ from pathlib import Path
 
 from _common import environment, plot_by_context  # first: sets the offline default
 from _generate_timing import (SHAPES, CaptureCounter, add_run_arguments, build_model, choice_list, generate_once,
-                              host_profile_call, int_list, prepare_run, profile_call, prompt, timed_calls)
+                              host_profile_call, int_list, prepare_run, profile_call, prompt, stop_check_variant,
+                              timed_calls)
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -59,7 +60,7 @@ import hf_adaptive  # noqa: E402
 from hf_adaptive.evaluation.report import markdown_table, write_report  # noqa: E402
 from hf_adaptive.kv.cache import AdaptiveKVCache  # noqa: E402
 from hf_adaptive.kv.static import AdaptiveStaticKVCache  # noqa: E402
-from hf_adaptive.overlap import defer_stop_checks, stop_check_deferred  # noqa: E402
+from hf_adaptive.overlap import stop_check_deferred  # noqa: E402
 
 CACHES = ("dynamic", "static", "static_deferred", "adaptive16", "adaptive16_per_step", "adaptive8", "adaptive4",
           "adaptive_budget", "eager4", "quanto4", "hqq4")
@@ -79,10 +80,7 @@ def make_cache(name: str, model, max_cache_len: int, prompt_tokens: int, batch: 
     if name == "dynamic":
         return DynamicCache(config=model.config), "sdpa"
     if name in ("static", "static_deferred"):
-        cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
-        if name == "static_deferred":
-            defer_stop_checks(cache)
-        return cache, "sdpa"
+        return stop_check_variant(StaticCache(config=model.config, max_cache_len=max_cache_len), name), "sdpa"
     if name in ("quanto4", "hqq4"):
         from transformers import QuantizedCache
 
@@ -99,9 +97,7 @@ def make_cache(name: str, model, max_cache_len: int, prompt_tokens: int, batch: 
     bits = int(name.removeprefix("adaptive").removesuffix("_per_step"))
     cache = AdaptiveStaticKVCache(model.config, max_cache_len=max_cache_len, fixed_bits=None if bits == 16 else bits,
                                   residual_length=args.residual_length)
-    if name.endswith("_per_step"):
-        defer_stop_checks(cache, False)
-    return cache, "hf_adaptive"
+    return stop_check_variant(cache, name), "hf_adaptive"
 
 
 def set_attention(model, impl: str) -> None:

@@ -40,7 +40,8 @@ from pathlib import Path
 
 from _common import environment, pyplot, save_figure  # first: sets the offline default
 from _generate_timing import (SHAPES, CaptureCounter, add_run_arguments, build_model, choice_list, generate_once,
-                              host_profile_call, int_list, prepare_run, profile_call, prompt, timed_calls)
+                              host_profile_call, int_list, prepare_run, profile_call, prompt, stop_check_variant,
+                              timed_calls)
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -49,7 +50,7 @@ from transformers import StaticCache  # noqa: E402
 import hf_adaptive  # noqa: E402
 from hf_adaptive.evaluation.report import markdown_table, write_report  # noqa: E402
 from hf_adaptive.kv.static import AdaptiveStaticKVCache  # noqa: E402
-from hf_adaptive.overlap import defer_stop_checks, stop_check_deferred  # noqa: E402
+from hf_adaptive.overlap import stop_check_deferred  # noqa: E402
 from hf_adaptive.precision.controller import PrecisionController, default_policy_config  # noqa: E402
 from hf_adaptive.precision.tiers import PrecisionTiers, prepare_tiers  # noqa: E402
 from hf_adaptive.validation import arg_number  # noqa: E402
@@ -88,15 +89,9 @@ def make_cache(name: str, model, max_cache_len: int):
     """A fresh cache of kind ``name`` with the attention implementation it runs with."""
     if name.startswith("static"):
         model.set_attn_implementation("sdpa")
-        cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
-        if name == "static_deferred":
-            defer_stop_checks(cache)
-        return cache
+        return stop_check_variant(StaticCache(config=model.config, max_cache_len=max_cache_len), name)
     hf_adaptive.enable_fused_attention(model)
-    cache = AdaptiveStaticKVCache(model.config, max_cache_len=max_cache_len)
-    if name == "adaptive16_per_step":
-        defer_stop_checks(cache, False)
-    return cache
+    return stop_check_variant(AdaptiveStaticKVCache(model.config, max_cache_len=max_cache_len), name)
 
 
 def mode_specs(fractions: list[float]) -> dict[str, str | float | None]:

@@ -51,23 +51,17 @@ def _rewindable(layer: Any) -> bool:
             and isinstance(getattr(layer, "cumulative_length", None), torch.Tensor))
 
 
-def cache_is_croppable(cache: Any) -> bool:
-    """Whether ``crop_cache`` can take tokens back off ``cache`` (a rollback that leaves no trace)."""
-    layers = getattr(cache, "layers", None)
-    if layers and all(_rewindable(layer) for layer in layers):
-        return True
-    return bool(getattr(cache, "is_croppable", True))
-
-
 def crop_cache(cache: Any, tokens_to_remove: int) -> None:
     """Remove the last ``tokens_to_remove`` (>= 0) tokens of ``cache``: its own ``crop`` where it has one, else
     (``StaticCache`` of transformers < 5.18) the static layers' device lengths are rewound, as later releases do."""
     if tokens_to_remove < 0:
         raise ValueError(f"crop_cache: tokens_to_remove must be >= 0 (a count), got {tokens_to_remove}")
+    if tokens_to_remove == 0:
+        return
     layers = getattr(cache, "layers", None)
     if layers and all(_rewindable(layer) for layer in layers):
         lengths = [layer.cumulative_length for layer in layers if getattr(layer, "is_initialized", True)]
-        if tokens_to_remove and lengths:
+        if lengths:
             import torch
 
             torch._foreach_sub_(lengths, tokens_to_remove)  # one launch for every layer, not one per layer

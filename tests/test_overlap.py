@@ -225,3 +225,24 @@ def test_a_new_calls_prefill_forgets_the_last_calls_deferral(predicate):
     assert predicate(CUDA, _OptedIn(), True, False) and overlap.stop_check_deferred()
     assert _tiers_run(None) == _tiers_run(0)
     assert not overlap.stop_check_deferred()
+
+
+def test_crop_zero_touches_no_layer_of_the_adaptive_caches():
+    """Guards the per-step cost of a deferred stop check: it calls ``cache.crop(0)`` after every step, which must not
+    walk the layers of a cache whose layers keep no past states; ``crop(-1)`` still reaches them all."""
+    from helpers import make_tiny_model
+
+    from hf_adaptive.compat import forward_cache_kwargs
+    from hf_adaptive.kv.static import AdaptiveStaticKVCache
+
+    model = make_tiny_model("llama")
+    cache = AdaptiveStaticKVCache(model.config, max_cache_len=32)
+    model(torch.arange(3, 10)[None], use_cache=True, **forward_cache_kwargs(model, cache))
+    calls = []
+    for layer in cache.layers:
+        own = layer.crop
+        layer.crop = lambda n, own=own: (calls.append(n), own(n))
+    cache.crop(0)
+    assert calls == [] and int(cache.get_seq_length()) == 7
+    cache.crop(-1)
+    assert calls == [-1] * len(cache.layers) and int(cache.get_seq_length()) == 6

@@ -220,6 +220,14 @@ class AdaptiveKVCache(Cache):
         self.policy.reset()
         self._clear_telemetry()
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens of every layer (transformers' contract). ``crop(0)``, which
+        generate's deferred stop check calls after every step (``hf_adaptive.overlap``), touches no layer unless one
+        records past states (a sliding window then drops what it kept for a rollback)."""
+        if tokens_to_remove == 0 and not any(getattr(layer, "record_past", False) for layer in self.layers):
+            return
+        super().crop(tokens_to_remove)
+
     def packed_view(self, layer_idx: int):
         """The packed layout (:class:`hf_adaptive.kv.packed.PackedKV`) of a full-attention layer."""
         layer = self.layers[layer_idx]

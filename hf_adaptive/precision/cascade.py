@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_adaptive.compat import (activate_past_recording, cache_is_croppable, cache_kwarg_name, crop_cache,
+from hf_adaptive.compat import (activate_past_recording, cache_kwarg_name, crop_cache, ensure_croppable,
                                 forward_cache_kwargs)
 from hf_adaptive.precision.capture import begin_graph_step
 from hf_adaptive.precision.confidence import confidence_score
@@ -197,7 +197,7 @@ def cascade_decoding(model, input_ids: torch.LongTensor, logits_processor, stopp
     if mask is not None and not bool(mask.all()):
         raise ValueError("cascade_decoding: the attention_mask masks prompt tokens (padding); the cascade feeds the "
                          "prompt unpadded. Fix: pass the prompt without padding (batch 1 needs none)")
-    if cache is None or not cache_is_croppable(cache):
+    if cache is None or not ensure_croppable(cache):
         raise ValueError("cascade_decoding: needs a croppable cache; got "
                          f"{type(cache).__name__}. Fix: use_cache=True and a DynamicCache, StaticCache, "
                          "AdaptiveKVCache or AdaptiveStaticKVCache")
