@@ -70,19 +70,20 @@ class _Alternate:
         return scores
 
 
-def _model(layers: int, variant: str):
+def _model(layers: int, variant: str, lean: bool):
     torch.manual_seed(0)
     config = LlamaConfig(**{**SHAPES["tiny"], "num_hidden_layers": layers})
     model = LlamaForCausalLM(config).eval()
     model.generation_config.pad_token_id = 0
-    tiers = prepare_tiers(model, tiers=("int4", "native")) if variant != "plain" else None
+    tiers = prepare_tiers(model, tiers=("int4", "native"), lean_guards=lean) if variant != "plain" else None
     return model, tiers
 
 
-def measure(variant: str, layers: int, new_tokens: int, repeats: int = 5) -> dict:
-    """One variant in a fresh dynamo state: the guards its compiled step got, then ``repeats`` profiled calls."""
+def measure(variant: str, layers: int, new_tokens: int, repeats: int = 5, lean: bool = True) -> dict:
+    """One variant in a fresh dynamo state: the guards its compiled step got, then ``repeats`` profiled calls.
+    ``lean``: ``prepare_tiers(lean_guards=...)``, the tiered linears' fixed attributes left unguarded or not."""
     torch._dynamo.reset()
-    model, tiers = _model(layers, variant)
+    model, tiers = _model(layers, variant, lean)
     ids = prompt(model.config.vocab_size, 1, 16, 0, "cpu")
     compile_config = CompileConfig(backend="eager")
     compile_config._compile_all_devices = True  # generate compiles on accelerators only unless told
@@ -124,7 +125,8 @@ def measure(variant: str, layers: int, new_tokens: int, repeats: int = 5) -> dic
         lookups = [e for e in prof.key_averages() if e.key == "TorchDynamo Cache Lookup"]
         if lookups and lookups[0].count:
             per_call.append(lookups[0].cpu_time_total / lookups[0].count)
-    return {"variant": variant, "layers": layers, "guards": log.lines,
+    return {"variant": variant, "guard_set": "plain model" if tiers is None else "lean" if tiers.lean_guards else "full",
+            "layers": layers, "guards": log.lines,
             "guard_eval_us": round(statistics.median(log.latencies), 1) if log.latencies else None,
             "cache_entries": len(log.latencies),
             "lookup_us_per_step": round(statistics.median(per_call), 1) if per_call else None,
@@ -136,25 +138,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=arg_number(minimum=1, integer=True), default=32,
                    help="decoder layers of the tiny-width Llama (guards grow with layers, not with width)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    p.add_argument("--guard-sets", default="lean,full",
+                   help="the tier variants under prepare_tiers(lean_guards=True) ('lean'), dynamo's full set ('full')")
     p.add_argument("--new-tokens", type=arg_number(minimum=2, integer=True), default=33)
     p.add_argument("--repeats", type=arg_number(minimum=1, integer=True), default=5, help="profiled calls per variant")
     p.add_argument("--name", default="guard_latency")
     p.add_argument("--out", default="eval/results/precision_guards_cpu")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
+    args.guard_sets = [g for g in args.guard_sets.split(",") if g]
+    if not args.guard_sets or set(args.guard_sets) - {"lean", "full"}:
+        p.error(f"--guard-sets: a comma-separated subset of lean,full; got {args.guard_sets}")
     bad = sorted(set(args.variants) - set(VARIANTS))
     if bad:
         p.error(f"--variants: unknown {bad}; choose from {VARIANTS}")
     return args
 
 
-COLUMNS = ["variant", "layers", "guards", "cache_entries", "guard_eval_us", "lookup_us_per_step",
+COLUMNS = ["variant", "guard_set", "layers", "guards", "cache_entries", "guard_eval_us", "lookup_us_per_step",
            "lookup_us_per_step_min"]
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rows = [measure(v, args.layers, args.new_tokens, args.repeats) for v in tqdm(args.variants, desc="guards")]
+    runs = [(v, g == "lean") for v in args.variants for g in (args.guard_sets if v != "plain" else ["lean"])]
+    rows = [measure(v, args.layers, args.new_tokens, args.repeats, lean) for v, lean in tqdm(runs, desc="guards")]
     env = environment("cpu", model=f"random-init Llama, tiny width, {args.layers} layers", backend="eager",
                       new_tokens=args.new_tokens)
     write_report(args.out, args.name, {"rows": rows, "args": vars(args)}, env, markdown_table(rows, COLUMNS),

@@ -17,7 +17,10 @@ attention); on CUDA generate compiles the decode step for both. ``adaptive16`` o
 the last); ``adaptive16_per_step`` opts it out, ``static_deferred`` opts a ``StaticCache`` in (given a crop before
 transformers 5.18). ``stop_check_deferred`` per row says what generate did. One warm-up call per mode runs first (every tier's
 step compiled and captured), then ``captures_after_warmup`` / ``recompiles_after_warmup`` count what the timed calls
-still compile or capture (goal 0: a switch should re-capture nothing). ``controller_overhead_us`` is the
+still compile or capture (goal 0: a switch should re-capture nothing). ``--guard-sets lean,full`` times the grid
+twice, on a model whose tiers were prepared with ``lean_guards=True`` (dynamo skips the guards on what the tiered
+linears fix, ``hf_adaptive.precision.guards``) and then ``False`` (dynamo's full guard set), one after the other in
+one process: the ``guards`` column. ``controller_overhead_us`` is the
 controller's own host time per step from its telemetry (the wait of its host read reported apart). ``--profile``
 then profiles one call of ``native`` and of ``never`` at the first context and batch (device ms, kernel and CUDA-graph
 launches, host ms per token, op tables beside the result): whether a never-switching controller costs device work,
@@ -166,7 +169,7 @@ def bench_config(model, tiers, cache_name: str, context: int, batch: int, args, 
         cache.reset()  # same buffers every call: a new cache would bring new addresses and new captures
         return cache
 
-    base = {"shape": args.shape, "cache": cache_name, "context": context, "batch": batch}
+    base = {"shape": args.shape, "cache": cache_name, "guards": guard_set(tiers), "context": context, "batch": batch}
     rows = []
     profiled = args.profile and (context, batch) == (args.contexts[0], args.batch_sizes[0])
     for mode, spec in mode_specs(args.fractions).items():
@@ -177,12 +180,21 @@ def bench_config(model, tiers, cache_name: str, context: int, batch: int, args, 
     return rows
 
 
+def guard_set(tiers: PrecisionTiers) -> str:
+    """"lean" where generate's compiled step skips the guards the tiered linears fix, else "full"."""
+    return "lean" if tiers.lean_guards else "full"
+
+
+def _config_key(r: dict) -> tuple:
+    return r["shape"], r["cache"], r.get("guards"), r["context"], r["batch"]
+
+
 def add_predictions(rows: list[dict]) -> list[dict]:
     """Per configuration: every mode over native, and the switching modes against (1 - f) native + f int4."""
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         if "decode_ms_per_token" in r:
-            groups.setdefault((r["shape"], r["cache"], r["context"], r["batch"]), {})[r["mode"]] = r
+            groups.setdefault(_config_key(r), {})[r["mode"]] = r
     for modes in groups.values():
         native, int4 = modes.get("native"), modes.get("int4")
         if native is None:
@@ -201,16 +213,15 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
     """ms/token against the int4 fraction per (cache, context, batch), with the linear prediction."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    keys = sorted({(r["cache"], r["context"], r["batch"]) for r in rows if "decode_ms_per_token" in r})
+    keys = sorted({_config_key(r) for r in rows if "decode_ms_per_token" in r}, key=str)
     for key in keys:
-        pts = {r["mode"]: r for r in rows
-               if (r["cache"], r["context"], r["batch"]) == key and "decode_ms_per_token" in r}
+        pts = {r["mode"]: r for r in rows if _config_key(r) == key and "decode_ms_per_token" in r}
         if "native" not in pts or "int4" not in pts:
             continue
         xs = [0.0] + [float(m[2:]) for m in pts if m.startswith("f=")] + [1.0]
         ys = [pts["native"]["decode_ms_per_token"]] + [pts[m]["decode_ms_per_token"] for m in pts if m.startswith("f=")]
         ys.append(pts["int4"]["decode_ms_per_token"])
-        line = ax.plot(xs, ys, "o-", label=f"{key[0]} n={key[1]} b={key[2]}")[0]
+        line = ax.plot(xs, ys, "o-", label=f"{key[1]} {key[2]} guards n={key[3]} b={key[4]}")[0]
         ax.plot([0, 1], [ys[0], ys[-1]], "--", color=line.get_color(), alpha=0.5)
         if "never" in pts:
             ax.plot([0], [pts["never"]["decode_ms_per_token"]], "x", color=line.get_color())
@@ -242,15 +253,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"after timing, profile one call of the modes {', '.join(PROFILED_MODES)} of the first context "
                         "and batch (torch.profiler, then cProfile): device ms, kernel and graph launches and host ms "
                         "per token, the top ops beside the result")
+    p.add_argument("--guard-sets", default="lean",
+                   help="comma-separated: prepare_tiers(lean_guards=True) ('lean'), dynamo's full guard set ('full'); "
+                        "each times the whole grid on its own model, in this order")
     p.add_argument("--time-budget-s", type=arg_number(minimum=0.0, min_open=True), default=500.0,
                    help="stop starting configurations after this")
     add_run_arguments(p, "eval/results/precision_generate", "bench_precision_generate")
     args = p.parse_args(argv)
     args.caches = choice_list(p, args.caches, CACHES, "--caches")
+    args.guard_sets = choice_list(p, args.guard_sets, ("lean", "full"), "--guard-sets")
     return args
 
 
-COLUMNS = ["cache", "context", "batch", "mode", "decode_ms_per_token", "decode_ms_streamed", "vs_native",
+COLUMNS = ["cache", "guards", "context", "batch", "mode", "decode_ms_per_token", "decode_ms_streamed", "vs_native",
            "predicted_ms", "vs_predicted", "int4_fraction", "switches", "controller_overhead_us", "controller_queue_us",
            "controller_decide_us", "controller_overhead_p50_us", "eager_score_steps", "recompiles_after_warmup",
            "captures_after_warmup", "gpu_ms_per_token", "kernel_launches_per_token", "graph_launches_per_token", "host_ms_per_token", "skipped"]
@@ -260,7 +275,7 @@ def write_results(rows: list[dict], args, card: str, tiers: PrecisionTiers, wall
     """JSON, Markdown and PNG of the rows so far (rewritten after every configuration, so a run stopped by an outer
     time limit leaves a report of what it measured); returns the table's rows."""
     add_predictions(rows)
-    done = len({(r["cache"], r["context"], r["batch"]) for r in rows})
+    done = len({_config_key(r) for r in rows})
     env = environment(args.device, card=card, model=f"random-init {args.shape}", dtype=args.dtype,
                       new_tokens=args.new_tokens, repeats=args.repeats, tiers=list(tiers.ladder),
                       wall_s=round(wall_s, 1), configurations_done=done, configurations_planned=planned)
@@ -285,13 +300,21 @@ def main(argv=None) -> None:
     card = prepare_run(args.device)
     on_gpu = args.device.startswith("cuda")
     t0 = time.perf_counter()
-    model = build_model(args.shape, args.device, getattr(torch, args.dtype))
-    tiers = prepare_tiers(model, tiers=("int4", "native"), int4_kernel=args.int4_kernel)
     counter = CaptureCounter() if on_gpu else None
     rows: list[dict] = []
-    grid = [(c, n, b) for n in args.contexts for b in args.batch_sizes for c in args.caches]
-    for cache_name, context, batch in tqdm(grid, desc=f"precision generate {args.shape}"):
-        base = {"shape": args.shape, "cache": cache_name, "context": context, "batch": batch}
+    grid = [(g, c, n, b) for g in args.guard_sets for n in args.contexts for b in args.batch_sizes for c in args.caches]
+    model = tiers = built_for = None
+    for lean, cache_name, context, batch in tqdm(grid, desc=f"precision generate {args.shape}"):
+        base = {"shape": args.shape, "cache": cache_name, "guards": lean, "context": context, "batch": batch}
+        if built_for != lean:  # a model per guard set: its own compiled steps
+            model = tiers = None
+            torch._dynamo.reset()
+            if on_gpu:
+                torch.cuda.empty_cache()
+            model = build_model(args.shape, args.device, getattr(torch, args.dtype))
+            tiers = prepare_tiers(model, tiers=("int4", "native"), int4_kernel=args.int4_kernel,
+                                  lean_guards=lean == "lean")
+            built_for = lean
         if time.perf_counter() - t0 > args.time_budget_s:
             rows.append(base | {"skipped": f"--time-budget-s={args.time_budget_s} spent"})
             continue

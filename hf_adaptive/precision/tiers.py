@@ -36,6 +36,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from hf_adaptive.precision import guards
 from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
 from hf_adaptive.precision.fp8 import pack_fp8
 from hf_adaptive.precision.fusion import fuse_siblings
@@ -173,6 +174,7 @@ class PrecisionTiers:
     modules: list[TieredLinear] = field(default_factory=list)
     unsupported: dict[str, int] = field(default_factory=dict)  # tier -> linears that fall back
     groups: list = field(default_factory=list)  # fusion.FusedGroup: sibling linears run as one matmul
+    lean_guards: bool = False  # generate's compiled step filters the guards the tiered linears fix (guards.py)
 
     @property
     def top(self) -> str:
@@ -265,7 +267,7 @@ def _output_linear(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
 
 def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
                   group_size: int = 128, lm_head: bool = True, fuse: bool = True,
-                  int4_kernel: str = "auto") -> PrecisionTiers:
+                  int4_kernel: str = "auto", lean_guards: bool = True) -> PrecisionTiers:
     """Prepare the requested weight formats once and return the switch handle.
 
     Args:
@@ -281,6 +283,10 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
             ``"triton"`` (ours, tuned per shape at prepare time; slower than tinygemm at one row, faster at
             several rows on the large matrices; see ``precision_int4_kernels_*`` in eval/results/README.md).
             CPU weights always use PyTorch's CPU int4 kernel.
+        lean_guards: make ``generate``'s compiled step skip dynamo's guards on what the tiered linears fix at
+            preparation, keeping those on the active tier and the output scores (``guards.py``): a step's guard
+            check drops back to about the plain model's, and a tier switch stops paying for every linear twice.
+            ``False`` keeps dynamo's full guard set.
     Returns:
         ``PrecisionTiers`` with ``set(tier)``; the top tier is active.
 
@@ -289,6 +295,7 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
     """
     check_type(tiers, "prepare_tiers: tiers", (tuple, list), "tiers=('int4', 'native')")
     check_number(group_size, "prepare_tiers: group_size", minimum=1, integer=True, fix="group_size=128")
+    check_type(lean_guards, "prepare_tiers: lean_guards", bool, "lean_guards=True")
     bad = [t for t in tiers if t not in TIER_RANK]
     if not tiers or bad:
         raise ValueError(f"prepare_tiers: tiers must be a non-empty subset of {tuple(TIER_RANK)}, got "
@@ -323,6 +330,7 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
     if fuse:
         handle.groups = fuse_siblings(model, ladder, group_size, TieredLinear)
     _self_check_int4(handle)
+    handle.lean_guards = lean_guards and guards.install(model, handle.modules)
     if handle.unsupported:
         logger.warning("prepare_tiers: linears whose shape a tier's kernel cannot take run the next slower "
                        "prepared tier instead (tier: count): %s", handle.unsupported)
