@@ -18,7 +18,9 @@ Each tier's weight is a ``weight_format.WeightFormat`` (``DenseWeight``, ``Int4W
 
 The selector is a plain Python attribute, read when a forward runs: eager code follows it each step,
 while a captured CUDA graph bakes the tier it was captured under (so ``graph_decode`` captures one graph
-per tier). Memory: every tier keeps its own copy of the tiered linears; a tier in the model's own dtype
+per tier). Under ``generate``'s ``torch.compile`` the selector's state is all the step is guarded on among the tiered
+linears' attributes (``lean_guards``, ``guards.py``): prepare once, then leave the tiered modules' attributes as they
+are. Memory: every tier keeps its own copy of the tiered linears; a tier in the model's own dtype
 shares the original weight (counted in ``memory_bytes``: for a tied lm_head that is the embedding
 matrix, which the model holds anyway). int4 costs 0.5 byte per weight plus a bf16 (scale, zero) pair
 per group: (0.5 + 4 / g) / 2 of bf16, ~0.27x at g=128, ~0.28x at g=64. ``handle.memory_bytes()`` gives each
