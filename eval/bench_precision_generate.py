@@ -61,7 +61,7 @@ from hf_adaptive.validation import arg_number  # noqa: E402
 CACHES = ("static", "static_deferred", "adaptive16", "adaptive16_per_step")
 DEFAULT_CACHES = ("static", "adaptive16")
 FRACTIONS = (0.25, 0.5, 0.75)
-PROFILED_MODES = ("native", "never")  # what a controller that never switches adds, profiled
+PROFILED_MODES = ("native", "never")  # by default, what a controller that never switches adds, profiled
 
 
 @dataclass
@@ -171,10 +171,11 @@ def bench_config(model, tiers, cache_name: str, context: int, batch: int, args, 
 
     base = {"shape": args.shape, "cache": cache_name, "guards": guard_set(tiers), "context": context, "batch": batch}
     rows = []
-    profiled = args.profile and (context, batch) == (args.contexts[0], args.batch_sizes[0])
+    profiled = (args.profile and (context, batch) == (args.contexts[0], args.batch_sizes[0])
+                and guard_set(tiers) == args.guard_sets[0])
     for mode, spec in mode_specs(args.fractions).items():
-        stem = (Path(args.out) / f"profile_{cache_name}_{mode.replace('=', '')}_n{context}_b{batch}"
-                if profiled and mode in PROFILED_MODES else None)
+        stem = (Path(args.out) / f"profile_{cache_name}_{mode.replace('=', '').replace('.', 'p')}_n{context}_b{batch}"
+                if profiled and mode in args.profile_modes else None)
         rows.append(base | {"mode": mode} | run_mode(model, tiers, mode, spec, ids, cache_for_call, args, counter,
                                                      stem))
     return rows
@@ -250,9 +251,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=arg_number(minimum=1, integer=True), default=2)
     p.add_argument("--int4-kernel", default="auto", help="prepare_tiers(int4_kernel=...)")
     p.add_argument("--profile", action="store_true",
-                   help=f"after timing, profile one call of the modes {', '.join(PROFILED_MODES)} of the first context "
-                        "and batch (torch.profiler, then cProfile): device ms, kernel and graph launches and host ms "
-                        "per token, the top ops beside the result")
+                   help="after timing, profile one call of each of --profile-modes at the first context, batch and "
+                        "guard set, every cache (torch.profiler, then cProfile): device ms, kernel and graph launches "
+                        "and host ms per token, the top ops beside the result")
+    p.add_argument("--profile-modes", default=",".join(PROFILED_MODES),
+                   help="comma-separated modes --profile profiles: native, int4, never, f=<fraction> of --fractions")
     p.add_argument("--guard-sets", default="lean",
                    help="comma-separated: prepare_tiers(lean_guards=True) ('lean'), dynamo's full guard set ('full'); "
                         "each times the whole grid on its own model, in this order")
@@ -262,6 +265,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.caches = choice_list(p, args.caches, CACHES, "--caches")
     args.guard_sets = choice_list(p, args.guard_sets, ("lean", "full"), "--guard-sets")
+    args.profile_modes = choice_list(p, args.profile_modes, tuple(mode_specs(args.fractions)), "--profile-modes")
     return args
 
 
