@@ -20,7 +20,8 @@
 #                  (scripts/export_model_config.py qwen2.5-coder-1.5b-instruct .gpu/qwen_cfg; config + tokenizer).
 #                  generate-8b and generate-8b-4k (the controller inside model.generate, StaticCache and
 #                  AdaptiveStaticKVCache, each with the stop flag read per step and one step late; 64- and 4096-token
-#                  prompts) need neither, one call each; generate-8b-profile profiles a native and a never-switching
+#                  prompts) need neither, one call each; generate-8b-guards times lean against full guards (one call);
+#                  generate-8b-profile profiles a native and a never-switching
 #                  call (--profile); cascade-replay-8b times the lossless
 #                  cascade through generate on recorded acceptance (one call; -translate and -long: the translation
 #                  rounds, and 16k / 32k-token prompts, one call each).
@@ -131,6 +132,10 @@ job_precision_generate-8b() {  # per-step and deferred stop checks, both caches 
     local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 560 $PY eval/bench_precision_generate.py \
     --shape llama-3.1-8b --contexts 64 --time-budget-s 420 --caches static,static_deferred,adaptive16,adaptive16_per_step \
     --repeats 3 --name 8b --out $o > $o/8b.log 2>&1; }
+job_precision_generate-8b-guards() {  # the same, prepare_tiers(lean_guards=True) against dynamo's full guard set
+    local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 560 $PY eval/bench_precision_generate.py \
+    --shape llama-3.1-8b --contexts 64 --time-budget-s 420 --caches adaptive16,static_deferred --guard-sets lean,full \
+    --repeats 3 --name 8b_guards --out $o > $o/8b_guards.log 2>&1; }
 job_precision_generate-8b-profile() { local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 440 $PY \
     eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 64 --time-budget-s 300 --profile \
     --caches adaptive16,static --name 8b_profile --out $o > $o/8b_profile.log 2>&1; }
