@@ -4,8 +4,8 @@ Before every compiled decode step dynamo checks, on the host, the guards of its 
 replaces every decoder linear with a ``TieredLinear``, and dynamo guards everything the step reads through them: the
 formats dicts, the packed int4 tensors, the fused groups and their bookkeeping, and the one shared selector reached
 through every linear, with identity checks between those paths. On the 32-layer guard benchmark
-(``precision_guards_cpu``) that doubles the check of a plain model's step, and a tier switch pays it twice: dynamo
-first tries the other tier's graph, then checks this one's.
+(``precision_guards_cpu``) that more than doubles the lookup of a plain model's step, and a tier switch adds to it:
+dynamo first tries the other tier's graph, then checks this one's.
 
 Of all that, only the selector's state changes after ``prepare_tiers`` returns: the active tier and the output
 scores' weights. The rest is built once and never reassigned. ``lean_guard_flags`` (policy, pure) keeps every guard

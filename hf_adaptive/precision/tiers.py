@@ -287,7 +287,7 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
             CPU weights always use PyTorch's CPU int4 kernel.
         lean_guards: make ``generate``'s compiled step skip dynamo's guards on what the tiered linears fix at
             preparation, keeping those on the active tier and the output scores (``guards.py``): a step's guard
-            check drops back to about the plain model's, and a tier switch stops paying for every linear twice.
+            check drops to about the plain model's, with or without tier switches (``precision_guards_cpu``).
             ``False`` keeps dynamo's full guard set.
     Returns:
         ``PrecisionTiers`` with ``set(tier)``; the top tier is active.
