@@ -287,7 +287,8 @@ def prepare_tiers(model: nn.Module, tiers: tuple[str, ...] = ("int4", "native"),
             CPU weights always use PyTorch's CPU int4 kernel.
         lean_guards: make ``generate``'s compiled step skip dynamo's guards on what the tiered linears fix at
             preparation, keeping those on the active tier and the output scores (``guards.py``): a step's guard
-            check drops to about the plain model's, with or without tier switches (``precision_guards_cpu``).
+            lookup drops 2.75× with one tier, to about the plain model's, and 1.87× with a switch every step (CPU,
+            ``precision_guards_cpu``).
             ``False`` keeps dynamo's full guard set.
     Returns:
         ``PrecisionTiers`` with ``set(tier)``; the top tier is active.
