@@ -83,3 +83,27 @@ def test_a_mode_leaves_no_controller_hook_and_the_top_tier_on(bench, tmp_path):
     row = bench.run_mode(model, tiers, "f=0.5", 0.5, ids, lambda: (cache.reset(), cache)[1], args, None)
     assert row["switches"] > 0 and tiers.active == tiers.top
     assert (len(model._forward_pre_hooks), len(model.lm_head._forward_hooks)) == hooks
+
+
+def test_guard_sets_time_the_grid_on_a_model_per_set_and_profile_the_named_mode(bench, tmp_path):
+    """Guards --guard-sets and --profile-modes: each guard set gets its own rows (its own model, prepared with that
+    lean_guards) and its own predictions; only the named mode of the first guard set is profiled, under a file name
+    that keeps the fraction."""
+    args = ["--device", "cpu", "--dtype", "float32", "--shape", "tiny", "--contexts", "24", "--new-tokens", "5",
+            "--repeats", "1", "--fractions", "0.5", "--caches", "static", "--guard-sets", "lean,full", "--profile",
+            "--profile-modes", "f=0.5", "--out", str(tmp_path)]
+    bench.main(args)
+    report = json.loads((tmp_path / "bench_precision_generate_tiny.json").read_text())
+    rows = {(r["guards"], r["mode"]): r for r in report["rows"]}
+    assert set(rows) == {(g, m) for g in ("lean", "full") for m in ("native", "int4", "never", "f=0.5")}
+    assert all(math.isfinite(rows[(g, "f=0.5")]["vs_predicted"]) for g in ("lean", "full"))
+    assert {k for k, r in rows.items() if "host_ms_per_token" in r} == {("lean", "f=0.5")}
+    assert (tmp_path / "profile_static_f0p5_n24_b1.cpu.txt").stat().st_size > 0
+    assert report["environment"]["configurations_done"] == 2
+
+
+@pytest.mark.parametrize("flag, value", [("--guard-sets", "lean,tight"), ("--profile-modes", "f=0.3")])
+def test_unknown_guard_set_or_profiled_mode_is_refused(bench, flag, value, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args([flag, value])
+    assert flag in capsys.readouterr().err
