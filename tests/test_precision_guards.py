@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from hf_adaptive.compat import generate_cache_kwargs
 from hf_adaptive.precision import guards
 
 LAYER = "L['self']._modules['model']._modules['layers']._modules['0']"
@@ -117,8 +118,9 @@ def test_lean_guards_keep_compiled_generate_exact_while_switching_tiers():
         def run(**kwargs):
             cache.reset()
             tiers.set("native")
-            out = model.generate(ids, max_new_tokens=10, do_sample=False, cache=cache, logits_processor=[Alternate()],
-                                 output_scores=True, return_dict_in_generate=True, **kwargs)
+            out = model.generate(ids, max_new_tokens=10, do_sample=False, logits_processor=[Alternate()],
+                                 output_scores=True, return_dict_in_generate=True, **generate_cache_kwargs(cache),
+                                 **kwargs)
             return out.sequences, torch.stack(out.scores)
 
         eager = run(disable_compile=True)

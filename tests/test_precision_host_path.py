@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_adaptive.compat import generate_cache_kwargs
 from hf_adaptive.precision.decode import pick_tokens
 from hf_adaptive.precision.options import DecodeOptions
 from hf_adaptive.precision.sampling import sample_tokens
@@ -127,8 +128,8 @@ def _compiled_generate_runs():
         graphs = dynamo_utils.counters["stats"]["unique_graphs"]
         cache.reset()
         with PrecisionController(tiers) as ctl:
-            out = model.generate(ids, max_new_tokens=20, do_sample=False, logits_processor=[ctl], cache=cache,
-                                 **kwargs)
+            out = model.generate(ids, max_new_tokens=20, do_sample=False, logits_processor=[ctl],
+                                 **generate_cache_kwargs(cache), **kwargs)
         runs[name] = (out, list(ctl.telemetry.tiers), dynamo_utils.counters["stats"]["unique_graphs"] - graphs)
     breaks = dict(dynamo_utils.counters["graph_break"])
     dynamo_utils.counters.clear()  # nor are this run's breaks the next test's
@@ -179,15 +180,16 @@ def test_controller_built_after_generate_compiled_scores_inside_the_step(monkeyp
 
     score = controller_module.confidence_score
     monkeypatch.setattr(controller_module, "confidence_score", counting)
-    model.generate(ids, max_new_tokens=8, do_sample=False, cache=cache, compile_config=config)  # no controller
+    model.generate(ids, max_new_tokens=8, do_sample=False, compile_config=config,  # no controller
+                   **generate_cache_kwargs(cache))
     graphs = []
     for _ in range(2):
         cache.reset()
         before = dynamo_utils.counters["stats"]["unique_graphs"]
         policy = default_policy_config(tiers, high=1.0, low=0.0)  # never switches: one tier, one step
         with PrecisionController(tiers, policy) as ctl:
-            model.generate(ids, max_new_tokens=8, do_sample=False, cache=cache, compile_config=config,
-                           logits_processor=[ctl])
+            model.generate(ids, max_new_tokens=8, do_sample=False, compile_config=config, logits_processor=[ctl],
+                           **generate_cache_kwargs(cache))
         graphs.append(dynamo_utils.counters["stats"]["unique_graphs"] - before)
         assert len(ctl.telemetry.scores) == 8 and all(0.0 <= s <= 1.0 for s in ctl.telemetry.scores)
         assert ctl.telemetry.report()["eager_score_steps"] == 0
