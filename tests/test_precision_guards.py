@@ -136,3 +136,20 @@ def test_install_leaves_a_model_without_get_compiled_call_alone():
     module = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert guards.install(module, [module[0]]) is False
     assert "get_compiled_call" not in vars(module)
+
+
+def test_installed_get_compiled_call_reuses_the_compiled_call_until_the_config_changes():
+    """Guards transformers' reuse of its compiled step: an equal config (a fresh default included) gets the same
+    compiled call back; a config whose options were edited in place gets a new one."""
+    from helpers import make_tiny_model
+
+    from hf_adaptive.precision.tiers import prepare_tiers
+
+    model = make_tiny_model("llama")
+    assert prepare_tiers(model, tiers=("int4", "native")).lean_guards
+    config = _config(backend="eager", mode=None, options={})
+    first = model.get_compiled_call(config)
+    assert model.get_compiled_call(_config(backend="eager", mode=None, options={})) is first
+    config.options["trace.enabled"] = False  # edited in place
+    assert model.get_compiled_call(config) is not first
+    assert model.get_compiled_call(None) is model.get_compiled_call(None)  # generate passes None by default

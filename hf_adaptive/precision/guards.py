@@ -142,7 +142,9 @@ def install(model: nn.Module, tiered: Iterable[nn.Module]) -> bool:
     def get_compiled_call(compile_config: Any = None) -> Callable[..., Any]:
         config = compile_config if compile_config is not None else model._default_compile_config()
         if not last or vars(last[0]) != vars(config):  # fields and transformers' _compile_all_devices
-            last[:] = [copy.copy(config), with_guard_filter(config, guard_filter)]
+            seen = copy.copy(config)
+            seen.options = None if config.options is None else dict(config.options)  # an in-place edit shows
+            last[:] = [seen, with_guard_filter(config, guard_filter)]
         return original(last[1])
 
     model.get_compiled_call = get_compiled_call  # an instance attribute: shadows the class's method
