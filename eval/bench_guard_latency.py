@@ -28,7 +28,7 @@ import statistics
 from pathlib import Path
 
 from _common import environment  # first: sets the offline default
-from _generate_timing import SHAPES, prompt
+from _generate_timing import SHAPES, choice_list, prompt
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -146,9 +146,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="eval/results/precision_guards_cpu")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
-    args.guard_sets = [g for g in args.guard_sets.split(",") if g]
-    if not args.guard_sets or set(args.guard_sets) - {"lean", "full"}:
-        p.error(f"--guard-sets: a comma-separated subset of lean,full; got {args.guard_sets}")
+    args.guard_sets = choice_list(p, args.guard_sets, ("lean", "full"), "--guard-sets")
     bad = sorted(set(args.variants) - set(VARIANTS))
     if bad:
         p.error(f"--variants: unknown {bad}; choose from {VARIANTS}")

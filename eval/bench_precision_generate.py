@@ -22,8 +22,9 @@ twice, on a model whose tiers were prepared with ``lean_guards=True`` (dynamo sk
 linears fix, ``hf_adaptive.precision.guards``) and then ``False`` (dynamo's full guard set), one after the other in
 one process: the ``guards`` column. ``controller_overhead_us`` is the
 controller's own host time per step from its telemetry (the wait of its host read reported apart). ``--profile``
-then profiles one call of ``native`` and of ``never`` at the first context and batch (device ms, kernel and CUDA-graph
-launches, host ms per token, op tables beside the result): whether a never-switching controller costs device work,
+then profiles one call of each of ``--profile-modes`` (default ``native`` and ``never``; ``f=0.5`` shows a switching
+step) at the first context, batch and guard set (device ms, kernel and CUDA-graph launches, host ms per token, op
+tables beside the result): whether a never-switching controller costs device work,
 launches or host time the device waits for.
 
 GPU (one H200; about 2 min per configuration at the 8B shape):
