@@ -102,3 +102,25 @@ def test_precision_setting_records_telemetry_and_leaves_top_tier():
     tiers = model._hf_adaptive_eval_tiers[1]
     assert tiers.active == tiers.top
     assert not model.get_output_embeddings()._forward_hooks
+
+
+def test_precision_setting_takes_the_decision_lag_and_score_terms():
+    """Guards the knobs a BLEU run needs to match overlapped decoding (``lag=1``) and to try another score: they reach
+    the controller and the recorded params; a bad value fails when the setting is built, naming the parameter."""
+    from hf_adaptive.precision.confidence import ConfidenceWeights
+
+    model = make_tiny_model("llama")
+    setting = build_setting("precision:high=0.5,low=0.4,lag=1,p_max=0,entropy=0,margin=1,margin_scale=20", model)
+    assert setting.params == {"fast": "int4", "top": "fp32", "high": 0.5, "low": 0.4, "lag": 1, "p_max": 0.0, "entropy": 0.0,
+                              "margin": 1.0, "margin_scale": 20.0}
+    kwargs = setting.generate_kwargs()
+    controller = kwargs["logits_processor"][0]
+    assert controller.decision_lag == 1
+    assert controller.weights == ConfidenceWeights(p_max=0, entropy=0, margin=1, margin_scale=20)
+    setting.collect(kwargs)
+    with pytest.raises(ValueError, match="decision_lag"):
+        build_setting("precision:lag=2", model)
+    with pytest.raises(ValueError, match="margin_scale"):
+        build_setting("precision:margin_scale=0", model)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        build_setting("precision:weight=1", model)

@@ -8,7 +8,9 @@ recorded (KV bytes, precision tiers). Register more with :func:`register_setting
 
 Built-ins: ``baseline`` (native weights + ``DynamicCache``), ``kv`` / ``kv8`` / ``kv4`` / ``kv2``
 (:class:`hf_adaptive.AdaptiveKVCache` with ``fixed_bits``, or ``memory_budget`` for a budget sweep) and
-``precision`` (:class:`hf_adaptive.PrecisionController` over int4 + top-precision tiers).
+``precision`` (:class:`hf_adaptive.PrecisionController` over int4 + top-precision tiers; ``lag=1`` decides from the
+step before the one just run, as overlapped decoding does on a GPU, and the ``ConfidenceWeights`` fields set the
+score's terms).
 ``precision`` replaces the model's decoder linears in place (once, reused by later precision specs) and
 leaves them at the top tier: run it after the other settings, which :func:`order_specs` does.
 """
@@ -158,7 +160,9 @@ def _kv(model: Any, spec: str, params: dict[str, str]) -> Setting:
                    read_stats=stats)
 
 
-_PRECISION_KEYS = ("high", "low", "combine", "fast", "top")
+_PRECISION_KEYS = ("high", "low", "combine", "fast", "top", "lag")
+# the confidence score's terms (``ConfidenceWeights`` fields), e.g. ``precision:high=0.5,p_max=0,entropy=0,margin=1``
+_SCORE_KEYS = ("p_max", "entropy", "margin", "variance", "entropy_scale_nats", "margin_scale", "variance_scale")
 
 
 def _precision_tiers(model: Any, fast: str, top: str) -> Any:
@@ -177,6 +181,7 @@ def _precision_tiers(model: Any, fast: str, top: str) -> Any:
 
 
 def _precision(model: Any, spec: str, params: dict[str, str]) -> Setting:
+    from hf_adaptive.precision.confidence import ConfidenceWeights
     from hf_adaptive.precision.controller import PrecisionController, default_policy_config
 
     params = dict(params)
@@ -184,13 +189,18 @@ def _precision(model: Any, spec: str, params: dict[str, str]) -> Setting:
     fast, top = _take(params, "fast", str, "int4"), _take(params, "top", str, default_top)
     policy_kw = {k: _take(params, k, float, None) for k in ("high", "low")}
     policy_kw["combine"] = _take(params, "combine", str, None)
-    _reject_unknown(spec, params, _PRECISION_KEYS)
+    lag = _take(params, "lag", int, None)
+    score_kw = {k: _take(params, k, float, None) for k in _SCORE_KEYS}
+    _reject_unknown(spec, params, _PRECISION_KEYS + _SCORE_KEYS)
     policy_kw = {k: v for k, v in policy_kw.items() if v is not None}
+    score_kw = {k: v for k, v in score_kw.items() if v is not None}
+    weights = ConfidenceWeights(**score_kw)
     tiers = _precision_tiers(model, fast, top)
     policy = default_policy_config(tiers, **policy_kw)
+    PrecisionController(tiers, policy=policy, weights=weights, decision_lag=lag).close()  # bad values fail here
 
     def make() -> dict[str, Any]:
-        return {"logits_processor": [PrecisionController(tiers, policy=policy)]}
+        return {"logits_processor": [PrecisionController(tiers, policy=policy, weights=weights, decision_lag=lag)]}
 
     def stats(kwargs: dict[str, Any]) -> dict[str, Any]:
         controller = kwargs["logits_processor"][0]
@@ -198,8 +208,8 @@ def _precision(model: Any, spec: str, params: dict[str, str]) -> Setting:
         tiers.set(tiers.top)  # leave the model exact for whatever runs next
         return {"telemetry": _telemetry_summary(controller.telemetry)}
 
-    return Setting(spec, "precision", {"fast": fast, "top": top, **policy_kw}, make_kwargs=make,
-                   read_stats=stats, in_place=True)
+    recorded = {"fast": fast, "top": top, **policy_kw, **({"lag": lag} if lag is not None else {}), **score_kw}
+    return Setting(spec, "precision", recorded, make_kwargs=make, read_stats=stats, in_place=True)
 
 
 def _telemetry_summary(telemetry: Any) -> dict[str, Any]:

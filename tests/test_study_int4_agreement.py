@@ -1,0 +1,66 @@
+"""eval/study_int4_agreement.py: int4's agreement with greedy native decoding, and the curves that judge each signal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import load_eval_script, make_tiny_model
+
+study = load_eval_script("study_int4_agreement")
+
+
+def test_curve_takes_steps_by_descending_signal_and_keeps_ties_together():
+    shares, rates = study.agreement_curve([0.9, 0.5, 0.9, 0.1], [1, 0, 0, 1])
+    # the two 0.9 steps enter together (one of them disagrees), then 0.5 (disagrees), then 0.1
+    assert shares == [0.5, 0.75, 1.0]
+    assert rates == [0.5, pytest.approx(2 / 3), 0.5]
+    assert study.rate_at_share(shares, rates, 0.6) == pytest.approx(2 / 3)
+    assert study.rate_at_share(shares, rates, 0.5) == 0.5
+    with pytest.raises(ValueError, match="must match"):
+        study.agreement_curve([0.1], [1, 0])
+
+
+def test_judged_steps_read_the_signal_lag_steps_before():
+    record = {"agree": [1, 0, 1, 0, 1], "int4_p_max": [0.1, 0.2, 0.3, 0.4, 0.5],
+              "native": {"p_max": [0.9, 0.8, 0.7, 0.6, 0.5], "score": [10, 11, 12, 13, 14]}}
+    assert study.judged(record, "score", 1) == ([11, 12, 13], [1, 0, 1])
+    assert study.judged(record, "score", 2) == ([10, 11, 12], [1, 0, 1])
+    assert study.judged(record, "int4_p_max", 1) == ([0.3, 0.4, 0.5], [1, 0, 1])
+    assert study.judged(record, "min2_p_max", 1)[0] == [0.8, 0.7, 0.6]  # min of steps t-1 and t-2
+    assert study.judged(record, "min2_p_max", 2)[0] == [0.9, 0.8, 0.7]  # step 0 has no step before it
+    with pytest.raises(ValueError, match="lag"):
+        study.judged(record, "score", 3)
+
+
+def test_record_marks_where_the_judged_argmax_differs():
+    native = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+    other = torch.tensor([[3.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    record = study.verse_record(native, other, native.argmax(-1))
+    assert record["agree"] == [1, 0, 1]
+    assert set(record["native"]) == {"score", "p_max", "prob_margin", "margin", "neg_entropy"}
+    assert record["native"]["margin"] == [3.0, 2.0, 1.0]
+    with pytest.raises(ValueError, match="same T steps"):
+        study.verse_record(native, other[:2], native.argmax(-1))
+
+
+def test_teacher_forced_top_tier_reproduces_greedy_decoding_and_int4_is_judged(tmp_path):
+    """The alignment the study rests on: forcing the top tier over generate's own tokens agrees at every step; the int4
+    tier is what gets judged by default, and the top tier is left active."""
+    from hf_adaptive.precision.tiers import prepare_tiers
+
+    model = make_tiny_model("llama")
+    tiers = prepare_tiers(model, tiers=("int4", "fp32"))
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        top = study.decode_verse(model, tiers, ids, max_new=12, eos=-1, judge=tiers.top)
+        int4 = study.decode_verse(model, tiers, ids, max_new=12, eos=-1)
+    assert len(top["agree"]) == 12 and all(top["agree"])
+    assert top["native"] == int4["native"]  # same greedy run
+    assert int4["int4_p_max"] != top["int4_p_max"]  # another tier's logits
+    assert tiers.active == tiers.top
+    result = {"env": {}, "model": "tiny", "verses": [top, int4], "summary": study.summarize([top, int4])}
+    (tmp_path / "agreement.json").write_text(json.dumps(result))
+    assert study.main(["--render", str(tmp_path)]) == 0
+    assert (tmp_path / "agreement.png").stat().st_size > 0 and "score@2" in (tmp_path / "agreement.md").read_text()
