@@ -4,7 +4,8 @@ decoding, and how well each confidence signal predicts it (CPU, real model, real
 For each verse of the Spanish→English dev set (the BLEU eval's prompt and ``max_new_tokens`` rule):
 
 1. greedy decoding at the top tier (fp32 on CPU) keeps every step's logits;
-2. one teacher-forced forward of the int4 tier over the same tokens gives the int4 logits of every step;
+2. one teacher-forced forward of the int4 tier over the same tokens gives the int4 logits of every step (dense
+   matmuls over the int4 weights' dequantized values, :class:`DenseTier`; checked against the kernel's own step);
 3. step t *agrees* when int4's argmax equals the native token.
 
 A lossy controller picks the tier of step t from the logits of step t - 1 (``PrecisionController`` scores the
@@ -30,12 +31,15 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from _common import environment, pyplot, save_figure  # first: offline default
 import torch
 
+from hf_adaptive.compat import forward_cache_kwargs
 from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_metrics, score_from_metrics
+from hf_adaptive.precision.weight_format import DenseWeight
 
 SIGNALS = ("score", "p_max", "prob_margin", "margin", "neg_entropy", "min2_p_max")  # native logits, lagged
 ORACLE = "int4_p_max"  # the judged step's own int4 logits: no controller sees it before the step
@@ -144,7 +148,14 @@ def write_report(result: dict, out: Path) -> None:
              f"{env.get('device_name', env.get('device', ''))}; torch {env.get('torch', '')}, transformers "
              f"{env.get('transformers', '')}; command: `{env.get('command', '')}`", "",
              f"{len(result['verses'])} verses, {summary['steps']} judged steps (steps 2 on); int4's argmax "
-             f"equals the native token at {summary['agreement']:.2%} of them.", "",
+             f"equals the native token at {summary['agreement']:.2%} of them.", ""]
+    checks = result.get("kernel_checks") or []
+    if checks:
+        lines += [f"The judge is {result.get('judge', 'int4')}: against the int4 kernel's own one-row step at "
+                  f"{len(checks)} prompts, the largest logit difference is "
+                  f"{max(c['rel_diff'] for c in checks):.2e} of the logits' range and the argmax agrees at "
+                  f"{sum(c['argmax_equal'] for c in checks)} of {len(checks)}.", ""]
+    lines += [
              "Disagreements per int4 step when the policy runs int4 on the given share of steps. `name@1`: read on the "
              "step before the judged one (a controller that decides from the step it just saw); `name@2`: two steps "
              "before (overlapped decoding reads scores one step late); `int4_p_max@0`: int4's own p_max on the judged "
@@ -169,16 +180,65 @@ def write_report(result: dict, out: Path) -> None:
     save_figure(fig, out / "agreement.png")
 
 
-def decode_verse(model, tiers, ids: torch.Tensor, max_new: int, eos: int, judge: str | None = None) -> dict:
+class DenseTier:
+    """Every linear computing ``tier`` in an int4 format, run as a dense matmul over that format's dequantized matrix
+    (``Int4Format.reference_matrix``: the values the kernel computes with) while :meth:`active` is open.
+
+    The CPU int4 kernel costs about as much per row as for one row (no reuse across rows), so a teacher-forced
+    forward of a few hundred tokens took minutes on Qwen2.5-1.5B; the dense matrices make it seconds. They differ
+    from the kernel only in summation order (:func:`kernel_check` measures it). Holds one fp32 copy of the weights,
+    built once.
+    """
+
+    def __init__(self, tiers, tier: str) -> None:
+        owners = tiers.modules + [g.fused for g in tiers.groups]
+        self.tier = tier
+        self.dense = {m: DenseWeight(m.formats[tier].reference_matrix(m.weight.detach()))
+                      for m in owners if hasattr(m.formats.get(tier), "reference_matrix")}
+
+    @contextmanager
+    def active(self):
+        saved = {m: m.formats[self.tier] for m in self.dense}
+        try:
+            for module, fmt in self.dense.items():
+                module.formats[self.tier] = fmt
+            yield
+        finally:
+            for module, fmt in saved.items():
+                module.formats[self.tier] = fmt
+
+
+def kernel_check(model, tiers, sequence: torch.Tensor, dense: DenseTier) -> dict:
+    """The last position's logits of ``dense``'s tier from the real kernel (a one-row step over a prefix cache built
+    densely) against the dense matmuls' logits of the same position: largest difference relative to the logits'
+    range, and whether the argmax agrees."""
+    tiers.set(dense.tier)
+    try:
+        with dense.active():
+            dense = model(sequence)
+            prefix = model(sequence[:, :-1], use_cache=True)
+        kernel = model(sequence[:, -1:], use_cache=True,
+                       **forward_cache_kwargs(model, prefix.past_key_values)).logits[0, -1]
+    finally:
+        tiers.set(tiers.top)
+    ref = dense.logits[0, -1]
+    return {"rel_diff": float((kernel - ref).abs().max() / (ref.max() - ref.min())),
+            "argmax_equal": bool(kernel.argmax() == ref.argmax())}
+
+
+def decode_verse(model, tiers, ids: torch.Tensor, max_new: int, eos: int, judge: str | None = None,
+                 dense: DenseTier | None = None) -> dict:
     """:func:`verse_record` of one prompt: greedy decoding at the top tier, then one teacher-forced forward of the
-    ``judge`` tier (default the fastest) over the same tokens. The top tier is active again on return."""
+    ``judge`` tier (default the fastest; ``dense``'s tier when given, through its dense matmuls) over the same
+    tokens. The top tier is active again on return."""
     tiers.set(tiers.top)
     gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
                          output_logits=True, return_dict_in_generate=True, pad_token_id=eos)
     native = torch.cat(gen.logits, 0)
-    tiers.set(judge or tiers.fast)
+    tiers.set(dense.tier if dense else judge or tiers.fast)
     try:
-        forced = model(gen.sequences[:, :-1]).logits[0, ids.shape[1] - 1:]
+        with dense.active() if dense else nullcontext():
+            forced = model(gen.sequences[:, :-1]).logits[0, ids.shape[1] - 1:]
     finally:
         tiers.set(tiers.top)
     return verse_record(native, forced, gen.sequences[0, ids.shape[1]:])
@@ -195,17 +255,21 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, device="cpu", dtype="float32")
     tiers = prepare_tiers(model, tiers=("int4", "fp32"))
+    dense = DenseTier(tiers, tiers.fast)
     cfg = TranslationConfig()
     verses = [json.loads(line) for line in Path(args.data or DEFAULT_DEV_SET).read_text().splitlines()][:args.limit]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"env": environment("cpu", threads=args.threads), "model": args.model, "verses": []}
+    result = {"env": environment("cpu", threads=args.threads), "model": args.model, "judge": "dense int4",
+              "kernel_checks": [], "verses": []}
     with torch.no_grad():
         for verse in tqdm(verses, desc="verses"):
             ids = tok(build_prompt(tok, verse["es"], cfg), return_tensors="pt", add_special_tokens=False).input_ids
             src = len(tok(verse["es"], add_special_tokens=False).input_ids)
             max_new = max(cfg.min_new_tokens_cap, int(round(cfg.new_tokens_factor * src)))
-            record = decode_verse(model, tiers, ids, max_new, tok.eos_token_id)
+            record = decode_verse(model, tiers, ids, max_new, tok.eos_token_id, dense=dense)
+            if not result["kernel_checks"] or len(result["verses"]) % 16 == 0:  # the dense judge against the kernel
+                result["kernel_checks"].append(kernel_check(model, tiers, ids, dense))
             result["verses"].append({"id": verse["id"], **record})
             result["summary"] = summarize(result["verses"])
             (out / "agreement.json").write_text(json.dumps(result))

@@ -64,3 +64,26 @@ def test_teacher_forced_top_tier_reproduces_greedy_decoding_and_int4_is_judged(t
     (tmp_path / "agreement.json").write_text(json.dumps(result))
     assert study.main(["--render", str(tmp_path)]) == 0
     assert (tmp_path / "agreement.png").stat().st_size > 0 and "score@2" in (tmp_path / "agreement.md").read_text()
+
+
+def test_dense_judge_matches_the_int4_kernel_and_restores_the_formats():
+    """The dense judge (int4's dequantized values in plain matmuls) gives the kernel's verdicts, its logits match the
+    kernel's one-row step, and the int4 formats are back once it closes (fused groups included)."""
+    from hf_adaptive.precision.tiers import prepare_tiers
+
+    model = make_tiny_model("llama")
+    tiers = prepare_tiers(model, tiers=("int4", "fp32"))
+    owners = tiers.modules + [g.fused for g in tiers.groups]
+    before = {m: m.formats["int4"] for m in owners if "int4" in m.formats}
+    assert before
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        kernel = study.decode_verse(model, tiers, ids, max_new=12, eos=-1)
+        judge = study.DenseTier(tiers, "int4")
+        dense = study.decode_verse(model, tiers, ids, max_new=12, eos=-1, dense=judge)
+        check = study.kernel_check(model, tiers, torch.tensor([[1, 5, 9, 3, 7, 2, 4]]), judge)
+    assert dense["agree"] == kernel["agree"]
+    assert dense["int4_p_max"] == pytest.approx(kernel["int4_p_max"], abs=1e-4)
+    assert check["argmax_equal"] and check["rel_diff"] < 1e-4
+    assert {m: m.formats["int4"] for m in before} == before
+    assert tiers.active == tiers.top
