@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
@@ -133,16 +134,29 @@ def curves(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
     return out
 
 
+def threshold_at_share(signal: Sequence[float], share: float) -> float | None:
+    """The largest x for which "int4 where ``signal`` >= x" runs at least ``share`` of the steps (None: no steps)."""
+    if not signal:
+        return None
+    ranked = sorted(signal, reverse=True)
+    return ranked[min(len(ranked), max(1, math.ceil(share * len(ranked) - 1e-9))) - 1]
+
+
 def summarize(records: list[dict]) -> dict:
-    """Pooled agreement and, per signal and lag, the disagreement rate at each share in ``SHARES``."""
+    """Pooled agreement and, per signal and lag, the disagreement rate at each share in ``SHARES`` and the threshold
+    that reaches it."""
     _, agree = pooled(records, "p_max", 1)
-    return {"steps": len(agree), "agreement": sum(agree) / max(1, len(agree)),
-            "signals": {key: {f"{s:g}": rate_at_share(*curve, s) for s in SHARES}
-                        for key, curve in curves(records).items()}}
+    out = {"steps": len(agree), "agreement": sum(agree) / max(1, len(agree)), "signals": {}}
+    for key, curve in curves(records).items():
+        name, lag = key.rsplit("@", 1)
+        signal, _ = pooled(records, name, max(1, int(lag)))
+        out["signals"][key] = {"rates": {f"{s:g}": rate_at_share(*curve, s) for s in SHARES},
+                               "thresholds": {f"{s:g}": threshold_at_share(signal, s) for s in SHARES}}
+    return out
 
 
 def write_report(result: dict, out: Path) -> None:
-    summary = result["summary"]
+    summary = result["summary"] = summarize(result["verses"])
     env = result["env"]
     lines = [f"# Int4 agreement with greedy native decoding — {result['model']}", "",
              f"{env.get('device_name', env.get('device', ''))}; torch {env.get('torch', '')}, transformers "
@@ -159,12 +173,14 @@ def write_report(result: dict, out: Path) -> None:
              "Disagreements per int4 step when the policy runs int4 on the given share of steps. `name@1`: read on the "
              "step before the judged one (a controller that decides from the step it just saw); `name@2`: two steps "
              "before (overlapped decoding reads scores one step late); `int4_p_max@0`: int4's own p_max on the judged "
-             "step, which no controller sees in time (a bound). Steps 0 and 1 always run native and are not judged.",
+             "step, which no controller sees in time (a bound). Steps 0 and 1 always run native and are not judged. "
+             "In brackets: the threshold on the signal that runs that share.",
              "",
              "| signal | " + " | ".join(f"{s:g}" for s in SHARES) + " |",
              "|---|" + "---|" * len(SHARES)]
     for name, row in summary["signals"].items():
-        cells = ["-" if row[f"{s:g}"] is None else f"{row[f'{s:g}']:.2%}" for s in SHARES]
+        cells = ["-" if row["rates"][f"{s:g}"] is None else
+                 f"{row['rates'][f'{s:g}']:.2%} (≥ {row['thresholds'][f'{s:g}']:.3g})" for s in SHARES]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (out / "agreement.md").write_text("\n".join(lines) + "\n")
     plt = pyplot()

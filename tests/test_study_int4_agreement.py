@@ -20,6 +20,10 @@ def test_curve_takes_steps_by_descending_signal_and_keeps_ties_together():
     assert study.rate_at_share(shares, rates, 0.5) == 0.5
     with pytest.raises(ValueError, match="must match"):
         study.agreement_curve([0.1], [1, 0])
+    assert study.threshold_at_share([0.9, 0.5, 0.9, 0.1], 0.5) == 0.9
+    assert study.threshold_at_share([0.9, 0.5, 0.9, 0.1], 0.6) == 0.5
+    assert study.threshold_at_share([0.9, 0.5, 0.9, 0.1], 1.0) == 0.1
+    assert study.threshold_at_share([], 0.5) is None
 
 
 def test_judged_steps_read_the_signal_lag_steps_before():
