@@ -91,3 +91,19 @@ def test_dense_judge_matches_the_int4_kernel_and_restores_the_formats():
     assert check["argmax_equal"] and check["rel_diff"] < 1e-4
     assert {m: m.formats["int4"] for m in before} == before
     assert tiers.active == tiers.top
+
+
+def test_cascade_rounds_keep_the_right_prefix_and_stop_on_the_drafts_own_doubt():
+    agree = [1, 1, 1, 0, 1, 1]  # step 0 is the prefill's (the top tier's)
+    own = [0.9, 0.9, 0.9, 0.2, 0.9, 0.9]
+    # fixed k=8 from step 1: drafts 1..5 (the verse ends), keeps 1-2, the verifier adds step 3's token; then 4-5
+    assert study.cascade_rounds(agree, own, cap=8, stop=None) == (2, 5, 7)
+    # stop after the doubtful draft (step 3): 3 drafts, 2 kept + the verifier's token; then steps 4-5 (2 drafts)
+    assert study.cascade_rounds(agree, own, cap=8, stop=0.5) == (2, 5, 5)
+    # read one step late: one more draft (step 4) runs before the stop is seen
+    assert study.cascade_rounds(agree, own, cap=8, stop=0.5, lag=1) == (2, 5, 6)
+    # k=1: every round drafts one token; step 3's draft is wrong, so that round emits only the verifier's token
+    assert study.cascade_rounds(agree, own, cap=1, stop=None) == (3, 5, 3)
+    rows = study.cascade_table([{"agree": agree, "int4_p_max": own}])
+    k1 = next(r for r in rows if r["cascade"] == "fixed k=1")
+    assert k1["tokens_per_verify"] == pytest.approx(5 / 3) and k1["speedup@0.5"] == pytest.approx(5 / (3 + 1.5))
