@@ -35,6 +35,7 @@ import json
 from pathlib import Path
 
 from _common import environment  # first: sets the offline default
+from _generate_timing import choice_list
 import torch
 
 from hf_adaptive.evaluation.data import DEFAULT_DEV_SET
@@ -68,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--self-draft-cost", type=arg_number(minimum=0.0), default=0.65,
                     help="one int4 draft forward as a fraction of a native one (default: the 8B shape's; see the "
                          "results index)")
+    ap.add_argument("--self-stop", type=arg_number(minimum=0.0, maximum=1.0, min_open=True, max_open=True),
+                    default=None, help="end each self-draft after its first token whose own int4 p_max is below this "
+                                       "(DraftPolicyConfig.self_stop; the length is then capped by --max-self-draft "
+                                       "alone); default: lengths from the confidence bands")
+    ap.add_argument("--runs", default=",".join(RUNS),
+                    help=f"comma-separated subset of {','.join(RUNS)} (each run is one generate per verse)")
     ap.add_argument("--model", default=None, help="embedded model name or checkpoint dir (default SmolLM2)")
     ap.add_argument("--threads", type=arg_number(minimum=1, integer=True), default=1, help="torch CPU threads")
     ap.add_argument("--task", choices=sorted(TASKS), default="translate",
@@ -95,7 +102,7 @@ def _verse_record(tiers, tok, source: str, verse_id: str, cfg: TranslationConfig
 def _totals(records: list[dict], cost: float) -> list[dict]:
     """One row per (run, drafter): totals over the verses, and how many verses were token-identical."""
     rows = []
-    for run in RUNS:
+    for run in records[0]["runs"] if records else ():
         identical = sum(r["runs"][run]["token_identical"] for r in records)
         verifies = sum(r["runs"][run]["verify_forwards"] for r in records)
         emitted = sum(r["runs"][run]["emitted_tokens"] for r in records)
@@ -130,24 +137,28 @@ def _write(args, records: list[dict], planned: int) -> None:
                "task": args.task, "prompt": TASKS[args.task][1],
                "stride": args.stride, "max_lookup_tokens": args.max_lookup_tokens,
                "max_self_draft": args.max_self_draft, "self_draft_cost": args.self_draft_cost,
-               "verses_planned": planned, "verses_done": len(records),
+               "self_stop": args.self_stop, "verses_planned": planned, "verses_done": len(records),
                "totals": rows, "verses": records}
     notes = ("\nCounts only: CPU timings on a shared host are noise. `run_tokens_per_verify` = tokens emitted per "
              "top-tier forward over the whole run (1.0 = no gain from drafting); `modelled_speedup` = emitted tokens "
              f"per native-forward cost, a self-drafted token costing {args.self_draft_cost} of a native forward. "
-             "Per-round records are in the JSON.\n")
+             + (f"Each self-draft ends after its first token whose own int4 p_max is below {args.self_stop} (at most "
+                f"{args.max_self_draft} tokens). " if args.self_stop is not None else "")
+             + "Per-round records are in the JSON.\n")
     write_report(args.out, "draft_acceptance", payload, environment("cpu"),
                  markdown_table(rows), f"Draft cascade acceptance, dev set, task {args.task}", notes)
 
 
 def main() -> None:
-    args = _parser().parse_args()
+    ap = _parser()
+    args = ap.parse_args()
+    args.runs = choice_list(ap, args.runs, tuple(RUNS), "--runs")
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, device="cpu", dtype="float32")
     tiers = prepare_tiers(model, tiers=("int4", "fp32"))
     generators = {name: CascadeCandidateGenerator(tiers, DraftPolicyConfig(
         drafters=d, max_lookup_tokens=args.max_lookup_tokens, max_self_draft=args.max_self_draft,
-        self_draft_cost=args.self_draft_cost)) for name, d in RUNS.items()}
+        self_draft_cost=args.self_draft_cost, self_stop=args.self_stop)) for name, d in RUNS.items() if name in args.runs}
     field, prompt = TASKS[args.task]
     cfg = TranslationConfig(prompt=prompt)
     lines = Path(args.data).read_text(encoding="utf-8").splitlines()

@@ -105,7 +105,7 @@ def check_type(value: Any, name: str, expected: type | tuple[type, ...], fix: st
 
 
 def arg_number(*, minimum: float | None = None, maximum: float | None = None, min_open: bool = False,
-               integer: bool = False) -> Callable[[str], float | int]:
+               max_open: bool = False, integer: bool = False) -> Callable[[str], float | int]:
     """An argparse ``type=`` accepting a finite number in the bounds (``nan``, ``inf`` and ``1e400`` refused)."""
 
     def parse(text: str) -> float | int:
@@ -115,7 +115,7 @@ def arg_number(*, minimum: float | None = None, maximum: float | None = None, mi
             raise argparse.ArgumentTypeError(f"expected {'an int' if integer else 'a number'}, got {text!r}")
         try:
             return check_number(value, "the value", minimum=minimum, maximum=maximum, min_open=min_open,
-                                integer=integer)
+                                max_open=max_open, integer=integer)
         except (FieldValueError, FieldTypeError) as err:
             raise argparse.ArgumentTypeError(str(err))
 

@@ -127,10 +127,57 @@ def test_a_lookup_that_keeps_failing_gives_way_to_the_self_draft():
 @pytest.mark.parametrize("kwargs", [{"drafters": ("lookup", "eagle")}, {"drafters": ()}, {"max_self_draft": 0},
                                     {"bands": 0.9}, {"self_draft_cost": -0.1}, {"prior_acceptance": 1.5},
                                     {"prior_weight": float("nan")}, {"self_prior": -1.0},
-                                    {"carry": 1.5}])
+                                    {"carry": 1.5}, {"self_stop": 0.0}, {"self_stop": 1.0}, {"self_stop": "0.7"}])
 def test_draft_policy_config_refuses_bad_values(kwargs):
     with pytest.raises((ValueError, TypeError)):
         DraftPolicyConfig(**kwargs)
+
+
+def test_own_confidence_stop_lets_the_drafter_set_its_length():
+    """Guards the policy side of ``self_stop``: the confidence bands no longer cap the self-draft (the drafter ends
+    it at its own first doubt), so a confident round asks for the full ``max_self_draft``."""
+    banded = DraftPolicyConfig(drafters=("self",), self_draft_cost=0.1)
+    stopping = DraftPolicyConfig(drafters=("self",), self_draft_cost=0.1, self_stop=0.7)
+    assert choose_draft(0.8, 0, banded).length < banded.max_self_draft
+    assert choose_draft(0.8, 0, stopping) == DraftChoice("self", stopping.max_self_draft)
+
+
+def _self_stop_run(tiers, ids, self_stop, cache=None, **kw):
+    gen = CascadeCandidateGenerator(tiers, DraftPolicyConfig(drafters=("self",), self_draft_cost=0.0, self_prior=1.0,
+                                                             prior_weight=1e9, self_stop=self_stop))
+    extra = {} if cache is None else {"cache": cache}
+    out = tiers.model.generate(ids, custom_generate=cascade_decoding, candidate_generator=gen, max_new_tokens=NEW_TOKENS,
+                               **extra, **kw)
+    return out, [r for r in gen.telemetry.rounds if r.proposed]
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_self_draft_stops_at_its_own_doubt_and_stays_greedy(repeated_prompt, cache_kind):
+    """Guards the own-confidence stop on CPU, where each draft step's p_max is read at once: a bar no p_max reaches
+    ends every draft after its first token, a bar every p_max clears lets each run to the cap, and either way the
+    tokens are greedy's and the crop leaves the cache as greedy's (qwen2's tiny model rejects some drafts)."""
+    tiers = _tiers("qwen2")
+    model = tiers.model
+    ref = model.generate(repeated_prompt, do_sample=False, max_new_tokens=NEW_TOKENS, cache=_cache(cache_kind, model))
+    out, doubting = _self_stop_run(tiers, repeated_prompt, 1 - 1e-9, _cache(cache_kind, model))
+    assert torch.equal(out, ref)
+    assert doubting and all(r.proposed == 1 for r in doubting)
+    out, sure = _self_stop_run(tiers, repeated_prompt, 1e-9, _cache(cache_kind, model))
+    assert torch.equal(out, ref)
+    cap = DraftPolicyConfig().max_self_draft
+    assert max(r.proposed for r in sure) == cap and sum(r.proposed == cap for r in sure) >= len(sure) - 2  # the end
+
+
+@pytest.mark.gpu
+def test_self_draft_reads_its_doubt_one_step_late_on_cuda(repeated_prompt):
+    """Guards the CUDA path of the own-confidence stop: the p_max of a draft step is read after the next step is
+    queued (no wait), so a draft that doubts its first token ends after its second; the tokens stay greedy's."""
+    tiers = prepare_tiers(make_tiny_model("qwen2").cuda(), tiers=("int4", "fp32"))
+    ids = repeated_prompt.cuda()
+    ref = tiers.model.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS)
+    out, doubting = _self_stop_run(tiers, ids, 1 - 1e-9)
+    assert torch.equal(out, ref)
+    assert doubting and all(r.proposed == 2 for r in doubting[:-1]) and doubting[-1].proposed <= 2
 
 
 @pytest.mark.parametrize("cache_kind", ["dynamic", "adaptive"])

@@ -12,8 +12,10 @@ just emitted (a float in [0, 1], or None before the first verify), how many toke
   the drafter's per-token acceptance so far, shrunk toward a prior (``prior_weight`` pseudo-tokens): the score for
   the self-draft (the top tier's confidence predicts whether its int4 copy agrees; ``self_prior`` overrides it),
   ``prior_acceptance`` for lookup;
-- the self-draft tries every length from 1 up to the confidence band's ``draft_length(score, max_self_draft)``,
-  a lookup offers ``min(lookup_tokens, max_lookup_tokens)``; "none" (the verifier decodes alone) is worth 1.
+- the self-draft tries every length from 1 up to the confidence band's ``draft_length(score, max_self_draft)``
+  (up to ``max_self_draft`` with ``self_stop`` set: the drafter then ends the draft itself at its first doubtful
+  token, int4's own p_max, which predicts int4's errors where the top tier's last score barely does), a lookup
+  offers ``min(lookup_tokens, max_lookup_tokens)``; "none" (the verifier decodes alone) is worth 1.
 
 So a drafter whose drafts keep being rejected stops running (lookup on free-form translation), and a self-draft that
 costs too much of a native step is not run at all. ``carry_history`` keeps a share of each record for the next
@@ -50,7 +52,11 @@ class DraftPolicyConfig:
         prior_weight: how many draft tokens of evidence the prior (and the score, for the self-draft) counts as.
         carry: the share of a drafter's evidence a generator keeps into its next generation (0: every generation
             starts from the priors; 1: all of it), so a drafter that failed on the last prompts starts out doubted.
-        bands: the confidence bands that cap the self-draft's length.
+        bands: the confidence bands that cap the self-draft's length (unused with ``self_stop``).
+        self_stop: None, or a probability in (0, 1): the self-draft stops after the first token whose own p_max (the
+            int4 tier's top softmax probability) is below it, so a draft runs on while int4 is sure of itself and
+            ends where it is likely wrong. On CUDA the drafter reads each p_max one draft step late (no wait), so a
+            stopped draft has one token more. The length the policy picks is then the cap, ``max_self_draft``.
     """
 
     drafters: tuple[str, ...] = DRAFTERS
@@ -63,6 +69,7 @@ class DraftPolicyConfig:
     prior_weight: float = 4.0
     carry: float = 0.5
     bands: PrecisionPolicyConfig = field(default_factory=PrecisionPolicyConfig)
+    self_stop: float | None = None
 
     def __post_init__(self) -> None:
         bad = [d for d in self.drafters if d not in DRAFTERS]
@@ -80,6 +87,9 @@ class DraftPolicyConfig:
         if self.self_prior is not None:
             check_number(self.self_prior, "DraftPolicyConfig.self_prior", minimum=0.0, maximum=1.0,
                          fix="self_prior=None (use the confidence) or a rate such as 0.8")
+        if self.self_stop is not None:
+            check_number(self.self_stop, "DraftPolicyConfig.self_stop", minimum=0.0, maximum=1.0, min_open=True,
+                         max_open=True, fix="self_stop=None (lengths from the confidence bands) or a p_max such as 0.7")
         check_type(self.bands, "DraftPolicyConfig.bands", PrecisionPolicyConfig,
                    "bands=PrecisionPolicyConfig(high=0.9, low=0.6)")
 
@@ -160,7 +170,9 @@ def choose_draft(score: float | None, lookup_tokens: int, config: DraftPolicyCon
     if "self" in config.drafters:
         prior = score if config.self_prior is None else config.self_prior
         a = history.get("self", DrafterRecord()).acceptance(prior, config.prior_weight)
-        for k in range(1, draft_length(score, config.max_self_draft, config.bands) + 1):
+        cap = (config.max_self_draft if config.self_stop is not None
+               else draft_length(score, config.max_self_draft, config.bands))
+        for k in range(1, cap + 1):
             value = round_value(k, a, config.self_draft_cost)
             if value > best_value:
                 best, best_value = DraftChoice("self", k), value

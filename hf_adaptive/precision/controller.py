@@ -55,6 +55,7 @@ from transformers import LogitsProcessor
 from hf_adaptive.overlap import forget_stop_check, stop_check_deferred
 from hf_adaptive.policy.precision_policy import PrecisionPolicy, PrecisionPolicyConfig
 from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
+from hf_adaptive.precision.host_copies import HostCopies
 from hf_adaptive.precision.telemetry import PrecisionTelemetry, read_with_wait
 from hf_adaptive.precision.tiers import PrecisionTiers
 from hf_adaptive.validation import check_type
@@ -70,33 +71,6 @@ class _QueuedStep:
     host: torch.Tensor  # (B,) scores: a pinned host copy on CUDA (complete once ``event`` fired), else the tensor
     event: torch.cuda.Event | None
     queue_ns: int  # host time ``__call__`` spent on the step
-
-
-class _HostCopies:
-    """Pinned host buffers the (B,) scores are copied to without waiting, reused step after step.
-
-    Two slots per (device, batch size), taken in turn: a copy may still be unread while the next one starts (the
-    lagged decision reads the previous step's after queueing this one's), never two. On CPU the tensor is its own
-    host copy.
-    """
-
-    def __init__(self) -> None:
-        self._slots: dict[tuple, list] = {}  # (device, B) -> [[host, event], [host, event]], next slot first
-
-    def start(self, score: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """Queue the copy of ``score``; returns (host tensor, event that fires once it is complete)."""
-        if not score.is_cuda:
-            return score, None
-        key = (score.device, score.shape[0])
-        slots = self._slots.get(key)
-        if slots is None:
-            slots = self._slots[key] = [[torch.empty(score.shape, dtype=score.dtype, pin_memory=True),
-                                         torch.cuda.Event()] for _ in range(2)]
-        slots.append(slots.pop(0))
-        host, event = slots[-1]
-        host.copy_(score, non_blocking=True)
-        event.record(torch.cuda.current_stream(score.device))  # the scores' device, not the current one
-        return host, event
 
 
 class _SettleBeforeInputs:
@@ -193,7 +167,7 @@ class PrecisionController(LogitsProcessor):
         self.decision_lag = decision_lag
         self._score: torch.Tensor | None = None  # (B,) confidence of the last forward, from the head's hook
         self._queued: deque[_QueuedStep] = deque()  # __call__'s steps, oldest first, decided on before a forward
-        self._host = _HostCopies()
+        self._host = HostCopies()
         self._settle_due = False  # == (len(self._queued) > lag), as a bool torch.compile can specialise on
         self._settle_eagerly = torch.compiler.disable(self._settle)
         self._pending = None  # observe_lagged: (host scores, copy-done event) of the previous step

@@ -29,6 +29,7 @@ from hf_adaptive.policy.draft_policy import (NO_DRAFT, DraftChoice, DrafterRecor
                                              choose_draft)
 from hf_adaptive.precision.capture import begin_graph_step
 from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
+from hf_adaptive.precision.host_copies import HostCopies
 from hf_adaptive.precision.draft_telemetry import DraftTelemetry, RoundRecord
 from hf_adaptive.precision.tiers import PrecisionTiers
 from hf_adaptive.validation import check_number, check_type
@@ -67,6 +68,7 @@ class CascadeCandidateGenerator(CandidateGenerator):
         self.choice = DraftChoice(NO_DRAFT, 0)
         self.history: dict[str, DrafterRecord] = {}
         self.draft_ns = 0
+        self._host = HostCopies()  # the self-draft's p_max, copied to the host without waiting (self_stop)
         self._lookup: PromptLookupCandidateGenerator | None = None
 
     def bind(self, cache, eos_token_id: torch.Tensor | None, max_length: int, forward=None) -> None:
@@ -115,12 +117,19 @@ class CascadeCandidateGenerator(CandidateGenerator):
 
     @torch.no_grad()
     def _self_drafts(self, input_ids: torch.LongTensor, k: int) -> torch.LongTensor:
-        """k greedy tokens of the cheapest tier, decoded from the shared cache, whose entries are then cropped."""
+        """Up to k greedy tokens of the cheapest tier, decoded from the shared cache, whose entries are then cropped.
+
+        With ``config.self_stop`` the draft ends after its first token whose own p_max is below it: read at once on
+        CPU; on CUDA read one step late, after the next step is queued, so the device never waits on the host (the
+        step already queued is kept as one more draft token).
+        """
         model, start = self.tiers.model, input_ids.shape[1] - 1  # the cache holds input_ids[:, :-1]: no host read
+        stop = self.config.self_stop
         # one buffer: [last token, drafts]; every step feeds a (1, 1) view of it, so a compiled step sees the same
         # strides at every step (as generate's own input slices) and is not compiled twice
         tokens = input_ids.new_empty(1, k + 1)
         tokens[:, :1] = input_ids[:, -1:]
+        ran, pending = k, None  # pending: (host p_max, copy event) of the last step, maybe not read yet
         with self.tiers.use(self.tiers.fast):
             for i in range(k):
                 pos = torch.arange(start + i, start + i + 1, device=input_ids.device)[None]  # (1, 1)
@@ -128,8 +137,15 @@ class CascadeCandidateGenerator(CandidateGenerator):
                 logits = self.forward(input_ids=tokens[:, i:i + 1], position_ids=pos, use_cache=True,
                                       logits_to_keep=1, **forward_cache_kwargs(model, self.cache)).logits[:, -1]
                 tokens[:, i + 1] = logits.argmax(-1)  # (1,) from (1, V)
-        crop_cache(self.cache, k)  # the draft's int4 KV must not reach the verifier
-        return tokens[:, 1:]
+                if stop is None or i == k - 1:
+                    continue
+                copy = self._host.start(torch.softmax(logits.float(), dim=-1).amax(-1))
+                judged, pending = (copy if copy[1] is None else pending), copy  # CPU: this step; CUDA: the one before
+                if judged is not None and _below(judged, stop):
+                    ran = i + 1
+                    break
+        crop_cache(self.cache, ran)  # the draft's int4 KV must not reach the verifier
+        return tokens[:, 1:ran + 1]
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int,
                                   confidence: float | None = None, verify_ns: int = 0) -> None:
@@ -153,3 +169,11 @@ class CascadeCandidateGenerator(CandidateGenerator):
             RoundRecord(self.choice.drafter if proposed else NO_DRAFT, proposed, int(num_matches),
                         int(num_matches) + 1, self.score), self.draft_ns, verify_ns)
         self.score = confidence
+
+
+def _below(copy: tuple[torch.Tensor, torch.cuda.Event | None], stop: float) -> bool:
+    """Whether a (1,) p_max copied by ``HostCopies`` is below ``stop``, once its copy is complete."""
+    host, event = copy
+    if event is not None:
+        event.synchronize()  # the step it came from ran before the one just queued: the device keeps working
+    return float(host[0]) < stop
