@@ -60,6 +60,13 @@ from hf_adaptive.validation import arg_number  # noqa: E402
 RUNS = ("lookup", "self", "cascade")  # the recorded runs: each drafter alone, and both under the policy
 
 
+def recorded_stop(path: Path) -> tuple[float | None, int]:
+    """The recording's own-confidence stop (``DraftPolicyConfig.self_stop``, None if it had none) and its self-draft
+    cap, from a ``record_draft_acceptance.py`` JSON."""
+    data = json.loads(Path(path).read_text())
+    return data.get("self_stop"), int(data.get("max_self_draft", 0))
+
+
 def load_rounds(path: Path, run: str) -> list[tuple[str, int, int]]:
     """Every recorded round (drafter, proposed, accepted) of ``run``, verse after verse, from a
     ``record_draft_acceptance.py`` JSON."""
@@ -87,14 +94,24 @@ class ReplayCandidateGenerator(CascadeCandidateGenerator):
         tiers: as for ``CascadeCandidateGenerator`` (its cheapest tier self-drafts).
         reference: (1, N) the tokens greedy decoding emits after the prompt.
         rounds: (drafter, proposed, accepted) per round, replayed in order, from the start at every generation.
+        stop: the recording's ``(self_stop, max_self_draft)`` (``recorded_stop``): with a stop, the self-draft runs
+            as the product's does, computing and copying each step's p_max (the replay model's wide margins keep it
+            from firing, so the recorded length is kept), and a recorded self round that stopped short of the cap
+            drafts one token more, never accepted: the CUDA drafter reads a step's p_max after queueing the next
+            step, where the CPU recording read it at once.
     """
 
-    def __init__(self, tiers: PrecisionTiers, reference: torch.Tensor, rounds: list[tuple[str, int, int]]) -> None:
-        longest = max(k for _, k, _ in rounds)
-        super().__init__(tiers, DraftPolicyConfig(max_lookup_tokens=max(longest, 1), max_self_draft=max(longest, 1)))
+    def __init__(self, tiers: PrecisionTiers, reference: torch.Tensor, rounds: list[tuple[str, int, int]],
+                 stop: tuple[float | None, int] = (None, 0)) -> None:
+        self_stop, self.cap = stop
+        self.late = self_stop is not None and tiers.model.device.type == "cuda"
+        longest = max(k for _, k, _ in rounds) + int(self.late)
+        super().__init__(tiers, DraftPolicyConfig(max_lookup_tokens=max(longest, 1), max_self_draft=max(longest, 1),
+                                                  self_stop=self_stop))
         self.reference = reference
         self.rounds = rounds
         self.scheduled_accepted = 0
+        self.stops_fired = 0
         self.diverged_at: int | None = None
         self._next = 0
         self._prompt_len: int | None = None
@@ -102,6 +119,7 @@ class ReplayCandidateGenerator(CascadeCandidateGenerator):
     def bind(self, cache, eos_token_id: torch.Tensor | None, max_length: int, forward=None) -> None:
         super().bind(cache, eos_token_id, max_length, forward)
         self._next, self._prompt_len, self.scheduled_accepted, self.diverged_at = 0, None, 0, None
+        self.stops_fired = 0  # self-drafts the own-confidence stop cut short of the recorded length (goal 0)
 
     def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, None]:
         begin = time.perf_counter_ns()
@@ -113,10 +131,12 @@ class ReplayCandidateGenerator(CascadeCandidateGenerator):
             self.diverged_at = done
         drafter, k, accepted = self.rounds[self._next % len(self.rounds)]
         self._next += 1
+        if drafter == "self" and self.late and 0 < k < self.cap:
+            k += 1  # the step queued before the doubtful one's p_max is read
         k = max(0, min(k, self._lookup.max_length - input_ids.shape[1] - 1, self.reference.shape[1] - done))
         accepted = min(accepted, k)
-        if drafter == "self" and k:
-            self._self_drafts(input_ids, k)  # the draft's real cost: k int4 forwards, cropped
+        if drafter == "self" and k:  # the draft's real cost: k int4 forwards, cropped
+            self.stops_fired += int(self._self_drafts(input_ids, k).shape[1] < k)
         elif drafter == "lookup":
             self._lookup_drafts(input_ids)
         drafts = self.reference[:, done:done + k].to(input_ids.device).clone()
@@ -168,7 +188,8 @@ def _compile_kwargs(args) -> dict:
     return {"compile_config": config}
 
 
-def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args, counter=None) -> dict:
+def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args, counter=None,
+                  stop: tuple[float | None, int] = (None, 0)) -> dict:
     """The reference, the baselines and the replayed cascade (eager and compiled) at one prompt length."""
     ids = prompt(model.config.vocab_size, 1, context, context * 31 + 1, args.device)
     reference = generate_once(model, ids, DynamicCache(), args.new_tokens, args.device,
@@ -177,7 +198,7 @@ def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args, coun
     _record(row, "native_eager", decode_ms(model, ids, DynamicCache, args.new_tokens, args.repeats, args.device,
                                            disable_compile=True))
     compiled = args.device.startswith("cuda") or args.compile_on_cpu
-    gen = ReplayCandidateGenerator(tiers, reference, rounds)
+    gen = ReplayCandidateGenerator(tiers, reference, rounds, stop)
     # room for the fixed-width verify of the last round: every round of the compiled cascade runs its graph
     static = StaticCache(config=model.config, max_cache_len=context + args.new_tokens + 1 + gen.num_drafting_tokens)
 
@@ -200,7 +221,8 @@ def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args, coun
         report = gen.telemetry.report()
         kept = sum(d["accepted"] for d in report["drafters"].values())
         row.update({f"{mode}_identical": bool(torch.equal(out, reference)), f"{mode}_diverged_at": gen.diverged_at,
-                    f"{mode}_accepted_as_scheduled": kept / gen.scheduled_accepted if gen.scheduled_accepted else None},
+                    f"{mode}_accepted_as_scheduled": kept / gen.scheduled_accepted if gen.scheduled_accepted else None,
+                    f"{mode}_stops_fired": gen.stops_fired},
                    verify_forwards=report["verify_forwards"], tokens_per_verify=report["tokens_per_verify"])
         for base in ("native_eager", "native_compiled"):
             if f"{base}_ms" in row:
@@ -252,15 +274,15 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     card = prepare_run(args.device)
-    rounds = load_rounds(args.schedule, args.run)
+    rounds, stop = load_rounds(args.schedule, args.run), recorded_stop(args.schedule)
     model = build_model(args.shape, args.device, getattr(torch, args.dtype))
     widen_margins(model, args.embed_scale)
     tiers = prepare_tiers(model, tiers=("int4", "native"))
     counter = CaptureCounter() if args.device.startswith("cuda") else None
-    rows = [bench_context(model, tiers, rounds, c, args, counter) for c in tqdm(args.contexts, desc="cascade replay")]
+    rows = [bench_context(model, tiers, rounds, c, args, counter, stop) for c in tqdm(args.contexts, desc="cascade replay")]
     name = args.name or f"bench_cascade_replay_{args.shape}"
     env = environment(args.device, model=f"random-init {args.shape}", dtype=args.dtype, schedule=str(args.schedule),
-                      run=args.run, rounds=len(rounds), embed_scale=args.embed_scale)
+                      run=args.run, rounds=len(rounds), embed_scale=args.embed_scale, self_stop=stop[0])
     write_report(args.out, name, {"rows": rows}, env, markdown_table(rows, COLUMNS),
                  f"Draft cascade replayed through model.generate: random-init {args.shape} on {card}",
                  notes="Each round's drafter runs for real; the proposal then carries greedy's next tokens for the "

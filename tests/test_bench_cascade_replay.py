@@ -16,10 +16,10 @@ def bench():
     return load_eval_script("bench_cascade_replay")
 
 
-def _schedule(path, runs=("cascade",)):
+def _schedule(path, runs=("cascade",), **recording):
     verse = {"runs": {run: {"rounds": ROUNDS, "rounds_columns": ["drafter", "proposed", "accepted", "emitted", "score"]}
                       for run in runs}}
-    path.write_text(json.dumps({"verses": [verse, verse]}))
+    path.write_text(json.dumps({"verses": [verse, verse], **recording}))
     return path
 
 
@@ -30,6 +30,20 @@ def test_rounds_load_in_order_and_a_missing_run_is_refused(bench, tmp_path):
     assert bench.load_rounds(path, "cascade") == [(r[0], r[1], r[2]) for r in ROUNDS] * 2
     with pytest.raises(ValueError, match="no rounds of run 'self'.*record_draft_acceptance"):
         bench.load_rounds(path, "self")
+
+
+def test_replay_of_an_own_confidence_recording_runs_the_stop_without_firing(bench, tmp_path):
+    """Guards the replay of a ``--self-stop`` recording: its self-drafts compute and read their p_max as the product
+    does, the replay model's wide margins keep the stop from cutting a recorded draft short (so the recorded lengths
+    are what runs), and the output stays greedy's with the recorded counts kept."""
+    path = _schedule(tmp_path / "acc.json", runs=("self",), self_stop=0.7, max_self_draft=3)
+    assert bench.recorded_stop(path) == (0.7, 3)
+    out = tmp_path / "out"
+    bench.main(["--device", "cpu", "--dtype", "float32", "--shape", "tiny", "--contexts", "24", "--new-tokens", "14",
+                "--repeats", "1", "--schedule", str(path), "--run", "self", "--out", str(out)])
+    (row,) = json.loads((out / "bench_cascade_replay_tiny.json").read_text())["rows"]
+    assert row["cascade_eager_identical"] is True and row["cascade_eager_accepted_as_scheduled"] == 1.0
+    assert row["cascade_eager_stops_fired"] == 0
 
 
 def test_replay_keeps_the_recorded_counts_and_greedys_tokens(bench, tmp_path):
