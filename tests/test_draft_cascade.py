@@ -134,12 +134,21 @@ def test_draft_policy_config_refuses_bad_values(kwargs):
 
 
 def test_own_confidence_stop_lets_the_drafter_set_its_length():
-    """Guards the policy side of ``self_stop``: the confidence bands no longer cap the self-draft (the drafter ends
-    it at its own first doubt), so a confident round asks for the full ``max_self_draft``."""
+    """Guards the policy side of ``self_stop``: neither the confidence bands nor the geometric acceptance model cap
+    the self-draft (the drafter ends it at its own first doubt), so a round asks for the full ``max_self_draft``
+    whenever a one-token draft would pay."""
     banded = DraftPolicyConfig(drafters=("self",), self_draft_cost=0.1)
     stopping = DraftPolicyConfig(drafters=("self",), self_draft_cost=0.1, self_stop=0.7)
     assert choose_draft(0.8, 0, banded).length < banded.max_self_draft
     assert choose_draft(0.8, 0, stopping) == DraftChoice("self", stopping.max_self_draft)
+    # the geometric model would stop at one token here (a = 0.81 at cost 0.65); the stop drafts on while sure
+    record = {"self": DrafterRecord(accepted=80, rejections=20)}
+    assert choose_draft(0.95, 0, DraftPolicyConfig(drafters=("self",)), record).length == 1
+    assert choose_draft(0.95, 0, DraftPolicyConfig(drafters=("self",), self_stop=0.7), record).length == 4
+    # ... but it is not run where its first token does not pay for itself, and a free lookup still comes first
+    failing = {"self": DrafterRecord(accepted=30, rejections=70)}
+    assert choose_draft(0.95, 0, DraftPolicyConfig(self_stop=0.7), failing) == DraftChoice("none", 0)
+    assert choose_draft(0.95, 5, DraftPolicyConfig(self_stop=0.7), record).drafter == "lookup"
 
 
 def _self_stop_run(tiers, ids, self_stop, cache=None, **kw):

@@ -24,7 +24,8 @@
 #                  generate-8b-profile profiles a native and a never-switching
 #                  call (--profile); cascade-replay-8b times the lossless
 #                  cascade through generate on recorded acceptance (one call; -translate and -long: the translation
-#                  rounds, and 16k / 32k-token prompts, one call each).
+#                  rounds, and 16k / 32k-token prompts, one call each; -selfstop: the translation rounds of a
+#                  self-draft that ends at its own first doubt, one call).
 #   parallel-2gpu  2 GPUs per job; each serving job ~8 min, so one job per call. Carry .whl/, .gpu/qwen7b_cfg
 #                  (the Qwen2.5-7B shape: export_model_config.py ... --set, see that script) and, for the SmolLM2
 #                  jobs (equivalence, serve-mixed), its GGUF in pieces under .gpu/smol/p0 .. p2
@@ -150,6 +151,11 @@ job_precision_cascade-replay-8b-translate() {  # the same on the translation tas
     local o=$R/precision_cascade_replay_$CARD; mkdir -p $o; timeout 560 $PY eval/bench_cascade_replay.py \
     --shape llama-3.1-8b --contexts 64,4096 --new-tokens 192 --out $o --name 8b_translate \
     --schedule eval/results/quality_draft_acceptance_qwen1.5b_cpu/draft_acceptance.json > $o/8b_translate.log 2>&1; }
+job_precision_cascade-replay-8b-selfstop() {  # the translation rounds of a self-draft that stops at its own doubt
+    local o=$R/precision_cascade_replay_$CARD; mkdir -p $o; timeout 560 $PY eval/bench_cascade_replay.py \
+    --shape llama-3.1-8b --contexts 64,4096 --new-tokens 192 --run self --out $o --name 8b_translate_selfstop \
+    --schedule eval/results/quality_draft_acceptance_selfstop_qwen1.5b_cpu/draft_acceptance.json \
+    > $o/8b_translate_selfstop.log 2>&1; }
 job_precision_cascade-replay-8b-long() {  # the modernize rounds after 16k and 32k-token prompts (one timed call each)
     local o=$R/precision_cascade_replay_$CARD; mkdir -p $o; timeout 580 $PY eval/bench_cascade_replay.py \
     --shape llama-3.1-8b --contexts 16384,32768 --new-tokens 128 --repeats 1 --out $o --name 8b_modernize_long \
@@ -207,6 +213,9 @@ job_quality_draft-acceptance() { local o=$R/quality_draft_acceptance_smollm2_cpu
 job_quality_draft-acceptance-qwen() { local o=$R/quality_draft_acceptance_qwen1.5b_cpu; mkdir -p $o; HF_HUB_OFFLINE=1 \
     $PY eval/record_draft_acceptance.py $QWEN --limit 24 --stride 40 --threads 1 --out $o \
     > $o/record_draft_acceptance.log 2>&1; }
+job_quality_draft-acceptance-selfstop-qwen() { local o=$R/quality_draft_acceptance_selfstop_qwen1.5b_cpu; mkdir -p $o
+    HF_HUB_OFFLINE=1 $PY eval/record_draft_acceptance.py $QWEN --limit 24 --stride 40 --runs self --self-stop 0.7 \
+    --max-self-draft 8 --threads 1 --out $o > $o/record_draft_acceptance.log 2>&1; }
 job_quality_draft-acceptance-modernize() { local o=$R/quality_draft_acceptance_modernize_smollm2_cpu; mkdir -p $o; \
     HF_HUB_OFFLINE=1 $PY eval/record_draft_acceptance.py --task modernize --limit 16 --stride 40 --out $o \
     > $o/record_draft_acceptance.log 2>&1; }

@@ -12,10 +12,13 @@ just emitted (a float in [0, 1], or None before the first verify), how many toke
   the drafter's per-token acceptance so far, shrunk toward a prior (``prior_weight`` pseudo-tokens): the score for
   the self-draft (the top tier's confidence predicts whether its int4 copy agrees; ``self_prior`` overrides it),
   ``prior_acceptance`` for lookup;
-- the self-draft tries every length from 1 up to the confidence band's ``draft_length(score, max_self_draft)``
-  (up to ``max_self_draft`` with ``self_stop`` set: the drafter then ends the draft itself at its first doubtful
-  token, int4's own p_max, which predicts int4's errors where the top tier's last score barely does), a lookup
-  offers ``min(lookup_tokens, max_lookup_tokens)``; "none" (the verifier decodes alone) is worth 1.
+- the self-draft tries every length from 1 up to the confidence band's ``draft_length(score, max_self_draft)``; a
+  lookup offers ``min(lookup_tokens, max_lookup_tokens)``; "none" (the verifier decodes alone) is worth 1.
+- with ``self_stop`` set, the drafter ends a self-draft itself after its first doubtful token (int4's own p_max,
+  which predicts int4's errors where the top tier's last score barely does), so the geometric model above, which
+  assumes every drafted token is equally likely wrong, no longer prices its length. The self-draft is then asked
+  for ``max_self_draft`` tokens whenever its first token pays for itself (a one-token round is worth more than 1)
+  and valued as that one-token round against the other options.
 
 So a drafter whose drafts keep being rejected stops running (lookup on free-form translation), and a self-draft that
 costs too much of a native step is not run at all. ``carry_history`` keeps a share of each record for the next
@@ -56,7 +59,8 @@ class DraftPolicyConfig:
         self_stop: None, or a probability in (0, 1): the self-draft stops after the first token whose own p_max (the
             int4 tier's top softmax probability) is below it, so a draft runs on while int4 is sure of itself and
             ends where it is likely wrong. On CUDA the drafter reads each p_max one draft step late (no wait), so a
-            stopped draft has one token more. The length the policy picks is then the cap, ``max_self_draft``.
+            stopped draft has one token more. The policy then asks for ``max_self_draft`` tokens (see the module
+            docstring).
     """
 
     drafters: tuple[str, ...] = DRAFTERS
@@ -170,10 +174,12 @@ def choose_draft(score: float | None, lookup_tokens: int, config: DraftPolicyCon
     if "self" in config.drafters:
         prior = score if config.self_prior is None else config.self_prior
         a = history.get("self", DrafterRecord()).acceptance(prior, config.prior_weight)
-        cap = (config.max_self_draft if config.self_stop is not None
-               else draft_length(score, config.max_self_draft, config.bands))
-        for k in range(1, cap + 1):
-            value = round_value(k, a, config.self_draft_cost)
+        if config.self_stop is None:
+            cap = draft_length(score, config.max_self_draft, config.bands)
+            options = [(k, round_value(k, a, config.self_draft_cost)) for k in range(1, cap + 1)]
+        else:  # the drafter sets the length: drafting pays if its first token does
+            options = [(config.max_self_draft, round_value(1, a, config.self_draft_cost))]
+        for k, value in options:
             if value > best_value:
                 best, best_value = DraftChoice("self", k), value
     return best
