@@ -284,12 +284,22 @@ def test_cli_prints_one_line_and_exit_code_2_for_bad_input(tmp_path, capsys):
     (["generate", "--max-new-tokens", "1e400"], "--max-new-tokens"),
     (["generate", "--gpu-memory-fraction", "1.5"], "--gpu-memory-fraction"),
     (["eval", "speed", "--out", "x", "--repeats", "0"], "--repeats"),
+    (["precision", "--mode", "cascade", "--self-stop", "1"], "--self-stop"),
 ])
 def test_cli_numeric_flags_refuse_nan_inf_and_range(argv, flag, capsys):
     """Guards argparse's float()/int() accepting nan, inf and negative values that fail (or hang) later."""
     with pytest.raises(SystemExit) as refused:
         cli_main(argv)
     assert refused.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, named", [(["--sample"], "--sample"), (["--plot", "p.png"], "--plot")])
+def test_precision_cascade_refuses_what_it_cannot_do_before_loading(extra, named, capsys):
+    """Guards the cascade mode's limits: it decodes greedily and reports per round, so sampling or a tier plot is
+    refused in one line naming the flag, before any model is loaded."""
+    assert cli_main(["precision", "hi", "--mode", "cascade", "--model", "/nonexistent", *extra]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "/nonexistent" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch build or machine without CUDA")

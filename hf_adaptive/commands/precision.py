@@ -4,8 +4,11 @@
 ``--mode graph`` runs greedy lossy decoding on the graph engine with the controller's decision inside
 each captured step (``FusedStepDecoder``; decodes exactly ``--max-new-tokens``, no EOS stop);
 ``--mode verified`` runs the lossless draft (int4) / verify (top tier) decoder on the graph engine (CUDA
-graphs on a GPU, eager on CPU). Prints the text and the telemetry (tier usage, switches, confidence
-accuracy); ``--json`` / ``--plot`` write the full report and a PNG. Works offline on the embedded model.
+graphs on a GPU, eager on CPU); ``--mode cascade`` runs the lossless draft cascade inside ``model.generate``
+(prompt lookup and the int4 self-draft, which ends at its own first doubt: ``--self-stop``), token-identical to
+greedy decoding. Prints the text and the telemetry (tier usage, switches, confidence accuracy; for the cascade,
+rounds and acceptance per drafter); ``--json`` writes the full report and ``--plot`` a PNG (not for the cascade,
+whose report is per round). Works offline on the embedded model.
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ def precision_command_parser(subparsers) -> argparse.ArgumentParser:
     add_generation_arguments(parser, DEFAULT_PROMPT, max_new_tokens=64,
                              sample_help="lossy mode: sample (temperature 0.7)",
                              json_help="write the telemetry report here")
-    parser.add_argument("--mode", default="lossy", choices=("lossy", "graph", "verified"))
+    parser.add_argument("--mode", default="lossy", choices=("lossy", "graph", "verified", "cascade"))
     parser.add_argument("--tiers", default=None,
                         help="comma list from int4,fp8,native,fp32 (default int4,native on CUDA, int4,fp32 on CPU)")
     parser.add_argument("--int4-kernel", default="auto", choices=("auto", "triton", "tinygemm"),
                         help="CUDA int4 kernel (auto = tinygemm, the fastest at one row; triton: ours)")
     parser.add_argument("--max-draft", type=arg_number(minimum=1, integer=True), default=4,
-                        help="verified mode: most tokens drafted per round")
+                        help="verified and cascade modes: most tokens an int4 draft proposes per round")
+    parser.add_argument("--self-stop", type=arg_number(minimum=0.0, maximum=1.0, min_open=True, max_open=True),
+                        default=0.7, help="cascade mode: end an int4 draft after its first token whose own p_max is "
+                                          "below this (DraftPolicyConfig.self_stop)")
     parser.add_argument("--plot", default=None, help="write the telemetry PNG here")
     parser.set_defaults(func=precision_command)
     return parser
@@ -46,8 +52,11 @@ def precision_command_parser(subparsers) -> argparse.ArgumentParser:
 def precision_command(args: argparse.Namespace) -> int:
     from hf_adaptive.precision.tiers import TIER_RANK, prepare_tiers
 
-    if args.mode == "graph" and args.sample:
-        raise ValueError("--mode graph decodes greedily; got --sample. Fix: drop --sample or use --mode lossy")
+    if args.mode in ("graph", "cascade") and args.sample:
+        raise ValueError(f"--mode {args.mode} decodes greedily; got --sample. Fix: drop --sample or use --mode lossy")
+    if args.mode == "cascade" and args.plot:
+        raise ValueError("--plot draws the tier timeline of the lossy, graph and verified modes; the cascade's "
+                         "report is per round. Fix: drop --plot, or use --json for the cascade's rounds")
     names = tuple(t.strip() for t in args.tiers.split(",")) if args.tiers else None
     if names is not None and (not names or any(t not in TIER_RANK for t in names)):
         raise ValueError(f"--tiers must be a comma list from {','.join(TIER_RANK)}; got {args.tiers!r}. "
@@ -56,14 +65,20 @@ def precision_command(args: argparse.Namespace) -> int:
     default = ("int4", "native") if model.device.type == "cuda" else ("int4", "fp32")
     tiers = prepare_tiers(model, tiers=names or default, int4_kernel=args.int4_kernel)
     ids = chat_inputs(tokenizer, args.prompt)["input_ids"].to(model.device)
-    run = {"lossy": _run_lossy, "graph": _run_graph, "verified": _run_verified}[args.mode]
+    run = {"lossy": _run_lossy, "graph": _run_graph, "verified": _run_verified, "cascade": _run_cascade}[args.mode]
     with wall_clock(model.device) as clock:
         tokens, telemetry = run(tiers, ids, args)
     seconds = clock["seconds"]
     print(tokenizer.decode(tokens, skip_special_tokens=True).strip())
     report = telemetry.report()
-    print(f"\n{len(tokens)} tokens in {seconds:.2f} s; tiers {report['tier_fraction']}, "
-          f"{report['switches']} switches, tier weight bytes {tiers.memory_bytes()}")
+    if args.mode == "cascade":
+        drafters = ", ".join(f"{name} {d['accepted']}/{d['proposed']} accepted" for name, d in
+                             report["drafters"].items() if d["proposed"])
+        print(f"\n{len(tokens)} tokens in {seconds:.2f} s; {report['verify_forwards']} top-tier forwards "
+              f"({report['tokens_per_verify']:.2f} tokens each); drafts: {drafters or 'none'}")
+    else:
+        print(f"\n{len(tokens)} tokens in {seconds:.2f} s; tiers {report['tier_fraction']}, "
+              f"{report['switches']} switches, tier weight bytes {tiers.memory_bytes()}")
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(report, f, indent=2)
@@ -109,3 +124,17 @@ def _run_verified(tiers, ids, args):
     opts = DecodeOptions(max_new_tokens=args.max_new_tokens, draft=draft)
     out = generate_verified(GraphDecodeEngine(tiers, cfg), ids, opts)
     return out[0], draft.telemetry
+
+
+def _run_cascade(tiers, ids, args):
+    import torch
+
+    from hf_adaptive.policy.draft_policy import DraftPolicyConfig
+    from hf_adaptive.precision.cascade import cascade_decoding
+    from hf_adaptive.precision.drafting import CascadeCandidateGenerator
+
+    gen = CascadeCandidateGenerator(tiers, DraftPolicyConfig(max_self_draft=args.max_draft, self_stop=args.self_stop))
+    with torch.inference_mode():
+        out = tiers.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                   do_sample=False, custom_generate=cascade_decoding, candidate_generator=gen)
+    return out[0, ids.shape[1]:], gen.telemetry
