@@ -28,7 +28,6 @@ CLIENTS = 200
 PROMPTS = 40  # distinct (seed, length) prompts; client i sends prompt i % PROMPTS
 NEW_TOKENS = 6
 TOKEN = "load-test-admin-token-0123456789"
-LONG_DELAY_S = 1.0  # long prompts arrive while the short burst is served on DP: the policy must switch for them
 
 
 def _prompt(k: int) -> tuple[int, int]:
@@ -70,16 +69,24 @@ def _references(model) -> dict[int, list[int]]:
 async def _clients(base: str) -> list[tuple[int, int | None, dict | str, float]]:
     """Fire every client at once; returns (client, status or None on a transport error, body, seconds)."""
     limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=0)
+    # long prompts are sent once the first short one is answered: the server has then chosen its layout for the short
+    # burst (DP) and is still serving it, so the policy must switch for them, however fast or loaded the host is
+    # (a fixed delay let a loaded host see both kinds at once and start on a splitting layout, never switching)
+    short_answered = asyncio.Event()
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(180.0)) as client:
         async def one(i: int):
             seed, n = _prompt(i % PROMPTS)
             body = {"id": "same-for-all", "seed": seed, "prompt_tokens": n, "max_new_tokens": NEW_TOKENS}
-            await asyncio.sleep(LONG_DELAY_S if n > 40 else 0.0)
+            if n > 40:
+                await short_answered.wait()
             start = time.perf_counter()
             try:
                 reply = await client.post(f"{base}/generate", json=body)
             except httpx.TransportError as err:
                 return i, None, repr(err), time.perf_counter() - start
+            finally:
+                if n <= 40:
+                    short_answered.set()
             return i, reply.status_code, reply.json(), time.perf_counter() - start
 
         return await asyncio.gather(*(one(i) for i in range(CLIENTS)))
