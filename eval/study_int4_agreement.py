@@ -19,6 +19,8 @@ sees before the step: it bounds what a check after the step could do.
 
     HF_HUB_OFFLINE=1 .venv/bin/python eval/study_int4_agreement.py --model qwen2.5-coder-1.5b-instruct \
         --limit 96 --threads 2 --out eval/results/precision_int4_agreement_qwen1.5b_cpu
+    HF_HUB_OFFLINE=1 .venv/bin/python eval/study_int4_agreement.py --limit 24 --stride 40 \
+        --out eval/results/precision_int4_agreement_stride40_qwen1.5b_cpu   # the verses the cascade recordings take
 
 Writes ``agreement.json`` (per verse and step: the signals and the agreement), ``agreement.md`` and
 ``agreement.png`` (disagreements per int4 step against the int4 share, one line per signal). The JSON is
@@ -332,7 +334,8 @@ def run(args: argparse.Namespace) -> None:
     tiers = prepare_tiers(model, tiers=("int4", "fp32"))
     dense = DenseTier(tiers, tiers.fast)
     cfg = TranslationConfig()
-    verses = [json.loads(line) for line in Path(args.data or DEFAULT_DEV_SET).read_text().splitlines()][:args.limit]
+    lines = Path(args.data or DEFAULT_DEV_SET).read_text().splitlines()
+    verses = [json.loads(line) for line in lines[::args.stride][:args.limit]]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"env": environment("cpu", threads=args.threads), "model": args.model, "judge": "dense int4",
@@ -357,7 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", help="results directory")
     ap.add_argument("--model", default="qwen2.5-coder-1.5b-instruct", help="embedded model name or checkpoint dir")
     ap.add_argument("--data", default=None, help="aligned verses (JSONL); default: the packaged dev set")
-    ap.add_argument("--limit", type=int, default=96, help="first N verses")
+    ap.add_argument("--limit", type=int, default=96, help="verses studied")
+    ap.add_argument("--stride", type=int, default=1,
+                    help="take every N-th verse (40: the verses eval/record_draft_acceptance.py --stride 40 records)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--render", help="only re-render the report of this results directory")
     args = ap.parse_args(argv)
@@ -369,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--out is required (or --render DIR)")
     if args.limit < 1:
         ap.error(f"--limit must be >= 1, got {args.limit}")
+    if args.stride < 1:
+        ap.error(f"--stride must be >= 1, got {args.stride}")
     run(args)
     return 0
 
