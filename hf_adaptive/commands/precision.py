@@ -39,8 +39,9 @@ def precision_command_parser(subparsers) -> argparse.ArgumentParser:
                         help="comma list from int4,fp8,native,fp32 (default int4,native on CUDA, int4,fp32 on CPU)")
     parser.add_argument("--int4-kernel", default="auto", choices=("auto", "triton", "tinygemm"),
                         help="CUDA int4 kernel (auto = tinygemm, the fastest at one row; triton: ours)")
-    parser.add_argument("--max-draft", type=arg_number(minimum=1, integer=True), default=4,
-                        help="verified and cascade modes: most tokens an int4 draft proposes per round")
+    parser.add_argument("--max-draft", type=arg_number(minimum=1, integer=True), default=None,
+                        help="verified and cascade modes: most tokens an int4 draft proposes per round (default 4 "
+                             "in verified mode; 8 in cascade mode, whose drafts end at their own first doubt)")
     parser.add_argument("--self-stop", type=arg_number(minimum=0.0, maximum=1.0, min_open=True, max_open=True),
                         default=0.7, help="cascade mode: end an int4 draft after its first token whose own p_max is "
                                           "below this (DraftPolicyConfig.self_stop)")
@@ -118,9 +119,9 @@ def _run_verified(tiers, ids, args):
     from hf_adaptive.precision.options import DecodeOptions, DraftOptions
     from hf_adaptive.precision.verified import generate_verified
 
-    cfg = GraphDecodeConfig(max_len=ids.shape[1] + args.max_new_tokens + args.max_draft + 8,
-                            verify_len=args.max_draft + 1)
-    draft = DraftOptions(max_draft=args.max_draft, policy=default_policy_config(tiers))
+    max_draft = args.max_draft or 4
+    cfg = GraphDecodeConfig(max_len=ids.shape[1] + args.max_new_tokens + max_draft + 8, verify_len=max_draft + 1)
+    draft = DraftOptions(max_draft=max_draft, policy=default_policy_config(tiers))
     opts = DecodeOptions(max_new_tokens=args.max_new_tokens, draft=draft)
     out = generate_verified(GraphDecodeEngine(tiers, cfg), ids, opts)
     return out[0], draft.telemetry
@@ -133,7 +134,8 @@ def _run_cascade(tiers, ids, args):
     from hf_adaptive.precision.cascade import cascade_decoding
     from hf_adaptive.precision.drafting import CascadeCandidateGenerator
 
-    gen = CascadeCandidateGenerator(tiers, DraftPolicyConfig(max_self_draft=args.max_draft, self_stop=args.self_stop))
+    config = DraftPolicyConfig(max_self_draft=args.max_draft or 8, self_stop=args.self_stop)
+    gen = CascadeCandidateGenerator(tiers, config)
     with torch.inference_mode():
         out = tiers.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                                    do_sample=False, custom_generate=cascade_decoding, candidate_generator=gen)

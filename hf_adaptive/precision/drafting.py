@@ -9,7 +9,9 @@ each drafter achieved so far (expected tokens per unit of cost; a share carries 
   so far); no forward, so the drafts are free;
 - ``"self"``: the same model with its decoder linears switched to the cheapest tier of ``prepare_tiers`` (int4),
   decoding greedily from the generation's own cache; the draft forwards' KV entries are cropped from that cache
-  before returning, and the tier switched back, so the verifier writes its own KV at those positions.
+  before returning, and the tier switched back, so the verifier writes its own KV at those positions. With
+  ``DraftPolicyConfig.self_stop`` a self-draft ends after its first token whose own int4 p_max is below it (read one
+  draft step late on CUDA, through pinned copies, so no draft step waits for the host).
 
 ``update_candidate_strategy`` hears how many drafts the verifier kept and its confidence in the next token, and
 records the round in ``history`` (what the policy reads) and ``telemetry``. The decoding loop that calls both is
