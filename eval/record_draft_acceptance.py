@@ -23,6 +23,9 @@ of the run.
         --limit 24 --stride 40 --out eval/results/quality_draft_acceptance_qwen1.5b_cpu
     HF_HUB_OFFLINE=1 .venv/bin/python eval/record_draft_acceptance.py --model qwen2.5-coder-1.5b-instruct \
         --task modernize --limit 16 --stride 40 --threads 2 --out eval/results/quality_draft_acceptance_modernize_qwen1.5b_cpu
+    HF_HUB_OFFLINE=1 .venv/bin/python eval/record_draft_acceptance.py --model qwen2.5-coder-1.5b-instruct \
+        --limit 24 --stride 40 --runs self --self-stop 0.7 --max-self-draft 8 \
+        --out eval/results/quality_draft_acceptance_selfstop_qwen1.5b_cpu   # drafts that end at their own first doubt
 
 The report (JSON + Markdown) is rewritten after every verse, so a stopped run keeps the verses it finished
 (``verses_done`` against ``verses_planned``).
