@@ -31,8 +31,8 @@ from hf_adaptive.policy.draft_policy import (NO_DRAFT, DraftChoice, DrafterRecor
                                              choose_draft)
 from hf_adaptive.precision.capture import begin_graph_step
 from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
-from hf_adaptive.precision.host_copies import HostCopies
 from hf_adaptive.precision.draft_telemetry import DraftTelemetry, RoundRecord
+from hf_adaptive.precision.host_copies import HostCopies, settled
 from hf_adaptive.precision.tiers import PrecisionTiers
 from hf_adaptive.validation import check_number, check_type
 
@@ -143,7 +143,8 @@ class CascadeCandidateGenerator(CandidateGenerator):
                     continue
                 copy = self._host.start(torch.softmax(logits.float(), dim=-1).amax(-1))
                 judged, pending = (copy if copy[1] is None else pending), copy  # CPU: this step; CUDA: the one before
-                if judged is not None and _below(judged, stop):
+                # on CUDA the judged step ran before the one just queued: the wait ends while the device keeps working
+                if judged is not None and float(settled(judged)[0]) < stop:
                     ran = i + 1
                     break
         crop_cache(self.cache, ran)  # the draft's int4 KV must not reach the verifier
@@ -172,10 +173,3 @@ class CascadeCandidateGenerator(CandidateGenerator):
                         int(num_matches) + 1, self.score), self.draft_ns, verify_ns)
         self.score = confidence
 
-
-def _below(copy: tuple[torch.Tensor, torch.cuda.Event | None], stop: float) -> bool:
-    """Whether a (1,) p_max copied by ``HostCopies`` is below ``stop``, once its copy is complete."""
-    host, event = copy
-    if event is not None:
-        event.synchronize()  # the step it came from ran before the one just queued: the device keeps working
-    return float(host[0]) < stop

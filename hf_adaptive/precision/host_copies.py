@@ -2,7 +2,8 @@
 later, when the copy is complete, instead of stalling the device queue on it.
 
 Contract: ``HostCopies().start(values)`` queues the copy of a small (B,) tensor and returns (host tensor, event);
-the host tensor is valid once ``event.synchronize()`` returns (or ``event.query()`` is True). Two slots per
+the host tensor is valid once ``event.synchronize()`` returns (or ``event.query()`` is True); ``settled(copy)``
+waits for it and returns the host tensor. Two slots per
 (device, shape), taken in turn: a copy may still be unread while the next one starts, never two. On CPU the tensor
 is its own host copy and the event is None.
 """
@@ -33,3 +34,11 @@ class HostCopies:
         host.copy_(values, non_blocking=True)
         event.record(torch.cuda.current_stream(values.device))  # the values' device, not the current one
         return host, event
+
+
+def settled(copy: tuple[torch.Tensor, torch.cuda.Event | None]) -> torch.Tensor:
+    """The host tensor of a ``HostCopies.start`` result, once its copy is complete (no wait on CPU)."""
+    host, event = copy
+    if event is not None:
+        event.synchronize()
+    return host
