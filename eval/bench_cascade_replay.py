@@ -96,18 +96,19 @@ class ReplayCandidateGenerator(CascadeCandidateGenerator):
         rounds: (drafter, proposed, accepted) per round, replayed in order, from the start at every generation.
         stop: the recording's ``(self_stop, max_self_draft)`` (``recorded_stop``): with a stop, the self-draft runs
             as the product's does, computing and copying each step's p_max (the replay model's wide margins keep it
-            from firing, so the recorded length is kept), and a recorded self round that stopped short of the cap
-            drafts one token more, never accepted: the CUDA drafter reads a step's p_max after queueing the next
-            step, where the CPU recording read it at once.
+            from firing, so the recorded length is kept), and a recorded self round that stopped at its token k < cap
+            with k > ``sync`` drafts one token more, never accepted: past its first ``sync`` steps the CUDA drafter
+            reads a step's p_max after queueing the next step, where the CPU recording read it at once.
+        sync: ``DraftPolicyConfig.self_stop_sync`` of the replayed drafter.
     """
 
     def __init__(self, tiers: PrecisionTiers, reference: torch.Tensor, rounds: list[tuple[str, int, int]],
-                 stop: tuple[float | None, int] = (None, 0)) -> None:
+                 stop: tuple[float | None, int] = (None, 0), sync: int = 0) -> None:
         self_stop, self.cap = stop
         self.late = self_stop is not None and tiers.model.device.type == "cuda"
         longest = max(k for _, k, _ in rounds) + int(self.late)
         super().__init__(tiers, DraftPolicyConfig(max_lookup_tokens=max(longest, 1), max_self_draft=max(longest, 1),
-                                                  self_stop=self_stop))
+                                                  self_stop=self_stop, self_stop_sync=sync))
         self.reference = reference
         self.rounds = rounds
         self.scheduled_accepted = 0
@@ -131,7 +132,7 @@ class ReplayCandidateGenerator(CascadeCandidateGenerator):
             self.diverged_at = done
         drafter, k, accepted = self.rounds[self._next % len(self.rounds)]
         self._next += 1
-        if drafter == "self" and self.late and 0 < k < self.cap:
+        if drafter == "self" and self.late and self.config.self_stop_sync < k < self.cap:
             k += 1  # the step queued before the doubtful one's p_max is read
         k = max(0, min(k, self._lookup.max_length - input_ids.shape[1] - 1, self.reference.shape[1] - done))
         accepted = min(accepted, k)
@@ -188,46 +189,70 @@ def _compile_kwargs(args) -> dict:
     return {"compile_config": config}
 
 
+def _cascade(model, ids, gen: ReplayCandidateGenerator, reference: torch.Tensor, cache_for_call, extra: dict,
+             args, counter=None) -> dict:
+    """Decode ms/token of the replayed cascade through ``generate``, then one more call checked against greedy."""
+    kwargs = {"custom_generate": cascade_decoding, "candidate_generator": gen, **extra}
+    timing = decode_ms(model, ids, cache_for_call, args.new_tokens, args.repeats, args.device, counter, **kwargs)
+    gen.telemetry.reset()
+    out = generate_once(model, ids, cache_for_call(), args.new_tokens, args.device, **kwargs)["tokens"]
+    report = gen.telemetry.report()
+    kept = sum(d["accepted"] for d in report["drafters"].values())
+    return {"timing": timing, "identical": bool(torch.equal(out, reference)), "diverged_at": gen.diverged_at,
+            "accepted_as_scheduled": kept / gen.scheduled_accepted if gen.scheduled_accepted else None,
+            "stops_fired": gen.stops_fired, "verify_forwards": report["verify_forwards"],
+            "tokens_per_verify": report["tokens_per_verify"],
+            "draft_steps": sum(d["proposed"] for name, d in report["drafters"].items() if name == "self")}
+
+
 def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args, counter=None,
-                  stop: tuple[float | None, int] = (None, 0)) -> dict:
-    """The reference, the baselines and the replayed cascade (eager and compiled) at one prompt length."""
+                  stop: tuple[float | None, int] = (None, 0)) -> list[dict]:
+    """The reference, the baselines (native, and the draft tier decoding alone) and the replayed cascade (eager once,
+    compiled at every ``--self-stop-sync``) at one prompt length: one row per ``self_stop_sync``."""
     ids = prompt(model.config.vocab_size, 1, context, context * 31 + 1, args.device)
     reference = generate_once(model, ids, DynamicCache(), args.new_tokens, args.device,
                               disable_compile=True)["tokens"]
-    row = {"context": context, "new_tokens": args.new_tokens}
-    _record(row, "native_eager", decode_ms(model, ids, DynamicCache, args.new_tokens, args.repeats, args.device,
-                                           disable_compile=True))
+    base = {"context": context, "new_tokens": args.new_tokens}
     compiled = args.device.startswith("cuda") or args.compile_on_cpu
-    gen = ReplayCandidateGenerator(tiers, reference, rounds, stop)
+    longest = max(k for _, k, _ in rounds) + 1
     # room for the fixed-width verify of the last round: every round of the compiled cascade runs its graph
-    static = StaticCache(config=model.config, max_cache_len=context + args.new_tokens + 1 + gen.num_drafting_tokens)
+    static = StaticCache(config=model.config, max_cache_len=context + args.new_tokens + 1 + longest)
 
     def reset_static():
         static.reset()
         return static
 
+    if args.eager:
+        _record(base, "native_eager", decode_ms(model, ids, DynamicCache, args.new_tokens, args.repeats, args.device,
+                                                disable_compile=True))
     if compiled:
-        _record(row, "native_compiled", decode_ms(model, ids, reset_static, args.new_tokens, args.repeats,
-                                                  args.device, counter, **_compile_kwargs(args)))
-    modes = {"cascade_eager": (DynamicCache, {"disable_compile": True})}
-    if compiled:
-        modes["cascade_compiled"] = (reset_static, _compile_kwargs(args))
-    for mode, (cache_for_call, extra) in modes.items():
-        kwargs = {"custom_generate": cascade_decoding, "candidate_generator": gen, **extra}
-        _record(row, mode, decode_ms(model, ids, cache_for_call, args.new_tokens, args.repeats, args.device,
-                                     counter if mode == "cascade_compiled" else None, **kwargs))
-        gen.telemetry.reset()
-        out = generate_once(model, ids, cache_for_call(), args.new_tokens, args.device, **kwargs)["tokens"]
-        report = gen.telemetry.report()
-        kept = sum(d["accepted"] for d in report["drafters"].values())
-        row.update({f"{mode}_identical": bool(torch.equal(out, reference)), f"{mode}_diverged_at": gen.diverged_at,
-                    f"{mode}_accepted_as_scheduled": kept / gen.scheduled_accepted if gen.scheduled_accepted else None,
-                    f"{mode}_stops_fired": gen.stops_fired},
-                   verify_forwards=report["verify_forwards"], tokens_per_verify=report["tokens_per_verify"])
-        for base in ("native_eager", "native_compiled"):
-            if f"{base}_ms" in row:
-                row[f"{mode}_vs_{base}"] = row[f"{base}_ms"] / row[f"{mode}_ms"]
-    return row
+        _record(base, "native_compiled", decode_ms(model, ids, reset_static, args.new_tokens, args.repeats,
+                                                   args.device, counter, **_compile_kwargs(args)))
+        with tiers.use(tiers.fast):  # the draft tier decoding alone: what one draft step costs against native
+            _record(base, "draft_tier_compiled", decode_ms(model, ids, reset_static, args.new_tokens, args.repeats,
+                                                           args.device, **_compile_kwargs(args)))
+        base["draft_step_cost"] = base["draft_tier_compiled_ms"] / base["native_compiled_ms"]
+    rows = []
+    for i, sync in enumerate(args.self_stop_sync):
+        row = dict(base, self_stop_sync=sync)
+        modes = {}
+        if args.eager and i == 0:
+            modes["cascade_eager"] = (DynamicCache, {"disable_compile": True})
+        if compiled:
+            modes["cascade_compiled"] = (reset_static, _compile_kwargs(args))
+        for mode, (cache_for_call, extra) in modes.items():
+            gen = ReplayCandidateGenerator(tiers, reference, rounds, stop, sync)
+            got = _cascade(model, ids, gen, reference, cache_for_call, extra, args,
+                           counter if mode == "cascade_compiled" else None)
+            _record(row, mode, got.pop("timing"))
+            row.update({f"{mode}_{k}": got[k] for k in ("identical", "diverged_at", "accepted_as_scheduled",
+                                                        "stops_fired", "draft_steps")},
+                       verify_forwards=got["verify_forwards"], tokens_per_verify=got["tokens_per_verify"])
+            for ref in ("native_eager", "native_compiled"):
+                if f"{ref}_ms" in row:
+                    row[f"{mode}_vs_{ref}"] = row[f"{ref}_ms"] / row[f"{mode}_ms"]
+        rows.append(row)
+    return rows
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -240,6 +265,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=arg_number(minimum=1, integer=True), default=2)
     p.add_argument("--embed-scale", type=arg_number(minimum=0.0, min_open=True), default=100.0,
                    help="widen_margins' factor: the input embedding's (and so the head's) scale")
+    p.add_argument("--self-stop-sync", type=int_list, default=int_list("0"),
+                   help="DraftPolicyConfig.self_stop_sync values to replay (comma list; one compiled cascade each)")
+    p.add_argument("--no-eager", dest="eager", action="store_false",
+                   help="skip the eager baseline and the eager cascade (compiled modes only)")
     p.add_argument("--compile-on-cpu", action="store_true",
                    help="also time the compiled modes off CUDA (generate compiles on accelerators only by default)")
     p.add_argument("--compile-backend", default="inductor",
@@ -248,9 +277,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-COLUMNS = ["context", "new_tokens", "native_eager_ms", "native_compiled_ms", "cascade_eager_ms", "cascade_compiled_ms",
+COLUMNS = ["context", "new_tokens", "self_stop_sync", "native_eager_ms", "native_compiled_ms",
+           "draft_tier_compiled_ms", "draft_step_cost", "cascade_eager_ms", "cascade_compiled_ms",
            "cascade_eager_vs_native_eager", "cascade_compiled_vs_native_compiled", "cascade_compiled_vs_native_eager",
-           "tokens_per_verify", "verify_forwards", "cascade_eager_accepted_as_scheduled",
+           "tokens_per_verify", "verify_forwards", "cascade_compiled_draft_steps", "cascade_eager_accepted_as_scheduled",
            "cascade_compiled_accepted_as_scheduled", "cascade_eager_identical", "cascade_compiled_identical",
            "native_compiled_recompiles", "native_compiled_captures", "cascade_compiled_recompiles",
            "cascade_compiled_captures"]
@@ -259,13 +289,13 @@ COLUMNS = ["context", "new_tokens", "native_eager_ms", "native_compiled_ms", "ca
 def plot(path: Path, rows: list[dict], title: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    modes = [m for m in ("native_eager", "native_compiled", "cascade_eager", "cascade_compiled")
+    modes = [m for m in ("native_eager", "native_compiled", "draft_tier_compiled", "cascade_eager", "cascade_compiled")
              if any(f"{m}_ms" in r for r in rows)]
     width = 0.8 / len(modes)
     for i, mode in enumerate(modes):
         ax.bar([j + i * width for j in range(len(rows))], [r.get(f"{mode}_ms", 0) for r in rows], width, label=mode)
     ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(rows))])
-    ax.set_xticklabels([f"{r['context']} tokens" for r in rows])
+    ax.set_xticklabels([f"{r['context']} tokens, sync {r['self_stop_sync']}" for r in rows])
     ax.set(ylabel="ms per decoded token", title=title)
     ax.legend()
     save_figure(fig, path)
@@ -279,7 +309,8 @@ def main(argv=None) -> None:
     widen_margins(model, args.embed_scale)
     tiers = prepare_tiers(model, tiers=("int4", "native"))
     counter = CaptureCounter() if args.device.startswith("cuda") else None
-    rows = [bench_context(model, tiers, rounds, c, args, counter, stop) for c in tqdm(args.contexts, desc="cascade replay")]
+    rows = [row for c in tqdm(args.contexts, desc="cascade replay")
+            for row in bench_context(model, tiers, rounds, c, args, counter, stop)]
     name = args.name or f"bench_cascade_replay_{args.shape}"
     env = environment(args.device, model=f"random-init {args.shape}", dtype=args.dtype, schedule=str(args.schedule),
                       run=args.run, rounds=len(rounds), embed_scale=args.embed_scale, self_stop=stop[0])

@@ -8,6 +8,8 @@ import pytest
 
 from helpers import load_eval_script
 
+from hf_adaptive.compat import forward_cache_kwargs
+
 ROUNDS = [["self", 3, 2, 3, 0.9], ["lookup", 4, 4, 5, 0.8], ["none", 0, 0, 1, 0.5], ["self", 2, 0, 1, 0.7]]
 
 
@@ -40,10 +42,34 @@ def test_replay_of_an_own_confidence_recording_runs_the_stop_without_firing(benc
     assert bench.recorded_stop(path) == (0.7, 3)
     out = tmp_path / "out"
     bench.main(["--device", "cpu", "--dtype", "float32", "--shape", "tiny", "--contexts", "24", "--new-tokens", "14",
-                "--repeats", "1", "--schedule", str(path), "--run", "self", "--out", str(out)])
-    (row,) = json.loads((out / "bench_cascade_replay_tiny.json").read_text())["rows"]
+                "--repeats", "1", "--schedule", str(path), "--run", "self", "--out", str(out),
+                "--self-stop-sync", "0,2"])
+    row, second = json.loads((out / "bench_cascade_replay_tiny.json").read_text())["rows"]
     assert row["cascade_eager_identical"] is True and row["cascade_eager_accepted_as_scheduled"] == 1.0
     assert row["cascade_eager_stops_fired"] == 0
+    # one row per self_stop_sync, the eager cascade (slow, and no late reads off CUDA) only in the first
+    assert (row["self_stop_sync"], second["self_stop_sync"]) == (0, 2) and "cascade_eager_ms" not in second
+
+
+def test_replay_drafts_the_late_reads_extra_token_past_the_synced_steps(bench, tmp_path):
+    """Guards the replay's cost of a late stop read: a recorded self round stopped at its token k < cap drafts one
+    token more where the CUDA drafter reads that token's p_max one step late (k > self_stop_sync), none where it was
+    read at once, and a round that ran to the cap none."""
+    tiers = bench.prepare_tiers(bench.build_model("tiny", "cpu", bench.torch.float32), tiers=("int4", "native"))
+    reference = bench.torch.zeros(1, 64, dtype=bench.torch.long)
+    ids = bench.torch.ones(1, 9, dtype=bench.torch.long)
+    rounds = [("self", 1, 0), ("self", 2, 1), ("self", 4, 4)]
+
+    def proposed(sync):
+        gen = bench.ReplayCandidateGenerator(tiers, reference, rounds, (0.7, 4), sync)
+        gen.late = True  # as on CUDA
+        gen.bind(bench.DynamicCache(), None, 64)
+        tiers.model(ids[:, :-1], use_cache=True, **forward_cache_kwargs(tiers.model, gen.cache))
+        return [gen.get_candidates(ids)[0].shape[1] - ids.shape[1] for _ in rounds]
+
+    assert proposed(0) == [2, 3, 4]
+    assert proposed(1) == [1, 3, 4]
+    assert proposed(2) == [1, 2, 4]
 
 
 def test_replay_keeps_the_recorded_counts_and_greedys_tokens(bench, tmp_path):

@@ -127,7 +127,8 @@ def test_a_lookup_that_keeps_failing_gives_way_to_the_self_draft():
 @pytest.mark.parametrize("kwargs", [{"drafters": ("lookup", "eagle")}, {"drafters": ()}, {"max_self_draft": 0},
                                     {"bands": 0.9}, {"self_draft_cost": -0.1}, {"prior_acceptance": 1.5},
                                     {"prior_weight": float("nan")}, {"self_prior": -1.0},
-                                    {"carry": 1.5}, {"self_stop": 0.0}, {"self_stop": 1.0}, {"self_stop": "0.7"}])
+                                    {"carry": 1.5}, {"self_stop": 0.0}, {"self_stop": 1.0}, {"self_stop": "0.7"},
+                                    {"self_stop_sync": -1}, {"self_stop_sync": 1.5}])
 def test_draft_policy_config_refuses_bad_values(kwargs):
     with pytest.raises((ValueError, TypeError)):
         DraftPolicyConfig(**kwargs)
@@ -151,9 +152,10 @@ def test_own_confidence_stop_lets_the_drafter_set_its_length():
     assert choose_draft(0.95, 5, DraftPolicyConfig(self_stop=0.7), record).drafter == "lookup"
 
 
-def _self_stop_run(tiers, ids, self_stop, cache=None, **kw):
+def _self_stop_run(tiers, ids, self_stop, cache=None, sync=0, **kw):
     gen = CascadeCandidateGenerator(tiers, DraftPolicyConfig(drafters=("self",), self_draft_cost=0.0, self_prior=1.0,
-                                                             prior_weight=1e9, self_stop=self_stop))
+                                                             prior_weight=1e9, self_stop=self_stop,
+                                                             self_stop_sync=sync))
     extra = {} if cache is None else {"cache": cache}
     out = tiers.model.generate(ids, custom_generate=cascade_decoding, candidate_generator=gen, max_new_tokens=NEW_TOKENS,
                                **extra, **kw)
@@ -187,6 +189,10 @@ def test_self_draft_reads_its_doubt_one_step_late_on_cuda(repeated_prompt):
     out, doubting = _self_stop_run(tiers, ids, 1 - 1e-9)
     assert torch.equal(out, ref)
     assert doubting and all(r.proposed == 2 for r in doubting[:-1]) and doubting[-1].proposed <= 2
+    # the first self_stop_sync steps are read at once: the draft then ends at its first doubtful token
+    out, waited = _self_stop_run(tiers, ids, 1 - 1e-9, sync=1)
+    assert torch.equal(out, ref)
+    assert waited and all(r.proposed == 1 for r in waited)
 
 
 @pytest.mark.parametrize("cache_kind", ["dynamic", "adaptive"])

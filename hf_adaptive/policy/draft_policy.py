@@ -58,9 +58,12 @@ class DraftPolicyConfig:
         bands: the confidence bands that cap the self-draft's length (unused with ``self_stop``).
         self_stop: None, or a probability in (0, 1): the self-draft stops after the first token whose own p_max (the
             int4 tier's top softmax probability) is below it, so a draft runs on while int4 is sure of itself and
-            ends where it is likely wrong. On CUDA the drafter reads each p_max one draft step late (no wait), so a
-            stopped draft has one token more. The policy then asks for ``max_self_draft`` tokens (see the module
+            ends where it is likely wrong. The policy then asks for ``max_self_draft`` tokens (see the module
             docstring).
+        self_stop_sync: on CUDA, how many leading steps of a self-draft read their p_max at once: the host waits for
+            each such step before queueing the next, so the device idles for one launch. Later steps are read one
+            draft step late, after the next step is queued (no wait), so a draft stopped there carries one token
+            more, which the verifier pays for and rejects. On CPU every p_max is read at once.
     """
 
     drafters: tuple[str, ...] = DRAFTERS
@@ -74,6 +77,7 @@ class DraftPolicyConfig:
     carry: float = 0.5
     bands: PrecisionPolicyConfig = field(default_factory=PrecisionPolicyConfig)
     self_stop: float | None = None
+    self_stop_sync: int = 0
 
     def __post_init__(self) -> None:
         bad = [d for d in self.drafters if d not in DRAFTERS]
@@ -94,6 +98,8 @@ class DraftPolicyConfig:
         if self.self_stop is not None:
             check_number(self.self_stop, "DraftPolicyConfig.self_stop", minimum=0.0, maximum=1.0, min_open=True,
                          max_open=True, fix="self_stop=None (lengths from the confidence bands) or a p_max such as 0.7")
+        check_number(self.self_stop_sync, "DraftPolicyConfig.self_stop_sync", minimum=0, integer=True,
+                     fix="self_stop_sync=0 (every p_max read one step late on CUDA) or e.g. 1")
         check_type(self.bands, "DraftPolicyConfig.bands", PrecisionPolicyConfig,
                    "bands=PrecisionPolicyConfig(high=0.9, low=0.6)")
 

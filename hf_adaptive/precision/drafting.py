@@ -10,8 +10,9 @@ each drafter achieved so far (expected tokens per unit of cost; a share carries 
 - ``"self"``: the same model with its decoder linears switched to the cheapest tier of ``prepare_tiers`` (int4),
   decoding greedily from the generation's own cache; the draft forwards' KV entries are cropped from that cache
   before returning, and the tier switched back, so the verifier writes its own KV at those positions. With
-  ``DraftPolicyConfig.self_stop`` a self-draft ends after its first token whose own int4 p_max is below it (read one
-  draft step late on CUDA, through pinned copies, so no draft step waits for the host).
+  ``DraftPolicyConfig.self_stop`` a self-draft ends after its first token whose own int4 p_max is below it (on CUDA
+  read one draft step late through pinned copies, so the step waits for no host read, except the first
+  ``self_stop_sync`` steps, which are read at once).
 
 ``update_candidate_strategy`` hears how many drafts the verifier kept and its confidence in the next token, and
 records the round in ``history`` (what the policy reads) and ``telemetry``. The decoding loop that calls both is
@@ -122,8 +123,9 @@ class CascadeCandidateGenerator(CandidateGenerator):
         """Up to k greedy tokens of the cheapest tier, decoded from the shared cache, whose entries are then cropped.
 
         With ``config.self_stop`` the draft ends after its first token whose own p_max is below it: read at once on
-        CPU; on CUDA read one step late, after the next step is queued, so the device never waits on the host (the
-        step already queued is kept as one more draft token).
+        CPU and in CUDA's first ``config.self_stop_sync`` steps; later CUDA steps are read one step late, after the
+        next step is queued, so the device does not wait on the host (the step already queued is kept as one more
+        draft token).
         """
         model, start = self.tiers.model, input_ids.shape[1] - 1  # the cache holds input_ids[:, :-1]: no host read
         stop = self.config.self_stop
@@ -142,8 +144,10 @@ class CascadeCandidateGenerator(CandidateGenerator):
                 if stop is None or i == k - 1:
                     continue
                 copy = self._host.start(torch.softmax(logits.float(), dim=-1).amax(-1))
-                judged, pending = (copy if copy[1] is None else pending), copy  # CPU: this step; CUDA: the one before
-                # on CUDA the judged step ran before the one just queued: the wait ends while the device keeps working
+                # CPU, and CUDA's first self_stop_sync steps: this step (a wait on CUDA); later CUDA steps: the one
+                # before, which ran before the step just queued, so the wait ends while the device keeps working
+                now = copy[1] is None or i < self.config.self_stop_sync
+                judged, pending = (copy if now else pending), copy
                 if judged is not None and float(settled(judged)[0]) < stop:
                     ran = i + 1
                     break
