@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from hf_adaptive.precision.int4 import choose_group_size, dequantize_int4_reference, int4_linear, pack_int4
-from hf_adaptive.precision.int4_triton import dequantize_triton_int4, int4_triton_linear, pack_int4_triton
+from hf_adaptive.precision.int4_triton import dequantize_triton_int4, int4_triton_linear, pack_int4_triton, tuned_launch
 
 SHAPES = {  # (N, K) of each distinct decode linear, siblings fused
     "llama-3.1-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -34,6 +34,14 @@ SHAPES = {  # (N, K) of each distinct decode linear, siblings fused
 }
 
 
+def _group_tiles(text: str) -> tuple[int, int]:
+    try:
+        group, tiles = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tinygemm takes GROUP:INNER_K_TILES such as 64:8, got {text!r}") from None
+    return group, tiles
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -41,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     p.add_argument("--inner", type=int, default=20, help="ops per captured graph")
     p.add_argument("--reps", type=int, default=20, help="graph replays timed")
+    p.add_argument("--tinygemm", type=_group_tiles, nargs="*", default=[],
+                   help="extra tinygemm packings as GROUP:INNER_K_TILES, e.g. 64:8 256:8 128:4")
+    p.add_argument("--code-dot", action="store_true",
+                   help="also time the fastest code-dot launch of our Triton kernel on its own")
     return p.parse_args(argv)
 
 
@@ -51,6 +63,15 @@ def bench_shape(n: int, k: int, rows: list[int], args, bandwidth: float) -> list
     tri = pack_int4_triton(w, g, torch.bfloat16)  # includes the per-shape tuning
     tune_s = time.perf_counter() - start
     tiny = pack_int4(w, g, torch.bfloat16)
+    variants = {}  # tinygemm at other group sizes and inner K tiles (the same weights, requantized per group)
+    for spec in args.tinygemm:
+        vg, tiles = spec
+        if k % vg == 0 and k % (16 * tiles) == 0:
+            variants[f"tinygemm_g{vg}_t{tiles}"] = pack_int4(w, vg, torch.bfloat16, inner_k_tiles=tiles)
+    dot = None
+    if args.code_dot:  # the fastest code-dot launch, even where the elementwise gemv won the tuning
+        dot = pack_int4_triton(w, g, torch.bfloat16, tune=False)
+        dot.gemv = tuned_launch(n, k, g, torch.bfloat16, w.device.index or 0, dot=True)
     ref_w = dequantize_triton_int4(tri)
     out = []
     for m in rows:
@@ -60,8 +81,14 @@ def bench_shape(n: int, k: int, rows: list[int], args, bandwidth: float) -> list
         us = {"bf16": time_op(lambda: torch.nn.functional.linear(x, w), args.inner, args.reps),
               "tinygemm": time_op(lambda: int4_linear(x, tiny), args.inner, args.reps),
               "triton": time_op(lambda: int4_triton_linear(x, tri), args.inner, args.reps)}
+        for name, packed in variants.items():
+            us[name] = time_op(lambda packed=packed: int4_linear(x, packed), args.inner, args.reps)
+        if dot is not None:
+            us["code_dot"] = time_op(lambda: int4_triton_linear(x, dot), args.inner, args.reps)
         bf16_bytes, int4_bytes = 2 * n * k, tri.nbytes()
         out.append({"N": n, "K": k, "rows": m, "group": g, "us": us, "triton_launch": tri.gemv.__dict__,
+                    "code_dot_launch": dot.gemv.__dict__ if dot is not None else None,
+                    "int4_GBps": {name: int4_bytes / t / 1e3 for name, t in us.items() if name != "bf16"},
                     "tune_s": tune_s, "triton_vs_bf16": us["bf16"] / us["triton"],
                     "tinygemm_vs_bf16": us["bf16"] / us["tinygemm"], "triton_vs_tinygemm": us["tinygemm"] / us["triton"],
                     "floor_us": {"bf16": bf16_bytes / bandwidth, "int4": int4_bytes / bandwidth},
@@ -86,8 +113,21 @@ def write(out_dir: Path, result: dict) -> None:
         lines.append(f"| {r['model']} | {r['linear']} | {r['N']}x{r['K']} | {r['rows']} | {r['us']['bf16']:.1f} | "
                      f"{r['us']['tinygemm']:.1f} | {r['us']['triton']:.1f} | {r['triton_vs_bf16']:.2f} | "
                      f"{r['tinygemm_vs_bf16']:.2f} | {r['triton_vs_tinygemm']:.2f} | {r['floor_us']['int4']:.1f} | "
-                     f"{launch['block_j']}/{launch['block_k']}/{launch['split_k']}/{launch['num_warps']} | "
+                     f"{'dot ' if launch.get('dot') else ''}{launch['block_j']}/{launch['block_k']}/"
+                     f"{launch['split_k']}/{launch['num_warps']} | "
                      f"{r['rel_err']['triton']:.4f} / {r['rel_err']['tinygemm']:.4f} |")
+    extra = sorted({name for r in result["rows"] for name in r["us"]} - {"bf16", "tinygemm", "triton"})
+    if extra:
+        lines += ["", "Other kernels and packings, µs per call (GB/s of packed int4 bytes):", "",
+                  "| model | linear | rows | tinygemm | " + " | ".join(extra) + " | code-dot launch |",
+                  "|---|---|---|---|" + "---|" * len(extra) + "---|"]
+        for r in result["rows"]:
+            cells = [f"{r['us'][name]:.1f} ({r['int4_GBps'][name]:.0f})" if name in r["us"] else "" for name in extra]
+            launch = r.get("code_dot_launch") or {}
+            lines.append(f"| {r['model']} | {r['linear']} | {r['rows']} | {r['us']['tinygemm']:.1f} "
+                         f"({r['int4_GBps']['tinygemm']:.0f}) | " + " | ".join(cells) + " | "
+                         + (f"{launch['block_j']}/{launch['block_k']}/{launch['split_k']}/{launch['num_warps']}"
+                            if launch else "") + " |")
     for model, per in result.get("step_sums", {}).items():
         lines.append("")
         lines.append(f"{model}, sum over one decode step's linears at 1 row (32/16/28 layers + lm_head): "
@@ -129,7 +169,7 @@ def main(argv=None) -> None:
     for model in args.models:
         one = [r for r in result["rows"] if r["model"] == model and r["rows"] == 1]
         sums = {kern: sum(r["us"][kern] * (1 if r["linear"] == "lm_head" else LAYERS[model]) for r in one)
-                for kern in ("bf16", "tinygemm", "triton")}
+                for kern in one[0]["us"] if all(kern in r["us"] for r in one)}
         result["step_sums"][model] = sums
     write(Path(args.out), result)
     print((Path(args.out) / "results.md").read_text())

@@ -27,7 +27,11 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 # (N, K, group, rows, gemv launch): odd pair counts (N/2 = 45) leave a partial pair block; split K atomics
 INTERPRETER_CASES = [(96, 256, 64, 1, GemvConfig(64, 32, 2, 4)), (90, 256, 128, 1, GemvConfig(64, 64, 1, 4)),
                      (96, 512, 128, 1, GemvConfig(128, 16, 4, 4)), (96, 256, 64, 3, GemvConfig()),
-                     (64, 128, 32, 17, GemvConfig())]
+                     (64, 128, 32, 17, GemvConfig()),
+                     # the code-dot kernel: one row, several rows, a partial pair block, K split over whole groups
+                     (96, 256, 64, 1, GemvConfig(32, 32, 1, 4, dot=True)),
+                     (90, 512, 128, 5, GemvConfig(32, 64, 2, 4, dot=True)),
+                     (64, 256, 32, 16, GemvConfig(32, 32, 4, 2, dot=True))]
 
 
 def test_pack_layout_matches_the_tinygemm_quantization():
@@ -52,22 +56,32 @@ def test_gemv_candidates_respect_the_tile_rules():
     """Guards the tuner's search space: every launch keeps a K tile inside one group, divides K, and leaves
     each split at least two tiles."""
     cands = gemv_candidates(4096, 128)
-    assert cands and all(c.block_k <= 128 and 4096 % (c.block_k * c.split_k) == 0 for c in cands)
-    assert all(4096 // (c.block_k * c.split_k) >= 2 for c in cands)
+    gemv = [c for c in cands if not c.dot]
+    assert gemv and all(c.block_k <= 128 and 4096 % (c.block_k * c.split_k) == 0 for c in gemv)
+    assert all(4096 // (c.block_k * c.split_k) >= 2 for c in gemv)
     assert not [c for c in gemv_candidates(4096, 32) if c.block_k > 32]
+    # code-dot launches: a tile divides the group (the scales apply per group), a split holds whole groups
+    dot = [c for c in cands if c.dot]
+    assert dot and all(128 % c.block_k == 0 and (4096 // 128) % c.split_k == 0 for c in dot)
+    assert not [c for c in gemv_candidates(96 * 3, 96) if c.dot and 96 % c.block_k]
 
 
 def run_case(n: int, k: int, g: int, rows: int, cfg: GemvConfig) -> dict:
     """One interpreter case: the kernel against x @ dequant(W).T in float32 (bf16 activations and output)."""
-    from hf_adaptive.precision.int4_triton import _launch_gemv, int4_triton_linear
+    from hf_adaptive.precision.int4_triton import _launch_code_dot, _launch_gemv, int4_triton_linear
 
     gen = torch.Generator().manual_seed(n + k + rows)
     packed = pack_int4_triton(torch.randn(n, k, generator=gen), g, torch.bfloat16, tune=False)
     x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
     ref = x.float() @ dequantize_triton_int4(packed).T
-    y = (int4_triton_linear(x, packed) if rows > 1 else
-         _launch_gemv(x, packed.qweight, packed.scales, packed.zeros, g, cfg)).float()
-    return {"case": [n, k, g, rows, cfg.split_k], "shape": list(y.shape),
+    if cfg.dot:
+        y = _launch_code_dot(x, packed.qweight, packed.scales, packed.zeros, g, cfg)
+    elif rows > 1:
+        y = int4_triton_linear(x, packed)
+    else:
+        y = _launch_gemv(x, packed.qweight, packed.scales, packed.zeros, g, cfg)
+    y = y.float()
+    return {"case": [n, k, g, rows, cfg.split_k, cfg.dot], "shape": list(y.shape),
             "rel_err": float((y - ref).abs().max() / ref.abs().max())}
 
 
@@ -87,7 +101,7 @@ if __name__ == "__main__":  # the interpreter run of test_kernels_under_triton_i
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-@pytest.mark.parametrize("kernel", ["gemv", "gemv_atomic", "mm"])
+@pytest.mark.parametrize("kernel", ["gemv", "gemv_atomic", "mm", "code_dot", "code_dot_atomic"])
 def test_kernels_compile_for_hopper(kernel):
     """Guards against compile-only failures the interpreter cannot see (dtype mismatches in the loop carry,
     constexpr misuse, tl.dot shapes): each kernel must compile to an sm_90 cubin without a GPU."""
@@ -100,10 +114,14 @@ def test_kernels_compile_for_hopper(kernel):
     if kernel == "mm":
         fn = kernels.int4_mm_kernel
         const = dict(G=128, BLOCK_M=16, BLOCK_K=32, BLOCK_J=64, DOT_DT=triton.language.bfloat16)
+    elif kernel.startswith("code_dot"):  # with the PTX code decode (the interpreter runs the arithmetic one)
+        fn = kernels.int4_code_dot_kernel
+        const = dict(G=128, BLOCK_M=16, BLOCK_K=64, BLOCK_J=64, ATOMIC=kernel.endswith("atomic"), ASM=True,
+                     DOT_DT=triton.language.bfloat16)
     else:
         fn = kernels.int4_gemv_kernel
         const = dict(G=128, BLOCK_K=32, BLOCK_J=128, ATOMIC=kernel == "gemv_atomic")
-    y_type = "*fp32" if kernel == "gemv_atomic" else "*bf16"
+    y_type = "*fp32" if kernel.endswith("atomic") else "*bf16"
     types = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": y_type}
     sig = {name: "constexpr" if name in const else types.get(name, "i32") for name in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),

@@ -68,6 +68,25 @@ def test_int4_triton_tuned_kernel_matches_reference_and_graph_replay(n, k, g):
         assert torch.equal(out, y) or (out.float() - y.float()).abs().max() <= 1e-2 * y.float().abs().max(), w.gemv
 
 
+@pytest.mark.parametrize("n,k,g", [(6144, 4096, 128), (1536, 8960, 128), (256, 576, 64)])
+def test_int4_code_dot_kernel_matches_reference_on_every_launch_family(n, k, g):
+    """Guards the code-dot kernel's PTX decode (bytes to bfloat16 codes, which the interpreter cannot run): the
+    fastest code-dot launch and a split one must match x @ dequant(W).T at 1, 8 and 16 rows."""
+    from hf_adaptive.precision.int4_triton import (GemvConfig, dequantize_triton_int4, int4_triton_linear,
+                                                   pack_int4_triton, tuned_launch)
+
+    torch.manual_seed(0)
+    w = pack_int4_triton(torch.randn(n, k, device="cuda"), g, torch.bfloat16, tune=False)
+    ref_w = dequantize_triton_int4(w)
+    for launch in (tuned_launch(n, k, g, torch.bfloat16, 0, dot=True), GemvConfig(64, 32, 2, 4, dot=True)):
+        w.gemv = launch
+        for rows in (1, 8, 16):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ ref_w.T
+            y = int4_triton_linear(x, w)
+            assert (y.float() - ref).abs().max() / ref.abs().max() < 0.01, (rows, launch)
+
+
 def test_fp8_rowwise_matches_reference():
     """Guards against transposed scales / a row-major weight operand in torch._scaled_mm."""
     if not fp8_supported(torch.device("cuda")):

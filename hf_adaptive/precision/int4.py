@@ -86,16 +86,22 @@ def quantize_groupwise(weight: torch.Tensor, group_size: int) -> tuple[torch.Ten
     return codes.reshape(n, k), scale, zero
 
 
-def pack_int4(weight: torch.Tensor, group_size: int, act_dtype: torch.dtype) -> Int4Weight:
+def pack_int4(weight: torch.Tensor, group_size: int, act_dtype: torch.dtype,
+              inner_k_tiles: int | None = None) -> Int4Weight:
     """Quantize and pack a (N, K) weight for ``int4_linear`` on the weight's device.
 
     Args:
         weight: (N, K) float weight (N = out_features).
         group_size: from ``choose_group_size``.
         act_dtype: dtype of activations at run time (forced to bf16 on CUDA, tinygemm's only dtype).
+        inner_k_tiles: tinygemm's K tiles per packed block, one of ``INNER_K_TILES`` (None: the largest that
+            divides K / 16).
     """
     n, k = weight.shape
-    tiles = _inner_k_tiles(k)
+    tiles = _inner_k_tiles(k) if inner_k_tiles is None else inner_k_tiles
+    if tiles is not None and (tiles not in INNER_K_TILES or k % (16 * tiles)):
+        raise ValueError(f"pack_int4: inner_k_tiles={inner_k_tiles} does not fit K={k}; use one of "
+                         f"{INNER_K_TILES} with K % (16 * inner_k_tiles) == 0, or None")
     multiple = out_multiple_for(weight.device)
     if choose_group_size(k, n, group_size, multiple) != group_size or tiles is None:
         raise ValueError(f"pack_int4: weight (N={n}, K={k}) does not fit group_size={group_size}; use "

@@ -5,15 +5,18 @@ activation row, which caps both the lossy tier's gain and verified mode's draft.
 weight pair, coalesced along N, and is tuned per (N, K) once at pack time.
 
 What it does (``eval/bench_int4_kernels.py``; numbers in the precision area of eval/results/README.md): at one row
-it is slower than tinygemm (the elementwise dequantize-and-FMA loop is ALU-bound, not byte-bound), so it is not the
-default; at several rows its ``tl.dot`` kernel beats tinygemm on the large matrices. A one-row version that
-multiplies the codes on tensor cores and applies scales after the dot is the next thing to try.
+the elementwise dequantize-and-FMA gemv is slower than tinygemm (ALU-bound, not byte-bound), so it is not the
+default; at several rows its ``tl.dot`` kernel beats tinygemm on the large matrices. The code-dot kernel multiplies
+the raw codes on tensor cores (decoded in PTX, about 1.5 instructions per code) and applies each group's scale and
+zero after its dot; the tuner times it beside the gemv launches and keeps the fastest. With a code-dot launch, 1 to
+16 rows take the same kernel.
 
 Contract: ``pack_int4_triton(weight, group_size, act_dtype)`` quantizes a (N, K) weight exactly as ``int4.py``
 does (same codes, scales and mid-point zeros, so both kernels compute with the same weights) and returns a
 ``TritonInt4Weight``; ``int4_triton_linear(x, w)`` computes ``x @ dequant(w).T`` for x (M, K) through the
 custom op ``hf_adaptive::int4_triton_mm`` (opaque to ``torch.compile``; CUDA-graph capturable). One row runs
-``int4_gemv_kernel`` with the tuned (BLOCK_J, BLOCK_K, K splits, warps); more rows run ``int4_mm_kernel``.
+``int4_gemv_kernel`` or ``int4_code_dot_kernel`` (up to 16 rows) with the tuned (BLOCK_J, BLOCK_K, K splits, warps);
+more rows run ``int4_mm_kernel``.
 
 The module imports without triton (``HAS_TRITON`` is False) and does not import it until a kernel runs. Set
 ``TRITON_INTERPRET=1`` before that to run the kernels on CPU tensors through Triton's interpreter (tests); tuning
@@ -59,12 +62,14 @@ def _cdiv(a: int, b: int) -> int:
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch of the one-row kernel: pairs per program, K rows per tile, K splits, warps."""
+    """Launch of the one-row kernel: pairs per program, K rows per tile, K splits, warps, and which kernel
+    (``dot``: the code-dot kernel, which also serves up to 16 rows; else the elementwise gemv)."""
 
     block_j: int = 64
     block_k: int = 32
     split_k: int = 1
     num_warps: int = 4
+    dot: bool = False
 
 
 @dataclass
@@ -126,7 +131,7 @@ def pack_int4_triton(weight: torch.Tensor, group_size: int, act_dtype: torch.dty
     packed = TritonInt4Weight(qweight, scale.T.contiguous().to(act_dtype),
                               (zero - 8 * scale).T.contiguous().to(act_dtype), n, k, group_size, GemvConfig())
     if tune and weight.is_cuda and HAS_TRITON and not _interpreting():
-        packed.gemv = _tuned_gemv(n, k, group_size, act_dtype, weight.device.index or 0)
+        packed.gemv = tuned_launch(n, k, group_size, act_dtype, weight.device.index or 0)
     return packed
 
 
@@ -142,20 +147,24 @@ def int4_triton_linear(x: torch.Tensor, w: TritonInt4Weight) -> torch.Tensor:
     """(M, K) activations times the packed weight -> (M, N) in the scales' dtype."""
     g = w.gemv
     return torch.ops.hf_adaptive.int4_triton_mm(x.to(w.scales.dtype).contiguous(), w.qweight, w.scales, w.zeros,
-                                                w.group_size, g.block_j, g.block_k, g.split_k, g.num_warps)
+                                                w.group_size, g.block_j, g.block_k, g.split_k, g.num_warps, g.dot)
 
 
 @torch.library.custom_op("hf_adaptive::int4_triton_mm", mutates_args=())
 def int4_triton_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   group_size: int, block_j: int, block_k: int, split_k: int, num_warps: int) -> torch.Tensor:
+                   group_size: int, block_j: int, block_k: int, split_k: int, num_warps: int,
+                   dot: bool = False) -> torch.Tensor:
     """(M, K) @ int4 weight -> (M, N); see the module docstring for the layout."""
     if not HAS_TRITON:
         raise RuntimeError("int4_triton_mm needs triton (pip install triton); or prepare the int4 tier with "
                            "int4_kernel='tinygemm'")
     m, k = x.shape
     n_half = qweight.shape[1]
+    cfg = GemvConfig(block_j, block_k, split_k, num_warps, dot)
+    if dot and m <= DOT_ROWS:
+        return _launch_code_dot(x, qweight, scales, zeros, group_size, cfg)
     if m == 1:
-        return _launch_gemv(x, qweight, scales, zeros, group_size, GemvConfig(block_j, block_k, split_k, num_warps))
+        return _launch_gemv(x, qweight, scales, zeros, group_size, cfg)
     y = torch.empty(m, 2 * n_half, dtype=x.dtype, device=x.device)
     bk = min(group_size, 32)
     kernels, interpreting = _kernels(), _interpreting()
@@ -186,20 +195,48 @@ def _launch_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     return y.to(x.dtype) if atomic else y
 
 
+def _launch_code_dot(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_size: int, cfg: GemvConfig) -> torch.Tensor:
+    m = x.shape[0]
+    k, n_half = qweight.shape
+    atomic = cfg.split_k > 1
+    y = (torch.zeros if atomic else torch.empty)(m, 2 * n_half, dtype=torch.float32 if atomic else x.dtype,
+                                                 device=x.device)
+    kernels, interpreting = _kernels(), _interpreting()
+    grid = (_cdiv(n_half, cfg.block_j), cfg.split_k)
+    kernels.int4_code_dot_kernel[grid](
+        x, qweight, scales, zeros, y, m, n_half, k // group_size // cfg.split_k, x.stride(0), y.stride(0),
+        qweight.stride(0), scales.stride(0), G=group_size, BLOCK_M=DOT_ROWS, BLOCK_K=cfg.block_k,
+        BLOCK_J=cfg.block_j, ATOMIC=atomic, ASM=not interpreting,
+        DOT_DT=kernels.tl.float32 if interpreting else kernels.tl.bfloat16, num_warps=cfg.num_warps)
+    return y.to(x.dtype) if atomic else y
+
+
+DOT_ROWS = 16  # rows of the code-dot kernel's tensor-core tile: it serves 1 to 16 activation rows
+
+
 def gemv_candidates(k: int, group_size: int) -> list[GemvConfig]:
-    """Launches worth timing for K: tiles inside one group, K splits that divide the tile count."""
+    """Launches worth timing for K: tiles inside one group, K splits that divide the tile count (elementwise
+    gemv), or the group count (code-dot kernel: a split holds whole groups)."""
     out = []
     for bj, bk, warps in itertools.product((64, 128, 256), (16, 32, 64), (4, 8)):
         if bk > group_size or k % bk or bj * bk > 2048 * warps:  # two fp32 (BLOCK_K, BLOCK_J) accumulators
             continue
         tiles = k // bk
         out += [GemvConfig(bj, bk, s, warps) for s in (1, 2, 4, 8, 16) if tiles % s == 0 and tiles // s >= 2]
+    groups = k // group_size
+    for bj, bk, warps in itertools.product((32, 64, 128), (32, 64), (2, 4, 8)):
+        if bk > group_size or group_size % bk or bj * bk > 2048 * warps:  # two (BLOCK_K, BLOCK_J) code tiles
+            continue
+        out += [GemvConfig(bj, bk, s, warps, dot=True) for s in (1, 2, 4, 8, 16) if groups % s == 0]
     return out
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_gemv(n: int, k: int, group_size: int, dtype: torch.dtype, device_index: int) -> GemvConfig:
-    """The fastest ``gemv_candidates`` launch for this shape on this card (timed once per process)."""
+def tuned_launch(n: int, k: int, group_size: int, dtype: torch.dtype, device_index: int,
+                 dot: bool | None = None) -> GemvConfig:
+    """The fastest ``gemv_candidates`` launch for this shape on this card at one row (timed once per process);
+    ``dot``: only the code-dot launches (True) or only the elementwise ones (False); None: both."""
     import triton.testing
     device = torch.device("cuda", device_index)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -209,8 +246,11 @@ def _tuned_gemv(n: int, k: int, group_size: int, dtype: torch.dtype, device_inde
     x = torch.randn(1, k, device=device, generator=gen).to(dtype)
     timings = {}
     for cfg in gemv_candidates(k, group_size):
+        if dot is not None and cfg.dot != dot:
+            continue
         try:
-            timings[cfg] = triton.testing.do_bench(lambda cfg=cfg: _launch_gemv(x, q, s, z, group_size, cfg),
+            launch = _launch_code_dot if cfg.dot else _launch_gemv
+            timings[cfg] = triton.testing.do_bench(lambda cfg=cfg, launch=launch: launch(x, q, s, z, group_size, cfg),
                                                    warmup=3, rep=10)
         except Exception as exc:  # a launch this card cannot run (registers, shared memory): skip it
             logger.debug("int4 gemv config %s failed: %s", cfg, exc)
