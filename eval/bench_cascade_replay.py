@@ -54,7 +54,7 @@ from hf_adaptive.evaluation.report import markdown_table, write_report  # noqa: 
 from hf_adaptive.policy.draft_policy import NO_DRAFT, DraftChoice, DraftPolicyConfig  # noqa: E402
 from hf_adaptive.precision.cascade import cascade_decoding  # noqa: E402
 from hf_adaptive.precision.drafting import CascadeCandidateGenerator  # noqa: E402
-from hf_adaptive.precision.tiers import PrecisionTiers, prepare_tiers  # noqa: E402
+from hf_adaptive.precision.tiers import INT4_KERNELS, PrecisionTiers, prepare_tiers  # noqa: E402
 from hf_adaptive.validation import arg_number  # noqa: E402
 
 RUNS = ("lookup", "self", "cascade")  # the recorded runs: each drafter alone, and both under the policy
@@ -267,6 +267,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="widen_margins' factor: the input embedding's (and so the head's) scale")
     p.add_argument("--self-stop-sync", type=int_list, default=int_list("0"),
                    help="DraftPolicyConfig.self_stop_sync values to replay (comma list; one compiled cascade each)")
+    p.add_argument("--int4-kernel", choices=INT4_KERNELS, default="auto",
+                   help="the draft tier's CUDA int4 kernel (prepare_tiers' int4_kernel)")
     p.add_argument("--no-eager", dest="eager", action="store_false",
                    help="skip the eager baseline and the eager cascade (compiled modes only)")
     p.add_argument("--compile-on-cpu", action="store_true",
@@ -307,13 +309,14 @@ def main(argv=None) -> None:
     rounds, stop = load_rounds(args.schedule, args.run), recorded_stop(args.schedule)
     model = build_model(args.shape, args.device, getattr(torch, args.dtype))
     widen_margins(model, args.embed_scale)
-    tiers = prepare_tiers(model, tiers=("int4", "native"))
+    tiers = prepare_tiers(model, tiers=("int4", "native"), int4_kernel=args.int4_kernel)
     counter = CaptureCounter() if args.device.startswith("cuda") else None
     rows = [row for c in tqdm(args.contexts, desc="cascade replay")
             for row in bench_context(model, tiers, rounds, c, args, counter, stop)]
     name = args.name or f"bench_cascade_replay_{args.shape}"
     env = environment(args.device, model=f"random-init {args.shape}", dtype=args.dtype, schedule=str(args.schedule),
-                      run=args.run, rounds=len(rounds), embed_scale=args.embed_scale, self_stop=stop[0])
+                      run=args.run, rounds=len(rounds), embed_scale=args.embed_scale, self_stop=stop[0],
+                      int4_kernel=args.int4_kernel)
     write_report(args.out, name, {"rows": rows}, env, markdown_table(rows, COLUMNS),
                  f"Draft cascade replayed through model.generate: random-init {args.shape} on {card}",
                  notes="Each round's drafter runs for real; the proposal then carries greedy's next tokens for the "
