@@ -22,9 +22,12 @@ bytes, kernels) is that of the real shape; only the values that pick the tokens 
 Timing as ``bench_generate.py``: decode ms/token = (t(N new) - t(1 new)) / (N - 1), median of ``--repeats`` calls
 after a warm-up of each mode. Modes: ``native_eager`` (DynamicCache, compile disabled) and ``cascade_eager`` (the
 cascade on DynamicCache, every forward eager); on CUDA (or with ``--compile-on-cpu``) also ``native_compiled``
-(StaticCache, generate's compiled step) and ``cascade_compiled`` (the cascade on StaticCache: its verify forwards at
-fixed widths and its int4 draft steps through generate's compiled call, each a captured graph). Every ratio is
-taken in the same run; identity and ``accepted_as_scheduled`` are reported per cascade mode.
+(StaticCache, generate's compiled step), ``native_overlapped`` (the same with the stop flag read one step late,
+``hf_adaptive.overlap``), ``draft_tier_compiled`` (the int4 tier decoding alone as ``native_compiled``; over it,
+``draft_step_cost``), ``cascade_compiled`` (the cascade on StaticCache: its verify forwards at fixed widths and its
+int4 draft steps through generate's compiled call, cudagraph trees) and ``cascade_captured`` (the same forwards as
+the cascade's own CUDA graphs, ``CascadeCandidateGenerator(step_graphs=True)``). Every ratio is taken in the same
+run; identity and ``accepted_as_scheduled`` are reported per cascade mode.
 
 GPU (Llama-3.1-8B shape, the modernize schedule of Qwen2.5-Coder-1.5B, a 64- and a 4096-token prompt):
     python eval/bench_cascade_replay.py --shape llama-3.1-8b --contexts 64,4096 \
@@ -43,7 +46,8 @@ import time
 from pathlib import Path
 
 from _common import environment, pyplot, save_figure  # first: sets the offline default
-from _generate_timing import (SHAPES, CaptureCounter, add_run_arguments, build_model, generate_once, int_list,
+from _generate_timing import (SHAPES, CaptureCounter, add_run_arguments, build_model, choice_list, generate_once,
+                              int_list, stop_check_variant,
                               prepare_run, prompt, timed_calls)
 
 import torch  # noqa: E402
@@ -58,6 +62,7 @@ from hf_adaptive.precision.tiers import INT4_KERNELS, PrecisionTiers, prepare_ti
 from hf_adaptive.validation import arg_number  # noqa: E402
 
 RUNS = ("lookup", "self", "cascade")  # the recorded runs: each drafter alone, and both under the policy
+PATH_MODES = {"trees": "cascade_compiled", "captured": "cascade_captured"}  # --paths: how compiled forwards run
 
 
 def recorded_stop(path: Path) -> tuple[float | None, int]:
@@ -100,15 +105,17 @@ class ReplayCandidateGenerator(CascadeCandidateGenerator):
             with k > ``sync`` drafts one token more, never accepted: past its first ``sync`` steps the CUDA drafter
             reads a step's p_max after queueing the next step, where the CPU recording read it at once.
         sync: ``DraftPolicyConfig.self_stop_sync`` of the replayed drafter.
+        step_graphs: the generator's ``step_graphs`` (compiled forwards as its own CUDA graphs on a StaticCache).
     """
 
     def __init__(self, tiers: PrecisionTiers, reference: torch.Tensor, rounds: list[tuple[str, int, int]],
-                 stop: tuple[float | None, int] = (None, 0), sync: int = 0) -> None:
+                 stop: tuple[float | None, int] = (None, 0), sync: int = 0, step_graphs: bool = True) -> None:
         self_stop, self.cap = stop
         self.late = self_stop is not None and tiers.model.device.type == "cuda"
         longest = max(k for _, k, _ in rounds) + int(self.late)
         super().__init__(tiers, DraftPolicyConfig(max_lookup_tokens=max(longest, 1), max_self_draft=max(longest, 1),
-                                                  self_stop=self_stop, self_stop_sync=sync))
+                                                  self_stop=self_stop, self_stop_sync=sync),
+                         step_graphs=step_graphs)
         self.reference = reference
         self.rounds = rounds
         self.scheduled_accepted = 0
@@ -216,7 +223,8 @@ def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args, coun
     compiled = args.device.startswith("cuda") or args.compile_on_cpu
     longest = max(k for _, k, _ in rounds) + 1
     # room for the fixed-width verify of the last round: every round of the compiled cascade runs its graph
-    static = StaticCache(config=model.config, max_cache_len=context + args.new_tokens + 1 + longest)
+    room = context + args.new_tokens + 1 + longest
+    static = StaticCache(config=model.config, max_cache_len=room)
 
     def reset_static():
         static.reset()
@@ -228,6 +236,15 @@ def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args, coun
     if compiled:
         _record(base, "native_compiled", decode_ms(model, ids, reset_static, args.new_tokens, args.repeats,
                                                    args.device, counter, **_compile_kwargs(args)))
+        overlapped = stop_check_variant(StaticCache(config=model.config, max_cache_len=room),
+                                        "static_deferred")
+
+        def reset_overlapped():
+            overlapped.reset()
+            return overlapped
+
+        _record(base, "native_overlapped", decode_ms(model, ids, reset_overlapped, args.new_tokens, args.repeats,
+                                                     args.device, **_compile_kwargs(args)))
         with tiers.use(tiers.fast):  # the draft tier decoding alone: what one draft step costs against native
             _record(base, "draft_tier_compiled", decode_ms(model, ids, reset_static, args.new_tokens, args.repeats,
                                                            args.device, **_compile_kwargs(args)))
@@ -238,17 +255,18 @@ def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args, coun
         modes = {}
         if args.eager and i == 0:
             modes["cascade_eager"] = (DynamicCache, {"disable_compile": True})
-        if compiled:
-            modes["cascade_compiled"] = (reset_static, _compile_kwargs(args))
+        if compiled:  # through generate's compiled call (cudagraph trees), and through the cascade's own graphs
+            for path in args.paths:
+                modes[PATH_MODES[path]] = (reset_static, _compile_kwargs(args))
         for mode, (cache_for_call, extra) in modes.items():
-            gen = ReplayCandidateGenerator(tiers, reference, rounds, stop, sync)
+            gen = ReplayCandidateGenerator(tiers, reference, rounds, stop, sync, step_graphs=mode == "cascade_captured")
             got = _cascade(model, ids, gen, reference, cache_for_call, extra, args,
-                           counter if mode == "cascade_compiled" else None)
+                           counter if mode != "cascade_eager" else None)
             _record(row, mode, got.pop("timing"))
             row.update({f"{mode}_{k}": got[k] for k in ("identical", "diverged_at", "accepted_as_scheduled",
                                                         "stops_fired", "draft_steps")},
                        verify_forwards=got["verify_forwards"], tokens_per_verify=got["tokens_per_verify"])
-            for ref in ("native_eager", "native_compiled"):
+            for ref in ("native_eager", "native_compiled", "native_overlapped"):
                 if f"{ref}_ms" in row:
                     row[f"{mode}_vs_{ref}"] = row[f"{ref}_ms"] / row[f"{mode}_ms"]
         rows.append(row)
@@ -269,6 +287,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DraftPolicyConfig.self_stop_sync values to replay (comma list; one compiled cascade each)")
     p.add_argument("--int4-kernel", choices=INT4_KERNELS, default="auto",
                    help="the draft tier's CUDA int4 kernel (prepare_tiers' int4_kernel)")
+    p.add_argument("--paths", type=lambda text: choice_list(p, text, tuple(PATH_MODES), "--paths"),
+                   default=list(PATH_MODES),
+                   help="compiled cascades to time: trees (generate's compiled call) and/or captured (the cascade's "
+                        "own CUDA graphs, CascadeCandidateGenerator(step_graphs=True))")
     p.add_argument("--no-eager", dest="eager", action="store_false",
                    help="skip the eager baseline and the eager cascade (compiled modes only)")
     p.add_argument("--compile-on-cpu", action="store_true",
@@ -279,10 +301,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-COLUMNS = ["context", "new_tokens", "self_stop_sync", "native_eager_ms", "native_compiled_ms",
+COLUMNS = ["context", "new_tokens", "self_stop_sync", "native_eager_ms", "native_compiled_ms", "native_overlapped_ms",
            "draft_tier_compiled_ms", "draft_step_cost", "cascade_eager_ms", "cascade_compiled_ms",
-           "cascade_eager_vs_native_eager", "cascade_compiled_vs_native_compiled", "cascade_compiled_vs_native_eager",
-           "tokens_per_verify", "verify_forwards", "cascade_compiled_draft_steps", "cascade_eager_accepted_as_scheduled",
+           "cascade_captured_ms", "cascade_eager_vs_native_eager", "cascade_compiled_vs_native_compiled",
+           "cascade_captured_vs_native_compiled", "cascade_captured_vs_native_overlapped",
+           "cascade_compiled_vs_native_eager",
+           "tokens_per_verify", "verify_forwards", "cascade_compiled_draft_steps", "cascade_captured_draft_steps",
+           "cascade_eager_accepted_as_scheduled", "cascade_captured_identical", "cascade_captured_captures",
            "cascade_compiled_accepted_as_scheduled", "cascade_eager_identical", "cascade_compiled_identical",
            "native_compiled_recompiles", "native_compiled_captures", "cascade_compiled_recompiles",
            "cascade_compiled_captures"]
@@ -291,7 +316,8 @@ COLUMNS = ["context", "new_tokens", "self_stop_sync", "native_eager_ms", "native
 def plot(path: Path, rows: list[dict], title: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    modes = [m for m in ("native_eager", "native_compiled", "draft_tier_compiled", "cascade_eager", "cascade_compiled")
+    modes = [m for m in ("native_eager", "native_compiled", "draft_tier_compiled", "cascade_eager", "cascade_compiled",
+                         "cascade_captured")
              if any(f"{m}_ms" in r for r in rows)]
     width = 0.8 / len(modes)
     for i, mode in enumerate(modes):

@@ -195,6 +195,85 @@ def test_self_draft_reads_its_doubt_one_step_late_on_cuda(repeated_prompt):
     assert waited and all(r.proposed == 1 for r in waited)
 
 
+def _gen(tiers, drafters, **kw):
+    return CascadeCandidateGenerator(tiers, DraftPolicyConfig(drafters=drafters, bands=ALWAYS, self_draft_cost=0.0,
+                                                              self_prior=1.0, prior_acceptance=1.0, prior_weight=1e9),
+                                     **kw)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_captured_steps_drive_the_compiled_cascade_on_a_static_cache(repeated_prompt, arch):
+    """Guards the cascade's own step graphs on the CPU (their compiled forwards on static buffers, un-captured):
+    on a StaticCache the compiled cascade runs every decode forward through the generator's ``CapturedSteps``, one
+    entry per (tier, width, logits kept): the verify widths at the top tier and one-token steps at the int4 tier.
+    Tokens equal greedy's and the path through generate's compiled call (``step_graphs=False``); a second call on
+    the same cache object, reset, reuses the entries."""
+    from hf_adaptive.precision.cascade import verify_widths
+
+    tiers = _tiers(arch)
+    model = tiers.model
+    ref = model.generate(repeated_prompt, do_sample=False, max_new_tokens=NEW_TOKENS, cache=_cache("static", model),
+                         disable_compile=True)
+    cache = _cache("static", model)
+    gen = _gen(tiers, ("lookup", "self"))
+    for _ in range(2):
+        cache.reset()
+        out = model.generate(repeated_prompt, custom_generate=cascade_decoding, candidate_generator=gen, cache=cache,
+                             max_new_tokens=NEW_TOKENS, compile_config=_cpu_compile())
+        assert torch.equal(out, ref)
+        steps = gen.captured_steps(_cpu_compile())
+        keys = set(steps.steps)
+        assert steps.cache is cache and not steps.use_graphs
+        assert {(tier, shape[1]) for tier, shape, _ in keys} <= {("fp32", w) for w in verify_widths(8)} | {("int4", 1)}
+        assert ("int4", (1, 1), 1) in keys and any(tier == "fp32" for tier, _, _ in keys)
+    trees = _gen(tiers, ("lookup", "self"), step_graphs=False)
+    out = model.generate(repeated_prompt, custom_generate=cascade_decoding, candidate_generator=trees,
+                         cache=_cache("static", model), max_new_tokens=NEW_TOKENS, compile_config=_cpu_compile())
+    assert torch.equal(out, ref) and trees._captured is None
+
+
+def test_captured_steps_take_static_caches_only(tiers):
+    """Guards what a captured graph may freeze: only caches whose length lives on the device and advances inside the
+    forward; a DynamicCache (host-side lengths) or AdaptiveStaticKVCache (host-side decisions per step) is refused
+    with the fix named, and the cascade then keeps generate's compiled call for them."""
+    from hf_adaptive.precision.step_graphs import CapturedSteps, supports
+
+    model = tiers.model
+    assert supports(_cache("static", model))
+    assert not supports(_cache("dynamic", model)) and not supports(_cache("adaptive_static", model))
+    steps = CapturedSteps(model, tiers, compile_backend=None)
+    ids = torch.ones(1, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="StaticCache"):
+        steps(input_ids=ids, position_ids=ids, cache=_cache("dynamic", model))
+    with pytest.raises(TypeError, match="cache keyword"):
+        steps(input_ids=ids, position_ids=ids)
+    with pytest.raises(TypeError, match="step_graphs"):
+        CascadeCandidateGenerator(tiers, step_graphs="yes")
+
+
+@pytest.mark.gpu
+def test_captured_cascade_replays_its_graphs_on_cuda(repeated_prompt):
+    """Guards the captured path on a GPU: each (tier, width) forward is captured once (warm-up runs taken back off
+    the cache, so the KV stays greedy's), later rounds and a second generation on the reset cache replay the same
+    graphs, and the tokens equal greedy's."""
+    tiers = prepare_tiers(make_tiny_model("qwen2").cuda(), tiers=("int4", "fp32"))
+    model = tiers.model
+    ids = repeated_prompt.cuda()
+    ref = model.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS, disable_compile=True)
+    cache = StaticCache(config=model.config, max_cache_len=128)
+    gen = _gen(tiers, ("lookup", "self"))
+    captures = []
+    for _ in range(2):
+        cache.reset()
+        out = model.generate(ids, custom_generate=cascade_decoding, candidate_generator=gen, cache=cache,
+                             max_new_tokens=NEW_TOKENS)
+        assert torch.equal(out, ref)
+        steps = gen.captured_steps()
+        captures.append(steps.captures)
+        assert steps.use_graphs and all(step.graph is not None for step in steps.steps.values())
+    assert captures[0] == len(gen.captured_steps().steps) >= 2 and captures[1] == captures[0]
+
+
 @pytest.mark.parametrize("cache_kind", ["dynamic", "adaptive"])
 @pytest.mark.parametrize("drafters, used", [(("lookup",), "lookup"), (("self",), "self"),
                                             (("lookup", "self"), "lookup")])

@@ -22,7 +22,9 @@ generator itself (prompt lookup, assistant model, early exit) with no argument t
 Compiled rounds: where ``generate`` would compile its decode step (a compileable cache such as ``StaticCache`` or
 ``AdaptiveStaticKVCache`` on an accelerator, ``disable_compile`` not set; ``compile_config`` is honoured), the
 cascade runs its decode forwards through that same compiled call (``model.get_compiled_call``), at fixed shapes so
-that each is one captured graph: a verify feeds one of ``verify_widths(num_drafting_tokens)`` tokens (1 for a
+that each is one captured graph (on a ``StaticCache``, a graph the cascade captures itself, ``step_graphs``, whose
+replay skips dynamo's per-call guards; elsewhere cudagraph trees'): a verify feeds one of
+``verify_widths(num_drafting_tokens)`` tokens (1 for a
 draft-less round, i.e. generate's own decode step; a draft is padded with its last token up to the next width, the
 padded rows computed and ignored: at batch 1 a step reads the weights once however many rows it has), and the
 self-draft's one-token steps run the int4 tier's own graph. A verify that would not fit the cache's
@@ -50,6 +52,7 @@ from hf_adaptive.compat import (activate_past_recording, cache_kwarg_name, crop_
 from hf_adaptive.precision.capture import begin_graph_step
 from hf_adaptive.precision.confidence import confidence_score
 from hf_adaptive.precision.drafting import CascadeCandidateGenerator
+from hf_adaptive.precision.step_graphs import supports
 
 def _check(model, input_ids: torch.Tensor, generation_config, generator, cache) -> None:
     if not isinstance(generator, CascadeCandidateGenerator):
@@ -101,15 +104,20 @@ def verify_widths(longest_draft: int) -> tuple[int, ...]:
 
 
 def _forwards(model, cache, generator: CascadeCandidateGenerator, generation_config, model_kwargs) -> _Forwards:
-    """Compiled fixed-width rounds where ``generate`` would compile its decode step, eager rounds elsewhere. A cache
-    whose compiled step takes one token only (``compiled_step_tokens = 1``: ``AdaptiveStaticKVCache``) compiles the
-    self-draft's steps and the draft-less rounds, and verifies drafts eagerly."""
+    """Compiled fixed-width rounds where ``generate`` would compile its decode step, eager rounds elsewhere. On a
+    static cache (``step_graphs.supports``) with ``generator.step_graphs`` on, each compiled forward is a CUDA graph
+    of its own (``CapturedSteps``), replayed without dynamo's per-call guard checks; otherwise ``generate``'s compiled
+    call runs them. A cache whose compiled step takes one token only (``compiled_step_tokens = 1``:
+    ``AdaptiveStaticKVCache``) compiles the self-draft's steps and the draft-less rounds, and verifies drafts eagerly."""
     if not (getattr(cache, "is_compileable", False)
             and model._valid_auto_compile_criteria(model_kwargs, generation_config)):
         return _Forwards(model, model)
-    step = model.get_compiled_call(generation_config.compile_config)
     room = getattr(cache, "max_cache_len", None)
     room = int(room) if room is not None else None
+    if generator.step_graphs and supports(cache):
+        return _Forwards(model, generator.captured_steps(generation_config.compile_config),
+                         verify_widths(generator.num_drafting_tokens), room)
+    step = model.get_compiled_call(generation_config.compile_config)
     if getattr(cache, "compiled_step_tokens", None) == 1:
         return _Forwards(model, step, (1,), room)
     return _Forwards(model, step, verify_widths(generator.num_drafting_tokens), room)

@@ -34,6 +34,7 @@ from hf_adaptive.precision.capture import begin_graph_step
 from hf_adaptive.precision.confidence import ConfidenceWeights, confidence_score
 from hf_adaptive.precision.draft_telemetry import DraftTelemetry, RoundRecord
 from hf_adaptive.precision.host_copies import HostCopies, settled
+from hf_adaptive.precision.step_graphs import CapturedSteps
 from hf_adaptive.precision.tiers import PrecisionTiers
 from hf_adaptive.validation import check_number, check_type
 
@@ -47,10 +48,14 @@ class CascadeCandidateGenerator(CandidateGenerator):
         config: drafters, caps and confidence bands (``DraftPolicyConfig``).
         max_matching_ngram_size: longest n-gram the lookup matches (it tries shorter ones down to 1).
         weights: the confidence score's weights (``ConfidenceWeights``).
+        step_graphs: where the cascade runs compiled on a ``StaticCache``, capture each forward (verify widths, the
+            int4 draft step) as a CUDA graph of its own and replay it (``step_graphs.CapturedSteps``: a few launches
+            of host time), instead of ``generate``'s compiled call (dynamo's guard checks on every forward).
     """
 
     def __init__(self, tiers: PrecisionTiers, config: DraftPolicyConfig | None = None, *,
-                 max_matching_ngram_size: int = 3, weights: ConfidenceWeights | None = None) -> None:
+                 max_matching_ngram_size: int = 3, weights: ConfidenceWeights | None = None,
+                 step_graphs: bool = True) -> None:
         check_type(tiers, "CascadeCandidateGenerator: tiers", PrecisionTiers,
                    "tiers = prepare_tiers(model, tiers=('int4', 'fp32'))")
         check_number(max_matching_ngram_size, "CascadeCandidateGenerator: max_matching_ngram_size", minimum=1,
@@ -63,6 +68,9 @@ class CascadeCandidateGenerator(CandidateGenerator):
                              f"tiers has only {tiers.ladder}. Fix: prepare_tiers(model, tiers=('int4', "
                              "'fp32')) (or 'native' for a 16-bit model), or DraftPolicyConfig(drafters=('lookup',))")
         self.max_matching_ngram_size = max_matching_ngram_size
+        check_type(step_graphs, "CascadeCandidateGenerator: step_graphs", bool, "step_graphs=True")
+        self.step_graphs = step_graphs
+        self._captured: tuple[str, CapturedSteps] | None = None  # (compile backend, the graphs), across generations
         self.weights = weights or ConfidenceWeights()
         self.telemetry = DraftTelemetry()
         self.cache = None
@@ -85,6 +93,15 @@ class CascadeCandidateGenerator(CandidateGenerator):
         self._lookup = PromptLookupCandidateGenerator(
             eos_token_id=eos_token_id, num_output_tokens=self.config.max_lookup_tokens,
             max_matching_ngram_size=self.max_matching_ngram_size, max_length=max_length)
+
+    def captured_steps(self, compile_config=None) -> CapturedSteps:
+        """This generator's ``CapturedSteps`` for its model (kept across generations, so graphs captured on a cache
+        that is reset and passed again are replayed, not captured again), compiled with ``compile_config``'s
+        backend (``generate``'s ``CompileConfig``; None: inductor)."""
+        backend = getattr(compile_config, "backend", None) or "inductor"
+        if self._captured is None or self._captured[0] != backend:
+            self._captured = (backend, CapturedSteps(self.tiers.model, self.tiers, backend))
+        return self._captured[1]
 
     @property
     def num_drafting_tokens(self) -> int:
