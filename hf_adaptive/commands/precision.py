@@ -136,7 +136,16 @@ def _run_cascade(tiers, ids, args):
 
     config = DraftPolicyConfig(max_self_draft=args.max_draft or 8, self_stop=args.self_stop)
     gen = CascadeCandidateGenerator(tiers, config)
+    cache = {}
+    if ids.is_cuda:  # a StaticCache with room for the last round's verify: compiled rounds, each its own graph
+        from transformers import StaticCache
+
+        from hf_adaptive.compat import generate_cache_kwargs
+
+        room = ids.shape[1] + args.max_new_tokens + gen.num_drafting_tokens + 1
+        cache = generate_cache_kwargs(StaticCache(config=tiers.model.config, max_cache_len=room))
     with torch.inference_mode():
         out = tiers.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                                   do_sample=False, custom_generate=cascade_decoding, candidate_generator=gen)
+                                   do_sample=False, custom_generate=cascade_decoding, candidate_generator=gen,
+                                   **cache)
     return out[0, ids.shape[1]:], gen.telemetry
