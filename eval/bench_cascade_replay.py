@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -61,6 +62,7 @@ from hf_adaptive.precision.drafting import CascadeCandidateGenerator  # noqa: E4
 from hf_adaptive.precision.tiers import INT4_KERNELS, PrecisionTiers, prepare_tiers  # noqa: E402
 from hf_adaptive.validation import arg_number  # noqa: E402
 
+logger = logging.getLogger("bench_cascade_replay")
 RUNS = ("lookup", "self", "cascade")  # the recorded runs: each drafter alone, and both under the policy
 PATH_MODES = {"trees": "cascade_compiled", "captured": "cascade_captured"}  # --paths: how compiled forwards run
 
@@ -260,8 +262,13 @@ def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args, coun
                 modes[PATH_MODES[path]] = (reset_static, _compile_kwargs(args))
         for mode, (cache_for_call, extra) in modes.items():
             gen = ReplayCandidateGenerator(tiers, reference, rounds, stop, sync, step_graphs=mode == "cascade_captured")
-            got = _cascade(model, ids, gen, reference, cache_for_call, extra, args,
-                           counter if mode != "cascade_eager" else None)
+            try:
+                got = _cascade(model, ids, gen, reference, cache_for_call, extra, args,
+                               counter if mode != "cascade_eager" else None)
+            except Exception as exc:  # one path failing (e.g. a capture) must not lose the other modes' numbers
+                row[f"{mode}_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                logger.exception("bench_cascade_replay: %s failed", mode)
+                continue
             _record(row, mode, got.pop("timing"))
             row.update({f"{mode}_{k}": got[k] for k in ("identical", "diverged_at", "accepted_as_scheduled",
                                                         "stops_fired", "draft_steps")},
@@ -310,7 +317,7 @@ COLUMNS = ["context", "new_tokens", "self_stop_sync", "native_eager_ms", "native
            "cascade_eager_accepted_as_scheduled", "cascade_captured_identical", "cascade_captured_captures",
            "cascade_compiled_accepted_as_scheduled", "cascade_eager_identical", "cascade_compiled_identical",
            "native_compiled_recompiles", "native_compiled_captures", "cascade_compiled_recompiles",
-           "cascade_compiled_captures"]
+           "cascade_compiled_captures", "cascade_captured_error", "cascade_compiled_error"]
 
 
 def plot(path: Path, rows: list[dict], title: str) -> None:
