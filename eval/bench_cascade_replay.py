@@ -276,6 +276,7 @@ def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args, coun
             for ref in ("native_eager", "native_compiled", "native_overlapped"):
                 if f"{ref}_ms" in row:
                     row[f"{mode}_vs_{ref}"] = row[f"{ref}_ms"] / row[f"{mode}_ms"]
+            tqdm.write(f"{mode} (sync {sync}): {json.dumps(row)}")  # in the log even if the run is cut short
         rows.append(row)
     return rows
 
