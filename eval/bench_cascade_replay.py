@@ -238,6 +238,7 @@ def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args, coun
     if compiled:
         _record(base, "native_compiled", decode_ms(model, ids, reset_static, args.new_tokens, args.repeats,
                                                    args.device, counter, **_compile_kwargs(args)))
+    if compiled and args.extra_baselines:
         overlapped = stop_check_variant(StaticCache(config=model.config, max_cache_len=room),
                                         "static_deferred")
 
@@ -299,6 +300,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default=list(PATH_MODES),
                    help="compiled cascades to time: trees (generate's compiled call) and/or captured (the cascade's "
                         "own CUDA graphs, CascadeCandidateGenerator(step_graphs=True))")
+    p.add_argument("--no-extra-baselines", dest="extra_baselines", action="store_false",
+                   help="skip native_overlapped and draft_tier_compiled (each compiles its own graphs)")
     p.add_argument("--no-eager", dest="eager", action="store_false",
                    help="skip the eager baseline and the eager cascade (compiled modes only)")
     p.add_argument("--compile-on-cpu", action="store_true",
