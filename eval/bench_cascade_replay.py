@@ -111,7 +111,7 @@ class ReplayCandidateGenerator(CascadeCandidateGenerator):
     """
 
     def __init__(self, tiers: PrecisionTiers, reference: torch.Tensor, rounds: list[tuple[str, int, int]],
-                 stop: tuple[float | None, int] = (None, 0), sync: int = 0, step_graphs: bool = True) -> None:
+                 stop: tuple[float | None, int] = (None, 0), sync: int = 0, step_graphs: bool = False) -> None:
         self_stop, self.cap = stop
         self.late = self_stop is not None and tiers.model.device.type == "cuda"
         longest = max(k for _, k, _ in rounds) + int(self.late)

@@ -215,7 +215,7 @@ def test_captured_steps_drive_the_compiled_cascade_on_a_static_cache(repeated_pr
     ref = model.generate(repeated_prompt, do_sample=False, max_new_tokens=NEW_TOKENS, cache=_cache("static", model),
                          disable_compile=True)
     cache = _cache("static", model)
-    gen = _gen(tiers, ("lookup", "self"))
+    gen = _gen(tiers, ("lookup", "self"), step_graphs=True)
     for _ in range(2):
         cache.reset()
         out = model.generate(repeated_prompt, custom_generate=cascade_decoding, candidate_generator=gen, cache=cache,
@@ -226,7 +226,7 @@ def test_captured_steps_drive_the_compiled_cascade_on_a_static_cache(repeated_pr
         assert steps.cache is cache and not steps.use_graphs
         assert {(tier, shape[1]) for tier, shape, _ in keys} <= {("fp32", w) for w in verify_widths(8)} | {("int4", 1)}
         assert ("int4", (1, 1), 1) in keys and any(tier == "fp32" for tier, _, _ in keys)
-    trees = _gen(tiers, ("lookup", "self"), step_graphs=False)
+    trees = _gen(tiers, ("lookup", "self"))  # the default: generate's compiled call
     out = model.generate(repeated_prompt, custom_generate=cascade_decoding, candidate_generator=trees,
                          cache=_cache("static", model), max_new_tokens=NEW_TOKENS, compile_config=_cpu_compile())
     assert torch.equal(out, ref) and trees._captured is None
@@ -261,7 +261,7 @@ def test_captured_cascade_replays_its_graphs_on_cuda(repeated_prompt):
     ids = repeated_prompt.cuda()
     ref = model.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS, disable_compile=True)
     cache = StaticCache(config=model.config, max_cache_len=128)
-    gen = _gen(tiers, ("lookup", "self"))
+    gen = _gen(tiers, ("lookup", "self"), step_graphs=True)
     captures = []
     for _ in range(2):
         cache.reset()

@@ -142,3 +142,16 @@ def test_prepare_tiers_int4_kernel_choice():
     if HAS_TRITON:
         tiers = prepare_tiers(make_tiny_model("llama"), tiers=("int4", "fp32"), int4_kernel="triton")
         assert all(isinstance(m.formats["int4"], Int4Weight) for m in tiers.modules if "int4" in m.formats)
+
+
+def test_tuner_reference_row_is_the_dequantized_product():
+    """Guards the tuner's gate (each launch must match this before it is timed): the chunked reference equals
+    x @ dequant(W).T of the whole matrix, across chunk edges and both nibbles."""
+    from hf_adaptive.precision.int4_triton import _reference_row
+
+    gen = torch.Generator().manual_seed(3)
+    packed = pack_int4_triton(torch.randn(96, 256, generator=gen), 64, torch.float32, tune=False)
+    x = torch.randn(1, 256, generator=gen)
+    want = (x @ dequantize_triton_int4(packed).T)[0]
+    got = _reference_row(x, packed.qweight, packed.scales, packed.zeros, 64, chunk=20)  # 48 pairs: a partial chunk
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

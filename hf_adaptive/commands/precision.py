@@ -137,7 +137,7 @@ def _run_cascade(tiers, ids, args):
     config = DraftPolicyConfig(max_self_draft=args.max_draft or 8, self_stop=args.self_stop)
     gen = CascadeCandidateGenerator(tiers, config)
     cache = {}
-    if ids.is_cuda:  # a StaticCache with room for the last round's verify: compiled rounds, each its own graph
+    if ids.is_cuda:  # a StaticCache with room for the last round's verify: compiled rounds at fixed widths
         from transformers import StaticCache
 
         from hf_adaptive.compat import generate_cache_kwargs

@@ -50,12 +50,13 @@ class CascadeCandidateGenerator(CandidateGenerator):
         weights: the confidence score's weights (``ConfidenceWeights``).
         step_graphs: where the cascade runs compiled on a ``StaticCache``, capture each forward (verify widths, the
             int4 draft step) as a CUDA graph of its own and replay it (``step_graphs.CapturedSteps``: a few launches
-            of host time), instead of ``generate``'s compiled call (dynamo's guard checks on every forward).
+            of host time), instead of ``generate``'s compiled call (dynamo's guard checks on every forward). Off by
+            default: tested on CPU (un-captured), not yet run on a GPU.
     """
 
     def __init__(self, tiers: PrecisionTiers, config: DraftPolicyConfig | None = None, *,
                  max_matching_ngram_size: int = 3, weights: ConfidenceWeights | None = None,
-                 step_graphs: bool = True) -> None:
+                 step_graphs: bool = False) -> None:
         check_type(tiers, "CascadeCandidateGenerator: tiers", PrecisionTiers,
                    "tiers = prepare_tiers(model, tiers=('int4', 'fp32'))")
         check_number(max_matching_ngram_size, "CascadeCandidateGenerator: max_matching_ngram_size", minimum=1,
@@ -68,7 +69,7 @@ class CascadeCandidateGenerator(CandidateGenerator):
                              f"tiers has only {tiers.ladder}. Fix: prepare_tiers(model, tiers=('int4', "
                              "'fp32')) (or 'native' for a 16-bit model), or DraftPolicyConfig(drafters=('lookup',))")
         self.max_matching_ngram_size = max_matching_ngram_size
-        check_type(step_graphs, "CascadeCandidateGenerator: step_graphs", bool, "step_graphs=True")
+        check_type(step_graphs, "CascadeCandidateGenerator: step_graphs", bool, "step_graphs=False")
         self.step_graphs = step_graphs
         self._captured: tuple[str, CapturedSteps] | None = None  # (compile backend, the graphs), across generations
         self.weights = weights or ConfidenceWeights()

@@ -232,11 +232,28 @@ def gemv_candidates(k: int, group_size: int) -> list[GemvConfig]:
     return out
 
 
+def _reference_row(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int,
+                   chunk: int = 4096) -> torch.Tensor:
+    """x (1, K) times the dequantized weight, (N,) float32, ``chunk`` byte columns at a time (no (N, K) float copy
+    of a large matrix: the tuner checks every launch against it)."""
+    k, n_half = q.shape
+    row, out = x.float()[0], torch.empty(2 * n_half, device=x.device)
+    for j in range(0, n_half, chunk):
+        pairs = q[:, j:j + chunk].to(torch.int32)  # (K, c)
+        for half, codes in ((0, pairs & 15), (1, pairs >> 4)):
+            cols = slice(half * n_half + j, half * n_half + j + pairs.shape[1])
+            w = (codes.float() * s[:, cols].float().repeat_interleave(group_size, 0)
+                 + z[:, cols].float().repeat_interleave(group_size, 0))  # (K, c)
+            out[cols] = row @ w
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def tuned_launch(n: int, k: int, group_size: int, dtype: torch.dtype, device_index: int,
                  dot: bool | None = None) -> GemvConfig:
     """The fastest ``gemv_candidates`` launch for this shape on this card at one row (timed once per process);
-    ``dot``: only the code-dot launches (True) or only the elementwise ones (False); None: both."""
+    ``dot``: only the code-dot launches (True) or only the elementwise ones (False); None: both. A launch whose
+    result disagrees with the dequantized reference (beyond 1 % of its largest value) is left out, with a warning."""
     import triton.testing
     device = torch.device("cuda", device_index)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -244,12 +261,17 @@ def tuned_launch(n: int, k: int, group_size: int, dtype: torch.dtype, device_ind
     s = torch.rand(k // group_size, n, device=device, generator=gen).to(dtype) * 0.01
     z = -8 * s
     x = torch.randn(1, k, device=device, generator=gen).to(dtype)
+    ref = _reference_row(x, q, s, z, group_size)
     timings = {}
     for cfg in gemv_candidates(k, group_size):
         if dot is not None and cfg.dot != dot:
             continue
+        launch = _launch_code_dot if cfg.dot else _launch_gemv
         try:
-            launch = _launch_code_dot if cfg.dot else _launch_gemv
+            y = launch(x, q, s, z, group_size, cfg)[0].float()
+            if not float((y - ref).abs().max()) <= 1e-2 * float(ref.abs().max()):  # only launches that compute W
+                logger.warning("int4 gemv config %s disagrees with the reference for N=%d K=%d; not used", cfg, n, k)
+                continue
             timings[cfg] = triton.testing.do_bench(lambda cfg=cfg, launch=launch: launch(x, q, s, z, group_size, cfg),
                                                    warmup=3, rep=10)
         except Exception as exc:  # a launch this card cannot run (registers, shared memory): skip it
