@@ -25,7 +25,9 @@
 #                  call (--profile); cascade-replay-8b times the lossless
 #                  cascade through generate on recorded acceptance (one call; -translate and -long: the translation
 #                  rounds, and 16k / 32k-token prompts, one call each; -selfstop: the translation rounds of a
-#                  self-draft that ends at its own first doubt, one call).
+#                  self-draft that ends at its own first doubt, one call; -paths: those rounds through cudagraph
+#                  trees and through the cascade's own step graphs at self_stop_sync 0 / 1 / 8, one call).
+#                  int4-kernels-8b: the 8B linears with tinygemm packings and the code-dot kernel (one call).
 #   parallel-2gpu  2 GPUs per job; each serving job ~8 min, so one job per call. Carry .whl/, .gpu/qwen7b_cfg
 #                  (the Qwen2.5-7B shape: export_model_config.py ... --set, see that script) and, for the SmolLM2
 #                  jobs (equivalence, serve-mixed), its GGUF in pieces under .gpu/smol/p0 .. p2
@@ -161,8 +163,19 @@ job_precision_cascade-replay-8b-long() {  # the modernize rounds after 16k and 3
     --shape llama-3.1-8b --contexts 16384,32768 --new-tokens 128 --repeats 1 --out $o --name 8b_modernize_long \
     --schedule eval/results/quality_draft_acceptance_modernize_qwen1.5b_cpu/draft_acceptance.json \
     > $o/8b_modernize_long.log 2>&1; }
+job_precision_cascade-replay-8b-paths() {  # the self-stop translation rounds through cudagraph trees and through the
+    # cascade's own step graphs, with the p_max read late (sync 0), once (1) or always (8); extra baselines included
+    local o=$R/precision_cascade_replay_selfstop_$CARD; mkdir -p $o; timeout 580 $PY eval/bench_cascade_replay.py \
+    --shape llama-3.1-8b --contexts 64 --new-tokens 128 --run self --no-eager --self-stop-sync 0,1,8 \
+    --paths trees,captured --out $o --name 8b_translate_selfstop_paths \
+    --schedule eval/results/quality_draft_acceptance_selfstop_qwen1.5b_cpu/draft_acceptance.json \
+    > $o/8b_translate_selfstop_paths.log 2>&1; }
 job_precision_int4-kernels() { local o=$R/precision_int4_kernels_$CARD; mkdir -p $o; timeout 300 $PY \
     eval/bench_int4_kernels.py --out $o > $o/bench_int4_kernels.log 2>&1; }
+job_precision_int4-kernels-8b() {  # the 8B linears: tinygemm packings, the tuned Triton launch, the code-dot kernel
+    local o=$R/precision_int4_kernels_8b_$CARD; mkdir -p $o; timeout 300 $PY eval/bench_int4_kernels.py \
+    --models llama-3.1-8b --rows 1 8 --code-dot --tinygemm 32:8 64:8 256:8 128:4 128:2 --out $o \
+    > $o/bench_int4_kernels.log 2>&1; }
 
 # --- parallel: every GPU of the machine per job ------------------------------------------------------------------
 SERVE_ARGS="--random-weights --device-memory-gb 18 --max-prompt-tokens 13000 --queue-head 16 --cooldown-s 2 \
