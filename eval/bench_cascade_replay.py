@@ -282,6 +282,17 @@ def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args, coun
     return rows
 
 
+def _sync_list(text: str) -> list[int]:
+    """``--self-stop-sync``: a comma list of counts >= 0 (checked here, before a model is built)."""
+    try:
+        values = int_list(text)
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"--self-stop-sync takes counts >= 0 such as 0,1,8, got {text!r}")
+    return values
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b", help="random-init Llama shape")
@@ -292,7 +303,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=arg_number(minimum=1, integer=True), default=2)
     p.add_argument("--embed-scale", type=arg_number(minimum=0.0, min_open=True), default=100.0,
                    help="widen_margins' factor: the input embedding's (and so the head's) scale")
-    p.add_argument("--self-stop-sync", type=int_list, default=int_list("0"),
+    p.add_argument("--self-stop-sync", type=_sync_list, default=_sync_list("0"),
                    help="DraftPolicyConfig.self_stop_sync values to replay (comma list; one compiled cascade each)")
     p.add_argument("--int4-kernel", choices=INT4_KERNELS, default="auto",
                    help="the draft tier's CUDA int4 kernel (prepare_tiers' int4_kernel)")

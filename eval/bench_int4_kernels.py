@@ -21,7 +21,8 @@ from _common import copy_bandwidth_bytes_per_us, environment, pyplot, save_figur
 import torch
 from tqdm import tqdm
 
-from hf_adaptive.precision.int4 import choose_group_size, dequantize_int4_reference, int4_linear, pack_int4
+from hf_adaptive.precision.int4 import (GROUP_SIZES, INNER_K_TILES, choose_group_size, dequantize_int4_reference,
+                                       int4_linear, pack_int4)
 from hf_adaptive.precision.int4_triton import dequantize_triton_int4, int4_triton_linear, pack_int4_triton, tuned_launch
 
 SHAPES = {  # (N, K) of each distinct decode linear, siblings fused
@@ -35,10 +36,14 @@ SHAPES = {  # (N, K) of each distinct decode linear, siblings fused
 
 
 def _group_tiles(text: str) -> tuple[int, int]:
+    """``--tinygemm`` GROUP:INNER_K_TILES, checked against what tinygemm packs (before any GPU work)."""
     try:
         group, tiles = (int(v) for v in text.split(":"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--tinygemm takes GROUP:INNER_K_TILES such as 64:8, got {text!r}") from None
+    if group not in GROUP_SIZES or tiles not in INNER_K_TILES:
+        raise argparse.ArgumentTypeError(f"--tinygemm {text}: the group must be one of {GROUP_SIZES} and the inner "
+                                         f"K tiles one of {INNER_K_TILES}")
     return group, tiles
 
 

@@ -91,3 +91,12 @@ def test_replay_keeps_the_recorded_counts_and_greedys_tokens(bench, tmp_path):
     assert {"native_eager_ms", "native_compiled_ms", "cascade_eager_ms", "cascade_compiled_ms",
             "cascade_compiled_vs_native_compiled"} <= set(row)
     assert (out / "bench_cascade_replay_tiny.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("value", ["-1", "x", ","])
+def test_bad_self_stop_sync_is_refused_before_any_work(bench, value, capsys):
+    """Guards the flag's check: a negative or unreadable count stops the run at parsing, naming the flag, instead of
+    failing inside the timed modes."""
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--schedule", "x.json", "--self-stop-sync", value])
+    assert "--self-stop-sync" in capsys.readouterr().err

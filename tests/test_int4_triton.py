@@ -155,3 +155,28 @@ def test_tuner_reference_row_is_the_dequantized_product():
     want = (x @ dequantize_triton_int4(packed).T)[0]
     got = _reference_row(x, packed.qweight, packed.scales, packed.zeros, 64, chunk=20)  # 48 pairs: a partial chunk
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_tinygemm_inner_k_tiles_are_checked():
+    """Guards pack_int4's inner_k_tiles: a count tinygemm has no layout for, or one K does not fit, is refused with
+    the allowed values."""
+    from hf_adaptive.precision.int4 import pack_int4
+
+    w = torch.randn(64, 256)
+    with pytest.raises(ValueError, match="inner_k_tiles=3"):
+        pack_int4(w, 64, torch.float32, inner_k_tiles=3)
+    with pytest.raises(ValueError, match="inner_k_tiles=8"):
+        pack_int4(torch.randn(64, 192), 64, torch.float32, inner_k_tiles=8)  # 192 % 128 != 0
+    assert pack_int4(w, 64, torch.float32, inner_k_tiles=2).group_size == 64
+
+
+def test_bench_int4_kernels_checks_its_tinygemm_packings(capsys):
+    """Guards the benchmark's --tinygemm flag: GROUP:TILES pairs tinygemm cannot pack stop the run at parsing."""
+    from helpers import load_eval_script
+
+    bench = load_eval_script("bench_int4_kernels")
+    assert bench.parse_args(["--out", "o", "--tinygemm", "64:8", "256:4"]).tinygemm == [(64, 8), (256, 4)]
+    for bad in ("64", "48:8", "128:3"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--out", "o", "--tinygemm", bad])
+        assert "--tinygemm" in capsys.readouterr().err
