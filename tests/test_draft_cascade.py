@@ -251,6 +251,31 @@ def test_captured_steps_take_static_caches_only(tiers):
         CascadeCandidateGenerator(tiers, step_graphs="yes")
 
 
+def test_captured_steps_take_their_warm_up_back(tiers, repeated_prompt):
+    """Guards the warm-up before a capture: its runs advance the cache and write KV past its length, and both are
+    taken back, so a step's first call leaves the cache exactly as one plain forward does (length and logits)."""
+    from hf_adaptive.compat import forward_cache_kwargs
+    from hf_adaptive.precision.step_graphs import WARMUP_RUNS, CapturedSteps
+
+    model = tiers.model
+    ids = repeated_prompt[:, :10]
+    plain, warmed = _cache("static", model), _cache("static", model)
+    for cache in (plain, warmed):
+        model(ids[:, :-2], use_cache=True, **forward_cache_kwargs(model, cache))
+    pos = torch.arange(8, 10)[None]
+    want = model(ids[:, -2:], position_ids=pos, use_cache=True, **forward_cache_kwargs(model, plain)).logits
+    steps = CapturedSteps(model, tiers, compile_backend=None)
+    calls = []
+    steps.forward = lambda **kw: calls.append(1) or model.forward(**kw)
+    got = steps(input_ids=ids[:, -2:], position_ids=pos, logits_to_keep=0, **forward_cache_kwargs(model, warmed))
+    assert len(calls) == WARMUP_RUNS + 1 and int(warmed.get_seq_length()) == int(plain.get_seq_length()) == 10
+    torch.testing.assert_close(got.logits, want)
+    nxt = ids[:, -1:]
+    a = model(nxt, position_ids=torch.tensor([[10]]), use_cache=True, **forward_cache_kwargs(model, plain)).logits
+    b = model(nxt, position_ids=torch.tensor([[10]]), use_cache=True, **forward_cache_kwargs(model, warmed)).logits
+    torch.testing.assert_close(a, b)  # the KV of every position read is the real forward's
+
+
 @pytest.mark.gpu
 def test_captured_cascade_replays_its_graphs_on_cuda(repeated_prompt):
     """Guards the captured path on a GPU: each (tier, width) forward is captured once (warm-up runs taken back off

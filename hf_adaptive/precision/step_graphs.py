@@ -17,11 +17,13 @@ cache's length, which is rewound), then captures it; every later call copies ids
 buffers and replays it. The cache must keep its length on the device and advance it inside the forward
 (transformers' ``StaticCache``: ``supports(cache)``); a cache with host-side decisions per step (``AdaptiveStaticKVCache``) would
 have them frozen into the graph and is refused. A call with another cache object drops the graphs (capture again).
-Off CUDA, or with ``use_graphs=False``, the compiled forward runs on the same static buffers, un-captured.
+Off CUDA, or with ``use_graphs=False``, the same happens short of the capture: the warm-up runs are taken back and the
+compiled forward runs on the static buffers, un-captured.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -94,8 +96,9 @@ class CapturedSteps:
                                            int(logits_to_keep), extra={name: cache})
             step.ids.copy_(input_ids)
             step.pos.copy_(position_ids)
+            self._warm_up(step, input_ids.shape[1])
             if self.use_graphs:
-                self._capture(step, input_ids.shape[1])
+                self._capture(step)
         else:
             step.ids.copy_(input_ids)
             step.pos.copy_(position_ids)
@@ -108,15 +111,22 @@ class CapturedSteps:
         return self.forward(input_ids=step.ids, position_ids=step.pos, use_cache=True, logits_to_keep=step.keep,
                             **step.extra)
 
-    def _capture(self, step: _Step, q: int) -> None:
-        """Warm-up runs on a side stream, each taken back off the cache, then the capture (which runs nothing)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+    def _warm_up(self, step: _Step, q: int) -> None:
+        """``WARMUP_RUNS`` forwards (the first compiles), on a side stream on CUDA as capture requires, each taken back
+        off the cache: the KV they wrote lies past its length, where the real forward writes next."""
+        cuda = step.ids.is_cuda
+        stream = torch.cuda.Stream() if cuda else None
+        if cuda:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if cuda else nullcontext():
             for _ in range(WARMUP_RUNS):
                 self._run(step)
-                crop_cache(self.cache, q)  # the KV they wrote lies past the length: later forwards overwrite it
-        torch.cuda.current_stream().wait_stream(stream)
+                crop_cache(self.cache, q)
+        if cuda:
+            torch.cuda.current_stream().wait_stream(stream)
+
+    def _capture(self, step: _Step) -> None:
+        """The capture, after the warm-up: it records the forward (and its length advance) without running it."""
         step.graph = torch.cuda.CUDAGraph()
         with graph_capture(step.graph):
             step.out = SimpleNamespace(logits=self._run(step).logits)
