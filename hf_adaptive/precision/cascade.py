@@ -108,7 +108,8 @@ def _forwards(model, cache, generator: CascadeCandidateGenerator, generation_con
     static cache (``step_graphs.supports``) with ``generator.step_graphs`` on, each compiled forward is a CUDA graph
     of its own (``CapturedSteps``), replayed without dynamo's per-call guard checks; otherwise ``generate``'s compiled
     call runs them. A cache whose compiled step takes one token only (``compiled_step_tokens = 1``:
-    ``AdaptiveStaticKVCache``) compiles the self-draft's steps and the draft-less rounds, and verifies drafts eagerly."""
+    ``AdaptiveStaticKVCache``) compiles the self-draft's steps and the draft-less rounds, and verifies drafts
+    eagerly."""
     if not (getattr(cache, "is_compileable", False)
             and model._valid_auto_compile_criteria(model_kwargs, generation_config)):
         return _Forwards(model, model)

@@ -15,8 +15,8 @@ model's output; its ``logits`` are graph-owned, so a caller copies what it keeps
 cudagraphs of its own), runs it twice on a side stream and takes back what those runs wrote (their KV lies past the
 cache's length, which is rewound), then captures it; every later call copies ids and positions into the graph's
 buffers and replays it. The cache must keep its length on the device and advance it inside the forward
-(transformers' ``StaticCache``: ``supports(cache)``); a cache with host-side decisions per step (``AdaptiveStaticKVCache``) would
-have them frozen into the graph and is refused. A call with another cache object drops the graphs (capture again).
+(transformers' ``StaticCache``: ``supports(cache)``); a cache with host-side decisions per step
+(``AdaptiveStaticKVCache``) would have them frozen into the graph and is refused. A call with another cache object drops the graphs (capture again).
 Off CUDA, or with ``use_graphs=False``, the same happens short of the capture: the warm-up runs are taken back and the
 compiled forward runs on the static buffers, un-captured.
 """
@@ -81,7 +81,8 @@ class CapturedSteps:
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, use_cache: bool = True,
                  logits_to_keep: int = 1, **cache_kwargs):
         if len(cache_kwargs) != 1:
-            raise TypeError(f"CapturedSteps: pass the cache as the model's one cache keyword, got {sorted(cache_kwargs)}")
+            raise TypeError("CapturedSteps: pass the cache as the model's one cache keyword, got "
+                            f"{sorted(cache_kwargs)}")
         (name, cache), = cache_kwargs.items()
         if cache is not self.cache:
             if not supports(cache):
