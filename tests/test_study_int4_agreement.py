@@ -102,6 +102,9 @@ def test_cascade_rounds_keep_the_right_prefix_and_stop_on_the_drafts_own_doubt()
     assert study.cascade_rounds(agree, own, cap=8, stop=0.5) == (2, 5, 5)
     # read one step late: one more draft (step 4) runs before the stop is seen
     assert study.cascade_rounds(agree, own, cap=8, stop=0.5, lag=1) == (2, 5, 6)
+    # ... unless the doubtful draft is among the first `sync` steps, read at once (it is the third: sync 3 covers it)
+    assert study.cascade_rounds(agree, own, cap=8, stop=0.5, lag=1, sync=2) == (2, 5, 6)
+    assert study.cascade_rounds(agree, own, cap=8, stop=0.5, lag=1, sync=3) == (2, 5, 5)
     # k=1: every round drafts one token; step 3's draft is wrong, so that round emits only the verifier's token
     assert study.cascade_rounds(agree, own, cap=1, stop=None) == (3, 5, 3)
     rows = study.cascade_table([{"agree": agree, "int4_p_max": own}])
