@@ -222,10 +222,12 @@ def test_captured_steps_drive_the_compiled_cascade_on_a_static_cache(repeated_pr
                              max_new_tokens=NEW_TOKENS, compile_config=_cpu_compile())
         assert torch.equal(out, ref)
         steps = gen.captured_steps(_cpu_compile())
-        keys = set(steps.steps)
+        # (tier, width fed, logits kept) of every entry
+        keys = {(tier, dict((n, shape) for n, shape, _ in tensors)["input_ids"][1], dict(fixed)["logits_to_keep"])
+                for tier, _, tensors, fixed in steps.steps}
         assert steps.cache is cache and not steps.use_graphs
-        assert {(tier, shape[1]) for tier, shape, _ in keys} <= {("fp32", w) for w in verify_widths(8)} | {("int4", 1)}
-        assert ("int4", (1, 1), 1) in keys and any(tier == "fp32" for tier, _, _ in keys)
+        assert {(tier, w) for tier, w, _ in keys} <= {("fp32", w) for w in verify_widths(8)} | {("int4", 1)}
+        assert ("int4", 1, 1) in keys and any(tier == "fp32" for tier, _, _ in keys)
     trees = _gen(tiers, ("lookup", "self"))  # the default: generate's compiled call
     out = model.generate(repeated_prompt, custom_generate=cascade_decoding, candidate_generator=trees,
                          cache=_cache("static", model), max_new_tokens=NEW_TOKENS, compile_config=_cpu_compile())

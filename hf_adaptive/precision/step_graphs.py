@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 
@@ -47,18 +46,36 @@ def supports(cache) -> bool:
 
 @dataclass
 class _Step:
-    """One (tier, q, keep): its static input buffers, its graph (None: run un-captured) and the output it fills."""
+    """One key: static buffers for the tensor inputs, the other inputs as given, the graph (None: run un-captured),
+    the output it fills, and the confidence the tiered output projection left while it was captured."""
 
-    ids: torch.Tensor
-    pos: torch.Tensor
-    keep: int
+    buffers: dict
+    fixed: dict
     graph: torch.cuda.CUDAGraph | None = None
     out: object = None
-    extra: dict = field(default_factory=dict)
+    score: torch.Tensor | None = None
+
+    def load(self, inputs: dict) -> None:
+        for name, buffer in self.buffers.items():
+            buffer.copy_(inputs[name])
+
+
+def _cache_of(inputs: dict):
+    """The one cache among a forward's keyword inputs (an object with cache layers), or None."""
+    caches = [value for value in inputs.values() if hasattr(value, "layers") and hasattr(value, "get_seq_length")]
+    if len(caches) > 1:
+        raise TypeError(f"CapturedSteps: one cache per forward, got {len(caches)}")
+    return caches[0] if caches else None
 
 
 class CapturedSteps:
-    """The model's forward, one captured graph per (tier, query length, logits kept), over one static cache.
+    """The model's forward, one captured graph per (tier, input shapes and settings), over one static cache.
+
+    Called with the model's keyword inputs; every tensor input must keep its shape for a key (``generate``'s compiled
+    decode step and the cascade's fixed-width forwards do), every other input is part of the key. It calls the
+    model's ``forward``, not the module, so the model's own forward hooks do not run, and a replay runs no Python at
+    all: a side effect of the forward's Python is lost unless re-applied here (the tiered output projection's
+    confidence is).
 
     Args:
         model: the causal LM.
@@ -78,44 +95,50 @@ class CapturedSteps:
         self.steps: dict[tuple, _Step] = {}
         self.captures = 0  # graphs captured so far (each after its warm-up runs)
 
-    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, use_cache: bool = True,
-                 logits_to_keep: int = 1, **cache_kwargs):
-        if len(cache_kwargs) != 1:
+    def __call__(self, **inputs):
+        cache = _cache_of(inputs)
+        if cache is None:
             raise TypeError("CapturedSteps: pass the cache as the model's one cache keyword, got "
-                            f"{sorted(cache_kwargs)}")
-        (name, cache), = cache_kwargs.items()
+                            f"{sorted(inputs)}")
         if cache is not self.cache:
             if not supports(cache):
                 raise ValueError(f"CapturedSteps: {type(cache).__name__} is not a static cache whose length the "
                                  "forward advances on the device; use transformers' StaticCache, or run the "
                                  "forwards through generate's compiled call")
             self.cache, self.steps = cache, {}
-        key = (self.tiers.active if self.tiers is not None else None, tuple(input_ids.shape), int(logits_to_keep))
+        tensors = {name: value for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+        fixed = {name: value for name, value in inputs.items() if name not in tensors}
+        scores = self._scores()
+        key = (self.tiers.active if self.tiers is not None else None,
+               scores.weights if scores is not None else None,  # a forward with the confidence is another graph
+               tuple(sorted((name, tuple(t.shape), t.dtype) for name, t in tensors.items())),
+               tuple(sorted((name, value) for name, value in fixed.items() if value is not cache)))
         step = self.steps.get(key)
         if step is None:
-            step = self.steps[key] = _Step(torch.empty_like(input_ids), torch.empty_like(position_ids),
-                                           int(logits_to_keep), extra={name: cache})
-            step.ids.copy_(input_ids)
-            step.pos.copy_(position_ids)
-            self._warm_up(step, input_ids.shape[1])
+            step = self.steps[key] = _Step({name: torch.empty_like(t) for name, t in tensors.items()}, fixed)
+            step.load(inputs)
+            self._warm_up(step, _fed_tokens(inputs))
             if self.use_graphs:
                 self._capture(step)
         else:
-            step.ids.copy_(input_ids)
-            step.pos.copy_(position_ids)
+            step.load(inputs)
         if step.graph is None:
             return self._run(step)
         step.graph.replay()
+        if scores is not None and step.score is not None:  # what the forward's Python would have set
+            scores.score = step.score
         return step.out
 
+    def _scores(self):
+        return self.tiers.selector.output_scores if self.tiers is not None else None
+
     def _run(self, step: _Step):
-        return self.forward(input_ids=step.ids, position_ids=step.pos, use_cache=True, logits_to_keep=step.keep,
-                            **step.extra)
+        return self.forward(**step.buffers, **step.fixed)
 
     def _warm_up(self, step: _Step, q: int) -> None:
         """``WARMUP_RUNS`` forwards (the first compiles), on a side stream on CUDA as capture requires, each taken back
         off the cache: the KV they wrote lies past its length, where the real forward writes next."""
-        cuda = step.ids.is_cuda
+        cuda = any(buffer.is_cuda for buffer in step.buffers.values())
         stream = torch.cuda.Stream() if cuda else None
         if cuda:
             stream.wait_stream(torch.cuda.current_stream())
@@ -127,8 +150,21 @@ class CapturedSteps:
             torch.cuda.current_stream().wait_stream(stream)
 
     def _capture(self, step: _Step) -> None:
-        """The capture, after the warm-up: it records the forward (and its length advance) without running it."""
+        """The capture, after the warm-up: it records the forward (and its length advance) without running it. The
+        tiered output projection's confidence (``OutputScores``), which the forward's Python sets, is kept with the
+        step and set again after each replay."""
         step.graph = torch.cuda.CUDAGraph()
+        scores = self._scores()
         with graph_capture(step.graph):
-            step.out = SimpleNamespace(logits=self._run(step).logits)
+            step.out = self._run(step)
+        step.score = scores.score if scores is not None else None
         self.captures += 1
+
+
+def _fed_tokens(inputs: dict) -> int:
+    """How many positions a forward writes to the cache: the query length of its ids or embeddings."""
+    for name in ("input_ids", "inputs_embeds"):
+        if isinstance(inputs.get(name), torch.Tensor):
+            return inputs[name].shape[1]
+    raise TypeError("CapturedSteps: the forward needs input_ids or inputs_embeds")
+
