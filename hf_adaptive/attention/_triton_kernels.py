@@ -23,6 +23,7 @@ import triton.language as tl
 
 from hf_adaptive.kv import packed
 from hf_adaptive.kv.packed import book_offset
+from hf_adaptive.ptx_codes import code_lanes_asm
 
 LOG2E = tl.constexpr(1.4426950408889634)
 MAGIC = tl.constexpr(8388608.0)  # 2**23
@@ -122,14 +123,9 @@ def _load_code_halves(base, rows, ok, on, offs_h, D: tl.constexpr, HALF: tl.cons
 def _f16_asm(shift: int, mask: int, dequant: bool) -> tl.constexpr:
     """PTX for :func:`_f16_codes`: four code bytes ($2) to four float16 lanes ($0, $1), optionally times the scale lanes
     ($3, $4) plus the zero lanes ($5, $6)."""
-    spread = "prmt.b32 t, $2, 0, 0x4140;\nprmt.b32 u, $2, 0, 0x4342;\n"  # bytes 0, 1 / 2, 3 to the 16-bit lanes
-    if shift:
-        spread += f"shr.u32 t, t, {shift};\nshr.u32 u, u, {shift};\n"
-    field = mask | mask << 16
-    code = (f"lop3.b32 t, t, {field:#010x}, 0x64006400, 0xea;\nlop3.b32 u, u, {field:#010x}, 0x64006400, 0xea;\n"
-            "add.f16x2 t, t, off;\nadd.f16x2 u, u, off;\n")
     last = ("fma.rn.f16x2 $0, t, $3, $5;\nfma.rn.f16x2 $1, u, $4, $6;" if dequant else "mov.b32 $0, t;\nmov.b32 $1, u;")
-    return tl.constexpr("{.reg .b32 t, u, off;\nmov.b32 off, 0xE400E400;\n" + spread + code + last + "}")
+    return tl.constexpr(code_lanes_asm(shift, mask, "f16", "add.f16x2 t, t, off;\nadd.f16x2 u, u, off;\n" + last,
+                                       regs=", off", setup="mov.b32 off, 0xE400E400;\n"))  # off: two lanes of -1024
 
 
 F16_CODES_4LO = _f16_asm(0, 0xF, False)

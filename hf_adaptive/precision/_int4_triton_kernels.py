@@ -21,6 +21,8 @@ Under ``TRITON_INTERPRET=1`` the host passes float32 dots (``DOT_DT``): the inte
 import triton
 import triton.language as tl
 
+from hf_adaptive.ptx_codes import code_lanes_asm
+
 
 @triton.jit
 def _dequant_pair(q_ptr, s_ptr, z_ptr, k0, offs_k, offs_j, j_ok, n_half, stride_q, stride_s, G: tl.constexpr):
@@ -103,15 +105,11 @@ def int4_mm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, n_half, iters, stride_x
 
 
 def _bf16_codes_asm(shift: int) -> tl.constexpr:
-    """PTX: four code bytes ($2) to the bfloat16 codes of their low (shift 0) or high (shift 4) nibbles ($0, $1)."""
-    spread = "prmt.b32 t, $2, 0, 0x4140;\nprmt.b32 u, $2, 0, 0x4342;\n"  # bytes 0, 1 / 2, 3 to the 16-bit lanes
-    if shift:
-        spread += f"shr.u32 t, t, {shift};\nshr.u32 u, u, {shift};\n"
-    # (lane & 0xF) | bf16(128.0): each lane is the bfloat16 128 + c exactly; 1 * lane - 128 leaves c
-    code = ("lop3.b32 t, t, 0x000F000F, 0x43004300, 0xea;\nlop3.b32 u, u, 0x000F000F, 0x43004300, 0xea;\n"
-            "fma.rn.bf16x2 $0, t, one, neg;\nfma.rn.bf16x2 $1, u, one, neg;")
-    return tl.constexpr("{.reg .b32 t, u, one, neg;\nmov.b32 one, 0x3F803F80;\nmov.b32 neg, 0xC300C300;\n"
-                        + spread + code + "}")
+    """PTX: four code bytes ($2) to the bfloat16 codes of their low (shift 0) or high (shift 4) nibbles ($0, $1);
+    the lanes hold 128 + c, and 1 * lane - 128 leaves c (sm_80 has no packed bfloat16 add)."""
+    tail = "fma.rn.bf16x2 $0, t, one, neg;\nfma.rn.bf16x2 $1, u, one, neg;"
+    return tl.constexpr(code_lanes_asm(shift, 0xF, "bf16", tail, regs=", one, neg",
+                                       setup="mov.b32 one, 0x3F803F80;\nmov.b32 neg, 0xC300C300;\n"))
 
 
 BF16_CODES_LO = _bf16_codes_asm(0)

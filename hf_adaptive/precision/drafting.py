@@ -194,4 +194,3 @@ class CascadeCandidateGenerator(CandidateGenerator):
             RoundRecord(self.choice.drafter if proposed else NO_DRAFT, proposed, int(num_matches),
                         int(num_matches) + 1, self.score), self.draft_ns, verify_ns)
         self.score = confidence
-
