@@ -20,7 +20,10 @@ step compiled and captured), then ``captures_after_warmup`` / ``recompiles_after
 still compile or capture (goal 0: a switch should re-capture nothing). ``--guard-sets lean,full`` times the grid
 twice, on a model whose tiers were prepared with ``lean_guards=True`` (dynamo skips the guards on what the tiered
 linears fix, ``hf_adaptive.precision.guards``) and then ``False`` (dynamo's full guard set), one after the other in
-one process: the ``guards`` column. ``controller_overhead_us`` is the
+one process: the ``guards`` column. ``--paths trees,captured`` times each configuration through generate's own compiled
+call (cudagraph trees) and through ``install_decode_graphs`` (``hf_adaptive.precision.decode_graphs``: one CUDA graph
+per tier captured once, replayed; a switch replays another graph): the ``path`` column, with ``step_captures`` /
+``step_fallbacks`` after warm-up (goal 0). ``controller_overhead_us`` is the
 controller's own host time per step from its telemetry (the wait of its host read reported apart). ``--profile``
 then profiles one call of each of ``--profile-modes`` (default ``native`` and ``never``; ``f=0.5`` shows a switching
 step) at the first context, batch and guard set (device ms, kernel and CUDA-graph launches, host ms per token, op
@@ -56,12 +59,14 @@ from hf_adaptive.evaluation.report import markdown_table, write_report  # noqa: 
 from hf_adaptive.kv.static import AdaptiveStaticKVCache  # noqa: E402
 from hf_adaptive.overlap import stop_check_deferred  # noqa: E402
 from hf_adaptive.precision.controller import PrecisionController, default_policy_config  # noqa: E402
+from hf_adaptive.precision.decode_graphs import DecodeGraphs, install_decode_graphs  # noqa: E402
 from hf_adaptive.precision.tiers import PrecisionTiers, prepare_tiers  # noqa: E402
 from hf_adaptive.validation import arg_number  # noqa: E402
 
 CACHES = ("static", "static_deferred", "adaptive16", "adaptive16_per_step")
 DEFAULT_CACHES = ("static", "adaptive16")
 FRACTIONS = (0.25, 0.5, 0.75)
+PATHS = ("trees", "captured")  # generate's compiled call; the captured step graphs of install_decode_graphs
 PROFILED_MODES = ("native", "never")  # by default, what a controller that never switches adds, profiled
 
 
@@ -114,7 +119,7 @@ def _controller(tiers: PrecisionTiers, spec: str | float) -> PrecisionController
 
 
 def run_mode(model, tiers: PrecisionTiers, mode: str, spec, ids, cache_for_call, args, counter,
-             profile_stem: Path | None = None) -> dict:
+             profile_stem: Path | None = None, graphs: DecodeGraphs | None = None) -> dict:
     """Warm-up call, then the timed calls of one mode; with ``profile_stem``, one profiled call under torch.profiler
     and one under cProfile after them (their tables beside the result); the controller (if any) is closed after."""
     ctl = None if spec is None else _controller(tiers, spec)
@@ -133,8 +138,12 @@ def run_mode(model, tiers: PrecisionTiers, mode: str, spec, ids, cache_for_call,
         generate_once(model, ids, cache_for_call(), args.new_tokens, args.device, **kwargs)  # warm-up
         graphs0 = counter.dynamo_graphs() if counter else 0
         captures0 = counter.captures if counter else 0
+        steps0 = (graphs.captures, sum(graphs.fallbacks.values())) if graphs is not None else None
         row = timed_calls(model, ids, cache_for_call, args.new_tokens, args.repeats, args.device,
                           before_call=before_call, **kwargs)
+        if graphs is not None:
+            row.update(step_captures=graphs.captures - steps0[0],
+                       step_fallbacks=sum(graphs.fallbacks.values()) - steps0[1])
         row["stop_check_deferred"] = stop_check_deferred()  # as generate decided in the last timed call
         if counter:
             row.update(recompiles_after_warmup=counter.dynamo_graphs() - graphs0,
@@ -161,7 +170,8 @@ def run_mode(model, tiers: PrecisionTiers, mode: str, spec, ids, cache_for_call,
         tiers.set(tiers.top)
 
 
-def bench_config(model, tiers, cache_name: str, context: int, batch: int, args, counter) -> list[dict]:
+def bench_config(model, tiers, cache_name: str, context: int, batch: int, args, counter,
+                 path: str = "trees") -> list[dict]:
     max_cache_len = context + args.new_tokens + 16
     cache = make_cache(cache_name, model, max_cache_len)
     ids = prompt(model.config.vocab_size, batch, context, context * 31 + batch, args.device)
@@ -170,15 +180,21 @@ def bench_config(model, tiers, cache_name: str, context: int, batch: int, args, 
         cache.reset()  # same buffers every call: a new cache would bring new addresses and new captures
         return cache
 
-    base = {"shape": args.shape, "cache": cache_name, "guards": guard_set(tiers), "context": context, "batch": batch}
+    base = {"shape": args.shape, "cache": cache_name, "guards": guard_set(tiers), "path": path, "context": context,
+            "batch": batch}
     rows = []
     profiled = (args.profile and (context, batch) == (args.contexts[0], args.batch_sizes[0])
-                and guard_set(tiers) == args.guard_sets[0])
-    for mode, spec in mode_specs(args.fractions).items():
-        stem = (Path(args.out) / f"profile_{cache_name}_{mode.replace('=', '').replace('.', 'p')}_n{context}_b{batch}"
-                if profiled and mode in args.profile_modes else None)
-        rows.append(base | {"mode": mode} | run_mode(model, tiers, mode, spec, ids, cache_for_call, args, counter,
-                                                     stem))
+                and guard_set(tiers) == args.guard_sets[0] and path == args.paths[0])
+    graphs = install_decode_graphs(model, tiers) if path == "captured" else None
+    try:
+        for mode, spec in mode_specs(args.fractions).items():
+            stem = (Path(args.out) / f"profile_{cache_name}_{mode.replace('=', '').replace('.', 'p')}_n{context}_"
+                    f"b{batch}" if profiled and mode in args.profile_modes else None)
+            rows.append(base | {"mode": mode} | run_mode(model, tiers, mode, spec, ids, cache_for_call, args, counter,
+                                                         stem, graphs))
+    finally:
+        if graphs is not None:
+            graphs.remove()
     return rows
 
 
@@ -188,7 +204,7 @@ def guard_set(tiers: PrecisionTiers) -> str:
 
 
 def _config_key(r: dict) -> tuple:
-    return r["shape"], r["cache"], r.get("guards"), r["context"], r["batch"]
+    return r["shape"], r["cache"], r.get("guards"), r.get("path", "trees"), r["context"], r["batch"]
 
 
 def add_predictions(rows: list[dict]) -> list[dict]:
@@ -223,7 +239,7 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
         xs = [0.0] + [float(m[2:]) for m in pts if m.startswith("f=")] + [1.0]
         ys = [pts["native"]["decode_ms_per_token"]] + [pts[m]["decode_ms_per_token"] for m in pts if m.startswith("f=")]
         ys.append(pts["int4"]["decode_ms_per_token"])
-        line = ax.plot(xs, ys, "o-", label=f"{key[1]} {key[2]} guards n={key[3]} b={key[4]}")[0]
+        line = ax.plot(xs, ys, "o-", label=f"{key[1]} {key[2]} guards {key[3]} n={key[4]} b={key[5]}")[0]
         ax.plot([0, 1], [ys[0], ys[-1]], "--", color=line.get_color(), alpha=0.5)
         if "never" in pts:
             ax.plot([0], [pts["never"]["decode_ms_per_token"]], "x", color=line.get_color())
@@ -260,20 +276,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guard-sets", default="lean",
                    help="comma-separated: prepare_tiers(lean_guards=True) ('lean'), dynamo's full guard set ('full'); "
                         "each times the whole grid on its own model, in this order")
+    p.add_argument("--paths", default="trees",
+                   help="comma-separated: generate's own compiled call ('trees': cudagraph trees), install_decode_graphs "
+                        "('captured': a CUDA graph per tier, replayed); each times every cache of the grid")
     p.add_argument("--time-budget-s", type=arg_number(minimum=0.0, min_open=True), default=500.0,
                    help="stop starting configurations after this")
     add_run_arguments(p, "eval/results/precision_generate", "bench_precision_generate")
     args = p.parse_args(argv)
     args.caches = choice_list(p, args.caches, CACHES, "--caches")
     args.guard_sets = choice_list(p, args.guard_sets, ("lean", "full"), "--guard-sets")
+    args.paths = choice_list(p, args.paths, PATHS, "--paths")
     args.profile_modes = choice_list(p, args.profile_modes, tuple(mode_specs(args.fractions)), "--profile-modes")
     return args
 
 
-COLUMNS = ["cache", "guards", "context", "batch", "mode", "decode_ms_per_token", "decode_ms_streamed", "vs_native",
-           "predicted_ms", "vs_predicted", "int4_fraction", "switches", "controller_overhead_us", "controller_queue_us",
-           "controller_decide_us", "controller_overhead_p50_us", "eager_score_steps", "recompiles_after_warmup",
-           "captures_after_warmup", "gpu_ms_per_token", "kernel_launches_per_token", "graph_launches_per_token", "host_ms_per_token", "skipped"]
+COLUMNS = ["cache", "guards", "path", "context", "batch", "mode", "decode_ms_per_token", "decode_ms_streamed",
+           "vs_native", "predicted_ms", "vs_predicted", "int4_fraction", "switches", "controller_overhead_us",
+           "controller_queue_us", "controller_decide_us", "controller_overhead_p50_us", "eager_score_steps",
+           "recompiles_after_warmup", "captures_after_warmup", "step_captures", "step_fallbacks", "gpu_ms_per_token",
+           "kernel_launches_per_token", "graph_launches_per_token", "host_ms_per_token", "skipped"]
 
 
 def write_results(rows: list[dict], args, card: str, tiers: PrecisionTiers, wall_s: float, planned: int) -> list[dict]:
@@ -307,10 +328,12 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     counter = CaptureCounter() if on_gpu else None
     rows: list[dict] = []
-    grid = [(g, c, n, b) for g in args.guard_sets for n in args.contexts for b in args.batch_sizes for c in args.caches]
+    grid = [(g, c, n, b, path) for g in args.guard_sets for n in args.contexts for b in args.batch_sizes
+            for c in args.caches for path in args.paths]
     model = tiers = built_for = None
-    for lean, cache_name, context, batch in tqdm(grid, desc=f"precision generate {args.shape}"):
-        base = {"shape": args.shape, "cache": cache_name, "guards": lean, "context": context, "batch": batch}
+    for lean, cache_name, context, batch, path in tqdm(grid, desc=f"precision generate {args.shape}"):
+        base = {"shape": args.shape, "cache": cache_name, "guards": lean, "path": path, "context": context,
+                "batch": batch}
         if built_for != lean:  # a model per guard set: its own compiled steps
             model = tiers = None
             torch._dynamo.reset()
@@ -324,7 +347,7 @@ def main(argv=None) -> None:
             rows.append(base | {"skipped": f"--time-budget-s={args.time_budget_s} spent"})
             continue
         try:
-            rows.extend(bench_config(model, tiers, cache_name, context, batch, args, counter))
+            rows.extend(bench_config(model, tiers, cache_name, context, batch, args, counter, path))
         except Exception as err:  # noqa: BLE001  (OOM, missing kernel: recorded with the reason, grid goes on)
             rows.append(base | {"skipped": f"{type(err).__name__}: {str(err)[:160]}"})
             if on_gpu:

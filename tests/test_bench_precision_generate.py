@@ -107,3 +107,23 @@ def test_unknown_guard_set_or_profiled_mode_is_refused(bench, flag, value, capsy
     with pytest.raises(SystemExit):
         bench.parse_args([flag, value])
     assert flag in capsys.readouterr().err
+
+
+def test_paths_time_each_configuration_through_both_calls_and_uninstall(bench, tmp_path):
+    """Guards --paths: every (cache, mode) is timed once per path, the rows say which, and the captured path's step
+    graphs are installed only while its configuration runs (generate's own compiled call is back after it)."""
+    built = []
+    build = bench.build_model
+    bench.build_model = lambda *a, **kw: built.append(build(*a, **kw)) or built[-1]
+    try:
+        bench.main(["--device", "cpu", "--dtype", "float32", "--shape", "tiny", "--contexts", "24", "--new-tokens",
+                    "5", "--repeats", "1", "--fractions", "0.5", "--caches", "static", "--paths", "trees,captured",
+                    "--out", str(tmp_path)])
+    finally:
+        bench.build_model = build
+    rows = json.loads((tmp_path / "bench_precision_generate_tiny.json").read_text())["rows"]
+    assert {(r["path"], r["mode"]) for r in rows} == {(p, m) for p in ("trees", "captured")
+                                                      for m in ("native", "int4", "never", "f=0.5")}
+    assert all(("step_captures" in r) == (r["path"] == "captured") for r in rows)
+    call = built[0].get_compiled_call  # prepare_tiers' lean guard filter, not the captured path's wrapper
+    assert not call.__qualname__.startswith("DecodeGraphs") and call.__qualname__.startswith("install.")

@@ -28,6 +28,9 @@
 #                  self-draft that ends at its own first doubt, one call; -paths: those rounds through cudagraph
 #                  trees and through the cascade's own step graphs at self_stop_sync 0 / 1 / 8, one call).
 #                  int4-kernels-8b: the 8B linears with tinygemm packings and the code-dot kernel (one call).
+#                  generate-8b-captured: the controller in generate through its compiled call and through the
+#                  captured per-tier step graphs (install_decode_graphs), StaticCache read per step and one step late
+#                  (one call; ~100 s per configuration, the last may be skipped by its time budget).
 #   parallel-2gpu  2 GPUs per job; each serving job ~8 min, so one job per call. Carry .whl/, .gpu/qwen7b_cfg
 #                  (the Qwen2.5-7B shape: export_model_config.py ... --set, see that script) and, for the SmolLM2
 #                  jobs (equivalence, serve-mixed), its GGUF in pieces under .gpu/smol/p0 .. p2
@@ -135,6 +138,10 @@ job_precision_generate-8b() {  # per-step and deferred stop checks, both caches 
     local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 560 $PY eval/bench_precision_generate.py \
     --shape llama-3.1-8b --contexts 64 --time-budget-s 420 --caches static,static_deferred,adaptive16,adaptive16_per_step \
     --repeats 3 --name 8b --out $o > $o/8b.log 2>&1; }
+job_precision_generate-8b-captured() {  # generate's compiled call against the captured per-tier step graphs
+    local o=$R/precision_generate_$CARD; mkdir -p $o; timeout ${CAPTURED_TIMEOUT_S:-560} $PY \
+    eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 64 --time-budget-s ${CAPTURED_BUDGET_S:-420} \
+    --caches static,static_deferred --paths trees,captured --repeats 3 --name 8b_captured --out $o > $o/8b_captured.log 2>&1; }
 job_precision_generate-8b-guards() {  # the same, prepare_tiers(lean_guards=True) against dynamo's full guard set
     local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 560 $PY eval/bench_precision_generate.py \
     --shape llama-3.1-8b --contexts 64 --time-budget-s 420 --caches adaptive16,static_deferred --guard-sets lean,full \

@@ -60,7 +60,7 @@ class _Step:
             buffer.copy_(inputs[name])
 
 
-def _cache_of(inputs: dict):
+def cache_of(inputs: dict):
     """The one cache among a forward's keyword inputs (an object with cache layers), or None."""
     caches = [value for value in inputs.values() if hasattr(value, "layers") and hasattr(value, "get_seq_length")]
     if len(caches) > 1:
@@ -96,7 +96,7 @@ class CapturedSteps:
         self.captures = 0  # graphs captured so far (each after its warm-up runs)
 
     def __call__(self, **inputs):
-        cache = _cache_of(inputs)
+        cache = cache_of(inputs)
         if cache is None:
             raise TypeError("CapturedSteps: pass the cache as the model's one cache keyword, got "
                             f"{sorted(inputs)}")
@@ -109,15 +109,11 @@ class CapturedSteps:
         tensors = {name: value for name, value in inputs.items() if isinstance(value, torch.Tensor)}
         fixed = {name: value for name, value in inputs.items() if name not in tensors}
         scores = self._scores()
-        key = (self.tiers.active if self.tiers is not None else None,
-               scores.weights if scores is not None else None,  # a forward with the confidence is another graph
-               tuple(sorted((name, tuple(t.shape), t.dtype) for name, t in tensors.items())),
-               tuple(sorted((name, value) for name, value in fixed.items() if value is not cache)))
-        step = self.steps.get(key)
+        step = self.steps.get(key := self.key(inputs))
         if step is None:
             step = self.steps[key] = _Step({name: torch.empty_like(t) for name, t in tensors.items()}, fixed)
             step.load(inputs)
-            self._warm_up(step, _fed_tokens(inputs))
+            self._warm_up(step, fed_tokens(inputs))
             if self.use_graphs:
                 self._capture(step)
         else:
@@ -128,6 +124,18 @@ class CapturedSteps:
         if scores is not None and step.score is not None:  # what the forward's Python would have set
             scores.score = step.score
         return step.out
+
+    def key(self, inputs: dict) -> tuple:
+        """The graph key of a call with these keyword inputs: the active tier, the confidence weights of the tiered
+        output projection, each tensor input's shape and dtype, and every other input but the cache (each must be
+        hashable: ``hash(key)`` raises ``TypeError`` otherwise)."""
+        scores, cache = self._scores(), cache_of(inputs)
+        tensors = sorted((name, tuple(v.shape), v.dtype) for name, v in inputs.items() if isinstance(v, torch.Tensor))
+        others = sorted((name, value) for name, value in inputs.items()
+                        if not isinstance(value, torch.Tensor) and value is not cache)
+        return (self.tiers.active if self.tiers is not None else None,
+                scores.weights if scores is not None else None,  # a forward with the confidence is another graph
+                tuple(tensors), tuple(others))
 
     def _scores(self):
         return self.tiers.selector.output_scores if self.tiers is not None else None
@@ -161,7 +169,7 @@ class CapturedSteps:
         self.captures += 1
 
 
-def _fed_tokens(inputs: dict) -> int:
+def fed_tokens(inputs: dict) -> int:
     """How many positions a forward writes to the cache: the query length of its ids or embeddings."""
     for name in ("input_ids", "inputs_embeds"):
         if isinstance(inputs.get(name), torch.Tensor):
