@@ -23,7 +23,7 @@ linears fix, ``hf_adaptive.precision.guards``) and then ``False`` (dynamo's full
 one process: the ``guards`` column. ``--paths trees,captured`` times each configuration through generate's own compiled
 call (cudagraph trees) and through ``install_decode_graphs`` (``hf_adaptive.precision.decode_graphs``: one CUDA graph
 per tier captured once, replayed; a switch replays another graph): the ``path`` column, with ``step_captures`` /
-``step_fallbacks`` after warm-up (goal 0). ``controller_overhead_us`` is the
+``step_fallbacks`` after warm-up (goal 0) and ``step_replays`` (the timed decode steps that ran a captured graph). ``controller_overhead_us`` is the
 controller's own host time per step from its telemetry (the wait of its host read reported apart). ``--profile``
 then profiles one call of each of ``--profile-modes`` (default ``native`` and ``never``; ``f=0.5`` shows a switching
 step) at the first context, batch and guard set (device ms, kernel and CUDA-graph launches, host ms per token, op
@@ -138,12 +138,13 @@ def run_mode(model, tiers: PrecisionTiers, mode: str, spec, ids, cache_for_call,
         generate_once(model, ids, cache_for_call(), args.new_tokens, args.device, **kwargs)  # warm-up
         graphs0 = counter.dynamo_graphs() if counter else 0
         captures0 = counter.captures if counter else 0
-        steps0 = (graphs.captures, sum(graphs.fallbacks.values())) if graphs is not None else None
+        steps0 = (graphs.captures, sum(graphs.fallbacks.values()), graphs.replays) if graphs is not None else None
         row = timed_calls(model, ids, cache_for_call, args.new_tokens, args.repeats, args.device,
                           before_call=before_call, **kwargs)
-        if graphs is not None:
+        if graphs is not None:  # replays > 0 and fallbacks == 0: every timed decode step ran a captured graph
             row.update(step_captures=graphs.captures - steps0[0],
-                       step_fallbacks=sum(graphs.fallbacks.values()) - steps0[1])
+                       step_fallbacks=sum(graphs.fallbacks.values()) - steps0[1],
+                       step_replays=graphs.replays - steps0[2])
         row["stop_check_deferred"] = stop_check_deferred()  # as generate decided in the last timed call
         if counter:
             row.update(recompiles_after_warmup=counter.dynamo_graphs() - graphs0,
@@ -293,7 +294,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 COLUMNS = ["cache", "guards", "path", "context", "batch", "mode", "decode_ms_per_token", "decode_ms_streamed",
            "vs_native", "predicted_ms", "vs_predicted", "int4_fraction", "switches", "controller_overhead_us",
            "controller_queue_us", "controller_decide_us", "controller_overhead_p50_us", "eager_score_steps",
-           "recompiles_after_warmup", "captures_after_warmup", "step_captures", "step_fallbacks", "gpu_ms_per_token",
+           "recompiles_after_warmup", "captures_after_warmup", "step_captures", "step_fallbacks", "step_replays",
+           "gpu_ms_per_token",
            "kernel_launches_per_token", "graph_launches_per_token", "host_ms_per_token", "skipped"]
 
 

@@ -124,6 +124,6 @@ def test_paths_time_each_configuration_through_both_calls_and_uninstall(bench, t
     rows = json.loads((tmp_path / "bench_precision_generate_tiny.json").read_text())["rows"]
     assert {(r["path"], r["mode"]) for r in rows} == {(p, m) for p in ("trees", "captured")
                                                       for m in ("native", "int4", "never", "f=0.5")}
-    assert all(("step_captures" in r) == (r["path"] == "captured") for r in rows)
+    assert all(("step_replays" in r) == (r["path"] == "captured") for r in rows)
     call = built[0].get_compiled_call  # prepare_tiers' lean guard filter, not the captured path's wrapper
     assert not call.__qualname__.startswith("DecodeGraphs") and call.__qualname__.startswith("install.")

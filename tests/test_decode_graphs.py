@@ -51,10 +51,13 @@ def _generate(tiers, ids, cache, **kwargs):
     return out, list(ctl.telemetry.tiers), ctl.telemetry.eager_score_steps
 
 
-def test_decode_graphs_keep_the_controllers_tiers_and_tokens(tiers, ids):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decode_graphs_keep_the_controllers_tiers_and_tokens(arch, ids):
     """Guards the step graphs in generate: with the controller switching among three tiers, every decode forward is
-    served by one entry per tier (none by generate's compiled call), the tiers and tokens equal eager generate's, the
-    controller's score still comes from inside the step, and a second call on the reset cache adds no entry."""
+    served by one entry per tier (none by generate's compiled call; qwen2's mask comes as a dict per attention type),
+    the tiers and tokens equal eager generate's, the controller's score still comes from inside the step, and a
+    second call on the reset cache adds no entry."""
+    tiers = _tiers(make_tiny_model(arch))
     model = tiers.model
     cache = StaticCache(config=model.config, max_cache_len=64)
     want, want_tiers, _ = _generate(tiers, ids, cache, disable_compile=True)

@@ -11,6 +11,7 @@ from helpers import make_tiny_model
 from transformers import CompileConfig, DynamicCache, StaticCache
 
 import hf_adaptive
+from hf_adaptive.compat import generate_cache_kwargs
 from hf_adaptive.kv.cache import AdaptiveKVCache
 from hf_adaptive.kv.static import AdaptiveStaticKVCache
 from hf_adaptive.policy.draft_policy import (DraftChoice, DrafterRecord, DraftPolicyConfig, carry_history, choose_draft,
@@ -292,8 +293,8 @@ def test_captured_cascade_replays_its_graphs_on_cuda(repeated_prompt):
     captures = []
     for _ in range(2):
         cache.reset()
-        out = model.generate(ids, custom_generate=cascade_decoding, candidate_generator=gen, cache=cache,
-                             max_new_tokens=NEW_TOKENS)
+        out = model.generate(ids, custom_generate=cascade_decoding, candidate_generator=gen,
+                             max_new_tokens=NEW_TOKENS, **generate_cache_kwargs(cache))
         assert torch.equal(out, ref)
         steps = gen.captured_steps()
         captures.append(steps.captures)

@@ -57,7 +57,27 @@ class _Step:
 
     def load(self, inputs: dict) -> None:
         for name, buffer in self.buffers.items():
-            buffer.copy_(inputs[name])
+            if isinstance(buffer, dict):  # a mask per attention type
+                for part, tensor in buffer.items():
+                    tensor.copy_(inputs[name][part])
+            else:
+                buffer.copy_(inputs[name])
+
+
+def _is_tensor_input(value) -> bool:
+    """A tensor, or a dict of tensors (transformers' attention mask per layer type)."""
+    return isinstance(value, torch.Tensor) or (
+        isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values()))
+
+
+def _empty_like(value):
+    return {k: torch.empty_like(v) for k, v in value.items()} if isinstance(value, dict) else torch.empty_like(value)
+
+
+def _shape_key(value) -> tuple:
+    if isinstance(value, dict):
+        return tuple(sorted((k, tuple(v.shape), v.dtype) for k, v in value.items()))
+    return tuple(value.shape), value.dtype
 
 
 def cache_of(inputs: dict):
@@ -106,12 +126,12 @@ class CapturedSteps:
                                  "forward advances on the device; use transformers' StaticCache, or run the "
                                  "forwards through generate's compiled call")
             self.cache, self.steps = cache, {}
-        tensors = {name: value for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+        tensors = {name: value for name, value in inputs.items() if _is_tensor_input(value)}
         fixed = {name: value for name, value in inputs.items() if name not in tensors}
         scores = self._scores()
         step = self.steps.get(key := self.key(inputs))
         if step is None:
-            step = self.steps[key] = _Step({name: torch.empty_like(t) for name, t in tensors.items()}, fixed)
+            step = self.steps[key] = _Step({name: _empty_like(t) for name, t in tensors.items()}, fixed)
             step.load(inputs)
             self._warm_up(step, fed_tokens(inputs))
             if self.use_graphs:
@@ -127,12 +147,13 @@ class CapturedSteps:
 
     def key(self, inputs: dict) -> tuple:
         """The graph key of a call with these keyword inputs: the active tier, the confidence weights of the tiered
-        output projection, each tensor input's shape and dtype, and every other input but the cache (each must be
+        output projection, each tensor input's shape and dtype (of each entry, for a dict of tensors such as a mask per
+        attention type), and every other input but the cache (each must be
         hashable: ``hash(key)`` raises ``TypeError`` otherwise)."""
         scores, cache = self._scores(), cache_of(inputs)
-        tensors = sorted((name, tuple(v.shape), v.dtype) for name, v in inputs.items() if isinstance(v, torch.Tensor))
+        tensors = sorted((name, _shape_key(v)) for name, v in inputs.items() if _is_tensor_input(v))
         others = sorted((name, value) for name, value in inputs.items()
-                        if not isinstance(value, torch.Tensor) and value is not cache)
+                        if not _is_tensor_input(value) and value is not cache)
         return (self.tiers.active if self.tiers is not None else None,
                 scores.weights if scores is not None else None,  # a forward with the confidence is another graph
                 tuple(tensors), tuple(others))
@@ -146,7 +167,7 @@ class CapturedSteps:
     def _warm_up(self, step: _Step, q: int) -> None:
         """``WARMUP_RUNS`` forwards (the first compiles), on a side stream on CUDA as capture requires, each taken back
         off the cache: the KV they wrote lies past its length, where the real forward writes next."""
-        cuda = any(buffer.is_cuda for buffer in step.buffers.values())
+        cuda = next(self.model.parameters()).is_cuda
         stream = torch.cuda.Stream() if cuda else None
         if cuda:
             stream.wait_stream(torch.cuda.current_stream())
