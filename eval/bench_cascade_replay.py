@@ -26,7 +26,9 @@ cascade on DynamicCache, every forward eager); on CUDA (or with ``--compile-on-c
 ``hf_adaptive.overlap``), ``draft_tier_compiled`` (the int4 tier decoding alone as ``native_compiled``; over it,
 ``draft_step_cost``), ``cascade_compiled`` (the cascade on StaticCache: its verify forwards at fixed widths and its
 int4 draft steps through generate's compiled call, cudagraph trees) and ``cascade_captured`` (the same forwards as
-the cascade's own CUDA graphs, ``CascadeCandidateGenerator(step_graphs=True)``). Every ratio is taken in the same
+the cascade's own CUDA graphs, ``CascadeCandidateGenerator(step_graphs=True)``). With the captured path, greedy is
+also timed through captured decode steps (``install_decode_graphs``): ``native_captured`` (stop flag read every step)
+and ``native_captured_overlapped`` (read one step late), the fastest native paths. Every ratio is taken in the same
 run; identity and ``accepted_as_scheduled`` are reported per cascade mode.
 
 GPU (Llama-3.1-8B shape, the modernize schedule of Qwen2.5-Coder-1.5B, a 64- and a 4096-token prompt):
@@ -58,6 +60,7 @@ from transformers import CompileConfig, DynamicCache, StaticCache  # noqa: E402
 from hf_adaptive.evaluation.report import markdown_table, write_report  # noqa: E402
 from hf_adaptive.policy.draft_policy import NO_DRAFT, DraftChoice, DraftPolicyConfig  # noqa: E402
 from hf_adaptive.precision.cascade import cascade_decoding  # noqa: E402
+from hf_adaptive.precision.decode_graphs import install_decode_graphs  # noqa: E402
 from hf_adaptive.precision.drafting import CascadeCandidateGenerator  # noqa: E402
 from hf_adaptive.precision.tiers import INT4_KERNELS, PrecisionTiers, prepare_tiers  # noqa: E402
 from hf_adaptive.validation import arg_number  # noqa: E402
@@ -215,9 +218,10 @@ def _cascade(model, ids, gen: ReplayCandidateGenerator, reference: torch.Tensor,
 
 
 def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args, counter=None,
-                  stop: tuple[float | None, int] = (None, 0)) -> list[dict]:
+                  stop: tuple[float | None, int] = (None, 0), on_row=None) -> list[dict]:
     """The reference, the baselines (native, and the draft tier decoding alone) and the replayed cascade (eager once,
-    compiled at every ``--self-stop-sync``) at one prompt length: one row per ``self_stop_sync``."""
+    compiled at every ``--self-stop-sync``) at one prompt length: one row per ``self_stop_sync``. ``on_row`` (if
+    given) gets this context's rows so far after every mode, the current row included."""
     ids = prompt(model.config.vocab_size, 1, context, context * 31 + 1, args.device)
     reference = generate_once(model, ids, DynamicCache(), args.new_tokens, args.device,
                               disable_compile=True)["tokens"]
@@ -238,20 +242,24 @@ def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args, coun
     if compiled:
         _record(base, "native_compiled", decode_ms(model, ids, reset_static, args.new_tokens, args.repeats,
                                                    args.device, counter, **_compile_kwargs(args)))
+    overlapped = stop_check_variant(StaticCache(config=model.config, max_cache_len=room), "static_deferred")
+
+    def reset_overlapped():
+        overlapped.reset()
+        return overlapped
+
     if compiled and args.extra_baselines:
-        overlapped = stop_check_variant(StaticCache(config=model.config, max_cache_len=room),
-                                        "static_deferred")
-
-        def reset_overlapped():
-            overlapped.reset()
-            return overlapped
-
         _record(base, "native_overlapped", decode_ms(model, ids, reset_overlapped, args.new_tokens, args.repeats,
                                                      args.device, **_compile_kwargs(args)))
         with tiers.use(tiers.fast):  # the draft tier decoding alone: what one draft step costs against native
             _record(base, "draft_tier_compiled", decode_ms(model, ids, reset_static, args.new_tokens, args.repeats,
                                                            args.device, **_compile_kwargs(args)))
         base["draft_step_cost"] = base["draft_tier_compiled_ms"] / base["native_compiled_ms"]
+    if compiled and "captured" in args.paths:  # greedy through captured decode steps too: the fastest native path
+        with install_decode_graphs(model, tiers, compile_backend=args.compile_backend):
+            for mode, reset in (("native_captured", reset_static), ("native_captured_overlapped", reset_overlapped)):
+                _record(base, mode, decode_ms(model, ids, reset, args.new_tokens, args.repeats, args.device,
+                                              **_compile_kwargs(args)))
     rows = []
     for i, sync in enumerate(args.self_stop_sync):
         row = dict(base, self_stop_sync=sync)
@@ -274,10 +282,13 @@ def bench_context(model, tiers: PrecisionTiers, rounds, context: int, args, coun
             row.update({f"{mode}_{k}": got[k] for k in ("identical", "diverged_at", "accepted_as_scheduled",
                                                         "stops_fired", "draft_steps")},
                        verify_forwards=got["verify_forwards"], tokens_per_verify=got["tokens_per_verify"])
-            for ref in ("native_eager", "native_compiled", "native_overlapped"):
+            for ref in ("native_eager", "native_compiled", "native_overlapped", "native_captured",
+                        "native_captured_overlapped"):
                 if f"{ref}_ms" in row:
                     row[f"{mode}_vs_{ref}"] = row[f"{ref}_ms"] / row[f"{mode}_ms"]
             tqdm.write(f"{mode} (sync {sync}): {json.dumps(row)}")  # in the log even if the run is cut short
+            if on_row is not None:
+                on_row(rows + [row])
         rows.append(row)
     return rows
 
@@ -324,10 +335,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 COLUMNS = ["context", "new_tokens", "self_stop_sync", "native_eager_ms", "native_compiled_ms", "native_overlapped_ms",
-           "draft_tier_compiled_ms", "draft_step_cost", "cascade_eager_ms", "cascade_compiled_ms",
-           "cascade_captured_ms", "cascade_eager_vs_native_eager", "cascade_compiled_vs_native_compiled",
-           "cascade_captured_vs_native_compiled", "cascade_captured_vs_native_overlapped",
-           "cascade_compiled_vs_native_eager",
+           "native_captured_ms", "native_captured_overlapped_ms", "draft_tier_compiled_ms", "draft_step_cost",
+           "cascade_eager_ms", "cascade_compiled_ms", "cascade_captured_ms", "cascade_eager_vs_native_eager",
+           "cascade_compiled_vs_native_compiled", "cascade_captured_vs_native_compiled",
+           "cascade_captured_vs_native_overlapped", "cascade_captured_vs_native_captured",
+           "cascade_captured_vs_native_captured_overlapped", "cascade_compiled_vs_native_eager",
            "tokens_per_verify", "verify_forwards", "cascade_compiled_draft_steps", "cascade_captured_draft_steps",
            "cascade_eager_accepted_as_scheduled", "cascade_captured_identical", "cascade_captured_captures",
            "cascade_compiled_accepted_as_scheduled", "cascade_eager_identical", "cascade_compiled_identical",
@@ -359,19 +371,25 @@ def main(argv=None) -> None:
     widen_margins(model, args.embed_scale)
     tiers = prepare_tiers(model, tiers=("int4", "native"), int4_kernel=args.int4_kernel)
     counter = CaptureCounter() if args.device.startswith("cuda") else None
-    rows = [row for c in tqdm(args.contexts, desc="cascade replay")
-            for row in bench_context(model, tiers, rounds, c, args, counter, stop)]
     name = args.name or f"bench_cascade_replay_{args.shape}"
     env = environment(args.device, model=f"random-init {args.shape}", dtype=args.dtype, schedule=str(args.schedule),
                       run=args.run, rounds=len(rounds), embed_scale=args.embed_scale, self_stop=stop[0],
                       int4_kernel=args.int4_kernel)
-    write_report(args.out, name, {"rows": rows}, env, markdown_table(rows, COLUMNS),
-                 f"Draft cascade replayed through model.generate: random-init {args.shape} on {card}",
-                 notes="Each round's drafter runs for real; the proposal then carries greedy's next tokens for the "
-                       "recorded accepted count (see the script's docstring). ms per decoded token; speedups against "
-                       "the baselines of the same run.")
-    plot(Path(args.out) / f"{name}.png", rows, f"cascade replay, {args.shape}, {card}")
+    done: list[dict] = []
 
+    def report(rows: list[dict]) -> None:
+        """The report of the rows so far (rewritten after every mode, so a run cut short keeps what it measured)."""
+        write_report(args.out, name, {"rows": rows}, env, markdown_table(rows, COLUMNS),
+                     f"Draft cascade replayed through model.generate: random-init {args.shape} on {card}",
+                     notes="Each round's drafter runs for real; the proposal then carries greedy's next tokens for the "
+                           "recorded accepted count (see the script's docstring). ms per decoded token; speedups "
+                           "against the baselines of the same run.")
+
+    for c in tqdm(args.contexts, desc="cascade replay"):
+        done.extend(bench_context(model, tiers, rounds, c, args, counter, stop,
+                                  on_row=lambda partial: report(done + partial)))
+    report(done)
+    plot(Path(args.out) / f"{name}.png", done, f"cascade replay, {args.shape}, {card}")
 
 if __name__ == "__main__":
     main()

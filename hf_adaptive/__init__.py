@@ -41,6 +41,8 @@ _EXPORTS: dict[str, str] = {
     "FusedOptions": "hf_adaptive.precision.options",
     "CascadeCandidateGenerator": "hf_adaptive.precision.drafting",
     "cascade_decoding": "hf_adaptive.precision.cascade",
+    "install_decode_graphs": "hf_adaptive.precision.decode_graphs",
+    "DecodeGraphs": "hf_adaptive.precision.decode_graphs",
     "DraftPolicyConfig": "hf_adaptive.policy.draft_policy",
     "register_attention": "hf_adaptive.attention.interface",
     "enable_fused_attention": "hf_adaptive.attention.enable",

@@ -83,13 +83,14 @@ def test_replay_keeps_the_recorded_counts_and_greedys_tokens(bench, tmp_path):
                 "--compile-on-cpu", "--compile-backend", "eager"])
     report = json.loads((out / "bench_cascade_replay_tiny.json").read_text())
     (row,) = report["rows"]
-    for mode in ("cascade_eager", "cascade_compiled"):
+    for mode in ("cascade_eager", "cascade_compiled", "cascade_captured"):
         assert row[f"{mode}_identical"] is True and row[f"{mode}_diverged_at"] is None, mode
         assert row[f"{mode}_accepted_as_scheduled"] == 1.0, mode
     # 13 tokens after the prefill's: rounds of 3, 5, 1, 1 emitted tokens, then 3: 5 verify forwards
     assert row["verify_forwards"] == 5 and row["tokens_per_verify"] == pytest.approx(13 / 5)
     assert {"native_eager_ms", "native_compiled_ms", "cascade_eager_ms", "cascade_compiled_ms",
-            "cascade_compiled_vs_native_compiled"} <= set(row)
+            "cascade_compiled_vs_native_compiled", "native_captured_ms", "native_captured_overlapped_ms",
+            "cascade_captured_vs_native_captured_overlapped"} <= set(row)
     assert (out / "bench_cascade_replay_tiny.png").stat().st_size > 0
 
 

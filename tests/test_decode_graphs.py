@@ -145,3 +145,23 @@ def test_decode_graphs_capture_each_tier_once_on_cuda():
             assert torch.equal(out, want) and got_tiers == want_tiers and eager_steps == 0
             captures.append(graphs.captures)
     assert captures == [2, 2] and not graphs.fallbacks
+
+
+def test_captured_steps_of_one_model_share_its_compiled_forward(tiers):
+    """Guards the compile cache: every CapturedSteps of a model (the decode graphs, each cascade generator's) runs
+    one compiled forward per backend, so a new generator compiles nothing again and dynamo's recompile limit per code
+    object is not spent on copies; another model or backend gets its own, and the cache keeps no model alive."""
+    import gc
+    import weakref
+
+    from hf_adaptive.precision.step_graphs import CapturedSteps
+
+    a, b = CapturedSteps(tiers.model, tiers, "eager"), DecodeGraphs(tiers.model, tiers, compile_backend="eager").steps
+    assert a.forward.func is b.forward.func and a.forward.args == (tiers.model,)
+    assert CapturedSteps(tiers.model, tiers, "aot_eager").forward.func is not a.forward.func
+    other = make_tiny_model("llama")
+    assert CapturedSteps(other, None, "eager").forward.func is not a.forward.func
+    gone = weakref.ref(other)
+    del other
+    gc.collect()
+    assert gone() is None

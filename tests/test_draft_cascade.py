@@ -224,12 +224,12 @@ def test_captured_steps_drive_the_compiled_cascade_on_a_static_cache(repeated_pr
         assert torch.equal(out, ref)
         steps = gen.captured_steps(_cpu_compile())
         # (tier, width fed, logits kept) of every entry
-        keys = {(tier, dict((n, shape) for n, shape, _ in tensors)["input_ids"][1], dict(fixed)["logits_to_keep"])
+        keys = {(tier, dict(tensors)["input_ids"][0][1], dict(fixed)["logits_to_keep"])
                 for tier, _, tensors, fixed in steps.steps}
         assert steps.cache is cache and not steps.use_graphs
         assert {(tier, w) for tier, w, _ in keys} <= {("fp32", w) for w in verify_widths(8)} | {("int4", 1)}
         assert ("int4", 1, 1) in keys and any(tier == "fp32" for tier, _, _ in keys)
-    trees = _gen(tiers, ("lookup", "self"))  # the default: generate's compiled call
+    trees = _gen(tiers, ("lookup", "self"), step_graphs=False)  # generate's compiled call
     out = model.generate(repeated_prompt, custom_generate=cascade_decoding, candidate_generator=trees,
                          cache=_cache("static", model), max_new_tokens=NEW_TOKENS, compile_config=_cpu_compile())
     assert torch.equal(out, ref) and trees._captured is None
@@ -348,7 +348,8 @@ def _cpu_compile():
 @pytest.mark.parametrize("arch, rejects", [("llama", False), ("qwen2", True)], ids=["llama", "qwen2-rejects"])
 def test_compiled_cascade_is_greedy_at_fixed_shapes(repeated_prompt, arch, rejects, cache_kind, widths, monkeypatch):
     """Guards the compiled cascade: where generate compiles its step, the cascade's decode forwards go through
-    that compiled call at fixed shapes: on StaticCache every verify feeds one of verify_widths (1, 5, 9 for drafts of
+    compiled forwards at fixed shapes (on StaticCache the cascade's own step graphs, the default; on
+    AdaptiveStaticKVCache generate's compiled call): on StaticCache every verify feeds one of verify_widths (1, 5, 9 for drafts of
     up to 8, padded), on AdaptiveStaticKVCache (a one-token compiled step) the verifies run eagerly at their own
     widths and draft-less rounds take the step. Either way the output is greedy's, a second call compiles nothing
     new, and each compiled forward starts a new cudagraph-trees step (interleaved graphs record no new tree paths)."""

@@ -25,12 +25,13 @@
 #                  call (--profile); cascade-replay-8b times the lossless
 #                  cascade through generate on recorded acceptance (one call; -translate and -long: the translation
 #                  rounds, and 16k / 32k-token prompts, one call each; -selfstop: the translation rounds of a
-#                  self-draft that ends at its own first doubt, one call; -paths: those rounds through cudagraph
-#                  trees and through the cascade's own step graphs at self_stop_sync 0 / 1 / 8, one call).
+#                  self-draft that ends at its own first doubt, one call; -captured: those rounds through the
+#                  cascade's own step graphs at self_stop_sync 0 / 1 / 8, against greedy through captured decode
+#                  steps too, one call).
 #                  int4-kernels-8b: the 8B linears with tinygemm packings and the code-dot kernel (one call).
-#                  generate-8b-captured: the controller in generate through its compiled call and through the
-#                  captured per-tier step graphs (install_decode_graphs), StaticCache read per step and one step late
-#                  (one call; ~100 s per configuration, the last may be skipped by its time budget).
+#                  generate-8b-captured (-deferred): the controller in generate through its compiled call and
+#                  through the captured per-tier step graphs (install_decode_graphs), StaticCache with the stop flag
+#                  read every step (one step late); one call each, ~150 s per configuration.
 #   parallel-2gpu  2 GPUs per job; each serving job ~8 min, so one job per call. Carry .whl/, .gpu/qwen7b_cfg
 #                  (the Qwen2.5-7B shape: export_model_config.py ... --set, see that script) and, for the SmolLM2
 #                  jobs (equivalence, serve-mixed), its GGUF in pieces under .gpu/smol/p0 .. p2
@@ -141,7 +142,11 @@ job_precision_generate-8b() {  # per-step and deferred stop checks, both caches 
 job_precision_generate-8b-captured() {  # generate's compiled call against the captured per-tier step graphs
     local o=$R/precision_generate_$CARD; mkdir -p $o; timeout ${CAPTURED_TIMEOUT_S:-560} $PY \
     eval/bench_precision_generate.py --shape llama-3.1-8b --contexts 64 --time-budget-s ${CAPTURED_BUDGET_S:-420} \
-    --caches static,static_deferred --paths trees,captured --repeats 3 --name 8b_captured --out $o > $o/8b_captured.log 2>&1; }
+    --caches static --paths trees,captured --repeats 3 --name 8b_captured --out $o > $o/8b_captured.log 2>&1; }
+job_precision_generate-8b-captured-deferred() {  # the same with the stop flag read one step late
+    local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 560 $PY eval/bench_precision_generate.py \
+    --shape llama-3.1-8b --contexts 64 --time-budget-s 420 --caches static_deferred --paths trees,captured \
+    --repeats 3 --name 8b_captured_deferred --out $o > $o/8b_captured_deferred.log 2>&1; }
 job_precision_generate-8b-guards() {  # the same, prepare_tiers(lean_guards=True) against dynamo's full guard set
     local o=$R/precision_generate_$CARD; mkdir -p $o; timeout 560 $PY eval/bench_precision_generate.py \
     --shape llama-3.1-8b --contexts 64 --time-budget-s 420 --caches adaptive16,static_deferred --guard-sets lean,full \
@@ -170,13 +175,14 @@ job_precision_cascade-replay-8b-long() {  # the modernize rounds after 16k and 3
     --shape llama-3.1-8b --contexts 16384,32768 --new-tokens 128 --repeats 1 --out $o --name 8b_modernize_long \
     --schedule eval/results/quality_draft_acceptance_modernize_qwen1.5b_cpu/draft_acceptance.json \
     > $o/8b_modernize_long.log 2>&1; }
-job_precision_cascade-replay-8b-paths() {  # the self-stop translation rounds through cudagraph trees and through the
-    # cascade's own step graphs, with the p_max read late (sync 0), once (1) or always (8); extra baselines included
+job_precision_cascade-replay-8b-captured() {  # the self-stop translation rounds through the cascade's own step graphs,
+    # with the p_max read late (sync 0), once (1) or always (8), against greedy through generate's compiled call and
+    # through captured decode steps (read every step and one step late); ~7 min
     local o=$R/precision_cascade_replay_selfstop_$CARD; mkdir -p $o; timeout 580 $PY eval/bench_cascade_replay.py \
-    --shape llama-3.1-8b --contexts 64 --new-tokens 128 --run self --no-eager --self-stop-sync 0,1,8 \
-    --paths trees,captured --out $o --name 8b_translate_selfstop_paths \
+    --shape llama-3.1-8b --contexts 64 --new-tokens 128 --run self --no-eager --no-extra-baselines --self-stop-sync 0,1,8 \
+    --paths captured --out $o --name 8b_translate_selfstop_captured \
     --schedule eval/results/quality_draft_acceptance_selfstop_qwen1.5b_cpu/draft_acceptance.json \
-    > $o/8b_translate_selfstop_paths.log 2>&1; }
+    > $o/8b_translate_selfstop_captured.log 2>&1; }
 job_precision_int4-kernels() { local o=$R/precision_int4_kernels_$CARD; mkdir -p $o; timeout 300 $PY \
     eval/bench_int4_kernels.py --out $o > $o/bench_int4_kernels.log 2>&1; }
 job_precision_int4-kernels-8b() {  # the 8B linears: tinygemm packings, the tuned Triton launch, the code-dot kernel

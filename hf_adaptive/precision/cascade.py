@@ -23,7 +23,7 @@ Compiled rounds: where ``generate`` would compile its decode step (a compileable
 ``AdaptiveStaticKVCache`` on an accelerator, ``disable_compile`` not set; ``compile_config`` is honoured), the
 cascade runs its decode forwards through that same compiled call (``model.get_compiled_call``), at fixed shapes so
 that each is one captured graph (cudagraph trees'; or, on a ``StaticCache`` with the generator's ``step_graphs``
-on, a graph the cascade captures itself, whose replay skips dynamo's per-call guards): a verify feeds one of
+on (the default), a graph the cascade captures itself, whose replay skips dynamo's per-call guards): a verify feeds one of
 ``verify_widths(num_drafting_tokens)`` tokens (1 for a
 draft-less round, i.e. generate's own decode step; a draft is padded with its last token up to the next width, the
 padded rows computed and ignored: at batch 1 a step reads the weights once however many rows it has), and the

@@ -23,8 +23,8 @@ Contract:
   in the forward (transformers' ``StaticCache``, ``step_graphs.supports``) through ``step_graphs.CapturedSteps``: the
   first step of a (tier, input shapes) compiles and captures (two warm-up runs taken back off the cache, then the
   capture), every later one replays. Every other forward (prefill, several tokens, another cache, unhashable
-  inputs, more than ``max_graphs`` keys) goes to the compiled call ``generate`` would have used, counted in
-  ``fallbacks`` with the reason.
+  inputs, more than ``max_graphs`` keys, attentions or hidden states asked for: generate keeps those across steps)
+  goes to the compiled call ``generate`` would have used, counted in ``fallbacks`` with the reason.
 - The model's own forward hooks (pre and post, e.g. ``PrecisionController``'s settle) run eagerly around each replay,
   as ``nn.Module.__call__`` would run them. Hooks of its submodules ran while the step was captured: their device
   work replays, their Python side effects do not (the tiered output projection's confidence is re-applied by
@@ -131,6 +131,8 @@ class DecodeGraphs:
         a forward that falls back runs them in the compiled call, once."""
         if args:
             return "positional inputs"
+        if inputs.get("output_attentions") or inputs.get("output_hidden_states"):
+            return "attentions or hidden states kept"  # generate keeps them across steps: a replay would overwrite
         try:
             if fed_tokens(inputs) != 1:
                 return "not a one-token step"

@@ -50,13 +50,15 @@ class CascadeCandidateGenerator(CandidateGenerator):
         weights: the confidence score's weights (``ConfidenceWeights``).
         step_graphs: where the cascade runs compiled on a ``StaticCache``, capture each forward (verify widths, the
             int4 draft step) as a CUDA graph of its own and replay it (``step_graphs.CapturedSteps``: a few launches
-            of host time), instead of ``generate``'s compiled call (dynamo's guard checks on every forward). Off by
-            default: tested on CPU (un-captured), not yet run on a GPU.
+            of host time), instead of ``generate``'s compiled call (dynamo's guard checks on every forward). On by
+            default: replaying recorded translation rounds on the Llama-3.1-8B shape (H100) it took the cascade from
+            8.27 to 6.41 ms per token, token-identical (``precision_cascade_replay_selfstop_h100``). Other caches
+            keep ``generate``'s compiled call either way.
     """
 
     def __init__(self, tiers: PrecisionTiers, config: DraftPolicyConfig | None = None, *,
                  max_matching_ngram_size: int = 3, weights: ConfidenceWeights | None = None,
-                 step_graphs: bool = False) -> None:
+                 step_graphs: bool = True) -> None:
         check_type(tiers, "CascadeCandidateGenerator: tiers", PrecisionTiers,
                    "tiers = prepare_tiers(model, tiers=('int4', 'fp32'))")
         check_number(max_matching_ngram_size, "CascadeCandidateGenerator: max_matching_ngram_size", minimum=1,
@@ -69,7 +71,7 @@ class CascadeCandidateGenerator(CandidateGenerator):
                              f"tiers has only {tiers.ladder}. Fix: prepare_tiers(model, tiers=('int4', "
                              "'fp32')) (or 'native' for a 16-bit model), or DraftPolicyConfig(drafters=('lookup',))")
         self.max_matching_ngram_size = max_matching_ngram_size
-        check_type(step_graphs, "CascadeCandidateGenerator: step_graphs", bool, "step_graphs=False")
+        check_type(step_graphs, "CascadeCandidateGenerator: step_graphs", bool, "step_graphs=True")
         self.step_graphs = step_graphs
         self._captured: tuple[str, CapturedSteps] | None = None  # (compile backend, the graphs), across generations
         self.weights = weights or ConfidenceWeights()

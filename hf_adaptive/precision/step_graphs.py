@@ -23,6 +23,8 @@ compiled forward runs on the static buffers, un-captured.
 
 from __future__ import annotations
 
+import functools
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -33,6 +35,20 @@ from hf_adaptive.precision.capture import graph_capture
 from hf_adaptive.precision.tiers import PrecisionTiers
 
 WARMUP_RUNS = 2  # the first compiles; the second runs what the capture will record
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {backend: its compiled forward}
+
+
+def compiled_forward(model: torch.nn.Module, backend: str):
+    """``model.forward`` compiled with ``backend`` (static shapes, no cudagraphs of its own), one per (model, backend)
+    for the model's lifetime. Every ``CapturedSteps`` of a model shares it: a ``torch.compile`` wrapper of its own
+    would compile each step again, and dynamo's recompile limit per code object, once reached, leaves the forward
+    uncompiled. The class's function is compiled and bound here, so the cache holds no reference to the model."""
+    per_backend = _COMPILED.setdefault(model, {})
+    if backend not in per_backend:
+        per_backend[backend] = torch.compile(type(model).forward, backend=backend, dynamic=False)
+    return functools.partial(per_backend[backend], model)
 
 
 def supports(cache) -> bool:
@@ -109,8 +125,7 @@ class CapturedSteps:
         self.model, self.tiers = model, tiers
         device = next(model.parameters()).device
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
-        self.forward = (torch.compile(model.forward, backend=compile_backend, dynamic=False)
-                        if compile_backend else model.forward)
+        self.forward = compiled_forward(model, compile_backend) if compile_backend else model.forward
         self.cache = None
         self.steps: dict[tuple, _Step] = {}
         self.captures = 0  # graphs captured so far (each after its warm-up runs)
