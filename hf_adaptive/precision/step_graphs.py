@@ -163,8 +163,8 @@ class CapturedSteps:
     def key(self, inputs: dict) -> tuple:
         """The graph key of a call with these keyword inputs: the active tier, the confidence weights of the tiered
         output projection, each tensor input's shape and dtype (of each entry, for a dict of tensors such as a mask per
-        attention type), and every other input but the cache (each must be
-        hashable: ``hash(key)`` raises ``TypeError`` otherwise)."""
+        attention type), and every other input but the cache (each must be hashable: ``hash(key)`` raises
+        ``TypeError`` otherwise)."""
         scores, cache = self._scores(), cache_of(inputs)
         tensors = sorted((name, _shape_key(v)) for name, v in inputs.items() if _is_tensor_input(v))
         others = sorted((name, value) for name, value in inputs.items()
