@@ -165,3 +165,29 @@ def test_captured_steps_of_one_model_share_its_compiled_forward(tiers):
     del other
     gc.collect()
     assert gone() is None
+
+
+def test_decode_graphs_serve_mixed_prompt_lengths_from_the_same_entries(tiers):
+    """Guards the way people call generate: calls of different prompt lengths and max_new_tokens on one StaticCache
+    (reset between them) reuse the entries the first call made (generate's decode inputs keep their shapes under one
+    max_cache_len), and each call's tokens equal eager generate's."""
+    model = tiers.model
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    calls = [(7, 9), (13, 4), (3, 12), (21, 6)]
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 128, (1, n), generator=g) for n, _ in calls]
+    want = []
+    for ids, (_, new) in zip(prompts, calls):
+        cache.reset()
+        want.append(model.generate(ids, max_new_tokens=new, do_sample=False, disable_compile=True,
+                                   **generate_cache_kwargs(cache)))
+    with install_decode_graphs(model, tiers, compile_backend="eager") as graphs:
+        for i, (ids, (_, new)) in enumerate(zip(prompts, calls)):
+            cache.reset()
+            out = model.generate(ids, max_new_tokens=new, do_sample=False, compile_config=_cpu_compile(),
+                                 **generate_cache_kwargs(cache))
+            assert torch.equal(out, want[i]), i
+            if i == 0:
+                first = dict(graphs.steps.steps)
+        assert graphs.steps.steps == first and len(first) == 1 and not graphs.fallbacks
+        assert graphs.replays == sum(new - 1 for _, new in calls)
