@@ -41,7 +41,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 from hf_adaptive.precision.step_graphs import CapturedSteps, cache_of, fed_tokens, supports
