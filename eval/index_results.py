@@ -181,7 +181,8 @@ def _headline(spec: dict[str, Any], folder: str, runs: dict[str, Run], results: 
     if not path.is_file():
         raise ValueError(f"headline {spec['what']!r} names {file!r}, which does not exist; fix 'file'")
     run_path = path.parent.relative_to(results).as_posix()
-    run = runs.get(run_path) or Run(run_path, **(provenance(_load(path)) or _missing(file)))  # a non-primary JSON
+    own = provenance(_load(path))  # the headline's own file, not the folder's primary JSON, names card and command
+    run = Run(run_path, **own) if own is not None else runs.get(run_path) or Run(run_path, **_missing(file))
     number = render_number(spec["number"], _load(path), file)
     return Headline(area_of(folder), spec["what"], number, run, file, bool(spec.get("readme")))
 

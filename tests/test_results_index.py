@@ -112,3 +112,18 @@ def test_readme_table_has_at_most_eight_rows():
     block = readme[readme.index(ix.README_BEGIN):readme.index(ix.README_END)]
     rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| what")]
     assert 1 <= len(rows) <= ix.README_MAX_ROWS
+
+
+def test_a_headline_names_its_own_files_command_not_its_folders_first(tmp_path):
+    """Guards provenance: where one folder holds several results, a headline on the second names the command and
+    card of that result's JSON, not those of the folder's first (alphabetical) JSON."""
+    folder = tmp_path / "precision_generate_h100"
+    folder.mkdir()
+    for name, cmd, card in (("a.json", "eval/bench_a.py --x", "H100"), ("b.json", "eval/bench_b.py --y", "H200")):
+        (folder / name).write_text(json.dumps({"environment": {"command": cmd, "card": card, "torch": "2"},
+                                               "rows": [{"ms": 1.0}]}))
+    (tmp_path / "headlines.json").write_text(json.dumps({"headlines": [
+        {"folder": folder.name, "file": "b.json", "what": "b", "number": "{rows[0]/ms:.1f}"}], "withdrawn": []}))
+    _, heads, _ = ix.collect(tmp_path)
+    (head,) = heads
+    assert head.run.command == "eval/bench_b.py --y" and head.run.card == "H200"

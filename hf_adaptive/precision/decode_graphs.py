@@ -42,6 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+from torch.nn.modules import module as nn_module
 
 from hf_adaptive.precision.step_graphs import CapturedSteps, cache_of, fed_tokens, supports
 from hf_adaptive.precision.tiers import PrecisionTiers
@@ -125,38 +126,38 @@ class DecodeGraphs:
     def __exit__(self, *exc_info) -> None:
         self.remove()
 
-    def _reason_to_fall_back(self, args: tuple, inputs: dict) -> str | None:
-        """Why this forward cannot replay a captured step (None: it can). Decided before the model's hooks run, so
-        a forward that falls back runs them in the compiled call, once."""
+    def _reason_to_fall_back(self, args: tuple, inputs: dict) -> tuple[str | None, tuple | None]:
+        """(why this forward cannot replay a captured step, None where it can; its inputs' shape key). Decided
+        before the model's hooks run, so a forward that falls back runs them in the compiled call, once."""
         if args:
-            return "positional inputs"
+            return "positional inputs", None
         if inputs.get("output_attentions") or inputs.get("output_hidden_states"):
-            return "attentions or hidden states kept"  # generate keeps them across steps: a replay would overwrite
+            return "attentions or hidden states kept", None  # generate keeps them across steps: a replay overwrites
         try:
             if fed_tokens(inputs) != 1:
-                return "not a one-token step"
+                return "not a one-token step", None
             cache = cache_of(inputs)
         except TypeError:
-            return "no input ids, or several caches"
-        if cache is None or not supports(cache):
-            return "cache without a device-side length"
-        if _global_hooks():
-            return "global module hooks"
+            return "no input ids, or several caches", None
+        if cache is None or (cache is not self.steps.cache and not supports(cache)):
+            return "cache without a device-side length", None
+        if nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks:
+            return "global module hooks", None
         try:
-            shapes = self.steps.key(inputs)[2:]  # the key but the tier and the confidence weights
+            shapes = self.steps.shape_key(inputs, cache)
             hash(shapes)
         except TypeError:
-            return "unhashable inputs"
+            return "unhashable inputs", None
         if cache is not self.steps.cache:
             self._shapes = set()
         if shapes not in self._shapes and len(self._shapes) >= self.max_graphs:
-            return f"more than max_graphs={self.max_graphs} step shapes"
+            return f"more than max_graphs={self.max_graphs} step shapes", None
         self._shapes.add(shapes)
-        return None
+        return None, shapes
 
     def __call__(self, *args, **inputs):
         model = self.model
-        reason = self._reason_to_fall_back(args, inputs)
+        reason, shapes = self._reason_to_fall_back(args, inputs)
         if reason is not None:
             if not self.fallbacks:
                 logger.info("DecodeGraphs: a forward goes to generate's compiled call (%s)", reason)
@@ -164,13 +165,9 @@ class DecodeGraphs:
             return (self._compiled_call or model)(*args, **inputs)  # it runs the model's hooks itself
         self.replays += 1
         inputs = _run_pre_hooks(model, inputs)  # as __call__ would: the controller's settle may switch tiers
-        return _run_post_hooks(model, inputs, self.steps(**inputs))
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as nn_module
-
-    return bool(nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks)
+        # a hook that takes the keyword inputs may have changed them: their shape key is taken again
+        out = self.steps.run(inputs, None if model._forward_pre_hooks_with_kwargs else shapes)
+        return _run_post_hooks(model, inputs, out)
 
 
 def _run_pre_hooks(model: nn.Module, inputs: dict) -> dict:

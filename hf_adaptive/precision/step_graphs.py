@@ -131,6 +131,11 @@ class CapturedSteps:
         self.captures = 0  # graphs captured so far (each after its warm-up runs)
 
     def __call__(self, **inputs):
+        return self.run(inputs)
+
+    def run(self, inputs: dict, shapes: tuple | None = None):
+        """The forward of ``inputs`` (what ``__call__`` takes as keywords); ``shapes``: their ``shape_key``, where the
+        caller computed it already for this call."""
         cache = cache_of(inputs)
         if cache is None:
             raise TypeError("CapturedSteps: pass the cache as the model's one cache keyword, got "
@@ -141,11 +146,14 @@ class CapturedSteps:
                                  "forward advances on the device; use transformers' StaticCache, or run the "
                                  "forwards through generate's compiled call")
             self.cache, self.steps = cache, {}
-        tensors = {name: value for name, value in inputs.items() if _is_tensor_input(value)}
-        fixed = {name: value for name, value in inputs.items() if name not in tensors}
         scores = self._scores()
-        step = self.steps.get(key := self.key(inputs))
+        key = (self.tiers.active if self.tiers is not None else None,
+               scores.weights if scores is not None else None,  # a forward with the confidence is another graph
+               *(shapes if shapes is not None else self.shape_key(inputs, cache)))
+        step = self.steps.get(key)
         if step is None:
+            tensors = {name: value for name, value in inputs.items() if _is_tensor_input(value)}
+            fixed = {name: value for name, value in inputs.items() if name not in tensors}
             step = self.steps[key] = _Step({name: _empty_like(t) for name, t in tensors.items()}, fixed)
             step.load(inputs)
             self._warm_up(step, fed_tokens(inputs))
@@ -160,18 +168,16 @@ class CapturedSteps:
             scores.score = step.score
         return step.out
 
-    def key(self, inputs: dict) -> tuple:
-        """The graph key of a call with these keyword inputs: the active tier, the confidence weights of the tiered
-        output projection, each tensor input's shape and dtype (of each entry, for a dict of tensors such as a mask per
-        attention type), and every other input but the cache (each must be hashable: ``hash(key)`` raises
-        ``TypeError`` otherwise)."""
-        scores, cache = self._scores(), cache_of(inputs)
+    @staticmethod
+    def shape_key(inputs: dict, cache) -> tuple:
+        """The part of a graph key the inputs set: each tensor input's shape and dtype (of each entry, for a dict of
+        tensors such as a mask per attention type), and every other input but ``cache`` (each must be hashable:
+        ``hash`` of the key raises ``TypeError`` otherwise). The full key puts the active tier and the confidence
+        weights of the tiered output projection before it."""
         tensors = sorted((name, _shape_key(v)) for name, v in inputs.items() if _is_tensor_input(v))
         others = sorted((name, value) for name, value in inputs.items()
                         if not _is_tensor_input(value) and value is not cache)
-        return (self.tiers.active if self.tiers is not None else None,
-                scores.weights if scores is not None else None,  # a forward with the confidence is another graph
-                tuple(tensors), tuple(others))
+        return tuple(tensors), tuple(others)
 
     def _scores(self):
         return self.tiers.selector.output_scores if self.tiers is not None else None
